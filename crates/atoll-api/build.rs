@@ -1,0 +1,11 @@
+//! Generates the config-stream protocol code. `protoc` comes from the PROTOC that
+//! `.cargo/config.toml` sets (see `tools/protoc`).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_protos(&["proto/config.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto/config.proto");
+    Ok(())
+}
