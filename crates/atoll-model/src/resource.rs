@@ -1,0 +1,795 @@
+//! The resource kinds of `apiVersion: atoll/v1` and their specs.
+//!
+//! Field names follow the manifest contract in `docs/manifests.md`: camelCase in
+//! YAML and JSON, and every struct refuses unknown fields so a typo is an error
+//! rather than a silently ignored setting.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::shards::{ShardRange, ShardSet};
+
+/// The only API version this release reads and writes.
+pub const API_VERSION: &str = "atoll/v1";
+
+/// The kinds of resource, in dependency order: a kind only refers to kinds
+/// listed before it, so applying in this order never meets a dangling
+/// reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    /// A geographic location, usually a city.
+    Region,
+    /// An availability zone (datacenter) in a region.
+    Zone,
+    /// A logical unit placed in one zone.
+    Cell,
+    /// How a request's routing key becomes a shard.
+    ShardRule,
+    /// Which cell owns each shard.
+    ShardMap,
+    /// A service and how it is routed.
+    Service,
+    /// An access rule from requests to a service.
+    Route,
+    /// A north-south entry of one zone.
+    Gateway,
+}
+
+impl Kind {
+    /// Every kind, in dependency order.
+    pub const ALL: [Kind; 8] = [
+        Kind::Region,
+        Kind::Zone,
+        Kind::Cell,
+        Kind::ShardRule,
+        Kind::ShardMap,
+        Kind::Service,
+        Kind::Route,
+        Kind::Gateway,
+    ];
+
+    /// The name as written in `kind:` (`ShardMap`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Region => "Region",
+            Kind::Zone => "Zone",
+            Kind::Cell => "Cell",
+            Kind::ShardRule => "ShardRule",
+            Kind::ShardMap => "ShardMap",
+            Kind::Service => "Service",
+            Kind::Route => "Route",
+            Kind::Gateway => "Gateway",
+        }
+    }
+
+    /// The lower-case plural used in API paths (`shardmaps`).
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Region => "regions",
+            Kind::Zone => "zones",
+            Kind::Cell => "cells",
+            Kind::ShardRule => "shardrules",
+            Kind::ShardMap => "shardmaps",
+            Kind::Service => "services",
+            Kind::Route => "routes",
+            Kind::Gateway => "gateways",
+        }
+    }
+
+    /// Parses a kind the way kubectl does: any case, singular or plural, and a
+    /// few short names (`svc`, `gw`, `sm`, `sr`).
+    pub fn parse(text: &str) -> Option<Kind> {
+        let lower = text.to_ascii_lowercase().replace(['-', '_'], "");
+        let kind = match lower.as_str() {
+            "region" | "regions" => Kind::Region,
+            "zone" | "zones" => Kind::Zone,
+            "cell" | "cells" => Kind::Cell,
+            "shardrule" | "shardrules" | "sr" => Kind::ShardRule,
+            "shardmap" | "shardmaps" | "sm" => Kind::ShardMap,
+            "service" | "services" | "svc" => Kind::Service,
+            "route" | "routes" => Kind::Route,
+            "gateway" | "gateways" | "gw" => Kind::Gateway,
+            _ => return None,
+        };
+        Some(kind)
+    }
+
+    /// The names `parse` accepts, for error messages.
+    pub fn expected() -> &'static str {
+        "region, zone, cell, shardrule, shardmap, service, route, gateway (singular or plural)"
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A resource's identity: its kind and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ResourceKey {
+    /// The kind.
+    pub kind: Kind,
+    /// The name, a DNS label.
+    pub name: String,
+}
+
+impl ResourceKey {
+    /// Builds a key.
+    pub fn new(kind: Kind, name: impl Into<String>) -> Self {
+        Self {
+            kind,
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ResourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.kind, self.name)
+    }
+}
+
+/// `metadata` of every resource.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    /// Unique among resources of its kind; a DNS label (RFC 1123).
+    pub name: String,
+    /// Free-form labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Free-form annotations.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// The store revision that last changed this resource. Set by the control
+    /// plane on reads; when a manifest carries it, the write succeeds only if
+    /// the resource is still at that revision (optimistic concurrency). `0`
+    /// means "must not exist yet".
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "resource_version"
+    )]
+    pub resource_version: Option<u64>,
+}
+
+/// `resourceVersion` is a string on the wire, as in Kubernetes; a bare integer
+/// is accepted too.
+mod resource_version {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(value: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(v) => s.serialize_str(&v.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Option::<Raw>::deserialize(d)? {
+            None => Ok(None),
+            Some(Raw::Number(n)) => Ok(Some(n)),
+            Some(Raw::Text(t)) => t.parse().map(Some).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "resourceVersion `{t}` is not a revision number; copy it from `atoll get -o yaml` or remove it"
+                ))
+            }),
+        }
+    }
+}
+
+/// A resource: metadata plus the spec of its kind.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resource {
+    /// Name, labels, annotations, resource version.
+    pub metadata: Metadata,
+    /// The kind-specific part.
+    pub spec: Spec,
+}
+
+impl Resource {
+    /// The kind, taken from the spec.
+    pub fn kind(&self) -> Kind {
+        self.spec.kind()
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        &self.metadata.name
+    }
+
+    /// Kind and name.
+    pub fn key(&self) -> ResourceKey {
+        ResourceKey::new(self.kind(), self.metadata.name.clone())
+    }
+
+    /// A copy without server-set metadata, for comparing content.
+    pub fn without_version(&self) -> Resource {
+        let mut copy = self.clone();
+        copy.metadata.resource_version = None;
+        copy
+    }
+}
+
+/// The kind-specific part of a resource.
+#[derive(Clone, Debug, PartialEq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "resources are built once per apply, not on a hot path"
+)]
+pub enum Spec {
+    /// See [`RegionSpec`].
+    Region(RegionSpec),
+    /// See [`ZoneSpec`].
+    Zone(ZoneSpec),
+    /// See [`CellSpec`].
+    Cell(CellSpec),
+    /// See [`ShardRuleSpec`].
+    ShardRule(ShardRuleSpec),
+    /// See [`ShardMapSpec`].
+    ShardMap(ShardMapSpec),
+    /// See [`ServiceSpec`].
+    Service(ServiceSpec),
+    /// See [`RouteSpec`].
+    Route(RouteSpec),
+    /// See [`GatewaySpec`].
+    Gateway(GatewaySpec),
+}
+
+impl Spec {
+    /// The kind of this spec.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Spec::Region(_) => Kind::Region,
+            Spec::Zone(_) => Kind::Zone,
+            Spec::Cell(_) => Kind::Cell,
+            Spec::ShardRule(_) => Kind::ShardRule,
+            Spec::ShardMap(_) => Kind::ShardMap,
+            Spec::Service(_) => Kind::Service,
+            Spec::Route(_) => Kind::Route,
+            Spec::Gateway(_) => Kind::Gateway,
+        }
+    }
+}
+
+/// A region has no required settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegionSpec {
+    /// A human-readable name, e.g. "Hangzhou".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+}
+
+/// An availability zone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZoneSpec {
+    /// The region the zone is in.
+    pub region: String,
+    /// Relative share of `local` traffic this zone takes among its peers.
+    #[serde(default = "default_weight", skip_serializing_if = "is_default_weight")]
+    pub weight: u32,
+}
+
+/// The type of a cell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CellType {
+    /// Owns user shards, reads and writes.
+    Rzone,
+    /// The one global cell for data that cannot be sharded.
+    Gzone,
+    /// A city-local read copy of the gzone's data.
+    Czone,
+}
+
+impl fmt::Display for CellType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CellType::Rzone => "rzone",
+            CellType::Gzone => "gzone",
+            CellType::Czone => "czone",
+        })
+    }
+}
+
+/// A cell (logical unit).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CellSpec {
+    /// The zone the cell is placed in.
+    pub zone: String,
+    /// rzone, gzone or czone.
+    #[serde(rename = "type")]
+    pub cell_type: CellType,
+    /// Relative share of `local` traffic this cell takes within its zone.
+    #[serde(default = "default_weight", skip_serializing_if = "is_default_weight")]
+    pub weight: u32,
+}
+
+/// How a request's routing key becomes a shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShardRuleSpec {
+    /// Number of shards; shards are `0..shards`.
+    pub shards: u32,
+    /// Where the key comes from and how it becomes a shard.
+    pub key: KeySpec,
+}
+
+/// The key part of a [`ShardRuleSpec`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeySpec {
+    /// Tried in order; the first source that yields a non-empty value wins.
+    pub sources: Vec<KeySource>,
+    /// Turns the key into a shard.
+    pub transform: Transform,
+    /// What to do when no source yields a key.
+    #[serde(default)]
+    pub on_missing: OnMissing,
+}
+
+/// One place a routing key can come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum KeySource {
+    /// A request header, by name (case-insensitive).
+    Header(String),
+    /// A cookie, by name.
+    Cookie(String),
+    /// A query parameter, by name.
+    Query(String),
+    /// A path template with exactly one `{variable}`, e.g. `/users/{uid}`.
+    Path(String),
+    /// A field of a JSON request body, as a dotted path, e.g. `payer.id`.
+    Body(String),
+}
+
+/// How a key becomes a shard in `[0, shards)`. See `docs/sharding.md`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum Transform {
+    /// The last N decimal digits of the key (Ant style: `2` → last two digits).
+    DecimalSuffix(u32),
+    /// The key as a decimal integer, modulo this number (must equal `shards`).
+    Mod(u64),
+    /// A named stable hash of the key's bytes, modulo `shards`.
+    Hash(HashName),
+}
+
+/// A stable hash for [`Transform::Hash`]. Its output never changes between
+/// releases; `docs/sharding.md` gives the definition and test vectors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum HashName {
+    /// 64-bit FNV-1a.
+    #[serde(rename = "fnv1a64")]
+    Fnv1a64,
+    /// 64-bit XXH3 with seed 0.
+    #[serde(rename = "xxh3")]
+    Xxh3,
+}
+
+/// What happens to a request without a routing key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnMissing {
+    /// Refused with 400 and a JSON reason.
+    #[default]
+    Reject,
+    /// Sent to the gzone, like a global service.
+    Global,
+    /// Sent to the nearest healthy cell, like a local service.
+    Local,
+}
+
+/// Which cell owns each shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShardMapSpec {
+    /// The ShardRule whose shards this map assigns.
+    pub rule: String,
+    /// Increases on every ownership change. Managed by the control plane:
+    /// leave it out of manifests, or give the current value.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub epoch: u64,
+    /// Shard ranges and their owners; together they cover every shard once.
+    pub assignments: Vec<Assignment>,
+}
+
+impl ShardMapSpec {
+    /// The owner of every shard, as `(shard range, cell)` pairs, for comparing
+    /// ownership between two versions of a map.
+    pub fn ownership(&self) -> Vec<(u32, u32, &str)> {
+        let mut owners: Vec<(u32, u32, &str)> = self
+            .assignments
+            .iter()
+            .map(|a| (a.shards.start, a.shards.end, a.cell.as_str()))
+            .collect();
+        owners.sort_unstable();
+        owners
+    }
+
+    /// Whether `other` gives some shard a different owner than `self`.
+    pub fn ownership_differs(&self, other: &ShardMapSpec) -> bool {
+        // Compare shard by shard so that splitting a range without changing
+        // owners is not an ownership change.
+        let mine = self.ownership();
+        let theirs = other.ownership();
+        let owner_of = |owners: &[(u32, u32, &str)], shard: u32| -> Option<String> {
+            owners
+                .iter()
+                .find(|(start, end, _)| *start <= shard && shard <= *end)
+                .map(|(_, _, cell)| (*cell).to_owned())
+        };
+        let mut boundaries: Vec<u32> = mine
+            .iter()
+            .chain(theirs.iter())
+            .flat_map(|(start, end, _)| [*start, end.saturating_add(1)])
+            .collect();
+        boundaries.sort_unstable();
+        boundaries.dedup();
+        boundaries
+            .iter()
+            .any(|&shard| owner_of(&mine, shard) != owner_of(&theirs, shard))
+    }
+}
+
+/// One range of a [`ShardMapSpec`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Assignment {
+    /// `"0-49"` or a single shard `7`.
+    pub shards: ShardRange,
+    /// The owning rzone.
+    pub cell: String,
+    /// The rzone in another zone that takes over on failover.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<String>,
+    /// `serving` (default) or `fenced` (writes refused during a switchover).
+    #[serde(default, skip_serializing_if = "ShardState::is_serving")]
+    pub state: ShardState,
+}
+
+/// Whether a shard range takes writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShardState {
+    /// Reads and writes.
+    #[default]
+    Serving,
+    /// Reads only; writes get 503 with Retry-After.
+    Fenced,
+}
+
+impl ShardState {
+    fn is_serving(&self) -> bool {
+        *self == ShardState::Serving
+    }
+}
+
+/// How a service is routed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceKind {
+    /// By routing key to the owning rzone.
+    Unitized,
+    /// To the gzone; reads may go to a same-city czone.
+    Global,
+    /// To the nearest healthy cell.
+    Local,
+}
+
+impl fmt::Display for ServiceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServiceKind::Unitized => "unitized",
+            ServiceKind::Global => "global",
+            ServiceKind::Local => "local",
+        })
+    }
+}
+
+/// A service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// unitized, global or local.
+    pub kind: ServiceKind,
+    /// For unitized services: the ShardRule that finds the owning cell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_rule: Option<String>,
+    /// Which requests are writes.
+    #[serde(default, skip_serializing_if = "Writes::is_default")]
+    pub writes: Writes,
+    /// Named groups of endpoints, by labels, for canary and blue-green splits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<Subset>,
+    /// Static endpoints (agents add reported ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Write classification of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Writes {
+    /// HTTP methods that are writes.
+    pub methods: Vec<String>,
+}
+
+impl Default for Writes {
+    fn default() -> Self {
+        Self {
+            methods: ["POST", "PUT", "PATCH", "DELETE"]
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+}
+
+impl Writes {
+    fn is_default(&self) -> bool {
+        *self == Writes::default()
+    }
+}
+
+/// A named group of a service's endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Subset {
+    /// Referred to by routes' `split`.
+    pub name: String,
+    /// An endpoint belongs to the subset when it carries all these labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A static endpoint of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Endpoint {
+    /// The cell the endpoint serves.
+    pub cell: String,
+    /// `host:port`.
+    pub address: String,
+    /// Labels, matched by subsets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Relative share of its cell's traffic.
+    #[serde(default = "default_weight", skip_serializing_if = "is_default_weight")]
+    pub weight: u32,
+}
+
+/// An access rule from requests to a service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Host names (exact, or `*.example.com`); empty means any host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// A request matches when it matches any entry; empty matches everything.
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<RouteMatch>,
+    /// The service the route sends to.
+    pub service: String,
+    /// Overrides the service's write classification for this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<Access>,
+    /// Total time allowed for the request, e.g. `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<DurationValue>,
+    /// Retry policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<Retries>,
+    /// Weighted or header-pinned split between the service's subsets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub split: Vec<SplitTarget>,
+    /// Copies of a share of the requests to a shadow service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Mirror>,
+}
+
+/// One match entry of a route: all given conditions must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteMatch {
+    /// The path equals this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_exact: Option<String>,
+    /// The path starts with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    /// The path matches this template (`/users/{uid}/accounts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_template: Option<String>,
+    /// The method is one of these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Every header condition holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// A condition on one header. With neither `exact` nor `prefix`, the header
+/// must be present.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatch {
+    /// Header name, case-insensitive.
+    pub name: String,
+    /// The value equals this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    /// The value starts with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+/// Read or write, for a route that overrides its service's classification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    /// Every request of the route is a read.
+    Read,
+    /// Every request of the route is a write.
+    Write,
+}
+
+/// Retry policy of a route.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retries {
+    /// Retries after the first try (0 to 10).
+    pub attempts: u32,
+    /// Time allowed for each try.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<DurationValue>,
+    /// Conditions that allow a retry; default `[connectFailure]`. Only
+    /// idempotent requests are ever retried after they reached an upstream.
+    #[serde(default = "default_retry_on")]
+    pub on: Vec<RetryOn>,
+}
+
+/// When a retry is allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RetryOn {
+    /// The upstream connection could not be made.
+    ConnectFailure,
+    /// The upstream answered 502, 503 or 504.
+    GatewayError,
+    /// The upstream reset the stream or connection.
+    Reset,
+}
+
+fn default_retry_on() -> Vec<RetryOn> {
+    vec![RetryOn::ConnectFailure]
+}
+
+/// One target of a route's split.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SplitTarget {
+    /// A subset of the route's service.
+    pub subset: String,
+    /// Relative weight among the targets.
+    #[serde(default)]
+    pub weight: u32,
+    /// Requests matching all these go to this subset whatever the weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatch>,
+}
+
+/// Mirroring of a route's requests to a shadow service.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Mirror {
+    /// The shadow service.
+    pub service: String,
+    /// Share of requests copied, 0 to 100.
+    pub percent: f64,
+    /// Only requests for these shards, e.g. `"0-9,50-59"`; all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<ShardSet>,
+}
+
+/// A gateway: the north-south entry of one zone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewaySpec {
+    /// The zone the gateway serves.
+    pub zone: String,
+    /// Ports and protocols it listens on.
+    pub listeners: Vec<Listener>,
+    /// The cells it fronts; all cells of its zone when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cells: Vec<String>,
+    /// `host:port` where gateways of other zones reach this one to forward
+    /// misrouted requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+}
+
+/// One listener of a gateway.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listener {
+    /// TCP port.
+    pub port: u16,
+    /// `http` (HTTP/1.1 and h2c) or `https` (TLS, ALPN h2 and http/1.1).
+    pub protocol: Protocol,
+    /// Address to bind; default `0.0.0.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Certificate and key files, required for `https`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+}
+
+/// Listener protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Plain HTTP/1.1 and HTTP/2 with prior knowledge (h2c).
+    Http,
+    /// TLS with ALPN.
+    Https,
+}
+
+/// TLS files of a listener, as paths on the gateway's host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tls {
+    /// PEM certificate chain.
+    pub certificate: String,
+    /// PEM private key.
+    pub private_key: String,
+}
+
+/// A duration written like `5s`, `250ms` or `1m30s`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DurationValue(pub Duration);
+
+impl Serialize for DurationValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(DurationValue)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "`{text}` is not a duration ({e}); write it like 5s, 250ms or 1m30s"
+                ))
+            })
+    }
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+fn is_default_weight(weight: &u32) -> bool {
+    *weight == 100
+}
+
+fn is_zero_u64(value: &u64) -> bool {
+    *value == 0
+}

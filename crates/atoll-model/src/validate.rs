@@ -1,0 +1,880 @@
+//! Validation of a whole set of resources: each resource on its own, and the
+//! references and shard ownership between them.
+//!
+//! The control plane validates the state a change would produce (what is
+//! stored, plus the change), so a change that breaks a resource it does not
+//! touch (deleting a zone that cells still use) is refused too. Every problem
+//! is reported, not just the first.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::issue::{Issue, Issues};
+use crate::key::{MAX_SUFFIX_DIGITS, PathTemplate};
+use crate::manifest::Located;
+use crate::names::{address_problem, dns_label_problem, host_problem, is_token, method_problem};
+use crate::resource::{
+    CellSpec, CellType, GatewaySpec, HeaderMatch, KeySource, Kind, Protocol, ResourceKey,
+    RouteSpec, ServiceKind, ServiceSpec, ShardMapSpec, ShardRuleSpec, Spec, Transform, ZoneSpec,
+};
+
+/// The most shards a rule may have.
+pub const MAX_SHARDS: u32 = 1_000_000;
+
+/// The most retries a route may ask for.
+pub const MAX_RETRIES: u32 = 10;
+
+/// Validates a complete set of resources.
+pub fn validate(resources: &[Located]) -> Result<(), Issues> {
+    let mut validator = Validator::new(resources);
+    validator.run();
+    if validator.issues.is_empty() {
+        Ok(())
+    } else {
+        Err(Issues(validator.issues))
+    }
+}
+
+struct Validator<'a> {
+    resources: &'a [Located],
+    by_key: HashMap<ResourceKey, &'a Located>,
+    issues: Vec<Issue>,
+}
+
+/// Reports an issue at `field` of `located`.
+macro_rules! report {
+    ($self:ident, $located:expr, $field:expr, $($reason:tt)+) => {
+        $self.report($located, $field, format!($($reason)+))
+    };
+}
+
+impl<'a> Validator<'a> {
+    fn new(resources: &'a [Located]) -> Self {
+        Self {
+            resources,
+            by_key: HashMap::new(),
+            issues: Vec::new(),
+        }
+    }
+
+    fn report(&mut self, located: &Located, field: impl Into<String>, reason: String) {
+        let label = located.resource.key().to_string();
+        self.issues
+            .push(located.origin.issue(Some(label), field, reason));
+    }
+
+    fn run(&mut self) {
+        for located in self.resources {
+            let key = located.resource.key();
+            if let Some(first) = self.by_key.get(&key) {
+                let first = first.origin.issue(None, "metadata.name", "");
+                let place = match (first.source, first.line) {
+                    (Some(source), Some(line)) => format!("{source}:{line}"),
+                    (Some(source), None) => source,
+                    _ => "elsewhere".into(),
+                };
+                report!(
+                    self,
+                    located,
+                    "metadata.name",
+                    "{key} is defined twice; the first is at {place}"
+                );
+                continue;
+            }
+            self.by_key.insert(key, located);
+        }
+        for located in self.resources {
+            if let Some(problem) = dns_label_problem(located.resource.name()) {
+                self.report(located, "metadata.name", problem);
+            }
+            match &located.resource.spec {
+                Spec::Region(_) => {}
+                Spec::Zone(spec) => self.zone(located, spec),
+                Spec::Cell(spec) => self.cell(located, spec),
+                Spec::ShardRule(spec) => self.shard_rule(located, spec),
+                Spec::ShardMap(spec) => self.shard_map(located, spec),
+                Spec::Service(spec) => self.service(located, spec),
+                Spec::Route(spec) => self.route(located, spec),
+                Spec::Gateway(spec) => self.gateway(located, spec),
+            }
+        }
+        self.single_gzone();
+        self.one_map_per_rule();
+    }
+
+    fn get(&self, kind: Kind, name: &str) -> Option<&'a Located> {
+        self.by_key.get(&ResourceKey::new(kind, name)).copied()
+    }
+
+    fn names_of(&self, kind: Kind) -> String {
+        let mut names: Vec<&str> = self
+            .resources
+            .iter()
+            .filter(|r| r.resource.kind() == kind)
+            .map(|r| r.resource.name())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        if names.is_empty() {
+            format!("there are no {}s", kind.as_str())
+        } else {
+            format!("known: {}", names.join(", "))
+        }
+    }
+
+    /// Checks that `name` refers to an existing resource of `kind`.
+    fn reference(
+        &mut self,
+        located: &Located,
+        field: &str,
+        kind: Kind,
+        name: &str,
+    ) -> Option<&'a Located> {
+        let found = self.get(kind, name);
+        if found.is_none() {
+            let known = self.names_of(kind);
+            report!(
+                self,
+                located,
+                field,
+                "{kind} `{name}` does not exist ({known})"
+            );
+        }
+        found
+    }
+
+    fn cell_spec(&self, name: &str) -> Option<&'a CellSpec> {
+        match &self.get(Kind::Cell, name)?.resource.spec {
+            Spec::Cell(spec) => Some(spec),
+            _ => None,
+        }
+    }
+
+    fn zone(&mut self, located: &Located, spec: &ZoneSpec) {
+        self.reference(located, "spec.region", Kind::Region, &spec.region);
+    }
+
+    fn cell(&mut self, located: &Located, spec: &CellSpec) {
+        self.reference(located, "spec.zone", Kind::Zone, &spec.zone);
+    }
+
+    fn single_gzone(&mut self) {
+        let gzones: Vec<&Located> = self
+            .resources
+            .iter()
+            .filter(|r| matches!(&r.resource.spec, Spec::Cell(c) if c.cell_type == CellType::Gzone))
+            .collect();
+        if let Some((first, rest)) = gzones.split_first() {
+            for extra in rest {
+                report!(
+                    self,
+                    extra,
+                    "spec.type",
+                    "there is one gzone (one writer in the world) and it is already Cell/{}; make this cell an rzone or a czone",
+                    first.resource.name()
+                );
+            }
+        }
+    }
+
+    fn shard_rule(&mut self, located: &Located, spec: &ShardRuleSpec) {
+        if spec.shards == 0 || spec.shards > MAX_SHARDS {
+            report!(
+                self,
+                located,
+                "spec.shards",
+                "shards must be between 1 and {MAX_SHARDS}, not {}",
+                spec.shards
+            );
+        }
+        if spec.key.sources.is_empty() {
+            report!(
+                self,
+                located,
+                "spec.key.sources",
+                "at least one key source is needed, e.g. `- header: x-user-id`"
+            );
+        }
+        for (i, source) in spec.key.sources.iter().enumerate() {
+            let field = format!("spec.key.sources[{i}]");
+            match source {
+                KeySource::Header(name) if !is_token(name) => {
+                    report!(
+                        self,
+                        located,
+                        format!("{field}.header"),
+                        "`{name}` is not a valid header name"
+                    )
+                }
+                KeySource::Cookie(name) | KeySource::Query(name) if name.is_empty() => {
+                    report!(self, located, field, "the name is empty")
+                }
+                KeySource::Path(template) => {
+                    if let Err(problem) = PathTemplate::parse(template) {
+                        self.report(located, format!("{field}.path"), problem);
+                    }
+                }
+                KeySource::Body(path) if path.is_empty() || path.split('.').any(str::is_empty) => {
+                    report!(
+                        self,
+                        located,
+                        format!("{field}.body"),
+                        "`{path}` is not a dotted JSON field path such as payer.id"
+                    )
+                }
+                _ => {}
+            }
+        }
+        match spec.key.transform {
+            Transform::DecimalSuffix(digits) => {
+                if digits == 0 || digits > MAX_SUFFIX_DIGITS {
+                    report!(
+                        self,
+                        located,
+                        "spec.key.transform.decimalSuffix",
+                        "decimalSuffix takes 1 to {MAX_SUFFIX_DIGITS} digits, not {digits}"
+                    );
+                } else if u64::from(spec.shards) > 10u64.pow(digits) {
+                    report!(
+                        self,
+                        located,
+                        "spec.key.transform.decimalSuffix",
+                        "{digits} digit(s) address only {} shards but the rule has {}; raise the digits or lower shards",
+                        10u64.pow(digits),
+                        spec.shards
+                    );
+                }
+            }
+            Transform::Mod(modulus) => {
+                if modulus != u64::from(spec.shards) {
+                    report!(
+                        self,
+                        located,
+                        "spec.key.transform.mod",
+                        "mod {modulus} must equal shards ({}) so that every shard can be reached and none is out of range",
+                        spec.shards
+                    );
+                }
+            }
+            Transform::Hash(_) => {}
+        }
+    }
+
+    fn shard_map(&mut self, located: &Located, spec: &ShardMapSpec) {
+        let rule = self
+            .reference(located, "spec.rule", Kind::ShardRule, &spec.rule)
+            .and_then(|r| match &r.resource.spec {
+                Spec::ShardRule(rule) => Some(rule.shards),
+                _ => None,
+            });
+        if spec.assignments.is_empty() {
+            report!(
+                self,
+                located,
+                "spec.assignments",
+                "a shard map needs at least one assignment"
+            );
+        }
+        for (i, assignment) in spec.assignments.iter().enumerate() {
+            let field = format!("spec.assignments[{i}]");
+            if let Some(shards) = rule {
+                if assignment.shards.end >= shards {
+                    report!(
+                        self,
+                        located,
+                        format!("{field}.shards"),
+                        "shards {} go beyond the rule's {shards} shards (0-{})",
+                        assignment.shards,
+                        shards.saturating_sub(1)
+                    );
+                }
+            }
+            let owner = self.reference(
+                located,
+                &format!("{field}.cell"),
+                Kind::Cell,
+                &assignment.cell,
+            );
+            let owner_spec = owner.and_then(|_| self.cell_spec(&assignment.cell));
+            if let Some(cell) = owner_spec {
+                if cell.cell_type != CellType::Rzone {
+                    report!(
+                        self,
+                        located,
+                        format!("{field}.cell"),
+                        "cell `{}` is a {}; only rzones own shards",
+                        assignment.cell,
+                        cell.cell_type
+                    );
+                }
+            }
+            if let Some(standby) = &assignment.standby {
+                let standby_field = format!("{field}.standby");
+                if standby == &assignment.cell {
+                    report!(
+                        self,
+                        located,
+                        standby_field,
+                        "the standby must be another cell than the owner `{standby}`"
+                    );
+                } else if self
+                    .reference(located, &standby_field, Kind::Cell, standby)
+                    .is_some()
+                {
+                    if let Some(standby_spec) = self.cell_spec(standby) {
+                        if standby_spec.cell_type != CellType::Rzone {
+                            report!(
+                                self,
+                                located,
+                                standby_field.clone(),
+                                "standby `{standby}` is a {}; only rzones own shards",
+                                standby_spec.cell_type
+                            );
+                        }
+                        if let Some(owner) = owner_spec {
+                            if owner.zone == standby_spec.zone {
+                                report!(
+                                    self,
+                                    located,
+                                    standby_field,
+                                    "standby `{standby}` is in zone {}, like the owner `{}`; a standby must be in another zone to survive the zone's loss",
+                                    standby_spec.zone,
+                                    assignment.cell
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(shards) = rule {
+            self.coverage(located, spec, shards);
+        }
+    }
+
+    /// Every shard in `[0, shards)` owned exactly once.
+    fn coverage(&mut self, located: &Located, spec: &ShardMapSpec, shards: u32) {
+        let mut ranges: Vec<(u32, u32, usize)> = spec
+            .assignments
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                (
+                    a.shards.start,
+                    a.shards.end.min(shards.saturating_sub(1)),
+                    i,
+                )
+            })
+            .filter(|(start, end, _)| start <= end)
+            .collect();
+        ranges.sort_unstable();
+        let mut next: u64 = 0; // first shard not yet covered
+        let mut furthest: Option<(u32, usize)> = None; // (end, assignment) reaching furthest
+        let mut gaps = Vec::new();
+        for (start, end, index) in ranges {
+            if u64::from(start) > next {
+                gaps.push((next, u64::from(start) - 1));
+            }
+            if let Some((furthest_end, other)) = furthest {
+                if start <= furthest_end {
+                    let overlap_end = end.min(furthest_end);
+                    let overlap = if start == overlap_end {
+                        format!("shard {start} is")
+                    } else {
+                        format!("shards {start}-{overlap_end} are")
+                    };
+                    report!(
+                        self,
+                        located,
+                        format!("spec.assignments[{index}].shards"),
+                        "{overlap} also owned by assignments[{other}] (cell {}); each shard has exactly one owner",
+                        spec.assignments[other].cell
+                    );
+                }
+            }
+            if furthest.is_none_or(|(furthest_end, _)| end > furthest_end) {
+                furthest = Some((end, index));
+            }
+            next = next.max(u64::from(end) + 1);
+        }
+        if next < u64::from(shards) {
+            gaps.push((next, u64::from(shards) - 1));
+        }
+        for (start, end) in gaps {
+            let what = if start == end {
+                format!("shard {start} is")
+            } else {
+                format!("shards {start}-{end} are")
+            };
+            report!(
+                self,
+                located,
+                "spec.assignments",
+                "{what} owned by no assignment; every shard in [0, {shards}) needs exactly one owner"
+            );
+        }
+    }
+
+    fn one_map_per_rule(&mut self) {
+        let mut seen: BTreeMap<&str, &Located> = BTreeMap::new();
+        for located in self.resources {
+            if let Spec::ShardMap(spec) = &located.resource.spec {
+                if let Some(first) = seen.get(spec.rule.as_str()) {
+                    report!(
+                        self,
+                        located,
+                        "spec.rule",
+                        "ShardMap/{} already assigns the shards of rule `{}`; a rule has one shard map",
+                        first.resource.name(),
+                        spec.rule
+                    );
+                } else {
+                    seen.insert(spec.rule.as_str(), located);
+                }
+            }
+        }
+    }
+
+    fn service(&mut self, located: &Located, spec: &ServiceSpec) {
+        match (spec.kind, &spec.shard_rule) {
+            (ServiceKind::Unitized, None) => {
+                report!(
+                    self,
+                    located,
+                    "spec.shardRule",
+                    "a unitized service needs a shardRule to find the owning cell"
+                );
+            }
+            (ServiceKind::Unitized, Some(rule)) => {
+                if self
+                    .reference(located, "spec.shardRule", Kind::ShardRule, rule)
+                    .is_some()
+                {
+                    let mapped = self
+                        .resources
+                        .iter()
+                        .any(|r| matches!(&r.resource.spec, Spec::ShardMap(m) if &m.rule == rule));
+                    if !mapped {
+                        report!(
+                            self,
+                            located,
+                            "spec.shardRule",
+                            "no ShardMap assigns the shards of rule `{rule}`; add one"
+                        );
+                    }
+                }
+            }
+            (kind, Some(_)) => {
+                report!(
+                    self,
+                    located,
+                    "spec.shardRule",
+                    "only unitized services use a shardRule; remove it from this {kind} service"
+                );
+            }
+            (_, None) => {}
+        }
+        if spec.kind == ServiceKind::Global {
+            let has_gzone = self.resources.iter().any(
+                |r| matches!(&r.resource.spec, Spec::Cell(c) if c.cell_type == CellType::Gzone),
+            );
+            if !has_gzone {
+                report!(
+                    self,
+                    located,
+                    "spec.kind",
+                    "a global service needs a gzone cell to serve its writes; add a Cell with `type: gzone`"
+                );
+            }
+        }
+        if spec.writes.methods.is_empty() {
+            report!(
+                self,
+                located,
+                "spec.writes.methods",
+                "list the methods that are writes (or leave `writes` out for POST, PUT, PATCH, DELETE)"
+            );
+        }
+        for (i, method) in spec.writes.methods.iter().enumerate() {
+            if let Some(problem) = method_problem(method) {
+                self.report(located, format!("spec.writes.methods[{i}]"), problem);
+            }
+        }
+        let mut subset_names = HashSet::new();
+        for (i, subset) in spec.subsets.iter().enumerate() {
+            if let Some(problem) = dns_label_problem(&subset.name) {
+                self.report(located, format!("spec.subsets[{i}].name"), problem);
+            }
+            if !subset_names.insert(subset.name.as_str()) {
+                report!(
+                    self,
+                    located,
+                    format!("spec.subsets[{i}].name"),
+                    "subset `{}` is defined twice",
+                    subset.name
+                );
+            }
+            if subset.labels.is_empty() {
+                report!(
+                    self,
+                    located,
+                    format!("spec.subsets[{i}].labels"),
+                    "a subset selects endpoints by labels; give at least one"
+                );
+            }
+        }
+        let mut addresses = HashSet::new();
+        for (i, endpoint) in spec.endpoints.iter().enumerate() {
+            let field = format!("spec.endpoints[{i}]");
+            if let Some(problem) = address_problem(&endpoint.address) {
+                self.report(located, format!("{field}.address"), problem);
+            }
+            if !addresses.insert(endpoint.address.as_str()) {
+                report!(
+                    self,
+                    located,
+                    format!("{field}.address"),
+                    "endpoint {} is listed twice",
+                    endpoint.address
+                );
+            }
+            if self
+                .reference(
+                    located,
+                    &format!("{field}.cell"),
+                    Kind::Cell,
+                    &endpoint.cell,
+                )
+                .is_some()
+            {
+                if let Some(cell) = self.cell_spec(&endpoint.cell) {
+                    let allowed = match spec.kind {
+                        ServiceKind::Unitized => cell.cell_type == CellType::Rzone,
+                        ServiceKind::Global => cell.cell_type != CellType::Rzone,
+                        ServiceKind::Local => true,
+                    };
+                    if !allowed {
+                        let wanted = match spec.kind {
+                            ServiceKind::Unitized => "rzones",
+                            _ => "the gzone or czones",
+                        };
+                        report!(
+                            self,
+                            located,
+                            format!("{field}.cell"),
+                            "cell `{}` is a {}; a {} service runs in {wanted}",
+                            endpoint.cell,
+                            cell.cell_type,
+                            spec.kind
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn service_spec(&self, name: &str) -> Option<&'a ServiceSpec> {
+        match &self.get(Kind::Service, name)?.resource.spec {
+            Spec::Service(spec) => Some(spec),
+            _ => None,
+        }
+    }
+
+    fn headers(&mut self, located: &Located, field: &str, headers: &[HeaderMatch]) {
+        for (i, header) in headers.iter().enumerate() {
+            if !is_token(&header.name) {
+                report!(
+                    self,
+                    located,
+                    format!("{field}[{i}].name"),
+                    "`{}` is not a valid header name",
+                    header.name
+                );
+            }
+            if header.exact.is_some() && header.prefix.is_some() {
+                report!(
+                    self,
+                    located,
+                    format!("{field}[{i}]"),
+                    "give `exact` or `prefix`, not both"
+                );
+            }
+        }
+    }
+
+    fn route(&mut self, located: &Located, spec: &RouteSpec) {
+        for (i, host) in spec.hosts.iter().enumerate() {
+            let bare = host.strip_prefix("*.").unwrap_or(host);
+            if host_problem(bare).is_some() {
+                report!(
+                    self,
+                    located,
+                    format!("spec.hosts[{i}]"),
+                    "`{host}` is not a host name (exact, or `*.example.com`)"
+                );
+            }
+        }
+        for (i, entry) in spec.matches.iter().enumerate() {
+            let field = format!("spec.match[{i}]");
+            let paths = [
+                ("pathExact", &entry.path_exact),
+                ("pathPrefix", &entry.path_prefix),
+                ("pathTemplate", &entry.path_template),
+            ];
+            let given: Vec<&str> = paths
+                .iter()
+                .filter(|(_, v)| v.is_some())
+                .map(|(n, _)| *n)
+                .collect();
+            if given.len() > 1 {
+                report!(
+                    self,
+                    located,
+                    field.clone(),
+                    "give one of pathExact, pathPrefix, pathTemplate, not {}",
+                    given.join(" and ")
+                );
+            }
+            for (name, path) in paths {
+                if let Some(path) = path {
+                    if !path.starts_with('/') {
+                        report!(
+                            self,
+                            located,
+                            format!("{field}.{name}"),
+                            "`{path}` must start with `/`"
+                        );
+                    }
+                }
+            }
+            if let Some(template) = &entry.path_template {
+                if let Some(bad) = template.split('/').find(|part| {
+                    part.contains(['{', '}']) && !(part.starts_with('{') && part.ends_with('}'))
+                }) {
+                    report!(
+                        self,
+                        located,
+                        format!("{field}.pathTemplate"),
+                        "segment `{bad}`: a variable must be a whole segment like `{{uid}}`"
+                    );
+                }
+            }
+            for (j, method) in entry.methods.iter().enumerate() {
+                if let Some(problem) = method_problem(method) {
+                    self.report(located, format!("{field}.methods[{j}]"), problem);
+                }
+            }
+            self.headers(located, &format!("{field}.headers"), &entry.headers);
+        }
+        let service = self
+            .reference(located, "spec.service", Kind::Service, &spec.service)
+            .and_then(|_| self.service_spec(&spec.service));
+        if let Some(timeout) = spec.timeout {
+            if timeout.0.is_zero() {
+                report!(
+                    self,
+                    located,
+                    "spec.timeout",
+                    "a timeout must be longer than zero"
+                );
+            }
+        }
+        if let Some(retries) = &spec.retries {
+            if retries.attempts > MAX_RETRIES {
+                report!(
+                    self,
+                    located,
+                    "spec.retries.attempts",
+                    "at most {MAX_RETRIES} retries, not {}",
+                    retries.attempts
+                );
+            }
+            if let (Some(per_try), Some(total)) = (retries.per_try_timeout, spec.timeout) {
+                if per_try > total {
+                    report!(
+                        self,
+                        located,
+                        "spec.retries.perTryTimeout",
+                        "the per-try timeout is longer than the route's timeout"
+                    );
+                }
+            }
+        }
+        if !spec.split.is_empty() {
+            let weight: u64 = spec.split.iter().map(|t| u64::from(t.weight)).sum();
+            if weight == 0 && spec.split.iter().all(|t| t.headers.is_empty()) {
+                report!(
+                    self,
+                    located,
+                    "spec.split",
+                    "the weights sum to 0, so no request could be sent; give some target a weight"
+                );
+            }
+            for (i, target) in spec.split.iter().enumerate() {
+                if let Some(service) = service {
+                    if !service.subsets.iter().any(|s| s.name == target.subset) {
+                        let known: Vec<&str> =
+                            service.subsets.iter().map(|s| s.name.as_str()).collect();
+                        report!(
+                            self,
+                            located,
+                            format!("spec.split[{i}].subset"),
+                            "service `{}` has no subset `{}` (it has: {})",
+                            spec.service,
+                            target.subset,
+                            if known.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                known.join(", ")
+                            }
+                        );
+                    }
+                }
+                self.headers(
+                    located,
+                    &format!("spec.split[{i}].headers"),
+                    &target.headers,
+                );
+            }
+        }
+        if let Some(mirror) = &spec.mirror {
+            if mirror.service == spec.service {
+                report!(
+                    self,
+                    located,
+                    "spec.mirror.service",
+                    "a route cannot mirror to its own service"
+                );
+            } else {
+                self.reference(
+                    located,
+                    "spec.mirror.service",
+                    Kind::Service,
+                    &mirror.service,
+                );
+            }
+            if !(0.0..=100.0).contains(&mirror.percent) {
+                report!(
+                    self,
+                    located,
+                    "spec.mirror.percent",
+                    "percent must be between 0 and 100, not {}",
+                    mirror.percent
+                );
+            }
+            if let (Some(shards), Some(service)) = (&mirror.shards, service) {
+                let rule_shards = service
+                    .shard_rule
+                    .as_deref()
+                    .and_then(|rule| self.get(Kind::ShardRule, rule))
+                    .and_then(|r| match &r.resource.spec {
+                        Spec::ShardRule(rule) => Some(rule.shards),
+                        _ => None,
+                    });
+                match rule_shards {
+                    None if service.kind != ServiceKind::Unitized => {
+                        report!(
+                            self,
+                            located,
+                            "spec.mirror.shards",
+                            "only routes to unitized services can mirror by shard"
+                        );
+                    }
+                    Some(count) => {
+                        if let Some(range) = shards.ranges.iter().find(|r| r.end >= count) {
+                            report!(
+                                self,
+                                located,
+                                "spec.mirror.shards",
+                                "shards {range} go beyond the rule's {count} shards"
+                            );
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+
+    fn gateway(&mut self, located: &Located, spec: &GatewaySpec) {
+        self.reference(located, "spec.zone", Kind::Zone, &spec.zone);
+        if spec.listeners.is_empty() {
+            report!(
+                self,
+                located,
+                "spec.listeners",
+                "a gateway needs at least one listener, e.g. `- {{port: 8080, protocol: http}}`"
+            );
+        }
+        let mut ports = HashSet::new();
+        for (i, listener) in spec.listeners.iter().enumerate() {
+            let field = format!("spec.listeners[{i}]");
+            if listener.port == 0 {
+                report!(
+                    self,
+                    located,
+                    format!("{field}.port"),
+                    "port must be between 1 and 65535"
+                );
+            }
+            if !ports.insert(listener.port) {
+                report!(
+                    self,
+                    located,
+                    format!("{field}.port"),
+                    "port {} is used by another listener of this gateway",
+                    listener.port
+                );
+            }
+            match (listener.protocol, &listener.tls) {
+                (Protocol::Https, None) => report!(
+                    self,
+                    located,
+                    field.clone(),
+                    "an https listener needs `tls: {{certificate: ..., privateKey: ...}}`"
+                ),
+                (Protocol::Http, Some(_)) => report!(
+                    self,
+                    located,
+                    format!("{field}.tls"),
+                    "tls is only for https listeners"
+                ),
+                _ => {}
+            }
+            if let Some(address) = &listener.address {
+                if address.parse::<std::net::IpAddr>().is_err() {
+                    report!(
+                        self,
+                        located,
+                        format!("{field}.address"),
+                        "`{address}` is not an IP address to bind, e.g. 0.0.0.0 or 127.0.0.1"
+                    );
+                }
+            }
+        }
+        for (i, cell) in spec.cells.iter().enumerate() {
+            let field = format!("spec.cells[{i}]");
+            if self.reference(located, &field, Kind::Cell, cell).is_some() {
+                if let Some(cell_spec) = self.cell_spec(cell) {
+                    if cell_spec.zone != spec.zone {
+                        report!(
+                            self,
+                            located,
+                            field,
+                            "cell `{cell}` is in zone {}, not in the gateway's zone {}",
+                            cell_spec.zone,
+                            spec.zone
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(advertise) = &spec.advertise {
+            if let Some(problem) = address_problem(advertise) {
+                self.report(located, "spec.advertise", problem);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,287 @@
+use super::*;
+use crate::manifest::load;
+
+const EXAMPLE: [(&str, &str); 5] = [
+    (
+        "00-places.yaml",
+        include_str!("../../../../examples/topology/00-places.yaml"),
+    ),
+    (
+        "10-cells.yaml",
+        include_str!("../../../../examples/topology/10-cells.yaml"),
+    ),
+    (
+        "20-sharding.yaml",
+        include_str!("../../../../examples/topology/20-sharding.yaml"),
+    ),
+    (
+        "30-services.yaml",
+        include_str!("../../../../examples/topology/30-services.yaml"),
+    ),
+    (
+        "40-gateways.yaml",
+        include_str!("../../../../examples/topology/40-gateways.yaml"),
+    ),
+];
+
+fn example() -> Vec<Located> {
+    EXAMPLE
+        .iter()
+        .flat_map(|(name, text)| load(name, text).expect("example parses"))
+        .collect()
+}
+
+/// The example with one file's text replaced.
+fn with_file(name: &str, text: &str) -> Vec<Located> {
+    EXAMPLE
+        .iter()
+        .filter(|(n, _)| *n != name)
+        .flat_map(|(n, t)| load(n, t).expect("example parses"))
+        .chain(load(name, text).expect("replacement parses"))
+        .collect()
+}
+
+fn issues(resources: &[Located]) -> Vec<Issue> {
+    validate(resources).expect_err("must be refused").0
+}
+
+fn sharding(assignments: &str) -> String {
+    format!(
+        "apiVersion: atoll/v1\nkind: ShardRule\nmetadata: {{name: users}}\nspec:\n  shards: 100\n  key:\n    sources: [{{header: x-user-id}}]\n    transform: {{decimalSuffix: 2}}\n---\napiVersion: atoll/v1\nkind: ShardMap\nmetadata: {{name: users}}\nspec:\n  rule: users\n  assignments:\n{assignments}"
+    )
+}
+
+#[test]
+fn the_example_topology_is_valid() {
+    let resources = example();
+    assert_eq!(resources.len(), 26);
+    validate(&resources).expect("example is valid");
+}
+
+#[test]
+fn overlapping_ranges_name_both_assignments() {
+    let found = issues(&with_file(
+        "20-sharding.yaml",
+        &sharding("    - {shards: \"0-49\", cell: rz01}\n    - {shards: \"40-99\", cell: rz02}\n"),
+    ));
+    assert_eq!(found.len(), 1, "{found:?}");
+    let issue = &found[0];
+    assert_eq!(issue.resource.as_deref(), Some("ShardMap/users"));
+    assert_eq!(issue.field.as_deref(), Some("spec.assignments[1].shards"));
+    assert_eq!(issue.source.as_deref(), Some("20-sharding.yaml"));
+    assert_eq!(issue.line, Some(17));
+    assert!(
+        issue
+            .reason
+            .contains("shards 40-49 are also owned by assignments[0] (cell rz01)"),
+        "{issue}"
+    );
+}
+
+#[test]
+fn unowned_shards_are_reported_as_ranges() {
+    let found = issues(&with_file(
+        "20-sharding.yaml",
+        &sharding("    - {shards: \"1-49\", cell: rz01}\n    - {shards: \"50-94\", cell: rz02}\n"),
+    ));
+    let reasons: Vec<&str> = found.iter().map(|i| i.reason.as_str()).collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].starts_with("shard 0 is owned by no assignment"));
+    assert!(reasons[1].starts_with("shards 95-99 are owned by no assignment"));
+}
+
+#[test]
+fn ranges_beyond_the_rule_are_refused() {
+    let found = issues(&with_file(
+        "20-sharding.yaml",
+        &sharding("    - {shards: \"0-100\", cell: rz01}\n"),
+    ));
+    assert!(
+        found[0].reason.contains("go beyond the rule's 100 shards"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn dangling_references_list_what_exists() {
+    let found = issues(&with_file(
+        "20-sharding.yaml",
+        &sharding("    - {shards: \"0-99\", cell: rz09, standby: rz01}\n"),
+    ));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].field.as_deref(), Some("spec.assignments[0].cell"));
+    assert!(
+        found[0]
+            .reason
+            .starts_with("Cell `rz09` does not exist (known: cz01, gz01, rz01")
+    );
+}
+
+#[test]
+fn standby_must_be_an_rzone_in_another_zone() {
+    let found = issues(&with_file(
+        "20-sharding.yaml",
+        &sharding(
+            "    - {shards: \"0-49\", cell: rz01, standby: rz01}\n    - {shards: \"50-99\", cell: rz03, standby: cz01}\n",
+        ),
+    ));
+    let reasons: Vec<&str> = found.iter().map(|i| i.reason.as_str()).collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("must be another cell")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("standby `cz01` is a czone")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("in zone sh-a, like the owner")),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn deleting_a_referenced_zone_breaks_its_cells() {
+    let resources: Vec<Located> = example()
+        .into_iter()
+        .filter(|r| r.resource.key() != ResourceKey::new(Kind::Zone, "sz-a"))
+        .collect();
+    let found = issues(&resources);
+    let places: Vec<String> = found
+        .iter()
+        .map(|i| {
+            format!(
+                "{} {}",
+                i.resource.as_deref().unwrap_or(""),
+                i.field.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(places, ["Cell/rz04 spec.zone", "Gateway/gw-sz-a spec.zone"]);
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = "apiVersion: atoll/v1\nkind: Cell\nmetadata: {name: Bad_Name}\nspec: {zone: nowhere, type: gzone}\n";
+    let mut resources = example();
+    resources.extend(load("extra.yaml", text).expect("parses"));
+    let found = issues(&resources);
+    let fields: Vec<&str> = found.iter().filter_map(|i| i.field.as_deref()).collect();
+    assert_eq!(
+        fields,
+        ["metadata.name", "spec.zone", "spec.type"],
+        "{found:?}"
+    );
+}
+
+#[test]
+fn duplicates_point_at_the_first_definition() {
+    let mut resources = example();
+    resources.extend(
+        load(
+            "again.yaml",
+            "apiVersion: atoll/v1\nkind: Region\nmetadata: {name: hz}\n",
+        )
+        .expect("parses"),
+    );
+    let found = issues(&resources);
+    assert_eq!(found.len(), 1);
+    assert!(
+        found[0]
+            .reason
+            .contains("Region/hz is defined twice; the first is at 00-places.yaml:5"),
+        "{}",
+        found[0]
+    );
+}
+
+#[test]
+fn transforms_must_fit_the_shard_count() {
+    let rule = |transform: &str, shards: u32| {
+        format!(
+            "apiVersion: atoll/v1\nkind: ShardRule\nmetadata: {{name: users}}\nspec:\n  shards: {shards}\n  key:\n    sources: [{{header: x-user-id}}]\n    transform: {transform}\n---\napiVersion: atoll/v1\nkind: ShardMap\nmetadata: {{name: users}}\nspec:\n  rule: users\n  assignments: [{{shards: \"0-{}\", cell: rz01}}]\n",
+            shards - 1
+        )
+    };
+    let found = issues(&with_file(
+        "20-sharding.yaml",
+        &rule("{decimalSuffix: 2}", 1000),
+    ));
+    assert!(
+        found[0].reason.contains("address only 100 shards"),
+        "{found:?}"
+    );
+    let found = issues(&with_file("20-sharding.yaml", &rule("{mod: 64}", 100)));
+    assert!(
+        found[0].reason.contains("mod 64 must equal shards (100)"),
+        "{found:?}"
+    );
+    validate(&with_file("20-sharding.yaml", &rule("{hash: xxh3}", 1000)))
+        .expect("hash fits any count");
+    validate(&with_file(
+        "20-sharding.yaml",
+        &rule("{decimalSuffix: 2}", 50),
+    ))
+    .expect("fewer shards than 10^n");
+}
+
+#[test]
+fn services_and_routes_check_their_references() {
+    let text = "apiVersion: atoll/v1\nkind: Route\nmetadata: {name: broken}\nspec:\n  match: [{pathPrefix: api, pathExact: /x, methods: [get]}]\n  service: bank\n  split: [{subset: blue, weight: 1}]\n  mirror: {service: bank, percent: 150}\n";
+    let mut resources = example();
+    resources.extend(load("route.yaml", text).expect("parses"));
+    let found = issues(&resources);
+    let fields: Vec<&str> = found.iter().filter_map(|i| i.field.as_deref()).collect();
+    assert_eq!(
+        fields,
+        [
+            "spec.match[0]",
+            "spec.match[0].pathPrefix",
+            "spec.match[0].methods[0]",
+            "spec.split[0].subset",
+            "spec.mirror.service",
+            "spec.mirror.percent"
+        ],
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn a_global_service_needs_the_gzone() {
+    let resources: Vec<Located> = example()
+        .into_iter()
+        .filter(|r| !matches!(r.resource.name(), "gz01"))
+        .collect();
+    let found = issues(&resources);
+    assert!(
+        found.iter().any(|i| i.reason.contains("needs a gzone")),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn a_single_gzone() {
+    let mut resources = example();
+    resources.extend(load("g.yaml", "apiVersion: atoll/v1\nkind: Cell\nmetadata: {name: gz02}\nspec: {zone: sh-a, type: gzone}\n").expect("parses"));
+    let found = issues(&resources);
+    assert!(found[0].reason.contains("already Cell/gz01"), "{found:?}");
+}
+
+#[test]
+fn gateways_check_listeners_and_cells() {
+    let text = "apiVersion: atoll/v1\nkind: Gateway\nmetadata: {name: gw-x}\nspec:\n  zone: hz-a\n  listeners: [{port: 80, protocol: https}, {port: 80, protocol: http}]\n  cells: [rz03]\n";
+    let mut resources = example();
+    resources.extend(load("gw.yaml", text).expect("parses"));
+    let reasons: Vec<String> = issues(&resources)
+        .iter()
+        .map(|i| i.reason.clone())
+        .collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons[0].contains("needs `tls"));
+    assert!(reasons[1].contains("port 80 is used by another listener"));
+    assert!(reasons[2].contains("cell `rz03` is in zone sh-a"));
+}
