@@ -361,10 +361,11 @@ fn join(path: &str, key: &str) -> String {
 }
 
 fn resolve_scalar(text: &str, style: TScalarStyle, tag: Option<&Tag>) -> Value {
-    if let Some(tag) = tag {
-        if tag.handle == "tag:yaml.org,2002:" && tag.suffix == "str" {
-            return Value::String(text.to_owned());
-        }
+    if let Some(tag) = tag
+        && tag.handle == "tag:yaml.org,2002:"
+        && tag.suffix == "str"
+    {
+        return Value::String(text.to_owned());
     }
     if style != TScalarStyle::Plain {
         return Value::String(text.to_owned());

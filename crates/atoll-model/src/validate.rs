@@ -276,17 +276,17 @@ impl<'a> Validator<'a> {
         }
         for (i, assignment) in spec.assignments.iter().enumerate() {
             let field = format!("spec.assignments[{i}]");
-            if let Some(shards) = rule {
-                if assignment.shards.end >= shards {
-                    report!(
-                        self,
-                        located,
-                        format!("{field}.shards"),
-                        "shards {} go beyond the rule's {shards} shards (0-{})",
-                        assignment.shards,
-                        shards.saturating_sub(1)
-                    );
-                }
+            if let Some(shards) = rule
+                && assignment.shards.end >= shards
+            {
+                report!(
+                    self,
+                    located,
+                    format!("{field}.shards"),
+                    "shards {} go beyond the rule's {shards} shards (0-{})",
+                    assignment.shards,
+                    shards.saturating_sub(1)
+                );
             }
             let owner = self.reference(
                 located,
@@ -295,17 +295,17 @@ impl<'a> Validator<'a> {
                 &assignment.cell,
             );
             let owner_spec = owner.and_then(|_| self.cell_spec(&assignment.cell));
-            if let Some(cell) = owner_spec {
-                if cell.cell_type != CellType::Rzone {
-                    report!(
-                        self,
-                        located,
-                        format!("{field}.cell"),
-                        "cell `{}` is a {}; only rzones own shards",
-                        assignment.cell,
-                        cell.cell_type
-                    );
-                }
+            if let Some(cell) = owner_spec
+                && cell.cell_type != CellType::Rzone
+            {
+                report!(
+                    self,
+                    located,
+                    format!("{field}.cell"),
+                    "cell `{}` is a {}; only rzones own shards",
+                    assignment.cell,
+                    cell.cell_type
+                );
             }
             if let Some(standby) = &assignment.standby {
                 let standby_field = format!("{field}.standby");
@@ -319,29 +319,28 @@ impl<'a> Validator<'a> {
                 } else if self
                     .reference(located, &standby_field, Kind::Cell, standby)
                     .is_some()
+                    && let Some(standby_spec) = self.cell_spec(standby)
                 {
-                    if let Some(standby_spec) = self.cell_spec(standby) {
-                        if standby_spec.cell_type != CellType::Rzone {
-                            report!(
-                                self,
-                                located,
-                                standby_field.clone(),
-                                "standby `{standby}` is a {}; only rzones own shards",
-                                standby_spec.cell_type
-                            );
-                        }
-                        if let Some(owner) = owner_spec {
-                            if owner.zone == standby_spec.zone {
-                                report!(
-                                    self,
-                                    located,
-                                    standby_field,
-                                    "standby `{standby}` is in zone {}, like the owner `{}`; a standby must be in another zone to survive the zone's loss",
-                                    standby_spec.zone,
-                                    assignment.cell
-                                );
-                            }
-                        }
+                    if standby_spec.cell_type != CellType::Rzone {
+                        report!(
+                            self,
+                            located,
+                            standby_field.clone(),
+                            "standby `{standby}` is a {}; only rzones own shards",
+                            standby_spec.cell_type
+                        );
+                    }
+                    if let Some(owner) = owner_spec
+                        && owner.zone == standby_spec.zone
+                    {
+                        report!(
+                            self,
+                            located,
+                            standby_field,
+                            "standby `{standby}` is in zone {}, like the owner `{}`; a standby must be in another zone to survive the zone's loss",
+                            standby_spec.zone,
+                            assignment.cell
+                        );
                     }
                 }
             }
@@ -374,22 +373,22 @@ impl<'a> Validator<'a> {
             if u64::from(start) > next {
                 gaps.push((next, u64::from(start) - 1));
             }
-            if let Some((furthest_end, other)) = furthest {
-                if start <= furthest_end {
-                    let overlap_end = end.min(furthest_end);
-                    let overlap = if start == overlap_end {
-                        format!("shard {start} is")
-                    } else {
-                        format!("shards {start}-{overlap_end} are")
-                    };
-                    report!(
-                        self,
-                        located,
-                        format!("spec.assignments[{index}].shards"),
-                        "{overlap} also owned by assignments[{other}] (cell {}); each shard has exactly one owner",
-                        spec.assignments[other].cell
-                    );
-                }
+            if let Some((furthest_end, other)) = furthest
+                && start <= furthest_end
+            {
+                let overlap_end = end.min(furthest_end);
+                let overlap = if start == overlap_end {
+                    format!("shard {start} is")
+                } else {
+                    format!("shards {start}-{overlap_end} are")
+                };
+                report!(
+                    self,
+                    located,
+                    format!("spec.assignments[{index}].shards"),
+                    "{overlap} also owned by assignments[{other}] (cell {}); each shard has exactly one owner",
+                    spec.assignments[other].cell
+                );
             }
             if furthest.is_none_or(|(furthest_end, _)| end > furthest_end) {
                 furthest = Some((end, index));
@@ -545,28 +544,27 @@ impl<'a> Validator<'a> {
                     &endpoint.cell,
                 )
                 .is_some()
+                && let Some(cell) = self.cell_spec(&endpoint.cell)
             {
-                if let Some(cell) = self.cell_spec(&endpoint.cell) {
-                    let allowed = match spec.kind {
-                        ServiceKind::Unitized => cell.cell_type == CellType::Rzone,
-                        ServiceKind::Global => cell.cell_type != CellType::Rzone,
-                        ServiceKind::Local => true,
+                let allowed = match spec.kind {
+                    ServiceKind::Unitized => cell.cell_type == CellType::Rzone,
+                    ServiceKind::Global => cell.cell_type != CellType::Rzone,
+                    ServiceKind::Local => true,
+                };
+                if !allowed {
+                    let wanted = match spec.kind {
+                        ServiceKind::Unitized => "rzones",
+                        _ => "the gzone or czones",
                     };
-                    if !allowed {
-                        let wanted = match spec.kind {
-                            ServiceKind::Unitized => "rzones",
-                            _ => "the gzone or czones",
-                        };
-                        report!(
-                            self,
-                            located,
-                            format!("{field}.cell"),
-                            "cell `{}` is a {}; a {} service runs in {wanted}",
-                            endpoint.cell,
-                            cell.cell_type,
-                            spec.kind
-                        );
-                    }
+                    report!(
+                        self,
+                        located,
+                        format!("{field}.cell"),
+                        "cell `{}` is a {}; a {} service runs in {wanted}",
+                        endpoint.cell,
+                        cell.cell_type,
+                        spec.kind
+                    );
                 }
             }
         }
@@ -635,28 +633,28 @@ impl<'a> Validator<'a> {
                 );
             }
             for (name, path) in paths {
-                if let Some(path) = path {
-                    if !path.starts_with('/') {
-                        report!(
-                            self,
-                            located,
-                            format!("{field}.{name}"),
-                            "`{path}` must start with `/`"
-                        );
-                    }
-                }
-            }
-            if let Some(template) = &entry.path_template {
-                if let Some(bad) = template.split('/').find(|part| {
-                    part.contains(['{', '}']) && !(part.starts_with('{') && part.ends_with('}'))
-                }) {
+                if let Some(path) = path
+                    && !path.starts_with('/')
+                {
                     report!(
                         self,
                         located,
-                        format!("{field}.pathTemplate"),
-                        "segment `{bad}`: a variable must be a whole segment like `{{uid}}`"
+                        format!("{field}.{name}"),
+                        "`{path}` must start with `/`"
                     );
                 }
+            }
+            if let Some(template) = &entry.path_template
+                && let Some(bad) = template.split('/').find(|part| {
+                    part.contains(['{', '}']) && !(part.starts_with('{') && part.ends_with('}'))
+                })
+            {
+                report!(
+                    self,
+                    located,
+                    format!("{field}.pathTemplate"),
+                    "segment `{bad}`: a variable must be a whole segment like `{{uid}}`"
+                );
             }
             for (j, method) in entry.methods.iter().enumerate() {
                 if let Some(problem) = method_problem(method) {
@@ -668,15 +666,15 @@ impl<'a> Validator<'a> {
         let service = self
             .reference(located, "spec.service", Kind::Service, &spec.service)
             .and_then(|_| self.service_spec(&spec.service));
-        if let Some(timeout) = spec.timeout {
-            if timeout.0.is_zero() {
-                report!(
-                    self,
-                    located,
-                    "spec.timeout",
-                    "a timeout must be longer than zero"
-                );
-            }
+        if let Some(timeout) = spec.timeout
+            && timeout.0.is_zero()
+        {
+            report!(
+                self,
+                located,
+                "spec.timeout",
+                "a timeout must be longer than zero"
+            );
         }
         if let Some(retries) = &spec.retries {
             if retries.attempts > MAX_RETRIES {
@@ -688,15 +686,15 @@ impl<'a> Validator<'a> {
                     retries.attempts
                 );
             }
-            if let (Some(per_try), Some(total)) = (retries.per_try_timeout, spec.timeout) {
-                if per_try > total {
-                    report!(
-                        self,
-                        located,
-                        "spec.retries.perTryTimeout",
-                        "the per-try timeout is longer than the route's timeout"
-                    );
-                }
+            if let (Some(per_try), Some(total)) = (retries.per_try_timeout, spec.timeout)
+                && per_try > total
+            {
+                report!(
+                    self,
+                    located,
+                    "spec.retries.perTryTimeout",
+                    "the per-try timeout is longer than the route's timeout"
+                );
             }
         }
         if !spec.split.is_empty() {
@@ -710,24 +708,24 @@ impl<'a> Validator<'a> {
                 );
             }
             for (i, target) in spec.split.iter().enumerate() {
-                if let Some(service) = service {
-                    if !service.subsets.iter().any(|s| s.name == target.subset) {
-                        let known: Vec<&str> =
-                            service.subsets.iter().map(|s| s.name.as_str()).collect();
-                        report!(
-                            self,
-                            located,
-                            format!("spec.split[{i}].subset"),
-                            "service `{}` has no subset `{}` (it has: {})",
-                            spec.service,
-                            target.subset,
-                            if known.is_empty() {
-                                "none".to_owned()
-                            } else {
-                                known.join(", ")
-                            }
-                        );
-                    }
+                if let Some(service) = service
+                    && !service.subsets.iter().any(|s| s.name == target.subset)
+                {
+                    let known: Vec<&str> =
+                        service.subsets.iter().map(|s| s.name.as_str()).collect();
+                    report!(
+                        self,
+                        located,
+                        format!("spec.split[{i}].subset"),
+                        "service `{}` has no subset `{}` (it has: {})",
+                        spec.service,
+                        target.subset,
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    );
                 }
                 self.headers(
                     located,
@@ -840,38 +838,37 @@ impl<'a> Validator<'a> {
                 ),
                 _ => {}
             }
-            if let Some(address) = &listener.address {
-                if address.parse::<std::net::IpAddr>().is_err() {
-                    report!(
-                        self,
-                        located,
-                        format!("{field}.address"),
-                        "`{address}` is not an IP address to bind, e.g. 0.0.0.0 or 127.0.0.1"
-                    );
-                }
+            if let Some(address) = &listener.address
+                && address.parse::<std::net::IpAddr>().is_err()
+            {
+                report!(
+                    self,
+                    located,
+                    format!("{field}.address"),
+                    "`{address}` is not an IP address to bind, e.g. 0.0.0.0 or 127.0.0.1"
+                );
             }
         }
         for (i, cell) in spec.cells.iter().enumerate() {
             let field = format!("spec.cells[{i}]");
-            if self.reference(located, &field, Kind::Cell, cell).is_some() {
-                if let Some(cell_spec) = self.cell_spec(cell) {
-                    if cell_spec.zone != spec.zone {
-                        report!(
-                            self,
-                            located,
-                            field,
-                            "cell `{cell}` is in zone {}, not in the gateway's zone {}",
-                            cell_spec.zone,
-                            spec.zone
-                        );
-                    }
-                }
+            if self.reference(located, &field, Kind::Cell, cell).is_some()
+                && let Some(cell_spec) = self.cell_spec(cell)
+                && cell_spec.zone != spec.zone
+            {
+                report!(
+                    self,
+                    located,
+                    field,
+                    "cell `{cell}` is in zone {}, not in the gateway's zone {}",
+                    cell_spec.zone,
+                    spec.zone
+                );
             }
         }
-        if let Some(advertise) = &spec.advertise {
-            if let Some(problem) = address_problem(advertise) {
-                self.report(located, "spec.advertise", problem);
-            }
+        if let Some(advertise) = &spec.advertise
+            && let Some(problem) = address_problem(advertise)
+        {
+            self.report(located, "spec.advertise", problem);
         }
     }
 }
