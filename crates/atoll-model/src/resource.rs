@@ -224,10 +224,6 @@ impl Resource {
 
 /// The kind-specific part of a resource.
 #[derive(Clone, Debug, PartialEq)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "resources are built once per apply, not on a hot path"
-)]
 pub enum Spec {
     /// See [`RegionSpec`].
     Region(RegionSpec),
