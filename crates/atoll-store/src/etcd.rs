@@ -1,0 +1,457 @@
+//! The etcd store, for control planes that must survive the loss of a host.
+//!
+//! Layout under a prefix (default `/atoll/`):
+//!
+//! | key | value |
+//! |---|---|
+//! | `meta/revision` | the last revision, decimal |
+//! | `resources/{Kind}/{name}` | resource JSON |
+//! | `history/{Kind}/{name}/{revision:020}` | history entry JSON |
+//! | `commits/{revision:020}` | commit JSON (the audit log) |
+//!
+//! Every commit writes `meta/revision`, and its transaction succeeds only if
+//! that key's etcd `mod_revision` is the one read before preparing: commits are
+//! serialized through it, so several control planes can share one etcd. The
+//! revision numbers are Atoll's own (+1 per commit), independent of etcd's.
+//! etcd limits the operations of one transaction (`--max-txn-ops`, default
+//! 128): a commit of N resources takes 2N+2.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, SortOrder, SortTarget, Txn,
+    TxnOp, WatchOptions,
+};
+use futures::stream::BoxStream;
+use tokio::sync::mpsc;
+
+use crate::types::{key_text, prepare, sort_resources};
+use crate::{Commit, CommitRequest, HistoryEntry, Revision, Snapshot, Store, StoreError};
+use atoll_model::{Resource, ResourceKey};
+
+const BACKEND: &str = "etcd";
+
+/// How often a commit is retried when another writer got in first.
+const MAX_ATTEMPTS: usize = 64;
+
+/// How to reach etcd.
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Key prefix for everything Atoll writes; ends with `/`.
+    pub prefix: String,
+    /// Timeout for connecting and for each request.
+    pub timeout: Duration,
+}
+
+impl EtcdOptions {
+    /// Options for `endpoints` with the default prefix `/atoll/`.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            prefix: "/atoll/".into(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The etcd store. Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn backend_error(context: &str, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend {
+        backend: BACKEND,
+        detail: format!("{context}: {error}"),
+    }
+}
+
+fn corrupt(at: impl Into<String>, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        backend: BACKEND,
+        at: at.into(),
+        detail: error.to_string(),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(at: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt(String::from_utf8_lossy(at), e))
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| backend_error("encoding", e))
+}
+
+/// The smallest key after every key that starts with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl EtcdStore {
+    /// Connects to etcd and checks that it answers.
+    pub async fn connect(options: EtcdOptions) -> Result<Self, StoreError> {
+        if options.endpoints.is_empty() {
+            return Err(StoreError::Invalid(
+                "no etcd endpoints given; pass e.g. http://127.0.0.1:2379".into(),
+            ));
+        }
+        let connect = ConnectOptions::new()
+            .with_connect_timeout(options.timeout)
+            .with_timeout(options.timeout);
+        let client = Client::connect(&options.endpoints, Some(connect))
+            .await
+            .map_err(|e| {
+                backend_error(&format!("connecting to {}", options.endpoints.join(",")), e)
+            })?;
+        let mut prefix = options.prefix;
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        let store = Self { client, prefix };
+        // Fail now, with the endpoint in the message, rather than on first use.
+        store.revision().await.map_err(|e| match e {
+            StoreError::Backend { detail, .. } => backend_error(
+                &format!("etcd at {} does not answer", options.endpoints.join(",")),
+                detail,
+            ),
+            other => other,
+        })?;
+        Ok(store)
+    }
+
+    fn meta_key(&self) -> String {
+        format!("{}meta/revision", self.prefix)
+    }
+
+    fn resources_prefix(&self) -> String {
+        format!("{}resources/", self.prefix)
+    }
+
+    fn resource_key(&self, key: &ResourceKey) -> String {
+        format!("{}resources/{}", self.prefix, key_text(key))
+    }
+
+    fn history_prefix(&self, key: &ResourceKey) -> String {
+        format!("{}history/{}/", self.prefix, key_text(key))
+    }
+
+    fn commits_prefix(&self) -> String {
+        format!("{}commits/", self.prefix)
+    }
+
+    fn commit_key(&self, revision: Revision) -> String {
+        format!("{}commits/{revision:020}", self.prefix)
+    }
+
+    /// Reads the revision and the meta key's etcd mod_revision (0 if absent),
+    /// and the etcd revision of the read.
+    async fn read_meta(&self) -> Result<(Revision, i64, i64), StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .get(self.meta_key(), None)
+            .await
+            .map_err(|e| backend_error("reading revision", e))?;
+        let header = response.header().map(|h| h.revision()).unwrap_or(0);
+        match response.kvs().first() {
+            None => Ok((0, 0, header)),
+            Some(kv) => {
+                let text =
+                    std::str::from_utf8(kv.value()).map_err(|e| corrupt(self.meta_key(), e))?;
+                let revision = text
+                    .parse()
+                    .map_err(|e| corrupt(self.meta_key(), format!("{e}: {text:?}")))?;
+                Ok((revision, kv.mod_revision(), header))
+            }
+        }
+    }
+
+    async fn try_commit(&self, request: &CommitRequest) -> Result<Option<Commit>, StoreError> {
+        let (revision, meta_mod, _) = self.read_meta().await?;
+        let mut kv = self.client.kv_client();
+        let mut current = std::collections::HashMap::new();
+        for change in &request.changes {
+            let key = change.key();
+            let response = kv
+                .get(self.resource_key(&key), None)
+                .await
+                .map_err(|e| backend_error("reading resource", e))?;
+            let resource: Option<Resource> = match response.kvs().first() {
+                Some(item) => Some(decode(item.key(), item.value())?),
+                None => None,
+            };
+            current.insert(key, resource);
+        }
+        let prepared = prepare(request, revision, |key| {
+            Ok(current.get(key).cloned().flatten())
+        })?;
+        let mut operations = Vec::with_capacity(prepared.writes.len() * 2 + 2);
+        operations.push(TxnOp::put(
+            self.meta_key(),
+            prepared.commit.revision.to_string(),
+            None,
+        ));
+        for (key, resource) in &prepared.writes {
+            match resource {
+                Some(resource) => {
+                    operations.push(TxnOp::put(self.resource_key(key), encode(resource)?, None))
+                }
+                None => operations.push(TxnOp::delete(self.resource_key(key), None)),
+            }
+        }
+        for (key, entry) in &prepared.history {
+            operations.push(TxnOp::put(
+                format!("{}{:020}", self.history_prefix(key), entry.revision),
+                encode(entry)?,
+                None,
+            ));
+        }
+        operations.push(TxnOp::put(
+            self.commit_key(prepared.commit.revision),
+            encode(&prepared.commit)?,
+            None,
+        ));
+        let guard = if meta_mod == 0 {
+            Compare::create_revision(self.meta_key(), CompareOp::Equal, 0)
+        } else {
+            Compare::mod_revision(self.meta_key(), CompareOp::Equal, meta_mod)
+        };
+        let txn = Txn::new().when([guard]).and_then(operations);
+        let response = kv.txn(txn).await.map_err(|e| {
+            let text = e.to_string();
+            if text.contains("too many operations") {
+                backend_error(
+                    "committing",
+                    format!("{text}; this commit needs {} operations: raise etcd's --max-txn-ops or apply in smaller batches", prepared.writes.len() * 2 + 2),
+                )
+            } else {
+                backend_error("committing", e)
+            }
+        })?;
+        Ok(response.succeeded().then_some(prepared.commit))
+    }
+
+    /// Reads commits after `after` at one etcd revision; returns them with that
+    /// etcd revision.
+    async fn read_commits(
+        &self,
+        after: Revision,
+        limit: usize,
+    ) -> Result<(Vec<Commit>, i64), StoreError> {
+        let mut kv = self.client.kv_client();
+        let mut options = GetOptions::new()
+            .with_range(prefix_end(&self.commits_prefix()))
+            .with_sort(SortTarget::Key, SortOrder::Ascend);
+        if limit > 0 {
+            options = options.with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        }
+        let response = kv
+            .get(self.commit_key(after.saturating_add(1)), Some(options))
+            .await
+            .map_err(|e| backend_error("reading commits", e))?;
+        let header = response.header().map(|h| h.revision()).unwrap_or(0);
+        let commits = response
+            .kvs()
+            .iter()
+            .map(|item| decode(item.key(), item.value()))
+            .collect::<Result<Vec<Commit>, _>>()?;
+        Ok((commits, header))
+    }
+
+    /// Feeds `sender` with every commit after `last`, forever, reconnecting
+    /// the etcd watch when it breaks.
+    async fn pump(self, mut last: Revision, sender: mpsc::Sender<Result<Commit, StoreError>>) {
+        let mut failures = 0u32;
+        loop {
+            if sender.is_closed() {
+                return;
+            }
+            match self.pump_once(&mut last, &sender).await {
+                Ok(()) => return, // receiver gone
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, failures, "etcd watch broke; resuming");
+                    if failures == 10 && sender.send(Err(error)).await.is_err() {
+                        return;
+                    }
+                    let backoff = Duration::from_millis(100 * u64::from(failures.min(20)));
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+        }
+    }
+
+    /// Catches up from `last`, then follows the etcd watch. Returns `Ok` only
+    /// when the receiver is gone.
+    async fn pump_once(
+        &self,
+        last: &mut Revision,
+        sender: &mpsc::Sender<Result<Commit, StoreError>>,
+    ) -> Result<(), StoreError> {
+        let etcd_revision = loop {
+            let (commits, header) = self.read_commits(*last, 512).await?;
+            let full = commits.len() == 512;
+            for commit in commits {
+                *last = commit.revision;
+                if sender.send(Ok(commit)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            if !full {
+                break header;
+            }
+        };
+        let mut watch = self.client.watch_client();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(etcd_revision + 1);
+        let mut stream = watch
+            .watch(self.commits_prefix(), Some(options))
+            .await
+            .map_err(|e| backend_error("watching", e))?;
+        loop {
+            tokio::select! {
+                () = sender.closed() => return Ok(()),
+                message = stream.message() => {
+                    let Some(response) = message.map_err(|e| backend_error("watching", e))? else {
+                        return Err(backend_error("watching", "etcd closed the watch"));
+                    };
+                    if response.canceled() {
+                        return Err(backend_error("watching", format!("watch canceled: {}", response.cancel_reason())));
+                    }
+                    for event in response.events() {
+                        if event.event_type() != EventType::Put {
+                            continue;
+                        }
+                        let Some(item) = event.kv() else { continue };
+                        let commit: Commit = decode(item.key(), item.value())?;
+                        if commit.revision <= *last {
+                            continue;
+                        }
+                        if commit.revision != *last + 1 {
+                            // A gap means we missed something: catch up by reading.
+                            return Err(backend_error("watching", format!("gap after revision {last}")));
+                        }
+                        *last = commit.revision;
+                        if sender.send(Ok(commit)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn revision(&self) -> Result<Revision, StoreError> {
+        Ok(self.read_meta().await?.0)
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        let (revision, _, etcd_revision) = self.read_meta().await?;
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .get(
+                self.resources_prefix(),
+                Some(GetOptions::new().with_prefix().with_revision(etcd_revision)),
+            )
+            .await
+            .map_err(|e| backend_error("reading resources", e))?;
+        let mut resources = response
+            .kvs()
+            .iter()
+            .map(|item| decode(item.key(), item.value()))
+            .collect::<Result<Vec<Resource>, _>>()?;
+        sort_resources(&mut resources);
+        Ok(Snapshot {
+            revision,
+            resources,
+        })
+    }
+
+    async fn get(&self, key: &ResourceKey) -> Result<Option<Resource>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .get(self.resource_key(key), None)
+            .await
+            .map_err(|e| backend_error("reading resource", e))?;
+        match response.kvs().first() {
+            Some(item) => decode(item.key(), item.value()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn commit(&self, request: CommitRequest) -> Result<Commit, StoreError> {
+        for _ in 0..MAX_ATTEMPTS {
+            if let Some(commit) = self.try_commit(&request).await? {
+                return Ok(commit);
+            }
+            // Another writer committed between our read and our transaction:
+            // read again. Expectations and the base revision are re-checked.
+        }
+        Err(backend_error(
+            "committing",
+            format!("gave up after {MAX_ATTEMPTS} attempts: other writers keep getting in first"),
+        ))
+    }
+
+    async fn history(&self, key: &ResourceKey) -> Result<Vec<HistoryEntry>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .get(
+                self.history_prefix(key),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Key, SortOrder::Ascend),
+                ),
+            )
+            .await
+            .map_err(|e| backend_error("reading history", e))?;
+        response
+            .kvs()
+            .iter()
+            .map(|item| decode(item.key(), item.value()))
+            .collect()
+    }
+
+    async fn commits(&self, after: Revision, limit: usize) -> Result<Vec<Commit>, StoreError> {
+        Ok(self.read_commits(after, limit.max(1)).await?.0)
+    }
+
+    async fn watch(
+        &self,
+        after: Revision,
+    ) -> Result<BoxStream<'static, Result<Commit, StoreError>>, StoreError> {
+        let (sender, receiver) = mpsc::channel(256);
+        tokio::spawn(self.clone().pump(after, sender));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            receiver,
+        )))
+    }
+}
