@@ -2,6 +2,7 @@
 //! store and a real etcd started by the test.
 
 #![allow(async_fn_in_trait, reason = "a test-only trait")]
+#![allow(clippy::expect_used, clippy::unwrap_used, reason = "tests fail loudly")]
 
 mod suite;
 
