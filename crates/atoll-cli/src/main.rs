@@ -1,1 +1,133 @@
-fn main() {}
+//! `atoll`: runs Atoll's control plane and drives it.
+//!
+//! Every command but `control` talks to a control plane over its REST API,
+//! found by `--control`, `$ATOLL_CONTROL`, or the discovery file a local
+//! `atoll control` writes. `docs/cli.md` is the reference, including exit codes.
+
+mod client;
+mod commands;
+mod control;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::client::CliError;
+use crate::output::Format;
+
+/// Atoll: multi-active, cell-based architecture.
+///
+/// Exit codes: 0 success, 1 failure, 2 usage error, 3 invalid manifests,
+/// 4 conflict, 5 not found, 6 control plane unreachable, 7 barrier not reached.
+#[derive(Debug, Parser)]
+#[command(name = "atoll", version, max_term_width = 100)]
+struct Cli {
+    /// URL of the control plane [default: from the discovery file of a local
+    /// `atoll control`, else http://127.0.0.1:7400].
+    #[arg(long, global = true, env = "ATOLL_CONTROL", value_name = "URL")]
+    control: Option<String>,
+
+    /// Who you are, for the audit log [default: $USER].
+    #[arg(long = "as", global = true, value_name = "USER")]
+    user: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane (REST API, config stream, metrics) until Ctrl-C.
+    Control(control::ControlArgs),
+    /// Create or replace resources from manifest files or directories.
+    Apply(commands::ApplyArgs),
+    /// Show resources of a kind (`cells`, `shardmap`...), or `all`.
+    Get(commands::GetArgs),
+    /// Delete resources, by kind and name or from manifests.
+    Delete(commands::DeleteArgs),
+    /// Show every change of a resource: `atoll history shardmap/users`.
+    History(commands::HistoryArgs),
+    /// Restore a resource's content from a past revision, as a new revision.
+    Rollback(commands::RollbackArgs),
+    /// List data-plane nodes and their applied config versions.
+    Nodes(commands::NodesArgs),
+    /// Wait until data-plane nodes have applied a config version.
+    Barrier(commands::BarrierArgs),
+    /// Show the audit log: who changed what, and when.
+    Audit(commands::AuditArgs),
+    /// Print commits as they happen, one JSON object per line.
+    Watch(commands::WatchArgs),
+    /// Show the control plane's version, store and revision.
+    Status(OutputArgs),
+}
+
+/// `-o` for commands that print data.
+#[derive(Debug, Args)]
+struct OutputArgs {
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(client::exit::FAILURE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(error) => {
+            eprintln!("error: {}", error.message);
+            for detail in &error.details {
+                eprintln!("  {detail}");
+            }
+            ExitCode::from(error.code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<u8, CliError> {
+    let user = cli
+        .user
+        .or_else(|| std::env::var("USER").ok())
+        .unwrap_or_else(|| "anonymous".into());
+    let connect = |timeout| {
+        client::Client::new(
+            client::resolve(cli.control.as_deref()),
+            user.clone(),
+            timeout,
+        )
+    };
+    let default_timeout = Some(std::time::Duration::from_secs(60));
+    match cli.command {
+        Command::Control(args) => control::run(args).await,
+        Command::Apply(args) => commands::apply(&connect(default_timeout)?, args).await,
+        Command::Get(args) => commands::get(&connect(default_timeout)?, args).await,
+        Command::Delete(args) => commands::delete(&connect(default_timeout)?, args).await,
+        Command::History(args) => commands::history(&connect(default_timeout)?, args).await,
+        Command::Rollback(args) => commands::rollback(&connect(default_timeout)?, args).await,
+        Command::Nodes(args) => commands::nodes(&connect(default_timeout)?, args).await,
+        Command::Barrier(args) => commands::barrier(&connect(None)?, args).await,
+        Command::Audit(args) => commands::audit(&connect(default_timeout)?, args).await,
+        Command::Watch(args) => commands::watch(&connect(None)?, args).await,
+        Command::Status(args) => commands::status(&connect(default_timeout)?, args.output).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 /// Displayed as `file:line:column: Kind/name field: reason`, the way compilers
 /// print errors, so editors can jump to it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Issue {
     /// The file (or other source) the resource came from; `stored` for a

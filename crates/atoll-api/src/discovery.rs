@@ -1,0 +1,39 @@
+//! Finding the control plane without flags.
+//!
+//! `atoll control` writes [`Discovery`] as JSON to `control.json` in its state
+//! directory (by default `$XDG_STATE_HOME/atoll`, i.e. `~/.local/state/atoll`)
+//! once it listens, and removes it on a clean stop. Other commands read it
+//! when neither `--control` nor `$ATOLL_CONTROL` is given.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The environment variable that names the control plane's URL.
+pub const CONTROL_ENV: &str = "ATOLL_CONTROL";
+
+/// The environment variable that overrides the state directory.
+pub const STATE_DIR_ENV: &str = "ATOLL_STATE_DIR";
+
+/// The default address of `atoll control`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+
+/// What a running control plane tells other commands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Discovery {
+    /// Base URL of the REST API and the config stream, e.g. `http://127.0.0.1:7400`.
+    pub url: String,
+    /// The server's process id.
+    pub pid: u32,
+    /// Its store, e.g. `embedded:/home/me/.local/state/atoll/control` or `etcd:http://...`.
+    pub store: String,
+}
+
+/// The file name inside the state directory.
+pub const DISCOVERY_FILE: &str = "control.json";
+
+/// The discovery file inside `state_dir`.
+pub fn discovery_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(DISCOVERY_FILE)
+}

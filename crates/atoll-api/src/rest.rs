@@ -1,0 +1,387 @@
+//! JSON bodies of the REST API (`/v1/...`). Field names are camelCase.
+//! `docs/api.md` describes every endpoint; the server also serves an OpenAPI
+//! document at `/openapi.json`.
+
+use atoll_model::Issue;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// A manifest file sent for apply: its name (for error messages) and text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestFile {
+    /// The file name as the user knows it; errors name it.
+    pub source: String,
+    /// Multi-document YAML (JSON is YAML too).
+    pub content: String,
+}
+
+/// A resource named by kind and name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceRef {
+    /// Any spelling `atoll get` takes: `cell`, `cells`, `Cell`.
+    pub kind: String,
+    /// The resource name.
+    pub name: String,
+    /// Only if the resource is still at this revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<u64>,
+}
+
+/// `POST /v1/apply`: create or replace resources and delete others, all in
+/// one revision, or nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApplyRequest {
+    /// Manifests to create or replace.
+    #[serde(default)]
+    pub manifests: Vec<ManifestFile>,
+    /// Resources to delete in the same revision.
+    #[serde(default)]
+    pub delete: Vec<ResourceRef>,
+    /// Validate and diff only; change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Why: kept in the audit log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// What an apply did (or, for a dry run, would do) to one resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeAction {
+    /// It did not exist.
+    Created,
+    /// Its content changed.
+    Configured,
+    /// Same content as stored: nothing written.
+    Unchanged,
+    /// Deleted.
+    Deleted,
+}
+
+impl std::fmt::Display for ChangeAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ChangeAction::Created => "created",
+            ChangeAction::Configured => "configured",
+            ChangeAction::Unchanged => "unchanged",
+            ChangeAction::Deleted => "deleted",
+        })
+    }
+}
+
+/// One resource's change in an apply.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangeSummary {
+    /// `ShardMap`.
+    pub kind: String,
+    /// The name.
+    pub name: String,
+    /// What happened.
+    pub action: ChangeAction,
+    /// The resource's revision after the change (absent for deletes and dry runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<u64>,
+    /// Unified diff of the YAML (empty when unchanged).
+    pub diff: String,
+}
+
+/// Answer to apply, delete and rollback.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResponse {
+    /// The store revision after the change (the current one if nothing changed
+    /// or for a dry run).
+    pub revision: u64,
+    /// Whether this was a dry run.
+    pub dry_run: bool,
+    /// Per resource, in the order given.
+    pub changes: Vec<ChangeSummary>,
+}
+
+/// `GET /v1/resources[/{kind}]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ListResponse {
+    /// The store revision the list was read at.
+    pub revision: u64,
+    /// Resources (`apiVersion`, `kind`, `metadata`, `spec`), in dependency
+    /// order then by name.
+    #[schema(value_type = Vec<Object>)]
+    pub items: Vec<Value>,
+}
+
+/// One change in a resource's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryItem {
+    /// The revision of the change.
+    pub revision: u64,
+    /// RFC 3339 UTC time.
+    pub time: String,
+    /// Who made it.
+    pub author: String,
+    /// Why, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// `created`, `updated` or `deleted`.
+    pub action: String,
+    /// The resource after the change (absent for a delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub resource: Option<Value>,
+    /// Unified diff from the previous version.
+    pub diff: String,
+}
+
+/// `GET /v1/resources/{kind}/{name}/history`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryResponse {
+    /// `Kind/name`.
+    pub resource: String,
+    /// Oldest first.
+    pub entries: Vec<HistoryItem>,
+}
+
+/// `POST /v1/resources/{kind}/{name}/rollback`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The revision whose content to restore (from the history).
+    pub revision: u64,
+    /// Validate and diff only.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Why: kept in the audit log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One resource change in an audit record or a watch event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommitChange {
+    /// `Cell`.
+    pub kind: String,
+    /// The name.
+    pub name: String,
+    /// `created`, `updated` or `deleted`.
+    pub action: String,
+    /// The resource after the change (absent for a delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub resource: Option<Value>,
+    /// Unified diff.
+    pub diff: String,
+}
+
+/// One commit: an audit record (`GET /v1/audit`) or a watch event
+/// (`GET /v1/watch`, one JSON object per line).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommitRecord {
+    /// The revision it made.
+    pub revision: u64,
+    /// RFC 3339 UTC time.
+    pub time: String,
+    /// Who.
+    pub author: String,
+    /// Why, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// What changed.
+    pub changes: Vec<CommitChange>,
+}
+
+/// `GET /v1/audit`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditResponse {
+    /// Oldest first.
+    pub commits: Vec<CommitRecord>,
+}
+
+/// The last NACK of a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NackInfo {
+    /// The version refused.
+    pub version: u64,
+    /// The node's reason.
+    pub reason: String,
+    /// RFC 3339 UTC time.
+    pub time: String,
+}
+
+/// A data-plane node known to the control plane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    /// Unique node name.
+    pub name: String,
+    /// `gateway`, `sidecar`, `sdk`, `agent`...
+    pub role: String,
+    /// Its zone (may be empty).
+    pub zone: String,
+    /// Its cell (may be empty).
+    pub cell: String,
+    /// Whether its stream is open now.
+    pub connected: bool,
+    /// The peer address of its stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// The version it last ACKed (or said it runs when connecting).
+    pub applied_version: u64,
+    /// The version last sent to it.
+    pub sent_version: u64,
+    /// The last NACK, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_nack: Option<NackInfo>,
+    /// RFC 3339 time of the last message either way.
+    pub last_seen: String,
+}
+
+/// `GET /v1/nodes`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodesResponse {
+    /// The current config version (store revision).
+    pub version: u64,
+    /// Every known node, by name.
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// Which nodes a barrier waits for: all given fields must match. An empty
+/// selector matches every node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NodeSelector {
+    /// Node role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Node zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Node cell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cell: Option<String>,
+    /// Node name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl NodeSelector {
+    /// Whether a node with these attributes matches.
+    pub fn matches(&self, name: &str, role: &str, zone: &str, cell: &str) -> bool {
+        let ok = |want: &Option<String>, have: &str| want.as_deref().is_none_or(|w| w == have);
+        ok(&self.name, name) && ok(&self.role, role) && ok(&self.zone, zone) && ok(&self.cell, cell)
+    }
+}
+
+/// `POST /v1/barrier`: wait until every matching node has applied at least
+/// `version`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BarrierRequest {
+    /// Which nodes; all when empty.
+    #[serde(default)]
+    pub selector: NodeSelector,
+    /// The version to reach; the current revision when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// How long to wait, e.g. `5s` (default 10s, at most 10m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Fail unless at least this many nodes match (guards against waiting on
+    /// nobody). Default 0.
+    #[serde(default)]
+    pub min_nodes: usize,
+}
+
+/// A node that has not applied the barrier's version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Laggard {
+    /// Node name.
+    pub name: String,
+    /// Whether it is connected.
+    pub connected: bool,
+    /// What it has applied.
+    pub applied_version: u64,
+    /// Its last NACK, which often says why it lags.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_nack: Option<NackInfo>,
+}
+
+/// Answer to a barrier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BarrierResponse {
+    /// Whether every matching node reached the version in time.
+    pub reached: bool,
+    /// The version waited for.
+    pub version: u64,
+    /// How many nodes matched the selector.
+    pub matched: usize,
+    /// How long the barrier waited, in milliseconds.
+    pub waited_ms: u64,
+    /// Matching nodes below the version when the barrier returned, by name.
+    pub laggards: Vec<Laggard>,
+}
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusResponse {
+    /// Atoll's version.
+    pub version: String,
+    /// `embedded` or `etcd`.
+    pub store: String,
+    /// The current store revision.
+    pub revision: u64,
+    /// Connected data-plane nodes.
+    pub connected_nodes: usize,
+    /// Seconds since start.
+    pub uptime_seconds: u64,
+}
+
+/// The kind of an API error, for programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum ErrorCode {
+    /// The request is malformed (bad JSON, unknown kind, bad parameter).
+    BadRequest,
+    /// The manifests or the state they produce are invalid; see `issues`.
+    Invalid,
+    /// A resource changed since it was read; read again and retry.
+    Conflict,
+    /// No such resource, revision or node.
+    NotFound,
+    /// The request body is too large.
+    TooLarge,
+    /// The store is unreachable or failing.
+    Unavailable,
+    /// A bug: please report it.
+    Internal,
+}
+
+/// Every API error has this body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorBody {
+    /// The HTTP status, repeated.
+    pub status: u16,
+    /// The kind of error.
+    pub error: ErrorCode,
+    /// One sentence saying what went wrong and what to do.
+    pub message: String,
+    /// For `invalid`: every problem, each with file, line, resource, field.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub issues: Vec<Issue>,
+}

@@ -1,0 +1,259 @@
+//! Talking to the control plane: finding it, calling the REST API, and turning
+//! its answers into errors with exit codes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use atoll_api::discovery::{CONTROL_ENV, DEFAULT_LISTEN, Discovery, STATE_DIR_ENV, discovery_path};
+use atoll_api::rest::{ErrorBody, ErrorCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Exit codes, documented in `docs/cli.md`.
+pub(crate) mod exit {
+    /// An unexpected error, or the server failed.
+    pub(crate) const FAILURE: u8 = 1;
+    /// The manifests or the state they would produce are invalid.
+    pub(crate) const INVALID: u8 = 3;
+    /// A resource changed since it was read.
+    pub(crate) const CONFLICT: u8 = 4;
+    /// No such resource, revision or node.
+    pub(crate) const NOT_FOUND: u8 = 5;
+    /// The control plane cannot be reached.
+    pub(crate) const UNREACHABLE: u8 = 6;
+    /// A barrier's deadline passed before every node got there.
+    pub(crate) const BARRIER_NOT_REACHED: u8 = 7;
+}
+
+/// An error to print, with the process exit code.
+#[derive(Debug)]
+pub(crate) struct CliError {
+    pub(crate) code: u8,
+    pub(crate) message: String,
+    pub(crate) details: Vec<String>,
+}
+
+impl CliError {
+    pub(crate) fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(error: anyhow::Error) -> Self {
+        Self::new(exit::FAILURE, format!("{error:#}"))
+    }
+}
+
+/// The state directory: `$ATOLL_STATE_DIR`, else `$XDG_STATE_HOME/atoll`
+/// (`~/.local/state/atoll`).
+pub(crate) fn state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(STATE_DIR_ENV) {
+        return PathBuf::from(dir);
+    }
+    dirs::state_dir()
+        .or_else(|| dirs::home_dir().map(|h| h.join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("atoll")
+}
+
+/// Where the control plane URL came from, for error messages.
+#[derive(Clone, Debug)]
+pub(crate) struct Endpoint {
+    pub(crate) url: String,
+    pub(crate) origin: String,
+}
+
+/// Finds the control plane: `--control`, then `$ATOLL_CONTROL`, then the
+/// discovery file of a running `atoll control`, then the default address.
+pub(crate) fn resolve(flag: Option<&str>) -> Endpoint {
+    let normalize = |url: &str| {
+        let url = url.trim_end_matches('/');
+        if url.starts_with("http://") || url.starts_with("https://") {
+            url.to_owned()
+        } else {
+            format!("http://{url}")
+        }
+    };
+    if let Some(url) = flag {
+        return Endpoint {
+            url: normalize(url),
+            origin: "--control".into(),
+        };
+    }
+    if let Ok(url) = std::env::var(CONTROL_ENV) {
+        if !url.is_empty() {
+            return Endpoint {
+                url: normalize(&url),
+                origin: format!("${CONTROL_ENV}"),
+            };
+        }
+    }
+    let path = discovery_path(&state_dir());
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(discovery) = serde_json::from_str::<Discovery>(&text) {
+            return Endpoint {
+                url: normalize(&discovery.url),
+                origin: format!(
+                    "{} (written by atoll control, pid {})",
+                    path.display(),
+                    discovery.pid
+                ),
+            };
+        }
+    }
+    Endpoint {
+        url: format!("http://{DEFAULT_LISTEN}"),
+        origin: "the default address".into(),
+    }
+}
+
+/// A REST client for one control plane.
+#[derive(Debug, Clone)]
+pub(crate) struct Client {
+    http: reqwest::Client,
+    endpoint: Endpoint,
+    user: String,
+}
+
+impl Client {
+    pub(crate) fn new(
+        endpoint: Endpoint,
+        user: String,
+        timeout: Option<Duration>,
+    ) -> Result<Self, CliError> {
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        if let Some(timeout) = timeout {
+            builder = builder.timeout(timeout);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| CliError::new(exit::FAILURE, format!("building the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            endpoint,
+            user,
+        })
+    }
+
+    pub(crate) fn url(&self) -> &str {
+        &self.endpoint.url
+    }
+
+    fn unreachable(&self, error: &reqwest::Error) -> CliError {
+        let mut cause = error.to_string();
+        let mut source = std::error::Error::source(error);
+        while let Some(inner) = source {
+            cause = inner.to_string();
+            source = inner.source();
+        }
+        let mut e = CliError::new(
+            exit::UNREACHABLE,
+            format!(
+                "cannot reach the control plane at {} (from {}): {cause}",
+                self.endpoint.url, self.endpoint.origin
+            ),
+        );
+        e.details.push(format!(
+            "start one with `atoll control`, or point --control or ${CONTROL_ENV} at a running one"
+        ));
+        e
+    }
+
+    pub(crate) async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, CliError> {
+        let response = request
+            .header("x-atoll-user", &self.user)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_timeout() {
+                    CliError::new(
+                        exit::UNREACHABLE,
+                        format!(
+                            "the control plane at {} did not answer in time",
+                            self.endpoint.url
+                        ),
+                    )
+                } else {
+                    self.unreachable(&e)
+                }
+            })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => {
+                let code = match body.error {
+                    ErrorCode::Invalid => exit::INVALID,
+                    ErrorCode::Conflict => exit::CONFLICT,
+                    ErrorCode::NotFound => exit::NOT_FOUND,
+                    ErrorCode::Unavailable => exit::UNREACHABLE,
+                    _ => exit::FAILURE,
+                };
+                let mut error = CliError::new(code, body.message);
+                error.details = body.issues.iter().map(ToString::to_string).collect();
+                error
+            }
+            Err(_) => CliError::new(
+                exit::FAILURE,
+                format!("the control plane answered {status}: {}", text.trim()),
+            ),
+        })
+    }
+
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.endpoint.url))
+    }
+
+    pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        let response = self.send(self.request(reqwest::Method::GET, path)).await?;
+        decode(response).await
+    }
+
+    pub(crate) async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, CliError> {
+        let response = self
+            .send(self.request(reqwest::Method::POST, path).json(body))
+            .await?;
+        decode(response).await
+    }
+}
+
+async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, CliError> {
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| CliError::new(exit::FAILURE, format!("reading the answer: {e}")))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("unexpected answer from the control plane ({e}); are the CLI and server the same version?"),
+        )
+    })
+}
+
+/// Percent-encodes one path segment.
+pub(crate) fn segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}

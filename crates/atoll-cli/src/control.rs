@@ -1,0 +1,173 @@
+//! `atoll control`: runs the control plane in the foreground.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use atoll_api::discovery::{DEFAULT_LISTEN, Discovery, discovery_path};
+use atoll_control::{ControlOptions, ControlServer, StoreOptions};
+use atoll_store::EtcdOptions;
+use clap::{Args, ValueEnum};
+
+use crate::client::{CliError, state_dir};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// A redb file in --data-dir.
+    Embedded,
+    /// An etcd cluster at --etcd-endpoints.
+    Etcd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ControlArgs {
+    /// Address for the REST API and the config stream (one port serves both).
+    #[arg(long, env = "ATOLL_LISTEN", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+
+    /// Store backend.
+    #[arg(long, value_enum, default_value_t = Backend::Embedded)]
+    store: Backend,
+
+    /// Data directory of the embedded store [default: $XDG_STATE_HOME/atoll/control].
+    #[arg(long, env = "ATOLL_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+
+    /// etcd client URLs, comma-separated (with --store etcd).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379",
+        value_name = "URLS"
+    )]
+    etcd_endpoints: Vec<String>,
+
+    /// Key prefix in etcd (with --store etcd).
+    #[arg(long, default_value = "/atoll/", value_name = "PREFIX")]
+    etcd_prefix: String,
+
+    /// Forget data-plane nodes that have been disconnected this long.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    node_expiry: Duration,
+
+    /// How long a stop waits for requests in flight.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    drain_timeout: Duration,
+
+    /// Log format (the level comes from $RUST_LOG, default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Do not write the discovery file that lets other commands find this
+    /// control plane without flags.
+    #[arg(long)]
+    no_discovery: bool,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}
+
+pub(crate) async fn run(args: ControlArgs) -> Result<u8, CliError> {
+    init_logging(args.log_format);
+    let state = state_dir();
+    let store = match args.store {
+        Backend::Embedded => StoreOptions::Embedded {
+            dir: args.data_dir.unwrap_or_else(|| state.join("control")),
+        },
+        Backend::Etcd => {
+            let mut options = EtcdOptions::new(args.etcd_endpoints);
+            options.prefix = args.etcd_prefix;
+            StoreOptions::Etcd(options)
+        }
+    };
+    let description = store.describe();
+    let server = ControlServer::bind(ControlOptions {
+        listen: args.listen,
+        store,
+        node_expiry: args.node_expiry,
+        drain_timeout: args.drain_timeout,
+    })
+    .await?;
+    let address = server.local_addr()?;
+    let host = if address.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else if address.is_ipv6() {
+        format!("[{}]", address.ip())
+    } else {
+        address.ip().to_string()
+    };
+    let url = format!("http://{host}:{}", address.port());
+    let discovery = (!args.no_discovery).then(|| discovery_path(&state));
+    let written = discovery.clone();
+    let discovery_body = Discovery {
+        url: url.clone(),
+        pid: std::process::id(),
+        store: description,
+    };
+    let ready = move || {
+        if let Some(path) = &written {
+            let text = serde_json::to_string_pretty(&discovery_body).unwrap_or_default();
+            let result = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(path, text));
+            if let Err(error) = result {
+                tracing::warn!(path = %path.display(), %error, "cannot write the discovery file; other commands need --control");
+            }
+        }
+        tracing::info!(%url, "ready: `atoll apply -f examples/topology` to load the example");
+    };
+    let result = server.run(shutdown_signal(), ready).await;
+    if let Some(path) = discovery {
+        // Remove the file only if it is still ours.
+        let ours = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Discovery>(&t).ok())
+            .is_some_and(|d| d.pid == std::process::id());
+        if ours {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    result?;
+    Ok(0)
+}

@@ -1,0 +1,300 @@
+//! Printing resources as tables, YAML or JSON.
+
+use atoll_model::{
+    KeySource, Kind, OnMissing, Resource, ServiceKind, ShardState, Spec, Transform, to_yaml,
+};
+use serde_json::Value;
+
+/// `-o` formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Format {
+    /// Aligned columns.
+    Table,
+    /// YAML documents, ready to edit and apply again.
+    Yaml,
+    /// JSON as the API returns it.
+    Json,
+}
+
+/// Aligned columns with a header row, like kubectl.
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}   ", width = widths[i]));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+/// Multi-document YAML of JSON values.
+pub(crate) fn yaml_documents(items: &[Value]) -> String {
+    items.iter().map(to_yaml).collect::<Vec<_>>().join("---\n")
+}
+
+fn version(resource: &Resource) -> String {
+    resource
+        .metadata
+        .resource_version
+        .map(|v| v.to_string())
+        .unwrap_or_default()
+}
+
+/// The table of resources of one kind.
+pub(crate) fn resource_table(kind: Kind, resources: &[Resource]) -> String {
+    let (header, rows): (Vec<&str>, Vec<Vec<String>>) = match kind {
+        Kind::Region => (
+            vec!["NAME", "DISPLAY NAME", "REVISION"],
+            resources
+                .iter()
+                .map(|r| match &r.spec {
+                    Spec::Region(s) => vec![
+                        r.name().into(),
+                        s.display_name.clone().unwrap_or_default(),
+                        version(r),
+                    ],
+                    _ => vec![],
+                })
+                .collect(),
+        ),
+        Kind::Zone => (
+            vec!["NAME", "REGION", "WEIGHT", "REVISION"],
+            resources
+                .iter()
+                .map(|r| match &r.spec {
+                    Spec::Zone(s) => vec![
+                        r.name().into(),
+                        s.region.clone(),
+                        s.weight.to_string(),
+                        version(r),
+                    ],
+                    _ => vec![],
+                })
+                .collect(),
+        ),
+        Kind::Cell => (
+            vec!["NAME", "TYPE", "ZONE", "WEIGHT", "REVISION"],
+            resources
+                .iter()
+                .map(|r| match &r.spec {
+                    Spec::Cell(s) => vec![
+                        r.name().into(),
+                        s.cell_type.to_string(),
+                        s.zone.clone(),
+                        s.weight.to_string(),
+                        version(r),
+                    ],
+                    _ => vec![],
+                })
+                .collect(),
+        ),
+        Kind::ShardRule => (
+            vec![
+                "NAME",
+                "SHARDS",
+                "SOURCES",
+                "TRANSFORM",
+                "ON MISSING",
+                "REVISION",
+            ],
+            resources
+                .iter()
+                .map(|r| match &r.spec {
+                    Spec::ShardRule(s) => vec![
+                        r.name().into(),
+                        s.shards.to_string(),
+                        s.key
+                            .sources
+                            .iter()
+                            .map(|source| match source {
+                                KeySource::Header(n) => format!("header:{n}"),
+                                KeySource::Cookie(n) => format!("cookie:{n}"),
+                                KeySource::Query(n) => format!("query:{n}"),
+                                KeySource::Path(n) => format!("path:{n}"),
+                                KeySource::Body(n) => format!("body:{n}"),
+                            })
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        match &s.key.transform {
+                            Transform::DecimalSuffix(n) => format!("decimalSuffix {n}"),
+                            Transform::Mod(n) => format!("mod {n}"),
+                            Transform::Hash(h) => format!(
+                                "hash {}",
+                                serde_json::to_value(h)
+                                    .ok()
+                                    .and_then(|v| v.as_str().map(str::to_owned))
+                                    .unwrap_or_default()
+                            ),
+                        },
+                        match s.key.on_missing {
+                            OnMissing::Reject => "reject",
+                            OnMissing::Global => "global",
+                            OnMissing::Local => "local",
+                        }
+                        .into(),
+                        version(r),
+                    ],
+                    _ => vec![],
+                })
+                .collect(),
+        ),
+        Kind::ShardMap => (
+            vec!["NAME", "RULE", "EPOCH", "OWNERS", "FENCED", "REVISION"],
+            resources
+                .iter()
+                .map(|r| match &r.spec {
+                    Spec::ShardMap(s) => {
+                        let owners = s
+                            .assignments
+                            .iter()
+                            .map(|a| format!("{}={}", a.shards, a.cell))
+                            .collect::<Vec<_>>()
+                            .join(",");
+                        let fenced: Vec<String> = s
+                            .assignments
+                            .iter()
+                            .filter(|a| a.state == ShardState::Fenced)
+                            .map(|a| a.shards.to_string())
+                            .collect();
+                        vec![
+                            r.name().into(),
+                            s.rule.clone(),
+                            s.epoch.to_string(),
+                            owners,
+                            if fenced.is_empty() {
+                                "-".into()
+                            } else {
+                                fenced.join(",")
+                            },
+                            version(r),
+                        ]
+                    }
+                    _ => vec![],
+                })
+                .collect(),
+        ),
+        Kind::Service => (
+            vec!["NAME", "KIND", "SHARD RULE", "ENDPOINTS", "REVISION"],
+            resources
+                .iter()
+                .map(|r| match &r.spec {
+                    Spec::Service(s) => vec![
+                        r.name().into(),
+                        match s.kind {
+                            ServiceKind::Unitized => "unitized",
+                            ServiceKind::Global => "global",
+                            ServiceKind::Local => "local",
+                        }
+                        .into(),
+                        s.shard_rule.clone().unwrap_or_else(|| "-".into()),
+                        s.endpoints.len().to_string(),
+                        version(r),
+                    ],
+                    _ => vec![],
+                })
+                .collect(),
+        ),
+        Kind::Route => (
+            vec!["NAME", "HOSTS", "MATCH", "SERVICE", "REVISION"],
+            resources
+                .iter()
+                .map(|r| match &r.spec {
+                    Spec::Route(s) => vec![
+                        r.name().into(),
+                        if s.hosts.is_empty() {
+                            "*".into()
+                        } else {
+                            s.hosts.join(",")
+                        },
+                        if s.matches.is_empty() {
+                            "*".into()
+                        } else {
+                            s.matches
+                                .iter()
+                                .map(|m| {
+                                    m.path_exact
+                                        .clone()
+                                        .or_else(|| m.path_prefix.as_ref().map(|p| format!("{p}*")))
+                                        .or_else(|| m.path_template.clone())
+                                        .unwrap_or_else(|| "*".into())
+                                })
+                                .collect::<Vec<_>>()
+                                .join(",")
+                        },
+                        s.service.clone(),
+                        version(r),
+                    ],
+                    _ => vec![],
+                })
+                .collect(),
+        ),
+        Kind::Gateway => (
+            vec!["NAME", "ZONE", "LISTENERS", "REVISION"],
+            resources
+                .iter()
+                .map(|r| match &r.spec {
+                    Spec::Gateway(s) => vec![
+                        r.name().into(),
+                        s.zone.clone(),
+                        s.listeners
+                            .iter()
+                            .map(|l| {
+                                format!(
+                                    "{}/{}",
+                                    l.port,
+                                    serde_json::to_value(l.protocol)
+                                        .ok()
+                                        .and_then(|v| v.as_str().map(str::to_owned))
+                                        .unwrap_or_default()
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        version(r),
+                    ],
+                    _ => vec![],
+                })
+                .collect(),
+        ),
+    };
+    table(&header, &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_columns() {
+        let text = table(
+            &["NAME", "ZONE"],
+            &[
+                vec!["rz01".into(), "hz-a".into()],
+                vec!["longer-name".into(), "sh".into()],
+            ],
+        );
+        assert_eq!(
+            text,
+            "NAME          ZONE\nrz01          hz-a\nlonger-name   sh\n"
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! Prometheus metrics of the control plane, served at `/metrics` in the text
+//! exposition format. `docs/api.md#metrics` lists them.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct HttpLabels {
+    pub(crate) method: String,
+    pub(crate) route: String,
+    pub(crate) status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RouteLabels {
+    pub(crate) route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct KindLabels {
+    pub(crate) kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ResultLabels {
+    pub(crate) result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct StateLabels {
+    pub(crate) state: String,
+}
+
+/// Every metric of the control plane.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    pub(crate) http_requests: Family<HttpLabels, Counter>,
+    pub(crate) http_duration: Family<RouteLabels, Histogram>,
+    pub(crate) revision: Gauge,
+    pub(crate) commits: Counter,
+    pub(crate) rejected: Family<ResultLabels, Counter>,
+    pub(crate) nodes: Family<StateLabels, Gauge>,
+    pub(crate) updates_sent: Family<KindLabels, Counter>,
+    pub(crate) acks: Counter,
+    pub(crate) nacks: Counter,
+    pub(crate) barriers: Family<ResultLabels, Counter>,
+    pub(crate) barrier_duration: Histogram,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let mut registry = Registry::with_prefix("atoll_control");
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "REST requests by method, route and status",
+            http_requests.clone(),
+        );
+        let http_duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "REST request latency by route",
+            http_duration.clone(),
+        );
+        let revision = Gauge::default();
+        registry.register(
+            "store_revision",
+            "The store's current revision",
+            revision.clone(),
+        );
+        let commits = Counter::default();
+        registry.register("commits", "Changes committed to the store", commits.clone());
+        let rejected = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "changes_rejected",
+            "Changes refused, by reason (invalid, conflict)",
+            rejected.clone(),
+        );
+        let nodes = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "config_nodes",
+            "Known data-plane nodes by state (connected, disconnected)",
+            nodes.clone(),
+        );
+        let updates_sent = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "config_updates_sent",
+            "Config updates sent to nodes, by kind (snapshot, delta)",
+            updates_sent.clone(),
+        );
+        let acks = Counter::default();
+        registry.register("config_acks", "Config updates ACKed by nodes", acks.clone());
+        let nacks = Counter::default();
+        registry.register(
+            "config_nacks",
+            "Config updates NACKed by nodes",
+            nacks.clone(),
+        );
+        let barriers = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "barriers",
+            "Barriers by result (reached, timeout)",
+            barriers.clone(),
+        );
+        let barrier_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        registry.register(
+            "barrier_duration_seconds",
+            "Time barriers waited",
+            barrier_duration.clone(),
+        );
+        Self {
+            registry,
+            http_requests,
+            http_duration,
+            revision,
+            commits,
+            rejected,
+            nodes,
+            updates_sent,
+            acks,
+            nacks,
+            barriers,
+            barrier_duration,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub(crate) fn encode(&self) -> String {
+        let mut text = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}

@@ -1,0 +1,363 @@
+//! Data-plane nodes known to the control plane, their applied versions, and
+//! barriers that wait on them.
+//!
+//! A node that disconnects stays known (and counts in barriers, as a laggard
+//! until it comes back) because it may still be serving with the config it
+//! had: a barrier that ignored it could let a switchover proceed while it
+//! routes by an old shard map. Disconnected nodes are forgotten after the
+//! node expiry, or on request (`atoll nodes forget NAME`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use atoll_api::rest::{BarrierResponse, Laggard, NackInfo, NodeInfo, NodeSelector};
+use parking_lot::Mutex;
+use time::OffsetDateTime;
+use tokio::sync::{oneshot, watch};
+
+/// The identity a node gives in `Hello`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Identity {
+    pub(crate) name: String,
+    pub(crate) role: String,
+    pub(crate) zone: String,
+    pub(crate) cell: String,
+}
+
+#[derive(Debug)]
+struct Record {
+    identity: Identity,
+    connection: u64,
+    connected: bool,
+    peer: Option<String>,
+    applied_version: u64,
+    sent_version: u64,
+    last_nack: Option<NackInfo>,
+    last_seen: OffsetDateTime,
+    disconnected_at: Option<Instant>,
+    /// Closes the current stream when a newer one takes the name.
+    kick: Option<oneshot::Sender<()>>,
+}
+
+impl Record {
+    fn info(&self) -> NodeInfo {
+        NodeInfo {
+            name: self.identity.name.clone(),
+            role: self.identity.role.clone(),
+            zone: self.identity.zone.clone(),
+            cell: self.identity.cell.clone(),
+            connected: self.connected,
+            peer: self.peer.clone(),
+            applied_version: self.applied_version,
+            sent_version: self.sent_version,
+            last_nack: self.last_nack.clone(),
+            last_seen: rfc3339(self.last_seen),
+        }
+    }
+
+    fn matches(&self, selector: &NodeSelector) -> bool {
+        let id = &self.identity;
+        selector.matches(&id.name, &id.role, &id.zone, &id.cell)
+    }
+}
+
+/// RFC 3339 text of a time.
+pub(crate) fn rfc3339(time: OffsetDateTime) -> String {
+    time.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// What forgetting a node found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Forget {
+    Forgotten,
+    Connected,
+    Unknown,
+}
+
+/// Every node, and a signal that fires on any change of their versions.
+#[derive(Debug)]
+pub(crate) struct NodeRegistry {
+    nodes: Mutex<BTreeMap<String, Record>>,
+    next_connection: Mutex<u64>,
+    changed: watch::Sender<u64>,
+}
+
+impl NodeRegistry {
+    pub(crate) fn new() -> Self {
+        let (changed, _) = watch::channel(0);
+        Self {
+            nodes: Mutex::new(BTreeMap::new()),
+            next_connection: Mutex::new(0),
+            changed,
+        }
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Registers a new stream for `identity`, closing an older stream of the
+    /// same name. Returns the connection id and a signal that fires when a
+    /// newer stream replaces this one.
+    pub(crate) fn connect(
+        &self,
+        identity: Identity,
+        applied_version: u64,
+        peer: Option<String>,
+    ) -> (u64, oneshot::Receiver<()>) {
+        let connection = {
+            let mut next = self.next_connection.lock();
+            *next += 1;
+            *next
+        };
+        let (kick, kicked) = oneshot::channel();
+        let mut nodes = self.nodes.lock();
+        let previous = nodes.insert(
+            identity.name.clone(),
+            Record {
+                identity,
+                connection,
+                connected: true,
+                peer,
+                applied_version,
+                sent_version: 0,
+                last_nack: None,
+                last_seen: OffsetDateTime::now_utc(),
+                disconnected_at: None,
+                kick: Some(kick),
+            },
+        );
+        if let Some(mut previous) = previous {
+            if let Some(kick) = previous.kick.take() {
+                let _ = kick.send(());
+            }
+        }
+        drop(nodes);
+        self.bump();
+        (connection, kicked)
+    }
+
+    /// Runs `update` on the node's record if `connection` is still its stream.
+    fn update(&self, name: &str, connection: u64, update: impl FnOnce(&mut Record)) {
+        let mut nodes = self.nodes.lock();
+        if let Some(record) = nodes.get_mut(name) {
+            if record.connection == connection {
+                update(record);
+                record.last_seen = OffsetDateTime::now_utc();
+            }
+        }
+        drop(nodes);
+        self.bump();
+    }
+
+    pub(crate) fn sent(&self, name: &str, connection: u64, version: u64) {
+        self.update(name, connection, |r| r.sent_version = version);
+    }
+
+    pub(crate) fn acked(&self, name: &str, connection: u64, version: u64) {
+        self.update(name, connection, |r| r.applied_version = version);
+    }
+
+    pub(crate) fn nacked(&self, name: &str, connection: u64, version: u64, reason: String) {
+        self.update(name, connection, |r| {
+            r.last_nack = Some(NackInfo {
+                version,
+                reason,
+                time: rfc3339(OffsetDateTime::now_utc()),
+            });
+        });
+    }
+
+    pub(crate) fn disconnected(&self, name: &str, connection: u64) {
+        self.update(name, connection, |r| {
+            r.connected = false;
+            r.disconnected_at = Some(Instant::now());
+            r.kick = None;
+        });
+    }
+
+    pub(crate) fn list(&self) -> Vec<NodeInfo> {
+        self.nodes.lock().values().map(Record::info).collect()
+    }
+
+    pub(crate) fn connected_count(&self) -> usize {
+        self.nodes.lock().values().filter(|r| r.connected).count()
+    }
+
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let nodes = self.nodes.lock();
+        let connected = nodes.values().filter(|r| r.connected).count();
+        (connected, nodes.len() - connected)
+    }
+
+    pub(crate) fn forget(&self, name: &str) -> Forget {
+        let mut nodes = self.nodes.lock();
+        let result = match nodes.get(name) {
+            None => Forget::Unknown,
+            Some(record) if record.connected => Forget::Connected,
+            Some(_) => {
+                nodes.remove(name);
+                Forget::Forgotten
+            }
+        };
+        drop(nodes);
+        self.bump();
+        result
+    }
+
+    /// Forgets nodes disconnected for longer than `expiry`.
+    pub(crate) fn expire(&self, expiry: Duration) -> usize {
+        let mut nodes = self.nodes.lock();
+        let before = nodes.len();
+        nodes.retain(|_, r| r.disconnected_at.is_none_or(|at| at.elapsed() < expiry));
+        let removed = before - nodes.len();
+        drop(nodes);
+        if removed > 0 {
+            self.bump();
+        }
+        removed
+    }
+
+    /// Matching nodes below `version`, and how many nodes matched.
+    fn laggards(&self, selector: &NodeSelector, version: u64) -> (usize, Vec<Laggard>) {
+        let nodes = self.nodes.lock();
+        let mut matched = 0;
+        let mut laggards = Vec::new();
+        for record in nodes.values().filter(|r| r.matches(selector)) {
+            matched += 1;
+            if record.applied_version < version {
+                laggards.push(Laggard {
+                    name: record.identity.name.clone(),
+                    connected: record.connected,
+                    applied_version: record.applied_version,
+                    last_nack: record.last_nack.clone(),
+                });
+            }
+        }
+        (matched, laggards)
+    }
+
+    /// Waits until every node matching `selector` has applied `version`, at
+    /// least `min_nodes` match, or `timeout` passes.
+    pub(crate) async fn barrier(
+        &self,
+        selector: &NodeSelector,
+        version: u64,
+        min_nodes: usize,
+        timeout: Duration,
+    ) -> BarrierResponse {
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changed = self.changed.subscribe();
+        loop {
+            changed.borrow_and_update();
+            let (matched, laggards) = self.laggards(selector, version);
+            let reached = laggards.is_empty() && matched >= min_nodes;
+            if reached || tokio::time::Instant::now() >= deadline {
+                return BarrierResponse {
+                    reached,
+                    version,
+                    matched,
+                    waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    laggards,
+                };
+            }
+            // Any version change wakes us; the deadline bounds the wait.
+            let _ = tokio::time::timeout_at(deadline, changed.changed()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(name: &str, role: &str) -> Identity {
+        Identity {
+            name: name.into(),
+            role: role.into(),
+            zone: "hz-a".into(),
+            cell: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_barrier_waits_for_every_matching_node() {
+        let registry = std::sync::Arc::new(NodeRegistry::new());
+        let (a, _) = registry.connect(identity("gw-1", "gateway"), 0, None);
+        let (b, _) = registry.connect(identity("gw-2", "gateway"), 0, None);
+        registry.connect(identity("agent-1", "agent"), 0, None);
+        let selector = NodeSelector {
+            role: Some("gateway".into()),
+            ..NodeSelector::default()
+        };
+        let waiter = {
+            let registry = registry.clone();
+            let selector = selector.clone();
+            tokio::spawn(async move {
+                registry
+                    .barrier(&selector, 5, 0, Duration::from_secs(5))
+                    .await
+            })
+        };
+        registry.acked("gw-1", a, 5);
+        registry.acked("gw-2", b, 6);
+        let result = waiter.await.expect("barrier task");
+        assert!(result.reached, "{result:?}");
+        assert_eq!(result.matched, 2, "the agent does not match");
+    }
+
+    #[tokio::test]
+    async fn a_barrier_names_laggards_at_the_deadline() {
+        let registry = NodeRegistry::new();
+        let (a, _) = registry.connect(identity("gw-1", "gateway"), 0, None);
+        registry.connect(identity("gw-2", "gateway"), 3, None);
+        registry.acked("gw-1", a, 5);
+        registry.nacked("gw-1", a, 6, "cannot compile".into());
+        let result = registry
+            .barrier(&NodeSelector::default(), 6, 0, Duration::from_millis(50))
+            .await;
+        assert!(!result.reached);
+        let names: Vec<&str> = result.laggards.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["gw-1", "gw-2"]);
+        assert_eq!(
+            result.laggards[0]
+                .last_nack
+                .as_ref()
+                .map(|n| n.reason.as_str()),
+            Some("cannot compile")
+        );
+    }
+
+    #[tokio::test]
+    async fn disconnected_nodes_lag_until_forgotten() {
+        let registry = NodeRegistry::new();
+        let (a, _) = registry.connect(identity("gw-1", "gateway"), 2, None);
+        registry.disconnected("gw-1", a);
+        let result = registry
+            .barrier(&NodeSelector::default(), 3, 0, Duration::from_millis(10))
+            .await;
+        assert!(!result.reached && !result.laggards[0].connected);
+        assert_eq!(registry.forget("gw-1"), Forget::Forgotten);
+        let result = registry
+            .barrier(&NodeSelector::default(), 3, 1, Duration::from_millis(10))
+            .await;
+        assert!(!result.reached, "min_nodes 1 with no node matching");
+    }
+
+    #[tokio::test]
+    async fn a_newer_stream_replaces_the_old_one() {
+        let registry = NodeRegistry::new();
+        let (old, kicked) = registry.connect(identity("gw-1", "gateway"), 0, None);
+        let (new, _) = registry.connect(identity("gw-1", "gateway"), 0, None);
+        kicked.await.expect("the old stream is told to close");
+        registry.acked("gw-1", old, 9); // ignored: not the current stream
+        registry.disconnected("gw-1", old); // ignored too
+        let info = &registry.list()[0];
+        assert!(info.connected);
+        assert_eq!(info.applied_version, 0);
+        registry.acked("gw-1", new, 9);
+        assert_eq!(registry.list()[0].applied_version, 9);
+    }
+}

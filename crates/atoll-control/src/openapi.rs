@@ -1,0 +1,70 @@
+//! The OpenAPI 3.1 document of the REST API, served at `/openapi.json`.
+
+use atoll_api::rest::{
+    ApplyRequest, ApplyResponse, AuditResponse, BarrierRequest, BarrierResponse, ChangeAction,
+    ChangeSummary, CommitChange, CommitRecord, ErrorBody, ErrorCode, HistoryItem, HistoryResponse,
+    Laggard, ListResponse, ManifestFile, NackInfo, NodeInfo, NodeSelector, NodesResponse,
+    ResourceRef, RollbackRequest, StatusResponse,
+};
+use atoll_model::Issue;
+use utoipa::OpenApi;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Atoll control plane",
+        description = "Resources (regions, zones, cells, shard rules and maps, services, routes, gateways), their history and audit log, data-plane nodes and barriers. Manifests are documented in docs/manifests.md.",
+    ),
+    paths(
+        crate::rest::healthz,
+        crate::rest::readyz,
+        crate::rest::metrics,
+        crate::rest::status,
+        crate::rest::apply,
+        crate::rest::list_all,
+        crate::rest::list,
+        crate::rest::get_one,
+        crate::rest::delete_one,
+        crate::rest::history,
+        crate::rest::rollback,
+        crate::rest::audit,
+        crate::rest::watch,
+        crate::rest::nodes,
+        crate::rest::forget_node,
+        crate::rest::barrier,
+    ),
+    components(schemas(
+        ApplyRequest,
+        ApplyResponse,
+        AuditResponse,
+        BarrierRequest,
+        BarrierResponse,
+        ChangeAction,
+        ChangeSummary,
+        CommitChange,
+        CommitRecord,
+        ErrorBody,
+        ErrorCode,
+        HistoryItem,
+        HistoryResponse,
+        Laggard,
+        ListResponse,
+        ManifestFile,
+        NackInfo,
+        NodeInfo,
+        NodeSelector,
+        NodesResponse,
+        ResourceRef,
+        RollbackRequest,
+        StatusResponse,
+        Issue
+    ))
+)]
+struct ApiDoc;
+
+/// The document as pretty JSON.
+pub(crate) fn document() -> String {
+    ApiDoc::openapi()
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}

@@ -1,0 +1,544 @@
+//! The REST API (axum). Every error is a JSON [`ErrorBody`] with a status;
+//! `docs/api.md` documents the endpoints and `/openapi.json` describes them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use atoll_api::rest::{
+    ApplyRequest, ApplyResponse, AuditResponse, BarrierRequest, BarrierResponse, ErrorBody,
+    ErrorCode, HistoryResponse, ListResponse, NodesResponse, RollbackRequest, StatusResponse,
+};
+use atoll_model::{Kind, ResourceKey};
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::Deserialize;
+
+use crate::metrics::{HttpLabels, ResultLabels, RouteLabels};
+use crate::nodes::Forget;
+use crate::service::{Author, ChangeSet, Control, ControlError, commit_record, history_item};
+
+/// The largest request body accepted (a large topology is far below this).
+pub(crate) const MAX_BODY: usize = 16 * 1024 * 1024;
+
+/// The longest barrier a request may ask for.
+const MAX_BARRIER: Duration = Duration::from_secs(600);
+
+/// An API error: a status and a JSON body.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, error: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody {
+                status: status.as_u16(),
+                error,
+                message: message.into(),
+                issues: Vec::new(),
+            },
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(error: ControlError) -> Self {
+        match error {
+            ControlError::Invalid { message, issues } => {
+                let mut api = Self::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    ErrorCode::Invalid,
+                    message,
+                );
+                api.body.issues = issues;
+                api
+            }
+            ControlError::Conflict(m) => Self::new(StatusCode::CONFLICT, ErrorCode::Conflict, m),
+            ControlError::NotFound(m) => Self::not_found(m),
+            ControlError::BadRequest(m) => Self::bad_request(m),
+            ControlError::Unavailable(m) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, m)
+            }
+        }
+    }
+}
+
+impl From<atoll_store::StoreError> for ApiError {
+    fn from(error: atoll_store::StoreError) -> Self {
+        ControlError::from(error).into()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ErrorCode::TooLarge
+        } else {
+            ErrorCode::BadRequest
+        };
+        let message = match &rejection {
+            JsonRejection::MissingJsonContentType(_) => {
+                "send the body as JSON with `Content-Type: application/json`".to_owned()
+            }
+            other => format!("the request body is not valid: {}", other.body_text()),
+        };
+        Self::new(status, code, message)
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::bad_request(format!("bad query parameters: {}", rejection.body_text()))
+    }
+}
+
+type Shared = Arc<Control>;
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn parse_kind(text: &str) -> Result<Kind, ApiError> {
+    Kind::parse(text).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "unknown kind `{text}`; expected one of {}",
+            Kind::expected()
+        ))
+    })
+}
+
+fn author(headers: &HeaderMap, message: Option<String>) -> Author {
+    let name = headers
+        .get("x-atoll-user")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(|v| v.chars().take(128).collect())
+        .unwrap_or_else(|| "anonymous".to_owned());
+    Author { name, message }
+}
+
+/// Builds the REST router.
+pub(crate) fn router(control: Shared) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/status", get(status))
+        .route("/v1/apply", post(apply))
+        .route("/v1/resources", get(list_all))
+        .route("/v1/resources/{kind}", get(list))
+        .route(
+            "/v1/resources/{kind}/{name}",
+            get(get_one).delete(delete_one),
+        )
+        .route("/v1/resources/{kind}/{name}/history", get(history))
+        .route("/v1/resources/{kind}/{name}/rollback", post(rollback))
+        .route("/v1/audit", get(audit))
+        .route("/v1/watch", get(watch))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}", delete(forget_node))
+        .route("/v1/barrier", post(barrier))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            control.clone(),
+            observe,
+        ))
+        .with_state(control)
+}
+
+/// Counts and times every request by its route template.
+async fn observe(State(control): State<Shared>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    control
+        .metrics
+        .http_requests
+        .get_or_create(&HttpLabels {
+            method,
+            route: route.clone(),
+            status,
+        })
+        .inc();
+    control
+        .metrics
+        .http_duration
+        .get_or_create(&RouteLabels { route })
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn fallback(request: Request) -> ApiError {
+    ApiError::not_found(format!(
+        "no endpoint {} {}; see /openapi.json or docs/api.md",
+        request.method(),
+        request.uri().path()
+    ))
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "The process is alive")))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Readiness: the store answers.
+#[utoipa::path(get, path = "/readyz", responses(
+    (status = 200, description = "The store answers"),
+    (status = 503, body = ErrorBody, description = "The store does not answer")))]
+async fn readyz(State(control): State<Shared>) -> Result<&'static str, ApiError> {
+    control.store.revision().await?;
+    Ok("ready\n")
+}
+
+/// Prometheus metrics in the text exposition format.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Metrics", content_type = "text/plain")))]
+async fn metrics(State(control): State<Shared>) -> Response {
+    let (connected, disconnected) = control.nodes.counts();
+    for (state, count) in [("connected", connected), ("disconnected", disconnected)] {
+        control
+            .metrics
+            .nodes
+            .get_or_create(&crate::metrics::StateLabels {
+                state: state.into(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+    control
+        .metrics
+        .revision
+        .set(i64::try_from(control.cache.current().revision).unwrap_or(i64::MAX));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        control.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::openapi::document(),
+    )
+        .into_response()
+}
+
+/// Version, store and revision.
+#[utoipa::path(get, path = "/v1/status", responses((status = 200, body = StatusResponse)))]
+async fn status(State(control): State<Shared>) -> ApiResult<StatusResponse> {
+    Ok(Json(StatusResponse {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        store: control.store.backend().to_owned(),
+        revision: control.store.revision().await?,
+        connected_nodes: control.nodes.connected_count(),
+        uptime_seconds: control.started.elapsed().as_secs(),
+    }))
+}
+
+/// Creates or replaces the resources of the manifests and deletes the listed
+/// ones, all in one revision or not at all.
+#[utoipa::path(post, path = "/v1/apply", request_body = ApplyRequest, responses(
+    (status = 200, body = ApplyResponse, description = "Applied (or, for a dry run, what would change)"),
+    (status = 400, body = ErrorBody), (status = 404, body = ErrorBody, description = "A resource to delete does not exist"),
+    (status = 409, body = ErrorBody, description = "A resource changed since it was read"),
+    (status = 422, body = ErrorBody, description = "Invalid manifests or resulting state; `issues` lists every problem")),
+    params(("x-atoll-user" = Option<String>, Header, description = "Who makes the change, for the audit log")))]
+async fn apply(
+    State(control): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<ApplyRequest>, JsonRejection>,
+) -> ApiResult<ApplyResponse> {
+    let Json(request) = body?;
+    let puts = Control::parse(&request.manifests)?;
+    let mut deletes = Vec::with_capacity(request.delete.len());
+    for item in &request.delete {
+        let kind = parse_kind(&item.kind)?;
+        deletes.push((
+            ResourceKey::new(kind, item.name.clone()),
+            item.resource_version,
+        ));
+    }
+    let author = author(&headers, request.message);
+    let response = control
+        .apply(ChangeSet { puts, deletes }, request.dry_run, &author)
+        .await?;
+    Ok(Json(response))
+}
+
+async fn list_items(control: &Control, kind: Option<Kind>) -> ApiResult<ListResponse> {
+    let snapshot = control.store.snapshot().await?;
+    let items = snapshot
+        .resources
+        .iter()
+        .filter(|r| kind.is_none_or(|k| r.kind() == k))
+        .filter_map(|r| serde_json::to_value(r).ok())
+        .collect();
+    Ok(Json(ListResponse {
+        revision: snapshot.revision,
+        items,
+    }))
+}
+
+/// Every resource of every kind.
+#[utoipa::path(get, path = "/v1/resources", responses((status = 200, body = ListResponse)))]
+async fn list_all(State(control): State<Shared>) -> ApiResult<ListResponse> {
+    list_items(&control, None).await
+}
+
+/// Every resource of one kind (`cells`, `cell`, `Cell`...).
+#[utoipa::path(get, path = "/v1/resources/{kind}", params(("kind" = String, Path, description = "Kind, any case, singular or plural")),
+    responses((status = 200, body = ListResponse), (status = 404, body = ErrorBody, description = "Unknown kind")))]
+async fn list(State(control): State<Shared>, Path(kind): Path<String>) -> ApiResult<ListResponse> {
+    let kind = parse_kind(&kind)?;
+    list_items(&control, Some(kind)).await
+}
+
+/// One resource, with `metadata.resourceVersion`.
+#[utoipa::path(get, path = "/v1/resources/{kind}/{name}", params(("kind" = String, Path), ("name" = String, Path)),
+    responses((status = 200, description = "The resource", body = Object), (status = 404, body = ErrorBody)))]
+async fn get_one(
+    State(control): State<Shared>,
+    Path((kind, name)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let key = ResourceKey::new(parse_kind(&kind)?, name);
+    match control.store.get(&key).await? {
+        Some(resource) => Ok(Json(serde_json::to_value(&resource).unwrap_or_default())),
+        None => Err(ApiError::not_found(format!("{key} does not exist"))),
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DeleteQuery {
+    /// Only if the resource is at this revision.
+    resource_version: Option<u64>,
+    /// Validate and diff only.
+    #[serde(default)]
+    dry_run: bool,
+    /// Why: kept in the audit log.
+    message: Option<String>,
+}
+
+/// Deletes one resource, if the remaining resources stay valid.
+#[utoipa::path(delete, path = "/v1/resources/{kind}/{name}", params(("kind" = String, Path), ("name" = String, Path), DeleteQuery),
+    responses((status = 200, body = ApplyResponse), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+    (status = 422, body = ErrorBody, description = "Other resources refer to it")))]
+async fn delete_one(
+    State(control): State<Shared>,
+    headers: HeaderMap,
+    Path((kind, name)): Path<(String, String)>,
+    query: Result<Query<DeleteQuery>, QueryRejection>,
+) -> ApiResult<ApplyResponse> {
+    let Query(query) = query?;
+    let key = ResourceKey::new(parse_kind(&kind)?, name);
+    let author = author(&headers, query.message);
+    let set = ChangeSet {
+        puts: Vec::new(),
+        deletes: vec![(key, query.resource_version)],
+    };
+    Ok(Json(control.apply(set, query.dry_run, &author).await?))
+}
+
+/// Every change of a resource, oldest first, also after it was deleted.
+#[utoipa::path(get, path = "/v1/resources/{kind}/{name}/history", params(("kind" = String, Path), ("name" = String, Path)),
+    responses((status = 200, body = HistoryResponse), (status = 404, body = ErrorBody)))]
+async fn history(
+    State(control): State<Shared>,
+    Path((kind, name)): Path<(String, String)>,
+) -> ApiResult<HistoryResponse> {
+    let key = ResourceKey::new(parse_kind(&kind)?, name);
+    let entries = control.store.history(&key).await?;
+    if entries.is_empty() {
+        return Err(ApiError::not_found(format!("{key} has never existed")));
+    }
+    Ok(Json(HistoryResponse {
+        resource: key.to_string(),
+        entries: entries.iter().map(history_item).collect(),
+    }))
+}
+
+/// Restores a resource's content from a past revision, as a new revision.
+#[utoipa::path(post, path = "/v1/resources/{kind}/{name}/rollback", params(("kind" = String, Path), ("name" = String, Path)),
+    request_body = RollbackRequest,
+    responses((status = 200, body = ApplyResponse), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn rollback(
+    State(control): State<Shared>,
+    headers: HeaderMap,
+    Path((kind, name)): Path<(String, String)>,
+    body: Result<Json<RollbackRequest>, JsonRejection>,
+) -> ApiResult<ApplyResponse> {
+    let Json(request) = body?;
+    let key = ResourceKey::new(parse_kind(&kind)?, name);
+    let author = author(&headers, request.message);
+    Ok(Json(
+        control
+            .rollback(&key, request.revision, request.dry_run, &author)
+            .await?,
+    ))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct AuditQuery {
+    /// Commits after this revision (default 0).
+    #[serde(default)]
+    after: u64,
+    /// At most this many (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+/// The audit log: who changed what, when, and the diffs.
+#[utoipa::path(get, path = "/v1/audit", params(AuditQuery), responses((status = 200, body = AuditResponse)))]
+async fn audit(
+    State(control): State<Shared>,
+    query: Result<Query<AuditQuery>, QueryRejection>,
+) -> ApiResult<AuditResponse> {
+    let Query(query) = query?;
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let commits = control.store.commits(query.after, limit).await?;
+    Ok(Json(AuditResponse {
+        commits: commits.iter().map(|c| commit_record(c, false)).collect(),
+    }))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WatchQuery {
+    /// Stream commits after this revision (default: the current one, so only new commits).
+    after: Option<u64>,
+}
+
+/// Streams commits as newline-delimited JSON, one `CommitRecord` per line,
+/// with the new resources. The stream stays open.
+#[utoipa::path(get, path = "/v1/watch", params(WatchQuery), responses((status = 200, description = "One CommitRecord per line", content_type = "application/x-ndjson")))]
+async fn watch(
+    State(control): State<Shared>,
+    query: Result<Query<WatchQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query?;
+    let after = match query.after {
+        Some(after) => after,
+        None => control.store.revision().await?,
+    };
+    let commits = control.store.watch(after).await?;
+    let mut shutdown = control.shutdown.clone();
+    let stopped = async move {
+        let _ = shutdown.wait_for(|stopping| *stopping).await;
+    };
+    let lines = commits.take_until(stopped).map(|commit| {
+        let commit = commit.map_err(std::io::Error::other)?;
+        let mut line =
+            serde_json::to_vec(&commit_record(&commit, true)).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        Ok::<_, std::io::Error>(line)
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
+}
+
+/// Data-plane nodes: identity, connection, applied version, last NACK.
+#[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = NodesResponse)))]
+async fn nodes(State(control): State<Shared>) -> ApiResult<NodesResponse> {
+    Ok(Json(NodesResponse {
+        version: control.cache.current().revision,
+        nodes: control.nodes.list(),
+    }))
+}
+
+/// Forgets a disconnected node so that barriers stop waiting for it.
+#[utoipa::path(delete, path = "/v1/nodes/{name}", params(("name" = String, Path)),
+    responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "The node is connected")))]
+async fn forget_node(
+    State(control): State<Shared>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    match control.nodes.forget(&name) {
+        Forget::Forgotten => Ok(StatusCode::NO_CONTENT),
+        Forget::Unknown => Err(ApiError::not_found(format!("no node named `{name}`"))),
+        Forget::Connected => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::Conflict,
+            format!("node `{name}` is connected; only disconnected nodes can be forgotten"),
+        )),
+    }
+}
+
+/// Waits until every matching node has applied at least `version`; on
+/// timeout, names the laggards.
+#[utoipa::path(post, path = "/v1/barrier", request_body = BarrierRequest,
+    responses((status = 200, body = BarrierResponse, description = "`reached` says whether every node got there in time"), (status = 400, body = ErrorBody)))]
+async fn barrier(
+    State(control): State<Shared>,
+    body: Result<Json<BarrierRequest>, JsonRejection>,
+) -> ApiResult<BarrierResponse> {
+    let Json(request) = body?;
+    let timeout = match &request.timeout {
+        None => Duration::from_secs(10),
+        Some(text) => humantime::parse_duration(text).map_err(|e| {
+            ApiError::bad_request(format!(
+                "timeout `{text}` is not a duration ({e}); write it like 5s or 500ms"
+            ))
+        })?,
+    };
+    if timeout > MAX_BARRIER {
+        return Err(ApiError::bad_request("a barrier waits at most 10m"));
+    }
+    let version = match request.version {
+        Some(version) => version,
+        None => control.cache.current().revision,
+    };
+    let result = control
+        .nodes
+        .barrier(&request.selector, version, request.min_nodes, timeout)
+        .await;
+    let label = if result.reached { "reached" } else { "timeout" };
+    control
+        .metrics
+        .barriers
+        .get_or_create(&ResultLabels {
+            result: label.into(),
+        })
+        .inc();
+    control
+        .metrics
+        .barrier_duration
+        .observe(Duration::from_millis(result.waited_ms).as_secs_f64());
+    Ok(Json(result))
+}

@@ -1,0 +1,507 @@
+//! What the API does: apply, delete and roll back resources so that the store
+//! only ever holds a valid whole, and read them back.
+//!
+//! Every change is validated against the state it would produce (stored
+//! resources plus the change) and committed with the revision it was validated
+//! against as its base: if the store moved meanwhile, the change is validated
+//! again. So two concurrent applies can never together produce an invalid
+//! state, even though each was valid alone.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atoll_api::rest::{
+    ApplyResponse, ChangeAction, ChangeSummary, CommitChange, CommitRecord, HistoryItem,
+    ManifestFile,
+};
+use atoll_model::{
+    Issue, Located, Origin, Resource, ResourceKey, Spec, assign_epoch, diff, load, validate,
+};
+use atoll_store::{Change, Commit, CommitRequest, HistoryEntry, Store, StoreError};
+
+use crate::metrics::{Metrics, ResultLabels};
+use crate::nodes::{NodeRegistry, rfc3339};
+use crate::state::ConfigCache;
+
+/// How often an apply is re-validated when other writers keep committing.
+const MAX_ATTEMPTS: usize = 8;
+
+/// Errors of the control plane's operations; the REST layer maps them to
+/// statuses.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ControlError {
+    #[error("{message}")]
+    Invalid { message: String, issues: Vec<Issue> },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<StoreError> for ControlError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Conflict(_) | StoreError::StaleBase { .. } => {
+                ControlError::Conflict(error.to_string())
+            }
+            StoreError::NotFound(key) => ControlError::NotFound(format!("{key} does not exist")),
+            StoreError::Invalid(text) => ControlError::BadRequest(text),
+            StoreError::Backend { .. } | StoreError::Corrupt { .. } => {
+                ControlError::Unavailable(error.to_string())
+            }
+        }
+    }
+}
+
+fn invalid(mut issues: Vec<Issue>) -> ControlError {
+    // File order, then line order, reads best; stored resources come last.
+    issues.sort_by(|a, b| {
+        let stored = |i: &Issue| i.source.as_deref().is_some_and(|s| s.starts_with("stored"));
+        (stored(a), &a.source, a.line, a.column).cmp(&(stored(b), &b.source, b.line, b.column))
+    });
+    let count = issues.len();
+    let message = if count == 1 {
+        "the change is invalid: 1 problem; nothing was changed".to_owned()
+    } else {
+        format!("the change is invalid: {count} problems; nothing was changed")
+    };
+    ControlError::Invalid { message, issues }
+}
+
+/// Resources to create or replace and to delete, in one revision.
+#[derive(Debug, Default)]
+pub(crate) struct ChangeSet {
+    pub(crate) puts: Vec<Located>,
+    pub(crate) deletes: Vec<(ResourceKey, Option<u64>)>,
+}
+
+/// Who changes what, and why.
+#[derive(Clone, Debug)]
+pub(crate) struct Author {
+    pub(crate) name: String,
+    pub(crate) message: Option<String>,
+}
+
+/// The control plane's state and operations.
+pub(crate) struct Control {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) cache: ConfigCache,
+    pub(crate) nodes: Arc<NodeRegistry>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) started: std::time::Instant,
+    pub(crate) shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("store", &self.store.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Control {
+    /// Parses manifest files into resources, reporting every problem of every
+    /// file at once.
+    pub(crate) fn parse(files: &[ManifestFile]) -> Result<Vec<Located>, ControlError> {
+        let mut resources = Vec::new();
+        let mut issues = Vec::new();
+        for file in files {
+            match load(&file.source, &file.content) {
+                Ok(mut found) => resources.append(&mut found),
+                Err(mut found) => issues.append(&mut found.0),
+            }
+        }
+        if issues.is_empty() {
+            Ok(resources)
+        } else {
+            Err(invalid(issues))
+        }
+    }
+
+    /// Applies a change set atomically (or, for a dry run, says what it would do).
+    pub(crate) async fn apply(
+        &self,
+        set: ChangeSet,
+        dry_run: bool,
+        author: &Author,
+    ) -> Result<ApplyResponse, ControlError> {
+        if set.puts.is_empty() && set.deletes.is_empty() {
+            return Err(ControlError::BadRequest(
+                "nothing to apply: give at least one manifest or resource to delete".into(),
+            ));
+        }
+        for (key, _) in &set.deletes {
+            if set.puts.iter().any(|p| &p.resource.key() == key) {
+                return Err(ControlError::BadRequest(format!(
+                    "{key} is both applied and deleted in one change"
+                )));
+            }
+        }
+        for _ in 0..MAX_ATTEMPTS {
+            match self.try_apply(&set, dry_run, author).await {
+                Err(ControlError::Conflict(text)) if text.contains("the store moved") => continue,
+                other => {
+                    if let Err(error) = &other {
+                        let result = match error {
+                            ControlError::Invalid { .. } => "invalid",
+                            ControlError::Conflict(_) => "conflict",
+                            _ => "other",
+                        };
+                        self.metrics
+                            .rejected
+                            .get_or_create(&ResultLabels {
+                                result: result.into(),
+                            })
+                            .inc();
+                    }
+                    return other;
+                }
+            }
+        }
+        Err(ControlError::Unavailable(format!(
+            "other changes kept landing first ({MAX_ATTEMPTS} attempts); try again"
+        )))
+    }
+
+    async fn try_apply(
+        &self,
+        set: &ChangeSet,
+        dry_run: bool,
+        author: &Author,
+    ) -> Result<ApplyResponse, ControlError> {
+        let snapshot = self.store.snapshot().await?;
+        let stored: BTreeMap<ResourceKey, &Resource> =
+            snapshot.resources.iter().map(|r| (r.key(), r)).collect();
+
+        let mut conflicts = Vec::new();
+        let mut issues = Vec::new();
+        let mut puts: Vec<(Located, Option<u64>)> = Vec::with_capacity(set.puts.len());
+        for located in &set.puts {
+            let mut located = located.clone();
+            let key = located.resource.key();
+            let expected = located.resource.metadata.resource_version.take();
+            let current = stored.get(&key).and_then(|r| r.metadata.resource_version);
+            if let Some(expected) = expected {
+                if (expected == 0 && current.is_some())
+                    || (expected != 0 && current != Some(expected))
+                {
+                    conflicts.push(conflict_text(&key, expected, current));
+                }
+            }
+            if let Spec::ShardMap(map) = &mut located.resource.spec {
+                let previous = stored.get(&key).and_then(|r| match &r.spec {
+                    Spec::ShardMap(m) => Some(m),
+                    _ => None,
+                });
+                let needs_history = previous.is_none_or(|p| p.ownership_differs(map));
+                let highest = if needs_history {
+                    self.highest_epoch(&key).await?
+                } else {
+                    0
+                };
+                if let Err(reason) = assign_epoch(map, previous, highest) {
+                    issues.push(
+                        located
+                            .origin
+                            .issue(Some(key.to_string()), "spec.epoch", reason),
+                    );
+                }
+            }
+            puts.push((located, expected));
+        }
+        for (key, expected) in &set.deletes {
+            let current = stored.get(key).and_then(|r| r.metadata.resource_version);
+            match (current, expected) {
+                (None, _) => {
+                    return Err(ControlError::NotFound(format!(
+                        "{key} does not exist, so it cannot be deleted"
+                    )));
+                }
+                (Some(actual), Some(expected)) if actual != *expected => {
+                    conflicts.push(conflict_text(key, *expected, Some(actual)));
+                }
+                _ => {}
+            }
+        }
+        if !conflicts.is_empty() {
+            return Err(ControlError::Conflict(format!(
+                "{}; nothing was changed: read again (atoll get -o yaml) and retry",
+                conflicts.join("; ")
+            )));
+        }
+
+        // The state the change would produce.
+        let replaced: std::collections::HashSet<ResourceKey> = puts
+            .iter()
+            .map(|(l, _)| l.resource.key())
+            .chain(set.deletes.iter().map(|(k, _)| k.clone()))
+            .collect();
+        let mut proposed: Vec<Located> = snapshot
+            .resources
+            .iter()
+            .filter(|r| !replaced.contains(&r.key()))
+            .map(|r| Located {
+                resource: r.clone(),
+                origin: Origin::Stored {
+                    revision: r.metadata.resource_version.unwrap_or(0),
+                },
+            })
+            .collect();
+        proposed.extend(puts.iter().map(|(l, _)| l.clone()));
+        if let Err(found) = validate(&proposed) {
+            issues.extend(found.0);
+        }
+        if !issues.is_empty() {
+            return Err(invalid(issues));
+        }
+
+        let mut summaries = Vec::new();
+        let mut changes = Vec::new();
+        for (located, expected) in &puts {
+            let key = located.resource.key();
+            let previous = stored.get(&key).copied();
+            let (action, text) = match previous {
+                None => (
+                    ChangeAction::Created,
+                    diff(&key.to_string(), None, Some(&located.resource)),
+                ),
+                Some(previous) if previous.without_version() == located.resource => {
+                    let mut unchanged = summary(&key, ChangeAction::Unchanged, String::new());
+                    unchanged.resource_version = previous.metadata.resource_version;
+                    summaries.push(unchanged);
+                    continue;
+                }
+                Some(previous) => (
+                    ChangeAction::Configured,
+                    diff(&key.to_string(), Some(previous), Some(&located.resource)),
+                ),
+            };
+            let change = Change::put(located.resource.clone());
+            changes.push(match expected {
+                Some(v) => change.expecting(*v),
+                None => change,
+            });
+            summaries.push(summary(&key, action, text));
+        }
+        for (key, expected) in &set.deletes {
+            let text = diff(&key.to_string(), stored.get(key).copied(), None);
+            let change = Change::delete(key.clone());
+            changes.push(match expected {
+                Some(v) => change.expecting(*v),
+                None => change,
+            });
+            summaries.push(summary(key, ChangeAction::Deleted, text));
+        }
+
+        if dry_run || changes.is_empty() {
+            return Ok(ApplyResponse {
+                revision: snapshot.revision,
+                dry_run,
+                changes: summaries,
+            });
+        }
+        let commit = self
+            .store
+            .commit(CommitRequest {
+                changes,
+                base_revision: Some(snapshot.revision),
+                author: author.name.clone(),
+                message: author.message.clone(),
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::StaleBase { .. } => {
+                    ControlError::Conflict(format!("the store moved: {e}"))
+                }
+                other => other.into(),
+            })?;
+        self.committed(&commit).await;
+        for summary in &mut summaries {
+            if matches!(
+                summary.action,
+                ChangeAction::Created | ChangeAction::Configured
+            ) {
+                summary.resource_version = Some(commit.revision);
+            }
+        }
+        Ok(ApplyResponse {
+            revision: commit.revision,
+            dry_run: false,
+            changes: summaries,
+        })
+    }
+
+    /// After a commit: metrics, and wait (briefly) until the config stream
+    /// serves it, so that a barrier right after an apply waits for the new
+    /// version and not for one the streams do not know yet.
+    async fn committed(&self, commit: &Commit) {
+        self.metrics.commits.inc();
+        self.metrics
+            .revision
+            .set(i64::try_from(commit.revision).unwrap_or(i64::MAX));
+        tracing::info!(
+            revision = commit.revision,
+            author = %commit.author,
+            changes = commit.changes.len(),
+            "committed"
+        );
+        if !self
+            .cache
+            .wait_for(commit.revision, Duration::from_secs(5))
+            .await
+        {
+            tracing::warn!(
+                revision = commit.revision,
+                "the config stream did not see the commit within 5s"
+            );
+        }
+    }
+
+    async fn highest_epoch(&self, key: &ResourceKey) -> Result<u64, ControlError> {
+        let history = self.store.history(key).await?;
+        Ok(history
+            .iter()
+            .filter_map(|entry| match entry.resource.as_ref().map(|r| &r.spec) {
+                Some(Spec::ShardMap(map)) => Some(map.epoch),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0))
+    }
+
+    /// Restores the content a resource had at `revision` as a new revision.
+    pub(crate) async fn rollback(
+        &self,
+        key: &ResourceKey,
+        revision: u64,
+        dry_run: bool,
+        author: &Author,
+    ) -> Result<ApplyResponse, ControlError> {
+        let history = self.store.history(key).await?;
+        if history.is_empty() {
+            return Err(ControlError::NotFound(format!("{key} has no history")));
+        }
+        let Some(entry) = history.iter().find(|e| e.revision == revision) else {
+            let known: Vec<String> = history.iter().map(|e| e.revision.to_string()).collect();
+            return Err(ControlError::NotFound(format!(
+                "{key} did not change at revision {revision}; its revisions are {} (see `atoll history {}/{}`)",
+                known.join(", "),
+                key.kind.as_str().to_ascii_lowercase(),
+                key.name
+            )));
+        };
+        let author = Author {
+            name: author.name.clone(),
+            message: Some(
+                author
+                    .message
+                    .clone()
+                    .unwrap_or_else(|| format!("rollback of {key} to revision {revision}")),
+            ),
+        };
+        let set = match &entry.resource {
+            Some(resource) => {
+                let mut resource = resource.clone();
+                resource.metadata.resource_version = None;
+                if let Spec::ShardMap(map) = &mut resource.spec {
+                    // The epoch is recomputed: it never goes back.
+                    map.epoch = 0;
+                }
+                ChangeSet {
+                    puts: vec![Located {
+                        resource,
+                        origin: Origin::Generated {
+                            what: Arc::from(format!("rollback of {key} to revision {revision}")),
+                        },
+                    }],
+                    deletes: Vec::new(),
+                }
+            }
+            None => {
+                if self.store.get(key).await?.is_none() {
+                    return Ok(ApplyResponse {
+                        revision: self.store.revision().await?,
+                        dry_run,
+                        changes: vec![summary(key, ChangeAction::Unchanged, String::new())],
+                    });
+                }
+                ChangeSet {
+                    puts: Vec::new(),
+                    deletes: vec![(key.clone(), None)],
+                }
+            }
+        };
+        self.apply(set, dry_run, &author).await
+    }
+}
+
+fn conflict_text(key: &ResourceKey, expected: u64, actual: Option<u64>) -> String {
+    match (expected, actual) {
+        (0, Some(actual)) => format!("{key} already exists (resourceVersion {actual})"),
+        (expected, Some(actual)) => format!(
+            "{key} is at resourceVersion {actual}, not {expected}: someone changed it since you read it"
+        ),
+        (expected, None) => {
+            format!("{key} no longer exists (you expected resourceVersion {expected})")
+        }
+    }
+}
+
+fn summary(key: &ResourceKey, action: ChangeAction, diff: String) -> ChangeSummary {
+    ChangeSummary {
+        kind: key.kind.as_str().to_owned(),
+        name: key.name.clone(),
+        action,
+        resource_version: None,
+        diff,
+    }
+}
+
+/// A history entry as the API shows it.
+pub(crate) fn history_item(entry: &HistoryEntry) -> HistoryItem {
+    HistoryItem {
+        revision: entry.revision,
+        time: rfc3339(entry.time),
+        author: entry.author.clone(),
+        message: entry.message.clone(),
+        action: entry.action.to_string(),
+        resource: entry
+            .resource
+            .as_ref()
+            .and_then(|r| serde_json::to_value(r).ok()),
+        diff: entry.diff.clone(),
+    }
+}
+
+/// A commit as the API shows it.
+pub(crate) fn commit_record(commit: &Commit, with_resources: bool) -> CommitRecord {
+    CommitRecord {
+        revision: commit.revision,
+        time: rfc3339(commit.time),
+        author: commit.author.clone(),
+        message: commit.message.clone(),
+        changes: commit
+            .changes
+            .iter()
+            .map(|c| CommitChange {
+                kind: c.key.kind.as_str().to_owned(),
+                name: c.key.name.clone(),
+                action: c.action.to_string(),
+                resource: if with_resources {
+                    c.resource
+                        .as_ref()
+                        .and_then(|r| serde_json::to_value(r).ok())
+                } else {
+                    None
+                },
+                diff: c.diff.clone(),
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,254 @@
+//! The config stream (gRPC `atoll.config.v1.ConfigStream`): each node gets a
+//! snapshot, then deltas; ACKs and NACKs update the node registry.
+//! `docs/config-stream.md` describes the protocol from a node's side.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atoll_api::config::config_stream_server::ConfigStream;
+use atoll_api::config::{ConfigUpdate, NodeMessage, Resource, ResourceKey, node_message};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::metrics::{KindLabels, Metrics};
+use crate::nodes::{Identity, NodeRegistry};
+use crate::state::{ConfigCache, ConfigState};
+
+/// How long a new stream may take to say `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Updates sent but not yet answered, kept per stream to match ACKs.
+const MAX_OUTSTANDING: usize = 64;
+
+/// The gRPC service.
+#[derive(Clone, Debug)]
+pub(crate) struct ConfigStreamService {
+    pub(crate) cache: ConfigCache,
+    pub(crate) nodes: Arc<NodeRegistry>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+fn identity_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("the first message must be Hello with node.name set")
+    } else if name.len() > 253 || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("node.name must be at most 253 characters without spaces")
+    } else {
+        None
+    }
+}
+
+#[tonic::async_trait]
+impl ConfigStream for ConfigStreamService {
+    type SubscribeStream = ReceiverStream<Result<ConfigUpdate, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<NodeMessage>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string());
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10s"))??;
+        let hello = match first.and_then(|m| m.message) {
+            Some(node_message::Message::Hello(hello)) => hello,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must be Hello with the node's identity",
+                ));
+            }
+        };
+        let node = hello.node.unwrap_or_default();
+        if let Some(problem) = identity_problem(&node.name) {
+            return Err(Status::invalid_argument(problem));
+        }
+        let identity = Identity {
+            name: node.name,
+            role: node.role,
+            zone: node.zone,
+            cell: node.cell,
+        };
+        tracing::info!(node = %identity.name, role = %identity.role, zone = %identity.zone, cell = %identity.cell, peer = ?peer, applied = hello.applied_version, "node connected");
+        let (connection, kicked) =
+            self.nodes
+                .connect(identity.clone(), hello.applied_version, peer);
+        let (sender, receiver) = mpsc::channel(4);
+        let session = Session {
+            service: self.clone(),
+            name: identity.name,
+            connection,
+            sender,
+            inbound,
+            kicked,
+        };
+        tokio::spawn(session.run());
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}
+
+struct Session {
+    service: ConfigStreamService,
+    name: String,
+    connection: u64,
+    sender: mpsc::Sender<Result<ConfigUpdate, Status>>,
+    inbound: Streaming<NodeMessage>,
+    kicked: oneshot::Receiver<()>,
+}
+
+impl Session {
+    async fn run(mut self) {
+        let mut config = self.service.cache.subscribe();
+        let mut shutdown = self.service.shutdown.clone();
+        let mut last_sent: Option<Arc<ConfigState>> = None;
+        let mut outstanding: VecDeque<(String, u64)> = VecDeque::new();
+        let mut sequence = 0u64;
+        let end = loop {
+            let needs_send = last_sent
+                .as_ref()
+                .is_none_or(|sent| sent.revision != config.borrow().revision);
+            tokio::select! {
+                permit = self.sender.reserve(), if needs_send => {
+                    let Ok(permit) = permit else { break "the node closed the stream" };
+                    let current = config.borrow_and_update().clone();
+                    sequence += 1;
+                    let nonce = format!("{}-{sequence}", self.connection);
+                    let update = build_update(last_sent.as_deref(), &current, nonce.clone());
+                    let kind = if update.snapshot { "snapshot" } else { "delta" };
+                    self.service.metrics.updates_sent.get_or_create(&KindLabels { kind: kind.into() }).inc();
+                    permit.send(Ok(update));
+                    self.service.nodes.sent(&self.name, self.connection, current.revision);
+                    outstanding.push_back((nonce, current.revision));
+                    while outstanding.len() > MAX_OUTSTANDING {
+                        outstanding.pop_front();
+                    }
+                    last_sent = Some(current);
+                }
+                changed = config.changed(), if !needs_send => {
+                    if changed.is_err() {
+                        break "the control plane is stopping";
+                    }
+                }
+                message = self.inbound.message() => match message {
+                    Ok(Some(message)) => self.on_message(message, &mut outstanding),
+                    Ok(None) => break "the node closed the stream",
+                    Err(status) => {
+                        tracing::debug!(node = %self.name, %status, "stream error");
+                        break "the stream failed";
+                    }
+                },
+                _ = &mut self.kicked => {
+                    let _ = self.sender.try_send(Err(Status::aborted(
+                        "replaced by a newer stream with the same node name",
+                    )));
+                    break "a newer stream took its name";
+                }
+                _ = shutdown.changed() => {
+                    let _ = self.sender.try_send(Err(Status::unavailable(
+                        "the control plane is shutting down; reconnect",
+                    )));
+                    break "the control plane is shutting down";
+                }
+            }
+        };
+        tracing::info!(node = %self.name, reason = end, "node disconnected");
+        self.service.nodes.disconnected(&self.name, self.connection);
+    }
+
+    fn on_message(&self, message: NodeMessage, outstanding: &mut VecDeque<(String, u64)>) {
+        let (nonce, version, nack) = match message.message {
+            Some(node_message::Message::Ack(ack)) => (ack.nonce, ack.version, None),
+            Some(node_message::Message::Nack(nack)) => {
+                (nack.nonce, nack.version, Some(nack.reason))
+            }
+            Some(node_message::Message::Hello(_)) | None => {
+                tracing::warn!(node = %self.name, "ignoring a message that is neither ACK nor NACK");
+                return;
+            }
+        };
+        let Some(position) = outstanding.iter().position(|(n, _)| *n == nonce) else {
+            tracing::warn!(node = %self.name, %nonce, version, "ignoring an answer to an unknown nonce");
+            return;
+        };
+        let (_, sent_version) = outstanding[position];
+        outstanding.drain(..=position);
+        if sent_version != version {
+            tracing::warn!(node = %self.name, %nonce, version, sent_version, "answer names another version than was sent; using the sent one");
+        }
+        match nack {
+            None => {
+                self.service.metrics.acks.inc();
+                self.service
+                    .nodes
+                    .acked(&self.name, self.connection, sent_version);
+            }
+            Some(reason) => {
+                self.service.metrics.nacks.inc();
+                tracing::warn!(node = %self.name, version = sent_version, %reason, "node refused config");
+                self.service
+                    .nodes
+                    .nacked(&self.name, self.connection, sent_version, reason);
+            }
+        }
+    }
+}
+
+fn wire(resource: &crate::state::WireResource) -> Resource {
+    Resource {
+        kind: resource.key.kind.as_str().to_owned(),
+        name: resource.key.name.clone(),
+        resource_version: resource.resource_version,
+        json: resource.json.clone(),
+    }
+}
+
+/// A snapshot when nothing was sent yet, else the delta from `previous`.
+pub(crate) fn build_update(
+    previous: Option<&ConfigState>,
+    current: &ConfigState,
+    nonce: String,
+) -> ConfigUpdate {
+    match previous {
+        None => ConfigUpdate {
+            version: current.revision,
+            nonce,
+            snapshot: true,
+            base_version: 0,
+            resources: current.resources.values().map(|r| wire(r)).collect(),
+            removed: Vec::new(),
+        },
+        Some(previous) => {
+            let resources = current
+                .resources
+                .iter()
+                .filter(|(key, resource)| {
+                    previous
+                        .resources
+                        .get(*key)
+                        .is_none_or(|old| old.resource_version != resource.resource_version)
+                })
+                .map(|(_, r)| wire(r))
+                .collect();
+            let removed = previous
+                .resources
+                .keys()
+                .filter(|key| !current.resources.contains_key(*key))
+                .map(|key| ResourceKey {
+                    kind: key.kind.as_str().to_owned(),
+                    name: key.name.clone(),
+                })
+                .collect();
+            ConfigUpdate {
+                version: current.revision,
+                nonce,
+                snapshot: false,
+                base_version: previous.revision,
+                resources,
+                removed,
+            }
+        }
+    }
+}
