@@ -283,19 +283,16 @@ async fn apply(
     body: Result<Json<ApplyRequest>, JsonRejection>,
 ) -> ApiResult<ApplyResponse> {
     let Json(request) = body?;
-    let puts = Control::parse(&request.manifests)?;
-    let mut deletes = Vec::with_capacity(request.delete.len());
+    let mut set = Control::parse(&request.manifests)?;
     for item in &request.delete {
         let kind = parse_kind(&item.kind)?;
-        deletes.push((
+        set.deletes.push((
             ResourceKey::new(kind, item.name.clone()),
             item.resource_version,
         ));
     }
     let author = author(&headers, request.message);
-    let response = control
-        .apply(ChangeSet { puts, deletes }, request.dry_run, &author)
-        .await?;
+    let response = control.apply(set, request.dry_run, &author).await?;
     Ok(Json(response))
 }
 
@@ -367,8 +364,8 @@ async fn delete_one(
     let key = ResourceKey::new(parse_kind(&kind)?, name);
     let author = author(&headers, query.message);
     let set = ChangeSet {
-        puts: Vec::new(),
         deletes: vec![(key, query.resource_version)],
+        ..ChangeSet::default()
     };
     Ok(Json(control.apply(set, query.dry_run, &author).await?))
 }

@@ -16,7 +16,8 @@ use atoll_api::rest::{
     ManifestFile,
 };
 use atoll_model::{
-    Issue, Located, Origin, Resource, ResourceKey, Spec, assign_epoch, diff, load, validate,
+    Issue, Located, Origin, Resource, ResourceKey, Spec, assign_epoch, diff, load_all,
+    validate_with_pending,
 };
 use atoll_store::{Change, Commit, CommitRequest, HistoryEntry, Store, StoreError};
 
@@ -78,6 +79,10 @@ fn invalid(mut issues: Vec<Issue>) -> ControlError {
 pub(crate) struct ChangeSet {
     pub(crate) puts: Vec<Located>,
     pub(crate) deletes: Vec<(ResourceKey, Option<u64>)>,
+    /// Problems already found while reading the manifests.
+    pub(crate) issues: Vec<Issue>,
+    /// Resources of the manifests that did not decode.
+    pub(crate) pending: Vec<ResourceKey>,
 }
 
 /// Who changes what, and why.
@@ -106,22 +111,23 @@ impl std::fmt::Debug for Control {
 }
 
 impl Control {
-    /// Parses manifest files into resources, reporting every problem of every
-    /// file at once.
-    pub(crate) fn parse(files: &[ManifestFile]) -> Result<Vec<Located>, ControlError> {
-        let mut resources = Vec::new();
-        let mut issues = Vec::new();
+    /// Parses manifest files into a change set. Broken YAML is refused at
+    /// once; documents that do not decode are kept as issues, so that the
+    /// apply reports them together with the validation of the rest.
+    pub(crate) fn parse(files: &[ManifestFile]) -> Result<ChangeSet, ControlError> {
+        let mut set = ChangeSet::default();
+        let mut syntax_error = false;
         for file in files {
-            match load(&file.source, &file.content) {
-                Ok(mut found) => resources.append(&mut found),
-                Err(mut found) => issues.append(&mut found.0),
-            }
+            let mut loaded = load_all(&file.source, &file.content);
+            syntax_error |= loaded.syntax_error;
+            set.puts.append(&mut loaded.resources);
+            set.issues.append(&mut loaded.issues);
+            set.pending.append(&mut loaded.pending);
         }
-        if issues.is_empty() {
-            Ok(resources)
-        } else {
-            Err(invalid(issues))
+        if syntax_error {
+            return Err(invalid(std::mem::take(&mut set.issues)));
         }
+        Ok(set)
     }
 
     /// Applies a change set atomically (or, for a dry run, says what it would do).
@@ -131,7 +137,7 @@ impl Control {
         dry_run: bool,
         author: &Author,
     ) -> Result<ApplyResponse, ControlError> {
-        if set.puts.is_empty() && set.deletes.is_empty() {
+        if set.puts.is_empty() && set.deletes.is_empty() && set.issues.is_empty() {
             return Err(ControlError::BadRequest(
                 "nothing to apply: give at least one manifest or resource to delete".into(),
             ));
@@ -180,7 +186,7 @@ impl Control {
             snapshot.resources.iter().map(|r| (r.key(), r)).collect();
 
         let mut conflicts = Vec::new();
-        let mut issues = Vec::new();
+        let mut issues = set.issues.clone();
         let mut puts: Vec<(Located, Option<u64>)> = Vec::with_capacity(set.puts.len());
         for located in &set.puts {
             let mut located = located.clone();
@@ -229,7 +235,7 @@ impl Control {
                 _ => {}
             }
         }
-        if !conflicts.is_empty() {
+        if !conflicts.is_empty() && set.issues.is_empty() {
             return Err(ControlError::Conflict(format!(
                 "{}; nothing was changed: read again (atoll get -o yaml) and retry",
                 conflicts.join("; ")
@@ -254,7 +260,7 @@ impl Control {
             })
             .collect();
         proposed.extend(puts.iter().map(|(l, _)| l.clone()));
-        if let Err(found) = validate(&proposed) {
+        if let Err(found) = validate_with_pending(&proposed, &set.pending) {
             issues.extend(found.0);
         }
         if !issues.is_empty() {
@@ -420,7 +426,7 @@ impl Control {
                             what: Arc::from(format!("rollback of {key} to revision {revision}")),
                         },
                     }],
-                    deletes: Vec::new(),
+                    ..ChangeSet::default()
                 }
             }
             None => {
@@ -432,8 +438,8 @@ impl Control {
                     });
                 }
                 ChangeSet {
-                    puts: Vec::new(),
                     deletes: vec![(key.clone(), None)],
+                    ..ChangeSet::default()
                 }
             }
         };

@@ -14,7 +14,7 @@ use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 use crate::codec::decode_resource;
 use crate::issue::{Issue, Issues, Origin, Position, SpanIndex};
-use crate::resource::Resource;
+use crate::resource::{Kind, Resource, ResourceKey};
 
 /// One YAML document of a manifest file, as a JSON value with field positions.
 #[derive(Clone, Debug)]
@@ -48,27 +48,72 @@ pub struct Located {
     pub origin: Origin,
 }
 
+/// What reading one file gave: the resources that decoded, the problems, and
+/// the keys of documents that named a kind and name but did not decode.
+#[derive(Clone, Debug, Default)]
+pub struct Loaded {
+    /// Resources that decoded.
+    pub resources: Vec<Located>,
+    /// Every problem found.
+    pub issues: Vec<Issue>,
+    /// Kind and name of documents that failed to decode, so that validating
+    /// the others does not also call them missing.
+    pub pending: Vec<ResourceKey>,
+    /// Whether the YAML itself was broken (then nothing of the file is known).
+    pub syntax_error: bool,
+}
+
+/// Parses and decodes every document of `text`, read from `source`, keeping
+/// what decoded next to what did not.
+pub fn load_all(source: &str, text: &str) -> Loaded {
+    let documents = match parse_documents(source, text) {
+        Ok(documents) => documents,
+        Err(issues) => {
+            return Loaded {
+                issues: issues.0,
+                syntax_error: true,
+                ..Loaded::default()
+            };
+        }
+    };
+    let mut loaded = Loaded::default();
+    for document in documents {
+        match decode_document(&document) {
+            Ok(resource) => loaded.resources.push(Located {
+                resource,
+                origin: document.origin(),
+            }),
+            Err(mut found) => {
+                loaded.issues.append(&mut found);
+                let kind = document
+                    .value
+                    .get("kind")
+                    .and_then(Value::as_str)
+                    .and_then(|k| Kind::ALL.into_iter().find(|kind| kind.as_str() == k));
+                let name = document
+                    .value
+                    .get("metadata")
+                    .and_then(|m| m.get("name"))
+                    .and_then(Value::as_str);
+                if let (Some(kind), Some(name)) = (kind, name) {
+                    loaded.pending.push(ResourceKey::new(kind, name));
+                }
+            }
+        }
+    }
+    loaded
+}
+
 /// Parses and decodes every document of `text`, read from `source`.
 ///
 /// Empty documents (only comments, or a trailing `---`) are skipped. All
 /// problems of all documents are returned together.
 pub fn load(source: &str, text: &str) -> Result<Vec<Located>, Issues> {
-    let documents = parse_documents(source, text)?;
-    let mut resources = Vec::with_capacity(documents.len());
-    let mut issues = Vec::new();
-    for document in documents {
-        match decode_document(&document) {
-            Ok(resource) => resources.push(Located {
-                resource,
-                origin: document.origin(),
-            }),
-            Err(mut found) => issues.append(&mut found),
-        }
-    }
-    if issues.is_empty() {
-        Ok(resources)
+    let loaded = load_all(source, text);
+    if loaded.issues.is_empty() {
+        Ok(loaded.resources)
     } else {
-        Err(Issues(issues))
+        Err(Issues(loaded.issues))
     }
 }
 

@@ -25,7 +25,15 @@ pub const MAX_RETRIES: u32 = 10;
 
 /// Validates a complete set of resources.
 pub fn validate(resources: &[Located]) -> Result<(), Issues> {
+    validate_with_pending(resources, &[])
+}
+
+/// Validates `resources` when the resources named in `pending` exist but could
+/// not be decoded (their own problems are reported elsewhere): references to
+/// them are not reported as dangling.
+pub fn validate_with_pending(resources: &[Located], pending: &[ResourceKey]) -> Result<(), Issues> {
     let mut validator = Validator::new(resources);
+    validator.pending = pending.iter().cloned().collect();
     validator.run();
     if validator.issues.is_empty() {
         Ok(())
@@ -37,6 +45,7 @@ pub fn validate(resources: &[Located]) -> Result<(), Issues> {
 struct Validator<'a> {
     resources: &'a [Located],
     by_key: HashMap<ResourceKey, &'a Located>,
+    pending: HashSet<ResourceKey>,
     issues: Vec<Issue>,
 }
 
@@ -52,6 +61,7 @@ impl<'a> Validator<'a> {
         Self {
             resources,
             by_key: HashMap::new(),
+            pending: HashSet::new(),
             issues: Vec::new(),
         }
     }
@@ -130,7 +140,7 @@ impl<'a> Validator<'a> {
         name: &str,
     ) -> Option<&'a Located> {
         let found = self.get(kind, name);
-        if found.is_none() {
+        if found.is_none() && !self.pending.contains(&ResourceKey::new(kind, name)) {
             let known = self.names_of(kind);
             report!(
                 self,

@@ -1,0 +1,142 @@
+//! The command line itself: help, exit codes, finding the control plane.
+
+use std::process::Command;
+
+use crate::harness::{ATOLL, Control};
+
+#[test]
+fn every_command_has_help() {
+    for command in [
+        "control", "apply", "get", "delete", "history", "rollback", "nodes", "barrier", "audit",
+        "watch", "status",
+    ] {
+        let output = Command::new(ATOLL)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "atoll {command} --help failed");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            text.contains("Usage: atoll"),
+            "atoll {command} --help:\n{text}"
+        );
+    }
+    let output = Command::new(ATOLL).arg("--help").output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("Exit codes: 0 success"), "{text}");
+}
+
+#[test]
+fn an_unreachable_control_plane_is_exit_6_with_advice() {
+    let port = atoll_testing::free_port();
+    let output = Command::new(ATOLL)
+        .args(["get", "cells", "--control", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(6));
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains(&format!(
+            "cannot reach the control plane at http://127.0.0.1:{port} (from --control)"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("start one with `atoll control`"), "{text}");
+}
+
+#[test]
+fn usage_errors_are_exit_2() {
+    let control = Control::start();
+    control
+        .atoll(&["get", "cellz"])
+        .fails(2, &["unknown kind `cellz`"]);
+    control
+        .atoll(&["history", "users"])
+        .fails(2, &["name a resource as KIND/NAME"]);
+    control.atoll(&["apply"]).fails(2, &["--filename"]);
+}
+
+#[test]
+fn a_busy_port_is_named_with_the_flag_to_change_it() {
+    let control = Control::start();
+    let address = control.url.trim_start_matches("http://").to_owned();
+    let output = Command::new(ATOLL)
+        .args(["control", "--no-discovery", "--listen", &address])
+        .env("ATOLL_STATE_DIR", control.state.path().join("other"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains(&format!("{address} is already in use")) && text.contains("--listen"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_env_var_and_flag_override_discovery() {
+    let control = Control::start();
+    // A discovery file pointing nowhere is overridden by the flag and the env var.
+    let output = Command::new(ATOLL)
+        .args(["status", "--control", &control.url])
+        .env("ATOLL_STATE_DIR", "/nonexistent")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = Command::new(ATOLL)
+        .args(["status"])
+        .env("ATOLL_STATE_DIR", "/nonexistent")
+        .env("ATOLL_CONTROL", &control.url)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn metrics_openapi_and_health_are_served() {
+    let control = Control::start();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        let get = |path: &str| {
+            let http = http.clone();
+            let url = format!("{}{path}", control.url);
+            async move { http.get(url).send().await.unwrap() }
+        };
+        assert_eq!(get("/healthz").await.status(), 200);
+        assert_eq!(get("/readyz").await.status(), 200);
+        let openapi: serde_json::Value = get("/openapi.json").await.json().await.unwrap();
+        assert!(openapi["openapi"].as_str().unwrap().starts_with("3."));
+        for path in ["/v1/apply", "/v1/barrier", "/v1/nodes", "/v1/resources/{kind}/{name}/rollback"] {
+            assert!(openapi["paths"][path].is_object(), "OpenAPI lacks {path}");
+        }
+        // A bad request body is a JSON error, not a panic or HTML.
+        let response = http
+            .post(format!("{}/v1/apply", control.url))
+            .header("content-type", "application/json")
+            .body("{\"manifests\": 5}")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "badRequest");
+        let response = get("/v1/nope").await;
+        assert_eq!(response.status(), 404);
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert!(body["message"].as_str().unwrap().contains("no endpoint GET /v1/nope"));
+
+        let metrics = get("/metrics").await.text().await.unwrap();
+        assert!(metrics.contains("atoll_control_http_requests_total{method=\"GET\",route=\"/healthz\",status=\"200\"} 1"), "{metrics}");
+        assert!(metrics.contains("atoll_control_store_revision"), "{metrics}");
+        assert!(metrics.ends_with("# EOF\n"));
+    });
+}

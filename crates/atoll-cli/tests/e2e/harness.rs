@@ -1,0 +1,239 @@
+//! Runs the real `atoll` binary: a control plane in a temporary state
+//! directory, and CLI commands that find it through the discovery file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub(crate) const ATOLL: &str = env!("CARGO_BIN_EXE_atoll");
+
+/// The repository's examples directory.
+pub(crate) fn examples() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/topology")
+}
+
+/// A running `atoll control`, stopped (SIGTERM) on drop.
+pub(crate) struct Control {
+    child: Option<Child>,
+    pub(crate) state: tempfile::TempDir,
+    pub(crate) url: String,
+    extra: Vec<String>,
+}
+
+impl Control {
+    /// Starts a control plane with the embedded store in a new state directory.
+    pub(crate) fn start() -> Control {
+        Self::start_with(Vec::new())
+    }
+
+    /// Starts one with extra `atoll control` arguments.
+    pub(crate) fn start_with(extra: Vec<String>) -> Control {
+        let state = tempfile::tempdir().expect("temp dir");
+        let mut control = Control {
+            child: None,
+            state,
+            url: String::new(),
+            extra,
+        };
+        control.launch();
+        control
+    }
+
+    fn discovery(&self) -> PathBuf {
+        self.state.path().join("control.json")
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::File::create(self.state.path().join("control.log")).expect("log file");
+        let child = Command::new(ATOLL)
+            .arg("control")
+            .arg("--listen=127.0.0.1:0")
+            .args(&self.extra)
+            .env("ATOLL_STATE_DIR", self.state.path())
+            .env_remove("ATOLL_CONTROL")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn atoll control");
+        self.child = Some(child);
+        // Ready when the discovery file names our process.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let pid = self.child.as_ref().map(Child::id).unwrap_or_default();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(self.discovery()) {
+                if let Ok(value) = serde_json::from_str::<Value>(&text) {
+                    if value["pid"].as_u64() == Some(u64::from(pid)) {
+                        self.url = value["url"].as_str().expect("url").to_owned();
+                        return;
+                    }
+                }
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("atoll control exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "atoll control not ready in 30s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("control.log")).unwrap_or_default()
+    }
+
+    /// Stops with SIGTERM and waits; asserts a clean exit.
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    assert!(
+                        status.success(),
+                        "atoll control exited with {status}:\n{}",
+                        self.log()
+                    );
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!(
+                        "atoll control did not stop within 20s of SIGTERM:\n{}",
+                        self.log()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Stops and starts again on the same state directory.
+    pub(crate) fn restart(&mut self) {
+        self.stop();
+        assert!(
+            !self.discovery().exists(),
+            "a clean stop removes the discovery file"
+        );
+        self.launch();
+    }
+
+    /// Runs `atoll ARGS` against this control plane, found without flags.
+    pub(crate) fn atoll(&self, args: &[&str]) -> Run {
+        self.atoll_with_stdin(args, None)
+    }
+
+    pub(crate) fn atoll_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Run {
+        let mut command = Command::new(ATOLL);
+        command
+            .args(args)
+            .env("ATOLL_STATE_DIR", self.state.path())
+            .env_remove("ATOLL_CONTROL")
+            .env("USER", "tester")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = command.spawn().expect("spawn atoll");
+        if let Some(text) = stdin {
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write stdin");
+        }
+        Run(child.wait_with_output().expect("run atoll"), args.join(" "))
+    }
+
+    /// `atoll ARGS -o json`, parsed.
+    pub(crate) fn json(&self, args: &[&str]) -> Value {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["-o", "json"]);
+        let run = self.atoll(&all).success();
+        serde_json::from_str(&run.stdout()).unwrap_or_else(|e| panic!("{e}: {}", run.stdout()))
+    }
+
+    /// The store revision.
+    pub(crate) fn revision(&self) -> u64 {
+        self.json(&["status"])["revision"]
+            .as_u64()
+            .expect("revision")
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The output of one `atoll` run.
+pub(crate) struct Run(pub(crate) Output, pub(crate) String);
+
+impl Run {
+    pub(crate) fn code(&self) -> i32 {
+        self.0.status.code().unwrap_or(-1)
+    }
+
+    pub(crate) fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+
+    pub(crate) fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+
+    /// Asserts exit 0.
+    pub(crate) fn success(self) -> Run {
+        assert_eq!(
+            self.code(),
+            0,
+            "`atoll {}` failed:\nstdout: {}\nstderr: {}",
+            self.1,
+            self.stdout(),
+            self.stderr()
+        );
+        self
+    }
+
+    /// Asserts the exit code and that stderr contains every needle.
+    pub(crate) fn fails(self, code: i32, needles: &[&str]) -> Run {
+        assert_eq!(
+            self.code(),
+            code,
+            "`atoll {}`: expected exit {code}\nstdout: {}\nstderr: {}",
+            self.1,
+            self.stdout(),
+            self.stderr()
+        );
+        let stderr = self.stderr();
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "`atoll {}`: stderr lacks {needle:?}:\n{stderr}",
+                self.1
+            );
+        }
+        self
+    }
+}

@@ -1,0 +1,16 @@
+//! End-to-end tests through the real `atoll` binary: a control plane on a free
+//! loopback port, driven by the CLI and by a config-stream client.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "tests fail loudly"
+)]
+#![allow(unreachable_pub, reason = "test modules")]
+
+mod cli;
+mod harness;
+mod manifests;
+mod restart;
+mod stream;

@@ -1,0 +1,265 @@
+//! Applying, reading, refusing, history and rollback.
+
+use crate::harness::{Control, examples};
+
+const MOVE: &str = "apiVersion: atoll/v1
+kind: ShardMap
+metadata: {name: users}
+spec:
+  rule: users
+  assignments:
+    - {shards: \"0-49\", cell: rz01, standby: rz02}
+    - {shards: \"50-99\", cell: rz03, standby: rz04}
+";
+
+fn example_loaded() -> Control {
+    let control = Control::start();
+    let examples = examples();
+    let run = control
+        .atoll(&["apply", "-f", examples.to_str().unwrap()])
+        .success();
+    assert!(
+        run.stdout().contains("cell/rz01 created"),
+        "{}",
+        run.stdout()
+    );
+    assert!(
+        run.stderr().contains("revision 1: 26 created"),
+        "{}",
+        run.stderr()
+    );
+    control
+}
+
+#[test]
+fn the_example_topology_applies_and_reads_back() {
+    let control = example_loaded();
+    let cells = control.json(&["get", "cells"]);
+    let names: Vec<&str> = cells["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["cz01", "gz01", "rz01", "rz02", "rz03", "rz04"]);
+    let map = control.json(&["get", "shardmap", "users"]);
+    assert_eq!(
+        map["spec"]["epoch"], 1,
+        "the control plane sets the first epoch"
+    );
+    assert_eq!(map["metadata"]["resourceVersion"], "1");
+    assert_eq!(map["spec"]["assignments"].as_array().unwrap().len(), 4);
+
+    let table = control.atoll(&["get", "cells"]).success().stdout();
+    assert!(
+        table.starts_with("NAME   TYPE    ZONE   WEIGHT   REVISION\n"),
+        "{table}"
+    );
+    assert!(
+        table.contains("gz01   gzone   hz-a   100      1"),
+        "{table}"
+    );
+
+    // YAML output can be applied again unchanged.
+    let yaml = control
+        .atoll(&["get", "all", "-o", "yaml"])
+        .success()
+        .stdout();
+    let again = control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(&yaml))
+        .success();
+    assert!(
+        again.stderr().contains("revision 1: 26 unchanged"),
+        "{}",
+        again.stderr()
+    );
+    assert_eq!(control.revision(), 1, "an unchanged apply writes nothing");
+}
+
+/// Applies `text` as a file named `name`, expecting exit 3 with `needles` in
+/// stderr, and checks that nothing changed.
+fn refused(control: &Control, name: &str, text: &str, needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    let before = control.json(&["get", "all"]);
+    control
+        .atoll(&["apply", "-f", path.to_str().unwrap()])
+        .fails(3, needles);
+    assert_eq!(
+        control.json(&["get", "all"]),
+        before,
+        "a refused apply changes nothing"
+    );
+}
+
+#[test]
+fn invalid_changes_are_refused_with_clear_errors_and_change_nothing() {
+    let control = example_loaded();
+    refused(
+        &control,
+        "overlap.yaml",
+        &MOVE.replace("50-99", "40-99"),
+        &[
+            "overlap.yaml:8:8: ShardMap/users spec.assignments[1].shards: shards 40-49 are also owned by assignments[0] (cell rz01)",
+        ],
+    );
+    refused(
+        &control,
+        "unowned.yaml",
+        &MOVE.replace("50-99", "50-89"),
+        &[
+            "unowned.yaml:6:3: ShardMap/users spec.assignments: shards 90-99 are owned by no assignment",
+        ],
+    );
+    refused(
+        &control,
+        "dangling.yaml",
+        &MOVE.replace("cell: rz03", "cell: rz09"),
+        &[
+            "ShardMap/users spec.assignments[1].cell: Cell `rz09` does not exist (known: cz01, gz01, rz01, rz02, rz03, rz04)",
+        ],
+    );
+    refused(
+        &control,
+        "syntax.yaml",
+        "apiVersion: atoll/v1\nkind: Zone\nmetadata: {name: hz-c\nspec: {region: hz}\n",
+        &["syntax.yaml:4:", "YAML syntax error"],
+    );
+    refused(
+        &control,
+        "unknown.yaml",
+        "apiVersion: atoll/v1\nkind: Zone\nmetadata: {name: hz-c}\nspec: {region: hz, wieght: 3}\n",
+        &[
+            "unknown.yaml:4:20: Zone/hz-c spec.wieght: unknown field `wieght`, expected `region` or `weight`",
+        ],
+    );
+    // Every problem of a batch at once, across files.
+    refused(
+        &control,
+        "many.yaml",
+        "apiVersion: atoll/v1\nkind: Cell\nmetadata: {name: Bad}\nspec: {zone: nowhere, type: rzone}\n---\napiVersion: atoll/v2\nkind: Zone\nmetadata: {name: z}\nspec: {region: hz}\n",
+        &["3 problems", "apiVersion", "metadata.name", "spec.zone"],
+    );
+    // A change that breaks a stored resource names it.
+    control.atoll(&["delete", "zone/hz-a"]).fails(
+        3,
+        &["stored (revision 1): Cell/rz01 spec.zone: Zone `hz-a` does not exist"],
+    );
+    assert_eq!(control.revision(), 1);
+}
+
+#[test]
+fn dry_run_shows_the_diff_and_changes_nothing() {
+    let control = example_loaded();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("move.yaml");
+    std::fs::write(&path, MOVE).unwrap();
+    let run = control
+        .atoll(&["apply", "--dry-run", "-f", path.to_str().unwrap()])
+        .success();
+    let out = run.stdout();
+    assert!(out.contains("shardmap/users configured (dry run)"), "{out}");
+    assert!(
+        out.contains("-  epoch: 1\n+  epoch: 2"),
+        "the diff shows the epoch bump: {out}"
+    );
+    assert!(
+        out.contains("-    - shards: 0-24\n+    - shards: 0-49"),
+        "{out}"
+    );
+    assert_eq!(control.revision(), 1);
+    assert_eq!(control.json(&["get", "sm", "users"])["spec"]["epoch"], 1);
+}
+
+#[test]
+fn history_and_rollback() {
+    let control = example_loaded();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("move.yaml");
+    std::fs::write(&path, MOVE).unwrap();
+    control
+        .atoll(&["apply", "-f", path.to_str().unwrap(), "-m", "move shards"])
+        .success();
+    let moved = control.json(&["get", "shardmap", "users"]);
+    assert_eq!(
+        moved["spec"]["epoch"], 2,
+        "an ownership change bumps the epoch"
+    );
+
+    let history = control.json(&["history", "shardmap/users"]);
+    let entries = history["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!(entries[1]["author"], "tester");
+    assert_eq!(entries[1]["message"], "move shards");
+    assert_eq!(entries[1]["action"], "updated");
+    assert!(
+        entries[1]["diff"]
+            .as_str()
+            .unwrap()
+            .contains("+    - shards: 0-49")
+    );
+
+    control
+        .atoll(&["rollback", "shardmap/users", "--to-revision", "1"])
+        .success();
+    let restored = control.json(&["get", "shardmap", "users"]);
+    assert_eq!(
+        restored["spec"]["assignments"],
+        entries[0]["resource"]["spec"]["assignments"]
+    );
+    assert_eq!(
+        restored["spec"]["epoch"], 3,
+        "a rollback moves the epoch forward, never back"
+    );
+    let history = control.json(&["history", "shardmap", "users"]);
+    let last = &history["entries"].as_array().unwrap()[2];
+    assert_eq!(last["message"], "rollback of ShardMap/users to revision 1");
+
+    control
+        .atoll(&["rollback", "shardmap/users", "--to-revision", "99"])
+        .fails(
+            5,
+            &["did not change at revision 99; its revisions are 1, 2, 3"],
+        );
+
+    // The audit log has every commit, with authors.
+    let audit = control.json(&["audit"]);
+    let commits = audit["commits"].as_array().unwrap();
+    assert_eq!(commits.len(), 3);
+    assert!(commits.iter().all(|c| c["author"] == "tester"));
+}
+
+#[test]
+fn optimistic_concurrency_and_deletes() {
+    let control = example_loaded();
+    // A manifest carrying a stale resourceVersion is refused.
+    let stale = "apiVersion: atoll/v1\nkind: Zone\nmetadata: {name: hz-b, resourceVersion: \"7\"}\nspec: {region: hz, weight: 50}\n";
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(stale))
+        .fails(4, &["Zone/hz-b is at resourceVersion 1, not 7"]);
+    let current = stale.replace("\"7\"", "\"1\"");
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(&current))
+        .success();
+    assert_eq!(control.json(&["get", "zone", "hz-b"])["spec"]["weight"], 50);
+
+    // Deleting what nothing refers to works; deleting a whole file's
+    // resources happens in one revision.
+    control.atoll(&["delete", "route", "web"]).success();
+    control
+        .atoll(&["get", "route", "web"])
+        .fails(5, &["Route/web does not exist"]);
+    let gateways = examples().join("40-gateways.yaml");
+    let run = control
+        .atoll(&["delete", "-f", gateways.to_str().unwrap()])
+        .success();
+    assert!(
+        run.stderr().contains("revision 4: 4 deleted"),
+        "{}",
+        run.stderr()
+    );
+    control
+        .atoll(&["delete", "gateway", "gw-hz-a"])
+        .fails(5, &["does not exist"]);
+}

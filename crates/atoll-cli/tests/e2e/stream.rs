@@ -1,0 +1,311 @@
+//! A data-plane node on the config stream: snapshot, deltas, ACK, NACK, and
+//! barriers that wait for it and name it.
+
+use std::time::Duration;
+
+use atoll_api::config::config_stream_client::ConfigStreamClient;
+use atoll_api::config::{Ack, ConfigUpdate, Hello, Nack, NodeIdentity, NodeMessage, node_message};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+use crate::harness::{Control, examples};
+
+/// A test node: sends Hello, then whatever the test says.
+struct Node {
+    outbound: mpsc::Sender<NodeMessage>,
+    inbound: Streaming<ConfigUpdate>,
+}
+
+impl Node {
+    async fn connect(url: &str, name: &str, role: &str, applied: u64) -> Node {
+        let mut client = ConfigStreamClient::connect(url.to_owned())
+            .await
+            .expect("connect");
+        let (outbound, receiver) = mpsc::channel(16);
+        outbound
+            .send(NodeMessage {
+                message: Some(node_message::Message::Hello(Hello {
+                    node: Some(NodeIdentity {
+                        name: name.into(),
+                        role: role.into(),
+                        zone: "hz-a".into(),
+                        cell: String::new(),
+                    }),
+                    applied_version: applied,
+                })),
+            })
+            .await
+            .unwrap();
+        let inbound = client
+            .subscribe(ReceiverStream::new(receiver))
+            .await
+            .expect("subscribe")
+            .into_inner();
+        Node { outbound, inbound }
+    }
+
+    async fn next(&mut self) -> ConfigUpdate {
+        tokio::time::timeout(Duration::from_secs(10), self.inbound.message())
+            .await
+            .expect("an update within 10s")
+            .expect("stream ok")
+            .expect("stream open")
+    }
+
+    async fn ack(&self, update: &ConfigUpdate) {
+        self.outbound
+            .send(NodeMessage {
+                message: Some(node_message::Message::Ack(Ack {
+                    version: update.version,
+                    nonce: update.nonce.clone(),
+                })),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn nack(&self, update: &ConfigUpdate, reason: &str) {
+        self.outbound
+            .send(NodeMessage {
+                message: Some(node_message::Message::Nack(Nack {
+                    version: update.version,
+                    nonce: update.nonce.clone(),
+                    reason: reason.into(),
+                })),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+/// Runs blocking CLI commands off the async runtime.
+async fn atoll(control: &Control, args: &[&str]) -> crate::harness::Run {
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let state = control.state.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new(crate::harness::ATOLL)
+            .args(&args)
+            .env("ATOLL_STATE_DIR", state)
+            .env_remove("ATOLL_CONTROL")
+            .output()
+            .unwrap();
+        crate::harness::Run(output, args.join(" "))
+    })
+    .await
+    .unwrap()
+}
+
+async fn set_weight(control: &Control, zone: &str, weight: u32) {
+    let text = format!(
+        "apiVersion: atoll/v1\nkind: Zone\nmetadata: {{name: {zone}}}\nspec: {{region: hz, weight: {weight}}}\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("zone.yaml");
+    std::fs::write(&path, text).unwrap();
+    atoll(control, &["apply", "-f", path.to_str().unwrap()])
+        .await
+        .success();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gets_a_snapshot_then_deltas_and_a_barrier_names_it() {
+    let control = Control::start();
+    atoll(&control, &["apply", "-f", examples().to_str().unwrap()])
+        .await
+        .success();
+
+    let mut node = Node::connect(&control.url, "gw-test", "gateway", 0).await;
+    let snapshot = node.next().await;
+    assert!(snapshot.snapshot);
+    assert_eq!(snapshot.version, 1);
+    assert_eq!(snapshot.resources.len(), 26);
+    let map = snapshot
+        .resources
+        .iter()
+        .find(|r| r.kind == "ShardMap" && r.name == "users")
+        .expect("the shard map is in the snapshot");
+    let map: serde_json::Value = serde_json::from_slice(&map.json).unwrap();
+    assert_eq!(map["spec"]["epoch"], 1);
+    node.ack(&snapshot).await;
+
+    // A barrier on version 1 is reached once the ACK lands.
+    let run = atoll(
+        &control,
+        &[
+            "barrier",
+            "--version",
+            "1",
+            "--role",
+            "gateway",
+            "--timeout",
+            "5s",
+        ],
+    )
+    .await
+    .success();
+    assert!(
+        run.stdout().contains("version 1 reached by 1 node(s)"),
+        "{}",
+        run.stdout()
+    );
+
+    // A change arrives as a delta with only what changed.
+    set_weight(&control, "hz-b", 40).await;
+    let delta = node.next().await;
+    assert!(!delta.snapshot);
+    assert_eq!((delta.base_version, delta.version), (1, 2));
+    assert_eq!(delta.resources.len(), 1);
+    assert_eq!(
+        (
+            delta.resources[0].kind.as_str(),
+            delta.resources[0].name.as_str()
+        ),
+        ("Zone", "hz-b")
+    );
+    assert!(delta.removed.is_empty());
+
+    // The node refuses it; the control plane records the NACK and a barrier
+    // on version 2 names the node as a laggard, with its reason.
+    node.nack(&delta, "weight 40 is not allowed here").await;
+    let run = atoll(&control, &["barrier", "--timeout", "1s"]).await;
+    assert_eq!(run.code(), 7, "{}\n{}", run.stdout(), run.stderr());
+    let out = run.stdout();
+    assert!(
+        out.contains("version 2 not reached within 1s by 1 of 1 node(s)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "gw-test (applied 1, connected, last NACK of v2: weight 40 is not allowed here)"
+        ),
+        "{out}"
+    );
+
+    let nodes: serde_json::Value = serde_json::from_str(
+        &atoll(&control, &["nodes", "-o", "json"])
+            .await
+            .success()
+            .stdout(),
+    )
+    .unwrap();
+    let entry = &nodes["nodes"][0];
+    assert_eq!(entry["name"], "gw-test");
+    assert_eq!(entry["appliedVersion"], 1);
+    assert_eq!(entry["sentVersion"], 2);
+    assert_eq!(entry["lastNack"]["reason"], "weight 40 is not allowed here");
+    let table = atoll(&control, &["nodes"]).await.success().stdout();
+    assert!(
+        table.contains("gw-test") && table.contains("connected"),
+        "{table}"
+    );
+
+    // A barrier waiting in the background is released when the node catches up.
+    let waiter = {
+        let state = control.state.path().to_owned();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(crate::harness::ATOLL)
+                .args([
+                    "barrier",
+                    "--version",
+                    "3",
+                    "--timeout",
+                    "20s",
+                    "--min-nodes",
+                    "1",
+                ])
+                .env("ATOLL_STATE_DIR", state)
+                .env_remove("ATOLL_CONTROL")
+                .output()
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Deleting a resource arrives as a removal.
+    atoll(&control, &["delete", "route/web"]).await.success();
+    let delta = node.next().await;
+    assert_eq!((delta.base_version, delta.version), (2, 3));
+    assert!(delta.resources.is_empty());
+    assert_eq!(delta.removed.len(), 1);
+    assert_eq!(delta.removed[0].name, "web");
+    node.ack(&delta).await;
+    let output = waiter.await.unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("version 3 reached by 1 node(s)"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnected_node_lags_until_it_returns_or_is_forgotten() {
+    let control = Control::start();
+    atoll(&control, &["apply", "-f", examples().to_str().unwrap()])
+        .await
+        .success();
+    let mut node = Node::connect(&control.url, "gw-gone", "gateway", 0).await;
+    let snapshot = node.next().await;
+    node.ack(&snapshot).await;
+    atoll(&control, &["barrier", "--version", "1", "--timeout", "5s"])
+        .await
+        .success();
+    drop(node);
+    set_weight(&control, "hz-b", 10).await;
+    let run = atoll(&control, &["barrier", "--timeout", "500ms"]).await;
+    assert_eq!(run.code(), 7);
+    assert!(
+        run.stdout().contains("gw-gone (applied 1, disconnected)"),
+        "{}",
+        run.stdout()
+    );
+
+    // It comes back, says it runs version 1 (from its disk cache), gets a
+    // snapshot of version 2 and ACKs it.
+    let mut node = Node::connect(&control.url, "gw-gone", "gateway", 1).await;
+    let snapshot = node.next().await;
+    assert!(snapshot.snapshot && snapshot.version == 2);
+    node.ack(&snapshot).await;
+    atoll(&control, &["barrier", "--timeout", "5s"])
+        .await
+        .success();
+    drop(node);
+
+    // Forgotten, it no longer counts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    atoll(&control, &["nodes", "forget", "gw-gone"])
+        .await
+        .success();
+    set_weight(&control, "hz-b", 20).await;
+    atoll(&control, &["barrier", "--timeout", "1s"])
+        .await
+        .success();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_without_hello_is_refused() {
+    let control = Control::start();
+    let mut client = ConfigStreamClient::connect(control.url.clone())
+        .await
+        .unwrap();
+    let (outbound, receiver) = mpsc::channel(1);
+    outbound
+        .send(NodeMessage {
+            message: Some(node_message::Message::Ack(Ack {
+                version: 1,
+                nonce: "x".into(),
+            })),
+        })
+        .await
+        .unwrap();
+    let status = client
+        .subscribe(ReceiverStream::new(receiver))
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("first message must be Hello"),
+        "{}",
+        status.message()
+    );
+}
