@@ -85,26 +85,26 @@ pub(crate) fn resolve(flag: Option<&str>) -> Endpoint {
             origin: "--control".into(),
         };
     }
-    if let Ok(url) = std::env::var(CONTROL_ENV) {
-        if !url.is_empty() {
-            return Endpoint {
-                url: normalize(&url),
-                origin: format!("${CONTROL_ENV}"),
-            };
-        }
+    if let Ok(url) = std::env::var(CONTROL_ENV)
+        && !url.is_empty()
+    {
+        return Endpoint {
+            url: normalize(&url),
+            origin: format!("${CONTROL_ENV}"),
+        };
     }
     let path = discovery_path(&state_dir());
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        if let Ok(discovery) = serde_json::from_str::<Discovery>(&text) {
-            return Endpoint {
-                url: normalize(&discovery.url),
-                origin: format!(
-                    "{} (written by atoll control, pid {})",
-                    path.display(),
-                    discovery.pid
-                ),
-            };
-        }
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Ok(discovery) = serde_json::from_str::<Discovery>(&text)
+    {
+        return Endpoint {
+            url: normalize(&discovery.url),
+            origin: format!(
+                "{} (written by atoll control, pid {})",
+                path.display(),
+                discovery.pid
+            ),
+        };
     }
     Endpoint {
         url: format!("http://{DEFAULT_LISTEN}"),

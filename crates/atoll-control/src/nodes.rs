@@ -128,10 +128,10 @@ impl NodeRegistry {
                 kick: Some(kick),
             },
         );
-        if let Some(mut previous) = previous {
-            if let Some(kick) = previous.kick.take() {
-                let _ = kick.send(());
-            }
+        if let Some(mut previous) = previous
+            && let Some(kick) = previous.kick.take()
+        {
+            let _ = kick.send(());
         }
         drop(nodes);
         self.bump();
@@ -141,11 +141,11 @@ impl NodeRegistry {
     /// Runs `update` on the node's record if `connection` is still its stream.
     fn update(&self, name: &str, connection: u64, update: impl FnOnce(&mut Record)) {
         let mut nodes = self.nodes.lock();
-        if let Some(record) = nodes.get_mut(name) {
-            if record.connection == connection {
-                update(record);
-                record.last_seen = OffsetDateTime::now_utc();
-            }
+        if let Some(record) = nodes.get_mut(name)
+            && record.connection == connection
+        {
+            update(record);
+            record.last_seen = OffsetDateTime::now_utc();
         }
         drop(nodes);
         self.bump();

@@ -193,12 +193,11 @@ impl Control {
             let key = located.resource.key();
             let expected = located.resource.metadata.resource_version.take();
             let current = stored.get(&key).and_then(|r| r.metadata.resource_version);
-            if let Some(expected) = expected {
-                if (expected == 0 && current.is_some())
-                    || (expected != 0 && current != Some(expected))
-                {
-                    conflicts.push(conflict_text(&key, expected, current));
-                }
+            if let Some(expected) = expected
+                && ((expected == 0 && current.is_some())
+                    || (expected != 0 && current != Some(expected)))
+            {
+                conflicts.push(conflict_text(&key, expected, current));
             }
             if let Spec::ShardMap(map) = &mut located.resource.spec {
                 let previous = stored.get(&key).and_then(|r| match &r.spec {

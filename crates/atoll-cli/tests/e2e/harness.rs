@@ -63,13 +63,12 @@ impl Control {
         let deadline = Instant::now() + Duration::from_secs(30);
         let pid = self.child.as_ref().map(Child::id).unwrap_or_default();
         loop {
-            if let Ok(text) = std::fs::read_to_string(self.discovery()) {
-                if let Ok(value) = serde_json::from_str::<Value>(&text) {
-                    if value["pid"].as_u64() == Some(u64::from(pid)) {
-                        self.url = value["url"].as_str().expect("url").to_owned();
-                        return;
-                    }
-                }
+            if let Ok(text) = std::fs::read_to_string(self.discovery())
+                && let Ok(value) = serde_json::from_str::<Value>(&text)
+                && value["pid"].as_u64() == Some(u64::from(pid))
+            {
+                self.url = value["url"].as_str().expect("url").to_owned();
+                return;
             }
             if let Some(status) = self
                 .child
