@@ -132,6 +132,7 @@ impl ControlServer {
             metrics: metrics.clone(),
             started: Instant::now(),
             shutdown: stopping.clone(),
+            writer: tokio::sync::Mutex::new(()),
         });
         let config_stream = stream::ConfigStreamService {
             cache,

@@ -100,6 +100,11 @@ pub(crate) struct Control {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) started: std::time::Instant,
     pub(crate) shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Applies from this process take turns: each validates against the
+    /// state the previous one produced instead of racing it and retrying.
+    /// (Other control planes on the same etcd are still caught by the base
+    /// revision precondition.)
+    pub(crate) writer: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Control {
@@ -149,6 +154,11 @@ impl Control {
                 )));
             }
         }
+        let _turn = if dry_run {
+            None
+        } else {
+            Some(self.writer.lock().await)
+        };
         for _ in 0..MAX_ATTEMPTS {
             match self.try_apply(&set, dry_run, author).await {
                 Err(ControlError::Conflict(text)) if text.contains("the store moved") => continue,
