@@ -618,6 +618,9 @@ pub(crate) async fn barrier(client: &Client, args: BarrierArgs) -> Result<u8, Cl
             "version {} reached by {} node(s) in {} ms",
             response.version, response.matched, response.waited_ms
         );
+        if response.matched == 0 {
+            eprintln!("no node matched the selector; use --min-nodes to require some");
+        }
     } else {
         println!(
             "version {} not reached within {} by {} of {} node(s):",

@@ -309,3 +309,68 @@ async fn a_stream_without_hello_is_refused() {
         status.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_control_plane_ends_streams_cleanly() {
+    let mut control = Control::start();
+    let mut node = Node::connect(&control.url, "gw-stop", "gateway", 0).await;
+    let snapshot = node.next().await;
+    node.ack(&snapshot).await;
+    let stopped = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        control.stop();
+        started.elapsed()
+    });
+    let end = tokio::time::timeout(Duration::from_secs(10), node.inbound.message())
+        .await
+        .expect("the stream ends within 10s");
+    match end {
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status}"),
+        Ok(None) => {}
+        Ok(Some(update)) => panic!("unexpected update {update:?}"),
+    }
+    let took = stopped.await.unwrap();
+    assert!(
+        took < Duration::from_secs(5),
+        "stopping took {took:?} with a node connected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_watch_streams_commits() {
+    let control = Control::start();
+    atoll(&control, &["apply", "-f", examples().to_str().unwrap()])
+        .await
+        .success();
+    let mut response = reqwest::Client::new()
+        .get(format!("{}/v1/watch?after=0", control.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let mut buffer = String::new();
+    let mut lines = Vec::new();
+    let read_line =
+        async |response: &mut reqwest::Response, buffer: &mut String| -> serde_json::Value {
+            loop {
+                if let Some(end) = buffer.find('\n') {
+                    let line: String = buffer.drain(..=end).collect();
+                    return serde_json::from_str(&line).unwrap();
+                }
+                let chunk = tokio::time::timeout(Duration::from_secs(10), response.chunk())
+                    .await
+                    .expect("a line within 10s")
+                    .unwrap()
+                    .expect("open");
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        };
+    lines.push(read_line(&mut response, &mut buffer).await);
+    assert_eq!(lines[0]["revision"], 1);
+    assert_eq!(lines[0]["changes"].as_array().unwrap().len(), 26);
+    set_weight(&control, "hz-a", 7).await;
+    let next = read_line(&mut response, &mut buffer).await;
+    assert_eq!(next["revision"], 2);
+    assert_eq!(next["changes"][0]["name"], "hz-a");
+    assert_eq!(next["changes"][0]["resource"]["spec"]["weight"], 7);
+}
