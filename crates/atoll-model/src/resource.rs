@@ -516,6 +516,112 @@ pub struct ServiceSpec {
     /// Static endpoints (agents add reported ones).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<Endpoint>,
+    /// How a data-plane node picks an endpoint within a cell.
+    #[serde(default, skip_serializing_if = "LoadBalancer::is_default")]
+    pub load_balancer: LoadBalancer,
+    /// Active HTTP health checks of the endpoints; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// Passive ejection of endpoints that keep failing.
+    #[serde(default, skip_serializing_if = "OutlierDetection::is_default")]
+    pub outlier_detection: OutlierDetection,
+}
+
+/// How an endpoint is picked within a cell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LoadBalancer {
+    /// Each endpoint in turn.
+    #[default]
+    RoundRobin,
+    /// The less busy of two endpoints picked at random (power of two choices).
+    LeastRequest,
+}
+
+impl LoadBalancer {
+    fn is_default(&self) -> bool {
+        *self == LoadBalancer::default()
+    }
+}
+
+/// Active health checks: an HTTP GET to each endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheck {
+    /// Path to GET; a 2xx answer is healthy.
+    pub path: String,
+    /// Time between checks.
+    #[serde(default = "default_check_interval")]
+    pub interval: DurationValue,
+    /// Time allowed for an answer.
+    #[serde(default = "default_check_timeout")]
+    pub timeout: DurationValue,
+    /// Failed checks in a row before an endpoint leaves rotation.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Passed checks in a row before it comes back.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+}
+
+fn default_check_interval() -> DurationValue {
+    DurationValue(Duration::from_secs(5))
+}
+
+fn default_check_timeout() -> DurationValue {
+    DurationValue(Duration::from_secs(1))
+}
+
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+
+fn default_healthy_threshold() -> u32 {
+    2
+}
+
+/// Passive outlier ejection: endpoints whose requests keep failing (connect
+/// errors, resets, 5xx) leave rotation for a while.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Failures in a row that eject an endpoint; 0 turns ejection off.
+    #[serde(default = "default_consecutive_errors")]
+    pub consecutive_errors: u32,
+    /// How long the first ejection lasts; each later one lasts longer.
+    #[serde(default = "default_ejection_time")]
+    pub ejection_time: DurationValue,
+    /// At most this share of a cell's endpoints is ejected at once.
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_errors: default_consecutive_errors(),
+            ejection_time: default_ejection_time(),
+            max_ejected_percent: default_max_ejected_percent(),
+        }
+    }
+}
+
+impl OutlierDetection {
+    fn is_default(&self) -> bool {
+        *self == OutlierDetection::default()
+    }
+}
+
+fn default_consecutive_errors() -> u32 {
+    5
+}
+
+fn default_ejection_time() -> DurationValue {
+    DurationValue(Duration::from_secs(10))
+}
+
+fn default_max_ejected_percent() -> u32 {
+    50
 }
 
 /// Write classification of a service.
@@ -717,6 +823,31 @@ pub struct GatewaySpec {
     /// misrouted requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
+    /// Where a request for a cell of another zone goes.
+    #[serde(default, skip_serializing_if = "Misroute::is_default")]
+    pub misroute: Misroute,
+    /// How long a write to a fenced shard may wait for the fence to lift
+    /// before it is refused; 0 (the default) refuses at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub write_fence_hold: Option<DurationValue>,
+}
+
+/// Where a gateway sends a request whose cell is in another zone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Misroute {
+    /// To a gateway of the cell's zone (one that advertises an address),
+    /// once; endpoints directly if none does.
+    #[default]
+    Gateway,
+    /// Straight to the cell's endpoints.
+    Endpoints,
+}
+
+impl Misroute {
+    fn is_default(&self) -> bool {
+        *self == Misroute::default()
+    }
 }
 
 /// One listener of a gateway.

@@ -1,0 +1,462 @@
+//! The config-stream client that every Atoll data-plane node (gateway,
+//! sidecar, agent) runs: it follows the control plane, hands each version to
+//! the node's [`Installer`], answers ACK or NACK, and keeps the last version
+//! that installed on disk so the node starts and serves while the control
+//! plane is unreachable (static stability).
+//!
+//! It does not route traffic or interpret resources beyond decoding them:
+//! what a version means is the installer's business.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use atoll_api::config::config_stream_client::ConfigStreamClient;
+use atoll_api::config::{Ack, ConfigUpdate, Hello, Nack, NodeIdentity, NodeMessage, node_message};
+use atoll_model::{Kind, Resource, ResourceKey};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// One version of the configuration, as a node receives it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeConfig {
+    /// The store revision.
+    pub version: u64,
+    /// Every resource, in dependency order then by name.
+    pub resources: Vec<Resource>,
+}
+
+/// Turns a version into what the node runs. Implemented by the gateway.
+pub trait Installer: Send + Sync + 'static {
+    /// Compiles and installs `config`, or says why it cannot (that becomes
+    /// the NACK reason, and the node keeps what it ran).
+    fn install(&self, config: &NodeConfig) -> Result<(), String>;
+}
+
+/// Who the node is and where its control plane is.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Base URL of the control plane, e.g. `http://127.0.0.1:7400`.
+    pub control: String,
+    /// Unique node name.
+    pub name: String,
+    /// `gateway`, `sidecar`, `agent`...
+    pub role: String,
+    /// The node's zone.
+    pub zone: String,
+    /// The node's cell, if any.
+    pub cell: String,
+    /// Where the last installed version is kept; none disables the cache.
+    pub cache: Option<PathBuf>,
+}
+
+/// What the node knows about its own state, for readiness and status pages.
+#[derive(Debug, Default)]
+pub struct NodeStatus {
+    connected: AtomicBool,
+    applied: AtomicU64,
+    has_config: AtomicBool,
+    from_cache: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl NodeStatus {
+    /// Whether the stream to the control plane is open.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// The version the node runs (0 if none).
+    pub fn applied_version(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+
+    /// Whether the node runs any configuration.
+    pub fn has_config(&self) -> bool {
+        self.has_config.load(Ordering::Relaxed)
+    }
+
+    /// Whether what it runs came from the disk cache (not yet confirmed by
+    /// the control plane).
+    pub fn from_cache(&self) -> bool {
+        self.from_cache.load(Ordering::Relaxed)
+    }
+
+    /// The last problem: a refused version or a connection error.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().clone()
+    }
+
+    fn error(&self, text: String) {
+        *self.last_error.lock() = Some(text);
+    }
+}
+
+/// What the disk cache holds.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CacheFile {
+    /// Format marker.
+    atoll_config_cache: u32,
+    node: String,
+    config: NodeConfig,
+}
+
+/// Follows the control plane for one node.
+pub struct NodeClient {
+    options: NodeOptions,
+    installer: Arc<dyn Installer>,
+    status: Arc<NodeStatus>,
+}
+
+impl std::fmt::Debug for NodeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeClient")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a session with the control plane ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("{}", .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl NodeClient {
+    /// A client for `options` that installs versions with `installer`.
+    pub fn new(options: NodeOptions, installer: Arc<dyn Installer>) -> Self {
+        Self {
+            options,
+            installer,
+            status: Arc::new(NodeStatus::default()),
+        }
+    }
+
+    /// The node's status, shared.
+    pub fn status(&self) -> Arc<NodeStatus> {
+        self.status.clone()
+    }
+
+    /// Installs the version in the disk cache, if there is one and it
+    /// installs. Returns its version.
+    pub fn load_cache(&self) -> Option<u64> {
+        let path = self.options.cache.as_ref()?;
+        let text = match std::fs::read(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the config cache");
+                return None;
+            }
+        };
+        let cache: CacheFile = match serde_json::from_slice(&text) {
+            Ok(cache) => cache,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable config cache");
+                return None;
+            }
+        };
+        if cache.node != self.options.name {
+            tracing::warn!(path = %path.display(), cached = %cache.node, "ignoring the config cache of another node");
+            return None;
+        }
+        match self.installer.install(&cache.config) {
+            Ok(()) => {
+                let version = cache.config.version;
+                self.status.applied.store(version, Ordering::Relaxed);
+                self.status.has_config.store(true, Ordering::Relaxed);
+                self.status.from_cache.store(true, Ordering::Relaxed);
+                tracing::info!(version, path = %path.display(), "running the cached config until the control plane answers");
+                Some(version)
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "the cached config does not install; ignoring it");
+                None
+            }
+        }
+    }
+
+    /// Follows the control plane until `shutdown` turns true, reconnecting
+    /// with backoff.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                result = self.session() => result,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            self.status.connected.store(false, Ordering::Relaxed);
+            match result {
+                Ok(()) => tracing::info!("the control plane closed the config stream; reconnecting"),
+                Err(error) => {
+                    tracing::warn!(%error, control = %self.options.control, "config stream down; reconnecting");
+                    self.status.error(format!("config stream: {error}"));
+                }
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = Duration::from_millis(100);
+            }
+            // Jitter so that a fleet does not reconnect in lockstep.
+            let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+            tokio::select! {
+                () = tokio::time::sleep(backoff + jitter) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn session(&self) -> Result<(), SessionError> {
+        let channel = tonic::transport::Endpoint::from_shared(self.options.control.clone())
+            .map_err(|e| SessionError::Protocol(format!("bad control plane URL: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .connect()
+            .await?;
+        let mut client = ConfigStreamClient::new(channel);
+        let (outbound, receiver) = mpsc::channel(16);
+        let hello = NodeMessage {
+            message: Some(node_message::Message::Hello(Hello {
+                node: Some(NodeIdentity {
+                    name: self.options.name.clone(),
+                    role: self.options.role.clone(),
+                    zone: self.options.zone.clone(),
+                    cell: self.options.cell.clone(),
+                }),
+                applied_version: self.status.applied_version(),
+            })),
+        };
+        outbound
+            .send(hello)
+            .await
+            .map_err(|_| SessionError::Protocol("stream closed".into()))?;
+        let mut inbound = client
+            .subscribe(ReceiverStream::new(receiver))
+            .await?
+            .into_inner();
+        self.status.connected.store(true, Ordering::Relaxed);
+        tracing::info!(control = %self.options.control, "config stream open");
+
+        let mut received = Received::default();
+        while let Some(update) = inbound.message().await? {
+            let answer = self.on_update(&mut received, &update).await?;
+            outbound
+                .send(answer)
+                .await
+                .map_err(|_| SessionError::Protocol("stream closed".into()))?;
+        }
+        Ok(())
+    }
+
+    /// Applies one update to what was received, installs it, and says ACK
+    /// or NACK.
+    async fn on_update(
+        &self,
+        received: &mut Received,
+        update: &ConfigUpdate,
+    ) -> Result<NodeMessage, SessionError> {
+        if update.snapshot {
+            received.resources.clear();
+            received.broken.clear();
+        } else if update.base_version != received.version {
+            // We missed something: a fresh stream brings a snapshot.
+            return Err(SessionError::Protocol(format!(
+                "delta from version {} but we hold {}; resyncing",
+                update.base_version, received.version
+            )));
+        }
+        received.version = update.version;
+        for removed in &update.removed {
+            if let Some(kind) = Kind::parse(&removed.kind) {
+                let key = ResourceKey::new(kind, removed.name.clone());
+                received.resources.remove(&key);
+                received.broken.remove(&key);
+            }
+        }
+        for wire in &update.resources {
+            let key = Kind::parse(&wire.kind).map(|kind| ResourceKey::new(kind, wire.name.clone()));
+            match (key, serde_json::from_slice::<Resource>(&wire.json)) {
+                (Some(key), Ok(resource)) => {
+                    received.broken.remove(&key);
+                    received.resources.insert(key, resource);
+                }
+                (Some(key), Err(error)) => {
+                    received.resources.remove(&key);
+                    received.broken.insert(key, error.to_string());
+                }
+                (None, _) => {
+                    tracing::warn!(kind = %wire.kind, "ignoring a resource of a kind this node does not know");
+                }
+            }
+        }
+        let result = if let Some((key, error)) = received.broken.iter().next() {
+            Err(format!(
+                "{key} cannot be decoded by this node ({error}); is the node older than the control plane?"
+            ))
+        } else {
+            let config = NodeConfig {
+                version: update.version,
+                resources: received.resources.values().cloned().collect(),
+            };
+            let installed = self.installer.install(&config);
+            if installed.is_ok() {
+                self.save_cache(config).await;
+            }
+            installed
+        };
+        Ok(match result {
+            Ok(()) => {
+                self.status.applied.store(update.version, Ordering::Relaxed);
+                self.status.has_config.store(true, Ordering::Relaxed);
+                self.status.from_cache.store(false, Ordering::Relaxed);
+                tracing::info!(version = update.version, "config installed");
+                NodeMessage {
+                    message: Some(node_message::Message::Ack(Ack {
+                        version: update.version,
+                        nonce: update.nonce.clone(),
+                    })),
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(version = update.version, %reason, "config refused; keeping version {}", self.status.applied_version());
+                self.status
+                    .error(format!("version {} refused: {reason}", update.version));
+                NodeMessage {
+                    message: Some(node_message::Message::Nack(Nack {
+                        version: update.version,
+                        nonce: update.nonce.clone(),
+                        reason,
+                    })),
+                }
+            }
+        })
+    }
+
+    async fn save_cache(&self, config: NodeConfig) {
+        let Some(path) = self.options.cache.clone() else {
+            return;
+        };
+        let cache = CacheFile {
+            atoll_config_cache: 1,
+            node: self.options.name.clone(),
+            config,
+        };
+        let result = tokio::task::spawn_blocking(move || write_atomically(&path, &cache)).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "cannot write the config cache"),
+            Err(error) => tracing::warn!(%error, "config cache task failed"),
+        }
+    }
+}
+
+/// What the stream delivered so far (not necessarily installed).
+#[derive(Default)]
+struct Received {
+    version: u64,
+    resources: BTreeMap<ResourceKey, Resource>,
+    /// Resources this node could not decode, with the error.
+    broken: BTreeMap<ResourceKey, String>,
+}
+
+/// Writes `cache` to `path` so that a crash leaves the old file or the new
+/// one, never half of one: a temporary file, fsync, rename.
+fn write_atomically(path: &Path, cache: &CacheFile) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let temporary = path.with_extension("json.tmp");
+    let mut file = std::fs::File::create(&temporary)?;
+    file.write_all(&serde_json::to_vec(cache).map_err(std::io::Error::other)?)?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Recorder(Mutex<Vec<u64>>, bool);
+
+    impl Installer for Recorder {
+        fn install(&self, config: &NodeConfig) -> Result<(), String> {
+            if self.1 {
+                return Err("refused".into());
+            }
+            self.0.lock().push(config.version);
+            Ok(())
+        }
+    }
+
+    fn options(cache: PathBuf) -> NodeOptions {
+        NodeOptions {
+            control: "http://127.0.0.1:1".into(),
+            name: "gw-1".into(),
+            role: "gateway".into(),
+            zone: "hz-a".into(),
+            cell: String::new(),
+            cache: Some(cache),
+        }
+    }
+
+    #[test]
+    fn the_cache_round_trips_and_names_its_node() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("config.json");
+        let cache = CacheFile {
+            atoll_config_cache: 1,
+            node: "gw-1".into(),
+            config: NodeConfig {
+                version: 7,
+                resources: Vec::new(),
+            },
+        };
+        write_atomically(&path, &cache).expect("written");
+        let recorder = Arc::new(Recorder(Mutex::new(Vec::new()), false));
+        let client = NodeClient::new(options(path.clone()), recorder.clone());
+        assert_eq!(client.load_cache(), Some(7));
+        assert!(client.status().from_cache());
+        assert_eq!(*recorder.0.lock(), [7]);
+
+        let mut other = options(path);
+        other.name = "gw-2".into();
+        let client = NodeClient::new(other, recorder);
+        assert_eq!(client.load_cache(), None, "another node's cache is ignored");
+    }
+
+    #[test]
+    fn a_cache_that_does_not_install_is_ignored() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("config.json");
+        std::fs::write(&path, b"{not json").expect("written");
+        let refusing = Arc::new(Recorder(Mutex::new(Vec::new()), true));
+        let client = NodeClient::new(options(path.clone()), refusing.clone());
+        assert_eq!(client.load_cache(), None);
+        let cache = CacheFile {
+            atoll_config_cache: 1,
+            node: "gw-1".into(),
+            config: NodeConfig {
+                version: 3,
+                resources: Vec::new(),
+            },
+        };
+        write_atomically(&path, &cache).expect("written");
+        assert_eq!(client.load_cache(), None);
+        assert!(!client.status().has_config());
+    }
+}
