@@ -533,20 +533,49 @@ impl<'a> Validator<'a> {
         }
         if let Some(check) = &spec.health_check {
             if !check.path.starts_with('/') {
-                report!(self, located, "spec.healthCheck.path", "`{}` must start with `/`", check.path);
+                report!(
+                    self,
+                    located,
+                    "spec.healthCheck.path",
+                    "`{}` must start with `/`",
+                    check.path
+                );
             }
             if check.interval.0.is_zero() || check.timeout.0.is_zero() {
-                report!(self, located, "spec.healthCheck", "interval and timeout must be longer than zero");
+                report!(
+                    self,
+                    located,
+                    "spec.healthCheck",
+                    "interval and timeout must be longer than zero"
+                );
             }
             if check.healthy_threshold == 0 || check.unhealthy_threshold == 0 {
-                report!(self, located, "spec.healthCheck", "thresholds must be at least 1");
+                report!(
+                    self,
+                    located,
+                    "spec.healthCheck",
+                    "thresholds must be at least 1"
+                );
             }
         }
         if spec.outlier_detection.max_ejected_percent > 100 {
-            report!(self, located, "spec.outlierDetection.maxEjectedPercent", "a percentage is at most 100, not {}", spec.outlier_detection.max_ejected_percent);
+            report!(
+                self,
+                located,
+                "spec.outlierDetection.maxEjectedPercent",
+                "a percentage is at most 100, not {}",
+                spec.outlier_detection.max_ejected_percent
+            );
         }
-        if spec.outlier_detection.consecutive_errors > 0 && spec.outlier_detection.ejection_time.0.is_zero() {
-            report!(self, located, "spec.outlierDetection.ejectionTime", "must be longer than zero (or set consecutiveErrors to 0 to turn ejection off)");
+        if spec.outlier_detection.consecutive_errors > 0
+            && spec.outlier_detection.ejection_time.0.is_zero()
+        {
+            report!(
+                self,
+                located,
+                "spec.outlierDetection.ejectionTime",
+                "must be longer than zero (or set consecutiveErrors to 0 to turn ejection off)"
+            );
         }
         let mut addresses = HashSet::new();
         for (i, endpoint) in spec.endpoints.iter().enumerate() {
@@ -896,7 +925,13 @@ impl<'a> Validator<'a> {
         if let Some(hold) = spec.write_fence_hold
             && hold.0 > std::time::Duration::from_secs(30)
         {
-            report!(self, located, "spec.writeFenceHold", "a write waits at most 30s for a fence to lift, not {}", humantime::format_duration(hold.0));
+            report!(
+                self,
+                located,
+                "spec.writeFenceHold",
+                "a write waits at most 30s for a fence to lift, not {}",
+                humantime::format_duration(hold.0)
+            );
         }
         if let Some(advertise) = &spec.advertise
             && let Some(problem) = address_problem(advertise)

@@ -198,7 +198,9 @@ impl NodeClient {
             };
             self.status.connected.store(false, Ordering::Relaxed);
             match result {
-                Ok(()) => tracing::info!("the control plane closed the config stream; reconnecting"),
+                Ok(()) => {
+                    tracing::info!("the control plane closed the config stream; reconnecting")
+                }
                 Err(error) => {
                     tracing::warn!(%error, control = %self.options.control, "config stream down; reconnecting");
                     self.status.error(format!("config stream: {error}"));
