@@ -155,7 +155,9 @@ fn cell_zone(table: &RoutingTable, name: &str) -> String {
 
 #[test]
 fn ten_thousand_users_reach_their_owner_for_every_source_and_transform() {
-    let transforms: [(&str, u32, fn(u64) -> u32); 4] = [
+    type ShardOf = fn(u64) -> u32;
+    type MakeRequest = fn(u64) -> Req;
+    let transforms: [(&str, u32, ShardOf); 4] = [
         ("{decimalSuffix: 2}", 100, |id| (id % 100) as u32),
         ("{mod: 1000}", 1000, |id| (id % 1000) as u32),
         ("{hash: fnv1a64}", 1000, |id| {
@@ -165,7 +167,7 @@ fn ten_thousand_users_reach_their_owner_for_every_source_and_transform() {
             (hash(HashName::Xxh3, id.to_string().as_bytes()) % 1000) as u32
         }),
     ];
-    let sources: [(&str, fn(u64) -> Req); 5] = [
+    let sources: [(&str, MakeRequest); 5] = [
         ("{header: x-user-id}", |id| {
             Req::get("/api").header("x-user-id", &id.to_string())
         }),
