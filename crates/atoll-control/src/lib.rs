@@ -148,7 +148,11 @@ impl ControlServer {
 
         let expiry = self.options.node_expiry;
         let expirer = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(5).min(expiry));
+            let mut tick = tokio::time::interval(
+                Duration::from_secs(5)
+                    .min(expiry)
+                    .max(Duration::from_millis(100)),
+            );
             loop {
                 tick.tick().await;
                 let removed = nodes.expire(expiry);

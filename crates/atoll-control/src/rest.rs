@@ -95,11 +95,14 @@ impl From<atoll_store::StoreError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
-        let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ErrorCode::TooLarge
-        } else {
-            ErrorCode::BadRequest
+        // 422 is kept for invalid manifests (with `issues`); a body of the
+        // wrong shape is a bad request.
+        let (status, code) = match rejection.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::TooLarge),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, ErrorCode::BadRequest)
+            }
+            _ => (StatusCode::BAD_REQUEST, ErrorCode::BadRequest),
         };
         let message = match &rejection {
             JsonRejection::MissingJsonContentType(_) => {
@@ -283,7 +286,11 @@ async fn apply(
     body: Result<Json<ApplyRequest>, JsonRejection>,
 ) -> ApiResult<ApplyResponse> {
     let Json(request) = body?;
-    let mut set = Control::parse(&request.manifests)?;
+    // Parsing is CPU work proportional to the input: off the async workers.
+    let manifests = request.manifests;
+    let mut set = tokio::task::spawn_blocking(move || Control::parse(&manifests))
+        .await
+        .map_err(|e| ControlError::Unavailable(format!("parsing task failed: {e}")))??;
     for item in &request.delete {
         let kind = parse_kind(&item.kind)?;
         set.deletes.push((

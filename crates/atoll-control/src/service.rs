@@ -244,11 +244,16 @@ impl Control {
                 _ => {}
             }
         }
-        if !conflicts.is_empty() && set.issues.is_empty() {
-            return Err(ControlError::Conflict(format!(
-                "{}; nothing was changed: read again (atoll get -o yaml) and retry",
-                conflicts.join("; ")
-            )));
+        if !conflicts.is_empty() {
+            if set.issues.is_empty() {
+                return Err(ControlError::Conflict(format!(
+                    "{}; nothing was changed: read again (atoll get -o yaml) and retry",
+                    conflicts.join("; ")
+                )));
+            }
+            // Reported with the manifests' problems, so that fixing those
+            // does not reveal a second round of errors.
+            issues.extend(conflicts.into_iter().map(Issue::new));
         }
 
         // The state the change would produce.
@@ -269,7 +274,14 @@ impl Control {
             })
             .collect();
         proposed.extend(puts.iter().map(|(l, _)| l.clone()));
-        if let Err(found) = validate_with_pending(&proposed, &set.pending) {
+        // Validation is CPU work proportional to the whole state: off the
+        // async workers.
+        let pending = set.pending.clone();
+        let validated =
+            tokio::task::spawn_blocking(move || validate_with_pending(&proposed, &pending))
+                .await
+                .map_err(|e| ControlError::Unavailable(format!("validation task failed: {e}")))?;
+        if let Err(found) = validated {
             issues.extend(found.0);
         }
         if !issues.is_empty() {

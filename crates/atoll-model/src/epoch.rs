@@ -88,6 +88,44 @@ mod tests {
         assert_eq!(again.epoch, 8);
     }
 
+    /// Splits [0, 100) into ranges at `cuts`, owned by cells from `owners`.
+    fn partition(cuts: &[u32], owners: &[u8]) -> ShardMapSpec {
+        let mut bounds: Vec<u32> = cuts.iter().map(|c| c % 99 + 1).collect();
+        bounds.sort_unstable();
+        bounds.dedup();
+        let mut ranges = Vec::new();
+        let mut start = 0;
+        for (i, bound) in bounds.iter().chain([100].iter()).enumerate() {
+            let cell = format!("c{}", owners[i % owners.len()] % 3);
+            ranges.push((start, bound - 1, cell));
+            start = *bound;
+        }
+        let owned: Vec<(u32, u32, &str)> = ranges
+            .iter()
+            .map(|(a, b, c)| (*a, *b, c.as_str()))
+            .collect();
+        map(0, &owned)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ownership_differs_agrees_with_a_shard_by_shard_comparison(
+            cuts_a in proptest::collection::vec(0u32..200, 0..8),
+            cuts_b in proptest::collection::vec(0u32..200, 0..8),
+            owners_a in proptest::collection::vec(0u8..3, 1..4),
+            owners_b in proptest::collection::vec(0u8..3, 1..4),
+        ) {
+            let a = partition(&cuts_a, &owners_a);
+            let b = partition(&cuts_b, &owners_b);
+            let owner = |m: &ShardMapSpec, shard: u32| {
+                m.assignments.iter().find(|x| x.shards.contains(shard)).map(|x| x.cell.clone())
+            };
+            let expected = (0..100).any(|s| owner(&a, s) != owner(&b, s));
+            proptest::prop_assert_eq!(a.ownership_differs(&b), expected);
+            proptest::prop_assert!(!a.ownership_differs(&a));
+        }
+    }
+
     #[test]
     fn a_stale_epoch_is_refused_and_a_bump_allowed() {
         let stored = map(4, &[(0, 99, "a")]);

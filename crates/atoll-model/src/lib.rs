@@ -25,7 +25,9 @@ mod validate;
 pub use codec::{DecodeError, decode_resource};
 pub use epoch::assign_epoch;
 pub use issue::{Issue, Issues, Origin, Position, SpanIndex};
-pub use manifest::{Document, Loaded, Located, decode_document, load, load_all, parse_documents};
+pub use manifest::{
+    Document, Loaded, Located, MAX_NODES, decode_document, load, load_all, parse_documents,
+};
 pub use render::{diff, resource_yaml, to_yaml};
 pub use resource::*;
 pub use shards::{ShardRange, ShardRangeError, ShardSet};

@@ -16,6 +16,10 @@ use crate::codec::decode_resource;
 use crate::issue::{Issue, Issues, Origin, Position, SpanIndex};
 use crate::resource::{Kind, Resource, ResourceKey};
 
+/// The most values (scalars, lists, mappings; aliases counted expanded) one
+/// file may hold.
+pub const MAX_NODES: usize = 1_000_000;
+
 /// One YAML document of a manifest file, as a JSON value with field positions.
 #[derive(Clone, Debug)]
 pub struct Document {
@@ -178,11 +182,14 @@ enum Frame {
         items: Vec<Value>,
         path: String,
         anchor: usize,
+        /// Nodes spent before this collection started.
+        start: usize,
     },
     Mapping {
         entries: Map<String, Value>,
         path: String,
         anchor: usize,
+        start: usize,
         /// The key read last, waiting for its value.
         key: Option<String>,
     },
@@ -194,7 +201,12 @@ struct Builder {
     issues: Vec<Issue>,
     stack: Vec<Frame>,
     spans: SpanIndex,
-    anchors: HashMap<usize, Value>,
+    /// Anchored values and their size in nodes.
+    anchors: HashMap<usize, (Value, usize)>,
+    /// Nodes produced so far in this file, aliases counted expanded.
+    nodes: usize,
+    /// Set once the node budget is exceeded; the rest of the file is skipped.
+    over_budget: bool,
     root: Option<Value>,
     index: usize,
     start: Position,
@@ -209,6 +221,8 @@ impl Builder {
             stack: Vec::new(),
             spans: SpanIndex::default(),
             anchors: HashMap::new(),
+            nodes: 0,
+            over_budget: false,
             root: None,
             index: 0,
             start: Position { line: 1, column: 1 },
@@ -234,7 +248,25 @@ impl Builder {
         });
     }
 
+    /// Counts `nodes` more nodes against the file's budget, so that aliases
+    /// cannot expand a small file into gigabytes ("billion laughs").
+    fn spend(&mut self, nodes: usize, marker: Marker) -> bool {
+        self.nodes = self.nodes.saturating_add(nodes);
+        if self.nodes > MAX_NODES {
+            self.over_budget = true;
+            self.issue(
+                marker,
+                format!("this file expands to more than {MAX_NODES} values (through aliases?); split it or remove the aliases"),
+            );
+            return false;
+        }
+        true
+    }
+
     fn on_event(&mut self, event: Event, marker: Marker) {
+        if self.over_budget {
+            return;
+        }
         match event {
             Event::DocumentStart => {
                 self.spans = SpanIndex::default();
@@ -248,10 +280,13 @@ impl Builder {
                     self.on_key(text, marker);
                     return;
                 }
+                if !self.spend(1, marker) {
+                    return;
+                }
                 let value = resolve_scalar(&text, style, tag.as_ref());
                 self.on_value_start(marker);
                 if anchor > 0 {
-                    self.anchors.insert(anchor, value.clone());
+                    self.anchors.insert(anchor, (value.clone(), 1));
                 }
                 self.on_value(value);
             }
@@ -261,19 +296,31 @@ impl Builder {
                     self.skip_value();
                     return;
                 }
+                let (value, size) = self
+                    .anchors
+                    .get(&anchor)
+                    .cloned()
+                    .unwrap_or((Value::Null, 1));
+                if !self.spend(size, marker) {
+                    return;
+                }
                 self.on_value_start(marker);
-                let value = self.anchors.get(&anchor).cloned().unwrap_or(Value::Null);
                 self.on_value(value);
             }
             Event::SequenceStart(anchor, _) => {
                 if self.expecting_key() {
                     self.issue(marker, "mapping keys must be plain words, not lists".into());
                 }
+                if !self.spend(1, marker) {
+                    return;
+                }
+                let start = self.nodes - 1;
                 let path = self.on_value_start(marker);
                 self.stack.push(Frame::Sequence {
                     items: Vec::new(),
                     path,
                     anchor,
+                    start,
                 });
             }
             Event::MappingStart(anchor, _) => {
@@ -283,24 +330,38 @@ impl Builder {
                         "mapping keys must be plain words, not mappings".into(),
                     );
                 }
+                if !self.spend(1, marker) {
+                    return;
+                }
+                let start = self.nodes - 1;
                 let path = self.on_value_start(marker);
                 self.stack.push(Frame::Mapping {
                     entries: Map::new(),
                     path,
                     anchor,
+                    start,
                     key: None,
                 });
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                let (value, anchor) = match self.stack.pop() {
-                    Some(Frame::Sequence { items, anchor, .. }) => (Value::Array(items), anchor),
+                let (value, anchor, start) = match self.stack.pop() {
+                    Some(Frame::Sequence {
+                        items,
+                        anchor,
+                        start,
+                        ..
+                    }) => (Value::Array(items), anchor, start),
                     Some(Frame::Mapping {
-                        entries, anchor, ..
-                    }) => (Value::Object(entries), anchor),
+                        entries,
+                        anchor,
+                        start,
+                        ..
+                    }) => (Value::Object(entries), anchor, start),
                     None => return,
                 };
                 if anchor > 0 {
-                    self.anchors.insert(anchor, value.clone());
+                    self.anchors
+                        .insert(anchor, (value.clone(), self.nodes - start));
                 }
                 self.on_value(value);
             }
@@ -474,6 +535,20 @@ mod tests {
         assert_eq!(v["d"], 7);
         assert!(v["e"].is_null());
         assert_eq!(v["f"], 1.5);
+    }
+
+    #[test]
+    fn alias_bombs_are_refused_quickly() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for level in 1..10 {
+            let previous = level - 1;
+            let items = vec![format!("*a{previous}"); 10].join(", ");
+            text += &format!("a{level}: &a{level} [{items}]\n");
+        }
+        let started = std::time::Instant::now();
+        let err = parse_documents("bomb.yaml", &text).expect_err("refused");
+        assert!(err.0[0].reason.contains("expands to more than"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]

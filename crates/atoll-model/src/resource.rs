@@ -419,27 +419,35 @@ impl ShardMapSpec {
     }
 
     /// Whether `other` gives some shard a different owner than `self`.
+    /// Compared shard by shard (splitting a range without changing owners is
+    /// not an ownership change), in one merge walk over both sorted lists.
     pub fn ownership_differs(&self, other: &ShardMapSpec) -> bool {
-        // Compare shard by shard so that splitting a range without changing
-        // owners is not an ownership change.
         let mine = self.ownership();
         let theirs = other.ownership();
-        let owner_of = |owners: &[(u32, u32, &str)], shard: u32| -> Option<String> {
-            owners
-                .iter()
-                .find(|(start, end, _)| *start <= shard && shard <= *end)
-                .map(|(_, _, cell)| (*cell).to_owned())
-        };
-        let mut boundaries: Vec<u32> = mine
-            .iter()
-            .chain(theirs.iter())
-            .flat_map(|(start, end, _)| [*start, end.saturating_add(1)])
-            .collect();
-        boundaries.sort_unstable();
-        boundaries.dedup();
-        boundaries
-            .iter()
-            .any(|&shard| owner_of(&mine, shard) != owner_of(&theirs, shard))
+        let (mut i, mut j) = (0, 0);
+        // The first shard not yet compared.
+        let mut shard: u64 = 0;
+        loop {
+            // Skip ranges that end before `shard` (overlaps in invalid maps).
+            while i < mine.len() && u64::from(mine[i].1) < shard {
+                i += 1;
+            }
+            while j < theirs.len() && u64::from(theirs[j].1) < shard {
+                j += 1;
+            }
+            match (mine.get(i), theirs.get(j)) {
+                (None, None) => return false,
+                (Some(_), None) | (None, Some(_)) => return true,
+                (Some(a), Some(b)) => {
+                    let a_start = u64::from(a.0).max(shard);
+                    let b_start = u64::from(b.0).max(shard);
+                    if a_start != b_start || a.2 != b.2 {
+                        return true;
+                    }
+                    shard = u64::from(a.1.min(b.1)) + 1;
+                }
+            }
+        }
     }
 }
 

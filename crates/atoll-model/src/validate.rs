@@ -46,6 +46,8 @@ struct Validator<'a> {
     resources: &'a [Located],
     by_key: HashMap<ResourceKey, &'a Located>,
     pending: HashSet<ResourceKey>,
+    /// `names_of` results.
+    known: HashMap<Kind, String>,
     issues: Vec<Issue>,
 }
 
@@ -62,6 +64,7 @@ impl<'a> Validator<'a> {
             resources,
             by_key: HashMap::new(),
             pending: HashSet::new(),
+            known: HashMap::new(),
             issues: Vec::new(),
         }
     }
@@ -115,7 +118,12 @@ impl<'a> Validator<'a> {
         self.by_key.get(&ResourceKey::new(kind, name)).copied()
     }
 
-    fn names_of(&self, kind: Kind) -> String {
+    /// "known: a, b, c" for messages, computed once per kind and cut after
+    /// ten names so that a large batch of bad references stays cheap.
+    fn names_of(&mut self, kind: Kind) -> String {
+        if let Some(known) = self.known.get(&kind) {
+            return known.clone();
+        }
         let mut names: Vec<&str> = self
             .resources
             .iter()
@@ -124,11 +132,13 @@ impl<'a> Validator<'a> {
             .collect();
         names.sort_unstable();
         names.dedup();
-        if names.is_empty() {
-            format!("there are no {}s", kind.as_str())
-        } else {
-            format!("known: {}", names.join(", "))
-        }
+        let text = match names.len() {
+            0 => format!("there are no {}s", kind.as_str()),
+            n if n <= 10 => format!("known: {}", names.join(", ")),
+            n => format!("known: {} and {} more", names[..10].join(", "), n - 10),
+        };
+        self.known.insert(kind, text.clone());
+        text
     }
 
     /// Checks that `name` refers to an existing resource of `kind`.

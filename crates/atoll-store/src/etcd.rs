@@ -285,9 +285,14 @@ impl EtcdStore {
             if sender.is_closed() {
                 return;
             }
+            let before = last;
             match self.pump_once(&mut last, &sender).await {
                 Ok(()) => return, // receiver gone
                 Err(error) => {
+                    // A watch that delivered something was healthy: count anew.
+                    if last > before {
+                        failures = 0;
+                    }
                     failures += 1;
                     tracing::warn!(%error, failures, "etcd watch broke; resuming");
                     if failures == 10 && sender.send(Err(error)).await.is_err() {

@@ -76,23 +76,41 @@ fn a_busy_port_is_named_with_the_flag_to_change_it() {
 #[test]
 fn the_env_var_and_flag_override_discovery() {
     let control = Control::start();
-    // A discovery file pointing nowhere is overridden by the flag and the env var.
-    let output = Command::new(ATOLL)
-        .args(["status", "--control", &control.url])
-        .env("ATOLL_STATE_DIR", "/nonexistent")
-        .output()
-        .unwrap();
+    // A discovery file that points at a dead port...
+    let state = tempfile::tempdir().unwrap();
+    let dead = atoll_testing::free_port();
+    std::fs::write(
+        state.path().join("control.json"),
+        format!("{{\"url\": \"http://127.0.0.1:{dead}\", \"pid\": 1, \"store\": \"embedded:/x\"}}"),
+    )
+    .unwrap();
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut command = Command::new(ATOLL);
+        command
+            .args(args)
+            .env("ATOLL_STATE_DIR", state.path())
+            .env_remove("ATOLL_CONTROL");
+        if let Some(url) = env {
+            command.env("ATOLL_CONTROL", url);
+        }
+        command.output().unwrap()
+    };
+    // ...is what commands use without flags,
+    let output = run(&["status"], None);
+    assert_eq!(output.status.code(), Some(6));
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains(&format!("127.0.0.1:{dead}")) && text.contains("control.json"),
+        "{text}"
+    );
+    // but the flag and the environment variable win over it.
+    let output = run(&["status", "--control", &control.url], None);
     assert!(
         output.status.success(),
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let output = Command::new(ATOLL)
-        .args(["status"])
-        .env("ATOLL_STATE_DIR", "/nonexistent")
-        .env("ATOLL_CONTROL", &control.url)
-        .output()
-        .unwrap();
+    let output = run(&["status"], Some(&control.url));
     assert!(
         output.status.success(),
         "{}",
@@ -126,7 +144,7 @@ fn metrics_openapi_and_health_are_served() {
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 422);
+        assert_eq!(response.status(), 400);
         let body: serde_json::Value = response.json().await.unwrap();
         assert_eq!(body["error"], "badRequest");
         let response = get("/v1/nope").await;

@@ -325,9 +325,14 @@ async fn stopping_the_control_plane_ends_streams_cleanly() {
         .await
         .expect("the stream ends within 10s");
     match end {
-        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status}"),
-        Ok(None) => {}
-        Ok(Some(update)) => panic!("unexpected update {update:?}"),
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+            assert!(
+                status.message().contains("shutting down; reconnect"),
+                "{status}"
+            );
+        }
+        Ok(other) => panic!("expected UNAVAILABLE, got {other:?}"),
     }
     let took = stopped.await.unwrap();
     assert!(

@@ -339,13 +339,19 @@ pub(crate) async fn history_and_rollback(backend: &impl Backend) {
     assert_eq!(region_of(&stored), "hz");
     assert_eq!(stored.metadata.resource_version, Some(4));
     assert_eq!(store.history(&k).await.expect("history").len(), 4);
-    // Another resource's history is its own.
-    assert!(
+    // Another resource's history is its own, even when its name extends this one.
+    store
+        .commit(request(vec![Change::put(zone("zz", "hz"))]))
+        .await
+        .expect("create zz");
+    assert_eq!(store.history(&k).await.expect("history").len(), 4);
+    assert_eq!(
         store
             .history(&key(Kind::Zone, "zz"))
             .await
             .expect("history")
-            .is_empty()
+            .len(),
+        1
     );
 }
 
