@@ -7,6 +7,7 @@
 mod client;
 mod commands;
 mod control;
+mod gateway;
 mod output;
 
 use std::process::ExitCode;
@@ -40,6 +41,9 @@ struct Cli {
 enum Command {
     /// Run the control plane (REST API, config stream, metrics) until Ctrl-C.
     Control(control::ControlArgs),
+    /// Run a gateway: serve a Gateway resource's listeners, routing every
+    /// request to the cell that owns it.
+    Gateway(gateway::GatewayArgs),
     /// Create or replace resources from manifest files or directories.
     Apply(commands::ApplyArgs),
     /// Show resources of a kind (`cells`, `shardmap`...), or `all`.
@@ -72,17 +76,23 @@ struct OutputArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = match &cli.command {
+        // The data path runs on exactly the threads asked for.
+        Command::Gateway(args) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(args.workers());
+            builder
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(client::exit::FAILURE);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let code = match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(error) => {
             eprintln!("error: {}", error.message);
@@ -91,7 +101,10 @@ fn main() -> ExitCode {
             }
             ExitCode::from(error.code)
         }
-    }
+    };
+    // Do not wait for blocking tasks (a stdin reader, the access log).
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
 }
 
 async fn run(cli: Cli) -> Result<u8, CliError> {
@@ -109,6 +122,10 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
     let default_timeout = Some(std::time::Duration::from_secs(60));
     match cli.command {
         Command::Control(args) => control::run(args).await,
+        Command::Gateway(args) => {
+            let endpoint = client::resolve(cli.control.as_deref());
+            gateway::run(args, endpoint).await
+        }
         Command::Apply(args) => commands::apply(&connect(default_timeout)?, args).await,
         Command::Get(args) => commands::get(&connect(default_timeout)?, args).await,
         Command::Delete(args) => commands::delete(&connect(default_timeout)?, args).await,

@@ -142,6 +142,12 @@ impl NodeClient {
         }
     }
 
+    /// Sets the zone the node announces (known only after reading the
+    /// cache or asking the control plane).
+    pub fn set_zone(&mut self, zone: String) {
+        self.options.zone = zone;
+    }
+
     /// The node's status, shared.
     pub fn status(&self) -> Arc<NodeStatus> {
         self.status.clone()
@@ -194,7 +200,7 @@ impl NodeClient {
             let started = Instant::now();
             let result = tokio::select! {
                 result = self.session() => result,
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
             };
             self.status.connected.store(false, Ordering::Relaxed);
             match result {
@@ -213,7 +219,7 @@ impl NodeClient {
             let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
             tokio::select! {
                 () = tokio::time::sleep(backoff + jitter) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }

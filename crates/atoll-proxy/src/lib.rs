@@ -1,10 +1,202 @@
-//! Atoll's HTTP data path (work in progress: not used by any binary yet).
-#![allow(
-    dead_code,
-    unreachable_pub,
-    unused_imports,
-    reason = "being built; wired into the gateway next"
-)]
+//! Atoll's HTTP data path, shared by the gateway (and later the sidecar):
+//! tokio + hyper 1 listeners (HTTP/1.1 with keep-alive, chunked bodies and
+//! upgrades; HTTP/2 cleartext and over TLS with ALPN via rustls), routing by
+//! an atomically swapped [`atoll_routing::RoutingTable`], upstream connection
+//! pools, timeouts, retries, mirroring, active health checks, passive outlier
+//! ejection, Prometheus metrics and a JSON access log.
+//!
+//! It does not talk to the control plane: the node that embeds it installs
+//! each table with [`Proxy::install`].
 
+mod access_log;
+mod body;
+mod handler;
+mod headers;
+mod health;
+mod listener;
 mod metrics;
 mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use atoll_routing::{EndpointId, Health, RoutingTable};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::{Semaphore, watch};
+
+pub use access_log::AccessLogTarget;
+pub use body::ResponseBody;
+pub use headers::{BAGGAGE, CELL, EPOCH, HOP, KEY, MIRROR, SHARD};
+pub use listener::{Listener, Tls, serve};
+pub use metrics::ProxyMetrics;
+pub use upstream::Upstream;
+
+use crate::access_log::AccessLog;
+use crate::body::RequestBody;
+use crate::health::HealthChecks;
+use crate::metrics::TableMetrics;
+use crate::upstream::Registry;
+
+/// Tunables of the data path.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    /// The most body bytes buffered to find a routing key in a JSON body.
+    pub max_buffered_body: usize,
+    /// The most body bytes copied for a mirror; larger bodies are not mirrored.
+    pub mirror_body_limit: usize,
+    /// Mirrored copies in flight at once; more are dropped (and counted).
+    pub mirror_concurrency: usize,
+    /// Time allowed for a mirrored copy.
+    pub mirror_timeout: Duration,
+    /// Time allowed to connect to an upstream.
+    pub connect_timeout: Duration,
+    /// Idle upstream connections are closed after this long.
+    pub upstream_idle_timeout: Duration,
+    /// Where the access log goes; none turns it off.
+    pub access_log: Option<AccessLogTarget>,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            max_buffered_body: 1024 * 1024,
+            mirror_body_limit: 256 * 1024,
+            mirror_concurrency: 512,
+            mirror_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            upstream_idle_timeout: Duration::from_secs(60),
+            access_log: None,
+        }
+    }
+}
+
+/// A routing table with the runtime state of its upstreams.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The table.
+    pub table: RoutingTable,
+    /// One per table endpoint, same order.
+    pub upstreams: Vec<Arc<Upstream>>,
+    pub(crate) metrics: TableMetrics,
+}
+
+impl Health for Snapshot {
+    fn available(&self, endpoint: EndpointId) -> bool {
+        self.upstreams
+            .get(endpoint as usize)
+            .is_some_and(|u| u.available())
+    }
+
+    fn load(&self, endpoint: EndpointId) -> u32 {
+        self.upstreams
+            .get(endpoint as usize)
+            .map_or(0, |u| u.load())
+    }
+}
+
+/// The data path of one node.
+pub struct Proxy {
+    name: String,
+    snapshot: ArcSwapOption<Snapshot>,
+    versions: watch::Sender<u64>,
+    registry: Registry,
+    health_checks: HealthChecks,
+    client: Client<HttpConnector, RequestBody>,
+    metrics: Arc<ProxyMetrics>,
+    settings: ProxySettings,
+    mirrors: Arc<Semaphore>,
+    access_log: Option<AccessLog>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("name", &self.name)
+            .field("version", &*self.versions.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proxy {
+    /// A proxy with no table yet (it answers 503 until one is installed).
+    /// `name` identifies the node in logs.
+    pub fn new(
+        name: &str,
+        settings: ProxySettings,
+        metrics: Arc<ProxyMetrics>,
+    ) -> std::io::Result<Arc<Self>> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_keepalive(Some(Duration::from_secs(30)));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(settings.upstream_idle_timeout)
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        let access_log = match &settings.access_log {
+            Some(target) => Some(AccessLog::start(
+                target,
+                metrics.access_log_dropped.clone(),
+            )?),
+            None => None,
+        };
+        let (versions, _) = watch::channel(0);
+        Ok(Arc::new(Self {
+            name: name.to_owned(),
+            snapshot: ArcSwapOption::empty(),
+            versions,
+            registry: Registry::default(),
+            health_checks: HealthChecks::default(),
+            client,
+            mirrors: Arc::new(Semaphore::new(settings.mirror_concurrency)),
+            metrics,
+            settings,
+            access_log,
+        }))
+    }
+
+    /// Serves `table` from now on: requests already routed finish with the
+    /// table they started with. Upstream state (health, ejection, pools) is
+    /// kept for addresses the new table still uses.
+    pub fn install(&self, table: RoutingTable) -> Result<(), String> {
+        let addresses: Vec<&str> = table.endpoints.iter().map(|e| e.address.as_str()).collect();
+        let upstreams = self.registry.resolve(&addresses)?;
+        let mut checks = Vec::new();
+        for (endpoint, upstream) in table.endpoints.iter().zip(&upstreams) {
+            if let Some(check) = endpoint
+                .service
+                .and_then(|s| table.services[s as usize].health_check.clone())
+            {
+                checks.push((upstream.clone(), check));
+            }
+        }
+        let metrics = TableMetrics::new(&self.metrics, &table);
+        let version = table.version;
+        self.snapshot.store(Some(Arc::new(Snapshot {
+            table,
+            upstreams,
+            metrics,
+        })));
+        self.health_checks.reconcile(checks);
+        self.metrics
+            .table_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
+        self.versions.send_replace(version);
+        Ok(())
+    }
+
+    /// The snapshot being served, if any.
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.load_full()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
+        &self.metrics
+    }
+}

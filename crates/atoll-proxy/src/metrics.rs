@@ -232,6 +232,15 @@ impl ProxyMetrics {
         }
     }
 
+    /// Counts a configuration version installed or refused.
+    pub fn record_install(&self, installed: bool) {
+        Self::reason(
+            &self.installs,
+            if installed { "installed" } else { "refused" },
+        )
+        .inc();
+    }
+
     /// The text exposition.
     pub fn encode(&self) -> String {
         let mut text = String::new();

@@ -125,6 +125,8 @@ pub enum Refusal {
     InvalidKey(KeyError),
     /// A write to a fenced shard.
     Fenced {
+        /// The unitized service.
+        service: ServiceId,
         /// The shard.
         shard: u32,
         /// The shard map's epoch.
@@ -203,6 +205,7 @@ impl Refusal {
                 shard,
                 epoch,
                 cell: c,
+                ..
             } => format!(
                 "shard {shard} (cell {}) is fenced for a switchover at epoch {epoch}; writes are refused until it completes; retry shortly",
                 cell(*c)
@@ -347,6 +350,7 @@ impl RoutingTable {
                         let owner = unit.owners[shard as usize];
                         if write && unit.fenced[shard as usize] {
                             return Err(Refusal::Fenced {
+                                service: service_id,
                                 shard,
                                 epoch: unit.epoch,
                                 cell: owner,

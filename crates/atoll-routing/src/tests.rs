@@ -233,12 +233,14 @@ fn fenced_shards_refuse_writes_and_serve_reads() {
     assert_eq!(
         route(&table, &write),
         Err(Refusal::Fenced {
+            service: table.service_id("bank").expect("bank"),
             shard: 7,
             epoch: 4,
             cell: table.cell_id("rz00").expect("cell")
         })
     );
     let refusal = Refusal::Fenced {
+        service: 0,
         shard: 7,
         epoch: 4,
         cell: 0,

@@ -1,0 +1,348 @@
+//! Atoll's unit-aware gateway: runs one Gateway resource. It follows the
+//! control plane as a config-stream node (role `gateway`), validates and
+//! compiles each version into a routing table, binds the Gateway's
+//! listeners, and serves them with `atoll-proxy`; it keeps serving from its
+//! disk cache while the control plane is unreachable. An admin listener
+//! serves `/metrics`, `/healthz`, `/readyz` and `/config`.
+//!
+//! It holds no routing logic of its own (that is `atoll-routing`) and no data
+//! path (that is `atoll-proxy`).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use atoll_model::{Kind, Located, Origin, Protocol, Resource, Spec, validate};
+use atoll_node::{Installer, NodeClient, NodeConfig, NodeOptions};
+use atoll_proxy::{Listener, Proxy, ProxyMetrics, ProxySettings, Tls};
+use atoll_routing::{RoutingTable, Scope};
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+/// How to run a gateway.
+#[derive(Clone, Debug)]
+pub struct GatewayOptions {
+    /// The Gateway resource to run.
+    pub name: String,
+    /// Base URL of the control plane.
+    pub control: String,
+    /// Where the gateway keeps its config cache.
+    pub state_dir: PathBuf,
+    /// Address of the admin listener.
+    pub admin: SocketAddr,
+    /// How long a stop waits for requests in flight.
+    pub drain_timeout: Duration,
+    /// Data path tunables.
+    pub proxy: ProxySettings,
+}
+
+/// One bound listener and the signal that stops it.
+struct Running {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// What a listener is: its address and TLS files.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ListenerKey {
+    address: SocketAddr,
+    tls: Option<(String, String)>,
+}
+
+/// Installs versions: validate, compile, bind listeners, swap.
+struct GatewayInstaller {
+    name: String,
+    proxy: Arc<Proxy>,
+    drain: Duration,
+    listeners: Mutex<HashMap<ListenerKey, Running>>,
+    zone: Mutex<Option<String>>,
+}
+
+impl GatewayInstaller {
+    fn listener_keys(&self, resources: &[Resource]) -> Result<(String, Vec<ListenerKey>), String> {
+        let gateway = resources
+            .iter()
+            .find(|r| r.kind() == Kind::Gateway && r.name() == self.name)
+            .ok_or_else(|| format!("Gateway `{}` does not exist", self.name))?;
+        let Spec::Gateway(spec) = &gateway.spec else {
+            return Err("not a gateway".into());
+        };
+        let mut keys = Vec::new();
+        for listener in &spec.listeners {
+            let ip: IpAddr = match &listener.address {
+                Some(text) => text
+                    .parse()
+                    .map_err(|_| format!("listener address `{text}` is not an IP address"))?,
+                None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            };
+            let tls = match (listener.protocol, &listener.tls) {
+                (Protocol::Https, Some(tls)) => {
+                    Some((tls.certificate.clone(), tls.private_key.clone()))
+                }
+                (Protocol::Https, None) => {
+                    return Err(format!(
+                        "listener {} is https without tls files",
+                        listener.port
+                    ));
+                }
+                (Protocol::Http, _) => None,
+            };
+            keys.push(ListenerKey {
+                address: SocketAddr::new(ip, listener.port),
+                tls,
+            });
+        }
+        Ok((spec.zone.clone(), keys))
+    }
+}
+
+impl Installer for GatewayInstaller {
+    fn install(&self, config: &NodeConfig) -> Result<(), String> {
+        let result = self.try_install(config);
+        self.proxy.metrics().record_install(result.is_ok());
+        result
+    }
+}
+
+impl GatewayInstaller {
+    fn try_install(&self, config: &NodeConfig) -> Result<(), String> {
+        // The control plane validated this version; validating again means a
+        // gateway never runs a config that does not pass its own rules
+        // either (an older control plane, a hand-edited cache).
+        let located: Vec<Located> = config
+            .resources
+            .iter()
+            .map(|r| Located {
+                resource: r.clone(),
+                origin: Origin::Stored {
+                    revision: r.metadata.resource_version.unwrap_or(0),
+                },
+            })
+            .collect();
+        validate(&located).map_err(|issues| format!("invalid configuration: {issues}"))?;
+        let (zone, keys) = self.listener_keys(&config.resources)?;
+        let table = RoutingTable::compile(
+            config.version,
+            &config.resources,
+            &Scope {
+                zone: zone.clone(),
+                gateway: Some(self.name.clone()),
+            },
+        )?;
+
+        // Bind new listeners first: if one cannot be bound, nothing changes.
+        let mut listeners = self.listeners.lock();
+        let mut bound = Vec::new();
+        for key in &keys {
+            if listeners.contains_key(key) {
+                continue;
+            }
+            let tls = match &key.tls {
+                Some((certificate, private_key)) => {
+                    Some(Tls::from_files(certificate.as_ref(), private_key.as_ref())?)
+                }
+                None => None,
+            };
+            let socket = std::net::TcpListener::bind(key.address)
+                .map_err(|e| format!("cannot listen on {}: {e}", key.address))?;
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| format!("listener {}: {e}", key.address))?;
+            let socket = tokio::net::TcpListener::from_std(socket)
+                .map_err(|e| format!("listener {}: {e}", key.address))?;
+            bound.push((key.clone(), Listener { socket, tls }));
+        }
+        self.proxy.install(table)?;
+        for (key, listener) in bound {
+            let (stop, stopped) = watch::channel(false);
+            tracing::info!(address = %key.address, tls = key.tls.is_some(), "listening");
+            let task = tokio::spawn(atoll_proxy::serve(
+                self.proxy.clone(),
+                listener,
+                stopped,
+                self.drain,
+            ));
+            listeners.insert(key, Running { stop, task });
+        }
+        let unwanted: Vec<ListenerKey> = listeners
+            .keys()
+            .filter(|k| !keys.contains(k))
+            .cloned()
+            .collect();
+        for key in unwanted {
+            if let Some(running) = listeners.remove(&key) {
+                tracing::info!(address = %key.address, "listener removed from the Gateway; draining it");
+                let _ = running.stop.send(true);
+            }
+        }
+        *self.zone.lock() = Some(zone);
+        Ok(())
+    }
+
+    /// Stops every listener and waits for them to drain.
+    async fn stop(&self) {
+        let running: Vec<Running> = self.listeners.lock().drain().map(|(_, r)| r).collect();
+        for listener in &running {
+            let _ = listener.stop.send(true);
+        }
+        for listener in running {
+            let _ = listener.task.await;
+        }
+    }
+}
+
+/// Finds the zone of Gateway `name` from the control plane's REST API.
+async fn zone_from_control(control: &str, name: &str) -> Result<String, String> {
+    use http_body_util::BodyExt as _;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let uri = format!(
+        "{}/v1/resources/gateways/{name}",
+        control.trim_end_matches('/')
+    );
+    let uri: hyper::Uri = uri
+        .parse()
+        .map_err(|e| format!("bad control plane URL: {e}"))?;
+    let response = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
+        .await
+        .map_err(|_| "the control plane did not answer within 5s".to_owned())?
+        .map_err(|e| format!("cannot reach the control plane: {e}"))?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    if status == hyper::StatusCode::NOT_FOUND {
+        return Err(format!(
+            "Gateway `{name}` does not exist; apply a Gateway resource named {name} (see docs/manifests.md#gateway)"
+        ));
+    }
+    if !status.is_success() {
+        return Err(format!("the control plane answered {status}"));
+    }
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    value["spec"]["zone"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| "the Gateway has no zone".to_owned())
+}
+
+/// A running gateway.
+pub struct Gateway {
+    options: GatewayOptions,
+    proxy: Arc<Proxy>,
+    installer: Arc<GatewayInstaller>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("name", &self.options.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Gateway {
+    /// Prepares a gateway (nothing listens yet).
+    pub fn new(options: GatewayOptions) -> anyhow::Result<Self> {
+        let metrics = Arc::new(ProxyMetrics::new("atoll_gateway"));
+        let proxy = Proxy::new(&options.name, options.proxy.clone(), metrics)
+            .context("starting the data path")?;
+        let installer = Arc::new(GatewayInstaller {
+            name: options.name.clone(),
+            proxy: proxy.clone(),
+            drain: options.drain_timeout,
+            listeners: Mutex::new(HashMap::new()),
+            zone: Mutex::new(None),
+        });
+        Ok(Self {
+            options,
+            proxy,
+            installer,
+        })
+    }
+
+    /// Runs until `shutdown` turns true: serves the cached config at once
+    /// if there is one, follows the control plane, then drains.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let admin = tokio::net::TcpListener::bind(self.options.admin)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot serve the admin API on {}: {e}; choose another address with --admin",
+                    self.options.admin
+                )
+            })?;
+        let cache = self.options.state_dir.join("config.json");
+        let mut client = NodeClient::new(
+            NodeOptions {
+                control: self.options.control.clone(),
+                name: self.options.name.clone(),
+                role: "gateway".into(),
+                zone: String::new(),
+                cell: String::new(),
+                cache: Some(cache),
+            },
+            self.installer.clone(),
+        );
+        let from_cache = client.load_cache();
+        if let Some(version) = from_cache {
+            tracing::info!(
+                version,
+                "serving the cached configuration until the control plane answers"
+            );
+        }
+        // The zone goes in the node's Hello: from the cache, else ask.
+        let cached_zone = self.installer.zone.lock().clone();
+        let zone = match cached_zone {
+            Some(zone) => zone,
+            None => {
+                let mut shutdown = shutdown.clone();
+                loop {
+                    match zone_from_control(&self.options.control, &self.options.name).await {
+                        Ok(zone) => break zone,
+                        Err(reason) => {
+                            tracing::warn!(%reason, "waiting for the control plane to know this gateway");
+                            tokio::select! {
+                                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                                () = async { let _ = shutdown.wait_for(|s| *s).await; } => return Ok(()),
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        client.set_zone(zone.clone());
+        let status = client.status();
+        tracing::info!(gateway = %self.options.name, %zone, control = %self.options.control, admin = %self.options.admin, "gateway starting");
+
+        let admin_task = tokio::spawn(admin::serve(
+            admin,
+            admin::State {
+                name: self.options.name.clone(),
+                proxy: self.proxy.clone(),
+                status: status.clone(),
+                cached_version: from_cache,
+            },
+            shutdown.clone(),
+        ));
+        client.run(shutdown.clone()).await;
+        tracing::info!("stopping: draining listeners");
+        self.installer.stop().await;
+        let _ = admin_task.await;
+        Ok(())
+    }
+
+    /// The data path (for tests and tools).
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+}
+
+mod admin;

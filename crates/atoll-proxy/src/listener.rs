@@ -1,0 +1,194 @@
+//! Accepting connections: plain TCP (HTTP/1.1 and h2c) or TLS (ALPN h2 and
+//! http/1.1), one task per connection, graceful drain on shutdown.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::Proxy;
+use crate::handler::Connection;
+
+/// TLS settings of a listener.
+#[derive(Clone)]
+pub struct Tls {
+    acceptor: TlsAcceptor,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
+
+impl Tls {
+    /// Loads a PEM certificate chain and private key; offers h2 and
+    /// http/1.1 by ALPN.
+    pub fn from_files(certificate: &Path, private_key: &Path) -> Result<Self, String> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(certificate)
+            .map_err(|e| format!("cannot read certificate {}: {e}", certificate.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| {
+                format!(
+                    "certificate {} is not valid PEM: {e}",
+                    certificate.display()
+                )
+            })?;
+        if chain.is_empty() {
+            return Err(format!("{} holds no certificate", certificate.display()));
+        }
+        let key = PrivateKeyDer::from_pem_file(private_key)
+            .map_err(|e| format!("cannot read private key {}: {e}", private_key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS setup: {e}"))?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .map_err(|e| {
+                format!(
+                    "certificate {} and key {} do not work together: {e}",
+                    certificate.display(),
+                    private_key.display()
+                )
+            })?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Self {
+            acceptor: TlsAcceptor::from(Arc::new(config)),
+        })
+    }
+}
+
+/// A bound listener.
+#[derive(Debug)]
+pub struct Listener {
+    /// The socket.
+    pub socket: TcpListener,
+    /// TLS, for https listeners.
+    pub tls: Option<Tls>,
+}
+
+impl Listener {
+    /// Binds `address`, with a message that names the address when it fails.
+    pub async fn bind(address: SocketAddr, tls: Option<Tls>) -> Result<Self, String> {
+        let socket = TcpListener::bind(address).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                format!("cannot listen on {address}: the port is in use")
+            } else {
+                format!("cannot listen on {address}: {e}")
+            }
+        })?;
+        Ok(Self { socket, tls })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+}
+
+/// Serves `listener` with `proxy` until `shutdown` turns true, then stops
+/// accepting and lets open connections finish their requests for up to
+/// `drain`.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: Listener,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .keep_alive(true)
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(1024)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let builder = Arc::new(builder);
+    let tls = listener.tls.clone();
+    loop {
+        let (stream, remote) = tokio::select! {
+            accepted = listener.socket.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: do not spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let connection = Connection {
+                remote,
+                tls: tls.is_some(),
+            };
+            proxy.metrics.connections.inc();
+            let handler = proxy.clone();
+            let service = service_fn(move |request| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler.handle(request, connection).await) }
+            });
+            let result = match tls {
+                None => {
+                    let conn =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(conn.into_owned()).await
+                }
+                Some(tls) => {
+                    match tokio::time::timeout(Duration::from_secs(10), tls.acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(stream)) => {
+                            let conn = builder
+                                .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%remote, %error, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => Ok(()),
+                    }
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%remote, %error, "connection ended with an error");
+            }
+            proxy.metrics.connections.dec();
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?drain,
+            "connections still open after the drain timeout; closing them"
+        );
+    }
+}
