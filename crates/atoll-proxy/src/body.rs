@@ -96,11 +96,16 @@ impl Body for RequestBody {
             RequestBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             RequestBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
             RequestBody::Tee(inner, capture) => {
-                let polled = Pin::new(inner).poll_frame(cx);
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
                             capture.keep(data);
+                        }
+                        // hyper stops polling once a body with a known length
+                        // says it has ended: hand the copy over now.
+                        if inner.is_end_stream() {
+                            capture.finish();
                         }
                     }
                     Poll::Ready(None) => capture.finish(),

@@ -63,7 +63,9 @@ impl Backend {
     /// Starts a backend named `name` for `cell` on a free port of `ip`
     /// (any 127.x.y.z works on Linux).
     pub async fn start(name: &str, cell: &str, ip: &str) -> Backend {
-        let listener = TcpListener::bind((ip, 0)).await.expect("bind a backend port");
+        let listener = TcpListener::bind((ip, 0))
+            .await
+            .expect("bind a backend port");
         let address = listener.local_addr().expect("backend address");
         let inner = Arc::new(Inner {
             name: name.to_owned(),
@@ -75,7 +77,9 @@ impl Backend {
         let shared = inner.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let inner = shared.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request| {
@@ -130,7 +134,11 @@ async fn answer(inner: &Inner, mut request: Request<Incoming>) -> Response<Full<
             .unwrap_or_default();
     }
     inner.requests.fetch_add(1, Ordering::SeqCst);
-    if request.headers().get("upgrade").is_some_and(|v| v == "echo") {
+    if request
+        .headers()
+        .get("upgrade")
+        .is_some_and(|v| v == "echo")
+    {
         let upgrade = hyper::upgrade::on(&mut request);
         tokio::spawn(async move {
             if let Ok(upgraded) = upgrade.await {
@@ -178,10 +186,17 @@ async fn answer(inner: &Inner, mut request: Request<Incoming>) -> Response<Full<
     *inner.last.lock() = Some(report.clone());
     let mut status = StatusCode::OK;
     if let Some(rest) = path.strip_prefix("/slow/") {
-        let ms: u64 = rest.split('/').next().and_then(|t| t.parse().ok()).unwrap_or(0);
+        let ms: u64 = rest
+            .split('/')
+            .next()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    if let Some(code) = path.strip_prefix("/status/").and_then(|t| t.parse::<u16>().ok()) {
+    if let Some(code) = path
+        .strip_prefix("/status/")
+        .and_then(|t| t.parse::<u16>().ok())
+    {
         status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
     }
     let mut text = serde_json::to_vec(&report).unwrap_or_default();

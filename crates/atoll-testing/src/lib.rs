@@ -9,6 +9,8 @@
     reason = "test harness: failing loudly is the point"
 )]
 
+pub mod backend;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;

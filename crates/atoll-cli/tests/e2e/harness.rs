@@ -236,3 +236,166 @@ impl Run {
         self
     }
 }
+
+/// A running `atoll gateway`, killed on drop.
+pub(crate) struct GatewayProcess {
+    child: Option<Child>,
+    pub(crate) name: String,
+    pub(crate) admin: String,
+    pub(crate) log: PathBuf,
+}
+
+impl GatewayProcess {
+    /// Starts gateway `name` against `control_url` with its cache in
+    /// `state`; waits until `/readyz` answers 200 (or, when `expect_ready`
+    /// is false, until the admin API answers at all).
+    pub(crate) fn start(
+        control_url: &str,
+        name: &str,
+        state: &Path,
+        expect_ready: bool,
+    ) -> GatewayProcess {
+        std::fs::create_dir_all(state).expect("state dir");
+        let admin_port = atoll_testing::free_port();
+        let log = state.join(format!("{name}.log"));
+        let child = Command::new(ATOLL)
+            .args([
+                "gateway",
+                "--name",
+                name,
+                "--workers",
+                "2",
+                "--drain-timeout",
+                "2s",
+            ])
+            .arg(format!("--admin=127.0.0.1:{admin_port}"))
+            .arg(format!("--state-dir={}", state.display()))
+            .arg(format!("--control={control_url}"))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
+            .spawn()
+            .expect("spawn atoll gateway");
+        let mut gateway = GatewayProcess {
+            child: Some(child),
+            name: name.to_owned(),
+            admin: format!("127.0.0.1:{admin_port}"),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match http_get(&gateway.admin, "/readyz") {
+                Some((200, _)) => break,
+                Some(_) if !expect_ready => break,
+                _ => {}
+            }
+            if let Some(status) = gateway
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("gateway {name} exited with {status}:\n{}", gateway.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway {name} not ready in 30s:\n{}",
+                gateway.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        gateway
+    }
+
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The gateway's `/config` report.
+    pub(crate) fn config(&self) -> Value {
+        let (_, body) = http_get(&self.admin, "/config").expect("admin answers");
+        serde_json::from_str(&body).expect("json")
+    }
+
+    /// Its metrics text.
+    pub(crate) fn metrics(&self) -> String {
+        http_get(&self.admin, "/metrics").expect("admin answers").1
+    }
+
+    /// Waits until it serves `version` or later.
+    pub(crate) fn wait_version(&self, version: u64) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.config()["version"].as_u64().unwrap_or(0) < version {
+            assert!(
+                Instant::now() < deadline,
+                "gateway {} did not reach version {version}:\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops with SIGTERM and waits for a clean exit.
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    assert!(
+                        status.success(),
+                        "gateway exited with {status}:\n{}",
+                        self.log()
+                    );
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "gateway did not stop:\n{}",
+                    self.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Kills it at once (SIGKILL).
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether the process still runs.
+    pub(crate) fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A blocking HTTP/1.0 GET for admin endpoints: (status, body).
+pub(crate) fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((status, body))
+}

@@ -10,6 +10,8 @@
 #![allow(unreachable_pub, reason = "test modules")]
 
 mod cli;
+mod data_path;
+mod gateway;
 mod harness;
 mod manifests;
 mod restart;
