@@ -328,7 +328,11 @@ async fn ten_thousand_users_reach_their_owner_for_every_source_and_transform() {
                     .unwrap_or_default()
                     .split(',')
                     .count();
-                assert_eq!(hops, if expected % 2 == 0 { 1 } else { 2 }, "{body}");
+                assert_eq!(
+                    hops,
+                    if expected.is_multiple_of(2) { 1 } else { 2 },
+                    "{body}"
+                );
                 per_cell[expected] += 1;
             }
             assert!(
