@@ -149,7 +149,7 @@ impl Site {
             state,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(128)
-                .timeout(Duration::from_secs(20))
+                .timeout(Duration::from_secs(60))
                 .build()
                 .expect("client"),
         };

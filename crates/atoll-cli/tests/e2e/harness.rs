@@ -282,7 +282,7 @@ impl GatewayProcess {
             admin: format!("127.0.0.1:{admin_port}"),
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             match http_get(&gateway.admin, "/readyz") {
                 Some((200, _)) => break,
@@ -323,7 +323,7 @@ impl GatewayProcess {
 
     /// Waits until it serves `version` or later.
     pub(crate) fn wait_version(&self, version: u64) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(60);
         while self.config()["version"].as_u64().unwrap_or(0) < version {
             assert!(
                 Instant::now() < deadline,
