@@ -78,6 +78,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut builder = match &cli.command {
         // The data path runs on exactly the threads asked for.
+        Command::Gateway(args) if args.workers() == 1 => {
+            tokio::runtime::Builder::new_current_thread()
+        }
         Command::Gateway(args) => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             builder.worker_threads(args.workers());

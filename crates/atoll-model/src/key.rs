@@ -255,8 +255,9 @@ pub fn json_field(body: &[u8], path: &str) -> Option<String> {
 pub trait RequestView {
     /// The first value of a header (name is lower-case), if present and UTF-8.
     fn header(&self, name: &str) -> Option<&str>;
-    /// Every `Cookie` header value (HTTP/2 may split cookies over several).
-    fn cookie_headers(&self) -> Vec<&str>;
+    /// The value of cookie `name` in any `Cookie` header (HTTP/2 may split
+    /// cookies over several); [`cookie_value`] parses one header.
+    fn cookie(&self, name: &str) -> Option<&str>;
     /// The path, without the query.
     fn path(&self) -> &str;
     /// The query string without `?`, if any.
@@ -338,11 +339,7 @@ impl KeyRule {
         self.sources.iter().find_map(|source| {
             let value: Option<Cow<'a, str>> = match source {
                 CompiledSource::Header(name) => request.header(name).map(Cow::Borrowed),
-                CompiledSource::Cookie(name) => request
-                    .cookie_headers()
-                    .into_iter()
-                    .find_map(|h| cookie_value(h, name))
-                    .map(Cow::Borrowed),
+                CompiledSource::Cookie(name) => request.cookie(name).map(Cow::Borrowed),
                 CompiledSource::Query(name) => request.query().and_then(|q| query_value(q, name)),
                 CompiledSource::Path(template) => template.capture(request.path()),
                 CompiledSource::Body(path) => request

@@ -10,11 +10,14 @@
 
 mod access_log;
 mod body;
+mod chunked;
+mod fast;
 mod handler;
 mod headers;
 mod health;
 mod listener;
 mod metrics;
+mod rewind;
 mod upstream;
 
 use std::sync::Arc;

@@ -18,7 +18,9 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::Proxy;
+use crate::fast::{self, Exit};
 use crate::handler::Connection;
+use crate::rewind::Rewind;
 
 /// TLS settings of a listener.
 #[derive(Clone)]
@@ -123,6 +125,7 @@ pub async fn serve(
         .keep_alive_timeout(Duration::from_secs(10));
     let builder = Arc::new(builder);
     let tls = listener.tls.clone();
+    let fast_connections = Arc::new(FastConnections::default());
     loop {
         let (stream, remote) = tokio::select! {
             accepted = listener.socket.accept() => match accepted {
@@ -141,6 +144,8 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
+        let mut stopping = shutdown.clone();
+        let fast = fast_connections.clone();
         tokio::spawn(async move {
             let connection = Connection {
                 remote,
@@ -154,9 +159,20 @@ pub async fn serve(
             });
             let result = match tls {
                 None => {
-                    let conn =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(conn.into_owned()).await
+                    // HTTP/1.1 takes the fast path; what it does not handle
+                    // goes to hyper with the bytes already read.
+                    let guard = fast.enter();
+                    let exit = fast::serve(&proxy, stream, remote, &mut stopping).await;
+                    drop(guard);
+                    match exit {
+                        Exit::Closed => Ok(()),
+                        Exit::Handoff(stream, buffer) => {
+                            let io = Rewind::new(buffer.freeze(), stream);
+                            let conn =
+                                builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                            watcher.watch(conn.into_owned()).await
+                        }
+                    }
                 }
                 Some(tls) => {
                     match tokio::time::timeout(Duration::from_secs(10), tls.acceptor.accept(stream))
@@ -182,13 +198,53 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    let drained = async {
+        graceful.shutdown().await;
+        fast_connections.idle().await;
+    };
+    if tokio::time::timeout(drain, drained).await.is_err() {
         tracing::warn!(
             ?drain,
             "connections still open after the drain timeout; closing them"
         );
+    }
+}
+
+/// Counts fast-path connections so that a stop can wait for them.
+#[derive(Debug, Default)]
+struct FastConnections {
+    open: std::sync::atomic::AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+struct FastGuard(Arc<FastConnections>);
+
+impl FastConnections {
+    fn enter(self: &Arc<Self>) -> FastGuard {
+        self.open.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        FastGuard(self.clone())
+    }
+
+    async fn idle(&self) {
+        loop {
+            let notified = self.closed.notified();
+            if self.open.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for FastGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            == 1
+        {
+            self.0.closed.notify_waiters();
+        }
     }
 }

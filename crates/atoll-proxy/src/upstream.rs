@@ -12,6 +12,8 @@ use std::time::Instant;
 use atoll_model::OutlierDetection;
 use http::uri::Authority;
 use parking_lot::Mutex;
+use std::net::SocketAddr;
+use tokio::net::TcpStream;
 
 /// Nanoseconds since the first call, from a monotonic clock.
 pub(crate) fn now_nanos() -> u64 {
@@ -35,7 +37,14 @@ pub struct Upstream {
     /// 0 when not ejected.
     ejected_until: AtomicU64,
     ejections: AtomicU32,
+    /// The socket address when `address` is an IP literal (no lookup needed).
+    socket: Option<SocketAddr>,
+    /// Idle HTTP/1.1 connections of the fast path, most recently used last.
+    idle: Mutex<Vec<(TcpStream, Instant)>>,
 }
+
+/// The most idle connections kept per upstream.
+const MAX_IDLE: usize = 1024;
 
 impl Upstream {
     fn new(address: &str) -> Result<Self, String> {
@@ -50,6 +59,8 @@ impl Upstream {
             consecutive_failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
+            socket: address.parse().ok(),
+            idle: Mutex::new(Vec::new()),
         })
     }
 
@@ -80,6 +91,45 @@ impl Upstream {
     /// Requests in flight.
     pub fn load(&self) -> u32 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// An idle connection used less than `max_idle` ago, if any.
+    pub(crate) fn checkout(&self, max_idle: std::time::Duration) -> Option<TcpStream> {
+        let mut idle = self.idle.lock();
+        while let Some((stream, since)) = idle.pop() {
+            if since.elapsed() < max_idle {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection for the next request.
+    pub(crate) fn checkin(&self, stream: TcpStream) {
+        let mut idle = self.idle.lock();
+        if idle.len() < MAX_IDLE {
+            idle.push((stream, Instant::now()));
+        }
+    }
+
+    /// A new connection, within `timeout`.
+    pub(crate) async fn connect(&self, timeout: std::time::Duration) -> std::io::Result<TcpStream> {
+        let connect = async {
+            let stream = match self.socket {
+                Some(socket) => TcpStream::connect(socket).await?,
+                None => TcpStream::connect(self.address.as_str()).await?,
+            };
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        };
+        tokio::time::timeout(timeout, connect)
+            .await
+            .unwrap_or_else(|_| {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect timed out",
+                ))
+            })
     }
 
     pub(crate) fn start(self: &Arc<Self>) -> InFlight {

@@ -11,9 +11,34 @@ use crate::matcher::all_hold;
 use crate::table::{Group, RoutingTable, Service};
 use crate::{CellId, EndpointId, RouteId, ServiceId};
 
+/// Where routing reads a request's headers: an `http::HeaderMap`, or a data
+/// path's own parsed form. Names are given in lower case.
+pub trait HeaderSource {
+    /// The values of one header.
+    type Values<'s>: Iterator<Item = &'s [u8]>
+    where
+        Self: 's;
+
+    /// The values of header `name`, in order.
+    fn values<'s>(&'s self, name: &str) -> Self::Values<'s>;
+}
+
+type ValueBytes<'s> =
+    std::iter::Map<http::header::ValueIter<'s, http::HeaderValue>, fn(&http::HeaderValue) -> &[u8]>;
+
+impl HeaderSource for HeaderMap {
+    type Values<'s> = ValueBytes<'s>;
+
+    fn values<'s>(&'s self, name: &str) -> ValueBytes<'s> {
+        self.get_all(name)
+            .iter()
+            .map(http::HeaderValue::as_bytes as fn(&http::HeaderValue) -> &[u8])
+    }
+}
+
 /// What a request offers to routing.
-#[derive(Clone, Copy, Debug)]
-pub struct RequestInfo<'a> {
+#[derive(Debug)]
+pub struct RequestInfo<'a, H: ?Sized = HeaderMap> {
     /// The method.
     pub method: &'a Method,
     /// The host, without port (`Host` header or authority).
@@ -23,24 +48,35 @@ pub struct RequestInfo<'a> {
     /// The query, without `?`.
     pub query: Option<&'a str>,
     /// The headers.
-    pub headers: &'a HeaderMap,
+    pub headers: &'a H,
     /// The body, when buffered (only for rules that read it).
     pub body: Option<&'a [u8]>,
     /// Whether another gateway already forwarded this request (`x-atoll-hop`).
     pub forwarded: bool,
 }
 
-impl RequestView for RequestInfo<'_> {
+impl<H: ?Sized> Clone for RequestInfo<'_, H> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<H: ?Sized> Copy for RequestInfo<'_, H> {}
+
+impl<H: HeaderSource + ?Sized> RequestView for RequestInfo<'_, H> {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
+        self.headers
+            .values(name)
+            .next()
+            .and_then(|v| std::str::from_utf8(v).ok())
     }
 
-    fn cookie_headers(&self) -> Vec<&str> {
-        self.headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect()
+    fn cookie(&self, name: &str) -> Option<&str> {
+        self.headers.values("cookie").find_map(|v| {
+            std::str::from_utf8(v)
+                .ok()
+                .and_then(|text| atoll_model::key::cookie_value(text, name))
+        })
     }
 
     fn path(&self) -> &str {
@@ -256,16 +292,19 @@ struct Choice<'a> {
 
 impl RoutingTable {
     /// The route for a request, if any matches.
-    pub fn match_route(&self, request: &RequestInfo<'_>) -> Option<RouteId> {
+    pub fn match_route<H: HeaderSource + ?Sized>(
+        &self,
+        request: &RequestInfo<'_, H>,
+    ) -> Option<RouteId> {
         self.hosts
             .find(request.host, request.method, request.path, request.headers)
     }
 
     /// Decides where a request of `route` goes.
-    pub fn decide<'a>(
+    pub fn decide<'a, H: HeaderSource + ?Sized>(
         &self,
         route_id: RouteId,
-        request: &'a RequestInfo<'a>,
+        request: &'a RequestInfo<'a, H>,
         health: &impl Health,
     ) -> Decision<'a> {
         let Some(route) = self.routes.get(route_id as usize) else {
@@ -320,11 +359,11 @@ impl RoutingTable {
         })
     }
 
-    fn choose_cell<'a>(
+    fn choose_cell<'a, H: HeaderSource + ?Sized>(
         &self,
         service_id: ServiceId,
         service: &Service,
-        request: &'a RequestInfo<'a>,
+        request: &'a RequestInfo<'a, H>,
         write: bool,
         health: &impl Health,
     ) -> Result<Choice<'a>, Refusal> {
@@ -451,7 +490,7 @@ impl RoutingTable {
 
     /// The subset a route's split chooses: header-pinned targets first, then
     /// by weight.
-    fn split(&self, route: RouteId, headers: &HeaderMap) -> Option<u16> {
+    fn split<H: HeaderSource + ?Sized>(&self, route: RouteId, headers: &H) -> Option<u16> {
         let route = &self.routes[route as usize];
         if route.split.is_empty() {
             return None;
@@ -553,10 +592,10 @@ impl RoutingTable {
     /// Whether to copy this request to the route's mirror, and where: an
     /// endpoint of the shadow service chosen by its own kind (never through
     /// another gateway).
-    pub fn mirror(
+    pub fn mirror<H: HeaderSource + ?Sized>(
         &self,
         target: &Target<'_>,
-        request: &RequestInfo<'_>,
+        request: &RequestInfo<'_, H>,
         health: &impl Health,
     ) -> Option<EndpointId> {
         let mirror = self.routes.get(target.route as usize)?.mirror.as_ref()?;

@@ -13,7 +13,7 @@ mod decide;
 mod matcher;
 mod table;
 
-pub use decide::{AllAvailable, Decision, Health, Refusal, RequestInfo, Target, Via};
+pub use decide::{AllAvailable, Decision, HeaderSource, Health, Refusal, RequestInfo, Target, Via};
 pub use matcher::host_without_port;
 pub use table::{Cell, Endpoint, Route, RoutingTable, Scope, Service, Zone};
 

@@ -2,7 +2,9 @@
 
 use std::collections::HashMap;
 
-use http::{HeaderMap, HeaderName, Method};
+use http::{HeaderName, Method};
+
+use crate::HeaderSource;
 
 use crate::RouteId;
 
@@ -81,20 +83,22 @@ impl HeaderCondition {
     }
 
     /// Whether any value of the header satisfies the condition.
-    pub(crate) fn holds(&self, headers: &HeaderMap) -> bool {
+    pub(crate) fn holds<H: HeaderSource + ?Sized>(&self, headers: &H) -> bool {
         headers
-            .get_all(&self.name)
-            .iter()
+            .values(self.name.as_str())
             .any(|v| match &self.value {
                 ValueCondition::Present => true,
-                ValueCondition::Exact(exact) => v.as_bytes() == exact.as_slice(),
-                ValueCondition::Prefix(prefix) => v.as_bytes().starts_with(prefix),
+                ValueCondition::Exact(exact) => v == exact.as_slice(),
+                ValueCondition::Prefix(prefix) => v.starts_with(prefix),
             })
     }
 }
 
 /// Whether every condition holds.
-pub(crate) fn all_hold(conditions: &[HeaderCondition], headers: &HeaderMap) -> bool {
+pub(crate) fn all_hold<H: HeaderSource + ?Sized>(
+    conditions: &[HeaderCondition],
+    headers: &H,
+) -> bool {
     conditions.iter().all(|c| c.holds(headers))
 }
 
@@ -165,7 +169,7 @@ pub(crate) struct MatchEntry {
 }
 
 impl MatchEntry {
-    fn matches(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+    fn matches<H: HeaderSource + ?Sized>(&self, method: &Method, path: &str, headers: &H) -> bool {
         self.path.matches(path)
             && (self.methods.is_empty() || self.methods.contains(method))
             && all_hold(&self.headers, headers)
@@ -214,12 +218,12 @@ impl Hosts {
     /// The route for a request: the most specific host group that has a
     /// matching entry wins (exact host, then the longest wildcard, then
     /// routes for any host).
-    pub(crate) fn find(
+    pub(crate) fn find<H: HeaderSource + ?Sized>(
         &self,
         host: Option<&str>,
         method: &Method,
         path: &str,
-        headers: &HeaderMap,
+        headers: &H,
     ) -> Option<RouteId> {
         let first = |entries: &[MatchEntry]| {
             entries

@@ -575,6 +575,13 @@ impl RoutingTable {
         Some(self.services.get(service as usize)?.unit.as_ref()?.epoch)
     }
 
+    /// Whether the route mirrors requests.
+    pub fn has_mirror(&self, route: RouteId) -> bool {
+        self.routes
+            .get(route as usize)
+            .is_some_and(|r| r.mirror.as_ref().is_some_and(|m| m.per_million > 0))
+    }
+
     /// Whether requests of this route need their body buffered to find the key.
     pub fn needs_body(&self, route: RouteId) -> bool {
         self.routes

@@ -26,12 +26,11 @@ impl RequestView for Request {
             .find(|(n, _)| *n == name)
             .map(|(_, v)| v.as_str())
     }
-    fn cookie_headers(&self) -> Vec<&str> {
+    fn cookie(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .filter(|(n, _)| *n == "cookie")
-            .map(|(_, v)| v.as_str())
-            .collect()
+            .find_map(|(_, v)| cookie_value(v, name))
     }
     fn path(&self) -> &str {
         &self.path

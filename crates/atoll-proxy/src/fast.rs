@@ -1,0 +1,1382 @@
+//! The HTTP/1.1 fast path for plain listeners: one task per client
+//! connection reads request heads in place (httparse, no copies), routes,
+//! writes the upstream head into a reused buffer, and relays bodies by their
+//! framing, on upstream connections it borrows from a per-endpoint pool. No
+//! per-request task, channel or header map.
+//!
+//! It serves the common case only. A connection whose request needs more
+//! (HTTP/1.0, HTTP/2, absolute-form targets, `Expect`, upgrades, a key in the
+//! body, mirroring, retries beyond connect failures, a fence hold) is handed
+//! to hyper with the bytes already read, and hyper serves it from then on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use atoll_model::RetryOn;
+use atoll_routing::{Decision, HeaderSource, Refusal, RequestInfo, Via, host_without_port};
+use bytes::{Buf, BytesMut};
+use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::access_log::Entry;
+use crate::chunked::ChunkedScanner;
+use crate::{Proxy, Snapshot};
+
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+/// How long an idle keep-alive connection may wait for its next request.
+const IDLE: Duration = Duration::from_secs(300);
+/// How long a started request head may take to arrive.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a connection left the fast path.
+pub(crate) enum Exit {
+    /// Closed (by either side, or after an error answer).
+    Closed,
+    /// Hyper should serve it from here, starting with these bytes.
+    Handoff(TcpStream, BytesMut),
+}
+
+/// What to do after one request.
+enum Next {
+    KeepAlive,
+    Close,
+    Handoff,
+}
+
+/// The headers of a parsed head, as routing reads them.
+struct Headers<'h, 'b>(&'h [httparse::Header<'b>]);
+
+/// A header name kept inside the iterator (names are short; no allocation
+/// up to 64 bytes).
+enum Name {
+    Inline([u8; 64], u8),
+    Heap(String),
+}
+
+impl Name {
+    fn new(name: &str) -> Self {
+        if name.len() <= 64 {
+            let mut bytes = [0u8; 64];
+            bytes[..name.len()].copy_from_slice(name.as_bytes());
+            Name::Inline(bytes, name.len() as u8)
+        } else {
+            Name::Heap(name.to_owned())
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Name::Inline(bytes, len) => &bytes[..usize::from(*len)],
+            Name::Heap(text) => text.as_bytes(),
+        }
+    }
+}
+
+/// The values of one header.
+pub(crate) struct Values<'h, 'b> {
+    headers: std::slice::Iter<'h, httparse::Header<'b>>,
+    name: Name,
+}
+
+impl<'h, 'b: 'h> Iterator for Values<'h, 'b> {
+    type Item = &'h [u8];
+
+    fn next(&mut self) -> Option<&'h [u8]> {
+        let name = self.name.bytes();
+        self.headers
+            .by_ref()
+            .find(|h| h.name.as_bytes().eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+}
+
+impl<'b> HeaderSource for Headers<'_, 'b> {
+    type Values<'s>
+        = Values<'s, 'b>
+    where
+        Self: 's;
+
+    fn values<'s>(&'s self, name: &str) -> Values<'s, 'b> {
+        Values {
+            headers: self.0.iter(),
+            name: Name::new(name),
+        }
+    }
+}
+
+/// Facts about a request head needed after it is parsed.
+struct Framing {
+    content_length: Option<u64>,
+    chunked: bool,
+    close: bool,
+}
+
+/// Serves a plain connection until it closes or needs hyper.
+pub(crate) async fn serve(
+    proxy: &Arc<Proxy>,
+    mut client: TcpStream,
+    remote: SocketAddr,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Exit {
+    let mut buffer = BytesMut::with_capacity(8 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
+    let mut upstream_buffer = BytesMut::with_capacity(8 * 1024);
+    loop {
+        // Read until a whole head is buffered.
+        let mut scanned = 0;
+        let started_waiting = Instant::now();
+        loop {
+            if buffer.starts_with(b"PRI ") {
+                return Exit::Handoff(client, buffer);
+            }
+            if find_head_end(&buffer, scanned).is_some() {
+                break;
+            }
+            scanned = buffer.len().saturating_sub(3);
+            if buffer.len() > MAX_HEAD {
+                let _ = respond(
+                    &mut client,
+                    &mut out,
+                    431,
+                    "headersTooLarge",
+                    "the request head is larger than 64 KiB",
+                    &[],
+                    true,
+                )
+                .await;
+                return Exit::Closed;
+            }
+            if buffer.capacity() - buffer.len() < 1024 {
+                buffer.reserve(8 * 1024);
+            }
+            let limit = if buffer.is_empty() {
+                IDLE.saturating_sub(started_waiting.elapsed())
+            } else {
+                HEAD_TIMEOUT.saturating_sub(started_waiting.elapsed())
+            };
+            let read = if buffer.is_empty() {
+                tokio::select! {
+                    read = tokio::time::timeout(limit, client.read_buf(&mut buffer)) => read,
+                    () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return Exit::Closed,
+                }
+            } else {
+                tokio::time::timeout(limit, client.read_buf(&mut buffer)).await
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return Exit::Closed,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    if !buffer.is_empty() {
+                        let _ = respond(
+                            &mut client,
+                            &mut out,
+                            408,
+                            "requestTimeout",
+                            "the request head did not arrive in time",
+                            &[],
+                            true,
+                        )
+                        .await;
+                    }
+                    return Exit::Closed;
+                }
+            }
+        }
+        match one(
+            proxy,
+            &mut client,
+            &mut buffer,
+            &mut out,
+            &mut upstream_buffer,
+            remote,
+        )
+        .await
+        {
+            Next::KeepAlive => {
+                if *shutdown.borrow() {
+                    return Exit::Closed;
+                }
+            }
+            Next::Close => return Exit::Closed,
+            Next::Handoff => return Exit::Handoff(client, buffer),
+        }
+    }
+}
+
+/// The end of the head (`\r\n\r\n`) in `buffer`, searching from `from`.
+fn find_head_end(buffer: &[u8], from: usize) -> Option<usize> {
+    buffer[from..]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| from + p + 4)
+}
+
+fn reason(status: u16) -> &'static str {
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("")
+}
+
+/// Writes a JSON answer of the proxy's own.
+async fn respond(
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    status: u16,
+    code: &str,
+    message: &str,
+    extra: &[(&str, serde_json::Value)],
+    close: bool,
+) -> std::io::Result<()> {
+    let mut body = serde_json::Map::new();
+    body.insert("error".into(), code.into());
+    body.insert("message".into(), message.into());
+    for (key, value) in extra {
+        body.insert((*key).into(), value.clone());
+    }
+    let mut text = serde_json::to_vec(&body).unwrap_or_default();
+    text.push(b'\n');
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason(status).as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: application/json\r\ncontent-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(text.len()).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if status == 503 {
+        out.extend_from_slice(b"retry-after: 1\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&text);
+    client.write_all(out).await
+}
+
+/// Parses, routes and relays one request whose head is in `buffer`.
+async fn one(
+    proxy: &Arc<Proxy>,
+    client: &mut TcpStream,
+    buffer: &mut BytesMut,
+    out: &mut Vec<u8>,
+    upstream_buffer: &mut BytesMut,
+    remote: SocketAddr,
+) -> Next {
+    let started = Instant::now();
+    let Some(snapshot) = proxy.snapshot() else {
+        let _ = respond(
+            client,
+            out,
+            503,
+            "notReady",
+            "this node has no configuration yet",
+            &[],
+            true,
+        )
+        .await;
+        return Next::Close;
+    };
+
+    // Parse and decide while the head borrows the buffer; keep owned facts.
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let head_len = match request.parse(buffer) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Next::Handoff,
+        Err(httparse::Error::TooManyHeaders) => {
+            let _ = respond(
+                client,
+                out,
+                431,
+                "headersTooLarge",
+                "the request has more than 128 headers",
+                &[],
+                true,
+            )
+            .await;
+            return Next::Close;
+        }
+        Err(error) => {
+            let _ = respond(
+                client,
+                out,
+                400,
+                "badRequest",
+                &format!("malformed request: {error}"),
+                &[],
+                true,
+            )
+            .await;
+            return Next::Close;
+        }
+    };
+    let (Some(method_text), Some(target), Some(1)) =
+        (request.method, request.path, request.version)
+    else {
+        return Next::Handoff;
+    };
+    if !target.starts_with('/') {
+        return Next::Handoff;
+    }
+    let Ok(method) = Method::from_bytes(method_text.as_bytes()) else {
+        let _ = respond(
+            client,
+            out,
+            400,
+            "badRequest",
+            "malformed method",
+            &[],
+            true,
+        )
+        .await;
+        return Next::Close;
+    };
+    let head = Headers(request.headers);
+    let framing = match framing(&head) {
+        Ok(Some(framing)) => framing,
+        Ok(None) => return Next::Handoff,
+        Err(message) => {
+            let _ = respond(client, out, 400, "badRequest", message, &[], true).await;
+            return Next::Close;
+        }
+    };
+    let has_body = framing.chunked || framing.content_length.is_some_and(|n| n > 0);
+    let Some(host_value) = head
+        .values("host")
+        .next()
+        .and_then(|h| std::str::from_utf8(h).ok())
+    else {
+        let _ = respond(
+            client,
+            out,
+            400,
+            "badRequest",
+            "HTTP/1.1 requests need a Host header",
+            &[],
+            true,
+        )
+        .await;
+        return Next::Close;
+    };
+    let host = host_without_port(host_value);
+    let (path, query) = match target.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (target, None),
+    };
+    let forwarded = head.values("x-atoll-hop").next().is_some();
+    let info = RequestInfo {
+        method: &method,
+        host: Some(host),
+        path,
+        query,
+        headers: &head,
+        body: None,
+        forwarded,
+    };
+    let table = &snapshot.table;
+    let Some(route_id) = table.match_route(&info) else {
+        snapshot.metrics.refused("noRoute").inc();
+        let _ = respond(
+            client,
+            out,
+            404,
+            "noRoute",
+            "no route matches this request",
+            &[],
+            has_body || framing.close,
+        )
+        .await;
+        log(
+            proxy,
+            &method,
+            host,
+            target,
+            remote,
+            started,
+            404,
+            None,
+            Some("noRoute"),
+        );
+        if has_body || framing.close {
+            return Next::Close;
+        }
+        buffer.advance(head_len);
+        return Next::KeepAlive;
+    };
+    let route = &table.routes[route_id as usize];
+    if table.needs_body(route_id)
+        || table.has_mirror(route_id)
+        || route.retry_on.iter().any(|r| *r != RetryOn::ConnectFailure)
+    {
+        return Next::Handoff;
+    }
+    let target_decision = match table.decide(route_id, &info, &*snapshot) {
+        Decision::Upstream(target) => target,
+        Decision::Refuse(Refusal::Fenced { .. }) if !table.write_fence_hold.is_zero() => {
+            return Next::Handoff;
+        }
+        Decision::Refuse(refusal) => {
+            let close = has_body || framing.close;
+            refuse(&snapshot, client, out, &refusal, close).await;
+            log(
+                proxy,
+                &method,
+                host,
+                target,
+                remote,
+                started,
+                refusal.status(),
+                None,
+                Some(refusal.code()),
+            );
+            if close {
+                return Next::Close;
+            }
+            buffer.advance(head_len);
+            return Next::KeepAlive;
+        }
+    };
+
+    // Write the upstream head.
+    let cell = &table.cells[usize::from(target_decision.cell)];
+    out.clear();
+    out.extend_from_slice(method_text.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut forwarded_for = None;
+    let mut forwarded_proto = false;
+    for header in head.0 {
+        let name = header.name;
+        if is_hop_by_hop(name) || starts_with_ignore_case(name, "x-atoll-") {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            forwarded_for = Some(header.value);
+            continue;
+        }
+        if name.eq_ignore_ascii_case("x-forwarded-proto") {
+            forwarded_proto = true;
+        }
+        if name.eq_ignore_ascii_case("baggage") {
+            write_baggage_without_atoll(out, header.value);
+            continue;
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(header.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if let Some(previous) = forwarded_for {
+        out.extend_from_slice(previous);
+        out.extend_from_slice(b", ");
+    }
+    write_ip(out, remote.ip());
+    out.extend_from_slice(b"\r\n");
+    if !forwarded_proto {
+        out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+    }
+    let shard = target_decision.shard;
+    let epoch = shard.and_then(|_| table.epoch(target_decision.service));
+    if let Some(key) = &target_decision.key {
+        out.extend_from_slice(b"x-atoll-key: ");
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if let Some(shard) = shard {
+        out.extend_from_slice(b"x-atoll-shard: ");
+        out.extend_from_slice(itoa::Buffer::new().format(shard).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"x-atoll-cell: ");
+    out.extend_from_slice(cell.name.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if let Some(epoch) = epoch {
+        out.extend_from_slice(b"x-atoll-epoch: ");
+        out.extend_from_slice(itoa::Buffer::new().format(epoch).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"baggage: ");
+    if let Some(key) = &target_decision.key {
+        out.extend_from_slice(b"atoll.key=");
+        for part in percent_encoding::utf8_percent_encode(key, BAGGAGE_SAFE) {
+            out.extend_from_slice(part.as_bytes());
+        }
+        out.push(b',');
+    }
+    if let Some(shard) = shard {
+        out.extend_from_slice(b"atoll.shard=");
+        out.extend_from_slice(itoa::Buffer::new().format(shard).as_bytes());
+        out.push(b',');
+    }
+    out.extend_from_slice(b"atoll.cell=");
+    out.extend_from_slice(cell.name.as_bytes());
+    if let Some(epoch) = epoch {
+        out.extend_from_slice(b",atoll.epoch=");
+        out.extend_from_slice(itoa::Buffer::new().format(epoch).as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    if target_decision.via == Via::Gateway {
+        out.extend_from_slice(b"x-atoll-hop: 1\r\n");
+        snapshot.metrics.misroutes[usize::from(target_decision.cell)].inc();
+    }
+    out.extend_from_slice(b"\r\n");
+
+    // Facts the rest needs, then let go of the parsed head.
+    let routed = Routed {
+        route: target_decision.route,
+        service: target_decision.service,
+        cell: target_decision.cell,
+        endpoint: target_decision.endpoint,
+        via: target_decision.via,
+        subset: target_decision.subset,
+        shard,
+        write: target_decision.write,
+    };
+    let idempotent = matches!(
+        method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
+    let head_request = method == Method::HEAD;
+    let target_text = target.to_owned();
+    let host_text = host.to_owned();
+    buffer.advance(head_len);
+
+    let outcome = relay(
+        proxy,
+        &snapshot,
+        client,
+        buffer,
+        out,
+        upstream_buffer,
+        &routed,
+        &framing,
+        idempotent,
+        head_request,
+        started,
+    )
+    .await;
+    let (status, upstream, error, next) = outcome;
+    log(
+        proxy,
+        &method,
+        &host_text,
+        &target_text,
+        remote,
+        started,
+        status,
+        Some((&snapshot, &routed, upstream)),
+        error,
+    );
+    if framing.close { Next::Close } else { next }
+}
+
+/// The routing outcome, owned.
+struct Routed {
+    route: u32,
+    service: u32,
+    cell: u16,
+    endpoint: u32,
+    via: Via,
+    subset: Option<u16>,
+    shard: Option<u32>,
+    write: bool,
+}
+
+const BAGGAGE_SAFE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+fn starts_with_ignore_case(text: &str, prefix: &str) -> bool {
+    text.len() >= prefix.len()
+        && text.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
+fn is_hop_by_hop(name: &str) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    use std::io::Write as _;
+    let _ = write!(out, "{ip}");
+}
+
+/// Copies a client `baggage` header without its `atoll.*` members.
+fn write_baggage_without_atoll(out: &mut Vec<u8>, value: &[u8]) {
+    let Ok(text) = std::str::from_utf8(value) else {
+        return;
+    };
+    let mut first = true;
+    for member in text.split(',') {
+        let trimmed = member.trim();
+        if trimmed.is_empty() || trimmed.starts_with("atoll.") {
+            continue;
+        }
+        if first {
+            out.extend_from_slice(b"baggage: ");
+            first = false;
+        } else {
+            out.push(b',');
+        }
+        out.extend_from_slice(trimmed.as_bytes());
+    }
+    if !first {
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Reads the framing headers. `Ok(None)`: hyper should take the request.
+fn framing(head: &Headers<'_, '_>) -> Result<Option<Framing>, &'static str> {
+    let mut content_length = None;
+    let mut chunked = false;
+    let mut close = false;
+    for header in head.0 {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("content-length") {
+            let text = std::str::from_utf8(header.value).map_err(|_| "malformed Content-Length")?;
+            let value: u64 = text
+                .trim()
+                .parse()
+                .map_err(|_| "malformed Content-Length")?;
+            if content_length.is_some_and(|v| v != value) {
+                return Err("conflicting Content-Length headers");
+            }
+            content_length = Some(value);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let text =
+                std::str::from_utf8(header.value).map_err(|_| "malformed Transfer-Encoding")?;
+            if !text.trim().eq_ignore_ascii_case("chunked") || chunked {
+                // Other codings, or chunked twice: let hyper judge.
+                return Ok(None);
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in header.value.split(|b| *b == b',') {
+                let token = token.trim_ascii();
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                    // Upgrade, or headers named hop-by-hop: hyper's path.
+                    return Ok(None);
+                }
+            }
+        } else if name.eq_ignore_ascii_case("expect") || name.eq_ignore_ascii_case("upgrade") {
+            return Ok(None);
+        }
+    }
+    if chunked && content_length.is_some() {
+        return Err("a request cannot have both Content-Length and Transfer-Encoding");
+    }
+    Ok(Some(Framing {
+        content_length,
+        chunked,
+        close,
+    }))
+}
+
+async fn refuse(
+    snapshot: &Snapshot,
+    client: &mut TcpStream,
+    out: &mut Vec<u8>,
+    refusal: &Refusal,
+    close: bool,
+) {
+    snapshot.metrics.refused(refusal.code()).inc();
+    let table = &snapshot.table;
+    let mut extra: Vec<(&str, serde_json::Value)> = Vec::new();
+    match refusal {
+        Refusal::Fenced {
+            shard,
+            epoch,
+            cell,
+            service,
+        } => {
+            if let Some(counter) = snapshot.metrics.fenced.get(*service as usize) {
+                counter.inc();
+            }
+            extra.push(("shard", (*shard).into()));
+            extra.push(("epoch", (*epoch).into()));
+            if let Some(c) = table.cells.get(usize::from(*cell)) {
+                extra.push(("cell", c.name.clone().into()));
+            }
+        }
+        Refusal::Loop { cell }
+        | Refusal::NoEndpoint {
+            cell: Some(cell), ..
+        } => {
+            if let Some(c) = table.cells.get(usize::from(*cell)) {
+                extra.push(("cell", c.name.clone().into()));
+            }
+        }
+        _ => {}
+    }
+    let _ = respond(
+        client,
+        out,
+        refusal.status(),
+        refusal.code(),
+        &refusal.message(table),
+        &extra,
+        close,
+    )
+    .await;
+}
+
+/// Why a try failed.
+enum Failure {
+    /// A pooled connection was found closed before any answer: safe to retry
+    /// on a fresh one when the request can be sent again.
+    Stale,
+    /// Anything else; the message says what.
+    Other(u16, &'static str, String),
+}
+
+type RelayOutcome = (u16, Option<usize>, Option<&'static str>, Next);
+
+/// Sends the request (head in `out`, body from the client) upstream and the
+/// response back. Returns (status, upstream index, error code, next).
+#[expect(clippy::too_many_arguments, reason = "one request's state")]
+async fn relay(
+    proxy: &Proxy,
+    snapshot: &Snapshot,
+    client: &mut TcpStream,
+    buffer: &mut BytesMut,
+    out: &mut Vec<u8>,
+    upstream_buffer: &mut BytesMut,
+    routed: &Routed,
+    framing: &Framing,
+    idempotent: bool,
+    head_request: bool,
+    started: Instant,
+) -> RelayOutcome {
+    let table = &snapshot.table;
+    let route = &table.routes[routed.route as usize];
+    let cell = &table.cells[usize::from(routed.cell)];
+    let outlier = &table.services[routed.service as usize].outlier_detection;
+    // The body can be sent again when it is already in the buffer.
+    let body_in_buffer = match (framing.chunked, framing.content_length) {
+        (false, None) | (false, Some(0)) => true,
+        (false, Some(n)) => buffer.len() as u64 >= n,
+        (true, _) => ChunkedScanner::default()
+            .scan(buffer)
+            .ok()
+            .flatten()
+            .is_some(),
+    };
+    let connect_retries = if route.retry_on.contains(&RetryOn::ConnectFailure) && body_in_buffer {
+        route.retries
+    } else {
+        0
+    };
+    let deadline = route.timeout.map(|t| started + t);
+    let mut endpoint = routed.endpoint;
+    let mut attempts_left = connect_retries + 1;
+    let mut stale_retry = true;
+    let target = atoll_routing::Target {
+        route: routed.route,
+        service: routed.service,
+        cell: routed.cell,
+        endpoint,
+        via: routed.via,
+        write: routed.write,
+        key: None,
+        shard: routed.shard,
+        subset: routed.subset,
+    };
+    loop {
+        let upstream = snapshot.upstreams[endpoint as usize].clone();
+        let in_flight = upstream.start();
+        let (mut stream, fresh) = match upstream.checkout(proxy.settings.upstream_idle_timeout) {
+            Some(stream) => (stream, false),
+            None => match upstream.connect(proxy.settings.connect_timeout).await {
+                Ok(stream) => (stream, true),
+                Err(error) => {
+                    snapshot.metrics.upstream_connect.inc();
+                    if upstream.record(false, outlier, || may_eject(snapshot, routed, endpoint)) {
+                        proxy.metrics.ejections.inc();
+                    }
+                    drop(in_flight);
+                    attempts_left -= 1;
+                    if attempts_left > 0
+                        && let Some(next) = table.retry_endpoint(&target, endpoint, snapshot)
+                    {
+                        proxy.metrics.retries.inc();
+                        endpoint = next;
+                        continue;
+                    }
+                    let message = format!(
+                        "upstream {} (cell {}) failed: {error}",
+                        upstream.address, cell.name
+                    );
+                    let close = !body_in_buffer || framing.close;
+                    let _ = respond(
+                        client,
+                        out,
+                        502,
+                        "upstreamUnavailable",
+                        &message,
+                        &[("cell", cell.name.clone().into())],
+                        close,
+                    )
+                    .await;
+                    snapshot
+                        .metrics
+                        .path(routed.route, routed.cell)
+                        .observe(502, started.elapsed().as_secs_f64());
+                    let next = if close {
+                        Next::Close
+                    } else {
+                        consume_body(buffer, framing)
+                    };
+                    return (502, None, Some("upstreamUnavailable"), next);
+                }
+            },
+        };
+        let exchange = exchange(
+            client,
+            &mut stream,
+            buffer,
+            out,
+            upstream_buffer,
+            framing,
+            head_request,
+            fresh,
+        );
+        let result = match deadline.or(route.per_try_timeout.map(|t| Instant::now() + t)) {
+            Some(deadline) => match tokio::time::timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                exchange,
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(Failure::Other(
+                    504,
+                    "upstreamTimeout",
+                    format!(
+                        "upstream {} (cell {}) did not answer in time",
+                        upstream.address, cell.name
+                    ),
+                )),
+            },
+            None => exchange.await,
+        };
+        match result {
+            Ok(done) => {
+                let failed = done.status >= 500;
+                if upstream.record(!failed, outlier, || may_eject(snapshot, routed, endpoint)) {
+                    proxy.metrics.ejections.inc();
+                }
+                if failed {
+                    snapshot.metrics.upstream_status.inc();
+                }
+                if done.reusable {
+                    upstream.checkin(stream);
+                }
+                drop(in_flight);
+                snapshot
+                    .metrics
+                    .path(routed.route, routed.cell)
+                    .observe(done.status, started.elapsed().as_secs_f64());
+                let next = if done.client_close {
+                    Next::Close
+                } else {
+                    Next::KeepAlive
+                };
+                return (done.status, Some(endpoint as usize), None, next);
+            }
+            Err(Failure::Stale)
+                if stale_retry
+                    && (body_in_buffer
+                        && (idempotent || framing.content_length.is_none_or(|n| n == 0))) =>
+            {
+                // The pooled connection had been closed by the upstream; the
+                // request had not been answered: send it on a fresh one.
+                stale_retry = false;
+                drop(in_flight);
+                continue;
+            }
+            Err(failure) => {
+                drop(in_flight);
+                if upstream.record(false, outlier, || may_eject(snapshot, routed, endpoint)) {
+                    proxy.metrics.ejections.inc();
+                }
+                let (status, code, message) = match failure {
+                    Failure::Stale => (
+                        502,
+                        "upstreamUnavailable",
+                        format!(
+                            "upstream {} (cell {}) closed the connection",
+                            upstream.address, cell.name
+                        ),
+                    ),
+                    Failure::Other(status, code, message) => (status, code, message),
+                };
+                if code == "upstreamTimeout" {
+                    snapshot.metrics.upstream_timeout.inc();
+                } else {
+                    snapshot.metrics.upstream_reset.inc();
+                }
+                if status == 0 {
+                    // The response had started: nothing more can be said.
+                    return (502, Some(endpoint as usize), Some(code), Next::Close);
+                }
+                let _ = respond(
+                    client,
+                    out,
+                    status,
+                    code,
+                    &message,
+                    &[("cell", cell.name.clone().into())],
+                    true,
+                )
+                .await;
+                snapshot
+                    .metrics
+                    .path(routed.route, routed.cell)
+                    .observe(status, started.elapsed().as_secs_f64());
+                return (status, Some(endpoint as usize), Some(code), Next::Close);
+            }
+        }
+    }
+}
+
+/// Drops a body that is fully buffered, so the connection can go on.
+fn consume_body(buffer: &mut BytesMut, framing: &Framing) -> Next {
+    match (framing.chunked, framing.content_length) {
+        (false, None) => Next::KeepAlive,
+        (false, Some(n)) if buffer.len() as u64 >= n => {
+            buffer.advance(n as usize);
+            Next::KeepAlive
+        }
+        (true, _) => match ChunkedScanner::default().scan(buffer) {
+            Ok(Some(n)) => {
+                buffer.advance(n);
+                Next::KeepAlive
+            }
+            _ => Next::Close,
+        },
+        _ => Next::Close,
+    }
+}
+
+fn may_eject(snapshot: &Snapshot, routed: &Routed, endpoint: u32) -> bool {
+    let table = &snapshot.table;
+    let service = &table.services[routed.service as usize];
+    let group: &[u32] = match table.endpoints[endpoint as usize].cell {
+        Some(cell) => table.endpoints_of(routed.service, cell),
+        None => &table.zones[usize::from(table.cells[usize::from(routed.cell)].zone)].gateways,
+    };
+    if group.is_empty() {
+        return false;
+    }
+    let ejected = group
+        .iter()
+        .filter(|e| snapshot.upstreams[**e as usize].ejected())
+        .count();
+    (ejected + 1) * 100 <= group.len() * service.outlier_detection.max_ejected_percent as usize
+}
+
+/// A completed exchange.
+struct Done {
+    status: u16,
+    reusable: bool,
+    client_close: bool,
+}
+
+/// One request/response on one upstream connection.
+#[expect(clippy::too_many_arguments, reason = "one exchange's state")]
+async fn exchange(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    buffer: &mut BytesMut,
+    out: &mut Vec<u8>,
+    upstream_buffer: &mut BytesMut,
+    framing: &Framing,
+    head_request: bool,
+    fresh: bool,
+) -> Result<Done, Failure> {
+    let failure = |fresh: bool, what: &str, error: &dyn std::fmt::Display| {
+        if fresh {
+            Failure::Other(502, "upstreamUnavailable", format!("{what}: {error}"))
+        } else {
+            Failure::Stale
+        }
+    };
+    // Request head and the body bytes already buffered, in one write.
+    let head_len = out.len();
+    let mut chunked = ChunkedScanner::default();
+    let mut body_left: u64 = framing.content_length.unwrap_or(0);
+    let mut body_done = !framing.chunked && body_left == 0;
+    if !body_done {
+        if framing.chunked {
+            match chunked.scan(buffer) {
+                Ok(Some(n)) => {
+                    out.extend_from_slice(&buffer[..n]);
+                    buffer.advance(n);
+                    body_done = true;
+                }
+                Ok(None) => {
+                    out.extend_from_slice(buffer);
+                    buffer.clear();
+                }
+                Err(_) => {
+                    return Err(Failure::Other(
+                        400,
+                        "badRequest",
+                        "malformed chunked body".into(),
+                    ));
+                }
+            }
+        } else {
+            let n = (buffer.len() as u64).min(body_left) as usize;
+            out.extend_from_slice(&buffer[..n]);
+            buffer.advance(n);
+            body_left -= n as u64;
+            body_done = body_left == 0;
+        }
+    }
+    if let Err(error) = upstream.write_all(out).await {
+        out.truncate(head_len);
+        return Err(failure(fresh, "sending the request", &error));
+    }
+    out.truncate(head_len);
+    // The rest of the body, as it arrives.
+    let mut streamed = false;
+    while !body_done {
+        streamed = true;
+        buffer.clear();
+        match client.read_buf(buffer).await {
+            Ok(0) | Err(_) => {
+                return Err(Failure::Other(
+                    0,
+                    "clientClosed",
+                    "the client went away mid-body".into(),
+                ));
+            }
+            Ok(_) => {}
+        }
+        let n = if framing.chunked {
+            match chunked.scan(buffer) {
+                Ok(Some(n)) => {
+                    body_done = true;
+                    n
+                }
+                Ok(None) => buffer.len(),
+                Err(_) => {
+                    return Err(Failure::Other(
+                        0,
+                        "badRequest",
+                        "malformed chunked body".into(),
+                    ));
+                }
+            }
+        } else {
+            let n = (buffer.len() as u64).min(body_left) as usize;
+            body_left -= n as u64;
+            body_done = body_left == 0;
+            n
+        };
+        if upstream.write_all(&buffer[..n]).await.is_err() {
+            return Err(Failure::Other(
+                0,
+                "upstreamReset",
+                "the upstream went away mid-body".into(),
+            ));
+        }
+        buffer.advance(n);
+    }
+
+    // The response head.
+    upstream_buffer.clear();
+    loop {
+        loop {
+            if find_head_end(upstream_buffer, 0).is_some() {
+                break;
+            }
+            if upstream_buffer.len() > MAX_HEAD {
+                return Err(Failure::Other(
+                    502,
+                    "badResponse",
+                    "the upstream's response head is larger than 64 KiB".into(),
+                ));
+            }
+            if upstream_buffer.capacity() - upstream_buffer.len() < 1024 {
+                upstream_buffer.reserve(8 * 1024);
+            }
+            match upstream.read_buf(upstream_buffer).await {
+                Ok(0) if upstream_buffer.is_empty() && !streamed => {
+                    return Err(failure(fresh, "reading the response", &"connection closed"));
+                }
+                Ok(0) => {
+                    return Err(Failure::Other(
+                        502,
+                        "upstreamReset",
+                        "the upstream closed the connection before answering".into(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(error) if upstream_buffer.is_empty() && !streamed => {
+                    return Err(failure(fresh, "reading the response", &error));
+                }
+                Err(error) => {
+                    return Err(Failure::Other(
+                        502,
+                        "upstreamReset",
+                        format!("reading the response: {error}"),
+                    ));
+                }
+            }
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        let head_len = match response.parse(upstream_buffer) {
+            Ok(httparse::Status::Complete(n)) => n,
+            _ => {
+                return Err(Failure::Other(
+                    502,
+                    "badResponse",
+                    "the upstream's response is not valid HTTP/1.1".into(),
+                ));
+            }
+        };
+        let status = response.code.unwrap_or(502);
+        let upstream_http10 = response.version == Some(0);
+        let mut length: Option<u64> = None;
+        let mut chunked_response = false;
+        let mut upstream_close = upstream_http10;
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(response.reason.unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for header in response.headers.iter() {
+            let name = header.name;
+            if name.eq_ignore_ascii_case("connection") {
+                for token in header.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        upstream_close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        upstream_close = false;
+                    }
+                }
+                continue;
+            }
+            if is_hop_by_hop(name) {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("content-length") {
+                length = std::str::from_utf8(header.value)
+                    .ok()
+                    .and_then(|t| t.trim().parse().ok());
+                if length.is_none() {
+                    return Err(Failure::Other(
+                        502,
+                        "badResponse",
+                        "the upstream sent a malformed Content-Length".into(),
+                    ));
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked_response = header.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+                if !chunked_response {
+                    return Err(Failure::Other(
+                        502,
+                        "badResponse",
+                        "the upstream used a transfer coding other than chunked".into(),
+                    ));
+                }
+            }
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(header.value);
+            out.extend_from_slice(b"\r\n");
+        }
+        let informational = (100..200).contains(&status);
+        let no_body = head_request || informational || status == 204 || status == 304;
+        // Without a length, the body runs until the upstream closes: the
+        // client connection must close after it too.
+        let close_delimited = !no_body && !chunked_response && length.is_none();
+        if close_delimited {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        upstream_buffer.advance(head_len);
+        if informational {
+            if client.write_all(out).await.is_err() {
+                return Err(Failure::Other(
+                    0,
+                    "clientClosed",
+                    "the client went away".into(),
+                ));
+            }
+            continue;
+        }
+
+        // Head and the body bytes already read, in one write.
+        let mut body_scanner = ChunkedScanner::default();
+        let mut left = if no_body {
+            0
+        } else {
+            length.unwrap_or(u64::MAX)
+        };
+        let mut complete = no_body || (!chunked_response && left == 0);
+        if !complete {
+            let n = if chunked_response {
+                match body_scanner.scan(upstream_buffer) {
+                    Ok(Some(n)) => {
+                        complete = true;
+                        n
+                    }
+                    Ok(None) => upstream_buffer.len(),
+                    Err(_) => {
+                        return Err(Failure::Other(
+                            0,
+                            "badResponse",
+                            "malformed chunked response".into(),
+                        ));
+                    }
+                }
+            } else {
+                let n = (upstream_buffer.len() as u64).min(left) as usize;
+                if !close_delimited {
+                    left -= n as u64;
+                    complete = left == 0;
+                }
+                n
+            };
+            out.extend_from_slice(&upstream_buffer[..n]);
+            upstream_buffer.advance(n);
+        }
+        if client.write_all(out).await.is_err() {
+            return Err(Failure::Other(
+                0,
+                "clientClosed",
+                "the client went away".into(),
+            ));
+        }
+        while !complete {
+            upstream_buffer.clear();
+            match upstream.read_buf(upstream_buffer).await {
+                Ok(0) if close_delimited => break,
+                Ok(0) | Err(_) => {
+                    return Err(Failure::Other(
+                        0,
+                        "upstreamReset",
+                        "the upstream went away mid-response".into(),
+                    ));
+                }
+                Ok(_) => {}
+            }
+            let n = if chunked_response {
+                match body_scanner.scan(upstream_buffer) {
+                    Ok(Some(n)) => {
+                        complete = true;
+                        n
+                    }
+                    Ok(None) => upstream_buffer.len(),
+                    Err(_) => {
+                        return Err(Failure::Other(
+                            0,
+                            "badResponse",
+                            "malformed chunked response".into(),
+                        ));
+                    }
+                }
+            } else if close_delimited {
+                upstream_buffer.len()
+            } else {
+                let n = (upstream_buffer.len() as u64).min(left) as usize;
+                left -= n as u64;
+                complete = left == 0;
+                n
+            };
+            if client.write_all(&upstream_buffer[..n]).await.is_err() {
+                return Err(Failure::Other(
+                    0,
+                    "clientClosed",
+                    "the client went away".into(),
+                ));
+            }
+            upstream_buffer.advance(n);
+        }
+        let reusable = !upstream_close && !close_delimited && upstream_buffer.is_empty();
+        return Ok(Done {
+            status,
+            reusable,
+            client_close: close_delimited,
+        });
+    }
+}
+
+#[expect(clippy::too_many_arguments, reason = "the facts of one log line")]
+fn log(
+    proxy: &Proxy,
+    method: &Method,
+    host: &str,
+    target: &str,
+    remote: SocketAddr,
+    started: Instant,
+    status: u16,
+    routed: Option<(&Snapshot, &Routed, Option<usize>)>,
+    error: Option<&str>,
+) {
+    let Some(log) = &proxy.access_log else { return };
+    let time = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let (route, service, cell, shard, upstream, via) = match routed {
+        Some((snapshot, routed, upstream)) => {
+            let table = &snapshot.table;
+            (
+                Some(table.routes[routed.route as usize].name.as_str()),
+                Some(table.services[routed.service as usize].name.as_str()),
+                Some(table.cells[usize::from(routed.cell)].name.as_str()),
+                routed.shard,
+                upstream.map(|u| snapshot.upstreams[u].address.as_str()),
+                Some(if routed.via == Via::Gateway {
+                    "gateway"
+                } else {
+                    "direct"
+                }),
+            )
+        }
+        None => (None, None, None, None, None, None),
+    };
+    log.write(&Entry {
+        time,
+        remote: remote.to_string(),
+        method: method.as_str(),
+        host,
+        path: target,
+        protocol: "HTTP/1.1",
+        status,
+        duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        route,
+        service,
+        cell,
+        shard,
+        upstream,
+        via,
+        error,
+    });
+}
