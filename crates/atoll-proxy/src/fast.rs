@@ -120,15 +120,25 @@ pub(crate) async fn serve(
     proxy: &Arc<Proxy>,
     mut client: TcpStream,
     remote: SocketAddr,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &watch::Receiver<bool>,
 ) -> Exit {
     let mut buffer = BytesMut::with_capacity(8 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(4 * 1024);
     let mut upstream_buffer = BytesMut::with_capacity(8 * 1024);
+    // One timer and one shutdown watch per connection, not per request: the
+    // timer is registered once and only moved when it fires early.
+    let mut idle_since = Instant::now();
+    let timer = tokio::time::sleep(IDLE);
+    tokio::pin!(timer);
+    let mut stop_receiver = shutdown.clone();
+    let stop = async move {
+        let _ = stop_receiver.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(stop);
     loop {
         // Read until a whole head is buffered.
         let mut scanned = 0;
-        let started_waiting = Instant::now();
+        let mut head_started: Option<Instant> = None;
         loop {
             if buffer.starts_with(b"PRI ") {
                 return Exit::Handoff(client, buffer);
@@ -153,39 +163,44 @@ pub(crate) async fn serve(
             if buffer.capacity() - buffer.len() < 1024 {
                 buffer.reserve(8 * 1024);
             }
-            let limit = if buffer.is_empty() {
-                IDLE.saturating_sub(started_waiting.elapsed())
-            } else {
-                HEAD_TIMEOUT.saturating_sub(started_waiting.elapsed())
-            };
-            let read = if buffer.is_empty() {
-                tokio::select! {
-                    read = tokio::time::timeout(limit, client.read_buf(&mut buffer)) => read,
-                    () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return Exit::Closed,
+            let deadline = match head_started {
+                None if buffer.is_empty() => idle_since + IDLE,
+                None => {
+                    // A head has begun: it has HEAD_TIMEOUT to arrive whole.
+                    let started = Instant::now();
+                    head_started = Some(started);
+                    let deadline = started + HEAD_TIMEOUT;
+                    if timer.deadline().into_std() > deadline {
+                        timer.as_mut().reset(deadline.into());
+                    }
+                    deadline
                 }
-            } else {
-                tokio::time::timeout(limit, client.read_buf(&mut buffer)).await
+                Some(started) => started + HEAD_TIMEOUT,
             };
-            match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return Exit::Closed,
-                Ok(Ok(_)) => {}
-                Err(_) => {
+            tokio::select! {
+                biased;
+                read = client.read_buf(&mut buffer) => match read {
+                    Ok(0) | Err(_) => return Exit::Closed,
+                    Ok(_) => {}
+                },
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if now < deadline {
+                        timer.as_mut().reset(deadline.into());
+                        continue;
+                    }
                     if !buffer.is_empty() {
-                        let _ = respond(
-                            &mut client,
-                            &mut out,
-                            408,
-                            "requestTimeout",
-                            "the request head did not arrive in time",
-                            &[],
-                            true,
-                        )
-                        .await;
+                        let _ = respond(&mut client, &mut out, 408, "requestTimeout", "the request head did not arrive in time", &[], true).await;
                     }
                     return Exit::Closed;
                 }
+                () = &mut stop, if buffer.is_empty() => return Exit::Closed,
             }
         }
+        // One clock reading per request: the request's start, and the
+        // start of the idle time that follows (close enough).
+        let started = Instant::now();
+        idle_since = started;
         match one(
             proxy,
             &mut client,
@@ -193,6 +208,7 @@ pub(crate) async fn serve(
             &mut out,
             &mut upstream_buffer,
             remote,
+            started,
         )
         .await
         {
@@ -209,10 +225,7 @@ pub(crate) async fn serve(
 
 /// The end of the head (`\r\n\r\n`) in `buffer`, searching from `from`.
 fn find_head_end(buffer: &[u8], from: usize) -> Option<usize> {
-    buffer[from..]
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| from + p + 4)
+    memchr::memmem::find(&buffer[from..], b"\r\n\r\n").map(|p| from + p + 4)
 }
 
 fn reason(status: u16) -> &'static str {
@@ -267,8 +280,8 @@ async fn one(
     out: &mut Vec<u8>,
     upstream_buffer: &mut BytesMut,
     remote: SocketAddr,
+    started: Instant,
 ) -> Next {
-    let started = Instant::now();
     let Some(snapshot) = proxy.snapshot() else {
         let _ = respond(
             client,
@@ -454,19 +467,18 @@ async fn one(
     let mut forwarded_proto = false;
     for header in head.0 {
         let name = header.name;
-        if is_hop_by_hop(name) || starts_with_ignore_case(name, "x-atoll-") {
-            continue;
-        }
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
-            forwarded_for = Some(header.value);
-            continue;
-        }
-        if name.eq_ignore_ascii_case("x-forwarded-proto") {
-            forwarded_proto = true;
-        }
-        if name.eq_ignore_ascii_case("baggage") {
-            write_baggage_without_atoll(out, header.value);
-            continue;
+        match classify(name) {
+            Kind::Connection | Kind::HopByHop | Kind::Special | Kind::Internal => continue,
+            Kind::ForwardedFor => {
+                forwarded_for = Some(header.value);
+                continue;
+            }
+            Kind::Baggage => {
+                write_baggage_without_atoll(out, header.value);
+                continue;
+            }
+            Kind::ForwardedProto => forwarded_proto = true,
+            Kind::Other | Kind::ContentLength | Kind::TransferEncoding => {}
         }
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
@@ -545,8 +557,11 @@ async fn one(
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     );
     let head_request = method == Method::HEAD;
-    let target_text = target.to_owned();
-    let host_text = host.to_owned();
+    // Only the access log needs these after the head is released.
+    let names = proxy
+        .access_log
+        .is_some()
+        .then(|| (target.to_owned(), host.to_owned()));
     buffer.advance(head_len);
 
     let outcome = relay(
@@ -564,17 +579,19 @@ async fn one(
     )
     .await;
     let (status, upstream, error, next) = outcome;
-    log(
-        proxy,
-        &method,
-        &host_text,
-        &target_text,
-        remote,
-        started,
-        status,
-        Some((&snapshot, &routed, upstream)),
-        error,
-    );
+    if let Some((target, host)) = &names {
+        log(
+            proxy,
+            &method,
+            host,
+            target,
+            remote,
+            started,
+            status,
+            Some((&snapshot, &routed, upstream)),
+            error,
+        );
+    }
     if framing.close { Next::Close } else { next }
 }
 
@@ -596,6 +613,45 @@ const BAGGAGE_SAFE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANU
     .remove(b'.')
     .remove(b'~');
 
+/// What a header name means to the proxy.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Other,
+    ContentLength,
+    TransferEncoding,
+    Connection,
+    /// Hop-by-hop headers dropped when forwarding (besides `Connection`).
+    HopByHop,
+    /// Makes a request hyper's (`Expect`, `Upgrade`).
+    Special,
+    Internal,
+    ForwardedFor,
+    ForwardedProto,
+    Baggage,
+}
+
+/// Classifies a header name by its length first: most names are compared
+/// once, if at all.
+fn classify(name: &str) -> Kind {
+    let is = |expected: &str| name.eq_ignore_ascii_case(expected);
+    match name.len() {
+        2 if is("te") => Kind::HopByHop,
+        6 if is("expect") => Kind::Special,
+        7 if is("upgrade") => Kind::Special,
+        7 if is("trailer") => Kind::HopByHop,
+        7 if is("baggage") => Kind::Baggage,
+        10 if is("connection") => Kind::Connection,
+        10 if is("keep-alive") => Kind::HopByHop,
+        14 if is("content-length") => Kind::ContentLength,
+        15 if is("x-forwarded-for") => Kind::ForwardedFor,
+        16 if is("proxy-connection") => Kind::HopByHop,
+        17 if is("transfer-encoding") => Kind::TransferEncoding,
+        17 if is("x-forwarded-proto") => Kind::ForwardedProto,
+        _ if starts_with_ignore_case(name, "x-atoll-") => Kind::Internal,
+        _ => Kind::Other,
+    }
+}
+
 fn starts_with_ignore_case(text: &str, prefix: &str) -> bool {
     text.len() >= prefix.len()
         && text.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
@@ -615,8 +671,21 @@ fn is_hop_by_hop(name: &str) -> bool {
 }
 
 fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
-    use std::io::Write as _;
-    let _ = write!(out, "{ip}");
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(digits.format(*octet).as_bytes());
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            use std::io::Write as _;
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 /// Copies a client `baggage` header without its `atoll.*` members.
@@ -649,37 +718,39 @@ fn framing(head: &Headers<'_, '_>) -> Result<Option<Framing>, &'static str> {
     let mut chunked = false;
     let mut close = false;
     for header in head.0 {
-        let name = header.name;
-        if name.eq_ignore_ascii_case("content-length") {
-            let text = std::str::from_utf8(header.value).map_err(|_| "malformed Content-Length")?;
-            let value: u64 = text
-                .trim()
-                .parse()
-                .map_err(|_| "malformed Content-Length")?;
-            if content_length.is_some_and(|v| v != value) {
-                return Err("conflicting Content-Length headers");
+        match classify(header.name) {
+            Kind::ContentLength => {
+                let text =
+                    std::str::from_utf8(header.value).map_err(|_| "malformed Content-Length")?;
+                let value: u64 = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| "malformed Content-Length")?;
+                if content_length.is_some_and(|v| v != value) {
+                    return Err("conflicting Content-Length headers");
+                }
+                content_length = Some(value);
             }
-            content_length = Some(value);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            let text =
-                std::str::from_utf8(header.value).map_err(|_| "malformed Transfer-Encoding")?;
-            if !text.trim().eq_ignore_ascii_case("chunked") || chunked {
-                // Other codings, or chunked twice: let hyper judge.
-                return Ok(None);
-            }
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in header.value.split(|b| *b == b',') {
-                let token = token.trim_ascii();
-                if token.eq_ignore_ascii_case(b"close") {
-                    close = true;
-                } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
-                    // Upgrade, or headers named hop-by-hop: hyper's path.
+            Kind::TransferEncoding => {
+                if !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") || chunked {
+                    // Other codings, or chunked twice: let hyper judge.
                     return Ok(None);
                 }
+                chunked = true;
             }
-        } else if name.eq_ignore_ascii_case("expect") || name.eq_ignore_ascii_case("upgrade") {
-            return Ok(None);
+            Kind::Connection => {
+                for token in header.value.split(|b| *b == b',') {
+                    let token = token.trim_ascii();
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") && !token.is_empty() {
+                        // Upgrade, or headers named hop-by-hop: hyper's path.
+                        return Ok(None);
+                    }
+                }
+            }
+            Kind::Special => return Ok(None),
+            _ => {}
         }
     }
     if chunked && content_length.is_some() {
@@ -802,9 +873,11 @@ async fn relay(
         subset: routed.subset,
     };
     loop {
-        let upstream = snapshot.upstreams[endpoint as usize].clone();
-        let in_flight = upstream.start();
-        let (mut stream, fresh) = match upstream.checkout(proxy.settings.upstream_idle_timeout) {
+        let upstream = &snapshot.upstreams[endpoint as usize];
+        let in_flight = upstream.start_borrowed();
+        let (mut stream, fresh) = match upstream
+            .checkout(proxy.settings.upstream_idle_timeout, started)
+        {
             Some(stream) => (stream, false),
             None => match upstream.connect(proxy.settings.connect_timeout).await {
                 Ok(stream) => (stream, true),
@@ -889,7 +962,7 @@ async fn relay(
                     snapshot.metrics.upstream_status.inc();
                 }
                 if done.reusable {
-                    upstream.checkin(stream);
+                    upstream.checkin(stream, started);
                 }
                 drop(in_flight);
                 snapshot

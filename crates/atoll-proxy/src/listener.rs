@@ -144,7 +144,7 @@ pub async fn serve(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
-        let mut stopping = shutdown.clone();
+        let stopping = shutdown.clone();
         let fast = fast_connections.clone();
         tokio::spawn(async move {
             let connection = Connection {
@@ -162,7 +162,7 @@ pub async fn serve(
                     // HTTP/1.1 takes the fast path; what it does not handle
                     // goes to hyper with the bytes already read.
                     let guard = fast.enter();
-                    let exit = fast::serve(&proxy, stream, remote, &mut stopping).await;
+                    let exit = fast::serve(&proxy, stream, remote, &stopping).await;
                     drop(guard);
                     match exit {
                         Exit::Closed => Ok(()),

@@ -93,22 +93,27 @@ impl Upstream {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// An idle connection used less than `max_idle` ago, if any.
-    pub(crate) fn checkout(&self, max_idle: std::time::Duration) -> Option<TcpStream> {
+    /// An idle connection used less than `max_idle` before `now`, if any.
+    pub(crate) fn checkout(
+        &self,
+        max_idle: std::time::Duration,
+        now: Instant,
+    ) -> Option<TcpStream> {
         let mut idle = self.idle.lock();
         while let Some((stream, since)) = idle.pop() {
-            if since.elapsed() < max_idle {
+            if now.saturating_duration_since(since) < max_idle {
                 return Some(stream);
             }
         }
         None
     }
 
-    /// Keeps a connection for the next request.
-    pub(crate) fn checkin(&self, stream: TcpStream) {
+    /// Keeps a connection for the next request; `now` is about now (the
+    /// caller's clock reading, to save one).
+    pub(crate) fn checkin(&self, stream: TcpStream, now: Instant) {
         let mut idle = self.idle.lock();
         if idle.len() < MAX_IDLE {
-            idle.push((stream, Instant::now()));
+            idle.push((stream, now));
         }
     }
 
@@ -130,6 +135,12 @@ impl Upstream {
                     "connect timed out",
                 ))
             })
+    }
+
+    /// Counts a request in flight while the returned guard lives.
+    pub(crate) fn start_borrowed(&self) -> InFlightRef<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightRef(self)
     }
 
     pub(crate) fn start(self: &Arc<Self>) -> InFlight {
@@ -178,6 +189,16 @@ impl Upstream {
 /// Counts a request in flight until dropped.
 #[derive(Debug)]
 pub(crate) struct InFlight(Arc<Upstream>);
+
+/// Like [`InFlight`], borrowing the upstream.
+#[derive(Debug)]
+pub(crate) struct InFlightRef<'a>(&'a Upstream);
+
+impl Drop for InFlightRef<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
