@@ -31,6 +31,10 @@ pub enum KeyError {
         /// The key's length in bytes.
         len: usize,
     },
+    /// The key holds control characters (CR, LF, NUL...): never a real id,
+    /// and unsafe to pass on in a header.
+    #[error("the routing key contains control characters")]
+    Control,
     /// `decimalSuffix` needs the key's last digits to be decimal.
     #[error(
         "routing key `{key}` must end in {digits} decimal digit(s) (or be all digits if shorter) for decimalSuffix"
@@ -59,6 +63,9 @@ pub fn shard_of(transform: &Transform, shards: u32, key: &[u8]) -> Result<u32, K
     }
     if key.len() > MAX_KEY_LEN {
         return Err(KeyError::TooLong { len: key.len() });
+    }
+    if key.iter().any(|b| *b < 0x20 || *b == 0x7f) {
+        return Err(KeyError::Control);
     }
     let value = match transform {
         Transform::DecimalSuffix(digits) => decimal_suffix(key, *digits)?,

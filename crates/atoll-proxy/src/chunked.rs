@@ -32,18 +32,29 @@ pub(crate) struct ChunkedScanner {
     state: State,
     /// Bytes left in the current chunk (or the size being read).
     size: u64,
-}
-
-impl Default for ChunkedScanner {
-    fn default() -> Self {
-        Self {
-            state: State::Size { digits: 0 },
-            size: 0,
-        }
-    }
+    /// Whether trailer fields are accepted (responses) or refused (requests:
+    /// they would carry headers past the proxy's checks).
+    trailers: bool,
 }
 
 impl ChunkedScanner {
+    /// For a request body: trailer fields are an error.
+    pub(crate) fn request() -> Self {
+        Self {
+            state: State::Size { digits: 0 },
+            size: 0,
+            trailers: false,
+        }
+    }
+
+    /// For a response body: trailer fields pass.
+    pub(crate) fn response() -> Self {
+        Self {
+            trailers: true,
+            ..Self::request()
+        }
+    }
+
     /// Scans the next bytes of the body. Returns `Some(n)` when the body ends
     /// after the first `n` of them, `None` when more are needed.
     pub(crate) fn scan(&mut self, bytes: &[u8]) -> Result<Option<usize>, ChunkError> {
@@ -110,10 +121,11 @@ impl ChunkedScanner {
                     self.state = State::Size { digits: 0 };
                 }
                 State::TrailerStart => {
-                    self.state = if bytes[i] == b'\r' {
-                        State::EndLf
-                    } else {
-                        State::TrailerLine
+                    self.state = match bytes[i] {
+                        b'\r' => State::EndLf,
+                        b'\n' => return Err(ChunkError),
+                        _ if self.trailers => State::TrailerLine,
+                        _ => return Err(ChunkError),
                     };
                     i += 1;
                 }
@@ -151,7 +163,7 @@ mod tests {
     use super::*;
 
     fn end(body: &[u8]) -> Result<Option<usize>, ChunkError> {
-        ChunkedScanner::default().scan(body)
+        ChunkedScanner::response().scan(body)
     }
 
     #[test]
@@ -168,7 +180,7 @@ mod tests {
         let body = b"3\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nX-T: 1\r\n\r\nrest";
         let expected = body.len() - 4;
         for split in 0..body.len() {
-            let mut scanner = ChunkedScanner::default();
+            let mut scanner = ChunkedScanner::response();
             let first = scanner.scan(&body[..split]).expect("valid");
             let found = match first {
                 Some(n) => n,

@@ -197,10 +197,7 @@ pub(crate) async fn serve(
                 () = &mut stop, if buffer.is_empty() => return Exit::Closed,
             }
         }
-        // One clock reading per request: the request's start, and the
-        // start of the idle time that follows (close enough).
         let started = Instant::now();
-        idle_since = started;
         match one(
             proxy,
             &mut client,
@@ -216,6 +213,8 @@ pub(crate) async fn serve(
                 if *shutdown.borrow() {
                     return Exit::Closed;
                 }
+                // Idle time starts when the request is done, however long it took.
+                idle_since = Instant::now();
             }
             Next::Close => return Exit::Closed,
             Next::Handoff => return Exit::Handoff(client, buffer),
@@ -464,13 +463,18 @@ async fn one(
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut forwarded_for = None;
+    let mut forwarded_for_count = 0;
     let mut forwarded_proto = false;
     for header in head.0 {
         let name = header.name;
         match classify(name) {
             Kind::Connection | Kind::HopByHop | Kind::Special | Kind::Internal => continue,
             Kind::ForwardedFor => {
-                forwarded_for = Some(header.value);
+                // Several X-Forwarded-For headers form one list.
+                forwarded_for_count += 1;
+                if forwarded_for_count == 1 {
+                    forwarded_for = Some(header.value);
+                }
                 continue;
             }
             Kind::Baggage => {
@@ -478,7 +482,7 @@ async fn one(
                 continue;
             }
             Kind::ForwardedProto => forwarded_proto = true,
-            Kind::Other | Kind::ContentLength | Kind::TransferEncoding => {}
+            Kind::Other | Kind::ContentLength | Kind::TransferEncoding | Kind::Host => {}
         }
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
@@ -486,7 +490,12 @@ async fn one(
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(previous) = forwarded_for {
+    if forwarded_for_count > 1 {
+        for value in head.values("x-forwarded-for") {
+            out.extend_from_slice(value);
+            out.extend_from_slice(b", ");
+        }
+    } else if let Some(previous) = forwarded_for {
         out.extend_from_slice(previous);
         out.extend_from_slice(b", ");
     }
@@ -497,7 +506,11 @@ async fn one(
     }
     let shard = target_decision.shard;
     let epoch = shard.and_then(|_| table.epoch(target_decision.service));
-    if let Some(key) = &target_decision.key {
+    if let Some(key) = target_decision
+        .key
+        .as_ref()
+        .filter(|k| !k.bytes().any(|b| b < 0x20 || b == 0x7f))
+    {
         out.extend_from_slice(b"x-atoll-key: ");
         out.extend_from_slice(key.as_bytes());
         out.extend_from_slice(b"\r\n");
@@ -628,6 +641,7 @@ enum Kind {
     ForwardedFor,
     ForwardedProto,
     Baggage,
+    Host,
 }
 
 /// Classifies a header name by its length first: most names are compared
@@ -636,6 +650,7 @@ fn classify(name: &str) -> Kind {
     let is = |expected: &str| name.eq_ignore_ascii_case(expected);
     match name.len() {
         2 if is("te") => Kind::HopByHop,
+        4 if is("host") => Kind::Host,
         6 if is("expect") => Kind::Special,
         7 if is("upgrade") => Kind::Special,
         7 if is("trailer") => Kind::HopByHop,
@@ -655,19 +670,6 @@ fn classify(name: &str) -> Kind {
 fn starts_with_ignore_case(text: &str, prefix: &str) -> bool {
     text.len() >= prefix.len()
         && text.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
-}
-
-fn is_hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "upgrade",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
 }
 
 fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
@@ -717,15 +719,18 @@ fn framing(head: &Headers<'_, '_>) -> Result<Option<Framing>, &'static str> {
     let mut content_length = None;
     let mut chunked = false;
     let mut close = false;
+    let mut hosts = 0;
     for header in head.0 {
         match classify(header.name) {
+            Kind::Host => {
+                hosts += 1;
+                if hosts > 1 {
+                    return Err("a request has one Host header, not several");
+                }
+            }
             Kind::ContentLength => {
-                let text =
-                    std::str::from_utf8(header.value).map_err(|_| "malformed Content-Length")?;
-                let value: u64 = text
-                    .trim()
-                    .parse()
-                    .map_err(|_| "malformed Content-Length")?;
+                let value =
+                    parse_length(header.value).ok_or("malformed Content-Length: digits only")?;
                 if content_length.is_some_and(|v| v != value) {
                     return Err("conflicting Content-Length headers");
                 }
@@ -813,12 +818,27 @@ async fn refuse(
 
 /// Why a try failed.
 enum Failure {
-    /// A pooled connection was found closed before any answer: safe to retry
-    /// on a fresh one when the request can be sent again.
+    /// A pooled connection turned out closed before anything was answered:
+    /// the request can go again on a fresh connection.
     Stale,
-    /// Anything else; the message says what.
-    Other(u16, &'static str, String),
+    /// The upstream failed. `answered`: response bytes already reached the
+    /// client, so nothing more can be said to it.
+    Upstream {
+        status: u16,
+        code: &'static str,
+        message: String,
+        answered: bool,
+    },
+    /// The client failed: went away, stalled, or sent a malformed body. Not
+    /// held against the upstream.
+    Client {
+        status: Option<u16>,
+        message: String,
+    },
 }
+
+/// How long a body may pause, either way, before the exchange is abandoned.
+const BODY_IDLE: Duration = Duration::from_secs(60);
 
 type RelayOutcome = (u16, Option<usize>, Option<&'static str>, Next);
 
@@ -842,16 +862,28 @@ async fn relay(
     let route = &table.routes[routed.route as usize];
     let cell = &table.cells[usize::from(routed.cell)];
     let outlier = &table.services[routed.service as usize].outlier_detection;
-    // The body can be sent again when it is already in the buffer.
+    let observe = |status: u16| {
+        snapshot
+            .metrics
+            .path(routed.route, routed.cell)
+            .observe(status, started.elapsed().as_secs_f64());
+    };
+    // Whether the whole body is already buffered (then it can be sent again);
+    // a malformed chunked body is refused before any upstream is involved.
     let body_in_buffer = match (framing.chunked, framing.content_length) {
         (false, None) | (false, Some(0)) => true,
         (false, Some(n)) => buffer.len() as u64 >= n,
-        (true, _) => ChunkedScanner::default()
-            .scan(buffer)
-            .ok()
-            .flatten()
-            .is_some(),
+        (true, _) => {
+            match ChunkedScanner::request().scan(buffer) {
+                Ok(found) => found.is_some(),
+                Err(_) => {
+                    let _ = respond(client, out, 400, "badRequest", "malformed chunked request body (or request trailers, which are not accepted)", &[], true).await;
+                    return (400, None, Some("badRequest"), Next::Close);
+                }
+            }
+        }
     };
+    let has_body = framing.chunked || framing.content_length.is_some_and(|n| n > 0);
     let connect_retries = if route.retry_on.contains(&RetryOn::ConnectFailure) && body_in_buffer {
         route.retries
     } else {
@@ -860,7 +892,7 @@ async fn relay(
     let deadline = route.timeout.map(|t| started + t);
     let mut endpoint = routed.endpoint;
     let mut attempts_left = connect_retries + 1;
-    let mut stale_retry = true;
+    let mut stale_retry = body_in_buffer && (idempotent || !has_body);
     let target = atoll_routing::Target {
         route: routed.route,
         service: routed.service,
@@ -910,10 +942,7 @@ async fn relay(
                         close,
                     )
                     .await;
-                    snapshot
-                        .metrics
-                        .path(routed.route, routed.cell)
-                        .observe(502, started.elapsed().as_secs_f64());
+                    observe(502);
                     let next = if close {
                         Next::Close
                     } else {
@@ -923,7 +952,17 @@ async fn relay(
                 }
             },
         };
-        let exchange = exchange(
+        // The route's time limits cover sending the request and receiving
+        // the response head; the body then streams with an idle limit only.
+        let limit = match (route.per_try_timeout, deadline) {
+            (Some(per_try), Some(deadline)) => {
+                Some(per_try.min(deadline.saturating_duration_since(Instant::now())))
+            }
+            (Some(per_try), None) => Some(per_try),
+            (None, Some(deadline)) => Some(deadline.saturating_duration_since(Instant::now())),
+            (None, None) => None,
+        };
+        let sent = send(
             client,
             &mut stream,
             buffer,
@@ -933,24 +972,26 @@ async fn relay(
             head_request,
             fresh,
         );
-        let result = match deadline.or(route.per_try_timeout.map(|t| Instant::now() + t)) {
-            Some(deadline) => match tokio::time::timeout(
-                deadline.saturating_duration_since(Instant::now()),
-                exchange,
-            )
-            .await
-            {
+        let head = match limit {
+            Some(limit) => match tokio::time::timeout(limit, sent).await {
                 Ok(result) => result,
-                Err(_) => Err(Failure::Other(
-                    504,
-                    "upstreamTimeout",
-                    format!(
-                        "upstream {} (cell {}) did not answer in time",
-                        upstream.address, cell.name
+                Err(_) => Err(Failure::Upstream {
+                    status: 504,
+                    code: "upstreamTimeout",
+                    message: format!(
+                        "upstream {} (cell {}) did not answer within {}",
+                        upstream.address,
+                        cell.name,
+                        format_duration(limit)
                     ),
-                )),
+                    answered: false,
+                }),
             },
-            None => exchange.await,
+            None => sent.await,
+        };
+        let result = match head {
+            Ok(head) => answer_body(client, &mut stream, out, upstream_buffer, head).await,
+            Err(failure) => Err(failure),
         };
         match result {
             Ok(done) => {
@@ -965,10 +1006,7 @@ async fn relay(
                     upstream.checkin(stream, started);
                 }
                 drop(in_flight);
-                snapshot
-                    .metrics
-                    .path(routed.route, routed.cell)
-                    .observe(done.status, started.elapsed().as_secs_f64());
+                observe(done.status);
                 let next = if done.client_close {
                     Next::Close
                 } else {
@@ -976,59 +1014,90 @@ async fn relay(
                 };
                 return (done.status, Some(endpoint as usize), None, next);
             }
-            Err(Failure::Stale)
-                if stale_retry
-                    && (body_in_buffer
-                        && (idempotent || framing.content_length.is_none_or(|n| n == 0))) =>
-            {
-                // The pooled connection had been closed by the upstream; the
-                // request had not been answered: send it on a fresh one.
+            Err(Failure::Stale) if stale_retry => {
+                // The pooled connection had been closed by the upstream and
+                // nothing was answered: send the request on a fresh one.
                 stale_retry = false;
                 drop(in_flight);
                 continue;
             }
-            Err(failure) => {
+            Err(Failure::Stale) => {
                 drop(in_flight);
-                if upstream.record(false, outlier, || may_eject(snapshot, routed, endpoint)) {
-                    proxy.metrics.ejections.inc();
-                }
-                let (status, code, message) = match failure {
-                    Failure::Stale => (
-                        502,
-                        "upstreamUnavailable",
-                        format!(
-                            "upstream {} (cell {}) closed the connection",
-                            upstream.address, cell.name
-                        ),
-                    ),
-                    Failure::Other(status, code, message) => (status, code, message),
-                };
-                if code == "upstreamTimeout" {
-                    snapshot.metrics.upstream_timeout.inc();
-                } else {
-                    snapshot.metrics.upstream_reset.inc();
-                }
-                if status == 0 {
-                    // The response had started: nothing more can be said.
-                    return (502, Some(endpoint as usize), Some(code), Next::Close);
-                }
+                snapshot.metrics.upstream_reset.inc();
+                let message = format!(
+                    "upstream {} (cell {}) closed the connection before answering",
+                    upstream.address, cell.name
+                );
                 let _ = respond(
                     client,
                     out,
-                    status,
-                    code,
+                    502,
+                    "upstreamUnavailable",
                     &message,
                     &[("cell", cell.name.clone().into())],
                     true,
                 )
                 .await;
-                snapshot
-                    .metrics
-                    .path(routed.route, routed.cell)
-                    .observe(status, started.elapsed().as_secs_f64());
+                observe(502);
+                return (
+                    502,
+                    Some(endpoint as usize),
+                    Some("upstreamUnavailable"),
+                    Next::Close,
+                );
+            }
+            Err(Failure::Upstream {
+                status,
+                code,
+                message,
+                answered,
+            }) => {
+                drop(in_flight);
+                if upstream.record(false, outlier, || may_eject(snapshot, routed, endpoint)) {
+                    proxy.metrics.ejections.inc();
+                }
+                if code == "upstreamTimeout" {
+                    snapshot.metrics.upstream_timeout.inc();
+                } else {
+                    snapshot.metrics.upstream_reset.inc();
+                }
+                if !answered {
+                    let _ = respond(
+                        client,
+                        out,
+                        status,
+                        code,
+                        &message,
+                        &[("cell", cell.name.clone().into())],
+                        true,
+                    )
+                    .await;
+                }
+                observe(status);
                 return (status, Some(endpoint as usize), Some(code), Next::Close);
             }
+            Err(Failure::Client { status, message }) => {
+                drop(in_flight);
+                if let Some(status) = status {
+                    let _ = respond(client, out, status, "badRequest", &message, &[], true).await;
+                }
+                return (
+                    status.unwrap_or(499),
+                    Some(endpoint as usize),
+                    Some("clientError"),
+                    Next::Close,
+                );
+            }
         }
+    }
+}
+
+fn format_duration(duration: Duration) -> String {
+    let ms = duration.as_millis();
+    if ms >= 1000 && ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
     }
 }
 
@@ -1040,7 +1109,7 @@ fn consume_body(buffer: &mut BytesMut, framing: &Framing) -> Next {
             buffer.advance(n as usize);
             Next::KeepAlive
         }
-        (true, _) => match ChunkedScanner::default().scan(buffer) {
+        (true, _) => match ChunkedScanner::request().scan(buffer) {
             Ok(Some(n)) => {
                 buffer.advance(n);
                 Next::KeepAlive
@@ -1068,6 +1137,17 @@ fn may_eject(snapshot: &Snapshot, routed: &Routed, endpoint: u32) -> bool {
     (ejected + 1) * 100 <= group.len() * service.outlier_detection.max_ejected_percent as usize
 }
 
+/// A response head received from the upstream and written into `out` for
+/// the client, with how its body is framed.
+struct Head {
+    status: u16,
+    no_body: bool,
+    chunked: bool,
+    length: Option<u64>,
+    close_delimited: bool,
+    upstream_close: bool,
+}
+
 /// A completed exchange.
 struct Done {
     status: u16,
@@ -1075,9 +1155,28 @@ struct Done {
     client_close: bool,
 }
 
-/// One request/response on one upstream connection.
+fn upstream_failure(message: impl Into<String>) -> Failure {
+    Failure::Upstream {
+        status: 502,
+        code: "upstreamUnavailable",
+        message: message.into(),
+        answered: false,
+    }
+}
+
+fn bad_response(message: &str) -> Failure {
+    Failure::Upstream {
+        status: 502,
+        code: "badResponse",
+        message: format!("the upstream's response is not valid: {message}"),
+        answered: false,
+    }
+}
+
+/// Sends the request (head in `out`, body from `buffer` and the client) and
+/// reads the response head. Informational (1xx) responses are passed on.
 #[expect(clippy::too_many_arguments, reason = "one exchange's state")]
-async fn exchange(
+async fn send(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     buffer: &mut BytesMut,
@@ -1086,66 +1185,70 @@ async fn exchange(
     framing: &Framing,
     head_request: bool,
     fresh: bool,
-) -> Result<Done, Failure> {
-    let failure = |fresh: bool, what: &str, error: &dyn std::fmt::Display| {
+) -> Result<Head, Failure> {
+    let closed = |fresh: bool, error: &dyn std::fmt::Display| {
         if fresh {
-            Failure::Other(502, "upstreamUnavailable", format!("{what}: {error}"))
+            upstream_failure(format!("sending the request: {error}"))
         } else {
             Failure::Stale
         }
     };
-    // Request head and the body bytes already buffered, in one write.
+    // The head and the body bytes already buffered, in one write. The
+    // buffer is only consumed once the write succeeded, so that a retry on a
+    // fresh connection can send the same bytes.
     let head_len = out.len();
-    let mut chunked = ChunkedScanner::default();
+    let mut chunked = ChunkedScanner::request();
     let mut body_left: u64 = framing.content_length.unwrap_or(0);
     let mut body_done = !framing.chunked && body_left == 0;
+    let mut taken = 0;
     if !body_done {
         if framing.chunked {
             match chunked.scan(buffer) {
                 Ok(Some(n)) => {
-                    out.extend_from_slice(&buffer[..n]);
-                    buffer.advance(n);
+                    taken = n;
                     body_done = true;
                 }
-                Ok(None) => {
-                    out.extend_from_slice(buffer);
-                    buffer.clear();
-                }
+                Ok(None) => taken = buffer.len(),
                 Err(_) => {
-                    return Err(Failure::Other(
-                        400,
-                        "badRequest",
-                        "malformed chunked body".into(),
-                    ));
+                    return Err(Failure::Client {
+                        status: Some(400),
+                        message: "malformed chunked request body".into(),
+                    });
                 }
             }
         } else {
-            let n = (buffer.len() as u64).min(body_left) as usize;
-            out.extend_from_slice(&buffer[..n]);
-            buffer.advance(n);
-            body_left -= n as u64;
+            taken = (buffer.len() as u64).min(body_left) as usize;
+            body_left -= taken as u64;
             body_done = body_left == 0;
         }
+        out.extend_from_slice(&buffer[..taken]);
     }
-    if let Err(error) = upstream.write_all(out).await {
-        out.truncate(head_len);
-        return Err(failure(fresh, "sending the request", &error));
-    }
+    let written = upstream.write_all(out).await;
     out.truncate(head_len);
+    if let Err(error) = written {
+        return Err(closed(fresh, &error));
+    }
+    buffer.advance(taken);
+
     // The rest of the body, as it arrives.
     let mut streamed = false;
     while !body_done {
         streamed = true;
         buffer.clear();
-        match client.read_buf(buffer).await {
-            Ok(0) | Err(_) => {
-                return Err(Failure::Other(
-                    0,
-                    "clientClosed",
-                    "the client went away mid-body".into(),
-                ));
+        match tokio::time::timeout(BODY_IDLE, client.read_buf(buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return Err(Failure::Client {
+                    status: None,
+                    message: "the client went away mid-body".into(),
+                });
             }
-            Ok(_) => {}
+            Err(_) => {
+                return Err(Failure::Client {
+                    status: Some(408),
+                    message: "the request body stalled".into(),
+                });
+            }
+            Ok(Ok(_)) => {}
         }
         let n = if framing.chunked {
             match chunked.scan(buffer) {
@@ -1155,11 +1258,10 @@ async fn exchange(
                 }
                 Ok(None) => buffer.len(),
                 Err(_) => {
-                    return Err(Failure::Other(
-                        0,
-                        "badRequest",
-                        "malformed chunked body".into(),
-                    ));
+                    return Err(Failure::Client {
+                        status: Some(400),
+                        message: "malformed chunked request body".into(),
+                    });
                 }
             }
         } else {
@@ -1168,74 +1270,102 @@ async fn exchange(
             body_done = body_left == 0;
             n
         };
-        if upstream.write_all(&buffer[..n]).await.is_err() {
-            return Err(Failure::Other(
-                0,
-                "upstreamReset",
-                "the upstream went away mid-body".into(),
-            ));
+        match tokio::time::timeout(BODY_IDLE, upstream.write_all(&buffer[..n])).await {
+            Ok(Ok(())) => {}
+            _ => {
+                return Err(upstream_failure(
+                    "the upstream stopped taking the request body",
+                ));
+            }
         }
         buffer.advance(n);
     }
 
     // The response head.
     upstream_buffer.clear();
+    let mut informational_sent = false;
     loop {
-        loop {
-            if find_head_end(upstream_buffer, 0).is_some() {
-                break;
-            }
+        while find_head_end(upstream_buffer, 0).is_none() {
             if upstream_buffer.len() > MAX_HEAD {
-                return Err(Failure::Other(
-                    502,
-                    "badResponse",
-                    "the upstream's response head is larger than 64 KiB".into(),
-                ));
+                return Err(bad_response("its head is larger than 64 KiB"));
             }
             if upstream_buffer.capacity() - upstream_buffer.len() < 1024 {
                 upstream_buffer.reserve(8 * 1024);
             }
+            let nothing_yet = upstream_buffer.is_empty() && !streamed && !informational_sent;
             match upstream.read_buf(upstream_buffer).await {
-                Ok(0) if upstream_buffer.is_empty() && !streamed => {
-                    return Err(failure(fresh, "reading the response", &"connection closed"));
-                }
+                Ok(0) if nothing_yet => return Err(closed(fresh, &"connection closed")),
+                Err(error) if nothing_yet => return Err(closed(fresh, &error)),
                 Ok(0) => {
-                    return Err(Failure::Other(
-                        502,
-                        "upstreamReset",
-                        "the upstream closed the connection before answering".into(),
-                    ));
-                }
-                Ok(_) => {}
-                Err(error) if upstream_buffer.is_empty() && !streamed => {
-                    return Err(failure(fresh, "reading the response", &error));
+                    return Err(Failure::Upstream {
+                        status: 502,
+                        code: "upstreamReset",
+                        message: "the upstream closed the connection before answering".into(),
+                        answered: informational_sent,
+                    });
                 }
                 Err(error) => {
-                    return Err(Failure::Other(
-                        502,
-                        "upstreamReset",
-                        format!("reading the response: {error}"),
-                    ));
+                    return Err(Failure::Upstream {
+                        status: 502,
+                        code: "upstreamReset",
+                        message: format!("reading the response: {error}"),
+                        answered: informational_sent,
+                    });
                 }
+                Ok(_) => {}
             }
         }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut headers);
         let head_len = match response.parse(upstream_buffer) {
             Ok(httparse::Status::Complete(n)) => n,
-            _ => {
-                return Err(Failure::Other(
-                    502,
-                    "badResponse",
-                    "the upstream's response is not valid HTTP/1.1".into(),
-                ));
-            }
+            _ => return Err(bad_response("not HTTP/1.1")),
         };
         let status = response.code.unwrap_or(502);
-        let upstream_http10 = response.version == Some(0);
-        let mut length: Option<u64> = None;
+        let http10 = response.version == Some(0);
+        let mut close_token = false;
+        let mut keep_alive_token = false;
+        // Connection options first: they name headers to drop.
+        let mut named: [&[u8]; 8] = [b""; 8];
+        let mut named_count = 0;
+        let mut lengths: Option<u64> = None;
         let mut chunked_response = false;
-        let mut upstream_close = upstream_http10;
+        for header in response.headers.iter() {
+            match classify(header.name) {
+                Kind::Connection => {
+                    for token in header.value.split(|b| *b == b',') {
+                        let token = token.trim_ascii();
+                        if token.eq_ignore_ascii_case(b"close") {
+                            close_token = true;
+                        } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                            keep_alive_token = true;
+                        } else if !token.is_empty() && named_count < named.len() {
+                            named[named_count] = token;
+                            named_count += 1;
+                        }
+                    }
+                }
+                Kind::ContentLength => {
+                    let value = parse_length(header.value)
+                        .ok_or_else(|| bad_response("malformed Content-Length"))?;
+                    if lengths.is_some_and(|v| v != value) {
+                        return Err(bad_response("conflicting Content-Length headers"));
+                    }
+                    lengths = Some(value);
+                }
+                Kind::TransferEncoding => {
+                    if !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                        return Err(bad_response("a transfer coding other than chunked"));
+                    }
+                    chunked_response = true;
+                }
+                _ => {}
+            }
+        }
+        // HTTP/1.0 upstreams close unless they asked to keep the connection.
+        let upstream_close = close_token || (http10 && !keep_alive_token);
+        // With chunked framing, Content-Length is ignored and not passed on.
+        let length = if chunked_response { None } else { lengths };
         out.clear();
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
@@ -1244,40 +1374,16 @@ async fn exchange(
         out.extend_from_slice(b"\r\n");
         for header in response.headers.iter() {
             let name = header.name;
-            if name.eq_ignore_ascii_case("connection") {
-                for token in header.value.split(|b| *b == b',') {
-                    let token = token.trim_ascii();
-                    if token.eq_ignore_ascii_case(b"close") {
-                        upstream_close = true;
-                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                        upstream_close = false;
-                    }
-                }
-                continue;
+            match classify(name) {
+                Kind::Connection | Kind::HopByHop | Kind::Special => continue,
+                Kind::ContentLength if chunked_response => continue,
+                _ => {}
             }
-            if is_hop_by_hop(name) {
+            if named[..named_count]
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+            {
                 continue;
-            }
-            if name.eq_ignore_ascii_case("content-length") {
-                length = std::str::from_utf8(header.value)
-                    .ok()
-                    .and_then(|t| t.trim().parse().ok());
-                if length.is_none() {
-                    return Err(Failure::Other(
-                        502,
-                        "badResponse",
-                        "the upstream sent a malformed Content-Length".into(),
-                    ));
-                }
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked_response = header.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
-                if !chunked_response {
-                    return Err(Failure::Other(
-                        502,
-                        "badResponse",
-                        "the upstream used a transfer coding other than chunked".into(),
-                    ));
-                }
             }
             out.extend_from_slice(name.as_bytes());
             out.extend_from_slice(b": ");
@@ -1287,7 +1393,7 @@ async fn exchange(
         let informational = (100..200).contains(&status);
         let no_body = head_request || informational || status == 204 || status == 304;
         // Without a length, the body runs until the upstream closes: the
-        // client connection must close after it too.
+        // client connection closes after it too.
         let close_delimited = !no_body && !chunked_response && length.is_none();
         if close_delimited {
             out.extend_from_slice(b"connection: close\r\n");
@@ -1296,109 +1402,134 @@ async fn exchange(
         upstream_buffer.advance(head_len);
         if informational {
             if client.write_all(out).await.is_err() {
-                return Err(Failure::Other(
-                    0,
-                    "clientClosed",
-                    "the client went away".into(),
-                ));
+                return Err(Failure::Client {
+                    status: None,
+                    message: "the client went away".into(),
+                });
             }
+            informational_sent = true;
             continue;
         }
-
-        // Head and the body bytes already read, in one write.
-        let mut body_scanner = ChunkedScanner::default();
-        let mut left = if no_body {
-            0
-        } else {
-            length.unwrap_or(u64::MAX)
-        };
-        let mut complete = no_body || (!chunked_response && left == 0);
-        if !complete {
-            let n = if chunked_response {
-                match body_scanner.scan(upstream_buffer) {
-                    Ok(Some(n)) => {
-                        complete = true;
-                        n
-                    }
-                    Ok(None) => upstream_buffer.len(),
-                    Err(_) => {
-                        return Err(Failure::Other(
-                            0,
-                            "badResponse",
-                            "malformed chunked response".into(),
-                        ));
-                    }
-                }
-            } else {
-                let n = (upstream_buffer.len() as u64).min(left) as usize;
-                if !close_delimited {
-                    left -= n as u64;
-                    complete = left == 0;
-                }
-                n
-            };
-            out.extend_from_slice(&upstream_buffer[..n]);
-            upstream_buffer.advance(n);
-        }
-        if client.write_all(out).await.is_err() {
-            return Err(Failure::Other(
-                0,
-                "clientClosed",
-                "the client went away".into(),
-            ));
-        }
-        while !complete {
-            upstream_buffer.clear();
-            match upstream.read_buf(upstream_buffer).await {
-                Ok(0) if close_delimited => break,
-                Ok(0) | Err(_) => {
-                    return Err(Failure::Other(
-                        0,
-                        "upstreamReset",
-                        "the upstream went away mid-response".into(),
-                    ));
-                }
-                Ok(_) => {}
-            }
-            let n = if chunked_response {
-                match body_scanner.scan(upstream_buffer) {
-                    Ok(Some(n)) => {
-                        complete = true;
-                        n
-                    }
-                    Ok(None) => upstream_buffer.len(),
-                    Err(_) => {
-                        return Err(Failure::Other(
-                            0,
-                            "badResponse",
-                            "malformed chunked response".into(),
-                        ));
-                    }
-                }
-            } else if close_delimited {
-                upstream_buffer.len()
-            } else {
-                let n = (upstream_buffer.len() as u64).min(left) as usize;
-                left -= n as u64;
-                complete = left == 0;
-                n
-            };
-            if client.write_all(&upstream_buffer[..n]).await.is_err() {
-                return Err(Failure::Other(
-                    0,
-                    "clientClosed",
-                    "the client went away".into(),
-                ));
-            }
-            upstream_buffer.advance(n);
-        }
-        let reusable = !upstream_close && !close_delimited && upstream_buffer.is_empty();
-        return Ok(Done {
+        return Ok(Head {
             status,
-            reusable,
-            client_close: close_delimited,
+            no_body,
+            chunked: chunked_response,
+            length,
+            close_delimited,
+            upstream_close,
         });
     }
+}
+
+/// Writes the response head (in `out`) and relays the body to the client.
+async fn answer_body(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    upstream_buffer: &mut BytesMut,
+    head: Head,
+) -> Result<Done, Failure> {
+    let gone = || Failure::Client {
+        status: None,
+        message: "the client went away".into(),
+    };
+    let broken = |message: &str| Failure::Upstream {
+        status: 502,
+        code: "upstreamReset",
+        message: message.into(),
+        answered: true,
+    };
+    // The head and the body bytes already read, in one write.
+    let mut scanner = ChunkedScanner::response();
+    let mut left = if head.no_body {
+        0
+    } else {
+        head.length.unwrap_or(u64::MAX)
+    };
+    let mut complete = head.no_body || (!head.chunked && !head.close_delimited && left == 0);
+    if !complete {
+        let n = if head.chunked {
+            match scanner.scan(upstream_buffer) {
+                Ok(Some(n)) => {
+                    complete = true;
+                    n
+                }
+                Ok(None) => upstream_buffer.len(),
+                Err(_) => return Err(broken("malformed chunked response")),
+            }
+        } else if head.close_delimited {
+            upstream_buffer.len()
+        } else {
+            let n = (upstream_buffer.len() as u64).min(left) as usize;
+            left -= n as u64;
+            complete = left == 0;
+            n
+        };
+        out.extend_from_slice(&upstream_buffer[..n]);
+        upstream_buffer.advance(n);
+    }
+    if client.write_all(out).await.is_err() {
+        return Err(gone());
+    }
+    while !complete {
+        upstream_buffer.clear();
+        match tokio::time::timeout(BODY_IDLE, upstream.read_buf(upstream_buffer)).await {
+            Ok(Ok(0)) if head.close_delimited => break,
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(broken("the upstream went away mid-response")),
+            Err(_) => return Err(broken("the response body stalled")),
+            Ok(Ok(_)) => {}
+        }
+        let n = if head.chunked {
+            match scanner.scan(upstream_buffer) {
+                Ok(Some(n)) => {
+                    complete = true;
+                    n
+                }
+                Ok(None) => upstream_buffer.len(),
+                Err(_) => return Err(broken("malformed chunked response")),
+            }
+        } else if head.close_delimited {
+            upstream_buffer.len()
+        } else {
+            let n = (upstream_buffer.len() as u64).min(left) as usize;
+            left -= n as u64;
+            complete = left == 0;
+            n
+        };
+        if client.write_all(&upstream_buffer[..n]).await.is_err() {
+            return Err(gone());
+        }
+        upstream_buffer.advance(n);
+    }
+    // Reuse the connection only if the upstream sent nothing beyond this
+    // response: bytes after it (or an EOF) would poison the next request.
+    // Costs nothing when the socket is quiet: the readiness check fails
+    // without a syscall, or the syscall replaces the one the next read
+    // would have made.
+    let reusable = !head.upstream_close
+        && !head.close_delimited
+        && upstream_buffer.is_empty()
+        && quiet(upstream);
+    Ok(Done {
+        status: head.status,
+        reusable,
+        client_close: head.close_delimited,
+    })
+}
+
+/// Whether nothing is waiting on a connection (no bytes, no EOF).
+pub(crate) fn quiet(stream: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    matches!(stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// A Content-Length value: ASCII digits only (no sign, no spaces inside).
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = value.trim_ascii();
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 #[expect(clippy::too_many_arguments, reason = "the facts of one log line")]

@@ -101,7 +101,10 @@ impl Upstream {
     ) -> Option<TcpStream> {
         let mut idle = self.idle.lock();
         while let Some((stream, since)) = idle.pop() {
-            if now.saturating_duration_since(since) < max_idle {
+            // Skip connections idle too long, or that the upstream closed or
+            // wrote to while pooled (free when nothing happened: the
+            // readiness check fails without a syscall).
+            if now.saturating_duration_since(since) < max_idle && crate::fast::quiet(&stream) {
                 return Some(stream);
             }
         }

@@ -396,3 +396,160 @@ async fn pipelined_requests_keep_their_framing() {
         "the forged header was replaced"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn routing_facts_reach_the_upstream_and_the_access_log() {
+    let site = Site::start(&site_sharding(), "").await;
+    let body: Value = site
+        .request(0, Source::Header, 2_088_000_000_000_007)
+        .header("baggage", "team=payments, atoll.cell=forged")
+        .header("x-atoll-shard", "99")
+        .send()
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    let headers = &body["headers"];
+    assert_eq!(headers["x-atoll-key"], "2088000000000007");
+    assert_eq!(headers["x-atoll-shard"], "7");
+    assert_eq!(headers["x-atoll-cell"], "c0");
+    let epoch = headers["x-atoll-epoch"].as_str().expect("epoch").to_owned();
+    let baggage = headers["baggage"].as_str().expect("baggage");
+    assert!(
+        baggage.contains("team=payments"),
+        "the client's own members stay: {baggage}"
+    );
+    assert!(
+        !baggage.contains("forged"),
+        "client copies of atoll members go: {baggage}"
+    );
+    assert!(
+        baggage.contains(&format!(
+            "atoll.key=2088000000000007,atoll.shard=7,atoll.cell=c0,atoll.epoch={epoch}"
+        )),
+        "{baggage}"
+    );
+    // The access log has a JSON line per request, with the routing facts.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let line = loop {
+        if let Some(line) = site.gateways[0]
+            .access_log()
+            .into_iter()
+            .find(|l| l["shard"] == 7)
+        {
+            break line;
+        }
+        assert!(Instant::now() < deadline, "no access log line");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/api/balance");
+    assert_eq!(line["cell"], "c0");
+    assert_eq!(line["route"], "bank");
+    assert_eq!(line["via"], "direct");
+    assert!(line["durationMs"].as_f64().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_that_cannot_be_served_is_refused_and_the_old_one_kept() {
+    let site = Site::start(&site_sharding(), "").await;
+    // Move gw-a's listener to a port something else holds.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let moved = site.base().replace(
+        &format!(
+            "listeners: [{{port: {}, protocol: http, address: 127.0.0.1}}]",
+            site.ports[0]
+        ),
+        &format!("listeners: [{{port: {port}, protocol: http, address: 127.0.0.1}}]"),
+    );
+    let version = site.apply(&moved);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let nack = loop {
+        let nodes = tokio::task::block_in_place(|| site.control.json(&["nodes"]));
+        let gw = nodes["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["name"] == "gw-a")
+            .cloned()
+            .expect("gw-a");
+        if gw["lastNack"]["version"] == version {
+            break gw;
+        }
+        assert!(Instant::now() < deadline, "no NACK: {nodes}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let reason = nack["lastNack"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{reason}"
+    );
+    assert!(nack["appliedVersion"].as_u64().expect("applied") < version);
+    // Still serving the old version on the old port.
+    let response = site
+        .request(0, Source::Header, 3)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        site.gateways[0].config()["version"]
+            .as_u64()
+            .expect("version"),
+        version - 1
+    );
+    drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fence_hold_lets_writes_wait_for_the_unfence() {
+    let site = Site::start(&site_sharding(), "").await;
+    let held = site.base().replace(
+        &format!("advertise: \"127.0.0.1:{}\"}}", site.ports[0]),
+        &format!(
+            "advertise: \"127.0.0.1:{}\", writeFenceHold: 5s}}",
+            site.ports[0]
+        ),
+    );
+    assert_ne!(held, site.base(), "the hold was set");
+    site.apply_and_wait(&held);
+    site.apply_and_wait(&sharding(Source::Header, Transform::Suffix, false, Some(0)));
+    let write = {
+        let request = site
+            .http
+            .post(format!("{}/api/deposit", site.url(0)))
+            .header("x-user-id", "7");
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let response = request.send().await.expect("sent");
+            (response.status(), started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    site.apply_and_wait(&sharding(Source::Header, Transform::Suffix, false, None));
+    let (status, waited) = write.await.expect("task");
+    assert_eq!(status, 200, "the held write went through after the unfence");
+    assert!(
+        waited >= Duration::from_millis(400),
+        "it waited: {waited:?}"
+    );
+    // Without an unfence, the hold ends in a refusal.
+    site.apply_and_wait(&sharding(Source::Header, Transform::Suffix, false, Some(0)));
+    let started = Instant::now();
+    let response = site
+        .http
+        .post(format!("{}/api/deposit", site.url(0)))
+        .header("x-user-id", "7")
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(response.status(), 503);
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "held about 5s: {:?}",
+        started.elapsed()
+    );
+}

@@ -271,6 +271,10 @@ impl GatewayProcess {
             .arg(format!("--admin=127.0.0.1:{admin_port}"))
             .arg(format!("--state-dir={}", state.display()))
             .arg(format!("--control={control_url}"))
+            .arg(format!(
+                "--access-log={}",
+                state.join("access.log").display()
+            ))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
@@ -308,6 +312,16 @@ impl GatewayProcess {
 
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The JSON access log lines written so far.
+    pub(crate) fn access_log(&self) -> Vec<Value> {
+        let path = self.log.with_file_name("access.log");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("access log lines are JSON"))
+            .collect()
     }
 
     /// The gateway's `/config` report.

@@ -14,5 +14,6 @@ mod data_path;
 mod gateway;
 mod harness;
 mod manifests;
+mod regressions;
 mod restart;
 mod stream;

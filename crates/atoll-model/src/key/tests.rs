@@ -108,6 +108,19 @@ fn hash_test_vectors_never_change() {
 }
 
 #[test]
+fn keys_with_control_characters_are_refused() {
+    for key in [&b"1\r\nX-Injected: yes"[..], b"12\x00", b"\t42", b"4\x7f2"] {
+        for t in [
+            Transform::Hash(HashName::Fnv1a64),
+            Transform::Mod(10),
+            Transform::DecimalSuffix(2),
+        ] {
+            assert_eq!(shard_of(&t, 10, key), Err(KeyError::Control), "{key:?}");
+        }
+    }
+}
+
+#[test]
 fn empty_and_oversized_keys_are_refused() {
     let t = Transform::Hash(HashName::Fnv1a64);
     assert_eq!(shard_of(&t, 10, b""), Err(KeyError::Empty));
@@ -251,13 +264,14 @@ proptest! {
     #[test]
     fn non_digits_are_invalid_for_mod(key in "[0-9]{0,5}[^0-9][0-9a-z]{0,5}") {
         prop_assert!(
-            matches!(shard_of(&Transform::Mod(10), 10, key.as_bytes()), Err(KeyError::NotDecimal { .. })),
+            matches!(shard_of(&Transform::Mod(10), 10, key.as_bytes()), Err(KeyError::NotDecimal { .. } | KeyError::Control)),
             "non-digit key {:?} must be refused", key
         );
     }
 
     #[test]
-    fn fnv_matches_an_independent_implementation(key in proptest::collection::vec(any::<u8>(), 1..200), shards in 1u32..10_000) {
+    fn fnv_matches_an_independent_implementation(key in proptest::collection::vec(0x20u8..=0xff, 1..200), shards in 1u32..10_000) {
+        let key: Vec<u8> = key.into_iter().filter(|b| *b != 0x7f).chain([b'k']).collect();
         // FNV-1a as its authors define it, byte by byte, in 128-bit arithmetic.
         let mut expected: u128 = 0xcbf2_9ce4_8422_2325;
         for byte in &key {
