@@ -775,42 +775,14 @@ async fn refuse(
     refusal: &Refusal,
     close: bool,
 ) {
-    snapshot.metrics.refused(refusal.code()).inc();
-    let table = &snapshot.table;
-    let mut extra: Vec<(&str, serde_json::Value)> = Vec::new();
-    match refusal {
-        Refusal::Fenced {
-            shard,
-            epoch,
-            cell,
-            service,
-        } => {
-            if let Some(counter) = snapshot.metrics.fenced.get(*service as usize) {
-                counter.inc();
-            }
-            extra.push(("shard", (*shard).into()));
-            extra.push(("epoch", (*epoch).into()));
-            if let Some(c) = table.cells.get(usize::from(*cell)) {
-                extra.push(("cell", c.name.clone().into()));
-            }
-        }
-        Refusal::Loop { cell }
-        | Refusal::NoEndpoint {
-            cell: Some(cell), ..
-        } => {
-            if let Some(c) = table.cells.get(usize::from(*cell)) {
-                extra.push(("cell", c.name.clone().into()));
-            }
-        }
-        _ => {}
-    }
+    let facts = snapshot.refusal_facts(refusal);
     let _ = respond(
         client,
         out,
         refusal.status(),
         refusal.code(),
-        &refusal.message(table),
-        &extra,
+        &refusal.message(&snapshot.table),
+        &facts,
         close,
     )
     .await;
@@ -907,51 +879,52 @@ async fn relay(
     loop {
         let upstream = &snapshot.upstreams[endpoint as usize];
         let in_flight = upstream.start_borrowed();
-        let (mut stream, fresh) = match upstream
-            .checkout(proxy.settings.upstream_idle_timeout, started)
-        {
-            Some(stream) => (stream, false),
-            None => match upstream.connect(proxy.settings.connect_timeout).await {
-                Ok(stream) => (stream, true),
-                Err(error) => {
-                    snapshot.metrics.upstream_connect.inc();
-                    if upstream.record(false, outlier, || may_eject(snapshot, routed, endpoint)) {
-                        proxy.metrics.ejections.inc();
+        let (mut stream, fresh) =
+            match upstream.checkout(proxy.settings.upstream_idle_timeout, started) {
+                Some(stream) => (stream, false),
+                None => match upstream.connect(proxy.settings.connect_timeout).await {
+                    Ok(stream) => (stream, true),
+                    Err(error) => {
+                        snapshot.metrics.upstream_connect.inc();
+                        if upstream.record(false, outlier, || {
+                            snapshot.may_eject(routed.service, routed.cell, endpoint)
+                        }) {
+                            proxy.metrics.ejections.inc();
+                        }
+                        drop(in_flight);
+                        attempts_left -= 1;
+                        if attempts_left > 0
+                            && let Some(next) = table.retry_endpoint(&target, endpoint, snapshot)
+                        {
+                            proxy.metrics.retries.inc();
+                            endpoint = next;
+                            continue;
+                        }
+                        let message = format!(
+                            "upstream {} (cell {}) failed: {error}",
+                            upstream.address, cell.name
+                        );
+                        let close = !body_in_buffer || framing.close;
+                        let _ = respond(
+                            client,
+                            out,
+                            502,
+                            "upstreamUnavailable",
+                            &message,
+                            &[("cell", cell.name.clone().into())],
+                            close,
+                        )
+                        .await;
+                        observe(502);
+                        let next = if close {
+                            Next::Close
+                        } else {
+                            consume_body(buffer, framing)
+                        };
+                        return (502, None, Some("upstreamUnavailable"), next);
                     }
-                    drop(in_flight);
-                    attempts_left -= 1;
-                    if attempts_left > 0
-                        && let Some(next) = table.retry_endpoint(&target, endpoint, snapshot)
-                    {
-                        proxy.metrics.retries.inc();
-                        endpoint = next;
-                        continue;
-                    }
-                    let message = format!(
-                        "upstream {} (cell {}) failed: {error}",
-                        upstream.address, cell.name
-                    );
-                    let close = !body_in_buffer || framing.close;
-                    let _ = respond(
-                        client,
-                        out,
-                        502,
-                        "upstreamUnavailable",
-                        &message,
-                        &[("cell", cell.name.clone().into())],
-                        close,
-                    )
-                    .await;
-                    observe(502);
-                    let next = if close {
-                        Next::Close
-                    } else {
-                        consume_body(buffer, framing)
-                    };
-                    return (502, None, Some("upstreamUnavailable"), next);
-                }
-            },
-        };
+                },
+            };
         // The route's time limits cover sending the request and receiving
         // the response head; the body then streams with an idle limit only.
         let limit = match (route.per_try_timeout, deadline) {
@@ -996,7 +969,9 @@ async fn relay(
         match result {
             Ok(done) => {
                 let failed = done.status >= 500;
-                if upstream.record(!failed, outlier, || may_eject(snapshot, routed, endpoint)) {
+                if upstream.record(!failed, outlier, || {
+                    snapshot.may_eject(routed.service, routed.cell, endpoint)
+                }) {
                     proxy.metrics.ejections.inc();
                 }
                 if failed {
@@ -1053,7 +1028,9 @@ async fn relay(
                 answered,
             }) => {
                 drop(in_flight);
-                if upstream.record(false, outlier, || may_eject(snapshot, routed, endpoint)) {
+                if upstream.record(false, outlier, || {
+                    snapshot.may_eject(routed.service, routed.cell, endpoint)
+                }) {
                     proxy.metrics.ejections.inc();
                 }
                 if code == "upstreamTimeout" {
@@ -1118,23 +1095,6 @@ fn consume_body(buffer: &mut BytesMut, framing: &Framing) -> Next {
         },
         _ => Next::Close,
     }
-}
-
-fn may_eject(snapshot: &Snapshot, routed: &Routed, endpoint: u32) -> bool {
-    let table = &snapshot.table;
-    let service = &table.services[routed.service as usize];
-    let group: &[u32] = match table.endpoints[endpoint as usize].cell {
-        Some(cell) => table.endpoints_of(routed.service, cell),
-        None => &table.zones[usize::from(table.cells[usize::from(routed.cell)].zone)].gateways,
-    };
-    if group.is_empty() {
-        return false;
-    }
-    let ejected = group
-        .iter()
-        .filter(|e| snapshot.upstreams[**e as usize].ejected())
-        .count();
-    (ejected + 1) * 100 <= group.len() * service.outlier_detection.max_ejected_percent as usize
 }
 
 /// A response head received from the upstream and written into `out` for

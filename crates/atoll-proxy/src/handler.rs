@@ -394,7 +394,7 @@ impl Proxy {
                 None => Ok(sent.await),
             };
             let outlier = &table.services[routed.service as usize].outlier_detection;
-            let may_eject = || self.may_eject(&snapshot, &routed, endpoint);
+            let may_eject = || snapshot.may_eject(routed.service, routed.cell, endpoint);
             match result {
                 Ok(Ok(mut response)) => {
                     let status = response.status();
@@ -563,58 +563,16 @@ impl Proxy {
         )
     }
 
-    /// Whether ejecting `endpoint` keeps the share of its group's ejected
-    /// endpoints within the service's limit.
-    fn may_eject(&self, snapshot: &Snapshot, routed: &Routed, endpoint: EndpointId) -> bool {
-        let table = &snapshot.table;
-        let service = &table.services[routed.service as usize];
-        let group: &[EndpointId] = match table.endpoints[endpoint as usize].cell {
-            Some(cell) => table.endpoints_of(routed.service, cell),
-            None => &table.zones[usize::from(table.cells[usize::from(routed.cell)].zone)].gateways,
-        };
-        if group.is_empty() {
-            return false;
-        }
-        let ejected = group
-            .iter()
-            .filter(|e| snapshot.upstreams[**e as usize].ejected())
-            .count();
-        (ejected + 1) * 100 <= group.len() * service.outlier_detection.max_ejected_percent as usize
-    }
-
     fn refuse(&self, snapshot: &Snapshot, refusal: &Refusal) -> Response<ResponseBody> {
-        snapshot.metrics.refused(refusal.code()).inc();
         let status =
             StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let message = refusal.message(&snapshot.table);
-        let mut extra: Vec<(&str, serde_json::Value)> = Vec::new();
-        match refusal {
-            Refusal::Fenced {
-                shard,
-                epoch,
-                cell,
-                service,
-            } => {
-                if let Some(counter) = snapshot.metrics.fenced.get(*service as usize) {
-                    counter.inc();
-                }
-                extra.push(("shard", (*shard).into()));
-                extra.push(("epoch", (*epoch).into()));
-                if let Some(c) = snapshot.table.cells.get(usize::from(*cell)) {
-                    extra.push(("cell", c.name.clone().into()));
-                }
-            }
-            Refusal::Loop { cell }
-            | Refusal::NoEndpoint {
-                cell: Some(cell), ..
-            } => {
-                if let Some(c) = snapshot.table.cells.get(usize::from(*cell)) {
-                    extra.push(("cell", c.name.clone().into()));
-                }
-            }
-            _ => {}
-        }
-        let mut response = answer(status, refusal.code(), &message, &extra);
+        let facts = snapshot.refusal_facts(refusal);
+        let mut response = answer(
+            status,
+            refusal.code(),
+            &refusal.message(&snapshot.table),
+            &facts,
+        );
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

@@ -86,6 +86,67 @@ pub struct Snapshot {
     pub(crate) metrics: TableMetrics,
 }
 
+impl Snapshot {
+    /// Whether ejecting `endpoint` (serving `service`, for `cell`) keeps the
+    /// share of ejected endpoints of its group within the service's limit.
+    pub(crate) fn may_eject(&self, service: u32, cell: u16, endpoint: EndpointId) -> bool {
+        let table = &self.table;
+        let spec = &table.services[service as usize];
+        let group: &[EndpointId] = match table.endpoints[endpoint as usize].cell {
+            Some(endpoint_cell) => table.endpoints_of(service, endpoint_cell),
+            None => &table.zones[usize::from(table.cells[usize::from(cell)].zone)].gateways,
+        };
+        if group.is_empty() {
+            return false;
+        }
+        let ejected = group
+            .iter()
+            .filter(|e| self.upstreams[**e as usize].ejected())
+            .count();
+        (ejected + 1) * 100 <= group.len() * spec.outlier_detection.max_ejected_percent as usize
+    }
+
+    /// Counts a refusal and gives the facts its JSON body carries besides
+    /// the code and message (shard, epoch, cell).
+    pub(crate) fn refusal_facts(
+        &self,
+        refusal: &atoll_routing::Refusal,
+    ) -> Vec<(&'static str, serde_json::Value)> {
+        use atoll_routing::Refusal;
+        self.metrics.refused(refusal.code()).inc();
+        let cell_name = |cell: u16| -> Option<serde_json::Value> {
+            self.table
+                .cells
+                .get(usize::from(cell))
+                .map(|c| c.name.clone().into())
+        };
+        let mut facts = Vec::new();
+        match refusal {
+            Refusal::Fenced {
+                shard,
+                epoch,
+                cell,
+                service,
+            } => {
+                if let Some(counter) = self.metrics.fenced.get(*service as usize) {
+                    counter.inc();
+                }
+                facts.push(("shard", (*shard).into()));
+                facts.push(("epoch", (*epoch).into()));
+                facts.extend(cell_name(*cell).map(|c| ("cell", c)));
+            }
+            Refusal::Loop { cell }
+            | Refusal::NoEndpoint {
+                cell: Some(cell), ..
+            } => {
+                facts.extend(cell_name(*cell).map(|c| ("cell", c)));
+            }
+            _ => {}
+        }
+        facts
+    }
+}
+
 impl Health for Snapshot {
     fn available(&self, endpoint: EndpointId) -> bool {
         self.upstreams
