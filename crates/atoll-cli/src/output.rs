@@ -247,6 +247,45 @@ pub(crate) fn resource_table(kind: Kind, resources: &[Resource]) -> String {
                 })
                 .collect(),
         ),
+        Kind::App => (
+            vec![
+                "NAME", "SERVICE", "CELLS", "REPLICAS", "VERSION", "REVISION",
+            ],
+            resources
+                .iter()
+                .map(|r| match &r.spec {
+                    Spec::App(s) => vec![
+                        r.name().into(),
+                        s.service.clone(),
+                        s.cells.join(","),
+                        s.replicas.to_string(),
+                        s.version.clone().unwrap_or_else(|| "-".into()),
+                        version(r),
+                    ],
+                    _ => vec![],
+                })
+                .collect(),
+        ),
+        Kind::Endpoints => (
+            vec!["NAME", "SERVICE", "ZONE", "READY", "REVISION"],
+            resources
+                .iter()
+                .map(|r| match &r.spec {
+                    Spec::Endpoints(s) => vec![
+                        r.name().into(),
+                        s.service.clone(),
+                        s.zone.clone(),
+                        format!(
+                            "{}/{}",
+                            s.endpoints.iter().filter(|e| e.ready).count(),
+                            s.endpoints.len()
+                        ),
+                        version(r),
+                    ],
+                    _ => vec![],
+                })
+                .collect(),
+        ),
         Kind::Gateway => (
             vec!["NAME", "ZONE", "LISTENERS", "REVISION"],
             resources

@@ -149,6 +149,8 @@ fn decode_spec(kind: Kind, value: Option<Value>) -> Result<Spec, DecodeError> {
         Kind::Service => Spec::Service(typed("spec", value)?),
         Kind::Route => Spec::Route(typed("spec", value)?),
         Kind::Gateway => Spec::Gateway(typed("spec", value)?),
+        Kind::App => Spec::App(typed("spec", value)?),
+        Kind::Endpoints => Spec::Endpoints(typed("spec", value)?),
     })
 }
 
@@ -201,6 +203,8 @@ fn spec_value(spec: &Spec) -> Result<Value, serde_json::Error> {
         Spec::Service(s) => serde_json::to_value(s),
         Spec::Route(s) => serde_json::to_value(s),
         Spec::Gateway(s) => serde_json::to_value(s),
+        Spec::App(s) => serde_json::to_value(s),
+        Spec::Endpoints(s) => serde_json::to_value(s),
     }
 }
 

@@ -36,11 +36,15 @@ pub enum Kind {
     Route,
     /// A north-south entry of one zone.
     Gateway,
+    /// An application that agents run in cells.
+    App,
+    /// The endpoints an agent reports for a service in its zone.
+    Endpoints,
 }
 
 impl Kind {
     /// Every kind, in dependency order.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Region,
         Kind::Zone,
         Kind::Cell,
@@ -49,6 +53,8 @@ impl Kind {
         Kind::Service,
         Kind::Route,
         Kind::Gateway,
+        Kind::App,
+        Kind::Endpoints,
     ];
 
     /// The name as written in `kind:` (`ShardMap`).
@@ -62,6 +68,8 @@ impl Kind {
             Kind::Service => "Service",
             Kind::Route => "Route",
             Kind::Gateway => "Gateway",
+            Kind::App => "App",
+            Kind::Endpoints => "Endpoints",
         }
     }
 
@@ -76,6 +84,8 @@ impl Kind {
             Kind::Service => "services",
             Kind::Route => "routes",
             Kind::Gateway => "gateways",
+            Kind::App => "apps",
+            Kind::Endpoints => "endpoints",
         }
     }
 
@@ -92,6 +102,8 @@ impl Kind {
             "service" | "services" | "svc" => Kind::Service,
             "route" | "routes" => Kind::Route,
             "gateway" | "gateways" | "gw" => Kind::Gateway,
+            "app" | "apps" => Kind::App,
+            "endpoints" | "endpoint" | "ep" => Kind::Endpoints,
             _ => return None,
         };
         Some(kind)
@@ -99,7 +111,7 @@ impl Kind {
 
     /// The names `parse` accepts, for error messages.
     pub fn expected() -> &'static str {
-        "region, zone, cell, shardrule, shardmap, service, route, gateway (singular or plural)"
+        "region, zone, cell, shardrule, shardmap, service, route, gateway, app, endpoints (singular or plural)"
     }
 }
 
@@ -241,6 +253,10 @@ pub enum Spec {
     Route(RouteSpec),
     /// See [`GatewaySpec`].
     Gateway(GatewaySpec),
+    /// See [`AppSpec`].
+    App(AppSpec),
+    /// See [`EndpointsSpec`].
+    Endpoints(EndpointsSpec),
 }
 
 impl Spec {
@@ -255,6 +271,8 @@ impl Spec {
             Spec::Service(_) => Kind::Service,
             Spec::Route(_) => Kind::Route,
             Spec::Gateway(_) => Kind::Gateway,
+            Spec::App(_) => Kind::App,
+            Spec::Endpoints(_) => Kind::Endpoints,
         }
     }
 }
@@ -892,6 +910,92 @@ pub struct Tls {
     pub certificate: String,
     /// PEM private key.
     pub private_key: String,
+}
+
+/// An application that agents run in cells.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppSpec {
+    /// The Service the instances serve; their endpoints are reported under it.
+    pub service: String,
+    /// The cells to run in.
+    pub cells: Vec<String>,
+    /// Instances per cell.
+    #[serde(default = "default_replicas")]
+    pub replicas: u32,
+    /// For the local runtime: the program and its arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// For a container runtime (Kubernetes, later): the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Named ports; the first is the one traffic goes to. Without a fixed
+    /// `port`, the agent picks a free one.
+    #[serde(default = "default_ports")]
+    pub ports: Vec<AppPort>,
+    /// Environment of every instance.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// How the agent tells an instance is ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// The version being run; reported endpoints carry it as the label `version`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// A named port of an app.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppPort {
+    /// Its name; instances find it as `ATOLL_PORT_<NAME>`.
+    pub name: String,
+    /// A fixed port; the agent picks a free one when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}
+
+fn default_replicas() -> u32 {
+    1
+}
+
+fn default_ports() -> Vec<AppPort> {
+    vec![AppPort {
+        name: "http".into(),
+        port: None,
+    }]
+}
+
+/// The endpoints an agent reports for a service in its zone. Written by
+/// agents; gateways route to the ready ones, besides the service's static
+/// endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EndpointsSpec {
+    /// The service.
+    pub service: String,
+    /// The zone whose agent reports them.
+    pub zone: String,
+    /// The instances.
+    #[serde(default)]
+    pub endpoints: Vec<ReportedEndpoint>,
+}
+
+/// One instance as an agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReportedEndpoint {
+    /// The cell it serves.
+    pub cell: String,
+    /// `host:port`.
+    pub address: String,
+    /// The instance's name.
+    pub instance: String,
+    /// Whether it passes its health check.
+    pub ready: bool,
+    /// Labels, matched by subsets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A duration written like `5s`, `250ms` or `1m30s`.

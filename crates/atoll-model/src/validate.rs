@@ -13,8 +13,9 @@ use crate::key::{MAX_SUFFIX_DIGITS, PathTemplate};
 use crate::manifest::Located;
 use crate::names::{address_problem, dns_label_problem, host_problem, is_token, method_problem};
 use crate::resource::{
-    CellSpec, CellType, GatewaySpec, HeaderMatch, KeySource, Kind, Protocol, ResourceKey,
-    RouteSpec, ServiceKind, ServiceSpec, ShardMapSpec, ShardRuleSpec, Spec, Transform, ZoneSpec,
+    AppSpec, CellSpec, CellType, EndpointsSpec, GatewaySpec, HeaderMatch, KeySource, Kind,
+    Protocol, ResourceKey, RouteSpec, ServiceKind, ServiceSpec, ShardMapSpec, ShardRuleSpec, Spec,
+    Transform, ZoneSpec,
 };
 
 /// The most shards a rule may have.
@@ -108,6 +109,8 @@ impl<'a> Validator<'a> {
                 Spec::Service(spec) => self.service(located, spec),
                 Spec::Route(spec) => self.route(located, spec),
                 Spec::Gateway(spec) => self.gateway(located, spec),
+                Spec::App(spec) => self.app(located, spec),
+                Spec::Endpoints(spec) => self.endpoints(located, spec),
             }
         }
         self.single_gzone();
@@ -856,6 +859,144 @@ impl<'a> Validator<'a> {
                     }
                     None => {}
                 }
+            }
+        }
+    }
+
+    fn app(&mut self, located: &Located, spec: &AppSpec) {
+        self.reference(located, "spec.service", Kind::Service, &spec.service);
+        if spec.cells.is_empty() {
+            report!(
+                self,
+                located,
+                "spec.cells",
+                "list the cells the app runs in"
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, cell) in spec.cells.iter().enumerate() {
+            if !seen.insert(cell.as_str()) {
+                report!(
+                    self,
+                    located,
+                    format!("spec.cells[{i}]"),
+                    "cell `{cell}` is listed twice"
+                );
+            }
+            self.reference(located, &format!("spec.cells[{i}]"), Kind::Cell, cell);
+        }
+        if spec.replicas > 100 {
+            report!(
+                self,
+                located,
+                "spec.replicas",
+                "at most 100 instances per cell, not {}",
+                spec.replicas
+            );
+        }
+        if spec.command.is_empty() && spec.image.is_none() {
+            report!(
+                self,
+                located,
+                "spec",
+                "give a `command` (local runtime) or an `image` (container runtime)"
+            );
+        }
+        if spec.command.first().is_some_and(|c| c.trim().is_empty()) {
+            report!(self, located, "spec.command[0]", "the program is empty");
+        }
+        if spec.ports.is_empty() {
+            report!(
+                self,
+                located,
+                "spec.ports",
+                "an app needs at least one port (the first takes the traffic)"
+            );
+        }
+        let mut names = HashSet::new();
+        for (i, port) in spec.ports.iter().enumerate() {
+            if dns_label_problem(&port.name).is_some() {
+                report!(
+                    self,
+                    located,
+                    format!("spec.ports[{i}].name"),
+                    "`{}` is not a valid port name (a DNS label)",
+                    port.name
+                );
+            }
+            if !names.insert(port.name.as_str()) {
+                report!(
+                    self,
+                    located,
+                    format!("spec.ports[{i}].name"),
+                    "port `{}` is named twice",
+                    port.name
+                );
+            }
+            if port.port == Some(0) {
+                report!(
+                    self,
+                    located,
+                    format!("spec.ports[{i}].port"),
+                    "a fixed port is between 1 and 65535; leave it out for a free one"
+                );
+            }
+            if port.port.is_some() && spec.replicas > 1 {
+                report!(
+                    self,
+                    located,
+                    format!("spec.ports[{i}].port"),
+                    "a fixed port cannot be shared by {} instances on one host; leave it out",
+                    spec.replicas
+                );
+            }
+        }
+        for name in spec.env.keys() {
+            if name.is_empty() || name.contains('=') || name.starts_with("ATOLL_") {
+                report!(
+                    self,
+                    located,
+                    format!("spec.env.{name}"),
+                    "`{name}` cannot be set: names are non-empty, without `=`, and ATOLL_* is reserved for the agent"
+                );
+            }
+        }
+        if let Some(check) = &spec.health_check
+            && !check.path.starts_with('/')
+        {
+            report!(
+                self,
+                located,
+                "spec.healthCheck.path",
+                "`{}` must start with `/`",
+                check.path
+            );
+        }
+    }
+
+    /// Endpoints are reports, not intent: references to a service, zone or
+    /// cell that was deleted meanwhile are tolerated (the agent's next report
+    /// drops them), so that reports never block a delete.
+    fn endpoints(&mut self, located: &Located, spec: &EndpointsSpec) {
+        for (i, endpoint) in spec.endpoints.iter().enumerate() {
+            let field = format!("spec.endpoints[{i}]");
+            if let Some(problem) = address_problem(&endpoint.address) {
+                self.report(located, format!("{field}.address"), problem);
+            }
+            // Cells may disappear while an agent still reports them: the
+            // agent's next report drops them; refusing would block deletes.
+            if let Some(cell) = self.cell_spec(&endpoint.cell)
+                && cell.zone != spec.zone
+            {
+                report!(
+                    self,
+                    located,
+                    format!("{field}.cell"),
+                    "cell `{}` is in zone {}, not {}: an agent reports only its own zone",
+                    endpoint.cell,
+                    cell.zone,
+                    spec.zone
+                );
             }
         }
     }

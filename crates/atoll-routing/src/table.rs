@@ -338,23 +338,38 @@ impl RoutingTable {
             for group in &mut groups {
                 group.subsets = vec![Vec::new(); subsets.len()];
             }
-            for endpoint in &spec.endpoints {
-                let cell = index(&cell_ids, &endpoint.cell, "cell")?;
+            // Static endpoints, then the ready ones agents reported (reports
+            // for cells that no longer exist are skipped).
+            let reported = resources
+                .iter()
+                .filter_map(|r| match &r.spec {
+                    Spec::Endpoints(e) if e.service == resource.name() => Some(e),
+                    _ => None,
+                })
+                .flat_map(|e| e.endpoints.iter().filter(|x| x.ready))
+                .filter(|x| cell_ids.contains_key(x.cell.as_str()))
+                .map(|x| (x.cell.as_str(), x.address.as_str(), &x.labels));
+            let declared = spec
+                .endpoints
+                .iter()
+                .map(|x| (x.cell.as_str(), x.address.as_str(), &x.labels));
+            let mut seen = std::collections::HashSet::new();
+            for (cell_name, address, labels) in declared.chain(reported) {
+                if !seen.insert(address) {
+                    continue;
+                }
+                let cell = index(&cell_ids, cell_name, "cell")?;
                 let id = endpoints.len() as EndpointId;
                 endpoints.push(Endpoint {
-                    address: endpoint.address.clone(),
+                    address: address.to_owned(),
                     cell: Some(cell),
                     service: Some(service_id as ServiceId),
-                    labels: endpoint.labels.clone(),
+                    labels: labels.clone(),
                 });
                 let group = &mut groups[usize::from(cell)];
                 group.endpoints.push(id);
                 for (i, subset) in spec.subsets.iter().enumerate() {
-                    if subset
-                        .labels
-                        .iter()
-                        .all(|(k, v)| endpoint.labels.get(k) == Some(v))
-                    {
+                    if subset.labels.iter().all(|(k, v)| labels.get(k) == Some(v)) {
                         group.subsets[i].push(id);
                     }
                 }

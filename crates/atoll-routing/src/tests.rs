@@ -547,3 +547,29 @@ fn a_missing_gateway_does_not_compile() {
         "{error}"
     );
 }
+
+#[test]
+fn reported_endpoints_join_static_ones_when_ready() {
+    let extra = "---\napiVersion: atoll/v1\nkind: Service\nmetadata: {name: api}\nspec: {kind: local}\n---\napiVersion: atoll/v1\nkind: Route\nmetadata: {name: api}\nspec: {hosts: [api.example], service: api}\n---\napiVersion: atoll/v1\nkind: Endpoints\nmetadata: {name: api-hz-a}\nspec:\n  service: api\n  zone: hz-a\n  endpoints:\n    - {cell: rz00, address: \"10.5.0.1:80\", instance: api-rz00-0, ready: true, labels: {version: \"2\"}}\n    - {cell: rz00, address: \"10.5.0.2:80\", instance: api-rz00-1, ready: false}\n    - {cell: gone, address: \"10.5.0.3:80\", instance: api-gone-0, ready: true}\n";
+    let table = compile(
+        &topology(3, 99, "{header: x-user-id}", "{mod: 99}", extra),
+        "hz-a",
+        "gw-hz-a",
+    );
+    let api = table.service_id("api").expect("api");
+    let rz00 = table.cell_id("rz00").expect("rz00");
+    let addresses: Vec<&str> = table
+        .endpoints_of(api, rz00)
+        .iter()
+        .map(|e| table.endpoints[*e as usize].address.as_str())
+        .collect();
+    assert_eq!(
+        addresses,
+        ["10.5.0.1:80"],
+        "only the ready instance, and no cell that is gone"
+    );
+    assert_eq!(
+        route(&table, &host(Req::get("/"), "api.example")).map(|r| r.0),
+        Ok("rz00".into())
+    );
+}
