@@ -86,6 +86,10 @@ pub(crate) struct Unit {
     pub(crate) owners: Vec<CellId>,
     /// Whether each shard is fenced.
     pub(crate) fenced: Vec<bool>,
+    /// Standby cell of each shard, if any.
+    pub(crate) standby: Vec<Option<CellId>>,
+    /// The transform, to compute shards for keys outside requests.
+    pub(crate) transform: atoll_model::Transform,
     pub(crate) epoch: u64,
     pub(crate) epoch_header: HeaderValue,
     /// `x-atoll-shard` values, precomputed for maps of up to 65,536 shards.
@@ -297,14 +301,20 @@ impl RoutingTable {
                     let shards = rule.shards;
                     let mut owners = vec![CellId::MAX; shards as usize];
                     let mut fenced = vec![false; shards as usize];
+                    let mut standby = vec![None; shards as usize];
                     for assignment in &map.assignments {
                         let owner = index(&cell_ids, &assignment.cell, "cell")?;
+                        let standby_cell = match &assignment.standby {
+                            Some(name) => Some(index(&cell_ids, name, "cell")?),
+                            None => None,
+                        };
                         for shard in assignment.shards.start..=assignment.shards.end {
                             let slot = owners.get_mut(shard as usize).ok_or_else(|| {
                                 format!("shard {shard} is beyond the rule's {shards}")
                             })?;
                             *slot = owner;
                             fenced[shard as usize] = assignment.state == ShardState::Fenced;
+                            standby[shard as usize] = standby_cell;
                         }
                     }
                     if let Some(shard) = owners.iter().position(|o| *o == CellId::MAX) {
@@ -320,6 +330,8 @@ impl RoutingTable {
                         shards,
                         owners,
                         fenced,
+                        standby,
+                        transform: rule.key.transform.clone(),
                         epoch: map.epoch,
                         epoch_header: HeaderValue::from(map.epoch),
                         shard_headers,
@@ -583,6 +595,32 @@ impl RoutingTable {
         let unit = self.services.get(service as usize)?.unit.as_ref()?;
         let owner = *unit.owners.get(shard as usize)?;
         Some((owner, unit.fenced[shard as usize]))
+    }
+
+    /// The standby cell of `shard` of a unitized service, if it has one.
+    pub fn standby(&self, service: ServiceId, shard: u32) -> Option<CellId> {
+        *self
+            .services
+            .get(service as usize)?
+            .unit
+            .as_ref()?
+            .standby
+            .get(shard as usize)?
+    }
+
+    /// The shard of a routing key, for a unitized service (what a gateway
+    /// would compute from a request carrying it).
+    pub fn shard_of_key(
+        &self,
+        service: ServiceId,
+        key: &str,
+    ) -> Option<Result<u32, atoll_model::key::KeyError>> {
+        let unit = self.services.get(service as usize)?.unit.as_ref()?;
+        Some(atoll_model::key::shard_of(
+            &unit.transform,
+            unit.shards,
+            key.as_bytes(),
+        ))
     }
 
     /// The epoch of a unitized service's shard map.

@@ -1,0 +1,314 @@
+//! Atoll for application code. An app instance that serves a unitized service
+//! uses [`Cell`] to follow the control plane (a config-stream node of role
+//! `app`), and asks it:
+//!
+//! - which shard a key belongs to, which cell owns it, at which epoch;
+//! - [`Cell::check_write`]: may this instance accept a write for shard S
+//!   that a router sent at epoch E? Only if its cell owns S now, S is not
+//!   fenced, and E is the current epoch. A write routed by a stale map is
+//!   refused, so two cells never both accept writes for one shard.
+//! - where the instances of another cell are (for replication).
+//!
+//! It does no I/O of its own beyond the config stream, and it is not a data
+//! path: requests reach the app through a gateway or a sidecar.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use atoll_model::{Located, Origin, validate};
+use atoll_node::{Installer, NodeClient, NodeConfig, NodeOptions, NodeStatus};
+use atoll_routing::{CellId, RoutingTable, Scope, ServiceId};
+use tokio::sync::watch;
+
+/// What an instance is, usually from the environment the agent sets
+/// (`ATOLL_*`).
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// Control plane URL.
+    pub control: String,
+    /// Instance name (unique).
+    pub instance: String,
+    /// The cell it serves.
+    pub cell: String,
+    /// Its zone.
+    pub zone: String,
+    /// The unitized service it implements.
+    pub service: String,
+    /// Where to cache the last config (static stability).
+    pub cache: Option<PathBuf>,
+}
+
+impl Identity {
+    /// Reads `ATOLL_CONTROL`, `ATOLL_INSTANCE`, `ATOLL_CELL`, `ATOLL_ZONE`,
+    /// `ATOLL_SERVICE` and `ATOLL_DATA_DIR` (for the cache).
+    pub fn from_env() -> Result<Self, String> {
+        let var = |name: &str| {
+            std::env::var(name)
+                .map_err(|_| format!("{name} is not set; run this under an Atoll agent or set it"))
+        };
+        Ok(Self {
+            control: var("ATOLL_CONTROL")?,
+            instance: var("ATOLL_INSTANCE")?,
+            cell: var("ATOLL_CELL")?,
+            zone: var("ATOLL_ZONE")?,
+            service: var("ATOLL_SERVICE")?,
+            cache: std::env::var_os("ATOLL_DATA_DIR").map(|dir| {
+                PathBuf::from(dir).join(format!(
+                    "atoll-config-{}.json",
+                    var("ATOLL_INSTANCE").unwrap_or_default()
+                ))
+            }),
+        })
+    }
+}
+
+/// Why a write is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// No configuration yet.
+    #[error("this instance has not received the shard map yet")]
+    NotReady,
+    /// Another cell owns the shard now.
+    #[error("shard {shard} belongs to cell {owner}, not {cell} (epoch {epoch})")]
+    NotOwner {
+        /// The shard.
+        shard: u32,
+        /// Its owner now.
+        owner: String,
+        /// This cell.
+        cell: String,
+        /// The current epoch.
+        epoch: u64,
+    },
+    /// The shard is fenced for a switchover.
+    #[error("shard {shard} is fenced for a switchover (epoch {epoch})")]
+    Fenced {
+        /// The shard.
+        shard: u32,
+        /// The current epoch.
+        epoch: u64,
+    },
+    /// The router used another epoch than this instance knows.
+    #[error("the request was routed at epoch {request} but the shard map is at epoch {current}")]
+    StaleEpoch {
+        /// The epoch the request carries.
+        request: u64,
+        /// The epoch this instance knows.
+        current: u64,
+    },
+}
+
+/// The current view, immutable.
+#[derive(Debug)]
+pub struct View {
+    /// The routing table, compiled for this instance's zone.
+    pub table: RoutingTable,
+    /// This instance's service in the table.
+    pub service: ServiceId,
+    /// This instance's cell in the table.
+    pub cell: CellId,
+}
+
+impl View {
+    /// The current epoch of the service's shard map.
+    pub fn epoch(&self) -> u64 {
+        self.table.epoch(self.service).unwrap_or(0)
+    }
+
+    /// The shard of a key.
+    pub fn shard_of(&self, key: &str) -> Option<u32> {
+        self.table.shard_of_key(self.service, key)?.ok()
+    }
+
+    /// The owner of a shard (cell name) and whether it is fenced.
+    pub fn owner(&self, shard: u32) -> Option<(&str, bool)> {
+        let (cell, fenced) = self.table.owner(self.service, shard)?;
+        Some((self.table.cells[usize::from(cell)].name.as_str(), fenced))
+    }
+
+    /// Whether this cell owns `shard`.
+    pub fn owns(&self, shard: u32) -> bool {
+        self.table
+            .owner(self.service, shard)
+            .is_some_and(|(c, _)| c == self.cell)
+    }
+
+    /// The shards this cell owns.
+    pub fn owned_shards(&self) -> Vec<u32> {
+        let shards = self.table.shards(self.service).unwrap_or(0);
+        (0..shards).filter(|s| self.owns(*s)).collect()
+    }
+
+    /// The standby cell (name) of a shard.
+    pub fn standby(&self, shard: u32) -> Option<&str> {
+        self.table
+            .standby(self.service, shard)
+            .map(|c| self.table.cells[usize::from(c)].name.as_str())
+    }
+
+    /// The addresses of the service's instances in a cell (static and ready
+    /// reported ones).
+    pub fn endpoints(&self, cell: &str) -> Vec<&str> {
+        match self.table.cell_id(cell) {
+            Some(id) => self
+                .table
+                .endpoints_of(self.service, id)
+                .iter()
+                .map(|e| self.table.endpoints[*e as usize].address.as_str())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+}
+
+struct ViewInstaller {
+    identity: Identity,
+    view: Arc<ArcSwapOption<View>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Installer for ViewInstaller {
+    fn install(&self, config: &NodeConfig) -> Result<(), String> {
+        let located: Vec<Located> = config
+            .resources
+            .iter()
+            .map(|r| Located {
+                resource: r.clone(),
+                origin: Origin::Stored {
+                    revision: r.metadata.resource_version.unwrap_or(0),
+                },
+            })
+            .collect();
+        validate(&located).map_err(|issues| format!("invalid configuration: {issues}"))?;
+        let table = RoutingTable::compile(
+            config.version,
+            &config.resources,
+            &Scope {
+                zone: self.identity.zone.clone(),
+                gateway: None,
+            },
+        )?;
+        let service = table
+            .service_id(&self.identity.service)
+            .ok_or_else(|| format!("service `{}` does not exist", self.identity.service))?;
+        let cell = table
+            .cell_id(&self.identity.cell)
+            .ok_or_else(|| format!("cell `{}` does not exist", self.identity.cell))?;
+        self.view.store(Some(Arc::new(View {
+            table,
+            service,
+            cell,
+        })));
+        self.changed.send_replace(config.version);
+        Ok(())
+    }
+}
+
+/// A cell's view of the world, kept current.
+#[derive(Clone)]
+pub struct Cell {
+    identity: Identity,
+    view: Arc<ArcSwapOption<View>>,
+    status: Arc<NodeStatus>,
+    changed: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for Cell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cell")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cell {
+    /// Starts following the control plane (from the cache at once, if there
+    /// is one) until `shutdown` turns true.
+    pub fn start(identity: Identity, shutdown: watch::Receiver<bool>) -> Cell {
+        let view = Arc::new(ArcSwapOption::empty());
+        let (changed, receiver) = watch::channel(0);
+        let installer = Arc::new(ViewInstaller {
+            identity: identity.clone(),
+            view: view.clone(),
+            changed,
+        });
+        let client = NodeClient::new(
+            NodeOptions {
+                control: identity.control.clone(),
+                name: identity.instance.clone(),
+                role: "app".into(),
+                zone: identity.zone.clone(),
+                cell: identity.cell.clone(),
+                cache: identity.cache.clone(),
+            },
+            installer,
+        );
+        client.load_cache();
+        let status = client.status();
+        tokio::spawn(client.run(shutdown));
+        Cell {
+            identity,
+            view,
+            status,
+            changed: receiver,
+        }
+    }
+
+    /// The identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The current view, once there is one.
+    pub fn view(&self) -> Option<Arc<View>> {
+        self.view.load_full()
+    }
+
+    /// Waits for the first view.
+    pub async fn ready(&self) -> Arc<View> {
+        let mut changed = self.changed.clone();
+        loop {
+            if let Some(view) = self.view() {
+                return view;
+            }
+            if changed.changed().await.is_err() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    /// The config stream's status (connected, applied version).
+    pub fn status(&self) -> &NodeStatus {
+        &self.status
+    }
+
+    /// Whether this instance may accept a write for `shard` routed at
+    /// `epoch` (the `x-atoll-epoch` a gateway adds; `None` when the request
+    /// did not come through one, then only ownership is checked).
+    pub fn check_write(&self, shard: u32, epoch: Option<u64>) -> Result<Arc<View>, Refused> {
+        let view = self.view().ok_or(Refused::NotReady)?;
+        let current = view.epoch();
+        let (owner, fenced) = view.owner(shard).ok_or(Refused::NotReady)?;
+        if owner != self.identity.cell {
+            return Err(Refused::NotOwner {
+                shard,
+                owner: owner.to_owned(),
+                cell: self.identity.cell.clone(),
+                epoch: current,
+            });
+        }
+        if fenced {
+            return Err(Refused::Fenced {
+                shard,
+                epoch: current,
+            });
+        }
+        if let Some(request) = epoch
+            && request != current
+        {
+            return Err(Refused::StaleEpoch { request, current });
+        }
+        Ok(view)
+    }
+}

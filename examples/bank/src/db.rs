@@ -1,0 +1,795 @@
+//! The bank's storage: one SQLite file per cell (WAL, fsync on commit), shared
+//! by the cell's instances. Every write is one transaction that records its
+//! idempotency key and result, the new balances, and entries in the change
+//! log that replication ships to the standby cell.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use parking_lot::Mutex;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+/// A write the bank can apply.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Operation {
+    /// Adds money.
+    Deposit { user: String, amount: i64 },
+    /// Takes money, if there is enough.
+    Withdraw { user: String, amount: i64 },
+    /// Moves money to a user of this cell.
+    TransferLocal {
+        from: String,
+        to: String,
+        to_shard: u32,
+        amount: i64,
+    },
+    /// Moves money to a user of another cell: debit here, credit delivered
+    /// later through the outbox.
+    TransferRemote {
+        from: String,
+        to: String,
+        amount: i64,
+    },
+    /// The credit leg of a transfer from another cell.
+    Credit { user: String, amount: i64 },
+}
+
+/// An entry of the change log (what the standby applies).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub(crate) enum Change {
+    /// A user's balance now.
+    Balance { user: String, balance: i64 },
+    /// An applied request and its answer (so a retry after failover
+    /// returns it instead of applying again).
+    Request {
+        key: String,
+        status: u16,
+        body: Value,
+    },
+    /// A credit to deliver to another cell.
+    Outbox {
+        key: String,
+        payee: String,
+        amount: i64,
+    },
+    /// An outbox entry was delivered.
+    Delivered { key: String },
+}
+
+/// One log entry with its position and shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct LogEntry {
+    pub(crate) position: i64,
+    pub(crate) shard: u32,
+    pub(crate) change: Change,
+}
+
+/// An undelivered credit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Pending {
+    pub(crate) key: String,
+    /// The payer's shard.
+    pub(crate) shard: u32,
+    pub(crate) payee: String,
+    pub(crate) amount: i64,
+}
+
+/// The answer to a write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Outcome {
+    pub(crate) status: u16,
+    pub(crate) body: Value,
+    /// Whether this was a replay of an earlier answer.
+    pub(crate) replayed: bool,
+}
+
+#[derive(Debug)]
+pub(crate) struct Db {
+    connection: Mutex<Connection>,
+}
+
+fn error(e: rusqlite::Error) -> anyhow::Error {
+    anyhow::anyhow!("sqlite: {e}")
+}
+
+impl Db {
+    /// Opens (or creates) the cell's database.
+    pub(crate) fn open(path: &Path) -> anyhow::Result<Db> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let connection = Connection::open(path).map_err(error)?;
+        connection
+            .busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(error)?;
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 PRAGMA synchronous = FULL;
+                 CREATE TABLE IF NOT EXISTS accounts (user TEXT PRIMARY KEY, shard INTEGER NOT NULL, balance INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS requests (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, status INTEGER NOT NULL, body TEXT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS log (position INTEGER PRIMARY KEY AUTOINCREMENT, shard INTEGER NOT NULL, entry TEXT NOT NULL);
+                 CREATE INDEX IF NOT EXISTS log_shard ON log (shard, position);
+                 CREATE TABLE IF NOT EXISTS outbox (key TEXT PRIMARY KEY, shard INTEGER NOT NULL, payee TEXT NOT NULL, amount INTEGER NOT NULL, delivered INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE IF NOT EXISTS acks (standby TEXT PRIMARY KEY, position INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS replica_accounts (source TEXT NOT NULL, user TEXT NOT NULL, shard INTEGER NOT NULL, balance INTEGER NOT NULL, PRIMARY KEY (source, user));
+                 CREATE TABLE IF NOT EXISTS replica_requests (source TEXT NOT NULL, key TEXT NOT NULL, shard INTEGER NOT NULL, status INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (source, key));
+                 CREATE TABLE IF NOT EXISTS replica_outbox (source TEXT NOT NULL, key TEXT NOT NULL, shard INTEGER NOT NULL, payee TEXT NOT NULL, amount INTEGER NOT NULL, PRIMARY KEY (source, key));
+                 CREATE TABLE IF NOT EXISTS replica_positions (source TEXT PRIMARY KEY, position INTEGER NOT NULL);",
+            )
+            .map_err(error)?;
+        Ok(Db {
+            connection: Mutex::new(connection),
+        })
+    }
+
+    /// A user's balance (0 for an unknown user).
+    pub(crate) fn balance(&self, user: &str) -> anyhow::Result<i64> {
+        let connection = self.connection.lock();
+        Ok(connection
+            .query_row(
+                "SELECT balance FROM accounts WHERE user = ?1",
+                [user],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(error)?
+            .unwrap_or(0))
+    }
+
+    /// Applies a write once: a key seen before returns its first answer, or
+    /// 422 when it was first used for a different request (`fingerprint`).
+    pub(crate) fn apply(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        shard: u32,
+        operation: &Operation,
+    ) -> anyhow::Result<Outcome> {
+        let mut connection = self.connection.lock();
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(error)?;
+        let previous: Option<(String, u16, String)> = tx
+            .query_row(
+                "SELECT fingerprint, status, body FROM requests WHERE key = ?1",
+                [key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(error)?;
+        if let Some((first, status, body)) = previous {
+            if first != fingerprint {
+                return Ok(Outcome {
+                    status: 422,
+                    body: json!({
+                        "error": "idempotencyKeyReused",
+                        "message": format!("idempotency key `{key}` was first used for `{first}`, not `{fingerprint}`; use a new key for a new request"),
+                    }),
+                    replayed: true,
+                });
+            }
+            return Ok(Outcome {
+                status,
+                body: serde_json::from_str(&body).unwrap_or(Value::Null),
+                replayed: true,
+            });
+        }
+        let log =
+            |tx: &rusqlite::Transaction<'_>, shard: u32, change: &Change| -> anyhow::Result<()> {
+                tx.execute(
+                    "INSERT INTO log (shard, entry) VALUES (?1, ?2)",
+                    params![shard, serde_json::to_string(change)?],
+                )
+                .map_err(error)?;
+                Ok(())
+            };
+        let balance_of = |tx: &rusqlite::Transaction<'_>, user: &str| -> anyhow::Result<i64> {
+            Ok(tx
+                .query_row(
+                    "SELECT balance FROM accounts WHERE user = ?1",
+                    [user],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(error)?
+                .unwrap_or(0))
+        };
+        let set = |tx: &rusqlite::Transaction<'_>,
+                   user: &str,
+                   shard: u32,
+                   balance: i64|
+         -> anyhow::Result<()> {
+            tx.execute(
+                "INSERT INTO accounts (user, shard, balance) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(user) DO UPDATE SET balance = excluded.balance",
+                params![user, shard, balance],
+            )
+            .map_err(error)?;
+            Ok(())
+        };
+        let (status, body) = match operation {
+            Operation::Deposit { user, amount } | Operation::Credit { user, amount } => {
+                let balance = balance_of(&tx, user)? + amount;
+                set(&tx, user, shard, balance)?;
+                log(
+                    &tx,
+                    shard,
+                    &Change::Balance {
+                        user: user.clone(),
+                        balance,
+                    },
+                )?;
+                (200, json!({"user": user, "balance": balance}))
+            }
+            Operation::Withdraw { user, amount } => {
+                let balance = balance_of(&tx, user)?;
+                if balance < *amount {
+                    (
+                        409,
+                        json!({"error": "insufficientFunds", "message": format!("balance {balance} is less than {amount}"), "user": user, "balance": balance}),
+                    )
+                } else {
+                    let balance = balance - amount;
+                    set(&tx, user, shard, balance)?;
+                    log(
+                        &tx,
+                        shard,
+                        &Change::Balance {
+                            user: user.clone(),
+                            balance,
+                        },
+                    )?;
+                    (200, json!({"user": user, "balance": balance}))
+                }
+            }
+            Operation::TransferLocal {
+                from,
+                to,
+                to_shard,
+                amount,
+            } => {
+                let balance = balance_of(&tx, from)?;
+                if balance < *amount {
+                    (
+                        409,
+                        json!({"error": "insufficientFunds", "message": format!("balance {balance} is less than {amount}"), "user": from, "balance": balance}),
+                    )
+                } else {
+                    let payer = balance - amount;
+                    let payee = balance_of(&tx, to)? + amount;
+                    set(&tx, from, shard, payer)?;
+                    set(&tx, to, *to_shard, payee)?;
+                    log(
+                        &tx,
+                        shard,
+                        &Change::Balance {
+                            user: from.clone(),
+                            balance: payer,
+                        },
+                    )?;
+                    log(
+                        &tx,
+                        *to_shard,
+                        &Change::Balance {
+                            user: to.clone(),
+                            balance: payee,
+                        },
+                    )?;
+                    (
+                        200,
+                        json!({"user": from, "balance": payer, "to": to, "delivered": true}),
+                    )
+                }
+            }
+            Operation::TransferRemote { from, to, amount } => {
+                let balance = balance_of(&tx, from)?;
+                if balance < *amount {
+                    (
+                        409,
+                        json!({"error": "insufficientFunds", "message": format!("balance {balance} is less than {amount}"), "user": from, "balance": balance}),
+                    )
+                } else {
+                    let payer = balance - amount;
+                    set(&tx, from, shard, payer)?;
+                    tx.execute(
+                        "INSERT INTO outbox (key, shard, payee, amount) VALUES (?1, ?2, ?3, ?4)",
+                        params![key, shard, to, amount],
+                    )
+                    .map_err(error)?;
+                    log(
+                        &tx,
+                        shard,
+                        &Change::Balance {
+                            user: from.clone(),
+                            balance: payer,
+                        },
+                    )?;
+                    log(
+                        &tx,
+                        shard,
+                        &Change::Outbox {
+                            key: key.to_owned(),
+                            payee: to.clone(),
+                            amount: *amount,
+                        },
+                    )?;
+                    (
+                        200,
+                        json!({"user": from, "balance": payer, "to": to, "delivered": false}),
+                    )
+                }
+            }
+        };
+        tx.execute(
+            "INSERT INTO requests (key, fingerprint, status, body) VALUES (?1, ?2, ?3, ?4)",
+            params![key, fingerprint, status, body.to_string()],
+        )
+        .map_err(error)?;
+        log(
+            &tx,
+            shard,
+            &Change::Request {
+                key: key.to_owned(),
+                status,
+                body: body.clone(),
+            },
+        )?;
+        tx.commit().map_err(error)?;
+        Ok(Outcome {
+            status,
+            body,
+            replayed: false,
+        })
+    }
+
+    /// Credits waiting to be delivered, oldest first.
+    pub(crate) fn pending(&self, limit: usize) -> anyhow::Result<Vec<Pending>> {
+        let connection = self.connection.lock();
+        let mut statement = connection
+            .prepare("SELECT key, shard, payee, amount FROM outbox WHERE delivered = 0 ORDER BY rowid LIMIT ?1")
+            .map_err(error)?;
+        let rows = statement
+            .query_map([limit as i64], |r| {
+                Ok(Pending {
+                    key: r.get(0)?,
+                    shard: r.get(1)?,
+                    payee: r.get(2)?,
+                    amount: r.get(3)?,
+                })
+            })
+            .map_err(error)?;
+        rows.collect::<Result<_, _>>().map_err(error)
+    }
+
+    /// Marks a credit delivered.
+    pub(crate) fn delivered(&self, key: &str) -> anyhow::Result<()> {
+        let mut connection = self.connection.lock();
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(error)?;
+        let shard: Option<u32> = tx
+            .query_row(
+                "UPDATE outbox SET delivered = 1 WHERE key = ?1 AND delivered = 0 RETURNING shard",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(error)?;
+        if let Some(shard) = shard {
+            tx.execute(
+                "INSERT INTO log (shard, entry) VALUES (?1, ?2)",
+                params![
+                    shard,
+                    serde_json::to_string(&Change::Delivered {
+                        key: key.to_owned()
+                    })?
+                ],
+            )
+            .map_err(error)?;
+        }
+        tx.commit().map_err(error)?;
+        Ok(())
+    }
+
+    /// The sum of undelivered credits (money in flight).
+    pub(crate) fn in_flight(&self) -> anyhow::Result<i64> {
+        let connection = self.connection.lock();
+        connection
+            .query_row(
+                "SELECT COALESCE(SUM(amount), 0) FROM outbox WHERE delivered = 0",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(error)
+    }
+
+    /// The sum of all balances.
+    pub(crate) fn total(&self) -> anyhow::Result<i64> {
+        let connection = self.connection.lock();
+        connection
+            .query_row("SELECT COALESCE(SUM(balance), 0) FROM accounts", [], |r| {
+                r.get(0)
+            })
+            .map_err(error)
+    }
+
+    /// Log entries after `after`, oldest first.
+    pub(crate) fn log_after(&self, after: i64, limit: usize) -> anyhow::Result<Vec<LogEntry>> {
+        let connection = self.connection.lock();
+        let mut statement = connection
+            .prepare("SELECT position, shard, entry FROM log WHERE position > ?1 ORDER BY position LIMIT ?2")
+            .map_err(error)?;
+        let rows = statement
+            .query_map(params![after, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, u32>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(error)?;
+        let mut entries = Vec::new();
+        for row in rows {
+            let (position, shard, entry) = row.map_err(error)?;
+            entries.push(LogEntry {
+                position,
+                shard,
+                change: serde_json::from_str(&entry)?,
+            });
+        }
+        Ok(entries)
+    }
+
+    /// The highest log position (0 when empty).
+    pub(crate) fn position(&self) -> anyhow::Result<i64> {
+        let connection = self.connection.lock();
+        connection
+            .query_row("SELECT COALESCE(MAX(position), 0) FROM log", [], |r| {
+                r.get(0)
+            })
+            .map_err(error)
+    }
+
+    /// The last log position that touched each shard.
+    pub(crate) fn written(&self) -> anyhow::Result<BTreeMap<u32, i64>> {
+        let connection = self.connection.lock();
+        let mut statement = connection
+            .prepare("SELECT shard, MAX(position) FROM log GROUP BY shard")
+            .map_err(error)?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(error)?;
+        rows.collect::<Result<_, _>>().map_err(error)
+    }
+
+    /// What each standby has acknowledged applying.
+    pub(crate) fn acks(&self) -> anyhow::Result<BTreeMap<String, i64>> {
+        let connection = self.connection.lock();
+        let mut statement = connection
+            .prepare("SELECT standby, position FROM acks")
+            .map_err(error)?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(error)?;
+        rows.collect::<Result<_, _>>().map_err(error)
+    }
+
+    /// Records a standby's acknowledgement (positions only move forward).
+    pub(crate) fn acknowledge(&self, standby: &str, position: i64) -> anyhow::Result<()> {
+        let connection = self.connection.lock();
+        connection
+            .execute(
+                "INSERT INTO acks (standby, position) VALUES (?1, ?2)
+                 ON CONFLICT(standby) DO UPDATE SET position = MAX(position, excluded.position)",
+                params![standby, position],
+            )
+            .map_err(error)?;
+        Ok(())
+    }
+
+    /// Applies entries of `source`'s log, as its standby, up to `up_to`.
+    /// Idempotent: a batch at or below the applied position changes nothing.
+    pub(crate) fn apply_replica(
+        &self,
+        source: &str,
+        up_to: i64,
+        entries: &[LogEntry],
+    ) -> anyhow::Result<i64> {
+        let mut connection = self.connection.lock();
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(error)?;
+        let applied: i64 = tx
+            .query_row(
+                "SELECT position FROM replica_positions WHERE source = ?1",
+                [source],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(error)?
+            .unwrap_or(0);
+        if up_to <= applied {
+            return Ok(applied);
+        }
+        for entry in entries.iter().filter(|e| e.position > applied) {
+            match &entry.change {
+                Change::Balance { user, balance } => {
+                    tx.execute(
+                        "INSERT INTO replica_accounts (source, user, shard, balance) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT(source, user) DO UPDATE SET balance = excluded.balance, shard = excluded.shard",
+                        params![source, user, entry.shard, balance],
+                    )
+                    .map_err(error)?;
+                }
+                Change::Request { key, status, body } => {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO replica_requests (source, key, shard, status, body) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![source, key, entry.shard, status, body.to_string()],
+                    )
+                    .map_err(error)?;
+                }
+                Change::Outbox { key, payee, amount } => {
+                    tx.execute(
+                        "INSERT OR IGNORE INTO replica_outbox (source, key, shard, payee, amount) VALUES (?1, ?2, ?3, ?4, ?5)",
+                        params![source, key, entry.shard, payee, amount],
+                    )
+                    .map_err(error)?;
+                }
+                Change::Delivered { key } => {
+                    tx.execute(
+                        "DELETE FROM replica_outbox WHERE source = ?1 AND key = ?2",
+                        params![source, key],
+                    )
+                    .map_err(error)?;
+                }
+            }
+        }
+        tx.execute(
+            "INSERT INTO replica_positions (source, position) VALUES (?1, ?2)
+             ON CONFLICT(source) DO UPDATE SET position = MAX(position, excluded.position)",
+            params![source, up_to],
+        )
+        .map_err(error)?;
+        tx.commit().map_err(error)?;
+        Ok(up_to)
+    }
+
+    /// Positions of other cells' logs applied here.
+    pub(crate) fn applied(&self) -> anyhow::Result<BTreeMap<String, i64>> {
+        let connection = self.connection.lock();
+        let mut statement = connection
+            .prepare("SELECT source, position FROM replica_positions")
+            .map_err(error)?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(error)?;
+        rows.collect::<Result<_, _>>().map_err(error)
+    }
+
+    /// The balances replicated from `source` (for checks).
+    #[cfg(test)]
+    pub(crate) fn replica_total(&self, source: &str) -> anyhow::Result<i64> {
+        let connection = self.connection.lock();
+        connection
+            .query_row(
+                "SELECT COALESCE(SUM(balance), 0) FROM replica_accounts WHERE source = ?1",
+                [source],
+                |r| r.get(0),
+            )
+            .map_err(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> (tempfile_dir::Dir, Db) {
+        let dir = tempfile_dir::Dir::new();
+        let db = Db::open(&dir.0.join("bank.db")).expect("open");
+        (dir, db)
+    }
+
+    /// A temporary directory without another dependency.
+    mod tempfile_dir {
+        pub(crate) struct Dir(pub(crate) std::path::PathBuf);
+        impl Dir {
+            pub(crate) fn new() -> Self {
+                let path = std::env::temp_dir().join(format!(
+                    "atoll-bank-{}-{}",
+                    std::process::id(),
+                    fastrand()
+                ));
+                std::fs::create_dir_all(&path).expect("dir");
+                Dir(path)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        fn fastrand() -> u128 {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        }
+    }
+
+    #[test]
+    fn a_retried_key_applies_once() {
+        let (_dir, db) = db();
+        let deposit = Operation::Deposit {
+            user: "u1".into(),
+            amount: 50,
+        };
+        let first = db.apply("k1", "f-k1", 1, &deposit).expect("apply");
+        let again = db.apply("k1", "f-k1", 1, &deposit).expect("apply");
+        assert!(!first.replayed && again.replayed);
+        assert_eq!(again.body, first.body);
+        assert_eq!(db.balance("u1").expect("balance"), 50);
+    }
+
+    #[test]
+    fn a_key_reused_for_another_request_is_refused() {
+        let (_dir, db) = db();
+        db.apply(
+            "k",
+            "deposit u 5",
+            1,
+            &Operation::Deposit {
+                user: "u".into(),
+                amount: 5,
+            },
+        )
+        .expect("apply");
+        let reused = db
+            .apply(
+                "k",
+                "deposit u 6",
+                1,
+                &Operation::Deposit {
+                    user: "u".into(),
+                    amount: 6,
+                },
+            )
+            .expect("apply");
+        assert_eq!(reused.status, 422);
+        assert_eq!(db.balance("u").expect("balance"), 5);
+    }
+
+    #[test]
+    fn withdrawals_never_go_negative_and_refusals_are_remembered() {
+        let (_dir, db) = db();
+        db.apply(
+            "d",
+            "f-d",
+            1,
+            &Operation::Deposit {
+                user: "u".into(),
+                amount: 10,
+            },
+        )
+        .expect("apply");
+        let refused = db
+            .apply(
+                "w",
+                "f-w",
+                1,
+                &Operation::Withdraw {
+                    user: "u".into(),
+                    amount: 11,
+                },
+            )
+            .expect("apply");
+        assert_eq!(refused.status, 409);
+        db.apply(
+            "d2",
+            "f-d2",
+            1,
+            &Operation::Deposit {
+                user: "u".into(),
+                amount: 10,
+            },
+        )
+        .expect("apply");
+        let replay = db
+            .apply(
+                "w",
+                "f-w",
+                1,
+                &Operation::Withdraw {
+                    user: "u".into(),
+                    amount: 11,
+                },
+            )
+            .expect("apply");
+        assert_eq!(replay.status, 409, "the first answer stands");
+        assert_eq!(db.balance("u").expect("balance"), 20);
+    }
+
+    #[test]
+    fn remote_transfers_wait_in_the_outbox_until_delivered() {
+        let (_dir, db) = db();
+        db.apply(
+            "d",
+            "f-d",
+            1,
+            &Operation::Deposit {
+                user: "a".into(),
+                amount: 30,
+            },
+        )
+        .expect("apply");
+        db.apply(
+            "t",
+            "f-t",
+            1,
+            &Operation::TransferRemote {
+                from: "a".into(),
+                to: "b".into(),
+                amount: 12,
+            },
+        )
+        .expect("apply");
+        assert_eq!(db.balance("a").expect("balance"), 18);
+        assert_eq!(db.in_flight().expect("in flight"), 12);
+        assert_eq!(
+            db.total().expect("total") + db.in_flight().expect("in flight"),
+            30,
+            "money is conserved"
+        );
+        db.delivered("t").expect("delivered");
+        assert_eq!(db.in_flight().expect("in flight"), 0);
+    }
+
+    #[test]
+    fn replicas_apply_in_order_and_only_once() {
+        let (_dir, source) = db();
+        let (_dir2, standby) = db();
+        source
+            .apply(
+                "d",
+                "f-d",
+                3,
+                &Operation::Deposit {
+                    user: "a".into(),
+                    amount: 30,
+                },
+            )
+            .expect("apply");
+        source
+            .apply(
+                "w",
+                "f-w",
+                3,
+                &Operation::Withdraw {
+                    user: "a".into(),
+                    amount: 5,
+                },
+            )
+            .expect("apply");
+        let entries = source.log_after(0, 100).expect("log");
+        let up_to = source.position().expect("position");
+        assert_eq!(
+            standby
+                .apply_replica("rz01", up_to, &entries)
+                .expect("apply"),
+            up_to
+        );
+        assert_eq!(
+            standby
+                .apply_replica("rz01", up_to, &entries)
+                .expect("again"),
+            up_to
+        );
+        assert_eq!(standby.replica_total("rz01").expect("total"), 25);
+        assert_eq!(standby.applied().expect("applied")["rz01"], up_to);
+        assert_eq!(source.written().expect("written")[&3], up_to);
+    }
+}

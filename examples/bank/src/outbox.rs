@@ -1,0 +1,111 @@
+//! Cross-cell credits: the payer's cell debits the payer and writes an outbox
+//! entry in one transaction; this sender delivers each entry as a credit to
+//! the payee's cell, through the gateway with the payee's key, under the
+//! idempotency key `<transfer key>/credit`, until the payee's cell answers.
+//! At-least-once delivery plus an idempotent credit: exactly once.
+
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+
+use crate::Bank;
+use crate::db::Pending;
+
+static WAKE: Notify = Notify::const_new();
+
+/// Tells the sender there is something new (it also polls).
+pub(crate) fn wake() {
+    WAKE.notify_one();
+}
+
+/// Delivers the outbox until `stopped`.
+pub(crate) async fn deliver(bank: std::sync::Arc<Bank>, mut stopped: watch::Receiver<bool>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *stopped.borrow() {
+            return;
+        }
+        let db = bank.db.clone();
+        let pending = match tokio::task::spawn_blocking(move || db.pending(64)).await {
+            Ok(Ok(pending)) => pending,
+            Ok(Err(e)) => {
+                tracing::warn!("outbox: cannot read: {e:#}");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
+        };
+        let mut failed = false;
+        for entry in &pending {
+            match send(&bank, entry).await {
+                Ok(()) => {
+                    let db = bank.db.clone();
+                    let key = entry.key.clone();
+                    match tokio::task::spawn_blocking(move || db.delivered(&key)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::warn!(key = %entry.key, "outbox: cannot mark delivered: {e:#}")
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %entry.key, "outbox: cannot mark delivered: {e}")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(key = %entry.key, payee = %entry.payee, "outbox: credit not delivered yet: {e}");
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        let wait = if failed {
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff
+        } else {
+            backoff = Duration::from_millis(100);
+            if pending.len() == 64 {
+                Duration::ZERO
+            } else {
+                Duration::from_millis(200)
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = WAKE.notified(), if !failed => {}
+            _ = stopped.changed() => {}
+        }
+    }
+}
+
+/// Sends one credit; Ok once the payee's cell has applied it (now or before).
+async fn send(bank: &Bank, entry: &Pending) -> Result<(), String> {
+    let path = format!("/accounts/{}/credit", entry.payee);
+    let (url, epoch) = match &bank.gateway {
+        Some(gateway) => (format!("{}{path}", gateway.trim_end_matches('/')), None),
+        // Without a gateway, straight to an instance of the owning cell.
+        None => {
+            let view = bank.cell.view().ok_or("no shard map yet")?;
+            let shard = view.shard_of(&entry.payee).ok_or("payee has no shard")?;
+            let (owner, _) = view.owner(shard).ok_or("shard has no owner")?;
+            let address = *view
+                .endpoints(owner)
+                .first()
+                .ok_or_else(|| format!("cell {owner} has no endpoints"))?;
+            (format!("http://{address}{path}"), Some(view.epoch()))
+        }
+    };
+    let mut request = bank
+        .http
+        .post(&url)
+        .header("idempotency-key", format!("{}/credit", entry.key))
+        .json(&serde_json::json!({"amount": entry.amount, "from": bank.cell.identity().cell}));
+    if let Some(epoch) = epoch {
+        request = request.header("x-atoll-epoch", epoch);
+    }
+    let response = request.send().await.map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let body = response.text().await.unwrap_or_default();
+    Err(format!("{url} answered {status}: {}", body.trim()))
+}

@@ -1,0 +1,242 @@
+//! Replication of a cell's change log to the standby cells of its shards.
+//!
+//! Every write appends to the cell's log with a monotonically increasing
+//! position. Replica 0 of the cell ships the log, in order, to an instance of
+//! each standby cell: the entries of the shards that cell stands by for, up
+//! to a position; the standby applies them in one transaction and answers
+//! with the position it has applied, which the source records. `GET
+//! /replication/positions` reports, per shard, the last position written and
+//! the position the standby has acknowledged: what a switchover's sync gate
+//! compares.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::db::LogEntry;
+use crate::{Bank, problem};
+
+/// Entries per shipment.
+const BATCH: usize = 512;
+
+/// A shipment from a source cell to a standby.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(crate) struct Shipment {
+    /// The source cell.
+    source: String,
+    /// Every entry of the source's log up to here has been sent (those of
+    /// other shards are not for this standby).
+    up_to: i64,
+    entries: Vec<LogEntry>,
+}
+
+/// Ships the log to the standbys until `stopped`.
+pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
+    let mut next_endpoint = 0usize;
+    loop {
+        let mut busy = false;
+        if let Some(view) = bank.cell.view() {
+            // Standby cell -> whether any shard has it (all shards, owned or
+            // not: entries stay in the log after a shard moves).
+            let shards = view.table.shards(view.service).unwrap_or(0);
+            let standbys: BTreeSet<String> = (0..shards)
+                .filter_map(|s| view.standby(s).map(str::to_owned))
+                .collect();
+            let db = bank.db.clone();
+            let state = tokio::task::spawn_blocking(move || {
+                Ok::<_, anyhow::Error>((db.acks()?, db.position()?))
+            })
+            .await;
+            let (acks, position) = match state {
+                Ok(Ok(state)) => state,
+                Ok(Err(e)) => {
+                    tracing::warn!("replication: cannot read the log: {e:#}");
+                    (BTreeMap::new(), 0)
+                }
+                Err(_) => (BTreeMap::new(), 0),
+            };
+            for standby in standbys.iter().filter(|s| **s != bank.cell.identity().cell) {
+                let after = acks.get(standby).copied().unwrap_or(0);
+                if after >= position {
+                    continue;
+                }
+                let db = bank.db.clone();
+                let entries =
+                    match tokio::task::spawn_blocking(move || db.log_after(after, BATCH)).await {
+                        Ok(Ok(entries)) => entries,
+                        _ => continue,
+                    };
+                let Some(up_to) = entries.last().map(|e| e.position) else {
+                    continue;
+                };
+                let entries: Vec<LogEntry> = entries
+                    .into_iter()
+                    .filter(|e| view.standby(e.shard) == Some(standby.as_str()))
+                    .collect();
+                let endpoints = view.endpoints(standby);
+                if endpoints.is_empty() {
+                    tracing::debug!(%standby, "replication: the standby has no ready instance");
+                    continue;
+                }
+                next_endpoint = next_endpoint.wrapping_add(1);
+                let address = endpoints[next_endpoint % endpoints.len()];
+                let shipment = Shipment {
+                    source: bank.cell.identity().cell.clone(),
+                    up_to,
+                    entries,
+                };
+                match send(&bank, address, &shipment).await {
+                    Ok(applied) => {
+                        let db = bank.db.clone();
+                        let standby = standby.clone();
+                        let _ =
+                            tokio::task::spawn_blocking(move || db.acknowledge(&standby, applied))
+                                .await;
+                        busy |= up_to < position;
+                    }
+                    Err(e) => tracing::warn!(%standby, %address, "replication: {e}"),
+                }
+            }
+        }
+        let wait = if busy {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(100)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopped.changed() => return,
+        }
+    }
+}
+
+async fn send(bank: &Bank, address: &str, shipment: &Shipment) -> Result<i64, String> {
+    let url = format!("http://{address}/replication/apply");
+    let response = bank
+        .http
+        .post(&url)
+        .json(shipment)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|e| format!("{url} answered {status}: {e}"))?;
+    if !status.is_success() {
+        return Err(format!("{url} answered {status}: {body}"));
+    }
+    body["applied"]
+        .as_i64()
+        .ok_or_else(|| format!("{url} answered without `applied`: {body}"))
+}
+
+/// `POST /replication/apply`: applies a shipment as the standby.
+pub(crate) async fn apply(State(bank): State<Arc<Bank>>, body: axum::body::Bytes) -> Response {
+    let shipment: Shipment = match serde_json::from_slice(&body) {
+        Ok(shipment) => shipment,
+        Err(e) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                "badShipment",
+                format!("not a replication shipment: {e}"),
+            );
+        }
+    };
+    let Some(view) = bank.cell.view() else {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "no shard map yet; retry",
+        );
+    };
+    let me = &bank.cell.identity().cell;
+    if &shipment.source == me {
+        return problem(
+            StatusCode::CONFLICT,
+            "badShipment",
+            "a cell does not replicate to itself",
+        );
+    }
+    if let Some(entry) = shipment
+        .entries
+        .iter()
+        .find(|e| view.standby(e.shard) != Some(me.as_str()))
+    {
+        return problem(
+            StatusCode::CONFLICT,
+            "notStandby",
+            format!(
+                "cell {me} is not the standby of shard {} (it is {}); the sender's shard map differs, retry",
+                entry.shard,
+                view.standby(entry.shard).unwrap_or("none")
+            ),
+        );
+    }
+    let db = bank.db.clone();
+    match tokio::task::spawn_blocking(move || {
+        db.apply_replica(&shipment.source, shipment.up_to, &shipment.entries)
+    })
+    .await
+    {
+        Ok(Ok(applied)) => {
+            (StatusCode::OK, axum::Json(json!({"applied": applied}))).into_response()
+        }
+        Ok(Err(e)) => problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    }
+}
+
+/// `GET /replication/positions`.
+pub(crate) async fn positions(State(bank): State<Arc<Bank>>) -> Response {
+    let Some(view) = bank.cell.view() else {
+        return problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "no shard map yet; retry",
+        );
+    };
+    let db = bank.db.clone();
+    let state = tokio::task::spawn_blocking(move || {
+        Ok::<_, anyhow::Error>((db.position()?, db.written()?, db.acks()?, db.applied()?))
+    })
+    .await;
+    let (position, written, acks, applied) = match state {
+        Ok(Ok(state)) => state,
+        Ok(Err(e)) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    };
+    let shards: Vec<serde_json::Value> = view
+        .owned_shards()
+        .into_iter()
+        .map(|shard| {
+            let written = written.get(&shard).copied().unwrap_or(0);
+            let standby = view.standby(shard);
+            let acknowledged = standby.and_then(|s| acks.get(s).copied()).unwrap_or(0);
+            json!({
+                "shard": shard,
+                "written": written,
+                "standby": standby,
+                "acknowledged": acknowledged,
+                "caughtUp": standby.is_some() && acknowledged >= written,
+            })
+        })
+        .collect();
+    let body = json!({
+        "cell": bank.cell.identity().cell,
+        "epoch": view.epoch(),
+        "position": position,
+        "shards": shards,
+        "applied": applied,
+    });
+    (StatusCode::OK, axum::Json(body)).into_response()
+}
