@@ -13,7 +13,7 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use crate::client::{CliError, Client, exit, segment};
-use crate::output::{Format, resource_table, table, yaml_documents};
+use crate::output::{Format, Statuses, resource_table, table, yaml_documents};
 
 /// Usage errors exit 2, like clap's.
 const USAGE: u8 = 2;
@@ -229,6 +229,17 @@ fn decode_items(items: &[Value]) -> Vec<Resource> {
         .collect()
 }
 
+/// The observed `status` of each item that has one (cells), by name.
+fn statuses(items: &[Value]) -> Statuses {
+    items
+        .iter()
+        .filter_map(|v| {
+            let name = v.pointer("/metadata/name")?.as_str()?;
+            Some((name.to_owned(), v.get("status")?.clone()))
+        })
+        .collect()
+}
+
 pub(crate) async fn get(client: &Client, args: GetArgs) -> Result<u8, CliError> {
     if args.kind.eq_ignore_ascii_case("all") {
         if args.name.is_some() {
@@ -255,7 +266,7 @@ pub(crate) async fn get(client: &Client, args: GetArgs) -> Result<u8, CliError> 
                     }
                     first = false;
                     println!("== {} ==", kind.plural());
-                    print!("{}", resource_table(kind, &of_kind));
+                    print!("{}", resource_table(kind, &of_kind, &statuses(&list.items)));
                 }
                 if first {
                     eprintln!("no resources (revision {})", list.revision);
@@ -277,7 +288,14 @@ pub(crate) async fn get(client: &Client, args: GetArgs) -> Result<u8, CliError> 
             match args.output {
                 Format::Json => print_json(&item),
                 Format::Yaml => print!("{}", yaml_documents(std::slice::from_ref(&item))),
-                Format::Table => print!("{}", resource_table(kind, &decode_items(&[item]))),
+                Format::Table => print!(
+                    "{}",
+                    resource_table(
+                        kind,
+                        &decode_items(std::slice::from_ref(&item)),
+                        &statuses(&[item])
+                    )
+                ),
             }
         }
         None => {
@@ -290,7 +308,10 @@ pub(crate) async fn get(client: &Client, args: GetArgs) -> Result<u8, CliError> 
                 Format::Table if list.items.is_empty() => {
                     eprintln!("no {} (revision {})", kind.plural(), list.revision);
                 }
-                Format::Table => print!("{}", resource_table(kind, &decode_items(&list.items))),
+                Format::Table => print!(
+                    "{}",
+                    resource_table(kind, &decode_items(&list.items), &statuses(&list.items))
+                ),
             }
         }
     }

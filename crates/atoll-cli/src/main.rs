@@ -4,11 +4,13 @@
 //! found by `--control`, `$ATOLL_CONTROL`, or the discovery file a local
 //! `atoll control` writes. `docs/cli.md` is the reference, including exit codes.
 
+mod agent;
 mod client;
 mod commands;
 mod control;
 mod gateway;
 mod output;
+mod up;
 
 use std::process::ExitCode;
 
@@ -44,6 +46,12 @@ enum Command {
     /// Run a gateway: serve a Gateway resource's listeners, routing every
     /// request to the cell that owns it.
     Gateway(gateway::GatewayArgs),
+    /// Start a local sandbox: a control plane, three cells in two regions
+    /// with their agents and gateways, and the demo bank. Ctrl-C stops it.
+    Up(up::UpArgs),
+    /// Run the agent of a zone: run the zone's App instances, restart them,
+    /// report their endpoints.
+    Agent(agent::AgentArgs),
     /// Create or replace resources from manifest files or directories.
     Apply(commands::ApplyArgs),
     /// Show resources of a kind (`cells`, `shardmap`...), or `all`.
@@ -128,6 +136,11 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Gateway(args) => {
             let endpoint = client::resolve(cli.control.as_deref());
             gateway::run(args, endpoint).await
+        }
+        Command::Up(args) => up::run(args).await,
+        Command::Agent(args) => {
+            let endpoint = client::resolve(cli.control.as_deref());
+            agent::run(args, endpoint).await
         }
         Command::Apply(args) => commands::apply(&connect(default_timeout)?, args).await,
         Command::Get(args) => commands::get(&connect(default_timeout)?, args).await,

@@ -59,8 +59,11 @@ fn version(resource: &Resource) -> String {
         .unwrap_or_default()
 }
 
+/// Observed status of resources, by name (`status` in REST answers).
+pub(crate) type Statuses = std::collections::BTreeMap<String, Value>;
+
 /// The table of resources of one kind.
-pub(crate) fn resource_table(kind: Kind, resources: &[Resource]) -> String {
+pub(crate) fn resource_table(kind: Kind, resources: &[Resource], status: &Statuses) -> String {
     let (header, rows): (Vec<&str>, Vec<Vec<String>>) = match kind {
         Kind::Region => (
             vec!["NAME", "DISPLAY NAME", "REVISION"],
@@ -92,17 +95,42 @@ pub(crate) fn resource_table(kind: Kind, resources: &[Resource]) -> String {
                 .collect(),
         ),
         Kind::Cell => (
-            vec!["NAME", "TYPE", "ZONE", "WEIGHT", "REVISION"],
+            vec![
+                "NAME", "TYPE", "ZONE", "WEIGHT", "HEALTH", "READY", "REVISION",
+            ],
             resources
                 .iter()
                 .map(|r| match &r.spec {
-                    Spec::Cell(s) => vec![
-                        r.name().into(),
-                        s.cell_type.to_string(),
-                        s.zone.clone(),
-                        s.weight.to_string(),
-                        version(r),
-                    ],
+                    Spec::Cell(s) => {
+                        let observed = status.get(r.name());
+                        let field = |name: &str| observed.and_then(|o| o.get(name));
+                        let health = match (
+                            field("health").and_then(Value::as_str),
+                            field("reason").and_then(Value::as_str),
+                        ) {
+                            (Some(health), Some(reason)) if health != "Unmanaged" => {
+                                format!("{health}: {reason}")
+                            }
+                            (Some(health), _) => health.to_owned(),
+                            (None, _) => "-".to_owned(),
+                        };
+                        let ready = match (
+                            field("readyInstances").and_then(Value::as_u64),
+                            field("instances").and_then(Value::as_u64),
+                        ) {
+                            (Some(ready), Some(total)) if total > 0 => format!("{ready}/{total}"),
+                            _ => "-".to_owned(),
+                        };
+                        vec![
+                            r.name().into(),
+                            s.cell_type.to_string(),
+                            s.zone.clone(),
+                            s.weight.to_string(),
+                            health,
+                            ready,
+                            version(r),
+                        ]
+                    }
                     _ => vec![],
                 })
                 .collect(),

@@ -13,6 +13,7 @@
 //! the store does not: node connections are soft state that nodes rebuild by
 //! reconnecting. It does not run workloads or route traffic.
 
+mod health;
 mod metrics;
 mod nodes;
 mod openapi;

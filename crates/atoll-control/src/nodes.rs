@@ -169,6 +169,16 @@ impl NodeRegistry {
         });
     }
 
+    /// A heartbeat arrived.
+    pub(crate) fn seen(&self, name: &str, connection: u64) {
+        let mut nodes = self.nodes.lock();
+        if let Some(record) = nodes.get_mut(name)
+            && record.connection == connection
+        {
+            record.last_seen = OffsetDateTime::now_utc();
+        }
+    }
+
     pub(crate) fn disconnected(&self, name: &str, connection: u64) {
         self.update(name, connection, |r| {
             r.connected = false;

@@ -305,16 +305,37 @@ async fn apply(
 
 async fn list_items(control: &Control, kind: Option<Kind>) -> ApiResult<ListResponse> {
     let snapshot = control.store.snapshot().await?;
+    let status = kind
+        .is_none_or(|k| k == Kind::Cell)
+        .then(|| crate::health::cell_status(&snapshot.resources, &control.nodes.list()));
     let items = snapshot
         .resources
         .iter()
         .filter(|r| kind.is_none_or(|k| r.kind() == k))
-        .filter_map(|r| serde_json::to_value(r).ok())
+        .filter_map(|r| {
+            let mut value = serde_json::to_value(r).ok()?;
+            with_status(&mut value, r, status.as_ref());
+            Some(value)
+        })
         .collect();
     Ok(Json(ListResponse {
         revision: snapshot.revision,
         items,
     }))
+}
+
+/// Adds `status` (observed, not stored) to a resource that has one: cells.
+fn with_status(
+    value: &mut serde_json::Value,
+    resource: &atoll_model::Resource,
+    status: Option<&std::collections::BTreeMap<String, crate::health::CellStatus>>,
+) {
+    if let (Some(status), serde_json::Value::Object(map)) = (status, value)
+        && let Some(cell) = status.get(resource.name())
+        && let Ok(cell) = serde_json::to_value(cell)
+    {
+        map.insert("status".to_owned(), cell);
+    }
 }
 
 /// Every resource of every kind.
@@ -339,6 +360,18 @@ async fn get_one(
     Path((kind, name)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let key = ResourceKey::new(parse_kind(&kind)?, name);
+    if key.kind == Kind::Cell {
+        let snapshot = control.store.snapshot().await?;
+        let status = crate::health::cell_status(&snapshot.resources, &control.nodes.list());
+        return match snapshot.resources.iter().find(|r| r.key() == key) {
+            Some(resource) => {
+                let mut value = serde_json::to_value(resource).unwrap_or_default();
+                with_status(&mut value, resource, Some(&status));
+                Ok(Json(value))
+            }
+            None => Err(ApiError::not_found(format!("{key} does not exist"))),
+        };
+    }
     match control.store.get(&key).await? {
         Some(resource) => Ok(Json(serde_json::to_value(&resource).unwrap_or_default())),
         None => Err(ApiError::not_found(format!("{key} does not exist"))),

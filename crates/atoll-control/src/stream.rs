@@ -18,6 +18,8 @@ use crate::state::{ConfigCache, ConfigState};
 
 /// How long a new stream may take to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A node that sends nothing (heartbeats included) for this long is gone.
+pub(crate) const LIVENESS_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Updates sent but not yet answered, kept per stream to match ACKs.
 const MAX_OUTSTANDING: usize = 64;
@@ -106,6 +108,7 @@ impl Session {
         let mut last_sent: Option<Arc<ConfigState>> = None;
         let mut outstanding: VecDeque<(String, u64)> = VecDeque::new();
         let mut sequence = 0u64;
+        let mut deadline = tokio::time::Instant::now() + LIVENESS_TIMEOUT;
         let end = loop {
             let needs_send = last_sent
                 .as_ref()
@@ -132,8 +135,17 @@ impl Session {
                         break "the control plane is stopping";
                     }
                 }
+                () = tokio::time::sleep_until(deadline) => {
+                    let _ = self.sender.try_send(Err(Status::deadline_exceeded(
+                        "no heartbeat for 15s; reconnect",
+                    )));
+                    break "no heartbeat for 15s";
+                }
                 message = self.inbound.message() => match message {
-                    Ok(Some(message)) => self.on_message(message, &mut outstanding),
+                    Ok(Some(message)) => {
+                        deadline = tokio::time::Instant::now() + LIVENESS_TIMEOUT;
+                        self.on_message(message, &mut outstanding);
+                    }
                     Ok(None) => break "the node closed the stream",
                     Err(status) => {
                         tracing::debug!(node = %self.name, %status, "stream error");
@@ -163,6 +175,10 @@ impl Session {
             Some(node_message::Message::Ack(ack)) => (ack.nonce, ack.version, None),
             Some(node_message::Message::Nack(nack)) => {
                 (nack.nonce, nack.version, Some(nack.reason))
+            }
+            Some(node_message::Message::Heartbeat(_)) => {
+                self.service.nodes.seen(&self.name, self.connection);
+                return;
             }
             Some(node_message::Message::Hello(_)) | None => {
                 tracing::warn!(node = %self.name, "ignoring a message that is neither ACK nor NACK");

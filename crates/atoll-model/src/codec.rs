@@ -109,6 +109,10 @@ pub fn decode_resource(value: Value) -> Result<Resource, Vec<DecodeError>> {
     };
 
     let spec_value = object.remove("spec");
+    // `status` is what the control plane observes (a cell's health); it is
+    // not intent, so input that carries it (a saved `atoll get -o yaml`)
+    // applies as if it did not.
+    object.remove("status");
     for key in object.keys() {
         errors.push(error(
             key,

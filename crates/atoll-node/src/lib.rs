@@ -14,7 +14,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use atoll_api::config::config_stream_client::ConfigStreamClient;
-use atoll_api::config::{Ack, ConfigUpdate, Hello, Nack, NodeIdentity, NodeMessage, node_message};
+use atoll_api::config::{
+    Ack, ConfigUpdate, Heartbeat, Hello, Nack, NodeIdentity, NodeMessage, node_message,
+};
+
+/// How often a node tells the control plane it is alive (the control plane
+/// drops a node silent for three intervals).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 use atoll_model::{Kind, Resource, ResourceKey};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -259,14 +265,26 @@ impl NodeClient {
         tracing::info!(control = %self.options.control, "config stream open");
 
         let mut received = Received::default();
-        while let Some(update) = inbound.message().await? {
-            let answer = self.on_update(&mut received, &update).await?;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await;
+        loop {
+            let answer = tokio::select! {
+                update = inbound.message() => match update? {
+                    Some(update) => self.on_update(&mut received, &update).await?,
+                    None => return Ok(()),
+                },
+                _ = heartbeat.tick() => NodeMessage {
+                    message: Some(node_message::Message::Heartbeat(Heartbeat {
+                        applied_version: self.status.applied_version(),
+                    })),
+                },
+            };
             outbound
                 .send(answer)
                 .await
                 .map_err(|_| SessionError::Protocol("stream closed".into()))?;
         }
-        Ok(())
     }
 
     /// Applies one update to what was received, installs it, and says ACK

@@ -54,6 +54,7 @@ fn main() -> std::process::ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -90,7 +91,7 @@ async fn run() -> anyhow::Result<()> {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(0);
-    let gateway = std::env::var("ATOLL_GATEWAY")
+    let gateway = std::env::var("ATOLL_GATEWAY_URL")
         .ok()
         .filter(|g| !g.is_empty());
 

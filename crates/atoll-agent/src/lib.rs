@@ -1,0 +1,626 @@
+//! Atoll's zone agent (`atoll agent --zone Z`).
+//!
+//! The agent connects out to the control plane over the config stream (the
+//! control plane holds no credentials for the zone), works out which
+//! instances of which App resources belong in its zone, runs them through a
+//! [`Runtime`] driver, restarts them with backoff when they exit, checks
+//! their health, and reports them as the zone's Endpoints resources, which
+//! the gateways route to. Its config stream is its heartbeat: the control
+//! plane marks the zone's cells unhealthy when the agent is gone.
+//!
+//! `docs/agent.md` is the user's guide; `docs/design/cells.md` the design.
+
+pub mod runtime;
+mod supervisor;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atoll_api::rest::{ApplyRequest, ManifestFile, ResourceRef};
+use atoll_model::{
+    AppSpec, EndpointsSpec, HealthCheck, Kind, Located, Metadata, Origin, ReportedEndpoint,
+    Resource, Spec, validate,
+};
+use atoll_node::{Installer, NodeClient, NodeConfig, NodeOptions, NodeStatus};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use crate::runtime::{InstanceSpec, LocalRuntime, Runtime};
+use crate::supervisor::Board;
+pub use crate::supervisor::InstanceState;
+
+/// How an agent is set up.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Control plane URL.
+    pub control: String,
+    /// The zone it runs.
+    pub zone: String,
+    /// Its node name (unique), `agent-<zone>` by default.
+    pub name: String,
+    /// Where instance data, logs and the config cache live.
+    pub state_dir: PathBuf,
+    /// The address instances listen on and are reported at.
+    pub host: String,
+    /// The zone's gateway URL, given to instances as `ATOLL_GATEWAY_URL`.
+    pub gateway: Option<String>,
+    /// How long a stopping instance gets before SIGKILL.
+    pub stop_grace: Duration,
+    /// Where to serve `/healthz` and `/instances`, if anywhere.
+    pub admin: Option<SocketAddr>,
+}
+
+/// What the zone should run, from one config version.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Desired {
+    version: u64,
+    /// The zone's region; none when the zone does not exist (yet).
+    region: Option<String>,
+    /// App name -> (spec, cells of this zone it runs in).
+    apps: BTreeMap<String, (AppSpec, Vec<String>)>,
+    /// Endpoints resources this zone reported before.
+    reported: BTreeSet<String>,
+}
+
+struct DesiredInstaller {
+    zone: String,
+    desired: watch::Sender<Desired>,
+}
+
+impl Installer for DesiredInstaller {
+    fn install(&self, config: &NodeConfig) -> Result<(), String> {
+        let located: Vec<Located> = config
+            .resources
+            .iter()
+            .map(|r| Located {
+                resource: r.clone(),
+                origin: Origin::Stored {
+                    revision: r.metadata.resource_version.unwrap_or(0),
+                },
+            })
+            .collect();
+        validate(&located).map_err(|issues| format!("invalid configuration: {issues}"))?;
+        let mut desired = Desired {
+            version: config.version,
+            ..Desired::default()
+        };
+        let mut cells = BTreeSet::new();
+        for resource in &config.resources {
+            match &resource.spec {
+                Spec::Zone(zone) if resource.name() == self.zone => {
+                    desired.region = Some(zone.region.clone())
+                }
+                Spec::Cell(cell) if cell.zone == self.zone => {
+                    cells.insert(resource.name().to_owned());
+                }
+                Spec::Endpoints(endpoints) if endpoints.zone == self.zone => {
+                    desired.reported.insert(resource.name().to_owned());
+                }
+                _ => {}
+            }
+        }
+        for resource in &config.resources {
+            if let Spec::App(app) = &resource.spec {
+                let here: Vec<String> = app
+                    .cells
+                    .iter()
+                    .filter(|c| cells.contains(*c))
+                    .cloned()
+                    .collect();
+                if !here.is_empty() {
+                    desired
+                        .apps
+                        .insert(resource.name().to_owned(), (app.clone(), here));
+                }
+            }
+        }
+        if desired.region.is_none() {
+            tracing::warn!(zone = %self.zone, version = config.version, "zone `{}` is not defined; running nothing until it is", self.zone);
+        }
+        self.desired.send_replace(desired);
+        Ok(())
+    }
+}
+
+/// A supervised instance.
+struct Running {
+    spec: InstanceSpec,
+    check: Option<HealthCheck>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// The agent of one zone.
+pub struct Agent<R: Runtime> {
+    options: AgentOptions,
+    runtime: Arc<R>,
+    board: Arc<Board>,
+    status: Arc<NodeStatus>,
+    client: Option<NodeClient>,
+    desired: watch::Receiver<Desired>,
+    http: reqwest::Client,
+}
+
+impl<R: Runtime> std::fmt::Debug for Agent<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Runtime> Agent<R> {
+    /// An agent for `options.zone` with `runtime`.
+    pub fn new(options: AgentOptions, runtime: R) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&options.state_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", options.state_dir.display()))?;
+        let (sender, desired) = watch::channel(Desired::default());
+        let client = NodeClient::new(
+            NodeOptions {
+                control: options.control.clone(),
+                name: options.name.clone(),
+                role: "agent".into(),
+                zone: options.zone.clone(),
+                cell: String::new(),
+                cache: Some(options.state_dir.join("config-cache.json")),
+            },
+            Arc::new(DesiredInstaller {
+                zone: options.zone.clone(),
+                desired: sender,
+            }),
+        );
+        let status = client.status();
+        Ok(Self {
+            options,
+            runtime: Arc::new(runtime),
+            board: Arc::new(Board::default()),
+            status,
+            client: Some(client),
+            desired,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()?,
+        })
+    }
+
+    /// The config stream's status.
+    pub fn status(&self) -> Arc<NodeStatus> {
+        self.status.clone()
+    }
+
+    /// Runs until `shutdown` turns true, then stops every instance and
+    /// reports them gone.
+    pub async fn run(mut self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        if let Some(admin) = self.options.admin {
+            let listener = tokio::net::TcpListener::bind(admin).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot serve the agent's admin API on {admin}: {e}; pick another with --admin"
+                )
+            })?;
+            let board = self.board.clone();
+            let status = self.status.clone();
+            let mut stop = shutdown.clone();
+            tokio::spawn(async move {
+                let app = admin_router(board, status);
+                let _ = axum_serve(listener, app, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+            });
+        }
+        // Instances survive a control plane outage: the cached config runs
+        // them at once, and nothing stops while the stream is down.
+        if let Some(client) = self.client.take() {
+            client.load_cache();
+            tokio::spawn(client.run(shutdown.clone()));
+        }
+        let mut running: BTreeMap<String, Running> = BTreeMap::new();
+        let mut ports: BTreeMap<String, Vec<(String, u16)>> = BTreeMap::new();
+        let mut reported: BTreeMap<String, EndpointsSpec> = BTreeMap::new();
+        let mut report_failed = false;
+        let mut shutdown_rx = shutdown.clone();
+        let mut desired = self.desired.clone();
+        loop {
+            let plan = desired.borrow_and_update().clone();
+            self.reconcile(&plan, &mut running, &mut ports, &shutdown);
+            match self.report(&plan, &running, &mut reported, false).await {
+                Ok(()) => report_failed = false,
+                Err(e) => {
+                    if !report_failed {
+                        tracing::warn!("cannot report endpoints yet: {e:#}");
+                    }
+                    report_failed = true;
+                }
+            }
+            let retry = if report_failed {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(30)
+            };
+            tokio::select! {
+                _ = desired.changed() => {}
+                () = self.board.changed.notified() => {
+                    // Let a burst of changes settle into one report.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                () = tokio::time::sleep(retry) => {}
+                _ = shutdown_rx.wait_for(|s| *s) => break,
+            }
+        }
+        tracing::info!(
+            instances = running.len(),
+            "agent stopping: stopping every instance"
+        );
+        for instance in running.values() {
+            let _ = instance.stop.send(true);
+        }
+        let plan = self.desired.borrow().clone();
+        let mut tasks = Vec::new();
+        for (_, instance) in std::mem::take(&mut running) {
+            tasks.push(instance.task);
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        let none = BTreeMap::new();
+        let final_report = self.report(&plan, &none, &mut reported, true);
+        match tokio::time::timeout(Duration::from_secs(3), final_report).await {
+            Ok(Ok(())) => tracing::info!("reported this zone's instances stopped"),
+            Ok(Err(e)) => tracing::warn!("cannot report this zone's instances stopped: {e:#}"),
+            Err(_) => tracing::warn!("the control plane did not take the final report in 3s"),
+        }
+        Ok(())
+    }
+
+    /// Starts what is missing, stops what is no longer wanted, replaces
+    /// what changed.
+    fn reconcile(
+        &self,
+        plan: &Desired,
+        running: &mut BTreeMap<String, Running>,
+        ports: &mut BTreeMap<String, Vec<(String, u16)>>,
+        shutdown: &watch::Receiver<bool>,
+    ) {
+        let mut wanted: BTreeMap<String, (InstanceSpec, Option<HealthCheck>)> = BTreeMap::new();
+        if let Some(region) = &plan.region {
+            for (app, (spec, cells)) in &plan.apps {
+                for cell in cells {
+                    for replica in 0..spec.replicas {
+                        let name = format!("{app}-{cell}-{replica}");
+                        let assigned = ports.entry(name.clone()).or_insert_with(|| {
+                            spec.ports
+                                .iter()
+                                .map(|p| (p.name.clone(), p.port.unwrap_or_else(free_port)))
+                                .collect()
+                        });
+                        // A port that became fixed (or changed) in the App wins.
+                        for (slot, port) in assigned.iter_mut().zip(&spec.ports) {
+                            if let Some(fixed) = port.port {
+                                slot.1 = fixed;
+                            }
+                            slot.0.clone_from(&port.name);
+                        }
+                        assigned.truncate(spec.ports.len());
+                        while assigned.len() < spec.ports.len() {
+                            let port = &spec.ports[assigned.len()];
+                            assigned.push((port.name.clone(), port.port.unwrap_or_else(free_port)));
+                        }
+                        let instance =
+                            self.instance_spec(app, spec, cell, region, replica, assigned.clone());
+                        wanted.insert(name, (instance, spec.health_check.clone()));
+                    }
+                }
+            }
+        }
+        // Stop what is gone or changed.
+        let stale: Vec<String> = running
+            .iter()
+            .filter(|(name, r)| {
+                wanted
+                    .get(*name)
+                    .is_none_or(|(spec, check)| *spec != r.spec || *check != r.check)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(instance) = running.remove(&name) {
+                tracing::info!(instance = %name, "instance no longer wanted as it runs; stopping it");
+                let _ = instance.stop.send(true);
+                // The board entry goes when the task ends (it reports the stop).
+                let board = self.board.clone();
+                let still_wanted = wanted.contains_key(&name);
+                tokio::spawn(async move {
+                    let _ = instance.task.await;
+                    if !still_wanted {
+                        board.states.lock().remove(&name);
+                        board.changed.notify_one();
+                    }
+                });
+            }
+        }
+        ports.retain(|name, _| wanted.contains_key(name));
+        // Start what is missing.
+        for (name, (spec, check)) in wanted {
+            if running.contains_key(&name) {
+                continue;
+            }
+            self.board.states.lock().insert(
+                name.clone(),
+                InstanceState {
+                    name: name.clone(),
+                    app: spec.app.clone(),
+                    cell: spec.cell.clone(),
+                    address: spec.address(),
+                    log: spec.log.display().to_string(),
+                    ..InstanceState::default()
+                },
+            );
+            self.board.changed.notify_one();
+            let (stop, stopped) = watch::channel(*shutdown.borrow());
+            let task = tokio::spawn(supervisor::supervise(
+                self.runtime.clone(),
+                spec.clone(),
+                check.clone(),
+                self.board.clone(),
+                stopped,
+                self.options.stop_grace,
+            ));
+            running.insert(
+                name,
+                Running {
+                    spec,
+                    check,
+                    stop,
+                    task,
+                },
+            );
+        }
+    }
+
+    fn instance_spec(
+        &self,
+        app: &str,
+        spec: &AppSpec,
+        cell: &str,
+        region: &str,
+        replica: u32,
+        ports: Vec<(String, u16)>,
+    ) -> InstanceSpec {
+        let name = format!("{app}-{cell}-{replica}");
+        let data_dir = self.options.state_dir.join("cells").join(cell).join(app);
+        let mut env = spec.env.clone();
+        let mut set = |key: &str, value: String| {
+            env.insert(key.to_owned(), value);
+        };
+        set("ATOLL_APP", app.to_owned());
+        set("ATOLL_SERVICE", spec.service.clone());
+        set("ATOLL_CELL", cell.to_owned());
+        set("ATOLL_ZONE", self.options.zone.clone());
+        set("ATOLL_REGION", region.to_owned());
+        set("ATOLL_INSTANCE", name.clone());
+        set("ATOLL_REPLICA", replica.to_string());
+        set("ATOLL_HOST", self.options.host.clone());
+        set("ATOLL_CONTROL", self.options.control.clone());
+        set("ATOLL_DATA_DIR", data_dir.display().to_string());
+        if let Some(gateway) = &self.options.gateway {
+            set("ATOLL_GATEWAY_URL", gateway.clone());
+        }
+        if let Some(version) = &spec.version {
+            set("ATOLL_VERSION", version.clone());
+        }
+        if let Some((_, port)) = ports.first() {
+            set("ATOLL_PORT", port.to_string());
+        }
+        for (port_name, port) in &ports {
+            set(
+                &format!(
+                    "ATOLL_PORT_{}",
+                    port_name.to_ascii_uppercase().replace('-', "_")
+                ),
+                port.to_string(),
+            );
+        }
+        InstanceSpec {
+            log: self
+                .options
+                .state_dir
+                .join("logs")
+                .join(format!("{name}.log")),
+            name,
+            app: app.to_owned(),
+            service: spec.service.clone(),
+            cell: cell.to_owned(),
+            zone: self.options.zone.clone(),
+            region: region.to_owned(),
+            replica,
+            command: spec.command.clone(),
+            image: spec.image.clone(),
+            env,
+            ports,
+            host: self.options.host.clone(),
+            data_dir,
+        }
+    }
+
+    /// Writes the zone's Endpoints resources when they differ from what was
+    /// last reported (and deletes those of apps gone from the zone).
+    async fn report(
+        &self,
+        plan: &Desired,
+        running: &BTreeMap<String, Running>,
+        reported: &mut BTreeMap<String, EndpointsSpec>,
+        force: bool,
+    ) -> anyhow::Result<()> {
+        let zone = &self.options.zone;
+        let states = self.board.states.lock().clone();
+        let mut current: BTreeMap<String, EndpointsSpec> = BTreeMap::new();
+        for (app, (spec, _)) in &plan.apps {
+            let mut endpoints: Vec<ReportedEndpoint> = running
+                .values()
+                .filter(|r| r.spec.app == *app)
+                .map(|r| ReportedEndpoint {
+                    cell: r.spec.cell.clone(),
+                    address: r.spec.address(),
+                    instance: r.spec.name.clone(),
+                    ready: states.get(&r.spec.name).is_some_and(|s| s.ready),
+                    labels: spec
+                        .version
+                        .iter()
+                        .map(|v| ("version".to_owned(), v.clone()))
+                        .collect(),
+                })
+                .collect();
+            endpoints.sort_by(|a, b| a.instance.cmp(&b.instance));
+            current.insert(
+                format!("{app}-{zone}"),
+                EndpointsSpec {
+                    service: spec.service.clone(),
+                    zone: zone.clone(),
+                    endpoints,
+                },
+            );
+        }
+        if force {
+            // Stopping: nothing of this zone runs any more.
+            for (name, spec) in reported.iter() {
+                current
+                    .entry(name.clone())
+                    .or_insert_with(|| EndpointsSpec {
+                        endpoints: Vec::new(),
+                        ..spec.clone()
+                    });
+            }
+            for spec in current.values_mut() {
+                spec.endpoints.clear();
+            }
+        }
+        let changed: Vec<(&String, &EndpointsSpec)> = current
+            .iter()
+            .filter(|(name, spec)| reported.get(*name) != Some(*spec))
+            .collect();
+        let gone: Vec<String> = plan
+            .reported
+            .iter()
+            .chain(reported.keys())
+            .filter(|name| !current.contains_key(*name) && !force)
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if changed.is_empty() && gone.is_empty() {
+            return Ok(());
+        }
+        let mut manifests = Vec::new();
+        for (name, spec) in &changed {
+            let resource = Resource {
+                metadata: Metadata {
+                    name: (*name).clone(),
+                    labels: BTreeMap::from([(
+                        "atoll.dev/reported-by".to_owned(),
+                        format!("agent-{zone}"),
+                    )]),
+                    annotations: BTreeMap::new(),
+                    resource_version: None,
+                },
+                spec: Spec::Endpoints((*spec).clone()),
+            };
+            manifests.push(ManifestFile {
+                source: format!("agent {zone}: {name}"),
+                content: serde_json::to_string(&resource)?,
+            });
+        }
+        let ready: usize = current
+            .values()
+            .map(|s| s.endpoints.iter().filter(|e| e.ready).count())
+            .sum();
+        let total: usize = current.values().map(|s| s.endpoints.len()).sum();
+        let request = ApplyRequest {
+            manifests,
+            delete: gone
+                .iter()
+                .map(|name| ResourceRef {
+                    kind: Kind::Endpoints.as_str().to_owned(),
+                    name: name.clone(),
+                    resource_version: None,
+                })
+                .collect(),
+            dry_run: false,
+            message: Some(format!("agent {zone}: {ready} of {total} instances ready")),
+        };
+        let url = format!("{}/v1/apply", self.options.control.trim_end_matches('/'));
+        let response = self
+            .http
+            .post(&url)
+            .header("x-atoll-user", format!("agent:{zone}"))
+            .json(&request)
+            .send()
+            .await
+            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            // Deleting what is already gone is fine; anything else is not.
+            anyhow::bail!("{url} answered {status}: {}", body.trim());
+        }
+        tracing::info!(ready, total, "reported endpoints");
+        for (name, spec) in changed {
+            reported.insert(name.clone(), spec.clone());
+        }
+        for name in gone {
+            reported.remove(&name);
+        }
+        Ok(())
+    }
+}
+
+/// A port that is free now (the kernel's pick).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_or(0, |a| a.port())
+}
+
+fn admin_router(board: Arc<Board>, status: Arc<NodeStatus>) -> axum::Router {
+    use axum::routing::get;
+    let states = board.clone();
+    axum::Router::new()
+        .route(
+            "/healthz",
+            get(move || {
+                let status = status.clone();
+                async move {
+                    if status.has_config() {
+                        (axum::http::StatusCode::OK, "ok\n")
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "no configuration yet\n",
+                        )
+                    }
+                }
+            }),
+        )
+        .route(
+            "/instances",
+            get(move || {
+                let board = states.clone();
+                async move {
+                    let list: Vec<InstanceState> = board.states.lock().values().cloned().collect();
+                    axum::Json(list)
+                }
+            }),
+        )
+}
+
+async fn axum_serve(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(stop)
+        .await
+}

@@ -1,0 +1,899 @@
+//! `atoll up`: the local multi-cell sandbox. One process starts, as its
+//! children, a control plane (embedded store), three cells in two regions
+//! with an agent and a gateway per zone, and the demo bank in every cell;
+//! it prints where everything is, and Ctrl-C stops all of it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use atoll_api::rest::{ApplyRequest, ManifestFile};
+use clap::Args;
+use serde::Serialize;
+
+use crate::client::{CliError, exit};
+use crate::control::shutdown_signal;
+
+/// Exit code of a usage error.
+const USAGE: u8 = 2;
+
+/// The sandbox's zones: (zone, region, region display name, cell).
+const ZONES: [(&str, &str, &str, &str); 3] = [
+    ("hz-a", "hz", "Hangzhou", "rz01"),
+    ("hz-b", "hz", "Hangzhou", "rz02"),
+    ("sh-a", "sh", "Shanghai", "rz03"),
+];
+
+/// Shard ranges: (first, last, owner, standby).
+const SHARDS: [(u32, u32, &str, &str); 3] = [
+    (0, 33, "rz01", "rz02"),
+    (34, 66, "rz02", "rz03"),
+    (67, 99, "rz03", "rz01"),
+];
+
+#[derive(Debug, Args)]
+pub(crate) struct UpArgs {
+    /// Keep state and logs here (kept after exit) [default: a temporary
+    /// directory, removed on exit].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
+    /// First port: the control plane takes it, the gateways of hz-a, hz-b
+    /// and sh-a the next three, their admin APIs +11..+13, the agents'
+    /// +21..+23. 0 takes free ports.
+    #[arg(long, default_value_t = 7400, value_name = "PORT")]
+    port_base: u16,
+
+    /// The demo bank program [default: atoll-bank next to this program,
+    /// built with cargo when run from a checkout].
+    #[arg(long, value_name = "PATH")]
+    bank: Option<PathBuf>,
+
+    /// Bank instances per cell.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10))]
+    replicas: u32,
+
+    /// How long to wait for everything to be ready.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    ready_timeout: Duration,
+}
+
+/// The sandbox's ports.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Ports {
+    control: u16,
+    gateways: [u16; 3],
+    gateway_admins: [u16; 3],
+    agent_admins: [u16; 3],
+}
+
+/// What `up.json` in the state directory says once everything is ready.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct UpFile {
+    pid: u32,
+    control: String,
+    state_dir: String,
+    /// Zone -> gateway URL.
+    gateways: BTreeMap<String, String>,
+    /// Zone -> gateway admin URL.
+    gateway_admins: BTreeMap<String, String>,
+    /// Zone -> agent admin URL.
+    agents: BTreeMap<String, String>,
+    /// Cell -> zone.
+    cells: BTreeMap<String, String>,
+    /// Seconds from start to ready.
+    ready_seconds: f64,
+}
+
+fn free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+fn pick_ports(base: u16) -> Result<Ports, CliError> {
+    if base == 0 {
+        let mut taken = Vec::new();
+        let mut next = || -> Result<u16, CliError> {
+            // Hold each listener until all are picked so none repeats.
+            let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| {
+                CliError::new(exit::FAILURE, format!("cannot find a free port: {e}"))
+            })?;
+            let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+            taken.push(listener);
+            Ok(port)
+        };
+        return Ok(Ports {
+            control: next()?,
+            gateways: [next()?, next()?, next()?],
+            gateway_admins: [next()?, next()?, next()?],
+            agent_admins: [next()?, next()?, next()?],
+        });
+    }
+    let at = |offset: u16| -> Result<u16, CliError> {
+        base.checked_add(offset).ok_or_else(|| {
+            CliError::new(
+                USAGE,
+                format!("--port-base {base} leaves no room for 24 ports; pick a lower one"),
+            )
+        })
+    };
+    let ports = Ports {
+        control: at(0)?,
+        gateways: [at(1)?, at(2)?, at(3)?],
+        gateway_admins: [at(11)?, at(12)?, at(13)?],
+        agent_admins: [at(21)?, at(22)?, at(23)?],
+    };
+    let mut named = vec![(ports.control, "the control plane".to_owned())];
+    for (i, (zone, ..)) in ZONES.iter().enumerate() {
+        named.push((ports.gateways[i], format!("the gateway of {zone}")));
+        named.push((
+            ports.gateway_admins[i],
+            format!("the admin API of the gateway of {zone}"),
+        ));
+        named.push((
+            ports.agent_admins[i],
+            format!("the admin API of the agent of {zone}"),
+        ));
+    }
+    for (port, what) in named {
+        if !free(port) {
+            let mut error = CliError::new(exit::FAILURE, format!("port {port} ({what}) is in use"));
+            error.details.push(format!(
+                "pass --port-base N to move every port (now {base}), or --port-base 0 to take free ones; is another `atoll up` running?"
+            ));
+            return Err(error);
+        }
+    }
+    Ok(ports)
+}
+
+/// Finds the bank program; from a checkout, builds it.
+fn find_bank(flag: Option<PathBuf>) -> Result<PathBuf, CliError> {
+    if let Some(path) = flag {
+        if path.is_file() {
+            return Ok(std::fs::canonicalize(&path).unwrap_or(path));
+        }
+        return Err(CliError::new(
+            USAGE,
+            format!("--bank {}: no such file", path.display()),
+        ));
+    }
+    let me = std::env::current_exe()
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot locate this program: {e}")))?;
+    let dir = me.parent().map(Path::to_path_buf).unwrap_or_default();
+    let candidate = dir.join("atoll-bank");
+    // Under `cargo run`, build the bank with the same profile, so a fresh
+    // checkout needs one command (cargo only builds what changed).
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        eprintln!(
+            "building atoll-bank ({} profile)...",
+            if release { "release" } else { "dev" }
+        );
+        let mut build = std::process::Command::new(cargo);
+        build.args([
+            "build",
+            "--quiet",
+            "-p",
+            "atoll-bank",
+            "--bin",
+            "atoll-bank",
+        ]);
+        if release {
+            build.arg("--release");
+        }
+        if let Ok(manifest) = std::env::var("CARGO_MANIFEST_DIR") {
+            build.current_dir(manifest);
+        }
+        let status = build.status().map_err(|e| {
+            CliError::new(
+                exit::FAILURE,
+                format!("cannot run cargo to build atoll-bank: {e}"),
+            )
+        })?;
+        if !status.success() {
+            return Err(CliError::new(
+                exit::FAILURE,
+                "building atoll-bank failed (see above)",
+            ));
+        }
+    }
+    if candidate.is_file() {
+        return Ok(candidate);
+    }
+    let mut error = CliError::new(
+        exit::FAILURE,
+        format!("atoll-bank is not next to atoll ({})", candidate.display()),
+    );
+    error
+        .details
+        .push("build it with `cargo build --release -p atoll-bank`, or pass --bank PATH".into());
+    Err(error)
+}
+
+/// The sandbox topology as manifest files.
+fn topology(ports: &Ports, bank: &Path, replicas: u32) -> Vec<(String, String)> {
+    let mut places =
+        String::from("# Two regions: two zones in Hangzhou (same city), one in Shanghai.\n");
+    let mut regions = Vec::new();
+    for (_, region, display, _) in ZONES {
+        if !regions.contains(&region) {
+            regions.push(region);
+            let _ = write!(
+                places,
+                "---\napiVersion: atoll/v1\nkind: Region\nmetadata: {{name: {region}}}\nspec: {{displayName: {display}}}\n"
+            );
+        }
+    }
+    for (zone, region, ..) in ZONES {
+        let _ = write!(
+            places,
+            "---\napiVersion: atoll/v1\nkind: Zone\nmetadata: {{name: {zone}}}\nspec: {{region: {region}}}\n"
+        );
+    }
+    let mut cells = String::from("# One rzone per zone: each owns a third of the users.\n");
+    for (zone, _, _, cell) in ZONES {
+        let _ = write!(
+            cells,
+            "---\napiVersion: atoll/v1\nkind: Cell\nmetadata: {{name: {cell}}}\nspec: {{zone: {zone}, type: rzone}}\n"
+        );
+    }
+    let mut sharding = String::from(
+        "# Users are sharded by the last two digits of their id: 100 shards.\n\
+         apiVersion: atoll/v1\nkind: ShardRule\nmetadata: {name: users}\nspec:\n  shards: 100\n  key:\n    sources:\n      - header: x-user-id\n      - path: /accounts/{uid}\n    transform: {decimalSuffix: 2}\n    onMissing: reject\n\
+         ---\n# Each cell owns a range; its standby receives its changes.\napiVersion: atoll/v1\nkind: ShardMap\nmetadata: {name: users}\nspec:\n  rule: users\n  assignments:\n",
+    );
+    for (first, last, owner, standby) in SHARDS {
+        let _ = writeln!(
+            sharding,
+            "    - {{shards: \"{first}-{last}\", cell: {owner}, standby: {standby}}}"
+        );
+    }
+    let bank = format!(
+        "# The demo bank: unitized by user, run by the agents in every cell.\n\
+         apiVersion: atoll/v1\nkind: Service\nmetadata: {{name: bank}}\nspec:\n  kind: unitized\n  shardRule: users\n  writes: {{methods: [POST, PUT, PATCH, DELETE]}}\n\
+         ---\napiVersion: atoll/v1\nkind: Route\nmetadata: {{name: bank}}\nspec:\n  match: [{{pathPrefix: /accounts/}}]\n  service: bank\n  timeout: 10s\n  retries: {{attempts: 2, on: [connectFailure]}}\n\
+         ---\napiVersion: atoll/v1\nkind: App\nmetadata: {{name: bank}}\nspec:\n  service: bank\n  cells: [{}]\n  replicas: {replicas}\n  command: [{}]\n  healthCheck: {{path: /healthz, interval: 1s, timeout: 1s}}\n  version: v1\n",
+        ZONES.iter().map(|z| z.3).collect::<Vec<_>>().join(", "),
+        serde_json::to_string(&bank.display().to_string()).unwrap_or_default(),
+    );
+    let mut gateways = String::from("# One gateway per zone; a request may enter any of them.\n");
+    for (i, (zone, ..)) in ZONES.iter().enumerate() {
+        let port = ports.gateways[i];
+        let _ = write!(
+            gateways,
+            "---\napiVersion: atoll/v1\nkind: Gateway\nmetadata: {{name: gw-{zone}}}\nspec:\n  zone: {zone}\n  listeners: [{{port: {port}, protocol: http, address: 127.0.0.1}}]\n  advertise: \"127.0.0.1:{port}\"\n"
+        );
+    }
+    vec![
+        ("00-places.yaml".into(), places),
+        ("10-cells.yaml".into(), cells),
+        ("20-sharding.yaml".into(), sharding),
+        ("30-bank.yaml".into(), bank),
+        ("40-gateways.yaml".into(), gateways),
+    ]
+}
+
+/// A child process of the sandbox.
+struct Child {
+    name: String,
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl Child {
+    fn spawn(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        env: &[(&str, String)],
+    ) -> Result<Child, CliError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| {
+                CliError::new(exit::FAILURE, format!("cannot open {}: {e}", log.display()))
+            })?;
+        let err = file.try_clone().map_err(|e| {
+            CliError::new(exit::FAILURE, format!("cannot open {}: {e}", log.display()))
+        })?;
+        let mut command = std::process::Command::new(program);
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(file))
+            .stderr(Stdio::from(err))
+            .env_remove("ATOLL_CONTROL")
+            .env_remove("ATOLL_GATEWAY")
+            .env_remove("ATOLL_ZONE")
+            .env_remove("ATOLL_DATA_DIR")
+            .env_remove("ATOLL_LISTEN");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        // Own process group (Ctrl-C reaches only `atoll up`, which stops
+        // children in order) and SIGTERM if `atoll up` dies.
+        atoll_agent::runtime::dies_with_parent(&mut command);
+        let mut command = tokio::process::Command::from(command);
+        command.kill_on_drop(true);
+        let child = command
+            .spawn()
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot start {name}: {e}")))?;
+        Ok(Child {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+        })
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    async fn stop(&mut self, grace: Duration) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        if let Some(pid) = self.child.id() {
+            atoll_agent::runtime::signal_group(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        if tokio::time::timeout(grace, self.child.wait())
+            .await
+            .is_err()
+        {
+            eprintln!("  {} did not stop within {grace:?}; killing it", self.name);
+            if let Some(pid) = self.child.id() {
+                atoll_agent::runtime::signal_group(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            let _ = self.child.wait().await;
+        }
+    }
+
+    /// If it has exited: how.
+    fn exited(&mut self) -> Option<String> {
+        match self.child.try_wait() {
+            Ok(Some(status)) => Some(atoll_agent::runtime::describe_exit(status)),
+            _ => None,
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+/// Everything started so far, stopped in reverse order on drop paths.
+struct Sandbox {
+    children: Vec<Child>,
+    state_dir: PathBuf,
+    temporary: bool,
+}
+
+impl Sandbox {
+    async fn stop(&mut self) {
+        // Gateways first (stop taking traffic), then agents (they stop the
+        // bank instances and report them gone), then the control plane.
+        while let Some(mut child) = self.children.pop() {
+            eprintln!("  stopping {}", child.name);
+            child.stop(Duration::from_secs(15)).await;
+        }
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
+    }
+
+    fn check_children(&mut self) -> Result<(), CliError> {
+        for child in &mut self.children {
+            if let Some(how) = child.exited() {
+                let mut error = CliError::new(
+                    exit::FAILURE,
+                    format!("{} {how} while starting", child.name),
+                );
+                error.details.push(format!(
+                    "its log ({}) ends with:\n{}",
+                    child.log.display(),
+                    child.log_tail()
+                ));
+                return Err(error);
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) async fn run(args: UpArgs) -> Result<u8, CliError> {
+    let started = Instant::now();
+    let bank = find_bank(args.bank.clone())?;
+    let started_after_build = Instant::now();
+    let ports = pick_ports(args.port_base)?;
+    let (state_dir, temporary) = match &args.state_dir {
+        Some(dir) => (dir.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("atoll-up-{}", std::process::id())),
+            true,
+        ),
+    };
+    let logs = state_dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot create {}: {e}", logs.display()),
+        )
+    })?;
+    let state_dir = std::fs::canonicalize(&state_dir).unwrap_or(state_dir);
+    let logs = state_dir.join("logs");
+    let _ = std::fs::remove_file(state_dir.join("up.json"));
+    let mut sandbox = Sandbox {
+        children: Vec::new(),
+        state_dir: state_dir.clone(),
+        temporary,
+    };
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let result = tokio::select! {
+        result = start(&args, &ports, &bank, &state_dir, &logs, &mut sandbox, started_after_build) => result,
+        _ = stopped.wait_for(|s| *s) => Err(CliError::new(exit::FAILURE, "interrupted while starting")),
+    };
+    match result {
+        Ok(up) => {
+            print_summary(
+                &up,
+                &ports,
+                &bank,
+                &logs,
+                args.replicas,
+                started.elapsed(),
+                temporary,
+            );
+            // Serve until Ctrl-C; say so if a part dies meanwhile.
+            let mut reported = std::collections::HashSet::new();
+            loop {
+                tokio::select! {
+                    _ = stopped.wait_for(|s| *s) => break,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {
+                        for child in &mut sandbox.children {
+                            if let Some(how) = child.exited()
+                                && reported.insert(child.name.clone())
+                            {
+                                eprintln!("warning: {} {how}; its log is {}", child.name, child.log.display());
+                            }
+                        }
+                    }
+                }
+            }
+            eprintln!("\nstopping the sandbox...");
+            sandbox.stop().await;
+            eprintln!("stopped.");
+            Ok(0)
+        }
+        Err(error) => {
+            eprintln!("atoll up failed; stopping what started...");
+            sandbox.stop().await;
+            Err(error)
+        }
+    }
+}
+
+async fn start(
+    args: &UpArgs,
+    ports: &Ports,
+    bank: &Path,
+    state_dir: &Path,
+    logs: &Path,
+    sandbox: &mut Sandbox,
+    build_finished: Instant,
+) -> Result<UpFile, CliError> {
+    let me = std::env::current_exe()
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot locate this program: {e}")))?;
+    let control = format!("http://127.0.0.1:{}", ports.control);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| CliError::new(exit::FAILURE, format!("building the HTTP client: {e}")))?;
+    let deadline = Instant::now() + args.ready_timeout;
+    let env = [("ATOLL_STATE_DIR", state_dir.display().to_string())];
+
+    eprintln!("starting the control plane on {control}...");
+    sandbox.children.push(Child::spawn(
+        "control plane",
+        &me,
+        &[
+            "control".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", ports.control),
+            "--data-dir".into(),
+            state_dir.join("control").display().to_string(),
+        ],
+        &logs.join("control.log"),
+        &env,
+    )?);
+    wait_for(sandbox, "the control plane", deadline, || {
+        let http = http.clone();
+        let url = format!("{control}/readyz");
+        async move {
+            http.get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        }
+    })
+    .await?;
+
+    let files = topology(ports, bank, args.replicas);
+    let topology_dir = state_dir.join("topology");
+    std::fs::create_dir_all(&topology_dir).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot create {}: {e}", topology_dir.display()),
+        )
+    })?;
+    for (name, content) in &files {
+        let path = topology_dir.join(name);
+        std::fs::write(&path, content).map_err(|e| {
+            CliError::new(
+                exit::FAILURE,
+                format!("cannot write {}: {e}", path.display()),
+            )
+        })?;
+    }
+    eprintln!("loading the topology ({})...", topology_dir.display());
+    let request = ApplyRequest {
+        manifests: files
+            .iter()
+            .map(|(name, content)| ManifestFile {
+                source: topology_dir.join(name).display().to_string(),
+                content: content.clone(),
+            })
+            .collect(),
+        message: Some("atoll up: the sandbox topology".into()),
+        ..ApplyRequest::default()
+    };
+    let response = http
+        .post(format!("{control}/v1/apply"))
+        .header("x-atoll-user", "atoll-up")
+        .json(&request)
+        .send()
+        .await
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot load the topology: {e}")))?;
+    if !response.status().is_success() {
+        let body = response.text().await.unwrap_or_default();
+        return Err(CliError::new(
+            exit::FAILURE,
+            format!("the control plane refused the topology: {body}"),
+        ));
+    }
+
+    let global = |args: &mut Vec<String>| {
+        args.insert(0, control.clone());
+        args.insert(0, "--control".into());
+    };
+    for (i, (zone, ..)) in ZONES.iter().enumerate() {
+        let mut agent_args = vec![
+            "agent".into(),
+            "--zone".into(),
+            (*zone).into(),
+            "--state-dir".into(),
+            state_dir.join("agents").join(zone).display().to_string(),
+            "--gateway-url".into(),
+            format!("http://127.0.0.1:{}", ports.gateways[i]),
+            "--admin".into(),
+            format!("127.0.0.1:{}", ports.agent_admins[i]),
+            "--stop-grace".into(),
+            "5s".into(),
+        ];
+        global(&mut agent_args);
+        eprintln!("starting the agent of {zone}...");
+        sandbox.children.push(Child::spawn(
+            &format!("agent {zone}"),
+            &me,
+            &agent_args,
+            &logs.join(format!("agent-{zone}.log")),
+            &env,
+        )?);
+    }
+    for (i, (zone, ..)) in ZONES.iter().enumerate() {
+        let mut gateway_args = vec![
+            "gateway".into(),
+            "--name".into(),
+            format!("gw-{zone}"),
+            "--workers".into(),
+            "1".into(),
+            "--admin".into(),
+            format!("127.0.0.1:{}", ports.gateway_admins[i]),
+            "--state-dir".into(),
+            state_dir.join("gateways").join(zone).display().to_string(),
+        ];
+        global(&mut gateway_args);
+        eprintln!(
+            "starting the gateway of {zone} on 127.0.0.1:{}...",
+            ports.gateways[i]
+        );
+        sandbox.children.push(Child::spawn(
+            &format!("gateway {zone}"),
+            &me,
+            &gateway_args,
+            &logs.join(format!("gateway-{zone}.log")),
+            &env,
+        )?);
+    }
+
+    for (i, (zone, ..)) in ZONES.iter().enumerate() {
+        let url = format!("http://127.0.0.1:{}/readyz", ports.gateway_admins[i]);
+        wait_for(sandbox, &format!("the gateway of {zone}"), deadline, || {
+            let http = http.clone();
+            let url = url.clone();
+            async move {
+                http.get(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await?;
+    }
+    eprintln!("waiting for the bank in every cell...");
+    wait_for(sandbox, "every cell to be healthy", deadline, || {
+        let http = http.clone();
+        let url = format!("{control}/v1/resources/cells");
+        async move {
+            let Ok(response) = http.get(&url).send().await else {
+                return false;
+            };
+            let Ok(body) = response.json::<serde_json::Value>().await else {
+                return false;
+            };
+            body["items"].as_array().is_some_and(|items| {
+                !items.is_empty()
+                    && items.iter().all(|c| {
+                        c.pointer("/status/health").and_then(|h| h.as_str()) == Some("Healthy")
+                    })
+            })
+        }
+    })
+    .await?;
+    // End to end: a read for a user of every cell, through every gateway.
+    for (i, (zone, ..)) in ZONES.iter().enumerate() {
+        for (first, ..) in SHARDS {
+            let url = format!(
+                "http://127.0.0.1:{}/accounts/{}",
+                ports.gateways[i],
+                1000 + first
+            );
+            wait_for(
+                sandbox,
+                &format!("the bank through the gateway of {zone}"),
+                deadline,
+                || {
+                    let http = http.clone();
+                    let url = url.clone();
+                    async move {
+                        http.get(&url)
+                            .send()
+                            .await
+                            .is_ok_and(|r| r.status().is_success())
+                    }
+                },
+            )
+            .await?;
+        }
+    }
+    let ready_seconds = build_finished.elapsed().as_secs_f64();
+    let up = UpFile {
+        pid: std::process::id(),
+        control: control.clone(),
+        state_dir: state_dir.display().to_string(),
+        gateways: ZONES
+            .iter()
+            .enumerate()
+            .map(|(i, z)| {
+                (
+                    z.0.to_owned(),
+                    format!("http://127.0.0.1:{}", ports.gateways[i]),
+                )
+            })
+            .collect(),
+        gateway_admins: ZONES
+            .iter()
+            .enumerate()
+            .map(|(i, z)| {
+                (
+                    z.0.to_owned(),
+                    format!("http://127.0.0.1:{}", ports.gateway_admins[i]),
+                )
+            })
+            .collect(),
+        agents: ZONES
+            .iter()
+            .enumerate()
+            .map(|(i, z)| {
+                (
+                    z.0.to_owned(),
+                    format!("http://127.0.0.1:{}", ports.agent_admins[i]),
+                )
+            })
+            .collect(),
+        cells: ZONES
+            .iter()
+            .map(|z| (z.3.to_owned(), z.0.to_owned()))
+            .collect(),
+        ready_seconds,
+    };
+    let path = state_dir.join("up.json");
+    let text = serde_json::to_string_pretty(&up).unwrap_or_default();
+    std::fs::write(&path, text).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot write {}: {e}", path.display()),
+        )
+    })?;
+    Ok(up)
+}
+
+/// Polls `check` every 100 ms until it holds, a child dies, or `deadline`.
+async fn wait_for<F, Fut>(
+    sandbox: &mut Sandbox,
+    what: &str,
+    deadline: Instant,
+    mut check: F,
+) -> Result<(), CliError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    loop {
+        if check().await {
+            return Ok(());
+        }
+        sandbox.check_children()?;
+        if Instant::now() >= deadline {
+            let mut error = CliError::new(exit::FAILURE, format!("timed out waiting for {what}"));
+            error.details.push(format!(
+                "logs are in {}; raise --ready-timeout on a slow machine",
+                sandbox.state_dir.join("logs").display()
+            ));
+            return Err(error);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn print_summary(
+    up: &UpFile,
+    ports: &Ports,
+    bank: &Path,
+    logs: &Path,
+    replicas: u32,
+    took: Duration,
+    temporary: bool,
+) {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nAtoll is up: 3 cells in 2 regions, ready {:.1}s after the build ({:.1}s in all).\n",
+        up.ready_seconds,
+        took.as_secs_f64()
+    );
+    let _ = writeln!(
+        out,
+        "  control plane  {}   (atoll get cells, atoll nodes, atoll audit)",
+        up.control
+    );
+    for (i, (zone, _, display, cell)) in ZONES.iter().enumerate() {
+        let (first, last, _, standby) = SHARDS[i];
+        let _ = writeln!(
+            out,
+            "  zone {zone:<5}     gateway http://127.0.0.1:{:<5}  cell {cell} ({display}), shards {first}-{last}, standby {standby}",
+            ports.gateways[i]
+        );
+    }
+    let list = |ports: &[u16; 3]| {
+        ports
+            .iter()
+            .map(|p| format!(":{p}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let _ = writeln!(
+        out,
+        "  admin APIs     gateways {} (/readyz /metrics /config), agents {} (/instances)",
+        list(&ports.gateway_admins),
+        list(&ports.agent_admins)
+    );
+    let _ = writeln!(
+        out,
+        "  bank           {replicas} instances per cell of {}",
+        bank.display()
+    );
+    let _ = writeln!(
+        out,
+        "  state & logs   {}{}",
+        logs.parent().unwrap_or(logs).display(),
+        if temporary {
+            " (removed on exit; --state-dir keeps them)"
+        } else {
+            ""
+        }
+    );
+    let gateway = format!("http://127.0.0.1:{}", ports.gateways[0]);
+    let far = format!("http://127.0.0.1:{}", ports.gateways[2]);
+    let control_flag = if ports.control == 7400 {
+        String::new()
+    } else {
+        format!(" --control {}", up.control)
+    };
+    let _ = writeln!(
+        out,
+        "\nTry it (any gateway takes any user; the cell that owns the user answers):"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -X POST -H 'Idempotency-Key: dep-1' -d '{{\"amount\": 100}}' {gateway}/accounts/1001/deposit"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -X POST -H 'Idempotency-Key: tr-1' -d '{{\"to\": \"1070\", \"amount\": 30}}' {gateway}/accounts/1001/transfer"
+    );
+    let _ = writeln!(
+        out,
+        "  curl -i {far}/accounts/1070        # the x-bank-cell header says who answered"
+    );
+    let _ = writeln!(
+        out,
+        "  atoll{control_flag} load --duration 30s   # a bank workload with live progress"
+    );
+    let _ = writeln!(
+        out,
+        "  atoll{control_flag} get cells         # health of every cell"
+    );
+    let _ = writeln!(out, "\nPress Ctrl-C to stop everything.");
+    println!("{out}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sandbox_topology_is_valid() {
+        let ports = pick_ports(0).expect("ports");
+        let files = topology(&ports, Path::new("/opt/atoll/atoll-bank"), 2);
+        let mut located = Vec::new();
+        for (name, content) in &files {
+            let parsed = atoll_model::load(name, content).expect("parses");
+            located.extend(parsed);
+        }
+        atoll_model::validate(&located).expect("valid");
+        assert_eq!(
+            located.len(),
+            2 + 3 + 3 + 2 + 3 + 3,
+            "regions, zones, cells, sharding, bank, gateways"
+        );
+    }
+
+    #[test]
+    fn a_port_in_use_is_named_with_the_flag_to_change_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let error = pick_ports(port).expect_err("in use");
+        assert!(
+            error
+                .message
+                .contains(&format!("port {port} (the control plane) is in use")),
+            "{}",
+            error.message
+        );
+        assert!(
+            error.details[0].contains("--port-base"),
+            "{:?}",
+            error.details
+        );
+    }
+}
