@@ -9,6 +9,7 @@ mod client;
 mod commands;
 mod control;
 mod gateway;
+mod load;
 mod output;
 mod up;
 
@@ -49,6 +50,9 @@ enum Command {
     /// Start a local sandbox: a control plane, three cells in two regions
     /// with their agents and gateways, and the demo bank. Ctrl-C stops it.
     Up(up::UpArgs),
+    /// Drive a bank workload through the gateways, with live progress and
+    /// a check that money is conserved.
+    Load(load::LoadArgs),
     /// Run the agent of a zone: run the zone's App instances, restart them,
     /// report their endpoints.
     Agent(agent::AgentArgs),
@@ -138,6 +142,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             gateway::run(args, endpoint).await
         }
         Command::Up(args) => up::run(args).await,
+        Command::Load(args) => load::run(&connect(default_timeout)?, args).await,
         Command::Agent(args) => {
             let endpoint = client::resolve(cli.control.as_deref());
             agent::run(args, endpoint).await

@@ -88,6 +88,8 @@ struct UpFile {
     cells: BTreeMap<String, String>,
     /// Seconds from start to ready.
     ready_seconds: f64,
+    /// Child process -> pid (the agents' instances are in their /instances).
+    processes: BTreeMap<String, u32>,
 }
 
 fn free(port: u16) -> bool {
@@ -725,6 +727,11 @@ async fn start(
             .map(|z| (z.3.to_owned(), z.0.to_owned()))
             .collect(),
         ready_seconds,
+        processes: sandbox
+            .children
+            .iter()
+            .filter_map(|c| Some((c.name.clone(), c.child.id()?)))
+            .collect(),
     };
     let path = state_dir.join("up.json");
     let text = serde_json::to_string_pretty(&up).unwrap_or_default();

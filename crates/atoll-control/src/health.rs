@@ -85,3 +85,95 @@ pub(crate) fn cell_status(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resources(yaml: &str) -> Vec<Resource> {
+        atoll_model::load("test.yaml", yaml)
+            .expect("parses")
+            .into_iter()
+            .map(|l| l.resource)
+            .collect()
+    }
+
+    const TOPOLOGY: &str = "
+apiVersion: atoll/v1
+kind: Cell
+metadata: {name: rz01}
+spec: {zone: hz-a, type: rzone}
+---
+apiVersion: atoll/v1
+kind: Cell
+metadata: {name: gz01}
+spec: {zone: hz-a, type: gzone}
+---
+apiVersion: atoll/v1
+kind: App
+metadata: {name: bank}
+spec: {service: bank, cells: [rz01], command: [bank]}
+";
+
+    fn agent(connected: bool) -> NodeInfo {
+        NodeInfo {
+            name: "agent-hz-a".into(),
+            role: "agent".into(),
+            zone: "hz-a".into(),
+            cell: String::new(),
+            connected,
+            peer: None,
+            applied_version: 1,
+            sent_version: 1,
+            last_nack: None,
+            last_seen: String::new(),
+        }
+    }
+
+    fn endpoints(ready: &[bool]) -> String {
+        let list: Vec<String> = ready
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("{{cell: rz01, address: \"127.0.0.1:{}\", instance: bank-rz01-{i}, ready: {r}}}", 9000 + i))
+            .collect();
+        format!(
+            "---\napiVersion: atoll/v1\nkind: Endpoints\nmetadata: {{name: bank-hz-a}}\nspec: {{service: bank, zone: hz-a, endpoints: [{}]}}\n",
+            list.join(", ")
+        )
+    }
+
+    #[test]
+    fn a_cell_is_healthy_with_its_agent_and_a_ready_instance() {
+        let all = resources(&format!("{TOPOLOGY}{}", endpoints(&[true, false])));
+        let status = cell_status(&all, &[agent(true)]);
+        assert_eq!(status["rz01"].health, "Healthy");
+        assert_eq!(
+            (status["rz01"].ready_instances, status["rz01"].instances),
+            (1, 2)
+        );
+        assert_eq!(status["gz01"].health, "Unmanaged", "no App runs there");
+    }
+
+    #[test]
+    fn a_cell_is_unhealthy_when_its_agent_or_all_its_instances_are_gone() {
+        let all = resources(&format!("{TOPOLOGY}{}", endpoints(&[true])));
+        let gone = cell_status(&all, &[agent(false)]);
+        assert_eq!(gone["rz01"].health, "Unhealthy");
+        assert_eq!(
+            gone["rz01"].reason.as_deref(),
+            Some("the agent of zone hz-a is not connected")
+        );
+        let never = cell_status(&all, &[]);
+        assert_eq!(
+            never["rz01"].reason.as_deref(),
+            Some("no agent of zone hz-a has connected")
+        );
+        let none_ready = resources(&format!("{TOPOLOGY}{}", endpoints(&[false, false])));
+        let status = cell_status(&none_ready, &[agent(true)]);
+        assert_eq!(status["rz01"].health, "Unhealthy");
+        assert_eq!(
+            status["rz01"].reason.as_deref(),
+            Some("no instance is ready (2 reported)")
+        );
+    }
+}

@@ -266,10 +266,20 @@ mod tests {
 
     #[test]
     fn reports_all_top_level_problems() {
-        let errors = decode_resource(json!({"kind": "Zoen", "status": {}})).expect_err("bad");
+        let errors = decode_resource(json!({"kind": "Zoen", "stauts": {}})).expect_err("bad");
         let paths: Vec<_> = errors.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["apiVersion", "kind", "metadata", "status"]);
+        assert_eq!(paths, ["apiVersion", "kind", "metadata", "stauts"]);
         assert!(errors[1].message.contains("unknown kind `Zoen`"));
+    }
+
+    #[test]
+    fn an_observed_status_is_ignored() {
+        let mut v = zone();
+        v["status"] = json!({"health": "Healthy"});
+        assert_eq!(
+            decode_resource(v).expect("status is ignored"),
+            decode_resource(zone()).expect("zone")
+        );
     }
 
     #[test]

@@ -570,6 +570,18 @@ impl Db {
         rows.collect::<Result<_, _>>().map_err(error)
     }
 
+    /// The sum of the balances replicated from each source cell.
+    pub(crate) fn replica_totals(&self) -> anyhow::Result<BTreeMap<String, i64>> {
+        let connection = self.connection.lock();
+        let mut statement = connection
+            .prepare("SELECT source, SUM(balance) FROM replica_accounts GROUP BY source")
+            .map_err(error)?;
+        let rows = statement
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(error)?;
+        rows.collect::<Result<_, _>>().map_err(error)
+    }
+
     /// The balances replicated from `source` (for checks).
     #[cfg(test)]
     pub(crate) fn replica_total(&self, source: &str) -> anyhow::Result<i64> {

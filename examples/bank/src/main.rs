@@ -466,7 +466,12 @@ async fn write(
 async fn totals(State(bank): State<Shared>) -> Response {
     let db = bank.db.clone();
     let result = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
-        Ok(json!({"balances": db.total()?, "inFlight": db.in_flight()?, "position": db.position()?}))
+        Ok(json!({
+            "balances": db.total()?,
+            "inFlight": db.in_flight()?,
+            "position": db.position()?,
+            "replicas": db.replica_totals()?,
+        }))
     })
     .await;
     match result {

@@ -17,3 +17,4 @@ mod manifests;
 mod regressions;
 mod restart;
 mod stream;
+mod up;

@@ -52,11 +52,11 @@ fn the_example_topology_applies_and_reads_back() {
 
     let table = control.atoll(&["get", "cells"]).success().stdout();
     assert!(
-        table.starts_with("NAME   TYPE    ZONE   WEIGHT   REVISION\n"),
+        table.starts_with("NAME   TYPE    ZONE   WEIGHT   HEALTH      READY   REVISION\n"),
         "{table}"
     );
     assert!(
-        table.contains("gz01   gzone   hz-a   100      1"),
+        table.contains("gz01   gzone   hz-a   100      Unmanaged   -       1"),
         "{table}"
     );
 

@@ -1,0 +1,644 @@
+//! `atoll load`: drives a bank workload through the gateways, with a live
+//! progress line and a summary that checks money is conserved.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write as _};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use std::time::{Duration, Instant};
+
+use atoll_api::rest::ListResponse;
+use clap::Args;
+use serde::Serialize;
+
+use crate::client::{CliError, Client, exit};
+use crate::output::Format;
+
+#[derive(Debug, Args)]
+pub(crate) struct LoadArgs {
+    /// Gateway URL to send to; repeat for several [default: the advertised
+    /// address of every Gateway resource].
+    #[arg(long = "gateway", value_name = "URL")]
+    gateways: Vec<String>,
+
+    /// How long to run.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    duration: Duration,
+
+    /// Number of users (ids from --first-user on).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(2..=10_000_000))]
+    users: u64,
+
+    /// The first user id.
+    #[arg(long, default_value_t = 1000)]
+    first_user: u64,
+
+    /// Requests in flight.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    concurrency: u64,
+
+    /// Requests per second in all; 0 runs as fast as the sandbox answers.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+
+    /// Do not check, at the end, that the users' balances changed by exactly
+    /// deposits minus withdrawals.
+    #[arg(long)]
+    no_check: bool,
+
+    /// How long a write is retried (same idempotency key) before it counts
+    /// as failed.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    retry_for: Duration,
+
+    /// Summary format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+/// What happened, for the summary (`-o json`).
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Summary {
+    seconds: f64,
+    users: u64,
+    gateways: Vec<String>,
+    /// HTTP requests sent (retries included).
+    requests: u64,
+    /// Requests that got no definite answer (transport errors, 5xx, 421);
+    /// writes among them were retried with the same key.
+    errors: u64,
+    retries: u64,
+    /// Operations that never got a definite answer.
+    failed: u64,
+    by_cell: BTreeMap<String, u64>,
+    by_kind: BTreeMap<String, u64>,
+    errors_by_cause: BTreeMap<String, u64>,
+    refused_for_funds: u64,
+    cross_cell_transfers: u64,
+    deposits: i64,
+    withdrawals: i64,
+    latency_ms: Latency,
+    /// The check: the users' total before, after, and whether after equals
+    /// before + deposits - withdrawals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    money: Option<Money>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+struct Latency {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Money {
+    before: i64,
+    after: i64,
+    expected: i64,
+    conserved: bool,
+}
+
+#[derive(Default)]
+struct Stats {
+    summary: Summary,
+    latencies_us: Vec<u32>,
+}
+
+/// The answer to one logical operation.
+enum Outcome {
+    /// A definite answer: status, body, the cell that gave it.
+    Answer(u16, serde_json::Value),
+    /// No definite answer within --retry-for.
+    Failed,
+}
+
+struct Load {
+    http: reqwest::Client,
+    gateways: Vec<String>,
+    args: LoadArgs,
+    stats: Mutex<Stats>,
+    run: String,
+}
+
+impl Load {
+    fn record(&self, elapsed: Duration, cell: Option<&str>, error: Option<String>) {
+        let mut stats = self.stats.lock();
+        stats.summary.requests += 1;
+        stats
+            .latencies_us
+            .push(u32::try_from(elapsed.as_micros()).unwrap_or(u32::MAX));
+        if let Some(cell) = cell {
+            *stats.summary.by_cell.entry(cell.to_owned()).or_default() += 1;
+        }
+        if let Some(cause) = error {
+            stats.summary.errors += 1;
+            *stats.summary.errors_by_cause.entry(cause).or_default() += 1;
+        }
+    }
+
+    /// Sends a request until it has a definite answer (writes carry the
+    /// same idempotency key each time), or --retry-for passes.
+    async fn call(
+        &self,
+        gateway: usize,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<&serde_json::Value>,
+    ) -> Outcome {
+        let deadline = Instant::now() + self.args.retry_for;
+        let mut attempt = 0usize;
+        loop {
+            let base = &self.gateways[(gateway + attempt) % self.gateways.len()];
+            let mut request = self.http.request(method.clone(), format!("{base}{path}"));
+            if let Some(key) = key {
+                request = request.header("idempotency-key", key);
+            }
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let sent = Instant::now();
+            let result = request.send().await;
+            let elapsed = sent.elapsed();
+            let error = match result {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let cell = response
+                        .headers()
+                        .get("x-bank-cell")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let body = response
+                        .json::<serde_json::Value>()
+                        .await
+                        .unwrap_or_default();
+                    if status < 500 && status != 421 {
+                        self.record(elapsed, cell.as_deref(), None);
+                        return Outcome::Answer(status, body);
+                    }
+                    let code = body["error"].as_str().unwrap_or("");
+                    self.record(
+                        elapsed,
+                        cell.as_deref(),
+                        Some(format!("{status} {code}").trim().to_owned()),
+                    );
+                    format!("{status}")
+                }
+                Err(e) => {
+                    let cause = if e.is_timeout() {
+                        "timeout"
+                    } else if e.is_connect() {
+                        "connect"
+                    } else {
+                        "transport"
+                    };
+                    self.record(elapsed, None, Some(cause.to_owned()));
+                    cause.to_owned()
+                }
+            };
+            attempt += 1;
+            if Instant::now() >= deadline {
+                tracing::debug!(%path, %error, "giving up");
+                return Outcome::Failed;
+            }
+            self.stats.lock().summary.retries += 1;
+            tokio::time::sleep(Duration::from_millis(50 * attempt.min(10) as u64)).await;
+        }
+    }
+
+    fn user(&self, rng: &mut fastrand::Rng) -> u64 {
+        self.args.first_user + rng.u64(0..self.args.users)
+    }
+
+    /// One worker: random operations until `end`.
+    async fn work(self: Arc<Self>, worker: u64, end: Instant, pace: Option<Duration>) {
+        let mut rng = fastrand::Rng::with_seed(worker.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5EED);
+        let mut n = 0u64;
+        let mut next = Instant::now();
+        while Instant::now() < end {
+            if let Some(pace) = pace {
+                next += pace;
+                let now = Instant::now();
+                if next > now {
+                    tokio::time::sleep(next - now).await;
+                } else if now - next > pace * 10 {
+                    next = now;
+                }
+            }
+            n += 1;
+            let gateway = rng.usize(0..self.gateways.len());
+            let user = self.user(&mut rng);
+            let key = format!("load-{}-{worker}-{n}", self.run);
+            let amount = rng.i64(1..=100);
+            let roll = rng.u8(0..100);
+            let (kind, outcome) = if roll < 40 {
+                (
+                    "balance",
+                    self.call(
+                        gateway,
+                        reqwest::Method::GET,
+                        &format!("/accounts/{user}"),
+                        None,
+                        None,
+                    )
+                    .await,
+                )
+            } else if roll < 60 {
+                let body = serde_json::json!({"amount": amount});
+                (
+                    "deposit",
+                    self.call(
+                        gateway,
+                        reqwest::Method::POST,
+                        &format!("/accounts/{user}/deposit"),
+                        Some(&key),
+                        Some(&body),
+                    )
+                    .await,
+                )
+            } else if roll < 70 {
+                let body = serde_json::json!({"amount": amount});
+                (
+                    "withdraw",
+                    self.call(
+                        gateway,
+                        reqwest::Method::POST,
+                        &format!("/accounts/{user}/withdraw"),
+                        Some(&key),
+                        Some(&body),
+                    )
+                    .await,
+                )
+            } else {
+                let mut to = self.user(&mut rng);
+                if to == user {
+                    to = if user + 1 < self.args.first_user + self.args.users {
+                        user + 1
+                    } else {
+                        self.args.first_user
+                    };
+                }
+                let body = serde_json::json!({"amount": amount, "to": to.to_string()});
+                (
+                    "transfer",
+                    self.call(
+                        gateway,
+                        reqwest::Method::POST,
+                        &format!("/accounts/{user}/transfer"),
+                        Some(&key),
+                        Some(&body),
+                    )
+                    .await,
+                )
+            };
+            let mut stats = self.stats.lock();
+            let summary = &mut stats.summary;
+            *summary.by_kind.entry(kind.to_owned()).or_default() += 1;
+            match outcome {
+                Outcome::Failed => summary.failed += 1,
+                Outcome::Answer(200, body) => match kind {
+                    "deposit" => summary.deposits += amount,
+                    "withdraw" => summary.withdrawals += amount,
+                    "transfer" if body["delivered"] == serde_json::Value::Bool(false) => {
+                        summary.cross_cell_transfers += 1
+                    }
+                    _ => {}
+                },
+                Outcome::Answer(409, _) => summary.refused_for_funds += 1,
+                Outcome::Answer(status, body) => {
+                    summary.failed += 1;
+                    let cause = format!("{status} {}", body["error"].as_str().unwrap_or(""));
+                    *summary
+                        .errors_by_cause
+                        .entry(cause.trim().to_owned())
+                        .or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// The sum of every user's balance, read through the gateways.
+    async fn total(self: &Arc<Self>) -> Result<i64, CliError> {
+        let users: Vec<u64> =
+            (self.args.first_user..self.args.first_user + self.args.users).collect();
+        let chunks: Vec<Vec<u64>> = users
+            .chunks(users.len().div_ceil(self.args.concurrency as usize).max(1))
+            .map(<[u64]>::to_vec)
+            .collect();
+        let mut tasks = Vec::new();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let load = self.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut sum = 0i64;
+                for user in chunk {
+                    let url = format!("{}/accounts/{user}", load.gateways[i % load.gateways.len()]);
+                    let deadline = Instant::now() + load.args.retry_for;
+                    loop {
+                        let answer = match load.http.get(&url).send().await {
+                            Ok(r) if r.status().is_success() => {
+                                r.json::<serde_json::Value>().await.ok()
+                            }
+                            _ => None,
+                        };
+                        if let Some(balance) = answer.as_ref().and_then(|b| b["balance"].as_i64()) {
+                            sum += balance;
+                            break;
+                        }
+                        if Instant::now() >= deadline {
+                            return Err(format!("cannot read the balance of user {user} at {url}"));
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                Ok(sum)
+            }));
+        }
+        let mut total = 0;
+        for task in tasks {
+            total += task
+                .await
+                .map_err(|e| CliError::new(exit::FAILURE, format!("reading balances: {e}")))?
+                .map_err(|e| CliError::new(exit::FAILURE, e))?;
+        }
+        Ok(total)
+    }
+}
+
+/// The gateways to use: given, or every advertised one.
+async fn gateways(client: &Client, given: &[String]) -> Result<Vec<String>, CliError> {
+    let normalize = |url: &str| {
+        let url = url.trim_end_matches('/');
+        if url.starts_with("http://") || url.starts_with("https://") {
+            url.to_owned()
+        } else {
+            format!("http://{url}")
+        }
+    };
+    if !given.is_empty() {
+        return Ok(given.iter().map(|g| normalize(g)).collect());
+    }
+    let list: ListResponse = client.get("/v1/resources/gateways").await?;
+    let found: Vec<String> = list
+        .items
+        .iter()
+        .filter_map(|g| {
+            g.pointer("/spec/advertise")
+                .and_then(|a| a.as_str())
+                .map(normalize)
+        })
+        .collect();
+    if found.is_empty() {
+        let mut error = CliError::new(exit::FAILURE, "no Gateway resource advertises an address");
+        error.details.push(
+            "pass --gateway URL (repeat it for several), or start the sandbox with `atoll up`"
+                .into(),
+        );
+        return Err(error);
+    }
+    Ok(found)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    f64::from(sorted[index.min(sorted.len() - 1)]) / 1000.0
+}
+
+fn thousands(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
+}
+
+pub(crate) async fn run(client: &Client, args: LoadArgs) -> Result<u8, CliError> {
+    let gateways = gateways(client, &args.gateways).await?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(args.concurrency as usize)
+        .build()
+        .map_err(|e| CliError::new(exit::FAILURE, format!("building the HTTP client: {e}")))?;
+    let run = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let load = Arc::new(Load {
+        http,
+        gateways: gateways.clone(),
+        stats: Mutex::new(Stats::default()),
+        run,
+        args,
+    });
+    let args = &load.args;
+    eprintln!(
+        "atoll load: {} users ({}..{}), {} in flight, {} through {}",
+        args.users,
+        args.first_user,
+        args.first_user + args.users - 1,
+        args.concurrency,
+        humantime::format_duration(args.duration),
+        gateways.join(", ")
+    );
+    let before = if args.no_check {
+        None
+    } else {
+        eprintln!("reading every user's balance first...");
+        Some(load.total().await?)
+    };
+    let started = Instant::now();
+    let end = started + args.duration;
+    let pace = (args.rate > 0)
+        .then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate as f64));
+    let mut workers = Vec::new();
+    for worker in 0..args.concurrency {
+        workers.push(tokio::spawn(load.clone().work(worker, end, pace)));
+    }
+    let terminal = std::io::stderr().is_terminal();
+    let mut last = (Instant::now(), 0u64, BTreeMap::<String, u64>::new());
+    let mut ticks = 0u64;
+    while workers.iter().any(|w| !w.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if last.0.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        ticks += 1;
+        let (requests, errors, retries, by_cell) = {
+            let stats = load.stats.lock();
+            (
+                stats.summary.requests,
+                stats.summary.errors,
+                stats.summary.retries,
+                stats.summary.by_cell.clone(),
+            )
+        };
+        let seconds = last.0.elapsed().as_secs_f64();
+        let rate = (requests - last.1) as f64 / seconds;
+        let cells: Vec<String> = by_cell
+            .iter()
+            .map(|(cell, n)| {
+                format!(
+                    "{cell} {:.0}/s",
+                    (*n - last.2.get(cell).copied().unwrap_or(0)) as f64 / seconds
+                )
+            })
+            .collect();
+        let line = format!(
+            "{:>4.0}s  {:>6.0} req/s  errors {errors}  retries {retries}  {}",
+            started.elapsed().as_secs_f64(),
+            rate,
+            cells.join("  ")
+        );
+        if terminal {
+            eprint!("\r\x1b[2K{line}");
+        } else if ticks.is_multiple_of(5) {
+            eprintln!("{line}");
+        }
+        let _ = std::io::stderr().flush();
+        last = (Instant::now(), requests, by_cell);
+    }
+    if terminal {
+        eprintln!();
+    }
+    for worker in workers {
+        let _ = worker.await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let mut summary = {
+        let mut stats = load.stats.lock();
+        stats.latencies_us.sort_unstable();
+        let latencies = &stats.latencies_us;
+        let latency = Latency {
+            p50: percentile(latencies, 0.50),
+            p90: percentile(latencies, 0.90),
+            p99: percentile(latencies, 0.99),
+            max: percentile(latencies, 1.0),
+        };
+        let mut summary = stats.summary.clone();
+        summary.latency_ms = latency;
+        summary
+    };
+    summary.seconds = seconds;
+    summary.users = load.args.users;
+    summary.gateways = gateways;
+    if let Some(before) = before {
+        let expected = before + summary.deposits - summary.withdrawals;
+        eprintln!("waiting for cross-cell credits in flight, then reading every balance...");
+        // Credits of cross-cell transfers land shortly after the debit.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut after = load.total().await?;
+        while after != expected && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            after = load.total().await?;
+        }
+        summary.money = Some(Money {
+            before,
+            after,
+            expected,
+            conserved: after == expected,
+        });
+    }
+    match load.args.output {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&summary).unwrap_or_default()
+        ),
+        _ => print_summary(&summary),
+    }
+    let conserved = summary.money.as_ref().is_none_or(|m| m.conserved);
+    Ok(if conserved && summary.failed == 0 {
+        0
+    } else {
+        exit::FAILURE
+    })
+}
+
+fn print_summary(s: &Summary) {
+    let n = |v: u64| thousands(i64::try_from(v).unwrap_or(i64::MAX));
+    println!(
+        "atoll load: {:.1} s, {} users through {} gateways",
+        s.seconds,
+        n(s.users),
+        s.gateways.len()
+    );
+    println!(
+        "  requests   {} ({:.0}/s), errors {}, retries {}, operations failed {}",
+        n(s.requests),
+        s.requests as f64 / s.seconds.max(0.001),
+        n(s.errors),
+        n(s.retries),
+        n(s.failed)
+    );
+    if !s.errors_by_cause.is_empty() {
+        let causes: Vec<String> = s
+            .errors_by_cause
+            .iter()
+            .map(|(c, k)| format!("{c}: {}", n(*k)))
+            .collect();
+        println!("  errors     {}", causes.join(", "));
+    }
+    println!(
+        "  latency    p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        s.latency_ms.p50, s.latency_ms.p90, s.latency_ms.p99, s.latency_ms.max
+    );
+    let cells: Vec<String> = s
+        .by_cell
+        .iter()
+        .map(|(c, k)| format!("{c} {}", n(*k)))
+        .collect();
+    println!("  by cell    {}", cells.join("  "));
+    let kinds: Vec<String> = s
+        .by_kind
+        .iter()
+        .map(|(c, k)| format!("{c} {}", n(*k)))
+        .collect();
+    println!(
+        "  by kind    {} (refused for funds {}, cross-cell transfers {})",
+        kinds.join("  "),
+        n(s.refused_for_funds),
+        n(s.cross_cell_transfers)
+    );
+    match &s.money {
+        Some(m) => println!(
+            "  money      before {} + deposits {} - withdrawals {} = {}; after {}: {}",
+            thousands(m.before),
+            thousands(s.deposits),
+            thousands(s.withdrawals),
+            thousands(m.expected),
+            thousands(m.after),
+            if m.conserved {
+                "conserved"
+            } else {
+                "NOT CONSERVED"
+            }
+        ),
+        None => println!("  money      not checked (--no-check)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_well() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(1234567), "1,234,567");
+        assert_eq!(thousands(-1000), "-1,000");
+        assert!((percentile(&[1000, 2000, 3000], 0.5) - 2.0).abs() < 1e-9);
+        assert!((percentile(&[], 0.5)).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,721 @@
+//! `atoll up`, the local sandbox, as a newcomer runs it: every component
+//! ready, users served by the cells that own them, cross-cell transfers
+//! exactly once, a killed instance healed, money conserved under load,
+//! replication positions reported, and nothing left behind after Ctrl-C.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::ATOLL;
+
+/// The bank program, built (or found fresh) with the same profile as atoll.
+fn bank() -> PathBuf {
+    let dir = PathBuf::from(ATOLL)
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
+    let release = dir.file_name().is_some_and(|n| n == "release");
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "atoll-bank",
+            "--bin",
+            "atoll-bank",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo");
+    assert!(status.success(), "building atoll-bank failed");
+    dir.join("atoll-bank")
+}
+
+/// Which cell owns a user in the sandbox (last two digits of the id).
+fn owner(user: u64) -> &'static str {
+    match user % 100 {
+        0..=33 => "rz01",
+        34..=66 => "rz02",
+        _ => "rz03",
+    }
+}
+
+/// A running `atoll up`, stopped with SIGINT (Ctrl-C) on drop.
+struct Sandbox {
+    child: Option<Child>,
+    state: tempfile::TempDir,
+    up: Value,
+    http: reqwest::Client,
+}
+
+impl Sandbox {
+    fn start() -> Sandbox {
+        let bank = bank();
+        let state = tempfile::tempdir().expect("temp dir");
+        let log = std::fs::File::create(state.path().join("up.log")).expect("log");
+        let child = Command::new(ATOLL)
+            .args(["up", "--port-base", "0", "--state-dir"])
+            .arg(state.path())
+            .arg("--bank")
+            .arg(&bank)
+            .env("ATOLL_STATE_DIR", state.path())
+            .env_remove("ATOLL_CONTROL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn atoll up");
+        let mut sandbox = Sandbox {
+            child: Some(child),
+            state,
+            up: Value::Null,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .expect("client"),
+        };
+        let path = sandbox.state.path().join("up.json");
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            if let Ok(text) = std::fs::read_to_string(&path)
+                && let Ok(up) = serde_json::from_str::<Value>(&text)
+            {
+                sandbox.up = up;
+                break;
+            }
+            if let Some(Ok(Some(status))) = sandbox.child.as_mut().map(Child::try_wait) {
+                panic!("atoll up exited with {status}:\n{}", sandbox.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "atoll up not ready in 90 s:\n{}",
+                sandbox.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sandbox
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.path().join("up.log")).unwrap_or_default()
+    }
+
+    fn gateway(&self, i: usize) -> String {
+        let zone = ["hz-a", "hz-b", "sh-a"][i % 3];
+        self.up["gateways"][zone]
+            .as_str()
+            .expect("gateway")
+            .to_owned()
+    }
+
+    fn control(&self) -> String {
+        self.up["control"].as_str().expect("control").to_owned()
+    }
+
+    async fn get(&self, url: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A write through a gateway: status, cell that answered, replayed?, body.
+    async fn post(
+        &self,
+        gateway: usize,
+        path: &str,
+        key: &str,
+        body: Value,
+    ) -> (u16, String, bool, Value) {
+        let url = format!("{}{path}", self.gateway(gateway));
+        let response = self
+            .http
+            .post(&url)
+            .header("idempotency-key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+        let status = response.status().as_u16();
+        let cell = response
+            .headers()
+            .get("x-bank-cell")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let replayed = response.headers().contains_key("idempotent-replayed");
+        (
+            status,
+            cell,
+            replayed,
+            response.json().await.unwrap_or(Value::Null),
+        )
+    }
+
+    async fn balance(&self, user: u64) -> i64 {
+        let (status, body) = self
+            .get(&format!("{}/accounts/{user}", self.gateway(2)))
+            .await;
+        assert_eq!(status, 200, "balance of {user}: {body}");
+        body["balance"].as_i64().expect("balance")
+    }
+
+    /// The instances an agent reports.
+    async fn instances(&self, zone: &str) -> Vec<Value> {
+        let url = format!(
+            "{}/instances",
+            self.up["agents"][zone].as_str().expect("agent")
+        );
+        match self.get(&url).await {
+            (200, Value::Array(list)) => list,
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+
+    async fn instance_address(&self, zone: &str) -> String {
+        self.instances(zone).await[0]["address"]
+            .as_str()
+            .expect("address")
+            .to_owned()
+    }
+
+    /// Every pid of the sandbox: children and bank instances.
+    async fn pids(&self) -> Vec<(String, i32)> {
+        let mut pids: Vec<(String, i32)> = self.up["processes"]
+            .as_object()
+            .expect("processes")
+            .iter()
+            .map(|(name, pid)| (name.clone(), pid.as_i64().expect("pid") as i32))
+            .collect();
+        for zone in ["hz-a", "hz-b", "sh-a"] {
+            for instance in self.instances(zone).await {
+                if let Some(pid) = instance["process"]
+                    .as_str()
+                    .and_then(|p| p.strip_prefix("pid "))
+                {
+                    pids.push((
+                        instance["name"].as_str().unwrap_or("").to_owned(),
+                        pid.parse().expect("pid"),
+                    ));
+                }
+            }
+        }
+        pids
+    }
+
+    /// Ctrl-C, and the exit status.
+    fn interrupt(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "atoll up did not stop within 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // Signal 0 checks existence; a zombie still "exists" until reaped, so
+    // also look at its state.
+    let exists = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false);
+    exists && !zombie
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_serves_users_in_their_cells_heals_and_stops_cleanly() {
+    let mut sandbox = Sandbox::start();
+    let ready = sandbox.up["readySeconds"].as_f64().expect("readySeconds");
+    assert!(
+        ready < 30.0,
+        "ready {ready:.1} s after the build; the promise is 30 s"
+    );
+
+    // Every component is ready.
+    let (status, _) = sandbox.get(&format!("{}/readyz", sandbox.control())).await;
+    assert_eq!(status, 200, "control plane ready");
+    for zone in ["hz-a", "hz-b", "sh-a"] {
+        let admin = sandbox.up["gatewayAdmins"][zone]
+            .as_str()
+            .expect("admin")
+            .to_owned();
+        assert_eq!(
+            sandbox.get(&format!("{admin}/readyz")).await.0,
+            200,
+            "gateway {zone} ready"
+        );
+        let agent = sandbox.up["agents"][zone]
+            .as_str()
+            .expect("agent")
+            .to_owned();
+        assert_eq!(
+            sandbox.get(&format!("{agent}/healthz")).await.0,
+            200,
+            "agent {zone} ready"
+        );
+        let instances = sandbox.instances(zone).await;
+        assert_eq!(
+            instances.len(),
+            2,
+            "two bank instances in {zone}: {instances:?}"
+        );
+        assert!(
+            instances.iter().all(|i| i["ready"] == json!(true)),
+            "{instances:?}"
+        );
+    }
+    let (_, cells) = sandbox
+        .get(&format!("{}/v1/resources/cells", sandbox.control()))
+        .await;
+    for cell in cells["items"].as_array().expect("cells") {
+        assert_eq!(cell["status"]["health"], json!("Healthy"), "{cell}");
+    }
+    let table = Command::new(ATOLL)
+        .args(["--control", &sandbox.control(), "get", "cells"])
+        .output()
+        .expect("atoll get cells");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert_eq!(table.matches("Healthy").count(), 3, "{table}");
+
+    // 1,000 users, each served by the cell that owns it, whichever gateway
+    // the request enters.
+    let users: Vec<u64> = (1000..2000).collect();
+    for chunk in users.chunks(50) {
+        let mut calls = Vec::new();
+        for user in chunk {
+            let sandbox = &sandbox;
+            calls.push(async move {
+                let (status, cell, _, body) = sandbox
+                    .post(
+                        *user as usize,
+                        &format!("/accounts/{user}/deposit"),
+                        &format!("open-{user}"),
+                        json!({"amount": 10}),
+                    )
+                    .await;
+                (*user, status, cell, body)
+            });
+        }
+        for (user, status, cell, body) in futures::future::join_all(calls).await {
+            assert_eq!(status, 200, "deposit for {user}: {body}");
+            assert_eq!(
+                cell,
+                owner(user),
+                "user {user} served by {cell}, owned by {}",
+                owner(user)
+            );
+        }
+    }
+
+    // A cross-cell transfer, retried by the client through another gateway,
+    // debits once and credits once.
+    let (payer, payee) = (1001, 1070);
+    assert_eq!((owner(payer), owner(payee)), ("rz01", "rz03"));
+    let transfer = json!({"to": payee.to_string(), "amount": 7});
+    let first = sandbox
+        .post(
+            0,
+            &format!("/accounts/{payer}/transfer"),
+            "transfer-1",
+            transfer.clone(),
+        )
+        .await;
+    assert_eq!(first.0, 200, "{:?}", first.3);
+    assert!(!first.2, "the first try is not a replay");
+    assert_eq!(
+        first.3["delivered"],
+        json!(false),
+        "cross-cell: the credit is delivered later"
+    );
+    let retry = sandbox
+        .post(
+            2,
+            &format!("/accounts/{payer}/transfer"),
+            "transfer-1",
+            transfer.clone(),
+        )
+        .await;
+    assert_eq!(
+        (retry.0, retry.2),
+        (200, true),
+        "the retry replays: {:?}",
+        retry.3
+    );
+    assert_eq!(retry.3, first.3, "the retry gets the first answer");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sandbox.balance(payee).await != 17 {
+        assert!(
+            Instant::now() < deadline,
+            "the credit did not arrive in 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A duplicate delivery of the credit (the outbox is at-least-once)
+    // applies nothing.
+    let duplicate = sandbox
+        .post(
+            1,
+            &format!("/accounts/{payee}/credit"),
+            "transfer-1/credit",
+            json!({"amount": 7}),
+        )
+        .await;
+    assert_eq!((duplicate.0, duplicate.2), (200, true), "{:?}", duplicate.3);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(sandbox.balance(payer).await, 3, "debited once");
+    assert_eq!(sandbox.balance(payee).await, 17, "credited once");
+    // A write to a cell that does not own the user is refused, even sent
+    // straight to an instance.
+    let rz01 = sandbox.instance_address("hz-a").await;
+    let misdirected = sandbox
+        .http
+        .post(format!("http://{rz01}/accounts/1070/deposit"))
+        .header("idempotency-key", "misdirected")
+        .json(&json!({"amount": 1}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(misdirected.status().as_u16(), 421);
+    let refusal: Value = misdirected.json().await.expect("json");
+    assert_eq!(refusal["error"], json!("notOwner"), "{refusal}");
+
+    // Replication: every standby catches up, and the positions say so.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut totals: BTreeMap<String, Value> = BTreeMap::new();
+    for zone in ["hz-a", "hz-b", "sh-a"] {
+        let address = sandbox.instance_address(zone).await;
+        loop {
+            let (status, positions) = sandbox
+                .get(&format!("http://{address}/replication/positions"))
+                .await;
+            assert_eq!(status, 200, "{positions}");
+            let shards = positions["shards"].as_array().expect("shards");
+            assert_eq!(
+                shards.len(),
+                33 + usize::from(zone == "hz-a"),
+                "{positions}"
+            );
+            let written: i64 = shards
+                .iter()
+                .map(|s| s["written"].as_i64().expect("written"))
+                .max()
+                .unwrap_or(0);
+            assert!(written > 0, "{zone} wrote: {positions}");
+            if shards.iter().all(|s| s["caughtUp"] == json!(true)) {
+                for shard in shards {
+                    assert!(
+                        shard["acknowledged"].as_i64() >= shard["written"].as_i64(),
+                        "{shard}"
+                    );
+                }
+                assert!(positions["position"].as_i64().expect("position") >= written);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{zone} did not catch up: {positions}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (_, body) = sandbox.get(&format!("http://{address}/totals")).await;
+        totals.insert(body["cell"].as_str().expect("cell").to_owned(), body);
+    }
+    // Each standby holds exactly what its source holds.
+    for (source, standby) in [("rz01", "rz02"), ("rz02", "rz03"), ("rz03", "rz01")] {
+        assert_eq!(
+            totals[standby]["replicas"][source], totals[source]["balances"],
+            "the replica of {source} in {standby}: {totals:?}"
+        );
+        let applied = sandbox
+            .get(&format!(
+                "http://{}/replication/positions",
+                sandbox
+                    .instance_address(match standby {
+                        "rz01" => "hz-a",
+                        "rz02" => "hz-b",
+                        _ => "sh-a",
+                    })
+                    .await
+            ))
+            .await
+            .1;
+        assert_eq!(
+            applied["applied"][source], totals[source]["position"],
+            "{standby} applied all of {source}: {applied}"
+        );
+    }
+
+    // A killed instance: the agent restarts it, and traffic for its cell
+    // keeps flowing through the other instance meanwhile.
+    let before = sandbox.instances("hz-b").await;
+    let victim = before
+        .iter()
+        .find(|i| i["name"] == json!("bank-rz02-0"))
+        .expect("bank-rz02-0")
+        .clone();
+    let pid: i32 = victim["process"]
+        .as_str()
+        .and_then(|p| p.strip_prefix("pid "))
+        .expect("pid")
+        .parse()
+        .expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let started = Instant::now();
+    let (mut served, mut failed) = (0, Vec::new());
+    let mut restarted = None;
+    let mut n = 0u64;
+    while started.elapsed() < Duration::from_secs(20) {
+        n += 1;
+        let user = 1034 + (n % 33);
+        let (status, body) = sandbox
+            .get(&format!("{}/accounts/{user}", sandbox.gateway(n as usize)))
+            .await;
+        if status == 200 {
+            served += 1;
+        } else {
+            failed.push((status, body));
+        }
+        let write = sandbox
+            .post(
+                n as usize,
+                &format!("/accounts/{user}/deposit"),
+                &format!("during-kill-{n}"),
+                json!({"amount": 1}),
+            )
+            .await;
+        if write.0 == 200 {
+            served += 1;
+        } else {
+            // A client retries a write with the same key.
+            let again = sandbox
+                .post(
+                    n as usize + 1,
+                    &format!("/accounts/{user}/deposit"),
+                    &format!("during-kill-{n}"),
+                    json!({"amount": 1}),
+                )
+                .await;
+            assert_eq!(again.0, 200, "a retried write succeeds: {:?}", again.3);
+        }
+        if restarted.is_none() {
+            let now = sandbox.instances("hz-b").await;
+            let instance = now
+                .iter()
+                .find(|i| i["name"] == json!("bank-rz02-0"))
+                .expect("still supervised");
+            if instance["restarts"] == json!(1) && instance["ready"] == json!(true) {
+                assert_ne!(instance["process"], victim["process"], "a new process");
+                assert!(
+                    instance["lastExit"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("SIGKILL")),
+                    "{instance}"
+                );
+                restarted = Some(started.elapsed());
+            }
+        } else if started.elapsed() > restarted.unwrap_or_default() + Duration::from_secs(1) {
+            break;
+        }
+    }
+    let restarted = restarted.expect("the agent restarted the killed instance within 20 s");
+    assert!(
+        restarted < Duration::from_secs(10),
+        "restarted after {restarted:?}"
+    );
+    assert!(
+        failed.is_empty(),
+        "reads failed while an instance was down ({served} served): {failed:?}"
+    );
+
+    // An agent killed outright: its instances die with it (nothing outlives
+    // its supervisor), and the control plane marks its cell unhealthy.
+    let pids = sandbox.pids().await;
+    assert_eq!(
+        pids.len(),
+        7 + 6,
+        "control, 3 agents, 3 gateways, 6 bank instances: {pids:?}"
+    );
+    for (name, pid) in &pids {
+        assert!(alive(*pid), "{name} ({pid}) runs before Ctrl-C");
+    }
+    let agent = pids
+        .iter()
+        .find(|(name, _)| name == "agent sh-a")
+        .expect("agent sh-a")
+        .1;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill agent");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, cell) = sandbox
+            .get(&format!("{}/v1/resources/cells/rz03", sandbox.control()))
+            .await;
+        if cell["status"]["health"] == json!("Unhealthy") {
+            assert!(
+                cell["status"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("agent of zone sh-a")),
+                "{cell}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rz03 still healthy 20 s after its agent died: {cell}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids
+        .iter()
+        .any(|(name, pid)| name.starts_with("bank-rz03") && alive(*pid))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "rz03's instances outlived their agent"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, healthy) = sandbox
+        .get(&format!("{}/v1/resources/cells/rz01", sandbox.control()))
+        .await;
+    assert_eq!(
+        healthy["status"]["health"],
+        json!("Healthy"),
+        "the other cells are unaffected: {healthy}"
+    );
+
+    // Ctrl-C stops everything else, and nothing is left behind.
+    let status = sandbox.interrupt();
+    assert!(
+        status.success(),
+        "atoll up exits 0 after Ctrl-C: {status}\n{}",
+        sandbox.log()
+    );
+    let left: Vec<_> = pids.iter().filter(|(_, pid)| alive(*pid)).collect();
+    assert!(left.is_empty(), "processes left after Ctrl-C: {left:?}");
+    let log = sandbox.log();
+    assert!(log.contains("stopped."), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn money_is_conserved_over_a_sixty_second_mixed_workload() {
+    let sandbox = Sandbox::start();
+    let output = tokio::process::Command::new(ATOLL)
+        .args([
+            "--control",
+            &sandbox.control(),
+            "load",
+            "--duration",
+            "60s",
+            "--concurrency",
+            "8",
+            "--users",
+            "600",
+            "-o",
+            "json",
+        ])
+        .output()
+        .await
+        .expect("atoll load");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let summary: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "summary is JSON ({e}): {}\n{stderr}",
+            String::from_utf8_lossy(&output.stdout)
+        )
+    });
+    assert!(
+        output.status.success(),
+        "atoll load failed: {summary}\n{stderr}"
+    );
+    assert_eq!(summary["money"]["conserved"], json!(true), "{summary}");
+    assert_eq!(summary["failed"], json!(0), "{summary}");
+    assert!(
+        summary["seconds"].as_f64().expect("seconds") >= 60.0,
+        "{summary}"
+    );
+    assert!(
+        summary["requests"].as_u64().expect("requests") > 1000,
+        "{summary}"
+    );
+    for cell in ["rz01", "rz02", "rz03"] {
+        assert!(
+            summary["byCell"][cell].as_u64().unwrap_or(0) > 100,
+            "{cell} served: {summary}"
+        );
+    }
+    assert!(
+        summary["crossCellTransfers"].as_u64().unwrap_or(0) > 10,
+        "{summary}"
+    );
+    assert!(
+        summary["deposits"].as_i64().unwrap_or(0) > 0
+            && summary["withdrawals"].as_i64().unwrap_or(0) > 0,
+        "{summary}"
+    );
+    assert!(stderr.contains("req/s"), "live progress: {stderr}");
+    // Every outbox drained, and the totals of all cells add up.
+    let mut balances = 0;
+    for zone in ["hz-a", "hz-b", "sh-a"] {
+        let address = sandbox.instance_address(zone).await;
+        let (_, totals) = sandbox.get(&format!("http://{address}/totals")).await;
+        assert_eq!(totals["inFlight"], json!(0), "{totals}");
+        balances += totals["balances"].as_i64().expect("balances");
+    }
+    assert_eq!(
+        balances,
+        summary["money"]["after"].as_i64().expect("after"),
+        "{summary}"
+    );
+}
