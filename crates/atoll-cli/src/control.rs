@@ -62,6 +62,11 @@ pub(crate) struct ControlArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     drain_timeout: Duration,
 
+    /// Drop a node's stream after this long without a message from it
+    /// (nodes heartbeat every 5s).
+    #[arg(long, default_value = "15s", value_parser = parse_heartbeat_timeout, value_name = "DURATION")]
+    heartbeat_timeout: Duration,
+
     /// Log format (the level comes from $RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -70,6 +75,14 @@ pub(crate) struct ControlArgs {
     /// control plane without flags.
     #[arg(long)]
     no_discovery: bool,
+}
+
+fn parse_heartbeat_timeout(text: &str) -> Result<Duration, String> {
+    let value = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if value < Duration::from_secs(6) {
+        return Err("at least 6s: nodes heartbeat every 5s".into());
+    }
+    Ok(value)
 }
 
 pub(crate) fn init_logging(format: LogFormat) {
@@ -127,6 +140,7 @@ pub(crate) async fn run(args: ControlArgs) -> Result<u8, CliError> {
         store,
         node_expiry: args.node_expiry,
         drain_timeout: args.drain_timeout,
+        heartbeat_timeout: args.heartbeat_timeout,
     })
     .await?;
     let address = server.local_addr()?;

@@ -81,6 +81,8 @@ pub struct ControlOptions {
     pub node_expiry: Duration,
     /// How long a graceful stop waits for requests in flight.
     pub drain_timeout: Duration,
+    /// A node silent this long (no heartbeat, ACK or NACK) is dropped.
+    pub heartbeat_timeout: Duration,
 }
 
 /// A bound, not yet serving, control plane.
@@ -140,6 +142,7 @@ impl ControlServer {
             nodes: nodes.clone(),
             metrics,
             shutdown: stopping.clone(),
+            heartbeat_timeout: self.options.heartbeat_timeout,
         };
         // gRPC shares the port: its paths are `/atoll.config.v1.ConfigStream/...`.
         let app = rest::router(control).route_service(

@@ -18,8 +18,6 @@ use crate::state::{ConfigCache, ConfigState};
 
 /// How long a new stream may take to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-/// A node that sends nothing (heartbeats included) for this long is gone.
-pub(crate) const LIVENESS_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Updates sent but not yet answered, kept per stream to match ACKs.
 const MAX_OUTSTANDING: usize = 64;
@@ -31,6 +29,7 @@ pub(crate) struct ConfigStreamService {
     pub(crate) nodes: Arc<NodeRegistry>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) heartbeat_timeout: Duration,
 }
 
 fn identity_problem(name: &str) -> Option<&'static str> {
@@ -108,7 +107,8 @@ impl Session {
         let mut last_sent: Option<Arc<ConfigState>> = None;
         let mut outstanding: VecDeque<(String, u64)> = VecDeque::new();
         let mut sequence = 0u64;
-        let mut deadline = tokio::time::Instant::now() + LIVENESS_TIMEOUT;
+        let silence = self.service.heartbeat_timeout;
+        let mut deadline = tokio::time::Instant::now() + silence;
         let end = loop {
             let needs_send = last_sent
                 .as_ref()
@@ -136,14 +136,15 @@ impl Session {
                     }
                 }
                 () = tokio::time::sleep_until(deadline) => {
-                    let _ = self.sender.try_send(Err(Status::deadline_exceeded(
-                        "no heartbeat for 15s; reconnect",
-                    )));
-                    break "no heartbeat for 15s";
+                    let _ = self.sender.try_send(Err(Status::deadline_exceeded(format!(
+                        "nothing from this node for {}; reconnect",
+                        humantime::format_duration(silence)
+                    ))));
+                    break "no heartbeat in time";
                 }
                 message = self.inbound.message() => match message {
                     Ok(Some(message)) => {
-                        deadline = tokio::time::Instant::now() + LIVENESS_TIMEOUT;
+                        deadline = tokio::time::Instant::now() + silence;
                         self.on_message(message, &mut outstanding);
                     }
                     Ok(None) => break "the node closed the stream",

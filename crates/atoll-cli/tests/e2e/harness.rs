@@ -9,6 +9,32 @@ use serde_json::Value;
 
 pub(crate) const ATOLL: &str = env!("CARGO_BIN_EXE_atoll");
 
+/// The demo bank program, built (or found fresh) with atoll's profile.
+pub(crate) fn bank_program() -> PathBuf {
+    let dir = PathBuf::from(ATOLL)
+        .parent()
+        .expect("target dir")
+        .to_path_buf();
+    let release = dir.file_name().is_some_and(|n| n == "release");
+    let mut build = Command::new(env!("CARGO"));
+    build
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "atoll-bank",
+            "--bin",
+            "atoll-bank",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().expect("run cargo");
+    assert!(status.success(), "building atoll-bank failed");
+    dir.join("atoll-bank")
+}
+
 /// The repository's examples directory.
 pub(crate) fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/topology")

@@ -379,3 +379,63 @@ async fn the_rest_watch_streams_commits() {
     assert_eq!(next["changes"][0]["name"], "hz-a");
     assert_eq!(next["changes"][0]["resource"]["spec"]["weight"], 7);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_node_is_dropped_after_the_heartbeat_timeout_and_a_heartbeating_one_is_not() {
+    let control = Control::start_with(vec!["--heartbeat-timeout=6s".into()]);
+    atoll(&control, &["apply", "-f", examples().to_str().unwrap()])
+        .await
+        .success();
+    // A node whose process froze: its TCP connection stays open, it sends
+    // nothing after its ACK.
+    let mut frozen = Node::connect(&control.url, "gw-frozen", "gateway", 0).await;
+    let snapshot = frozen.next().await;
+    frozen.ack(&snapshot).await;
+    // A live node heartbeats every second here.
+    let mut live = Node::connect(&control.url, "gw-live", "gateway", 0).await;
+    let snapshot = live.next().await;
+    live.ack(&snapshot).await;
+    let beats = live.outbound.clone();
+    let heartbeat = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let beat = NodeMessage {
+                message: Some(node_message::Message::Heartbeat(
+                    atoll_api::config::Heartbeat { applied_version: 1 },
+                )),
+            };
+            if beats.send(beat).await.is_err() {
+                return;
+            }
+        }
+    });
+    let connected = |nodes: &serde_json::Value, name: &str| {
+        nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .map(|n| n["connected"] == true)
+    };
+    let nodes = control.json(&["nodes"]);
+    assert_eq!(connected(&nodes, "gw-frozen"), Some(true), "{nodes}");
+    let started = std::time::Instant::now();
+    let ended = tokio::time::timeout(Duration::from_secs(10), frozen.inbound.message())
+        .await
+        .expect("the control plane closes the silent stream within 10 s");
+    let status = ended.expect_err("closed with a status");
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let nodes = control.json(&["nodes"]);
+    assert_eq!(connected(&nodes, "gw-frozen"), Some(false), "{nodes}");
+    assert_eq!(
+        connected(&nodes, "gw-live"),
+        Some(true),
+        "heartbeats keep it: {nodes}"
+    );
+    heartbeat.abort();
+}

@@ -4,39 +4,12 @@
 //! replication positions reported, and nothing left behind after Ctrl-C.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::ATOLL;
-
-/// The bank program, built (or found fresh) with the same profile as atoll.
-fn bank() -> PathBuf {
-    let dir = PathBuf::from(ATOLL)
-        .parent()
-        .expect("target dir")
-        .to_path_buf();
-    let release = dir.file_name().is_some_and(|n| n == "release");
-    let mut build = Command::new(env!("CARGO"));
-    build
-        .args([
-            "build",
-            "--quiet",
-            "-p",
-            "atoll-bank",
-            "--bin",
-            "atoll-bank",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    if release {
-        build.arg("--release");
-    }
-    let status = build.status().expect("run cargo");
-    assert!(status.success(), "building atoll-bank failed");
-    dir.join("atoll-bank")
-}
+use crate::harness::{ATOLL, bank_program as bank};
 
 /// Which cell owns a user in the sandbox (last two digits of the id).
 fn owner(user: u64) -> &'static str {

@@ -1,0 +1,317 @@
+//! `atoll agent` against a real control plane: instances started, scaled,
+//! replaced, restarted with backoff, reported as Endpoints, and run from
+//! the disk cache while the control plane is down.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{ATOLL, Control, bank_program, examples};
+
+/// A running `atoll agent`, stopped on drop.
+struct AgentProcess {
+    child: Option<Child>,
+    admin: String,
+    log: std::path::PathBuf,
+}
+
+impl AgentProcess {
+    fn start(control: &str, zone: &str, state: &Path) -> AgentProcess {
+        std::fs::create_dir_all(state).expect("state dir");
+        let admin = format!("127.0.0.1:{}", atoll_testing::free_port());
+        let log = state.join("agent.log");
+        let child = Command::new(ATOLL)
+            .args([
+                "--control",
+                control,
+                "agent",
+                "--zone",
+                zone,
+                "--stop-grace",
+                "2s",
+                "--admin",
+                &admin,
+            ])
+            .arg("--state-dir")
+            .arg(state)
+            .env_remove("ATOLL_CONTROL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
+            .spawn()
+            .expect("spawn atoll agent");
+        AgentProcess {
+            child: Some(child),
+            admin,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn instances(&self) -> Vec<Value> {
+        match crate::harness::http_get(&self.admin, "/instances") {
+            Some((200, body)) => serde_json::from_str(&body).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Waits until `check` holds for the instance list.
+    fn wait(&self, what: &str, check: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let instances = self.instances();
+            if check(&instances) {
+                return instances;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {instances:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not stop:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn pid_of(instance: &Value) -> i32 {
+    instance["process"]
+        .as_str()
+        .and_then(|p| p.strip_prefix("pid "))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid: {instance}"))
+}
+
+fn alive(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+}
+
+fn app(replicas: u32, bank: &Path) -> String {
+    format!(
+        "apiVersion: atoll/v1\nkind: App\nmetadata: {{name: bank}}\nspec:\n  service: bank\n  cells: [rz01, rz03]\n  replicas: {replicas}\n  command: [{}]\n  healthCheck: {{path: /healthz, interval: 1s}}\n  version: v1\n",
+        serde_json::to_string(&bank.display().to_string()).expect("path")
+    )
+}
+
+fn reported(control: &Control) -> Option<Value> {
+    let run = control.atoll(&["get", "endpoints", "bank-hz-a", "-o", "json"]);
+    (run.code() == 0).then(|| serde_json::from_str(&run.stdout()).expect("json"))
+}
+
+fn ready_count(endpoints: &Value) -> usize {
+    endpoints["spec"]["endpoints"]
+        .as_array()
+        .map_or(0, |list| list.iter().filter(|e| e["ready"] == true).count())
+}
+
+fn wait_reported(
+    control: &Control,
+    what: &str,
+    check: impl Fn(Option<&Value>) -> bool,
+) -> Option<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let endpoints = reported(control);
+        if check(endpoints.as_ref()) {
+            return endpoints;
+        }
+        assert!(Instant::now() < deadline, "{what}: {endpoints:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_agent_runs_scales_and_stops_its_zones_instances_and_reports_them() {
+    let bank = bank_program();
+    let mut control = Control::start();
+    control
+        .atoll(&["apply", "-f", examples().to_str().unwrap()])
+        .success();
+    let state = control.state.path().join("agent-hz-a");
+    std::fs::write(control.state.path().join("app.yaml"), app(1, &bank)).expect("write");
+    control
+        .atoll(&[
+            "apply",
+            "-f",
+            control.state.path().join("app.yaml").to_str().unwrap(),
+        ])
+        .success();
+    let mut agent = AgentProcess::start(&control.url, "hz-a", &state);
+
+    // One instance of rz01 (the zone's cell in the App); rz03 is sh-a's.
+    let instances = agent.wait("one ready instance", |list| {
+        list.len() == 1 && list[0]["ready"] == true
+    });
+    assert_eq!(instances[0]["name"], "bank-rz01-0");
+    let first = pid_of(&instances[0]);
+    let endpoints = wait_reported(&control, "reported ready", |e| {
+        e.is_some_and(|e| ready_count(e) == 1)
+    })
+    .expect("endpoints");
+    assert_eq!(endpoints["spec"]["zone"], "hz-a");
+    assert_eq!(endpoints["spec"]["endpoints"][0]["cell"], "rz01");
+    assert_eq!(endpoints["spec"]["endpoints"][0]["labels"]["version"], "v1");
+    assert_eq!(
+        endpoints["spec"]["endpoints"][0]["address"],
+        instances[0]["address"]
+    );
+    let audit = control.atoll(&["audit"]).success().stdout();
+    assert!(
+        audit.contains("agent:hz-a"),
+        "reports are audited with the agent as author: {audit}"
+    );
+    // The instance got its identity in the environment.
+    let environ = std::fs::read(format!("/proc/{first}/environ")).expect("environ");
+    let environ = String::from_utf8_lossy(&environ);
+    for needle in [
+        "ATOLL_CELL=rz01",
+        "ATOLL_ZONE=hz-a",
+        "ATOLL_REGION=hz",
+        "ATOLL_INSTANCE=bank-rz01-0",
+        "ATOLL_SERVICE=bank",
+        "ATOLL_REPLICA=0",
+    ] {
+        assert!(environ.contains(needle), "{needle} in the environment");
+    }
+    let cells = control.json(&["get", "cells", "rz01"]);
+    assert_eq!(cells["status"]["health"], "Healthy", "{cells}");
+
+    // Scale up: a second instance; the first is untouched.
+    std::fs::write(control.state.path().join("app.yaml"), app(2, &bank)).expect("write");
+    control
+        .atoll(&[
+            "apply",
+            "-f",
+            control.state.path().join("app.yaml").to_str().unwrap(),
+        ])
+        .success();
+    let instances = agent.wait("two ready instances", |list| {
+        list.len() == 2 && list.iter().all(|i| i["ready"] == true)
+    });
+    assert_eq!(
+        pid_of(&instances[0]),
+        first,
+        "scaling does not restart the others"
+    );
+    let second = pid_of(&instances[1]);
+    wait_reported(&control, "two reported ready", |e| {
+        e.is_some_and(|e| ready_count(e) == 2)
+    });
+
+    // Scale down: the second stops.
+    std::fs::write(control.state.path().join("app.yaml"), app(1, &bank)).expect("write");
+    control
+        .atoll(&[
+            "apply",
+            "-f",
+            control.state.path().join("app.yaml").to_str().unwrap(),
+        ])
+        .success();
+    agent.wait("one instance again", |list| list.len() == 1);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(second) {
+        assert!(Instant::now() < deadline, "the removed instance still runs");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(alive(first));
+
+    // Static stability: the control plane goes away and the agent restarts;
+    // it runs its instances from its disk cache.
+    control.stop();
+    assert_eq!(
+        agent.stop().code(),
+        Some(0),
+        "a clean stop:\n{}",
+        agent.log()
+    );
+    assert!(!alive(first), "stopping the agent stops its instances");
+    let agent = AgentProcess::start(&control.url, "hz-a", &state);
+    agent.wait("running from the cache", |list| {
+        list.len() == 1 && list[0]["running"] == true
+    });
+    drop(agent);
+}
+
+#[test]
+fn a_crashing_instance_is_restarted_with_backoff_and_its_cell_is_unhealthy() {
+    let control = Control::start();
+    control
+        .atoll(&["apply", "-f", examples().to_str().unwrap()])
+        .success();
+    let app = "apiVersion: atoll/v1\nkind: App\nmetadata: {name: crasher}\nspec:\n  service: web\n  cells: [rz01]\n  command: [sh, -c, 'echo starting $ATOLL_INSTANCE; exit 3']\n";
+    std::fs::write(control.state.path().join("app.yaml"), app).expect("write");
+    control
+        .atoll(&[
+            "apply",
+            "-f",
+            control.state.path().join("app.yaml").to_str().unwrap(),
+        ])
+        .success();
+    let state = control.state.path().join("agent-hz-a");
+    let agent = AgentProcess::start(&control.url, "hz-a", &state);
+    let started = Instant::now();
+    agent.wait("a first exit", |list| {
+        list.first()
+            .is_some_and(|i| i["restarts"].as_u64() >= Some(1))
+    });
+    std::thread::sleep(Duration::from_millis(6500).saturating_sub(started.elapsed()));
+    let instances = agent.instances();
+    let restarts = instances[0]["restarts"].as_u64().expect("restarts");
+    // Exits at about 0 s, 1 s, 3 s, 7 s: three or four in 6.5 s, not dozens.
+    assert!(
+        (2..=4).contains(&restarts),
+        "{restarts} restarts in 6.5 s: {instances:?}"
+    );
+    assert_eq!(instances[0]["lastExit"], "exited with status 3");
+    assert_eq!(instances[0]["ready"], false);
+    let log = std::fs::read_to_string(state.join("logs/crasher-rz01-0.log")).expect("instance log");
+    assert!(
+        log.matches("starting crasher-rz01-0").count() >= 2,
+        "output captured at every start: {log}"
+    );
+    let cell = control.json(&["get", "cells", "rz01"]);
+    assert_eq!(cell["status"]["health"], "Unhealthy", "{cell}");
+    assert!(
+        cell["status"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no instance is ready")),
+        "{cell}"
+    );
+}
