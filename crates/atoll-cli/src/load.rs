@@ -600,16 +600,15 @@ fn print_summary(s: &Summary) {
         .map(|(c, k)| format!("{c} {}", n(*k)))
         .collect();
     println!("  by cell    {}", cells.join("  "));
-    let kinds: Vec<String> = s
-        .by_kind
-        .iter()
-        .map(|(c, k)| format!("{c} {}", n(*k)))
-        .collect();
+    let kind = |name: &str| n(s.by_kind.get(name).copied().unwrap_or(0));
     println!(
-        "  by kind    {} (refused for funds {}, cross-cell transfers {})",
-        kinds.join("  "),
-        n(s.refused_for_funds),
-        n(s.cross_cell_transfers)
+        "  by kind    balance {}  deposit {}  withdraw {}  transfer {} ({} across cells); refused for funds {}",
+        kind("balance"),
+        kind("deposit"),
+        kind("withdraw"),
+        kind("transfer"),
+        n(s.cross_cell_transfers),
+        n(s.refused_for_funds)
     );
     match &s.money {
         Some(m) => println!(
