@@ -114,11 +114,11 @@ impl Db {
                  CREATE TABLE IF NOT EXISTS log (position INTEGER PRIMARY KEY AUTOINCREMENT, shard INTEGER NOT NULL, entry TEXT NOT NULL);
                  CREATE INDEX IF NOT EXISTS log_shard ON log (shard, position);
                  CREATE TABLE IF NOT EXISTS outbox (key TEXT PRIMARY KEY, shard INTEGER NOT NULL, payee TEXT NOT NULL, amount INTEGER NOT NULL, delivered INTEGER NOT NULL DEFAULT 0);
-                 CREATE TABLE IF NOT EXISTS acks (standby TEXT PRIMARY KEY, position INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS shard_acks (standby TEXT NOT NULL, shard INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (standby, shard));
                  CREATE TABLE IF NOT EXISTS replica_accounts (source TEXT NOT NULL, user TEXT NOT NULL, shard INTEGER NOT NULL, balance INTEGER NOT NULL, PRIMARY KEY (source, user));
                  CREATE TABLE IF NOT EXISTS replica_requests (source TEXT NOT NULL, key TEXT NOT NULL, shard INTEGER NOT NULL, status INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (source, key));
                  CREATE TABLE IF NOT EXISTS replica_outbox (source TEXT NOT NULL, key TEXT NOT NULL, shard INTEGER NOT NULL, payee TEXT NOT NULL, amount INTEGER NOT NULL, PRIMARY KEY (source, key));
-                 CREATE TABLE IF NOT EXISTS replica_positions (source TEXT PRIMARY KEY, position INTEGER NOT NULL);",
+                 CREATE TABLE IF NOT EXISTS replica_shard_positions (source TEXT NOT NULL, shard INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (source, shard));",
             )
             .map_err(error)?;
         Ok(Db {
@@ -466,56 +466,92 @@ impl Db {
         rows.collect::<Result<_, _>>().map_err(error)
     }
 
-    /// What each standby has acknowledged applying.
-    pub(crate) fn acks(&self) -> anyhow::Result<BTreeMap<String, i64>> {
+    /// What each standby has acknowledged applying, per (standby, shard).
+    pub(crate) fn acks(&self) -> anyhow::Result<BTreeMap<(String, u32), i64>> {
         let connection = self.connection.lock();
         let mut statement = connection
-            .prepare("SELECT standby, position FROM acks")
+            .prepare("SELECT standby, shard, position FROM shard_acks")
             .map_err(error)?;
         let rows = statement
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .query_map([], |r| {
+                Ok((
+                    (r.get::<_, String>(0)?, r.get::<_, u32>(1)?),
+                    r.get::<_, i64>(2)?,
+                ))
+            })
             .map_err(error)?;
         rows.collect::<Result<_, _>>().map_err(error)
     }
 
-    /// Records a standby's acknowledgement (positions only move forward).
-    pub(crate) fn acknowledge(&self, standby: &str, position: i64) -> anyhow::Result<()> {
-        let connection = self.connection.lock();
-        connection
-            .execute(
-                "INSERT INTO acks (standby, position) VALUES (?1, ?2)
-                 ON CONFLICT(standby) DO UPDATE SET position = MAX(position, excluded.position)",
-                params![standby, position],
-            )
-            .map_err(error)?;
-        Ok(())
-    }
-
-    /// Applies entries of `source`'s log, as its standby, up to `up_to`.
-    /// Idempotent: a batch at or below the applied position changes nothing.
-    pub(crate) fn apply_replica(
+    /// Records what a standby says it has applied, per shard. The standby's
+    /// word is taken as it is, also backwards (a standby that lost its data
+    /// must get it again).
+    pub(crate) fn set_acks(
         &self,
-        source: &str,
-        up_to: i64,
-        entries: &[LogEntry],
-    ) -> anyhow::Result<i64> {
+        standby: &str,
+        applied: &BTreeMap<u32, i64>,
+    ) -> anyhow::Result<()> {
         let mut connection = self.connection.lock();
         let tx = connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(error)?;
-        let applied: i64 = tx
-            .query_row(
-                "SELECT position FROM replica_positions WHERE source = ?1",
-                [source],
-                |r| r.get(0),
+        for (shard, position) in applied {
+            tx.execute(
+                "INSERT INTO shard_acks (standby, shard, position) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(standby, shard) DO UPDATE SET position = excluded.position",
+                params![standby, shard, position],
             )
-            .optional()
-            .map_err(error)?
-            .unwrap_or(0);
-        if up_to <= applied {
-            return Ok(applied);
+            .map_err(error)?;
         }
-        for entry in entries.iter().filter(|e| e.position > applied) {
+        tx.commit().map_err(error)?;
+        Ok(())
+    }
+
+    /// Applies a shipment of `source`'s log as its standby: for each listed
+    /// shard, the entries after what this standby applied, up to `up_to`.
+    /// `shards` lists each shard with the position the source believes this
+    /// standby applied; when this standby has less (it lost data, or never
+    /// had the shard), nothing is applied and the answer is `Err` with what
+    /// it has, so the source sends from there. Idempotent: entries at or
+    /// below a shard's applied position are skipped.
+    pub(crate) fn apply_replica(
+        &self,
+        source: &str,
+        shards: &BTreeMap<u32, i64>,
+        up_to: i64,
+        entries: &[LogEntry],
+    ) -> anyhow::Result<Result<BTreeMap<u32, i64>, BTreeMap<u32, i64>>> {
+        let mut connection = self.connection.lock();
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(error)?;
+        let mut applied = BTreeMap::new();
+        for shard in shards.keys() {
+            let position: i64 = tx
+                .query_row(
+                    "SELECT position FROM replica_shard_positions WHERE source = ?1 AND shard = ?2",
+                    params![source, shard],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(error)?
+                .unwrap_or(0);
+            applied.insert(*shard, position);
+        }
+        if shards.iter().any(|(shard, after)| applied[shard] < *after) {
+            return Ok(Err(applied));
+        }
+        for entry in entries {
+            let Some(done) = applied.get(&entry.shard) else {
+                anyhow::bail!(
+                    "entry {} is for shard {}, which the shipment does not list",
+                    entry.position,
+                    entry.shard
+                );
+            };
+            if entry.position <= *done || entry.position > up_to {
+                continue;
+            }
             match &entry.change {
                 Change::Balance { user, balance } => {
                     tx.execute(
@@ -548,21 +584,25 @@ impl Db {
                 }
             }
         }
-        tx.execute(
-            "INSERT INTO replica_positions (source, position) VALUES (?1, ?2)
-             ON CONFLICT(source) DO UPDATE SET position = MAX(position, excluded.position)",
-            params![source, up_to],
-        )
-        .map_err(error)?;
+        for (shard, position) in &mut applied {
+            *position = (*position).max(up_to);
+            tx.execute(
+                "INSERT INTO replica_shard_positions (source, shard, position) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(source, shard) DO UPDATE SET position = excluded.position",
+                params![source, shard, *position],
+            )
+            .map_err(error)?;
+        }
         tx.commit().map_err(error)?;
-        Ok(up_to)
+        Ok(Ok(applied))
     }
 
-    /// Positions of other cells' logs applied here.
+    /// For each cell this one stands by for: the lowest position applied
+    /// over its shards (every change of those shards up to it is here).
     pub(crate) fn applied(&self) -> anyhow::Result<BTreeMap<String, i64>> {
         let connection = self.connection.lock();
         let mut statement = connection
-            .prepare("SELECT source, position FROM replica_positions")
+            .prepare("SELECT source, MIN(position) FROM replica_shard_positions GROUP BY source")
             .map_err(error)?;
         let rows = statement
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
@@ -788,20 +828,67 @@ mod tests {
             .expect("apply");
         let entries = source.log_after(0, 100).expect("log");
         let up_to = source.position().expect("position");
-        assert_eq!(
-            standby
-                .apply_replica("rz01", up_to, &entries)
-                .expect("apply"),
-            up_to
-        );
-        assert_eq!(
-            standby
-                .apply_replica("rz01", up_to, &entries)
-                .expect("again"),
-            up_to
-        );
+        let from_zero = BTreeMap::from([(3, 0), (4, 0)]);
+        let applied = standby
+            .apply_replica("rz01", &from_zero, up_to, &entries)
+            .expect("apply")
+            .expect("no gap");
+        assert_eq!(applied, BTreeMap::from([(3, up_to), (4, up_to)]));
+        // Sent again: nothing applies twice.
+        standby
+            .apply_replica("rz01", &from_zero, up_to, &entries)
+            .expect("again")
+            .expect("no gap");
         assert_eq!(standby.replica_total("rz01").expect("total"), 25);
         assert_eq!(standby.applied().expect("applied")["rz01"], up_to);
         assert_eq!(source.written().expect("written")[&3], up_to);
+    }
+
+    #[test]
+    fn a_standby_that_lacks_what_the_source_believes_says_so() {
+        let (_dir, source) = db();
+        let (_dir2, wiped) = db();
+        source
+            .apply(
+                "d",
+                "f-d",
+                3,
+                &Operation::Deposit {
+                    user: "a".into(),
+                    amount: 30,
+                },
+            )
+            .expect("apply");
+        source
+            .apply(
+                "e",
+                "f-e",
+                3,
+                &Operation::Deposit {
+                    user: "a".into(),
+                    amount: 1,
+                },
+            )
+            .expect("apply");
+        let entries = source.log_after(2, 100).expect("log");
+        let up_to = source.position().expect("position");
+        // The source believes shard 3 was applied up to 2; this standby has nothing.
+        let gap = wiped
+            .apply_replica("rz01", &BTreeMap::from([(3, 2)]), up_to, &entries)
+            .expect("apply")
+            .expect_err("a gap");
+        assert_eq!(gap, BTreeMap::from([(3, 0)]));
+        assert_eq!(
+            wiped.replica_total("rz01").expect("total"),
+            0,
+            "nothing applied"
+        );
+        // From where it really is, it catches up.
+        let all = source.log_after(0, 100).expect("log");
+        wiped
+            .apply_replica("rz01", &gap, up_to, &all)
+            .expect("apply")
+            .expect("no gap");
+        assert_eq!(wiped.replica_total("rz01").expect("total"), 31);
     }
 }

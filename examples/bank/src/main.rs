@@ -31,6 +31,9 @@ use crate::db::{Db, Operation};
 /// business rule).
 const MAX_AMOUNT: i64 = 1_000_000_000_000;
 
+/// How the Idempotency-Key of a credit between cells starts.
+pub(crate) const CREDIT_KEY_PREFIX: &str = "transfer/";
+
 /// What every handler shares.
 pub(crate) struct Bank {
     pub(crate) cell: Cell,
@@ -316,6 +319,16 @@ async fn write(
             "Idempotency-Key may be at most 200 bytes",
         );
     }
+    // Credits between cells carry `transfer/<payer>/<key>`; no other write may.
+    if key.starts_with(CREDIT_KEY_PREFIX) != (operation == "credit") {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "badIdempotencyKey",
+            format!(
+                "keys starting with `{CREDIT_KEY_PREFIX}` are reserved for, and required on, credits between cells"
+            ),
+        );
+    }
     let request: WriteBody = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(e) => {
@@ -438,7 +451,9 @@ async fn write(
         }
     };
     let db = bank.db.clone();
-    let key = key.to_owned();
+    // Keys are per user (as a payment API scopes them per account), so two
+    // users' clients never collide, and a credit's key names its payer.
+    let key = format!("{user}/{key}");
     let remote = matches!(operation, Operation::TransferRemote { .. });
     let outcome =
         match tokio::task::spawn_blocking(move || db.apply(&key, &fingerprint, shard, &operation))

@@ -1,7 +1,8 @@
 //! Cross-cell credits: the payer's cell debits the payer and writes an outbox
 //! entry in one transaction; this sender delivers each entry as a credit to
 //! the payee's cell, through the gateway with the payee's key, under the
-//! idempotency key `<transfer key>/credit`, until the payee's cell answers.
+//! idempotency key `transfer/<payer>/<transfer key>`, until the payee's cell
+//! answers.
 //! At-least-once delivery plus an idempotent credit: exactly once.
 
 use std::time::Duration;
@@ -51,9 +52,12 @@ pub(crate) async fn deliver(bank: std::sync::Arc<Bank>, mut stopped: watch::Rece
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(key = %entry.key, payee = %entry.payee, "outbox: credit not delivered yet: {e}");
+                    // One failing credit (its payee's cell is down) does not
+                    // hold back the others.
+                    if !failed {
+                        tracing::warn!(key = %entry.key, payee = %entry.payee, "outbox: credit not delivered yet: {e}");
+                    }
                     failed = true;
-                    break;
                 }
             }
         }
@@ -96,7 +100,10 @@ async fn send(bank: &Bank, entry: &Pending) -> Result<(), String> {
     let mut request = bank
         .http
         .post(&url)
-        .header("idempotency-key", format!("{}/credit", entry.key))
+        .header(
+            "idempotency-key",
+            format!("{}{}", crate::CREDIT_KEY_PREFIX, entry.key),
+        )
         .json(&serde_json::json!({"amount": entry.amount, "from": bank.cell.identity().cell}));
     if let Some(epoch) = epoch {
         request = request.header("x-atoll-epoch", epoch);

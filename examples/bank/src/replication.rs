@@ -9,7 +9,7 @@
 //! the position the standby has acknowledged: what a switchover's sync gate
 //! compares.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,10 +32,21 @@ const BATCH: usize = 512;
 pub(crate) struct Shipment {
     /// The source cell.
     source: String,
-    /// Every entry of the source's log up to here has been sent (those of
-    /// other shards are not for this standby).
+    /// The shards this standby stands by for, each with the position the
+    /// source believes the standby has applied.
+    shards: BTreeMap<u32, i64>,
+    /// Every entry of these shards up to here is in `entries` or was
+    /// applied before.
     up_to: i64,
     entries: Vec<LogEntry>,
+}
+
+/// What a standby answers.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Applied {
+    /// Per shard, the position applied now.
+    applied: BTreeMap<u32, i64>,
 }
 
 /// Ships the log to the standbys until `stopped`.
@@ -44,12 +55,18 @@ pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
     loop {
         let mut busy = false;
         if let Some(view) = bank.cell.view() {
-            // Standby cell -> whether any shard has it (all shards, owned or
-            // not: entries stay in the log after a shard moves).
+            // Standby cell -> the shards it stands by for (all shards of the
+            // map, owned or not: a shard's entries stay in this log after it
+            // moves, and its standby must still get them).
             let shards = view.table.shards(view.service).unwrap_or(0);
-            let standbys: BTreeSet<String> = (0..shards)
-                .filter_map(|s| view.standby(s).map(str::to_owned))
-                .collect();
+            let mut standbys: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+            for shard in 0..shards {
+                if let Some(standby) = view.standby(shard)
+                    && standby != bank.cell.identity().cell
+                {
+                    standbys.entry(standby.to_owned()).or_default().push(shard);
+                }
+            }
             let db = bank.db.clone();
             let state = tokio::task::spawn_blocking(move || {
                 Ok::<_, anyhow::Error>((db.acks()?, db.position()?))
@@ -63,14 +80,18 @@ pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
                 }
                 Err(_) => (BTreeMap::new(), 0),
             };
-            for standby in standbys.iter().filter(|s| **s != bank.cell.identity().cell) {
-                let after = acks.get(standby).copied().unwrap_or(0);
-                if after >= position {
+            for (standby, shards) in &standbys {
+                let believed: BTreeMap<u32, i64> = shards
+                    .iter()
+                    .map(|s| (*s, acks.get(&(standby.clone(), *s)).copied().unwrap_or(0)))
+                    .collect();
+                let cursor = believed.values().copied().min().unwrap_or(0);
+                if cursor >= position {
                     continue;
                 }
                 let db = bank.db.clone();
                 let entries =
-                    match tokio::task::spawn_blocking(move || db.log_after(after, BATCH)).await {
+                    match tokio::task::spawn_blocking(move || db.log_after(cursor, BATCH)).await {
                         Ok(Ok(entries)) => entries,
                         _ => continue,
                     };
@@ -79,7 +100,11 @@ pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
                 };
                 let entries: Vec<LogEntry> = entries
                     .into_iter()
-                    .filter(|e| view.standby(e.shard) == Some(standby.as_str()))
+                    .filter(|e| {
+                        believed
+                            .get(&e.shard)
+                            .is_some_and(|done| e.position > *done)
+                    })
                     .collect();
                 let endpoints = view.endpoints(standby);
                 if endpoints.is_empty() {
@@ -90,6 +115,7 @@ pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
                 let address = endpoints[next_endpoint % endpoints.len()];
                 let shipment = Shipment {
                     source: bank.cell.identity().cell.clone(),
+                    shards: believed,
                     up_to,
                     entries,
                 };
@@ -98,7 +124,7 @@ pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
                         let db = bank.db.clone();
                         let standby = standby.clone();
                         let _ =
-                            tokio::task::spawn_blocking(move || db.acknowledge(&standby, applied))
+                            tokio::task::spawn_blocking(move || db.set_acks(&standby, &applied))
                                 .await;
                         busy |= up_to < position;
                     }
@@ -118,7 +144,13 @@ pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
     }
 }
 
-async fn send(bank: &Bank, address: &str, shipment: &Shipment) -> Result<i64, String> {
+/// Sends a shipment; the standby's applied positions (also when it reports
+/// a gap: then the next shipment starts from what it really has).
+async fn send(
+    bank: &Bank,
+    address: &str,
+    shipment: &Shipment,
+) -> Result<BTreeMap<u32, i64>, String> {
     let url = format!("http://{address}/replication/apply");
     let response = bank
         .http
@@ -132,12 +164,15 @@ async fn send(bank: &Bank, address: &str, shipment: &Shipment) -> Result<i64, St
         .json()
         .await
         .map_err(|e| format!("{url} answered {status}: {e}"))?;
-    if !status.is_success() {
-        return Err(format!("{url} answered {status}: {body}"));
+    if status.is_success() || (status == StatusCode::CONFLICT && body["error"] == "gap") {
+        let applied: Applied = serde_json::from_value(body.clone())
+            .map_err(|e| format!("{url} answered {body}: {e}"))?;
+        if !status.is_success() {
+            tracing::warn!(standby = %address, "replication: the standby has less than was acknowledged; resending from what it has: {:?}", applied.applied);
+        }
+        return Ok(applied.applied);
     }
-    body["applied"]
-        .as_i64()
-        .ok_or_else(|| format!("{url} answered without `applied`: {body}"))
+    Err(format!("{url} answered {status}: {body}"))
 }
 
 /// `POST /replication/apply`: applies a shipment as the standby.
@@ -167,31 +202,42 @@ pub(crate) async fn apply(State(bank): State<Arc<Bank>>, body: axum::body::Bytes
             "a cell does not replicate to itself",
         );
     }
-    if let Some(entry) = shipment
-        .entries
-        .iter()
-        .find(|e| view.standby(e.shard) != Some(me.as_str()))
+    let listed = shipment.shards.keys().copied();
+    if let Some(shard) = listed
+        .chain(shipment.entries.iter().map(|e| e.shard))
+        .find(|s| view.standby(*s) != Some(me.as_str()))
     {
         return problem(
             StatusCode::CONFLICT,
             "notStandby",
             format!(
-                "cell {me} is not the standby of shard {} (it is {}); the sender's shard map differs, retry",
-                entry.shard,
-                view.standby(entry.shard).unwrap_or("none")
+                "cell {me} is not the standby of shard {shard} (it is {}); the sender's shard map differs, retry",
+                view.standby(shard).unwrap_or("none")
             ),
         );
     }
     let db = bank.db.clone();
-    match tokio::task::spawn_blocking(move || {
-        db.apply_replica(&shipment.source, shipment.up_to, &shipment.entries)
+    let result = tokio::task::spawn_blocking(move || {
+        db.apply_replica(
+            &shipment.source,
+            &shipment.shards,
+            shipment.up_to,
+            &shipment.entries,
+        )
     })
-    .await
-    {
-        Ok(Ok(applied)) => {
-            (StatusCode::OK, axum::Json(json!({"applied": applied}))).into_response()
-        }
-        Ok(Err(e)) => problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    .await;
+    match result {
+        Ok(Ok(Ok(applied))) => (StatusCode::OK, axum::Json(Applied { applied })).into_response(),
+        Ok(Ok(Err(applied))) => (
+            StatusCode::CONFLICT,
+            axum::Json(json!({
+                "error": "gap",
+                "message": "this standby has applied less than the shipment assumes; send from `applied`",
+                "applied": applied,
+            })),
+        )
+            .into_response(),
+        Ok(Err(e)) => problem(StatusCode::BAD_REQUEST, "badShipment", e.to_string()),
         Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
     }
 }
@@ -221,7 +267,9 @@ pub(crate) async fn positions(State(bank): State<Arc<Bank>>) -> Response {
         .map(|shard| {
             let written = written.get(&shard).copied().unwrap_or(0);
             let standby = view.standby(shard);
-            let acknowledged = standby.and_then(|s| acks.get(s).copied()).unwrap_or(0);
+            let acknowledged = standby
+                .and_then(|s| acks.get(&(s.to_owned(), shard)).copied())
+                .unwrap_or(0);
             json!({
                 "shard": shard,
                 "written": written,

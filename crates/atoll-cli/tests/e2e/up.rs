@@ -372,7 +372,7 @@ async fn the_sandbox_serves_users_in_their_cells_heals_and_stops_cleanly() {
         .post(
             1,
             &format!("/accounts/{payee}/credit"),
-            "transfer-1/credit",
+            "transfer/1001/transfer-1",
             json!({"amount": 7}),
         )
         .await;
@@ -380,6 +380,35 @@ async fn the_sandbox_serves_users_in_their_cells_heals_and_stops_cleanly() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(sandbox.balance(payer).await, 3, "debited once");
     assert_eq!(sandbox.balance(payee).await, 17, "credited once");
+    // Another user's client picking the same key is another transfer: keys
+    // are per user, and so are the credits they cause.
+    let other = sandbox
+        .post(
+            1,
+            "/accounts/1040/transfer",
+            "transfer-1",
+            json!({"to": "1075", "amount": 5}),
+        )
+        .await;
+    assert_eq!((other.0, other.2), (200, false), "{:?}", other.3);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sandbox.balance(1075).await != 15 {
+        assert!(
+            Instant::now() < deadline,
+            "the second credit did not arrive in 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Credit keys are reserved for credits.
+    let forged = sandbox
+        .post(
+            0,
+            "/accounts/1001/deposit",
+            "transfer/9/x",
+            json!({"amount": 5}),
+        )
+        .await;
+    assert_eq!(forged.0, 400, "{:?}", forged.3);
     // A write to a cell that does not own the user is refused, even sent
     // straight to an instance.
     let rz01 = sandbox.instance_address("hz-a").await;
