@@ -125,6 +125,17 @@ impl Installer for DesiredInstaller {
     }
 }
 
+/// What a report says about the zone's instances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Report {
+    /// As they are.
+    Running,
+    /// Listed, none ready: the agent is about to stop them.
+    Draining,
+    /// None: the agent stopped them.
+    Stopped,
+}
+
 /// A supervised instance.
 struct Running {
     spec: InstanceSpec,
@@ -218,6 +229,7 @@ impl<R: Runtime> Agent<R> {
             tokio::spawn(client.run(shutdown.clone()));
         }
         let mut running: BTreeMap<String, Running> = BTreeMap::new();
+        let mut stopping: BTreeMap<String, JoinHandle<()>> = BTreeMap::new();
         let mut ports: BTreeMap<String, Vec<(String, u16)>> = BTreeMap::new();
         let mut reported: BTreeMap<String, EndpointsSpec> = BTreeMap::new();
         let mut report_failed = false;
@@ -225,8 +237,11 @@ impl<R: Runtime> Agent<R> {
         let mut desired = self.desired.clone();
         loop {
             let plan = desired.borrow_and_update().clone();
-            self.reconcile(&plan, &mut running, &mut ports, &shutdown);
-            match self.report(&plan, &running, &mut reported, false).await {
+            self.reconcile(&plan, &mut running, &mut stopping, &mut ports, &shutdown);
+            match self
+                .report(&plan, &running, &mut reported, Report::Running)
+                .await
+            {
                 Ok(()) => report_failed = false,
                 Err(e) => {
                     if !report_failed {
@@ -252,21 +267,27 @@ impl<R: Runtime> Agent<R> {
         }
         tracing::info!(
             instances = running.len(),
-            "agent stopping: stopping every instance"
+            "agent stopping: taking its instances out of rotation, then stopping them"
         );
+        let plan = self.desired.borrow().clone();
+        // Out of rotation first, so gateways stop sending before SIGTERM.
+        let draining = self.report(&plan, &running, &mut reported, Report::Draining);
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(3), draining).await {
+            tracing::warn!("cannot report this zone's instances draining: {e:#}");
+        }
         for instance in running.values() {
             let _ = instance.stop.send(true);
         }
-        let plan = self.desired.borrow().clone();
-        let mut tasks = Vec::new();
-        for (_, instance) in std::mem::take(&mut running) {
-            tasks.push(instance.task);
-        }
+        let mut tasks: Vec<JoinHandle<()>> = std::mem::take(&mut running)
+            .into_values()
+            .map(|r| r.task)
+            .collect();
+        tasks.extend(std::mem::take(&mut stopping).into_values());
         for task in tasks {
             let _ = task.await;
         }
         let none = BTreeMap::new();
-        let final_report = self.report(&plan, &none, &mut reported, true);
+        let final_report = self.report(&plan, &none, &mut reported, Report::Stopped);
         match tokio::time::timeout(Duration::from_secs(3), final_report).await {
             Ok(Ok(())) => tracing::info!("reported this zone's instances stopped"),
             Ok(Err(e)) => tracing::warn!("cannot report this zone's instances stopped: {e:#}"),
@@ -281,9 +302,17 @@ impl<R: Runtime> Agent<R> {
         &self,
         plan: &Desired,
         running: &mut BTreeMap<String, Running>,
+        stopping: &mut BTreeMap<String, JoinHandle<()>>,
         ports: &mut BTreeMap<String, Vec<(String, u16)>>,
         shutdown: &watch::Receiver<bool>,
     ) {
+        let mut taken: std::collections::HashSet<u16> =
+            ports.values().flatten().map(|(_, port)| *port).collect();
+        let mut pick = || {
+            let port = free_port(&taken);
+            taken.insert(port);
+            port
+        };
         let mut wanted: BTreeMap<String, (InstanceSpec, Option<HealthCheck>)> = BTreeMap::new();
         if let Some(region) = &plan.region {
             for (app, (spec, cells)) in &plan.apps {
@@ -293,7 +322,7 @@ impl<R: Runtime> Agent<R> {
                         let assigned = ports.entry(name.clone()).or_insert_with(|| {
                             spec.ports
                                 .iter()
-                                .map(|p| (p.name.clone(), p.port.unwrap_or_else(free_port)))
+                                .map(|p| (p.name.clone(), p.port.unwrap_or_else(&mut pick)))
                                 .collect()
                         });
                         // A port that became fixed (or changed) in the App wins.
@@ -306,13 +335,26 @@ impl<R: Runtime> Agent<R> {
                         assigned.truncate(spec.ports.len());
                         while assigned.len() < spec.ports.len() {
                             let port = &spec.ports[assigned.len()];
-                            assigned.push((port.name.clone(), port.port.unwrap_or_else(free_port)));
+                            assigned.push((port.name.clone(), port.port.unwrap_or_else(&mut pick)));
                         }
                         let instance =
                             self.instance_spec(app, spec, cell, region, replica, assigned.clone());
                         wanted.insert(name, (instance, spec.health_check.clone()));
                     }
                 }
+            }
+        }
+        // Instances that finished stopping: forget those no longer wanted.
+        let finished: Vec<String> = stopping
+            .iter()
+            .filter(|(_, task)| task.is_finished())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in finished {
+            stopping.remove(&name);
+            if !wanted.contains_key(&name) && !running.contains_key(&name) {
+                self.board.states.lock().remove(&name);
+                self.board.changed.notify_one();
             }
         }
         // Stop what is gone or changed.
@@ -329,22 +371,15 @@ impl<R: Runtime> Agent<R> {
             if let Some(instance) = running.remove(&name) {
                 tracing::info!(instance = %name, "instance no longer wanted as it runs; stopping it");
                 let _ = instance.stop.send(true);
-                // The board entry goes when the task ends (it reports the stop).
-                let board = self.board.clone();
-                let still_wanted = wanted.contains_key(&name);
-                tokio::spawn(async move {
-                    let _ = instance.task.await;
-                    if !still_wanted {
-                        board.states.lock().remove(&name);
-                        board.changed.notify_one();
-                    }
-                });
+                stopping.insert(name, instance.task);
             }
         }
         ports.retain(|name, _| wanted.contains_key(name));
         // Start what is missing.
         for (name, (spec, check)) in wanted {
-            if running.contains_key(&name) {
+            // A replacement starts once its predecessor has stopped (it
+            // holds the port); the stop's end wakes this loop again.
+            if running.contains_key(&name) || stopping.contains_key(&name) {
                 continue;
             }
             self.board.states.lock().insert(
@@ -360,14 +395,19 @@ impl<R: Runtime> Agent<R> {
             );
             self.board.changed.notify_one();
             let (stop, stopped) = watch::channel(*shutdown.borrow());
-            let task = tokio::spawn(supervisor::supervise(
+            let supervised = supervisor::supervise(
                 self.runtime.clone(),
                 spec.clone(),
                 check.clone(),
                 self.board.clone(),
                 stopped,
                 self.options.stop_grace,
-            ));
+            );
+            let board = self.board.clone();
+            let task = tokio::spawn(async move {
+                supervised.await;
+                board.changed.notify_one();
+            });
             running.insert(
                 name,
                 Running {
@@ -452,7 +492,7 @@ impl<R: Runtime> Agent<R> {
         plan: &Desired,
         running: &BTreeMap<String, Running>,
         reported: &mut BTreeMap<String, EndpointsSpec>,
-        force: bool,
+        mode: Report,
     ) -> anyhow::Result<()> {
         let zone = &self.options.zone;
         let states = self.board.states.lock().clone();
@@ -483,33 +523,45 @@ impl<R: Runtime> Agent<R> {
                 },
             );
         }
-        if force {
-            // Stopping: nothing of this zone runs any more.
-            for (name, spec) in reported.iter() {
-                current
-                    .entry(name.clone())
-                    .or_insert_with(|| EndpointsSpec {
-                        endpoints: Vec::new(),
-                        ..spec.clone()
-                    });
+        match mode {
+            Report::Running => {}
+            Report::Draining => {
+                for spec in current.values_mut() {
+                    for endpoint in &mut spec.endpoints {
+                        endpoint.ready = false;
+                    }
+                }
             }
-            for spec in current.values_mut() {
-                spec.endpoints.clear();
+            Report::Stopped => {
+                for (name, spec) in reported.iter() {
+                    current
+                        .entry(name.clone())
+                        .or_insert_with(|| EndpointsSpec {
+                            endpoints: Vec::new(),
+                            ..spec.clone()
+                        });
+                }
+                for spec in current.values_mut() {
+                    spec.endpoints.clear();
+                }
             }
         }
         let changed: Vec<(&String, &EndpointsSpec)> = current
             .iter()
             .filter(|(name, spec)| reported.get(*name) != Some(*spec))
             .collect();
-        let gone: Vec<String> = plan
-            .reported
-            .iter()
-            .chain(reported.keys())
-            .filter(|name| !current.contains_key(*name) && !force)
-            .cloned()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        // Delete only what the control plane has (a delete of something
+        // already gone would fail the whole report).
+        let gone: Vec<String> = if mode == Report::Running {
+            plan.reported
+                .iter()
+                .filter(|name| !current.contains_key(*name))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        reported.retain(|name, _| current.contains_key(name) || plan.reported.contains(name));
         if changed.is_empty() && gone.is_empty() {
             return Ok(());
         }
@@ -576,11 +628,21 @@ impl<R: Runtime> Agent<R> {
     }
 }
 
-/// A port that is free now (the kernel's pick).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_or(0, |a| a.port())
+/// A port that is free now (the kernel's pick), not among `taken`.
+fn free_port(taken: &std::collections::HashSet<u16>) -> u16 {
+    let mut last = 0;
+    for _ in 0..64 {
+        if let Ok(port) = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+        {
+            last = port;
+            if port != 0 && !taken.contains(&port) {
+                return port;
+            }
+        }
+    }
+    last
 }
 
 fn admin_router(board: Arc<Board>, status: Arc<NodeStatus>) -> axum::Router {

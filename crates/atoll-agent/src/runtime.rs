@@ -149,10 +149,13 @@ impl Instance for LocalInstance {
     }
 
     async fn exited(&mut self) -> String {
-        match self.child.wait().await {
+        let how = match self.child.wait().await {
             Ok(status) => describe_exit(status),
             Err(e) => format!("cannot wait for it: {e}"),
-        }
+        };
+        // Whatever it started goes with it (it would hold its port).
+        signal_group(self.pid, nix::sys::signal::Signal::SIGKILL);
+        how
     }
 
     async fn stop(&mut self, grace: Duration) {
@@ -207,14 +210,19 @@ pub fn describe_exit(status: std::process::ExitStatus) -> String {
 pub fn dies_with_parent(command: &mut std::process::Command) {
     use std::os::unix::process::CommandExt;
     command.process_group(0);
+    let parent = nix::unistd::getpid();
     #[allow(unsafe_code)]
     // SAFETY: the closure runs in the child between fork and exec; it only
-    // calls prctl(2) through nix, which is async-signal-safe, allocates
-    // nothing and touches no lock.
+    // calls prctl(2) and getppid(2) through nix, which are
+    // async-signal-safe; errors are raw OS errors, which allocate nothing.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
                 .map_err(std::io::Error::from)?;
+            // The parent may have died between fork and prctl.
+            if nix::unistd::getppid() != parent {
+                return Err(std::io::Error::from(nix::errno::Errno::ESRCH));
+            }
             Ok(())
         });
     }

@@ -107,6 +107,8 @@ struct Money {
 struct Stats {
     summary: Summary,
     latencies_us: Vec<u32>,
+    /// Writes without a definite answer yet.
+    unresolved: Vec<Op>,
 }
 
 /// The answer to one logical operation.
@@ -115,6 +117,42 @@ enum Outcome {
     Answer(u16, serde_json::Value),
     /// No definite answer within --retry-for.
     Failed,
+}
+
+/// One operation of the workload.
+#[derive(Clone, Debug)]
+struct Op {
+    kind: &'static str,
+    path: String,
+    key: Option<String>,
+    body: Option<serde_json::Value>,
+    amount: i64,
+}
+
+impl Op {
+    fn read(user: u64) -> Op {
+        Op {
+            kind: "balance",
+            path: format!("/accounts/{user}"),
+            key: None,
+            body: None,
+            amount: 0,
+        }
+    }
+
+    fn write(kind: &'static str, user: u64, key: String, amount: i64, to: Option<u64>) -> Op {
+        let body = match to {
+            Some(to) => serde_json::json!({"amount": amount, "to": to.to_string()}),
+            None => serde_json::json!({"amount": amount}),
+        };
+        Op {
+            kind,
+            path: format!("/accounts/{user}/{kind}"),
+            key: Some(key),
+            body: Some(body),
+            amount,
+        }
+    }
 }
 
 struct Load {
@@ -211,6 +249,47 @@ impl Load {
         }
     }
 
+    async fn run_op(&self, gateway: usize, op: &Op) -> Outcome {
+        let method = if op.key.is_some() {
+            reqwest::Method::POST
+        } else {
+            reqwest::Method::GET
+        };
+        self.call(
+            gateway,
+            method,
+            &op.path,
+            op.key.as_deref(),
+            op.body.as_ref(),
+        )
+        .await
+    }
+
+    /// Counts an operation's definite outcome.
+    fn settle(summary: &mut Summary, op: &Op, outcome: Outcome) {
+        *summary.by_kind.entry(op.kind.to_owned()).or_default() += 1;
+        match outcome {
+            Outcome::Failed => summary.failed += 1,
+            Outcome::Answer(200, body) => match op.kind {
+                "deposit" => summary.deposits += op.amount,
+                "withdraw" => summary.withdrawals += op.amount,
+                "transfer" if body["delivered"] == serde_json::Value::Bool(false) => {
+                    summary.cross_cell_transfers += 1
+                }
+                _ => {}
+            },
+            Outcome::Answer(409, _) => summary.refused_for_funds += 1,
+            Outcome::Answer(status, body) => {
+                summary.failed += 1;
+                let cause = format!("{status} {}", body["error"].as_str().unwrap_or(""));
+                *summary
+                    .errors_by_cause
+                    .entry(cause.trim().to_owned())
+                    .or_default() += 1;
+            }
+        }
+    }
+
     fn user(&self, rng: &mut fastrand::Rng) -> u64 {
         self.args.first_user + rng.u64(0..self.args.users)
     }
@@ -236,44 +315,12 @@ impl Load {
             let key = format!("load-{}-{worker}-{n}", self.run);
             let amount = rng.i64(1..=100);
             let roll = rng.u8(0..100);
-            let (kind, outcome) = if roll < 40 {
-                (
-                    "balance",
-                    self.call(
-                        gateway,
-                        reqwest::Method::GET,
-                        &format!("/accounts/{user}"),
-                        None,
-                        None,
-                    )
-                    .await,
-                )
+            let op = if roll < 40 {
+                Op::read(user)
             } else if roll < 60 {
-                let body = serde_json::json!({"amount": amount});
-                (
-                    "deposit",
-                    self.call(
-                        gateway,
-                        reqwest::Method::POST,
-                        &format!("/accounts/{user}/deposit"),
-                        Some(&key),
-                        Some(&body),
-                    )
-                    .await,
-                )
+                Op::write("deposit", user, key, amount, None)
             } else if roll < 70 {
-                let body = serde_json::json!({"amount": amount});
-                (
-                    "withdraw",
-                    self.call(
-                        gateway,
-                        reqwest::Method::POST,
-                        &format!("/accounts/{user}/withdraw"),
-                        Some(&key),
-                        Some(&body),
-                    )
-                    .await,
-                )
+                Op::write("withdraw", user, key, amount, None)
             } else {
                 let mut to = self.user(&mut rng);
                 if to == user {
@@ -283,42 +330,15 @@ impl Load {
                         self.args.first_user
                     };
                 }
-                let body = serde_json::json!({"amount": amount, "to": to.to_string()});
-                (
-                    "transfer",
-                    self.call(
-                        gateway,
-                        reqwest::Method::POST,
-                        &format!("/accounts/{user}/transfer"),
-                        Some(&key),
-                        Some(&body),
-                    )
-                    .await,
-                )
+                Op::write("transfer", user, key, amount, Some(to))
             };
-            let mut stats = self.stats.lock();
-            let summary = &mut stats.summary;
-            *summary.by_kind.entry(kind.to_owned()).or_default() += 1;
-            match outcome {
-                Outcome::Failed => summary.failed += 1,
-                Outcome::Answer(200, body) => match kind {
-                    "deposit" => summary.deposits += amount,
-                    "withdraw" => summary.withdrawals += amount,
-                    "transfer" if body["delivered"] == serde_json::Value::Bool(false) => {
-                        summary.cross_cell_transfers += 1
-                    }
-                    _ => {}
-                },
-                Outcome::Answer(409, _) => summary.refused_for_funds += 1,
-                Outcome::Answer(status, body) => {
-                    summary.failed += 1;
-                    let cause = format!("{status} {}", body["error"].as_str().unwrap_or(""));
-                    *summary
-                        .errors_by_cause
-                        .entry(cause.trim().to_owned())
-                        .or_default() += 1;
-                }
+            let outcome = self.run_op(gateway, &op).await;
+            if matches!(outcome, Outcome::Failed) && op.key.is_some() {
+                // Settled at the end: its key tells whether it applied.
+                self.stats.lock().unresolved.push(op);
+                continue;
             }
+            Self::settle(&mut self.stats.lock().summary, &op, outcome);
         }
     }
 
@@ -457,7 +477,17 @@ pub(crate) async fn run(client: &Client, args: LoadArgs) -> Result<u8, CliError>
         None
     } else {
         eprintln!("reading every user's balance first...");
-        Some(load.total().await?)
+        // Until two reads agree: credits of earlier activity may be landing.
+        let mut total = load.total().await?;
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let again = load.total().await?;
+            if again == total {
+                break;
+            }
+            total = again;
+        }
+        Some(total)
     };
     let started = Instant::now();
     let end = started + args.duration;
@@ -517,6 +547,19 @@ pub(crate) async fn run(client: &Client, args: LoadArgs) -> Result<u8, CliError>
         let _ = worker.await;
     }
     let seconds = started.elapsed().as_secs_f64();
+    // Writes that got no definite answer: their key says whether they
+    // applied (a replay), so the ledger stays exact.
+    let unresolved = std::mem::take(&mut load.stats.lock().unresolved);
+    if !unresolved.is_empty() {
+        eprintln!(
+            "settling {} writes that got no answer, by their keys...",
+            unresolved.len()
+        );
+    }
+    for op in unresolved {
+        let outcome = load.run_op(0, &op).await;
+        Load::settle(&mut load.stats.lock().summary, &op, outcome);
+    }
     let mut summary = {
         let mut stats = load.stats.lock();
         stats.latencies_us.sort_unstable();

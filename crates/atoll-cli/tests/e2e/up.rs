@@ -462,10 +462,14 @@ async fn the_sandbox_serves_users_in_their_cells_heals_and_stops_cleanly() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+    // Once all have caught up (no writes since), each standby holds
+    // exactly what its source holds.
+    for zone in ["hz-a", "hz-b", "sh-a"] {
+        let address = sandbox.instance_address(zone).await;
         let (_, body) = sandbox.get(&format!("http://{address}/totals")).await;
         totals.insert(body["cell"].as_str().expect("cell").to_owned(), body);
     }
-    // Each standby holds exactly what its source holds.
     for (source, standby) in [("rz01", "rz02"), ("rz02", "rz03"), ("rz03", "rz01")] {
         assert_eq!(
             totals[standby]["replicas"][source], totals[source]["balances"],
