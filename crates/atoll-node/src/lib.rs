@@ -41,7 +41,20 @@ pub trait Installer: Send + Sync + 'static {
     /// Compiles and installs `config`, or says why it cannot (that becomes
     /// the NACK reason, and the node keeps what it ran).
     fn install(&self, config: &NodeConfig) -> Result<(), String>;
+
+    /// Called after `install` succeeded for a version from the stream, and
+    /// before the node acknowledges it: the ACK (and so a barrier) waits for
+    /// it. The SDK uses it to let writes admitted under the previous version
+    /// finish, and the app take over newly owned shards, before the new view
+    /// takes effect. An error becomes the NACK reason.
+    fn activate(&self, _version: u64) -> Activation<'_> {
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
+
+/// What [`Installer::activate`] returns.
+pub type Activation<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
 
 /// Who the node is and where its control plane is.
 #[derive(Clone, Debug)]
@@ -337,7 +350,10 @@ impl NodeClient {
                 version: update.version,
                 resources: received.resources.values().cloned().collect(),
             };
-            let installed = self.installer.install(&config);
+            let mut installed = self.installer.install(&config);
+            if installed.is_ok() {
+                installed = self.installer.activate(config.version).await;
+            }
             if installed.is_ok() {
                 self.save_cache(config).await;
             }

@@ -17,9 +17,10 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use atoll_model::{Located, Origin, validate};
+pub use atoll_node::Activation;
 use atoll_node::{Installer, NodeClient, NodeConfig, NodeOptions, NodeStatus};
 use atoll_routing::{CellId, RoutingTable, Scope, ServiceId};
-use tokio::sync::watch;
+use tokio::sync::{OwnedRwLockReadGuard, RwLock, watch};
 
 /// What an instance is, usually from the environment the agent sets
 /// (`ATOLL_*`).
@@ -162,10 +163,56 @@ impl View {
     }
 }
 
+/// What an app does when its cell's view of ownership changes: called with
+/// the current view (none at start) and the next one, while no write is
+/// admitted, before the next view takes effect and before the control plane
+/// hears that this instance runs it. A bank takes over the data of shards
+/// its cell now owns here (from what replication brought it). An error
+/// keeps the current view and is reported to the control plane (NACK).
+pub trait Ownership: Send + Sync + 'static {
+    /// Prepares for `next`.
+    fn prepare(&self, current: Option<Arc<View>>, next: Arc<View>) -> Activation<'_>;
+}
+
+/// An [`Ownership`] that has nothing to prepare.
+#[derive(Debug, Default)]
+pub struct NoPreparation;
+
+impl Ownership for NoPreparation {
+    fn prepare(&self, _: Option<Arc<View>>, _: Arc<View>) -> Activation<'_> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
+
 struct ViewInstaller {
     identity: Identity,
     view: Arc<ArcSwapOption<View>>,
+    /// Compiled by `install`, not yet in effect.
+    staged: parking_lot::Mutex<Option<(u64, Arc<View>)>>,
+    /// Held shared by every admitted write until it finishes; held
+    /// exclusively while a view changes.
+    gate: Arc<RwLock<()>>,
+    /// One activation at a time.
+    activating: tokio::sync::Mutex<()>,
+    ownership: Arc<dyn Ownership>,
     changed: watch::Sender<u64>,
+}
+
+impl ViewInstaller {
+    /// Puts the staged view in effect: waits for the writes admitted under
+    /// the current view, lets the app prepare, then swaps.
+    async fn activate_staged(&self) -> Result<(), String> {
+        let _one = self.activating.lock().await;
+        let Some((version, next)) = self.staged.lock().take() else {
+            return Ok(());
+        };
+        let _exclusive = self.gate.write().await;
+        let current = self.view.load_full();
+        self.ownership.prepare(current, next.clone()).await?;
+        self.view.store(Some(next));
+        self.changed.send_replace(version);
+        Ok(())
+    }
 }
 
 impl Installer for ViewInstaller {
@@ -195,13 +242,37 @@ impl Installer for ViewInstaller {
         let cell = table
             .cell_id(&self.identity.cell)
             .ok_or_else(|| format!("cell `{}` does not exist", self.identity.cell))?;
-        self.view.store(Some(Arc::new(View {
-            table,
-            service,
-            cell,
-        })));
-        self.changed.send_replace(config.version);
+        *self.staged.lock() = Some((
+            config.version,
+            Arc::new(View {
+                table,
+                service,
+                cell,
+            }),
+        ));
         Ok(())
+    }
+
+    fn activate(&self, _version: u64) -> Activation<'_> {
+        Box::pin(self.activate_staged())
+    }
+}
+
+/// Leave to write, from [`Cell::admit_write`]: hold it until the write is
+/// committed (or abandoned). While any permit taken under a view is held,
+/// the next view does not take effect, so once an instance has acknowledged
+/// a version (what a barrier waits for), no write admitted under an older
+/// version is still in flight.
+#[derive(Debug)]
+pub struct WritePermit {
+    view: Arc<View>,
+    _shared: OwnedRwLockReadGuard<()>,
+}
+
+impl WritePermit {
+    /// The view the write was admitted under.
+    pub fn view(&self) -> &Arc<View> {
+        &self.view
     }
 }
 
@@ -210,6 +281,7 @@ impl Installer for ViewInstaller {
 pub struct Cell {
     identity: Identity,
     view: Arc<ArcSwapOption<View>>,
+    gate: Arc<RwLock<()>>,
     status: Arc<NodeStatus>,
     changed: watch::Receiver<u64>,
 }
@@ -226,11 +298,26 @@ impl Cell {
     /// Starts following the control plane (from the cache at once, if there
     /// is one) until `shutdown` turns true.
     pub fn start(identity: Identity, shutdown: watch::Receiver<bool>) -> Cell {
+        Cell::start_with(identity, shutdown, Arc::new(NoPreparation))
+    }
+
+    /// Like [`Cell::start`], with `ownership` called before every change of
+    /// view (the first included).
+    pub fn start_with(
+        identity: Identity,
+        shutdown: watch::Receiver<bool>,
+        ownership: Arc<dyn Ownership>,
+    ) -> Cell {
         let view = Arc::new(ArcSwapOption::empty());
+        let gate = Arc::new(RwLock::new(()));
         let (changed, receiver) = watch::channel(0);
         let installer = Arc::new(ViewInstaller {
             identity: identity.clone(),
             view: view.clone(),
+            staged: parking_lot::Mutex::new(None),
+            gate: gate.clone(),
+            activating: tokio::sync::Mutex::new(()),
+            ownership,
             changed,
         });
         let client = NodeClient::new(
@@ -242,14 +329,22 @@ impl Cell {
                 cell: identity.cell.clone(),
                 cache: identity.cache.clone(),
             },
-            installer,
+            installer.clone(),
         );
-        client.load_cache();
+        if client.load_cache().is_some() {
+            let installer = installer.clone();
+            tokio::spawn(async move {
+                if let Err(reason) = installer.activate_staged().await {
+                    tracing::warn!(%reason, "the cached shard map could not take effect; waiting for the control plane");
+                }
+            });
+        }
         let status = client.status();
         tokio::spawn(client.run(shutdown));
         Cell {
             identity,
             view,
+            gate,
             status,
             changed: receiver,
         }
@@ -283,9 +378,28 @@ impl Cell {
         &self.status
     }
 
+    /// Admits a write for `shard` routed at `epoch` (the `x-atoll-epoch` a
+    /// gateway adds; `None` when the request did not come through one, then
+    /// only ownership is checked), or says why not (see
+    /// [`Cell::check_write`]). Hold the permit until the write is committed.
+    pub async fn admit_write(
+        &self,
+        shard: u32,
+        epoch: Option<u64>,
+    ) -> Result<WritePermit, Refused> {
+        let shared = self.gate.clone().read_owned().await;
+        let view = self.check_write(shard, epoch)?;
+        Ok(WritePermit {
+            view,
+            _shared: shared,
+        })
+    }
+
     /// Whether this instance may accept a write for `shard` routed at
-    /// `epoch` (the `x-atoll-epoch` a gateway adds; `None` when the request
-    /// did not come through one, then only ownership is checked).
+    /// `epoch`: only if its cell owns the shard now, the shard is not fenced,
+    /// and `epoch` (when given) is the current epoch. A check, not a permit:
+    /// a write must use [`Cell::admit_write`], which keeps the next view
+    /// from taking effect until the write is done.
     pub fn check_write(&self, shard: u32, epoch: Option<u64>) -> Result<Arc<View>, Refused> {
         let view = self.view().ok_or(Refused::NotReady)?;
         let current = view.epoch();

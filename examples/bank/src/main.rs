@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use atoll_sdk::{Cell, Identity, Refused};
+use atoll_sdk::{Activation, Cell, Identity, Ownership, Refused, View};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -80,6 +80,32 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Before this instance serves a new shard map: takes over the data of
+/// shards the cell now owns from what replication brought (see
+/// [`Db::take_over`]). Writes wait meanwhile; the control plane hears of the
+/// new map only after this.
+struct TakeOverShards {
+    db: Arc<Db>,
+}
+
+impl Ownership for TakeOverShards {
+    fn prepare(&self, _current: Option<Arc<View>>, next: Arc<View>) -> Activation<'_> {
+        let db = self.db.clone();
+        Box::pin(async move {
+            let owned = next.owned_shards();
+            let epoch = next.epoch();
+            let done = tokio::task::spawn_blocking(move || db.take_over(&owned, epoch))
+                .await
+                .map_err(|e| format!("take-over task: {e}"))?
+                .map_err(|e| format!("cannot take over the shards this cell now owns: {e:#}"))?;
+            for t in done {
+                tracing::info!(shard = t.shard, source = %t.source, accounts = t.accounts, requests = t.requests, credits = t.credits, epoch, "took over a shard from its replicated copy");
+            }
+            Ok(())
+        })
+    }
+}
+
 async fn run() -> anyhow::Result<()> {
     let identity = Identity::from_env().map_err(|e| anyhow::anyhow!(e))?;
     let port: u16 = env("ATOLL_PORT")?
@@ -101,7 +127,11 @@ async fn run() -> anyhow::Result<()> {
     let path = data.join("bank.db");
     let db = Arc::new(tokio::task::spawn_blocking(move || Db::open(&path)).await??);
     let (stop, stopped) = watch::channel(false);
-    let cell = Cell::start(identity.clone(), stopped.clone());
+    let cell = Cell::start_with(
+        identity.clone(),
+        stopped.clone(),
+        Arc::new(TakeOverShards { db: db.clone() }),
+    );
     let bank = Arc::new(Bank {
         cell,
         db,
@@ -359,10 +389,13 @@ async fn write(
         Ok(epoch) => epoch,
         Err(problem) => return problem.into_response(),
     };
-    let view = match bank.cell.check_write(shard, epoch) {
-        Ok(view) => view,
+    // Held until the write is committed: the next shard map does not take
+    // effect in this instance (nor is it acknowledged) while it is held.
+    let permit = match bank.cell.admit_write(shard, epoch).await {
+        Ok(permit) => permit,
         Err(refused) => return refusal(refused).into_response(),
     };
+    let view = permit.view().clone();
     let amount = request.amount;
     let (operation, fingerprint) = match (operation.as_str(), request.to) {
         ("deposit", None) => (
@@ -407,7 +440,9 @@ async fn write(
                 );
             };
             let fingerprint = format!("transfer {user} {to} {amount}");
-            if view.owns(to_shard) {
+            // A payee whose shard is fenced (moving) is credited like one in
+            // another cell: through the gateway, once its owner takes writes.
+            if view.owner(to_shard) == Some((bank.cell.identity().cell.as_str(), false)) {
                 (
                     Operation::TransferLocal {
                         from: user.clone(),
@@ -465,6 +500,7 @@ async fn write(
             }
             Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
         };
+    drop(permit);
     if remote && !outcome.replayed {
         outbox::wake();
     }
@@ -479,11 +515,17 @@ async fn write(
 }
 
 async fn totals(State(bank): State<Shared>) -> Response {
+    let Some(view) = bank.cell.view() else {
+        return refusal(Refused::NotReady).into_response();
+    };
+    let owned = view.owned_shards();
     let db = bank.db.clone();
     let result = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
         Ok(json!({
-            "balances": db.total()?,
-            "inFlight": db.in_flight()?,
+            "epoch": view.epoch(),
+            "shards": owned.len(),
+            "balances": db.total(&owned)?,
+            "inFlight": db.in_flight(&owned)?,
             "position": db.position()?,
             "replicas": db.replica_totals()?,
         }))

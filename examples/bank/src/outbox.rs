@@ -26,8 +26,20 @@ pub(crate) async fn deliver(bank: std::sync::Arc<Bank>, mut stopped: watch::Rece
         if *stopped.borrow() {
             return;
         }
+        // The credits of shards this cell owns and may write (a fenced
+        // shard's are delivered by whoever owns it after the switchover).
+        let shards: Vec<u32> = bank
+            .cell
+            .view()
+            .map(|view| {
+                view.owned_shards()
+                    .into_iter()
+                    .filter(|s| view.owner(*s).is_some_and(|(_, fenced)| !fenced))
+                    .collect()
+            })
+            .unwrap_or_default();
         let db = bank.db.clone();
-        let pending = match tokio::task::spawn_blocking(move || db.pending(64)).await {
+        let pending = match tokio::task::spawn_blocking(move || db.pending(&shards, 64)).await {
             Ok(Ok(pending)) => pending,
             Ok(Err(e)) => {
                 tracing::warn!("outbox: cannot read: {e:#}");

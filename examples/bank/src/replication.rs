@@ -32,6 +32,10 @@ const BATCH: usize = 512;
 pub(crate) struct Shipment {
     /// The source cell.
     source: String,
+    /// The source's shard map epoch when it shipped: the standby takes over
+    /// a shard from the copy shipped at the highest epoch.
+    #[serde(default)]
+    epoch: u64,
     /// The shards this standby stands by for, each with the position the
     /// source believes the standby has applied.
     shards: BTreeMap<u32, i64>,
@@ -115,6 +119,7 @@ pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
                 let address = endpoints[next_endpoint % endpoints.len()];
                 let shipment = Shipment {
                     source: bank.cell.identity().cell.clone(),
+                    epoch: view.epoch(),
                     shards: believed,
                     up_to,
                     entries,
@@ -220,6 +225,7 @@ pub(crate) async fn apply(State(bank): State<Arc<Bank>>, body: axum::body::Bytes
     let result = tokio::task::spawn_blocking(move || {
         db.apply_replica(
             &shipment.source,
+            shipment.epoch,
             &shipment.shards,
             shipment.up_to,
             &shipment.entries,
