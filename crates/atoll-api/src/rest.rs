@@ -385,3 +385,79 @@ pub struct ErrorBody {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub issues: Vec<Issue>,
 }
+
+/// `POST /v1/switchovers`: plan (dry run) or start a planned switchover.
+/// Either `from` (every shard the cell owns) or `shards` (a range), or both;
+/// each moving shard goes to `to`, or to its standby when `to` is absent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SwitchoverRequest {
+    /// The ShardMap; may be left out when there is only one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_map: Option<String>,
+    /// Move every shard this cell owns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Move these shards, e.g. `0-9` or `7`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<String>,
+    /// The new owner; each shard's standby when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// The Switchover's name; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Why (kept in the Switchover and the audit log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Per barrier, e.g. `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub barrier_timeout: Option<String>,
+    /// For the sync gate, e.g. `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_timeout: Option<String>,
+    /// Do not read replication positions.
+    #[serde(default)]
+    pub skip_sync_gate: bool,
+    /// Only plan.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// One check of a plan.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanCheck {
+    /// What was checked.
+    pub check: String,
+    /// `ok`, `warning` (it may start) or `blocking` (it may not).
+    pub result: String,
+    /// What was found.
+    pub detail: String,
+}
+
+/// The answer to `POST /v1/switchovers`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SwitchoverPlan {
+    /// The Switchover's name (created unless a dry run).
+    pub name: String,
+    /// The ShardMap.
+    pub shard_map: String,
+    /// Its epoch now; the flip makes it `epoch + 1`.
+    pub epoch: u64,
+    /// What moves: `{shards, from, to}`.
+    #[schema(value_type = Vec<Object>)]
+    pub moves: Vec<Value>,
+    /// Shards moving.
+    pub shard_count: u32,
+    /// The shard map's diff (fenced and flipped owners), as YAML.
+    pub diff: String,
+    /// Capacity, health and replication checks.
+    pub checks: Vec<PlanCheck>,
+    /// What the writes to moving shards should expect: two barriers plus the
+    /// replication lag.
+    pub expected_fence_window: String,
+    /// True when it was only planned.
+    pub dry_run: bool,
+}

@@ -23,6 +23,8 @@ pub(crate) mod exit {
     pub(crate) const UNREACHABLE: u8 = 6;
     /// A barrier's deadline passed before every node got there.
     pub(crate) const BARRIER_NOT_REACHED: u8 = 7;
+    /// A switchover aborted (before its flip; nothing moved).
+    pub(crate) const SWITCHOVER_ABORTED: u8 = 8;
 }
 
 /// An error to print, with the process exit code.

@@ -314,6 +314,33 @@ pub(crate) fn resource_table(kind: Kind, resources: &[Resource], status: &Status
                 })
                 .collect(),
         ),
+        Kind::Switchover => (
+            vec!["NAME", "MAP", "MOVES", "PHASE", "TOOK"],
+            resources
+                .iter()
+                .map(|r| match &r.spec {
+                    Spec::Switchover(s) => vec![
+                        r.name().into(),
+                        s.shard_map.clone(),
+                        s.moves
+                            .iter()
+                            .map(|m| format!("{}:{}->{}", m.shards, m.from, m.to))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        s.phase.to_string(),
+                        {
+                            let ms: u64 = s.timeline.iter().filter_map(|p| p.millis).sum();
+                            if s.phase.is_final() {
+                                format!("{:.2}s", ms as f64 / 1000.0)
+                            } else {
+                                "-".into()
+                            }
+                        },
+                    ],
+                    _ => vec![],
+                })
+                .collect(),
+        ),
         Kind::Gateway => (
             vec!["NAME", "ZONE", "LISTENERS", "REVISION"],
             resources

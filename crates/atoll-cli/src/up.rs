@@ -257,7 +257,7 @@ fn topology(ports: &Ports, bank: &Path, replicas: u32) -> Vec<(String, String)> 
     }
     let bank = format!(
         "# The demo bank: unitized by user, run by the agents in every cell.\n\
-         apiVersion: atoll/v1\nkind: Service\nmetadata: {{name: bank}}\nspec:\n  kind: unitized\n  shardRule: users\n  writes: {{methods: [POST, PUT, PATCH, DELETE]}}\n\
+         apiVersion: atoll/v1\nkind: Service\nmetadata: {{name: bank}}\nspec:\n  kind: unitized\n  shardRule: users\n  writes: {{methods: [POST, PUT, PATCH, DELETE]}}\n  replication: {{probe: /replication/positions}}\n\
          ---\napiVersion: atoll/v1\nkind: Route\nmetadata: {{name: bank}}\nspec:\n  match: [{{pathPrefix: /accounts/}}]\n  service: bank\n  timeout: 10s\n  retries: {{attempts: 2, on: [connectFailure, reset]}}\n\
          ---\napiVersion: atoll/v1\nkind: App\nmetadata: {{name: bank}}\nspec:\n  service: bank\n  cells: [{}]\n  replicas: {replicas}\n  command: [{}]\n  healthCheck: {{path: /healthz, interval: 1s, timeout: 1s}}\n  version: v1\n",
         ZONES.iter().map(|z| z.3).collect::<Vec<_>>().join(", "),

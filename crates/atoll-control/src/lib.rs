@@ -21,6 +21,7 @@ mod rest;
 mod service;
 mod state;
 mod stream;
+mod switchover;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -136,7 +137,14 @@ impl ControlServer {
             started: Instant::now(),
             shutdown: stopping.clone(),
             writer: tokio::sync::Mutex::new(()),
+            switchovers: std::sync::OnceLock::new(),
         });
+        let switchovers = switchover::Switchovers::new(control.clone());
+        let _ = control.switchovers.set(switchovers.clone());
+        switchovers
+            .resume()
+            .await
+            .context("resuming unfinished switchovers")?;
         let config_stream = stream::ConfigStreamService {
             cache,
             nodes: nodes.clone(),

@@ -4,7 +4,7 @@ use atoll_api::rest::{
     ApplyRequest, ApplyResponse, AuditResponse, BarrierRequest, BarrierResponse, ChangeAction,
     ChangeSummary, CommitChange, CommitRecord, ErrorBody, ErrorCode, HistoryItem, HistoryResponse,
     Laggard, ListResponse, ManifestFile, NackInfo, NodeInfo, NodeSelector, NodesResponse,
-    ResourceRef, RollbackRequest, StatusResponse,
+    PlanCheck, ResourceRef, RollbackRequest, StatusResponse, SwitchoverPlan, SwitchoverRequest,
 };
 use atoll_model::Issue;
 use utoipa::OpenApi;
@@ -32,8 +32,13 @@ use utoipa::OpenApi;
         crate::rest::nodes,
         crate::rest::forget_node,
         crate::rest::barrier,
+        crate::rest::start_switchover,
+        crate::rest::abort_switchover,
     ),
     components(schemas(
+        SwitchoverRequest,
+        SwitchoverPlan,
+        PlanCheck,
         ApplyRequest,
         ApplyResponse,
         AuditResponse,

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use atoll_api::rest::{
     ApplyRequest, ApplyResponse, AuditResponse, BarrierRequest, BarrierResponse, ErrorBody,
     ErrorCode, HistoryResponse, ListResponse, NodesResponse, RollbackRequest, StatusResponse,
+    SwitchoverPlan, SwitchoverRequest,
 };
 use atoll_model::{Kind, ResourceKey};
 use axum::body::Body;
@@ -165,6 +166,8 @@ pub(crate) fn router(control: Shared) -> Router {
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{name}", delete(forget_node))
         .route("/v1/barrier", post(barrier))
+        .route("/v1/switchovers", post(start_switchover))
+        .route("/v1/switchovers/{name}/abort", post(abort_switchover))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
@@ -535,6 +538,45 @@ async fn forget_node(
             format!("node `{name}` is connected; only disconnected nodes can be forgotten"),
         )),
     }
+}
+
+fn switchovers(control: &Control) -> Result<&Arc<crate::switchover::Switchovers>, ApiError> {
+    control
+        .switchovers
+        .get()
+        .ok_or_else(|| ControlError::Unavailable("the control plane is starting".into()).into())
+}
+
+/// Plans a switchover (`dryRun`) or starts it; read its progress at
+/// `/v1/resources/switchovers/{name}`.
+#[utoipa::path(post, path = "/v1/switchovers", request_body = SwitchoverRequest,
+    responses((status = 200, body = SwitchoverPlan, description = "Planned (dry run) or started"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "A blocking check failed, or another switchover runs on the map")))]
+async fn start_switchover(
+    State(control): State<Shared>,
+    headers: HeaderMap,
+    body: Result<Json<SwitchoverRequest>, JsonRejection>,
+) -> ApiResult<SwitchoverPlan> {
+    let Json(request) = body?;
+    let author = author(&headers, request.reason.clone());
+    let plan = switchovers(&control)?.start(request, &author).await?;
+    Ok(Json(plan))
+}
+
+/// Stops a switchover before its flip: the moving shards serve at their old
+/// owners again.
+#[utoipa::path(post, path = "/v1/switchovers/{name}/abort", params(("name" = String, Path)),
+    responses((status = 200, description = "Abort requested: the Switchover", content_type = "application/json"),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Finished, or past the flip")))]
+async fn abort_switchover(
+    State(control): State<Shared>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let author = author(&headers, None);
+    let resource = switchovers(&control)?.abort(&name, &author).await?;
+    Ok(Json(serde_json::to_value(&resource).unwrap_or_default()))
 }
 
 /// Waits until every matching node has applied at least `version`; on

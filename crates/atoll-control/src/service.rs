@@ -83,6 +83,49 @@ pub(crate) struct ChangeSet {
     pub(crate) issues: Vec<Issue>,
     /// Resources of the manifests that did not decode.
     pub(crate) pending: Vec<ResourceKey>,
+    /// Written by the control plane itself (a switchover), not a user: may
+    /// write Switchovers and the shard maps they run on.
+    pub(crate) internal: bool,
+}
+
+/// A user's change may not write a Switchover (the control plane runs
+/// them), delete one still running, or change a shard map under one.
+fn guard_switchovers(set: &ChangeSet, stored: &[Resource]) -> Result<(), ControlError> {
+    let keys = set
+        .puts
+        .iter()
+        .map(|l| l.resource.key())
+        .chain(set.deletes.iter().map(|(k, _)| k.clone()));
+    for key in keys {
+        match key.kind {
+            atoll_model::Kind::Switchover => {
+                let running = stored.iter().any(|r| {
+                    r.key() == key && matches!(&r.spec, Spec::Switchover(s) if !s.phase.is_final())
+                });
+                let deleting = set.deletes.iter().any(|(k, _)| *k == key);
+                if !deleting {
+                    return Err(ControlError::BadRequest(format!(
+                        "{key}: Switchovers are written by the control plane; start one with `atoll switchover start` (POST /v1/switchovers)"
+                    )));
+                }
+                if running {
+                    return Err(ControlError::Conflict(format!(
+                        "{key} is still running; abort it (atoll switchover abort {}) or wait for it before deleting it",
+                        key.name
+                    )));
+                }
+            }
+            atoll_model::Kind::ShardMap => {
+                if let Some(active) = crate::switchover::active_on(stored, &key.name) {
+                    return Err(ControlError::Conflict(format!(
+                        "{key} is being switched over by switchover/{active}; wait for it (atoll switchover status {active}) or abort it, then apply"
+                    )));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Who changes what, and why.
@@ -105,6 +148,8 @@ pub(crate) struct Control {
     /// (Other control planes on the same etcd are still caught by the base
     /// revision precondition.)
     pub(crate) writer: tokio::sync::Mutex<()>,
+    /// Runs switchovers (set once at start).
+    pub(crate) switchovers: std::sync::OnceLock<Arc<crate::switchover::Switchovers>>,
 }
 
 impl std::fmt::Debug for Control {
@@ -194,6 +239,9 @@ impl Control {
         let snapshot = self.store.snapshot().await?;
         let stored: BTreeMap<ResourceKey, &Resource> =
             snapshot.resources.iter().map(|r| (r.key(), r)).collect();
+        if !set.internal {
+            guard_switchovers(set, &snapshot.resources)?;
+        }
 
         let mut conflicts = Vec::new();
         let mut issues = set.issues.clone();

@@ -222,6 +222,13 @@ fn wire(resource: &crate::state::WireResource) -> Resource {
     }
 }
 
+/// Whether nodes receive this resource: not the control plane's own
+/// records (Switchovers), which only change what nodes run through the
+/// shard map.
+fn for_nodes(key: &atoll_model::ResourceKey) -> bool {
+    key.kind != atoll_model::Kind::Switchover
+}
+
 /// A snapshot when nothing was sent yet, else the delta from `previous`.
 pub(crate) fn build_update(
     previous: Option<&ConfigState>,
@@ -234,7 +241,12 @@ pub(crate) fn build_update(
             nonce,
             snapshot: true,
             base_version: 0,
-            resources: current.resources.values().map(|r| wire(r)).collect(),
+            resources: current
+                .resources
+                .values()
+                .filter(|r| for_nodes(&r.key))
+                .map(|r| wire(r))
+                .collect(),
             removed: Vec::new(),
         },
         Some(previous) => {
@@ -242,17 +254,18 @@ pub(crate) fn build_update(
                 .resources
                 .iter()
                 .filter(|(key, resource)| {
-                    previous
-                        .resources
-                        .get(*key)
-                        .is_none_or(|old| old.resource_version != resource.resource_version)
+                    for_nodes(key)
+                        && previous
+                            .resources
+                            .get(*key)
+                            .is_none_or(|old| old.resource_version != resource.resource_version)
                 })
                 .map(|(_, r)| wire(r))
                 .collect();
             let removed = previous
                 .resources
                 .keys()
-                .filter(|key| !current.resources.contains_key(*key))
+                .filter(|key| for_nodes(key) && !current.resources.contains_key(*key))
                 .map(|key| ResourceKey {
                     kind: key.kind.as_str().to_owned(),
                     name: key.name.clone(),

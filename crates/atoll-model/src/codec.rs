@@ -155,6 +155,7 @@ fn decode_spec(kind: Kind, value: Option<Value>) -> Result<Spec, DecodeError> {
         Kind::Gateway => Spec::Gateway(typed("spec", value)?),
         Kind::App => Spec::App(typed("spec", value)?),
         Kind::Endpoints => Spec::Endpoints(typed("spec", value)?),
+        Kind::Switchover => Spec::Switchover(typed("spec", value)?),
     })
 }
 
@@ -209,6 +210,7 @@ fn spec_value(spec: &Spec) -> Result<Value, serde_json::Error> {
         Spec::Gateway(s) => serde_json::to_value(s),
         Spec::App(s) => serde_json::to_value(s),
         Spec::Endpoints(s) => serde_json::to_value(s),
+        Spec::Switchover(s) => serde_json::to_value(s),
     }
 }
 

@@ -40,11 +40,13 @@ pub enum Kind {
     App,
     /// The endpoints an agent reports for a service in its zone.
     Endpoints,
+    /// A move of shard ranges between cells, run by the control plane.
+    Switchover,
 }
 
 impl Kind {
     /// Every kind, in dependency order.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 11] = [
         Kind::Region,
         Kind::Zone,
         Kind::Cell,
@@ -55,6 +57,7 @@ impl Kind {
         Kind::Gateway,
         Kind::App,
         Kind::Endpoints,
+        Kind::Switchover,
     ];
 
     /// The name as written in `kind:` (`ShardMap`).
@@ -70,6 +73,7 @@ impl Kind {
             Kind::Gateway => "Gateway",
             Kind::App => "App",
             Kind::Endpoints => "Endpoints",
+            Kind::Switchover => "Switchover",
         }
     }
 
@@ -86,6 +90,7 @@ impl Kind {
             Kind::Gateway => "gateways",
             Kind::App => "apps",
             Kind::Endpoints => "endpoints",
+            Kind::Switchover => "switchovers",
         }
     }
 
@@ -104,6 +109,7 @@ impl Kind {
             "gateway" | "gateways" | "gw" => Kind::Gateway,
             "app" | "apps" => Kind::App,
             "endpoints" | "endpoint" | "ep" => Kind::Endpoints,
+            "switchover" | "switchovers" | "so" => Kind::Switchover,
             _ => return None,
         };
         Some(kind)
@@ -111,7 +117,7 @@ impl Kind {
 
     /// The names `parse` accepts, for error messages.
     pub fn expected() -> &'static str {
-        "region, zone, cell, shardrule, shardmap, service, route, gateway, app, endpoints (singular or plural)"
+        "region, zone, cell, shardrule, shardmap, service, route, gateway, app, endpoints, switchover (singular or plural)"
     }
 }
 
@@ -257,6 +263,8 @@ pub enum Spec {
     App(AppSpec),
     /// See [`EndpointsSpec`].
     Endpoints(EndpointsSpec),
+    /// See [`SwitchoverSpec`].
+    Switchover(SwitchoverSpec),
 }
 
 impl Spec {
@@ -273,6 +281,7 @@ impl Spec {
             Spec::Gateway(_) => Kind::Gateway,
             Spec::App(_) => Kind::App,
             Spec::Endpoints(_) => Kind::Endpoints,
+            Spec::Switchover(_) => Kind::Switchover,
         }
     }
 }
@@ -551,6 +560,20 @@ pub struct ServiceSpec {
     /// Passive ejection of endpoints that keep failing.
     #[serde(default, skip_serializing_if = "OutlierDetection::is_default")]
     pub outlier_detection: OutlierDetection,
+    /// How the service's data follows its shards to their standby cells:
+    /// what a switchover's sync gate reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<Replication>,
+}
+
+/// A unitized service's replication, as the switchover sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Replication {
+    /// HTTP path, on every instance, answering the replication positions
+    /// per shard: `{"shards": [{"shard", "written", "acknowledged",
+    /// "standby"}]}` (docs/switchover.md).
+    pub probe: String,
 }
 
 /// How an endpoint is picked within a cell.
@@ -1031,4 +1054,160 @@ fn is_default_weight(weight: &u32) -> bool {
 
 fn is_zero_u64(value: &u64) -> bool {
     *value == 0
+}
+
+/// A planned move of shard ranges from their owning cells to others: fence,
+/// barrier, sync gate, flip, barrier, unfence (ARCHITECTURE.md). Created by
+/// `atoll switchover start`; the control plane writes its progress (`phase`
+/// onwards) as it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SwitchoverSpec {
+    /// The ShardMap whose shards move.
+    pub shard_map: String,
+    /// What moves where.
+    pub moves: Vec<ShardMove>,
+    /// How long each barrier waits for every node before the switchover
+    /// aborts (before the flip) or reports the laggards and keeps waiting
+    /// (after it).
+    #[serde(default = "default_barrier_timeout")]
+    pub barrier_timeout: DurationValue,
+    /// How long the sync gate waits for the standby to catch up before the
+    /// switchover aborts.
+    #[serde(default = "default_sync_timeout")]
+    pub sync_timeout: DurationValue,
+    /// Move without reading replication positions (stateless services, or
+    /// an operator who accepts the loss).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skip_sync_gate: bool,
+    /// Who asked, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Where it is (written by the control plane).
+    #[serde(default)]
+    pub phase: SwitchoverPhase,
+    /// Set by `atoll switchover abort`: the control plane unfences and stops
+    /// (only before the flip).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub abort_requested: bool,
+    /// Every phase entered, with its start and duration.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<PhaseRecord>,
+    /// The shard map epoch before the flip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch_before: Option<u64>,
+    /// The store revision that fenced the shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence_revision: Option<u64>,
+    /// The store revision that flipped the owners.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flip_revision: Option<u64>,
+    /// Replication positions per moving shard, as the sync gate read them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub positions: Vec<ShardPosition>,
+    /// Why it stopped, when it did not complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+fn default_barrier_timeout() -> DurationValue {
+    DurationValue(Duration::from_secs(10))
+}
+
+fn default_sync_timeout() -> DurationValue {
+    DurationValue(Duration::from_secs(10))
+}
+
+/// One range that moves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShardMove {
+    /// The shards.
+    pub shards: ShardRange,
+    /// Their owner before.
+    pub from: String,
+    /// Their owner after.
+    pub to: String,
+}
+
+/// The phases, in order (ARCHITECTURE.md, "Switchover").
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum SwitchoverPhase {
+    /// Accepted, not started.
+    #[default]
+    Pending,
+    /// Writing the fenced map.
+    Fence,
+    /// Waiting until every node runs the fenced map.
+    FenceBarrier,
+    /// Waiting until the target holds every write of the moving shards.
+    SyncGate,
+    /// Writing the new owners and epoch.
+    Flip,
+    /// Waiting until every node runs the new owners.
+    FlipBarrier,
+    /// Writing the map with the shards serving again.
+    Unfence,
+    /// Done: the new owners take writes.
+    Completed,
+    /// Stopped before the flip; the shards serve at their old owners again.
+    Aborted,
+}
+
+impl SwitchoverPhase {
+    /// Whether nothing more will happen.
+    pub fn is_final(self) -> bool {
+        matches!(self, SwitchoverPhase::Completed | SwitchoverPhase::Aborted)
+    }
+
+    /// Whether the owners changed already (no abort from here).
+    pub fn flipped(self) -> bool {
+        matches!(
+            self,
+            SwitchoverPhase::FlipBarrier | SwitchoverPhase::Unfence | SwitchoverPhase::Completed
+        )
+    }
+}
+
+impl fmt::Display for SwitchoverPhase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        f.write_str(&text)
+    }
+}
+
+/// A phase as it ran.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PhaseRecord {
+    /// The phase.
+    pub phase: SwitchoverPhase,
+    /// When it started (RFC 3339, UTC).
+    pub started: String,
+    /// How long it took, once it is over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub millis: Option<u64>,
+    /// What happened (laggards, positions, revisions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Replication of one shard.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ShardPosition {
+    /// The shard.
+    pub shard: u32,
+    /// The service whose probe answered.
+    pub service: String,
+    /// The last log position that changed the shard at its owner.
+    pub written: i64,
+    /// The position its standby confirmed.
+    pub acknowledged: i64,
 }

@@ -111,6 +111,9 @@ impl<'a> Validator<'a> {
                 Spec::Gateway(spec) => self.gateway(located, spec),
                 Spec::App(spec) => self.app(located, spec),
                 Spec::Endpoints(spec) => self.endpoints(located, spec),
+                // A record of the control plane's work, checked when it is
+                // started; it never makes the rest of the state invalid.
+                Spec::Switchover(_) => {}
             }
         }
         self.single_gzone();
@@ -457,6 +460,27 @@ impl<'a> Validator<'a> {
     }
 
     fn service(&mut self, located: &Located, spec: &ServiceSpec) {
+        if let Some(replication) = &spec.replication {
+            if spec.kind != ServiceKind::Unitized {
+                report!(
+                    self,
+                    located,
+                    "spec.replication",
+                    "only a unitized service has shards to replicate; remove replication or make the service unitized"
+                );
+            }
+            if !replication.probe.starts_with('/')
+                || replication.probe.contains(char::is_whitespace)
+            {
+                report!(
+                    self,
+                    located,
+                    "spec.replication.probe",
+                    "`{}` is not an HTTP path; write it like /replication/positions",
+                    replication.probe
+                );
+            }
+        }
         match (spec.kind, &spec.shard_rule) {
             (ServiceKind::Unitized, None) => {
                 report!(

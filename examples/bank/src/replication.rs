@@ -59,12 +59,12 @@ pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
     loop {
         let mut busy = false;
         if let Some(view) = bank.cell.view() {
-            // Standby cell -> the shards it stands by for (all shards of the
-            // map, owned or not: a shard's entries stay in this log after it
-            // moves, and its standby must still get them).
-            let shards = view.table.shards(view.service).unwrap_or(0);
+            // Standby cell -> the shards it stands by for, among the shards
+            // this cell owns (fenced ones included: the sync gate waits for
+            // them). Only a shard's owner ships it, so a standby's copy of a
+            // shard always comes from the cell that last wrote it.
             let mut standbys: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-            for shard in 0..shards {
+            for shard in view.owned_shards() {
                 if let Some(standby) = view.standby(shard)
                     && standby != bank.cell.identity().cell
                 {

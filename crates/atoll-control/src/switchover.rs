@@ -1,0 +1,1290 @@
+//! Planned switchovers: moving shard ranges between cells without losing or
+//! repeating an acknowledged write (ARCHITECTURE.md, "Switchover";
+//! docs/switchover.md).
+//!
+//! A switchover is a `Switchover` resource in the store; every phase change
+//! is a commit, and the commits that change the shard map (fence, flip,
+//! unfence, abort) change the Switchover in the same commit, so the stored
+//! phase always says what the map holds. A control plane that restarts finds
+//! the unfinished ones and drives them on from their phase:
+//!
+//! ```text
+//! Pending -> Fence -> FenceBarrier -> SyncGate -> Flip -> FlipBarrier -> Unfence -> Completed
+//!               \___________\____________\___ (abort, timeout) ___> Aborted
+//! ```
+//!
+//! Barriers wait for every node the control plane knows (gateways, app
+//! instances through the SDK, agents), connected or not: a disconnected node
+//! may still serve with the map it had. Before the flip, a barrier or sync
+//! gate that times out aborts (the shards serve at their old owner again,
+//! nothing was lost); after the flip there is no way back, so the flip
+//! barrier keeps waiting and names its laggards.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use atoll_api::rest::{NodeSelector, PlanCheck, SwitchoverPlan, SwitchoverRequest};
+use atoll_model::{
+    Assignment, DurationValue, Kind, Located, Metadata, Origin, PhaseRecord, Resource, ResourceKey,
+    ShardMapSpec, ShardMove, ShardPosition, ShardRange, ShardState, Spec, SwitchoverPhase,
+    SwitchoverSpec, diff,
+};
+use parking_lot::Mutex;
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use crate::nodes::rfc3339;
+use crate::service::{Author, ChangeSet, Control, ControlError};
+
+/// How often the sync gate reads the replication probes.
+const PROBE_INTERVAL: Duration = Duration::from_millis(50);
+/// How long one probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Runs switchovers.
+pub(crate) struct Switchovers {
+    control: Arc<Control>,
+    http: reqwest::Client,
+    running: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Switchovers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Switchovers")
+            .field("running", &*self.running.lock())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The shard map and switchover as stored, with their revisions.
+struct Loaded {
+    switchover: Resource,
+    spec: SwitchoverSpec,
+    map: Resource,
+    map_spec: ShardMapSpec,
+}
+
+impl Switchovers {
+    pub(crate) fn new(control: Arc<Control>) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(PROBE_TIMEOUT)
+            .no_proxy()
+            .build()
+            .unwrap_or_default();
+        Arc::new(Self {
+            control,
+            http,
+            running: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Resumes every unfinished switchover (after a restart).
+    pub(crate) async fn resume(self: &Arc<Self>) -> Result<(), ControlError> {
+        let snapshot = self.control.store.snapshot().await?;
+        for resource in &snapshot.resources {
+            if let Spec::Switchover(spec) = &resource.spec
+                && !spec.phase.is_final()
+            {
+                tracing::info!(switchover = resource.name(), phase = %spec.phase, "resuming a switchover");
+                self.spawn(resource.name().to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn(self: &Arc<Self>, name: String) {
+        if !self.running.lock().insert(name.clone()) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.drive(&name).await;
+            this.running.lock().remove(&name);
+        });
+    }
+
+    /// Plans, and unless a dry run, starts.
+    pub(crate) async fn start(
+        self: &Arc<Self>,
+        request: SwitchoverRequest,
+        author: &Author,
+    ) -> Result<SwitchoverPlan, ControlError> {
+        let snapshot = self.control.store.snapshot().await?;
+        let resources = &snapshot.resources;
+        let maps: Vec<&Resource> = resources
+            .iter()
+            .filter(|r| r.kind() == Kind::ShardMap)
+            .collect();
+        let map = match &request.shard_map {
+            Some(name) => maps
+                .iter()
+                .find(|m| m.name() == name)
+                .copied()
+                .ok_or_else(|| {
+                    ControlError::NotFound(format!(
+                        "shardmap/{name} does not exist; `atoll get shardmaps` lists them"
+                    ))
+                })?,
+            None => match maps.as_slice() {
+                [only] => *only,
+                [] => {
+                    return Err(ControlError::BadRequest(
+                        "there is no ShardMap to switch over".into(),
+                    ));
+                }
+                _ => {
+                    return Err(ControlError::BadRequest(format!(
+                        "there are {} shard maps; name one with --shard-map",
+                        maps.len()
+                    )));
+                }
+            },
+        };
+        let Spec::ShardMap(map_spec) = &map.spec else {
+            return Err(ControlError::Unavailable(
+                "a ShardMap without its spec".into(),
+            ));
+        };
+        if let Some(active) = active_on(resources, map.name()) {
+            return Err(ControlError::Conflict(format!(
+                "switchover/{active} is still running on shardmap/{}; wait for it (atoll switchover status {active}) or abort it",
+                map.name()
+            )));
+        }
+        let moves = moves_for(map_spec, &request, resources)?;
+        let barrier_timeout = duration(&request.barrier_timeout, "barrierTimeout", 10)?;
+        let sync_timeout = duration(&request.sync_timeout, "syncTimeout", 10)?;
+        let name = match &request.name {
+            Some(name) => name.clone(),
+            None => format!(
+                "{}-{}",
+                map.name(),
+                OffsetDateTime::now_utc().unix_timestamp()
+            ),
+        };
+        if let Some(problem) = atoll_model::names::dns_label_problem(&name) {
+            return Err(ControlError::BadRequest(format!(
+                "switchover name `{name}`: {problem}"
+            )));
+        }
+        if resources
+            .iter()
+            .any(|r| r.kind() == Kind::Switchover && r.name() == name)
+        {
+            return Err(ControlError::Conflict(format!(
+                "switchover/{name} exists already; choose another --name"
+            )));
+        }
+
+        // The plan: the diff, the checks, the window to expect.
+        let mut flipped = map_spec.clone();
+        for m in &moves {
+            set_range(&mut flipped, m.shards, |a| {
+                a.cell = m.to.clone();
+                a.standby = Some(m.from.clone());
+            });
+        }
+        flipped.epoch = map_spec.epoch + 1;
+        let after = Resource {
+            metadata: map.metadata.clone(),
+            spec: Spec::ShardMap(flipped),
+        };
+        let mut checks = self.checks(resources, map_spec, &moves, &request).await;
+        let probes = self.positions(resources, map_spec, &moves).await;
+        let lag: i64 = probes
+            .as_ref()
+            .map(|p| p.iter().map(|s| (s.written - s.acknowledged).max(0)).sum())
+            .unwrap_or(0);
+        match (&probes, request.skip_sync_gate) {
+            (_, true) => checks.push(PlanCheck {
+                check: "sync gate".into(),
+                result: "warning".into(),
+                detail:
+                    "skipped on request: writes not yet replicated when the shards flip are lost"
+                        .into(),
+            }),
+            (Ok(positions), false) => checks.push(PlanCheck {
+                check: "replication".into(),
+                result: "ok".into(),
+                detail: format!(
+                    "{} shards probed; the targets are {lag} log positions behind in all",
+                    positions.len()
+                ),
+            }),
+            (Err(problem), false) => checks.push(PlanCheck {
+                check: "replication".into(),
+                result: if problem.blocking {
+                    "blocking"
+                } else {
+                    "warning"
+                }
+                .into(),
+                detail: problem.text.clone(),
+            }),
+        }
+        let shard_count: u32 = moves
+            .iter()
+            .map(|m| m.shards.end - m.shards.start + 1)
+            .sum();
+        let plan = SwitchoverPlan {
+            name: name.clone(),
+            shard_map: map.name().to_owned(),
+            epoch: map_spec.epoch,
+            moves: moves
+                .iter()
+                .map(|m| serde_json::json!({"shards": m.shards.to_string(), "from": m.from, "to": m.to}))
+                .collect(),
+            shard_count,
+            diff: diff(&map.key().to_string(), Some(map), Some(&after)),
+            checks,
+            expected_fence_window: format!(
+                "two barriers over {} nodes (milliseconds each when every node is connected) plus the sync gate: {lag} log positions to replicate now; the sync gate gives up after {}",
+                self.control.nodes.list().len(),
+                humantime::format_duration(sync_timeout)
+            ),
+            dry_run: request.dry_run,
+        };
+        if request.dry_run {
+            return Ok(plan);
+        }
+        let blocking: Vec<String> = plan
+            .checks
+            .iter()
+            .filter(|c| c.result == "blocking")
+            .map(|c| format!("{}: {}", c.check, c.detail))
+            .collect();
+        if !blocking.is_empty() {
+            return Err(ControlError::Conflict(format!(
+                "the switchover cannot start: {}",
+                blocking.join("; ")
+            )));
+        }
+        let spec = SwitchoverSpec {
+            shard_map: map.name().to_owned(),
+            moves,
+            barrier_timeout: DurationValue(barrier_timeout),
+            sync_timeout: DurationValue(sync_timeout),
+            skip_sync_gate: request.skip_sync_gate,
+            reason: request.reason.clone(),
+            phase: SwitchoverPhase::Pending,
+            abort_requested: false,
+            timeline: vec![PhaseRecord {
+                phase: SwitchoverPhase::Pending,
+                started: now(),
+                millis: None,
+                detail: Some(format!("requested by {}", author.name)),
+            }],
+            epoch_before: Some(map_spec.epoch),
+            fence_revision: None,
+            flip_revision: None,
+            positions: Vec::new(),
+            message: None,
+        };
+        let resource = Resource {
+            metadata: Metadata {
+                name: name.clone(),
+                resource_version: Some(0),
+                ..Metadata::default()
+            },
+            spec: Spec::Switchover(spec),
+        };
+        self.commit(vec![resource], &name, "requested").await?;
+        self.spawn(name);
+        Ok(plan)
+    }
+
+    /// Asks a running switchover to stop; refused after the flip.
+    pub(crate) async fn abort(
+        self: &Arc<Self>,
+        name: &str,
+        author: &Author,
+    ) -> Result<Resource, ControlError> {
+        for _ in 0..8 {
+            let mut resource = self
+                .control
+                .store
+                .get(&ResourceKey::new(Kind::Switchover, name))
+                .await?
+                .ok_or_else(|| {
+                    ControlError::NotFound(format!("switchover/{name} does not exist"))
+                })?;
+            let Spec::Switchover(spec) = &mut resource.spec else {
+                return Err(ControlError::Unavailable(
+                    "a Switchover without its spec".into(),
+                ));
+            };
+            if spec.phase.is_final() {
+                return Err(ControlError::Conflict(format!(
+                    "switchover/{name} is {} already",
+                    spec.phase
+                )));
+            }
+            if spec.phase.flipped() {
+                return Err(ControlError::Conflict(format!(
+                    "switchover/{name} has flipped the owners already ({}): it can only complete; a switchover back is a new switchover",
+                    spec.phase
+                )));
+            }
+            spec.abort_requested = true;
+            spec.message = Some(format!("abort requested by {}", author.name));
+            match self
+                .commit(vec![resource.clone()], name, "abort requested")
+                .await
+            {
+                Ok(_) => {
+                    self.spawn(name.to_owned());
+                    return Ok(resource);
+                }
+                Err(ControlError::Conflict(_)) => continue,
+                Err(other) => return Err(other),
+            }
+        }
+        Err(ControlError::Unavailable(format!(
+            "switchover/{name} kept changing; try again"
+        )))
+    }
+
+    /// Commits resources (each at the revision it was read at), as the
+    /// switchover; returns the revision.
+    async fn commit(
+        &self,
+        resources: Vec<Resource>,
+        name: &str,
+        what: &str,
+    ) -> Result<u64, ControlError> {
+        let origin: Arc<str> = Arc::from(format!("switchover/{name}"));
+        let set = ChangeSet {
+            puts: resources
+                .into_iter()
+                .map(|resource| Located {
+                    resource,
+                    origin: Origin::Generated {
+                        what: origin.clone(),
+                    },
+                })
+                .collect(),
+            internal: true,
+            ..ChangeSet::default()
+        };
+        let author = Author {
+            name: format!("switchover/{name}"),
+            message: Some(what.to_owned()),
+        };
+        let response = self.control.apply(set, false, &author).await?;
+        Ok(response.revision)
+    }
+
+    async fn load(&self, name: &str) -> Result<Loaded, ControlError> {
+        let switchover = self
+            .control
+            .store
+            .get(&ResourceKey::new(Kind::Switchover, name))
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("switchover/{name} was deleted")))?;
+        let Spec::Switchover(spec) = switchover.spec.clone() else {
+            return Err(ControlError::Unavailable(
+                "a Switchover without its spec".into(),
+            ));
+        };
+        let map = self
+            .control
+            .store
+            .get(&ResourceKey::new(Kind::ShardMap, spec.shard_map.clone()))
+            .await?
+            .ok_or_else(|| {
+                ControlError::NotFound(format!("shardmap/{} was deleted", spec.shard_map))
+            })?;
+        let Spec::ShardMap(map_spec) = map.spec.clone() else {
+            return Err(ControlError::Unavailable(
+                "a ShardMap without its spec".into(),
+            ));
+        };
+        Ok(Loaded {
+            switchover,
+            spec,
+            map,
+            map_spec,
+        })
+    }
+
+    /// Drives one switchover to a final phase (or until the control plane
+    /// stops; a restart resumes it).
+    async fn drive(&self, name: &str) {
+        let mut shutdown = self.control.shutdown.clone();
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let loaded = match self.load(name).await {
+                Ok(loaded) => loaded,
+                Err(ControlError::NotFound(text)) => {
+                    tracing::warn!(switchover = name, "stopping: {text}");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(switchover = name, %error, "cannot read the switchover; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            if loaded.spec.phase.is_final() {
+                return;
+            }
+            let phase = loaded.spec.phase;
+            let step = tokio::select! {
+                step = self.step(loaded) => step,
+                _ = shutdown.changed() => return,
+            };
+            if let Err(error) = step {
+                tracing::warn!(switchover = name, %phase, %error, "switchover step failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    /// Does what the phase says, and persists the next phase.
+    async fn step(&self, mut loaded: Loaded) -> Result<(), ControlError> {
+        let name = loaded.switchover.name().to_owned();
+        let spec = &mut loaded.spec;
+        if spec.abort_requested && !spec.phase.flipped() {
+            let message = spec
+                .message
+                .clone()
+                .unwrap_or_else(|| "abort requested".into());
+            return self.abort_now(loaded, message).await;
+        }
+        match spec.phase {
+            SwitchoverPhase::Pending => {
+                enter(spec, SwitchoverPhase::Fence, None);
+                self.save(loaded, &name, "fence").await
+            }
+            SwitchoverPhase::Fence => {
+                let moves = spec.moves.clone();
+                for m in &moves {
+                    let owned = owners_in(&loaded.map_spec, m.shards);
+                    if owned.iter().any(|(cell, _)| *cell != m.from) {
+                        let message = format!(
+                            "shards {} are no longer all owned by {}; nothing was fenced",
+                            m.shards, m.from
+                        );
+                        return self.abort_now(loaded, message).await;
+                    }
+                    set_range(&mut loaded.map_spec, m.shards, |a| {
+                        a.state = ShardState::Fenced
+                    });
+                }
+                enter(spec, SwitchoverPhase::FenceBarrier, None);
+                self.save_with_map(loaded, &name, "fence the moving shards")
+                    .await
+            }
+            SwitchoverPhase::FenceBarrier => {
+                let version = loaded.map.metadata.resource_version.unwrap_or(0);
+                let result = self
+                    .control
+                    .nodes
+                    .barrier(&NodeSelector::default(), version, 0, spec.barrier_timeout.0)
+                    .await;
+                if !result.reached {
+                    let message = format!(
+                        "the fence barrier on version {version} timed out after {}: {}; nothing moved",
+                        humantime::format_duration(spec.barrier_timeout.0),
+                        laggards(&result.laggards)
+                    );
+                    return self.abort_now(loaded, message).await;
+                }
+                spec.fence_revision = Some(version);
+                let detail = format!("{} nodes run version {version}", result.matched);
+                let next = if spec.skip_sync_gate {
+                    SwitchoverPhase::Flip
+                } else {
+                    SwitchoverPhase::SyncGate
+                };
+                enter(spec, next, Some(detail));
+                self.save(loaded, &name, "fence barrier reached").await
+            }
+            SwitchoverPhase::SyncGate => {
+                let started = phase_started(spec);
+                let deadline = started + spec.sync_timeout.0;
+                loop {
+                    let snapshot = self.control.store.snapshot().await?;
+                    let positions = self
+                        .positions(&snapshot.resources, &loaded.map_spec, &spec.moves)
+                        .await;
+                    match positions {
+                        Ok(positions) if positions.iter().all(|p| p.acknowledged >= p.written) => {
+                            let detail =
+                                format!("{} shards caught up at their standby", positions.len());
+                            spec.positions = positions;
+                            enter(spec, SwitchoverPhase::Flip, Some(detail));
+                            return self.save(loaded, &name, "sync gate passed").await;
+                        }
+                        Ok(positions) if Instant::now() >= deadline => {
+                            let behind: Vec<String> = positions
+                                .iter()
+                                .filter(|p| p.acknowledged < p.written)
+                                .take(10)
+                                .map(|p| {
+                                    format!(
+                                        "shard {} ({} at {}, standby at {})",
+                                        p.shard, p.service, p.written, p.acknowledged
+                                    )
+                                })
+                                .collect();
+                            let message = format!(
+                                "the sync gate timed out after {}: the targets are behind on {}; nothing moved",
+                                humantime::format_duration(spec.sync_timeout.0),
+                                behind.join(", ")
+                            );
+                            spec.positions = positions;
+                            return self.abort_now(loaded, message).await;
+                        }
+                        Err(problem) if Instant::now() >= deadline => {
+                            let message = format!(
+                                "the sync gate timed out after {}: {}; nothing moved",
+                                humantime::format_duration(spec.sync_timeout.0),
+                                problem.text
+                            );
+                            return self.abort_now(loaded, message).await;
+                        }
+                        _ => {}
+                    }
+                    tokio::time::sleep(PROBE_INTERVAL).await;
+                    // An abort asked meanwhile is seen on the next step.
+                    if self.abort_asked(&name).await {
+                        return Ok(());
+                    }
+                }
+            }
+            SwitchoverPhase::Flip => {
+                let moves = spec.moves.clone();
+                for m in &moves {
+                    let owners = owners_in(&loaded.map_spec, m.shards);
+                    if owners
+                        .iter()
+                        .any(|(cell, state)| *cell != m.from || *state != ShardState::Fenced)
+                    {
+                        let message = format!(
+                            "shards {} are no longer fenced at {}; the flip did not happen",
+                            m.shards, m.from
+                        );
+                        return self.abort_now(loaded, message).await;
+                    }
+                    set_range(&mut loaded.map_spec, m.shards, |a| {
+                        a.cell = m.to.clone();
+                        a.standby = Some(m.from.clone());
+                    });
+                }
+                // The control plane assigns epoch + 1 to an ownership change.
+                spec.epoch_before = Some(loaded.map_spec.epoch);
+                loaded.map_spec.epoch = 0;
+                enter(spec, SwitchoverPhase::FlipBarrier, None);
+                self.save_with_map(loaded, &name, "flip the owners").await
+            }
+            SwitchoverPhase::FlipBarrier => {
+                let version = loaded.map.metadata.resource_version.unwrap_or(0);
+                let result = self
+                    .control
+                    .nodes
+                    .barrier(&NodeSelector::default(), version, 0, spec.barrier_timeout.0)
+                    .await;
+                if !result.reached {
+                    // No way back after the flip: keep waiting, say for whom.
+                    let message = format!(
+                        "waiting for every node to run version {version} (the new owners): {}; the moving shards stay fenced meanwhile (`atoll nodes forget` a node that is gone for good)",
+                        laggards(&result.laggards)
+                    );
+                    if spec.message.as_deref() != Some(message.as_str()) {
+                        spec.message = Some(message);
+                        self.save(loaded, &name, "flip barrier waiting").await?;
+                    }
+                    return Ok(());
+                }
+                spec.flip_revision = Some(version);
+                spec.message = None;
+                let detail = format!(
+                    "{} nodes run version {version}, epoch {}",
+                    result.matched, loaded.map_spec.epoch
+                );
+                enter(spec, SwitchoverPhase::Unfence, Some(detail));
+                self.save(loaded, &name, "flip barrier reached").await
+            }
+            SwitchoverPhase::Unfence => {
+                for m in &spec.moves.clone() {
+                    set_range(&mut loaded.map_spec, m.shards, |a| {
+                        if a.cell == m.to {
+                            a.state = ShardState::Serving;
+                        }
+                    });
+                }
+                enter(spec, SwitchoverPhase::Completed, None);
+                self.save_with_map(loaded, &name, "unfence at the new owners")
+                    .await
+            }
+            SwitchoverPhase::Completed | SwitchoverPhase::Aborted => Ok(()),
+        }
+    }
+
+    async fn abort_asked(&self, name: &str) -> bool {
+        matches!(
+            self.control
+                .store
+                .get(&ResourceKey::new(Kind::Switchover, name))
+                .await,
+            Ok(Some(Resource { spec: Spec::Switchover(spec), .. })) if spec.abort_requested
+        )
+    }
+
+    /// Unfences what this switchover fenced and ends it as Aborted.
+    async fn abort_now(&self, mut loaded: Loaded, message: String) -> Result<(), ControlError> {
+        let name = loaded.switchover.name().to_owned();
+        tracing::warn!(switchover = %name, %message, "switchover aborted");
+        let spec = &mut loaded.spec;
+        let mut unfence = false;
+        for m in &spec.moves.clone() {
+            set_range(&mut loaded.map_spec, m.shards, |a| {
+                if a.cell == m.from && a.state == ShardState::Fenced {
+                    a.state = ShardState::Serving;
+                    unfence = true;
+                }
+            });
+        }
+        spec.message = Some(message.clone());
+        enter(spec, SwitchoverPhase::Aborted, Some(message));
+        if unfence && phase_fenced(&loaded) {
+            self.save_with_map(loaded, &name, "abort: unfence").await
+        } else {
+            self.save(loaded, &name, "abort").await
+        }
+    }
+
+    async fn save(&self, loaded: Loaded, name: &str, what: &str) -> Result<(), ControlError> {
+        let mut switchover = loaded.switchover;
+        switchover.spec = Spec::Switchover(loaded.spec);
+        self.commit(vec![switchover], name, what).await.map(|_| ())
+    }
+
+    async fn save_with_map(
+        &self,
+        loaded: Loaded,
+        name: &str,
+        what: &str,
+    ) -> Result<(), ControlError> {
+        let mut switchover = loaded.switchover;
+        switchover.spec = Spec::Switchover(loaded.spec);
+        let mut map = loaded.map;
+        map.spec = Spec::ShardMap(loaded.map_spec);
+        self.commit(vec![map, switchover], name, what)
+            .await
+            .map(|_| ())
+    }
+
+    /// Health and capacity of the targets.
+    async fn checks(
+        &self,
+        resources: &[Resource],
+        map: &ShardMapSpec,
+        moves: &[ShardMove],
+        request: &SwitchoverRequest,
+    ) -> Vec<PlanCheck> {
+        let status = crate::health::cell_status(resources, &self.control.nodes.list());
+        let mut checks = Vec::new();
+        let targets: std::collections::BTreeSet<&str> =
+            moves.iter().map(|m| m.to.as_str()).collect();
+        for target in targets {
+            let incoming: u32 = moves
+                .iter()
+                .filter(|m| m.to == target)
+                .map(|m| m.shards.end - m.shards.start + 1)
+                .sum();
+            let owned: u32 = map
+                .assignments
+                .iter()
+                .filter(|a| a.cell == target)
+                .map(|a| a.shards.end - a.shards.start + 1)
+                .sum();
+            match status.get(target) {
+                Some(s) if s.health == "Unhealthy" => checks.push(PlanCheck {
+                    check: format!("health of {target}"),
+                    result: "blocking".into(),
+                    detail: format!(
+                        "{target} is unhealthy: {}",
+                        s.reason.clone().unwrap_or_default()
+                    ),
+                }),
+                Some(s) => {
+                    let ready = s.ready_instances;
+                    let detail = if s.health == "Unmanaged" {
+                        format!(
+                            "{target} runs no App Atoll manages: its capacity is unknown; it goes from {owned} to {} shards",
+                            owned + incoming
+                        )
+                    } else {
+                        format!(
+                            "{target} has {ready} ready instances and goes from {owned} to {} shards ({:.1} shards per instance)",
+                            owned + incoming,
+                            f64::from(owned + incoming) / ready.max(1) as f64
+                        )
+                    };
+                    // Taking on more than twice its shards is worth a look.
+                    let heavy = owned > 0 && owned + incoming > owned * 2 + 1;
+                    checks.push(PlanCheck {
+                        check: format!("capacity of {target}"),
+                        result: if heavy { "warning" } else { "ok" }.into(),
+                        detail: if heavy {
+                            format!("{detail}: more than twice its load today; check its headroom")
+                        } else {
+                            detail
+                        },
+                    });
+                }
+                None => checks.push(PlanCheck {
+                    check: format!("health of {target}"),
+                    result: "blocking".into(),
+                    detail: format!("cell {target} does not exist"),
+                }),
+            }
+        }
+        let (connected, disconnected) = self.control.nodes.counts();
+        checks.push(PlanCheck {
+            check: "nodes".into(),
+            result: if disconnected > 0 { "warning" } else { "ok" }.into(),
+            detail: if disconnected > 0 {
+                format!("{disconnected} known nodes are disconnected: the barriers will wait for them and abort (atoll nodes; forget the ones gone for good)")
+            } else {
+                format!("{connected} nodes connected; the barriers wait for all of them")
+            },
+        });
+        let _ = request;
+        checks
+    }
+
+    /// Replication positions of the moving shards, read from the source
+    /// cells' probes, for every service that declares one on this map's
+    /// rule.
+    async fn positions(
+        &self,
+        resources: &[Resource],
+        map: &ShardMapSpec,
+        moves: &[ShardMove],
+    ) -> Result<Vec<ShardPosition>, ProbeProblem> {
+        let services: Vec<(&str, &str)> = resources
+            .iter()
+            .filter_map(|r| match &r.spec {
+                Spec::Service(s) if s.shard_rule.as_deref() == Some(map.rule.as_str()) => {
+                    Some((r.name(), s))
+                }
+                _ => None,
+            })
+            .filter_map(|(name, s)| s.replication.as_ref().map(|rep| (name, rep.probe.as_str())))
+            .collect();
+        if services.is_empty() {
+            return Err(ProbeProblem {
+                blocking: true,
+                text: format!(
+                    "no service on shard rule `{}` declares `replication.probe`, so nothing says the targets hold the data; declare it, or pass --skip-sync-gate for stateless services",
+                    map.rule
+                ),
+            });
+        }
+        let mut out = Vec::new();
+        for (service, probe) in services {
+            let mut by_cell: BTreeMap<&str, Vec<&ShardMove>> = BTreeMap::new();
+            for m in moves {
+                by_cell.entry(m.from.as_str()).or_default().push(m);
+            }
+            for (cell, cell_moves) in by_cell {
+                let answer = self.probe(resources, service, cell, probe).await?;
+                for m in cell_moves {
+                    for shard in m.shards.start..=m.shards.end {
+                        let Some(entry) = answer.shards.iter().find(|s| s.shard == shard) else {
+                            return Err(ProbeProblem {
+                                blocking: false,
+                                text: format!(
+                                    "the probe of {service} in {cell} does not list shard {shard}; its instances may not run the current map yet"
+                                ),
+                            });
+                        };
+                        if entry.standby.as_deref() != Some(m.to.as_str()) {
+                            return Err(ProbeProblem {
+                                blocking: true,
+                                text: format!(
+                                    "{service} in {cell} replicates shard {shard} to {}, not to {}: make {} its standby and wait until it caught up",
+                                    entry.standby.as_deref().unwrap_or("no cell"),
+                                    m.to,
+                                    m.to
+                                ),
+                            });
+                        }
+                        out.push(ShardPosition {
+                            shard,
+                            service: service.to_owned(),
+                            written: entry.written,
+                            acknowledged: entry.acknowledged,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Asks the ready instances of `service` in `cell`, one after the other,
+    /// until one answers.
+    async fn probe(
+        &self,
+        resources: &[Resource],
+        service: &str,
+        cell: &str,
+        path: &str,
+    ) -> Result<ProbeAnswer, ProbeProblem> {
+        let mut addresses: Vec<&str> = Vec::new();
+        for r in resources {
+            match &r.spec {
+                Spec::Endpoints(e) if e.service == service => addresses.extend(
+                    e.endpoints
+                        .iter()
+                        .filter(|x| x.cell == cell && x.ready)
+                        .map(|x| x.address.as_str()),
+                ),
+                Spec::Service(s) if r.name() == service => addresses.extend(
+                    s.endpoints
+                        .iter()
+                        .filter(|x| x.cell == cell)
+                        .map(|x| x.address.as_str()),
+                ),
+                _ => {}
+            }
+        }
+        if addresses.is_empty() {
+            return Err(ProbeProblem {
+                blocking: false,
+                text: format!(
+                    "{service} has no ready instance in {cell} to ask for its replication positions"
+                ),
+            });
+        }
+        let mut last = String::new();
+        for address in addresses {
+            let url = format!("http://{address}{path}");
+            match self.http.get(&url).send().await {
+                Ok(response) if response.status().is_success() => {
+                    match response.json::<ProbeAnswer>().await {
+                        Ok(answer) => return Ok(answer),
+                        Err(e) => {
+                            last = format!("{url} answered something else than positions: {e}")
+                        }
+                    }
+                }
+                Ok(response) => last = format!("{url} answered {}", response.status()),
+                Err(e) => last = format!("{url}: {e}"),
+            }
+        }
+        Err(ProbeProblem {
+            blocking: false,
+            text: format!(
+                "no instance of {service} in {cell} answered its replication probe ({last})"
+            ),
+        })
+    }
+}
+
+#[derive(Debug)]
+struct ProbeProblem {
+    /// Whether waiting cannot help.
+    blocking: bool,
+    text: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ProbeAnswer {
+    shards: Vec<ProbeShard>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ProbeShard {
+    shard: u32,
+    written: i64,
+    acknowledged: i64,
+    #[serde(default)]
+    standby: Option<String>,
+}
+
+fn now() -> String {
+    rfc3339(OffsetDateTime::now_utc())
+}
+
+/// Closes the current phase record and opens `next`.
+fn enter(spec: &mut SwitchoverSpec, next: SwitchoverPhase, detail: Option<String>) {
+    let now_time = OffsetDateTime::now_utc();
+    if let Some(last) = spec.timeline.last_mut() {
+        if last.millis.is_none() {
+            let started = OffsetDateTime::parse(
+                &last.started,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap_or(now_time);
+            last.millis =
+                Some(u64::try_from((now_time - started).whole_milliseconds()).unwrap_or(0));
+        }
+        if detail.is_some() {
+            last.detail = detail;
+        }
+    }
+    spec.phase = next;
+    spec.timeline.push(PhaseRecord {
+        phase: next,
+        started: rfc3339(now_time),
+        millis: next.is_final().then_some(0),
+        detail: None,
+    });
+}
+
+/// When the current phase started, as an `Instant` (for deadlines that
+/// survive a restart: a resumed sync gate keeps its deadline).
+fn phase_started(spec: &SwitchoverSpec) -> Instant {
+    let started = spec
+        .timeline
+        .last()
+        .and_then(|r| {
+            OffsetDateTime::parse(&r.started, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .unwrap_or_else(OffsetDateTime::now_utc);
+    let ago = (OffsetDateTime::now_utc() - started)
+        .try_into()
+        .unwrap_or(Duration::ZERO);
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+}
+
+/// Whether the map may hold this switchover's fence (it fenced already).
+fn phase_fenced(loaded: &Loaded) -> bool {
+    loaded
+        .spec
+        .timeline
+        .iter()
+        .any(|r| r.phase == SwitchoverPhase::FenceBarrier)
+}
+
+fn laggards(list: &[atoll_api::rest::Laggard]) -> String {
+    let names: Vec<String> = list
+        .iter()
+        .take(10)
+        .map(|l| {
+            format!(
+                "{} ({}, at {})",
+                l.name,
+                if l.connected {
+                    "connected"
+                } else {
+                    "disconnected"
+                },
+                l.applied_version
+            )
+        })
+        .collect();
+    let more = list.len().saturating_sub(names.len());
+    if more > 0 {
+        format!("{} and {more} more lag", names.join(", "))
+    } else {
+        format!("{} lag", names.join(", "))
+    }
+}
+
+fn duration(text: &Option<String>, field: &str, default: u64) -> Result<Duration, ControlError> {
+    match text {
+        None => Ok(Duration::from_secs(default)),
+        Some(text) => {
+            let value = humantime::parse_duration(text).map_err(|e| {
+                ControlError::BadRequest(format!(
+                    "{field} `{text}` is not a duration ({e}); write it like 10s"
+                ))
+            })?;
+            if value < Duration::from_millis(100) || value > Duration::from_secs(600) {
+                return Err(ControlError::BadRequest(format!(
+                    "{field} must be between 100ms and 10m, not {text}"
+                )));
+            }
+            Ok(value)
+        }
+    }
+}
+
+/// The name of the unfinished switchover on `map`, if any.
+pub(crate) fn active_on(resources: &[Resource], map: &str) -> Option<String> {
+    resources.iter().find_map(|r| match &r.spec {
+        Spec::Switchover(s) if s.shard_map == map && !s.phase.is_final() => {
+            Some(r.name().to_owned())
+        }
+        _ => None,
+    })
+}
+
+/// `(owner, state)` of every shard in `range`.
+fn owners_in(map: &ShardMapSpec, range: ShardRange) -> Vec<(String, ShardState)> {
+    (range.start..=range.end)
+        .filter_map(|shard| {
+            map.assignments
+                .iter()
+                .find(|a| a.shards.contains(shard))
+                .map(|a| (a.cell.clone(), a.state))
+        })
+        .collect()
+}
+
+/// Applies `change` to the assignments of the shards in `range`, splitting
+/// ranges where needed, then merges neighbours that became equal.
+fn set_range(map: &mut ShardMapSpec, range: ShardRange, mut change: impl FnMut(&mut Assignment)) {
+    let mut out: Vec<Assignment> = Vec::with_capacity(map.assignments.len() + 2);
+    let mut assignments = std::mem::take(&mut map.assignments);
+    assignments.sort_by_key(|a| a.shards.start);
+    for a in assignments {
+        let (start, end) = (a.shards.start, a.shards.end);
+        if end < range.start || start > range.end {
+            out.push(a);
+            continue;
+        }
+        if start < range.start {
+            let mut before = a.clone();
+            before.shards = ShardRange {
+                start,
+                end: range.start - 1,
+            };
+            out.push(before);
+        }
+        let mut inside = a.clone();
+        inside.shards = ShardRange {
+            start: start.max(range.start),
+            end: end.min(range.end),
+        };
+        change(&mut inside);
+        out.push(inside);
+        if end > range.end {
+            let mut after = a;
+            after.shards = ShardRange {
+                start: range.end + 1,
+                end,
+            };
+            out.push(after);
+        }
+    }
+    // Merge adjacent equal assignments.
+    let mut merged: Vec<Assignment> = Vec::with_capacity(out.len());
+    for a in out {
+        if let Some(last) = merged.last_mut()
+            && last.shards.end + 1 == a.shards.start
+            && last.cell == a.cell
+            && last.standby == a.standby
+            && last.state == a.state
+        {
+            last.shards.end = a.shards.end;
+            continue;
+        }
+        merged.push(a);
+    }
+    map.assignments = merged;
+}
+
+/// What moves where, from a request.
+fn moves_for(
+    map: &ShardMapSpec,
+    request: &SwitchoverRequest,
+    resources: &[Resource],
+) -> Result<Vec<ShardMove>, ControlError> {
+    let cell_exists = |name: &str| {
+        resources
+            .iter()
+            .any(|r| r.kind() == Kind::Cell && r.name() == name)
+    };
+    for (flag, cell) in [("--from", &request.from), ("--to", &request.to)] {
+        if let Some(cell) = cell
+            && !cell_exists(cell)
+        {
+            return Err(ControlError::BadRequest(format!(
+                "{flag} {cell}: no such cell; `atoll get cells` lists them"
+            )));
+        }
+    }
+    let range = match &request.shards {
+        Some(text) => Some(text.parse::<ShardRange>().map_err(|e| {
+            ControlError::BadRequest(format!("--shards {text}: {e}; write it like 0-9 or 7"))
+        })?),
+        None => None,
+    };
+    if range.is_none() && request.from.is_none() {
+        return Err(ControlError::BadRequest(
+            "say what moves: --from CELL (all its shards) or --shards RANGE (with --to CELL or to their standbys)".into(),
+        ));
+    }
+    let total = map
+        .assignments
+        .iter()
+        .map(|a| a.shards.end)
+        .max()
+        .map_or(0, |m| m + 1);
+    if let Some(r) = range
+        && r.end >= total
+    {
+        return Err(ControlError::BadRequest(format!(
+            "--shards {r}: the map has shards 0-{}",
+            total.saturating_sub(1)
+        )));
+    }
+    let mut moves: Vec<ShardMove> = Vec::new();
+    for a in &map.assignments {
+        let (mut start, mut end) = (a.shards.start, a.shards.end);
+        if let Some(r) = range {
+            if end < r.start || start > r.end {
+                continue;
+            }
+            start = start.max(r.start);
+            end = end.min(r.end);
+        }
+        if let Some(from) = &request.from
+            && &a.cell != from
+        {
+            continue;
+        }
+        if a.state == ShardState::Fenced {
+            return Err(ControlError::Conflict(format!(
+                "shards {}-{} are fenced already; unfence them (atoll apply) before a switchover",
+                start, end
+            )));
+        }
+        let to = match (&request.to, &a.standby) {
+            (Some(to), _) => to.clone(),
+            (None, Some(standby)) => standby.clone(),
+            (None, None) => {
+                return Err(ControlError::BadRequest(format!(
+                    "shards {start}-{end} of {} have no standby; say where they go with --to",
+                    a.cell
+                )));
+            }
+        };
+        if to == a.cell {
+            if range.is_some() && request.from.is_none() {
+                // A range that spans shards the target owns already: those stay.
+                continue;
+            }
+            return Err(ControlError::BadRequest(format!(
+                "shards {start}-{end} are owned by {to} already"
+            )));
+        }
+        let shards = ShardRange { start, end };
+        match moves.last_mut() {
+            Some(last) if last.from == a.cell && last.to == to && last.shards.end + 1 == start => {
+                last.shards.end = end;
+            }
+            _ => moves.push(ShardMove {
+                shards,
+                from: a.cell.clone(),
+                to,
+            }),
+        }
+    }
+    if moves.is_empty() {
+        return Err(ControlError::BadRequest(match (&request.from, range) {
+            (Some(from), Some(r)) => format!("{from} owns none of shards {r}"),
+            (Some(from), None) => format!("{from} owns no shard of this map"),
+            (None, Some(r)) => format!("shards {r} are owned by the target already"),
+            (None, None) => "nothing moves".into(),
+        }));
+    }
+    Ok(moves)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map() -> ShardMapSpec {
+        ShardMapSpec {
+            rule: "users".into(),
+            epoch: 1,
+            assignments: vec![
+                Assignment {
+                    shards: ShardRange { start: 0, end: 49 },
+                    cell: "rz01".into(),
+                    standby: Some("rz02".into()),
+                    state: ShardState::Serving,
+                },
+                Assignment {
+                    shards: ShardRange { start: 50, end: 99 },
+                    cell: "rz02".into(),
+                    standby: Some("rz01".into()),
+                    state: ShardState::Serving,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn set_range_splits_and_merges_back() {
+        let mut m = map();
+        let range = ShardRange { start: 10, end: 19 };
+        set_range(&mut m, range, |a| a.state = ShardState::Fenced);
+        let ranges: Vec<String> = m.assignments.iter().map(|a| a.shards.to_string()).collect();
+        assert_eq!(ranges, ["0-9", "10-19", "20-49", "50-99"]);
+        assert_eq!(m.assignments[1].state, ShardState::Fenced);
+        set_range(&mut m, range, |a| a.state = ShardState::Serving);
+        assert_eq!(m, map(), "unfencing restores the map exactly");
+    }
+
+    #[test]
+    fn moves_follow_the_request() {
+        let cells: Vec<Resource> = ["rz01", "rz02", "rz03"]
+            .iter()
+            .map(|name| Resource {
+                metadata: Metadata {
+                    name: (*name).into(),
+                    ..Metadata::default()
+                },
+                spec: Spec::Cell(atoll_model::CellSpec {
+                    zone: "hz-a".into(),
+                    cell_type: atoll_model::CellType::Rzone,
+                    weight: 100,
+                }),
+            })
+            .collect();
+        let whole = moves_for(
+            &map(),
+            &SwitchoverRequest {
+                from: Some("rz01".into()),
+                ..SwitchoverRequest::default()
+            },
+            &cells,
+        )
+        .expect("moves");
+        assert_eq!(whole.len(), 1);
+        assert_eq!(
+            (whole[0].shards.to_string(), whole[0].to.as_str()),
+            ("0-49".into(), "rz02")
+        );
+        let range = moves_for(
+            &map(),
+            &SwitchoverRequest {
+                shards: Some("40-59".into()),
+                to: Some("rz03".into()),
+                ..SwitchoverRequest::default()
+            },
+            &cells,
+        )
+        .expect("moves");
+        let described: Vec<String> = range
+            .iter()
+            .map(|m| format!("{}:{}->{}", m.shards, m.from, m.to))
+            .collect();
+        assert_eq!(described, ["40-49:rz01->rz03", "50-59:rz02->rz03"]);
+        let unknown = moves_for(
+            &map(),
+            &SwitchoverRequest {
+                from: Some("rz09".into()),
+                ..SwitchoverRequest::default()
+            },
+            &cells,
+        )
+        .expect_err("no such cell");
+        assert!(unknown.to_string().contains("no such cell"), "{unknown}");
+        let nothing = moves_for(&map(), &SwitchoverRequest::default(), &cells).expect_err("empty");
+        assert!(nothing.to_string().contains("say what moves"), "{nothing}");
+    }
+}
