@@ -1,0 +1,229 @@
+//! The switchover model: the correct protocol holds every invariant over every reachable
+//! state, and each deliberate flaw is caught with a counterexample.
+//!
+//! `cargo test -p atoll-verify -- --nocapture` prints state counts and the counterexamples.
+
+#![allow(clippy::expect_used, reason = "tests fail loudly")]
+
+use atoll_verify::switchover::{Config, Flaws, Kind, Switchover, property};
+use atoll_verify::{Report, Search, check};
+
+fn run(config: Config, search: Search) -> Report {
+    let model = Switchover::new(config).expect("valid configuration");
+    check(model, search)
+}
+
+/// Checks every reachable state: no `always` property violated, every `sometimes` reached.
+fn assert_holds(name: &str, config: Config, floor: usize) -> Report {
+    let report = run(config, Search::Exhaustive);
+    println!("{name}: {}", report.counts());
+    for (property, path) in &report.counterexamples {
+        println!("{name}: violated \"{property}\":\n{path}");
+    }
+    assert!(
+        report.counterexamples.is_empty(),
+        "{name}: violated {:?}",
+        report.counterexamples.keys()
+    );
+    assert!(
+        report.unreached.is_empty(),
+        "{name}: never reached {:?}; the model is (partly) vacuous",
+        report.unreached
+    );
+    assert!(
+        report.unique_states > floor,
+        "{name}: only {} states, expected more than {floor}",
+        report.unique_states
+    );
+    report
+}
+
+/// Finds a shortest counterexample (printed), then searches every state and expects each
+/// of `violated` among the properties violated.
+fn assert_caught(name: &str, config: Config, violated: &[&str]) {
+    let shortest = run(config, Search::ShortestCounterexample);
+    println!("{name}, shortest: {}", shortest.counts());
+    assert!(
+        !shortest.counterexamples.is_empty(),
+        "{name}: the checker found no counterexample"
+    );
+    for (property, path) in &shortest.counterexamples {
+        println!("{name}: violated \"{property}\":\n{path}");
+    }
+    let all = run(config, Search::Exhaustive);
+    let found: Vec<&str> = all.counterexamples.keys().copied().collect();
+    println!("{name}, every state: {}; violated {found:?}", all.counts());
+    for property in violated {
+        assert!(
+            found.contains(property),
+            "{name}: expected \"{property}\" violated, found {found:?}"
+        );
+    }
+}
+
+// === The protocol as designed ===
+
+#[test]
+fn planned_switchover_holds_every_invariant() {
+    let report = assert_holds("planned", Config::planned(), 1_000_000);
+    let example = &report.examples[property::COMPLETED_WITH_WRITES_AT_BOTH];
+    println!("planned: an example that completes with writes at both cells:\n{example}");
+}
+
+#[test]
+fn failover_holds_every_invariant() {
+    let report = assert_holds("failover", Config::failover(), 500_000);
+    let example = &report.examples[property::COMPLETED_WITH_REPORTED_LOSS];
+    println!("failover: an example that completes with a reported loss:\n{example}");
+}
+
+#[test]
+fn failover_with_every_gateway_reachable_holds_every_invariant() {
+    let config = Config {
+        writes: 3,
+        restarts: 1,
+        partitioned_gateway: false,
+        ..Config::failover()
+    };
+    assert_holds("failover, gateways reachable", config, 100_000);
+}
+
+/// There and back: a write routed before the first move and delivered after the second
+/// reaches a cell that owns the shard again, at another epoch.
+#[test]
+fn round_trip_holds_every_invariant() {
+    let config = Config {
+        switchovers: 2,
+        writes: 2,
+        restarts: 1,
+        ..Config::planned()
+    };
+    assert_holds("round trip", config, 500_000);
+}
+
+// === Each flaw is caught ===
+
+/// A small planned configuration: enough for each flaw to show, small enough to search fast.
+fn small_planned(flaws: Flaws) -> Config {
+    Config {
+        kind: Kind::Planned,
+        gateways: 1,
+        writes: 1,
+        restarts: 0,
+        abort: false,
+        partitioned_gateway: false,
+        switchovers: 1,
+        flaws,
+    }
+}
+
+#[test]
+fn skipping_the_fence_barrier_loses_a_write() {
+    let flaws = Flaws {
+        skip_fence_barrier: true,
+        ..Flaws::default()
+    };
+    assert_caught(
+        "skip fence barrier",
+        small_planned(flaws),
+        &[
+            property::NO_ACKNOWLEDGED_WRITE_LOST,
+            property::OWNER_HOLDS_EVERY_WRITE,
+        ],
+    );
+}
+
+#[test]
+fn skipping_the_sync_gate_loses_a_write() {
+    let flaws = Flaws {
+        skip_sync_gate: true,
+        ..Flaws::default()
+    };
+    assert_caught(
+        "skip sync gate",
+        small_planned(flaws),
+        &[
+            property::NO_ACKNOWLEDGED_WRITE_LOST,
+            property::OWNER_HOLDS_EVERY_WRITE,
+        ],
+    );
+}
+
+#[test]
+fn failover_without_waiting_for_the_lease_lets_the_lost_cell_write_on() {
+    let flaws = Flaws {
+        skip_lease_wait: true,
+        ..Flaws::default()
+    };
+    let config = Config {
+        kind: Kind::Failover,
+        writes: 2,
+        ..small_planned(flaws)
+    };
+    assert_caught(
+        "skip lease wait",
+        config,
+        &[
+            property::RPO_REPORT_TRUTHFUL,
+            property::NO_WRITER_BEHIND_NEWER_EPOCH,
+        ],
+    );
+}
+
+/// With two cells and one move, a write stamped with an old epoch can only reach a cell that
+/// no longer owns the shard, which the owner check refuses; it takes a move there and back
+/// for the epoch check to be the only guard.
+#[test]
+fn a_cell_that_ignores_the_epoch_accepts_a_stale_write() {
+    let flaws = Flaws {
+        skip_epoch_check: true,
+        ..Flaws::default()
+    };
+    let config = Config {
+        switchovers: 2,
+        ..small_planned(flaws)
+    };
+    assert_caught(
+        "skip epoch check",
+        config,
+        &[property::NO_WRITE_FROM_ANOTHER_EPOCH],
+    );
+}
+
+#[test]
+fn a_view_change_during_a_write_loses_it() {
+    let flaws = Flaws {
+        apply_during_write: true,
+        ..Flaws::default()
+    };
+    assert_caught(
+        "apply during write",
+        small_planned(flaws),
+        &[
+            property::NO_WRITE_WHILE_FENCED,
+            property::NO_ACKNOWLEDGED_WRITE_LOST,
+        ],
+    );
+}
+
+/// The control plane's node registry is in memory: right after a restart it knows no node,
+/// and a barrier over the nodes it knows passes at once.
+#[test]
+fn a_barrier_over_known_nodes_passes_after_a_restart() {
+    let flaws = Flaws {
+        barrier_over_known_nodes: true,
+        ..Flaws::default()
+    };
+    let config = Config {
+        restarts: 1,
+        ..small_planned(flaws)
+    };
+    assert_caught(
+        "barrier over known nodes",
+        config,
+        &[
+            property::NO_ACKNOWLEDGED_WRITE_LOST,
+            property::OWNER_HOLDS_EVERY_WRITE,
+        ],
+    );
+}
