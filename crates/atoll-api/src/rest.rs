@@ -419,6 +419,11 @@ pub struct SwitchoverRequest {
     /// Do not read replication positions.
     #[serde(default)]
     pub skip_sync_gate: bool,
+    /// An emergency failover of a lost cell (`from`): no sync gate; the
+    /// flip waits until the cell's ownership lease has expired; what it had
+    /// not replicated at its last probe is reported.
+    #[serde(default)]
+    pub failover: bool,
     /// Only plan.
     #[serde(default)]
     pub dry_run: bool,

@@ -67,6 +67,13 @@ pub(crate) struct ControlArgs {
     #[arg(long, default_value = "15s", value_parser = parse_heartbeat_timeout, value_name = "DURATION")]
     heartbeat_timeout: Duration,
 
+    /// How long an ownership lease lasts (app instances renew theirs every
+    /// third of it and refuse writes once it ends); 0s turns leases off:
+    /// writes then go on without the control plane, but a failover cannot
+    /// know that a lost cell stopped writing.
+    #[arg(long, default_value = "3s", value_parser = parse_lease, value_name = "DURATION")]
+    lease_duration: Duration,
+
     /// Log format (the level comes from $RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -96,6 +103,15 @@ pub(crate) fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+}
+
+fn parse_lease(text: &str) -> Result<Duration, String> {
+    let value = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if !value.is_zero() && (value < Duration::from_millis(500) || value > Duration::from_secs(300))
+    {
+        return Err("a lease lasts from 500ms to 5m (0s turns leases off)".into());
+    }
+    Ok(value)
 }
 
 pub(crate) async fn shutdown_signal() {
@@ -141,6 +157,7 @@ pub(crate) async fn run(args: ControlArgs) -> Result<u8, CliError> {
         node_expiry: args.node_expiry,
         drain_timeout: args.drain_timeout,
         heartbeat_timeout: args.heartbeat_timeout,
+        lease_duration: args.lease_duration,
     })
     .await?;
     let address = server.local_addr()?;

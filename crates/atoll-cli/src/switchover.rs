@@ -28,6 +28,9 @@ enum SwitchoverCommand {
     /// Stop a switchover before its flip; the shards serve at their old
     /// owners again.
     Abort(AbortArgs),
+    /// Let a failover that waits for approval (emergency plan with
+    /// `approval: manual`) run, and follow it.
+    Approve(AbortArgs),
 }
 
 #[derive(Debug, Args)]
@@ -54,6 +57,11 @@ struct MoveArgs {
     /// replicated are lost).
     #[arg(long)]
     skip_sync_gate: bool,
+    /// Fail over a lost cell (--from): no sync gate, the flip waits for its
+    /// ownership lease to expire, and the writes it had not replicated are
+    /// reported.
+    #[arg(long, requires = "from")]
+    failover: bool,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -76,6 +84,7 @@ impl MoveArgs {
             barrier_timeout: self.barrier_timeout.clone(),
             sync_timeout: self.sync_timeout.clone(),
             skip_sync_gate: self.skip_sync_gate,
+            failover: self.failover,
             dry_run,
         }
     }
@@ -169,6 +178,16 @@ pub(crate) async fn run(client: &Client, args: SwitchoverArgs) -> Result<u8, Cli
             println!("switchover/{}: abort requested", abort.name);
             follow(client, &abort.name, true).await
         }
+        SwitchoverCommand::Approve(approve) => {
+            let _: serde_json::Value = client
+                .post(
+                    &format!("/v1/switchovers/{}/approve", segment(&approve.name)),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            println!("switchover/{}: approved", approve.name);
+            follow(client, &approve.name, true).await
+        }
     }
 }
 
@@ -239,6 +258,9 @@ async fn follow(client: &Client, name: &str, table: bool) -> Result<u8, CliError
         }
         if spec.phase.is_final() {
             if table {
+                if spec.mode == atoll_model::SwitchoverMode::Failover {
+                    println!("  RPO: {}", rpo_text(&spec));
+                }
                 let total: u64 = spec.timeline.iter().filter_map(|r| r.millis).sum();
                 println!(
                     "switchover/{} {} in {:.2}s{}",
@@ -269,6 +291,36 @@ async fn follow(client: &Client, name: &str, table: bool) -> Result<u8, CliError
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// "shard 3: positions 120-140 (20)" for each shard a failover could not
+/// carry, or "nothing unreplicated".
+fn rpo_text(spec: &SwitchoverSpec) -> String {
+    if spec.unreplicated.is_empty() {
+        return "nothing unreplicated at the last probe".into();
+    }
+    let total: i64 = spec
+        .unreplicated
+        .iter()
+        .map(|p| p.written - p.acknowledged)
+        .sum();
+    let shards: Vec<String> = spec
+        .unreplicated
+        .iter()
+        .take(10)
+        .map(|p| {
+            format!(
+                "shard {} positions {}..={}",
+                p.shard,
+                p.acknowledged + 1,
+                p.written
+            )
+        })
+        .collect();
+    format!(
+        "{total} log positions not replicated: {}",
+        shards.join(", ")
+    )
 }
 
 fn took(millis: Option<u64>) -> String {
@@ -347,6 +399,13 @@ fn print_status(resource: &Resource, spec: &SwitchoverSpec) {
             record.started,
             took(record.millis),
             record.detail.as_deref().unwrap_or("")
+        );
+    }
+    if spec.mode == atoll_model::SwitchoverMode::Failover {
+        println!(
+            "  RPO:        {} (last probe answered {})",
+            rpo_text(spec),
+            spec.last_seen.as_deref().unwrap_or("never")
         );
     }
     let caught: Vec<String> = spec

@@ -247,7 +247,7 @@ fn topology(ports: &Ports, bank: &Path, replicas: u32) -> Vec<(String, String)> 
     let mut sharding = String::from(
         "# Users are sharded by the last two digits of their id: 100 shards.\n\
          apiVersion: atoll/v1\nkind: ShardRule\nmetadata: {name: users}\nspec:\n  shards: 100\n  key:\n    sources:\n      - header: x-user-id\n      - path: /accounts/{uid}\n    transform: {decimalSuffix: 2}\n    onMissing: reject\n\
-         ---\n# Each cell owns a range; its standby receives its changes.\napiVersion: atoll/v1\nkind: ShardMap\nmetadata: {name: users}\nspec:\n  rule: users\n  assignments:\n",
+         ---\n# Each cell owns a range; its standby receives its changes.\napiVersion: atoll/v1\nkind: ShardMap\nmetadata: {name: users}\nspec:\n  rule: users\n  # The emergency plan: a cell lost for 5 s fails over to its standbys.\n  failover: {approval: automatic, lostAfter: 5s}\n  assignments:\n",
     );
     for (first, last, owner, standby) in SHARDS {
         let _ = writeln!(
@@ -285,6 +285,11 @@ struct Child {
     name: String,
     child: tokio::process::Child,
     log: PathBuf,
+    /// How it was started, to start it again when it dies.
+    program: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    restarts: u32,
 }
 
 impl Child {
@@ -295,6 +300,37 @@ impl Child {
         log: &Path,
         env: &[(&str, String)],
     ) -> Result<Child, CliError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        let child = Self::start_process(name, program, args, log, &env)?;
+        Ok(Child {
+            name: name.to_owned(),
+            child,
+            log: log.to_owned(),
+            program: program.to_owned(),
+            args: args.to_vec(),
+            env,
+            restarts: 0,
+        })
+    }
+
+    /// Starts it again (after it died).
+    fn respawn(&mut self) -> Result<(), CliError> {
+        self.child =
+            Self::start_process(&self.name, &self.program, &self.args, &self.log, &self.env)?;
+        self.restarts += 1;
+        Ok(())
+    }
+
+    fn start_process(
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        env: &[(String, String)],
+    ) -> Result<tokio::process::Child, CliError> {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -324,14 +360,9 @@ impl Child {
         atoll_agent::runtime::dies_with_parent(&mut command);
         let mut command = tokio::process::Command::from(command);
         command.kill_on_drop(true);
-        let child = command
+        command
             .spawn()
-            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot start {name}: {e}")))?;
-        Ok(Child {
-            name: name.to_owned(),
-            child,
-            log: log.to_owned(),
-        })
+            .map_err(|e| CliError::new(exit::FAILURE, format!("cannot start {name}: {e}")))
     }
 
     /// SIGTERM, then SIGKILL after `grace`.
@@ -455,17 +486,29 @@ pub(crate) async fn run(args: UpArgs) -> Result<u8, CliError> {
                 started.elapsed(),
                 temporary,
             );
-            // Serve until Ctrl-C; say so if a part dies meanwhile.
-            let mut reported = std::collections::HashSet::new();
+            // Serve until Ctrl-C; a part that dies meanwhile is started
+            // again a second later (as an agent restarts the bank), so a
+            // drill can kill the control plane or an agent and watch the
+            // rest carry on.
+            let mut up = up;
             loop {
                 tokio::select! {
                     _ = stopped.wait_for(|s| *s) => break,
                     () = tokio::time::sleep(Duration::from_secs(1)) => {
+                        let mut changed = false;
                         for child in &mut sandbox.children {
-                            if let Some(how) = child.exited()
-                                && reported.insert(child.name.clone())
-                            {
-                                eprintln!("warning: {} {how}; its log is {}", child.name, child.log.display());
+                            if let Some(how) = child.exited() {
+                                eprintln!("warning: {} {how}; starting it again (restart {}, its log is {})", child.name, child.restarts + 1, child.log.display());
+                                match child.respawn() {
+                                    Ok(()) => changed = true,
+                                    Err(error) => eprintln!("warning: {}", error.message),
+                                }
+                            }
+                        }
+                        if changed {
+                            up.processes = processes(&sandbox);
+                            if let Err(error) = write_up_file(&state_dir, &up) {
+                                eprintln!("warning: {}", error.message);
                             }
                         }
                     }
@@ -727,21 +770,33 @@ async fn start(
             .map(|z| (z.3.to_owned(), z.0.to_owned()))
             .collect(),
         ready_seconds,
-        processes: sandbox
-            .children
-            .iter()
-            .filter_map(|c| Some((c.name.clone(), c.child.id()?)))
-            .collect(),
+        processes: processes(sandbox),
     };
-    let path = state_dir.join("up.json");
-    let text = serde_json::to_string_pretty(&up).unwrap_or_default();
-    std::fs::write(&path, text).map_err(|e| {
-        CliError::new(
-            exit::FAILURE,
-            format!("cannot write {}: {e}", path.display()),
-        )
-    })?;
+    write_up_file(state_dir, &up)?;
     Ok(up)
+}
+
+fn processes(sandbox: &Sandbox) -> BTreeMap<String, u32> {
+    sandbox
+        .children
+        .iter()
+        .filter_map(|c| Some((c.name.clone(), c.child.id()?)))
+        .collect()
+}
+
+/// Writes `up.json` (atomically: tests and tools read it while it changes).
+fn write_up_file(state_dir: &Path, up: &UpFile) -> Result<(), CliError> {
+    let path = state_dir.join("up.json");
+    let temporary = state_dir.join("up.json.tmp");
+    let text = serde_json::to_string_pretty(up).unwrap_or_default();
+    std::fs::write(&temporary, text)
+        .and_then(|()| std::fs::rename(&temporary, &path))
+        .map_err(|e| {
+            CliError::new(
+                exit::FAILURE,
+                format!("cannot write {}: {e}", path.display()),
+            )
+        })
 }
 
 /// Polls `check` every 100 ms until it holds, a child dies, or `deadline`.

@@ -14,6 +14,7 @@
 //! reconnecting. It does not run workloads or route traffic.
 
 mod health;
+mod leases;
 mod metrics;
 mod nodes;
 mod openapi;
@@ -84,6 +85,10 @@ pub struct ControlOptions {
     pub drain_timeout: Duration,
     /// A node silent this long (no heartbeat, ACK or NACK) is dropped.
     pub heartbeat_timeout: Duration,
+    /// How long an ownership lease lasts; zero turns leases off (writes
+    /// then continue without the control plane, and a failover cannot know
+    /// that a lost cell stopped writing).
+    pub lease_duration: Duration,
 }
 
 /// A bound, not yet serving, control plane.
@@ -128,6 +133,7 @@ impl ControlServer {
             .context("loading the configuration from the store")?;
         let (stop, stopping) = watch::channel(false);
         let nodes = Arc::new(nodes::NodeRegistry::new());
+        let leases = Arc::new(leases::Leases::new(self.options.lease_duration));
         let metrics = Arc::new(metrics::Metrics::new());
         let control = Arc::new(service::Control {
             store: store.clone(),
@@ -138,6 +144,8 @@ impl ControlServer {
             shutdown: stopping.clone(),
             writer: tokio::sync::Mutex::new(()),
             switchovers: std::sync::OnceLock::new(),
+            leases: leases.clone(),
+            node_expiry: self.options.node_expiry,
         });
         let switchovers = switchover::Switchovers::new(control.clone());
         let _ = control.switchovers.set(switchovers.clone());
@@ -145,12 +153,14 @@ impl ControlServer {
             .resume()
             .await
             .context("resuming unfinished switchovers")?;
+        switchovers.watch_cells();
         let config_stream = stream::ConfigStreamService {
             cache,
             nodes: nodes.clone(),
             metrics,
             shutdown: stopping.clone(),
             heartbeat_timeout: self.options.heartbeat_timeout,
+            leases,
         };
         // gRPC shares the port: its paths are `/atoll.config.v1.ConfigStream/...`.
         let app = rest::router(control).route_service(

@@ -67,6 +67,19 @@ pub(crate) fn rfc3339(time: OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
+/// Nodes a barrier waits for even when they are not registered.
+struct Expected<'a> {
+    names: &'a [String],
+    expiry: Duration,
+}
+
+impl Expected<'_> {
+    const NONE: Expected<'static> = Expected {
+        names: &[],
+        expiry: Duration::ZERO,
+    };
+}
+
 /// What forgetting a node found.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Forget {
@@ -79,6 +92,11 @@ pub(crate) enum Forget {
 #[derive(Debug)]
 pub(crate) struct NodeRegistry {
     nodes: Mutex<BTreeMap<String, Record>>,
+    /// When this control plane started: a node a switchover expects that
+    /// has not connected since counts as disconnected from then.
+    started: Instant,
+    /// Names forgotten by request, never waited for as expected nodes.
+    forgotten: Mutex<std::collections::HashSet<String>>,
     next_connection: Mutex<u64>,
     changed: watch::Sender<u64>,
 }
@@ -88,6 +106,8 @@ impl NodeRegistry {
         let (changed, _) = watch::channel(0);
         Self {
             nodes: Mutex::new(BTreeMap::new()),
+            started: Instant::now(),
+            forgotten: Mutex::new(std::collections::HashSet::new()),
             next_connection: Mutex::new(0),
             changed,
         }
@@ -100,6 +120,12 @@ impl NodeRegistry {
     /// Registers a new stream for `identity`, closing an older stream of the
     /// same name. Returns the connection id and a signal that fires when a
     /// newer stream replaces this one.
+    /// The names of every node known now (connected or not): what a
+    /// switchover expects to hear from, also after a restart.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.nodes.lock().keys().cloned().collect()
+    }
+
     pub(crate) fn connect(
         &self,
         identity: Identity,
@@ -112,6 +138,7 @@ impl NodeRegistry {
             *next
         };
         let (kick, kicked) = oneshot::channel();
+        self.forgotten.lock().remove(&identity.name);
         let mut nodes = self.nodes.lock();
         let previous = nodes.insert(
             identity.name.clone(),
@@ -203,6 +230,9 @@ impl NodeRegistry {
 
     pub(crate) fn forget(&self, name: &str) -> Forget {
         let mut nodes = self.nodes.lock();
+        if !nodes.get(name).is_some_and(|r| r.connected) {
+            self.forgotten.lock().insert(name.to_owned());
+        }
         let result = match nodes.get(name) {
             None => Forget::Unknown,
             Some(record) if record.connected => Forget::Connected,
@@ -229,12 +259,33 @@ impl NodeRegistry {
         removed
     }
 
-    /// Matching nodes below `version`, and how many nodes matched.
-    fn laggards(&self, selector: &NodeSelector, version: u64) -> (usize, Vec<Laggard>) {
+    /// Nodes passing `filter` below `version`, and how many passed.
+    fn laggards_where(
+        &self,
+        filter: &dyn Fn(&Record) -> bool,
+        expected: &Expected<'_>,
+        version: u64,
+    ) -> (usize, Vec<Laggard>) {
         let nodes = self.nodes.lock();
         let mut matched = 0;
         let mut laggards = Vec::new();
-        for record in nodes.values().filter(|r| r.matches(selector)) {
+        // Expected but not heard from since this control plane started: a
+        // node that was known before a restart may still run an old map.
+        if self.started.elapsed() < expected.expiry {
+            let forgotten = self.forgotten.lock();
+            for name in expected.names {
+                if !nodes.contains_key(name) && !forgotten.contains(name) {
+                    matched += 1;
+                    laggards.push(Laggard {
+                        name: name.clone(),
+                        connected: false,
+                        applied_version: 0,
+                        last_nack: None,
+                    });
+                }
+            }
+        }
+        for record in nodes.values().filter(|r| filter(r)) {
             matched += 1;
             if record.applied_version < version {
                 laggards.push(Laggard {
@@ -248,6 +299,44 @@ impl NodeRegistry {
         (matched, laggards)
     }
 
+    /// A failover's barrier: every *connected* node that routes or serves,
+    /// except those of `lost_cells` (a lost cell's nodes cannot answer; its
+    /// lease keeps it from writing instead). Agents are left out: they run
+    /// instances but route nothing, and the lost zone's agent is often what
+    /// was lost.
+    pub(crate) async fn barrier_except(
+        &self,
+        lost_cells: &[String],
+        version: u64,
+        timeout: Duration,
+    ) -> BarrierResponse {
+        let filter = |record: &Record| {
+            record.connected
+                && record.identity.role != "agent"
+                && !lost_cells.contains(&record.identity.cell)
+        };
+        self.barrier_with(&filter, &Expected::NONE, version, 0, timeout)
+            .await
+    }
+
+    /// A planned switchover's barrier: every node known now, and every node
+    /// of `expected` (known when the switchover started) that has not come
+    /// back since a restart, until `expiry` after the start.
+    pub(crate) async fn barrier_expecting(
+        &self,
+        expected: &[String],
+        expiry: Duration,
+        version: u64,
+        timeout: Duration,
+    ) -> BarrierResponse {
+        let expected = Expected {
+            names: expected,
+            expiry,
+        };
+        self.barrier_with(&|_: &Record| true, &expected, version, 0, timeout)
+            .await
+    }
+
     /// Waits until every node matching `selector` has applied `version`, at
     /// least `min_nodes` match, or `timeout` passes.
     pub(crate) async fn barrier(
@@ -257,12 +346,25 @@ impl NodeRegistry {
         min_nodes: usize,
         timeout: Duration,
     ) -> BarrierResponse {
+        let filter = |record: &Record| record.matches(selector);
+        self.barrier_with(&filter, &Expected::NONE, version, min_nodes, timeout)
+            .await
+    }
+
+    async fn barrier_with(
+        &self,
+        filter: &(dyn Fn(&Record) -> bool + Sync),
+        expected: &Expected<'_>,
+        version: u64,
+        min_nodes: usize,
+        timeout: Duration,
+    ) -> BarrierResponse {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changed = self.changed.subscribe();
         loop {
             changed.borrow_and_update();
-            let (matched, laggards) = self.laggards(selector, version);
+            let (matched, laggards) = self.laggards_where(filter, expected, version);
             let reached = laggards.is_empty() && matched >= min_nodes;
             if reached || tokio::time::Instant::now() >= deadline {
                 return BarrierResponse {
@@ -354,6 +456,39 @@ mod tests {
             .barrier(&NodeSelector::default(), 3, 1, Duration::from_millis(10))
             .await;
         assert!(!result.reached, "min_nodes 1 with no node matching");
+    }
+
+    #[tokio::test]
+    async fn a_restarted_control_plane_waits_for_the_nodes_a_switchover_expects() {
+        // After a restart the registry is empty; the switchover remembers
+        // who was there.
+        let registry = NodeRegistry::new();
+        let expected = vec!["gw-1".to_owned()];
+        let expiry = Duration::from_secs(600);
+        let result = registry
+            .barrier_expecting(&expected, expiry, 5, Duration::from_millis(20))
+            .await;
+        assert!(!result.reached, "an empty registry is not everybody");
+        assert_eq!(result.laggards[0].name, "gw-1");
+        let (a, _) = registry.connect(identity("gw-1", "gateway"), 0, None);
+        registry.acked("gw-1", a, 5);
+        let result = registry
+            .barrier_expecting(&expected, expiry, 5, Duration::from_millis(20))
+            .await;
+        assert!(result.reached, "{result:?}");
+        // A node gone for good is forgotten by request.
+        let registry = NodeRegistry::new();
+        assert_eq!(registry.forget("gw-1"), Forget::Unknown);
+        let result = registry
+            .barrier_expecting(&expected, expiry, 5, Duration::from_millis(20))
+            .await;
+        assert!(result.reached, "forgotten: {result:?}");
+        // And after the node expiry, as any disconnected node.
+        let registry = NodeRegistry::new();
+        let result = registry
+            .barrier_expecting(&expected, Duration::ZERO, 5, Duration::from_millis(20))
+            .await;
+        assert!(result.reached, "expired: {result:?}");
     }
 
     #[tokio::test]

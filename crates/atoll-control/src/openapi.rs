@@ -34,6 +34,7 @@ use utoipa::OpenApi;
         crate::rest::barrier,
         crate::rest::start_switchover,
         crate::rest::abort_switchover,
+        crate::rest::approve_switchover,
     ),
     components(schemas(
         SwitchoverRequest,

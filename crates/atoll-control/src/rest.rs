@@ -168,6 +168,7 @@ pub(crate) fn router(control: Shared) -> Router {
         .route("/v1/barrier", post(barrier))
         .route("/v1/switchovers", post(start_switchover))
         .route("/v1/switchovers/{name}/abort", post(abort_switchover))
+        .route("/v1/switchovers/{name}/approve", post(approve_switchover))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
@@ -531,7 +532,9 @@ async fn forget_node(
 ) -> Result<StatusCode, ApiError> {
     match control.nodes.forget(&name) {
         Forget::Forgotten => Ok(StatusCode::NO_CONTENT),
-        Forget::Unknown => Err(ApiError::not_found(format!("no node named `{name}`"))),
+        Forget::Unknown => Err(ApiError::not_found(format!(
+            "no node named `{name}` is registered; switchovers will not wait for it"
+        ))),
         Forget::Connected => Err(ApiError::new(
             StatusCode::CONFLICT,
             ErrorCode::Conflict,
@@ -576,6 +579,20 @@ async fn abort_switchover(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let author = author(&headers, None);
     let resource = switchovers(&control)?.abort(&name, &author).await?;
+    Ok(Json(serde_json::to_value(&resource).unwrap_or_default()))
+}
+
+/// Lets a failover that waits for approval run.
+#[utoipa::path(post, path = "/v1/switchovers/{name}/approve", params(("name" = String, Path)),
+    responses((status = 200, description = "Approved: the Switchover", content_type = "application/json"),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Not a failover waiting for approval")))]
+async fn approve_switchover(
+    State(control): State<Shared>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let author = author(&headers, None);
+    let resource = switchovers(&control)?.approve(&name, &author).await?;
     Ok(Json(serde_json::to_value(&resource).unwrap_or_default()))
 }
 

@@ -148,6 +148,10 @@ pub(crate) struct Control {
     /// (Other control planes on the same etcd are still caught by the base
     /// revision precondition.)
     pub(crate) writer: tokio::sync::Mutex<()>,
+    /// How long a disconnected node is remembered (and waited for).
+    pub(crate) node_expiry: std::time::Duration,
+    /// Ownership leases of the cells.
+    pub(crate) leases: Arc<crate::leases::Leases>,
     /// Runs switchovers (set once at start).
     pub(crate) switchovers: std::sync::OnceLock<Arc<crate::switchover::Switchovers>>,
 }

@@ -30,6 +30,7 @@ pub(crate) struct ConfigStreamService {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) heartbeat_timeout: Duration,
+    pub(crate) leases: Arc<crate::leases::Leases>,
 }
 
 fn identity_problem(name: &str) -> Option<&'static str> {
@@ -45,6 +46,55 @@ fn identity_problem(name: &str) -> Option<&'static str> {
 #[tonic::async_trait]
 impl ConfigStream for ConfigStreamService {
     type SubscribeStream = ReceiverStream<Result<ConfigUpdate, Status>>;
+
+    async fn renew_lease(
+        &self,
+        request: Request<atoll_api::config::LeaseRequest>,
+    ) -> Result<Response<atoll_api::config::LeaseGrant>, Status> {
+        let request = request.into_inner();
+        let node = request.node.unwrap_or_default();
+        let state = self.cache.current();
+        // The version that last changed a shard map: a node must run it.
+        let current = state
+            .resources
+            .iter()
+            .filter(|(key, _)| key.kind == atoll_model::Kind::ShardMap)
+            .map(|(_, r)| r.resource_version)
+            .max()
+            .unwrap_or(0);
+        let known = node.cell.is_empty()
+            || state.resources.contains_key(&atoll_model::ResourceKey::new(
+                atoll_model::Kind::Cell,
+                node.cell.clone(),
+            ));
+        let renewal = if known {
+            self.leases
+                .renew(&node.cell, request.applied_version, current)
+        } else {
+            crate::leases::Renewal::Refused(format!("cell `{}` does not exist", node.cell))
+        };
+        let grant = match renewal {
+            crate::leases::Renewal::Granted(duration) => atoll_api::config::LeaseGrant {
+                granted: true,
+                duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+                reason: String::new(),
+            },
+            crate::leases::Renewal::Off => atoll_api::config::LeaseGrant {
+                granted: true,
+                duration_ms: 0,
+                reason: String::new(),
+            },
+            crate::leases::Renewal::Refused(reason) => {
+                tracing::debug!(node = %node.name, cell = %node.cell, %reason, "lease refused");
+                atoll_api::config::LeaseGrant {
+                    granted: false,
+                    duration_ms: 0,
+                    reason,
+                }
+            }
+        };
+        Ok(Response::new(grant))
+    }
 
     async fn subscribe(
         &self,

@@ -24,11 +24,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atoll_api::rest::{NodeSelector, PlanCheck, SwitchoverPlan, SwitchoverRequest};
+use atoll_api::rest::{PlanCheck, SwitchoverPlan, SwitchoverRequest};
 use atoll_model::{
     Assignment, DurationValue, Kind, Located, Metadata, Origin, PhaseRecord, Resource, ResourceKey,
-    ShardMapSpec, ShardMove, ShardPosition, ShardRange, ShardState, Spec, SwitchoverPhase,
-    SwitchoverSpec, diff,
+    ShardMapSpec, ShardMove, ShardPosition, ShardRange, ShardState, Spec, SwitchoverMode,
+    SwitchoverPhase, SwitchoverSpec, diff,
 };
 use parking_lot::Mutex;
 use serde::Deserialize;
@@ -47,6 +47,8 @@ pub(crate) struct Switchovers {
     control: Arc<Control>,
     http: reqwest::Client,
     running: Mutex<HashSet<String>>,
+    /// Cell -> when it last answered its replication probe, and what.
+    probed: Mutex<BTreeMap<String, Probed>>,
 }
 
 impl std::fmt::Debug for Switchovers {
@@ -56,6 +58,10 @@ impl std::fmt::Debug for Switchovers {
             .finish_non_exhaustive()
     }
 }
+
+/// A cell's last answered probe: when (monotonic and wall clock), and the
+/// positions of its shards.
+type Probed = (Instant, OffsetDateTime, Vec<ShardPosition>);
 
 /// The shard map and switchover as stored, with their revisions.
 struct Loaded {
@@ -76,7 +82,246 @@ impl Switchovers {
             control,
             http,
             running: Mutex::new(HashSet::new()),
+            probed: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The emergency plan: watches the cells that own shards of maps with a
+    /// `failover` policy, and fails over a cell lost for `lostAfter`: none of
+    /// its instances renewed its lease, and none answered its replication
+    /// probe (whose last answer gives the RPO).
+    pub(crate) fn watch_cells(self: &Arc<Self>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut shutdown = this.control.shutdown.clone();
+            loop {
+                if let Err(error) = this.watch_once().await {
+                    tracing::warn!(%error, "emergency plan: cannot check the cells");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+    }
+
+    async fn watch_once(self: &Arc<Self>) -> Result<(), ControlError> {
+        let snapshot = self.control.store.snapshot().await?;
+        let resources = &snapshot.resources;
+        for map in resources {
+            let Spec::ShardMap(spec) = &map.spec else {
+                continue;
+            };
+            let Some(policy) = &spec.failover else {
+                continue;
+            };
+            let cells: std::collections::BTreeSet<&str> =
+                spec.assignments.iter().map(|a| a.cell.as_str()).collect();
+            // Probe every owning cell at once (a frozen cell must not slow
+            // the others down).
+            let probes = futures::future::join_all(cells.iter().map(|cell| async move {
+                let moves: Vec<ShardMove> = spec
+                    .assignments
+                    .iter()
+                    .filter(|a| a.cell == *cell)
+                    .map(|a| ShardMove {
+                        shards: a.shards,
+                        from: a.cell.clone(),
+                        to: a.standby.clone().unwrap_or_default(),
+                    })
+                    .collect();
+                (*cell, self.positions_loose(resources, spec, &moves).await)
+            }))
+            .await;
+            let now = Instant::now();
+            for (cell, answer) in probes {
+                if let Some(positions) = answer {
+                    self.probed
+                        .lock()
+                        .insert(cell.to_owned(), (now, OffsetDateTime::now_utc(), positions));
+                }
+                let last_probe = self.probed.lock().get(cell).map(|p| p.0);
+                let last_lease = self.control.leases.last_asked(cell);
+                let alive = [last_probe, last_lease, Some(self.control.leases.started())]
+                    .into_iter()
+                    .flatten()
+                    .max()
+                    .unwrap_or(now);
+                if now.duration_since(alive) < policy.lost_after.0
+                    || active_on(resources, map.name()).is_some()
+                    || !self.control.leases.enabled()
+                {
+                    continue;
+                }
+                self.fail_over(
+                    resources,
+                    map.name(),
+                    spec,
+                    cell,
+                    policy.approval == atoll_model::Approval::Automatic,
+                )
+                .await?;
+                // One at a time per map: the next loss is seen next round.
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the failover of `cell`'s shards to their standbys.
+    async fn fail_over(
+        self: &Arc<Self>,
+        resources: &[Resource],
+        map_name: &str,
+        map: &ShardMapSpec,
+        cell: &str,
+        approved: bool,
+    ) -> Result<(), ControlError> {
+        let moves: Vec<ShardMove> = map
+            .assignments
+            .iter()
+            .filter(|a| a.cell == cell && a.standby.is_some())
+            .map(|a| ShardMove {
+                shards: a.shards,
+                from: cell.to_owned(),
+                to: a.standby.clone().unwrap_or_default(),
+            })
+            .collect();
+        if moves.is_empty() {
+            tracing::warn!(%cell, map = map_name, "cell lost, but none of its shards has a standby: nothing to fail over to");
+            return Ok(());
+        }
+        let (last_seen, positions) = match self.probed.lock().get(cell) {
+            Some((_, at, positions)) => (Some(rfc3339(*at)), positions.clone()),
+            None => (None, Vec::new()),
+        };
+        let unreplicated: Vec<ShardPosition> = positions
+            .into_iter()
+            .filter(|p| p.written > p.acknowledged)
+            .collect();
+        let name = format!(
+            "failover-{cell}-{}",
+            OffsetDateTime::now_utc().unix_timestamp()
+        );
+        tracing::warn!(%cell, map = map_name, switchover = %name, approved, "cell lost: failing over its shards to their standbys");
+        let _ = resources;
+        let spec = SwitchoverSpec {
+            shard_map: map_name.to_owned(),
+            moves,
+            mode: SwitchoverMode::Failover,
+            barrier_timeout: DurationValue(Duration::from_secs(2)),
+            sync_timeout: DurationValue(Duration::from_secs(10)),
+            skip_sync_gate: true,
+            reason: Some(format!(
+                "emergency plan of shardmap/{map_name}: cell {cell} lost (no lease renewal, no probe answer)"
+            )),
+            phase: SwitchoverPhase::Pending,
+            abort_requested: false,
+            expected_nodes: self.control.nodes.names(),
+            approved,
+            timeline: vec![PhaseRecord {
+                phase: SwitchoverPhase::Pending,
+                started: now(),
+                millis: None,
+                detail: Some(format!("cell {cell} lost")),
+            }],
+            epoch_before: Some(map.epoch),
+            fence_revision: None,
+            flip_revision: None,
+            positions: Vec::new(),
+            unreplicated,
+            last_seen,
+            message: None,
+        };
+        self.control.leases.revoke(cell);
+        let resource = Resource {
+            metadata: Metadata {
+                name: name.clone(),
+                resource_version: Some(0),
+                ..Metadata::default()
+            },
+            spec: Spec::Switchover(spec),
+        };
+        self.commit(vec![resource], &name, "emergency plan").await?;
+        self.spawn(name);
+        Ok(())
+    }
+
+    /// Positions of the moves' shards, or none when the cell does not answer
+    /// (or no service declares a probe).
+    async fn positions_loose(
+        &self,
+        resources: &[Resource],
+        map: &ShardMapSpec,
+        moves: &[ShardMove],
+    ) -> Option<Vec<ShardPosition>> {
+        let mut out = Vec::new();
+        for (service, probe) in replicated_services(resources, map) {
+            let cell = moves.first()?.from.as_str();
+            let answer = self
+                .probe(resources, service, cell, probe, Duration::from_millis(400))
+                .await
+                .ok()?;
+            for m in moves {
+                for entry in answer.shards.iter().filter(|s| m.shards.contains(s.shard)) {
+                    out.push(ShardPosition {
+                        shard: entry.shard,
+                        service: service.to_owned(),
+                        written: entry.written,
+                        acknowledged: entry.acknowledged,
+                    });
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Approves a failover waiting for approval.
+    pub(crate) async fn approve(
+        self: &Arc<Self>,
+        name: &str,
+        author: &Author,
+    ) -> Result<Resource, ControlError> {
+        for _ in 0..8 {
+            let mut resource = self
+                .control
+                .store
+                .get(&ResourceKey::new(Kind::Switchover, name))
+                .await?
+                .ok_or_else(|| {
+                    ControlError::NotFound(format!("switchover/{name} does not exist"))
+                })?;
+            let Spec::Switchover(spec) = &mut resource.spec else {
+                return Err(ControlError::Unavailable(
+                    "a Switchover without its spec".into(),
+                ));
+            };
+            if spec.mode != SwitchoverMode::Failover {
+                return Err(ControlError::Conflict(format!(
+                    "switchover/{name} is planned: it needs no approval"
+                )));
+            }
+            if spec.approved || spec.phase.is_final() {
+                return Err(ControlError::Conflict(format!(
+                    "switchover/{name} is {} and needs no approval",
+                    spec.phase
+                )));
+            }
+            spec.approved = true;
+            spec.message = Some(format!("approved by {}", author.name));
+            match self.commit(vec![resource.clone()], name, "approved").await {
+                Ok(_) => {
+                    self.spawn(name.to_owned());
+                    return Ok(resource);
+                }
+                Err(ControlError::Conflict(_)) => continue,
+                Err(other) => return Err(other),
+            }
+        }
+        Err(ControlError::Unavailable(format!(
+            "switchover/{name} kept changing; try again"
+        )))
     }
 
     /// Resumes every unfinished switchover (after a restart).
@@ -197,6 +442,22 @@ impl Switchovers {
             .map(|p| p.iter().map(|s| (s.written - s.acknowledged).max(0)).sum())
             .unwrap_or(0);
         match (&probes, request.skip_sync_gate) {
+            _ if request.failover => checks.push(PlanCheck {
+                check: "failover".into(),
+                result: "warning".into(),
+                detail: format!(
+                    "no sync gate: writes the source had not replicated are lost (at its last probe: {}); the flip waits until its lease has expired",
+                    match self.probed.lock().get(request.from.as_deref().unwrap_or_default()) {
+                        Some((_, at, positions)) => format!(
+                            "{} log positions behind on {} shards, {}",
+                            positions.iter().map(|p| (p.written - p.acknowledged).max(0)).sum::<i64>(),
+                            positions.iter().filter(|p| p.written > p.acknowledged).count(),
+                            rfc3339(*at)
+                        ),
+                        None => "never probed".into(),
+                    }
+                ),
+            }),
             (_, true) => checks.push(PlanCheck {
                 check: "sync gate".into(),
                 result: "warning".into(),
@@ -248,6 +509,64 @@ impl Switchovers {
         if request.dry_run {
             return Ok(plan);
         }
+        if request.failover {
+            let Some(from) = request.from.as_deref() else {
+                return Err(ControlError::BadRequest(
+                    "a failover moves every shard of a lost cell: give --from CELL".into(),
+                ));
+            };
+            if !self.control.leases.enabled() {
+                return Err(ControlError::Conflict(
+                    "this control plane runs without ownership leases (--lease-duration 0s), so nothing stops the lost cell from writing on: stop it for certain, then move its shards with a planned switchover and --skip-sync-gate".into(),
+                ));
+            }
+            let (last_seen, positions) = match self.probed.lock().get(from) {
+                Some((_, at, positions)) => (Some(rfc3339(*at)), positions.clone()),
+                None => (None, Vec::new()),
+            };
+            let spec = SwitchoverSpec {
+                shard_map: map.name().to_owned(),
+                moves,
+                mode: SwitchoverMode::Failover,
+                barrier_timeout: DurationValue(barrier_timeout),
+                sync_timeout: DurationValue(sync_timeout),
+                skip_sync_gate: true,
+                reason: request.reason.clone(),
+                phase: SwitchoverPhase::Pending,
+                abort_requested: false,
+                expected_nodes: self.control.nodes.names(),
+                approved: true,
+                timeline: vec![PhaseRecord {
+                    phase: SwitchoverPhase::Pending,
+                    started: now(),
+                    millis: None,
+                    detail: Some(format!("failover requested by {}", author.name)),
+                }],
+                epoch_before: Some(map_spec.epoch),
+                fence_revision: None,
+                flip_revision: None,
+                positions: Vec::new(),
+                unreplicated: positions
+                    .into_iter()
+                    .filter(|p| p.written > p.acknowledged)
+                    .collect(),
+                last_seen,
+                message: None,
+            };
+            self.control.leases.revoke(from);
+            let resource = Resource {
+                metadata: Metadata {
+                    name: name.clone(),
+                    resource_version: Some(0),
+                    ..Metadata::default()
+                },
+                spec: Spec::Switchover(spec),
+            };
+            self.commit(vec![resource], &name, "failover requested")
+                .await?;
+            self.spawn(name);
+            return Ok(plan);
+        }
         let blocking: Vec<String> = plan
             .checks
             .iter()
@@ -267,8 +586,13 @@ impl Switchovers {
             sync_timeout: DurationValue(sync_timeout),
             skip_sync_gate: request.skip_sync_gate,
             reason: request.reason.clone(),
+            mode: SwitchoverMode::Planned,
             phase: SwitchoverPhase::Pending,
             abort_requested: false,
+            expected_nodes: self.control.nodes.names(),
+            approved: false,
+            unreplicated: Vec::new(),
+            last_seen: None,
             timeline: vec![PhaseRecord {
                 phase: SwitchoverPhase::Pending,
                 started: now(),
@@ -447,6 +771,15 @@ impl Switchovers {
     async fn step(&self, mut loaded: Loaded) -> Result<(), ControlError> {
         let name = loaded.switchover.name().to_owned();
         let spec = &mut loaded.spec;
+        let failover = spec.mode == SwitchoverMode::Failover;
+        let lost: Vec<String> = spec.moves.iter().map(|m| m.from.clone()).collect();
+        if failover {
+            // Again after a restart: the lost cells get no lease until the
+            // failover is over.
+            for cell in &lost {
+                self.control.leases.revoke(cell);
+            }
+        }
         if spec.abort_requested && !spec.phase.flipped() {
             let message = spec
                 .message
@@ -456,8 +789,37 @@ impl Switchovers {
         }
         match spec.phase {
             SwitchoverPhase::Pending => {
-                enter(spec, SwitchoverPhase::Fence, None);
-                self.save(loaded, &name, "fence").await
+                let next = if failover && !spec.approved {
+                    SwitchoverPhase::AwaitingApproval
+                } else {
+                    SwitchoverPhase::Fence
+                };
+                enter(spec, next, None);
+                self.save(loaded, &name, "start").await
+            }
+            SwitchoverPhase::AwaitingApproval => {
+                if !spec.approved {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    return Ok(());
+                }
+                enter(spec, SwitchoverPhase::Fence, Some("approved".into()));
+                self.save(loaded, &name, "approved").await
+            }
+            SwitchoverPhase::LeaseExpiry => {
+                let until = lost
+                    .iter()
+                    .map(|cell| self.control.leases.expires_at(cell))
+                    .max()
+                    .unwrap_or_else(Instant::now);
+                let waited = until.saturating_duration_since(Instant::now());
+                tokio::time::sleep(waited).await;
+                let detail = format!(
+                    "the leases of {} have expired (waited {} ms)",
+                    lost.join(", "),
+                    waited.as_millis()
+                );
+                enter(spec, SwitchoverPhase::Flip, Some(detail));
+                self.save(loaded, &name, "leases expired").await
             }
             SwitchoverPhase::Fence => {
                 let moves = spec.moves.clone();
@@ -480,11 +842,38 @@ impl Switchovers {
             }
             SwitchoverPhase::FenceBarrier => {
                 let version = loaded.map.metadata.resource_version.unwrap_or(0);
-                let result = self
-                    .control
-                    .nodes
-                    .barrier(&NodeSelector::default(), version, 0, spec.barrier_timeout.0)
-                    .await;
+                let result = if failover {
+                    self.control
+                        .nodes
+                        .barrier_except(&lost, version, spec.barrier_timeout.0)
+                        .await
+                } else {
+                    self.control
+                        .nodes
+                        .barrier_expecting(
+                            &spec.expected_nodes,
+                            self.control.node_expiry,
+                            version,
+                            spec.barrier_timeout.0,
+                        )
+                        .await
+                };
+                if failover {
+                    // The lost cell's lease, not this barrier, keeps it from
+                    // writing: go on, and say who lagged.
+                    spec.fence_revision = Some(version);
+                    let detail = if result.reached {
+                        format!("{} connected nodes run version {version}", result.matched)
+                    } else {
+                        format!(
+                            "went on after {}: {}",
+                            humantime::format_duration(spec.barrier_timeout.0),
+                            laggards(&result.laggards)
+                        )
+                    };
+                    enter(spec, SwitchoverPhase::LeaseExpiry, Some(detail));
+                    return self.save(loaded, &name, "fence barrier (failover)").await;
+                }
                 if !result.reached {
                     let message = format!(
                         "the fence barrier on version {version} timed out after {}: {}; nothing moved",
@@ -558,6 +947,45 @@ impl Switchovers {
             }
             SwitchoverPhase::Flip => {
                 let moves = spec.moves.clone();
+                // A failover's new owner gets a live standby: the lost cell
+                // cannot confirm anything (a bank that replicates
+                // synchronously would stop taking writes).
+                let standby_for = if failover {
+                    let snapshot = self.control.store.snapshot().await?;
+                    let status =
+                        crate::health::cell_status(&snapshot.resources, &self.control.nodes.list());
+                    let owners: std::collections::BTreeSet<String> = loaded
+                        .map_spec
+                        .assignments
+                        .iter()
+                        .map(|a| a.cell.clone())
+                        .chain(moves.iter().map(|m| m.to.clone()))
+                        .collect();
+                    let mut picks: BTreeMap<String, Option<String>> = BTreeMap::new();
+                    for owner in owners {
+                        let pick = snapshot
+                            .resources
+                            .iter()
+                            .filter(|r| matches!(&r.spec, Spec::Cell(c) if c.cell_type == atoll_model::CellType::Rzone))
+                            .map(|r| r.name())
+                            .filter(|c| *c != owner && !lost.iter().any(|l| l == c))
+                            .min_by_key(|c| status.get(*c).map(|s| s.health != "Healthy"))
+                            .map(str::to_owned);
+                        picks.insert(owner, pick);
+                    }
+                    picks
+                } else {
+                    BTreeMap::new()
+                };
+                if failover {
+                    // Shards whose standby was the lost cell get another one
+                    // (no owner changes: their writers carry on).
+                    for a in &mut loaded.map_spec.assignments {
+                        if a.standby.as_ref().is_some_and(|s| lost.contains(s)) {
+                            a.standby = standby_for.get(&a.cell).cloned().flatten();
+                        }
+                    }
+                }
                 for m in &moves {
                     let owners = owners_in(&loaded.map_spec, m.shards);
                     if owners
@@ -570,9 +998,14 @@ impl Switchovers {
                         );
                         return self.abort_now(loaded, message).await;
                     }
+                    let standby = if failover {
+                        standby_for.get(&m.to).cloned().flatten()
+                    } else {
+                        Some(m.from.clone())
+                    };
                     set_range(&mut loaded.map_spec, m.shards, |a| {
                         a.cell = m.to.clone();
-                        a.standby = Some(m.from.clone());
+                        a.standby = standby.clone();
                     });
                 }
                 // The control plane assigns epoch + 1 to an ownership change.
@@ -583,11 +1016,22 @@ impl Switchovers {
             }
             SwitchoverPhase::FlipBarrier => {
                 let version = loaded.map.metadata.resource_version.unwrap_or(0);
-                let result = self
-                    .control
-                    .nodes
-                    .barrier(&NodeSelector::default(), version, 0, spec.barrier_timeout.0)
-                    .await;
+                let result = if failover {
+                    self.control
+                        .nodes
+                        .barrier_except(&lost, version, spec.barrier_timeout.0)
+                        .await
+                } else {
+                    self.control
+                        .nodes
+                        .barrier_expecting(
+                            &spec.expected_nodes,
+                            self.control.node_expiry,
+                            version,
+                            spec.barrier_timeout.0,
+                        )
+                        .await
+                };
                 if !result.reached {
                     // No way back after the flip: keep waiting, say for whom.
                     let message = format!(
@@ -651,11 +1095,20 @@ impl Switchovers {
         }
         spec.message = Some(message.clone());
         enter(spec, SwitchoverPhase::Aborted, Some(message));
-        if unfence && phase_fenced(&loaded) {
-            self.save_with_map(loaded, &name, "abort: unfence").await
+        let lost: Vec<String> = if spec.mode == SwitchoverMode::Failover {
+            spec.moves.iter().map(|m| m.from.clone()).collect()
         } else {
-            self.save(loaded, &name, "abort").await
+            Vec::new()
+        };
+        if unfence && phase_fenced(&loaded) {
+            self.save_with_map(loaded, &name, "abort: unfence").await?;
+        } else {
+            self.save(loaded, &name, "abort").await?;
         }
+        for cell in &lost {
+            self.control.leases.restore(cell);
+        }
+        Ok(())
     }
 
     async fn save(&self, loaded: Loaded, name: &str, what: &str) -> Result<(), ControlError> {
@@ -768,16 +1221,7 @@ impl Switchovers {
         map: &ShardMapSpec,
         moves: &[ShardMove],
     ) -> Result<Vec<ShardPosition>, ProbeProblem> {
-        let services: Vec<(&str, &str)> = resources
-            .iter()
-            .filter_map(|r| match &r.spec {
-                Spec::Service(s) if s.shard_rule.as_deref() == Some(map.rule.as_str()) => {
-                    Some((r.name(), s))
-                }
-                _ => None,
-            })
-            .filter_map(|(name, s)| s.replication.as_ref().map(|rep| (name, rep.probe.as_str())))
-            .collect();
+        let services = replicated_services(resources, map);
         if services.is_empty() {
             return Err(ProbeProblem {
                 blocking: true,
@@ -794,7 +1238,9 @@ impl Switchovers {
                 by_cell.entry(m.from.as_str()).or_default().push(m);
             }
             for (cell, cell_moves) in by_cell {
-                let answer = self.probe(resources, service, cell, probe).await?;
+                let answer = self
+                    .probe(resources, service, cell, probe, PROBE_TIMEOUT)
+                    .await?;
                 for m in cell_moves {
                     for shard in m.shards.start..=m.shards.end {
                         let Some(entry) = answer.shards.iter().find(|s| s.shard == shard) else {
@@ -837,6 +1283,7 @@ impl Switchovers {
         service: &str,
         cell: &str,
         path: &str,
+        timeout: Duration,
     ) -> Result<ProbeAnswer, ProbeProblem> {
         let mut addresses: Vec<&str> = Vec::new();
         for r in resources {
@@ -867,7 +1314,7 @@ impl Switchovers {
         let mut last = String::new();
         for address in addresses {
             let url = format!("http://{address}{path}");
-            match self.http.get(&url).send().await {
+            match self.http.get(&url).timeout(timeout).send().await {
                 Ok(response) if response.status().is_success() => {
                     match response.json::<ProbeAnswer>().await {
                         Ok(answer) => return Ok(answer),
@@ -887,6 +1334,24 @@ impl Switchovers {
             ),
         })
     }
+}
+
+/// `(service, probe path)` of the services on `map`'s rule that declare a
+/// replication probe.
+fn replicated_services<'a>(
+    resources: &'a [Resource],
+    map: &ShardMapSpec,
+) -> Vec<(&'a str, &'a str)> {
+    resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            Spec::Service(s) if s.shard_rule.as_deref() == Some(map.rule.as_str()) => {
+                Some((r.name(), s))
+            }
+            _ => None,
+        })
+        .filter_map(|(name, s)| s.replication.as_ref().map(|rep| (name, rep.probe.as_str())))
+        .collect()
 }
 
 #[derive(Debug)]
@@ -1214,6 +1679,7 @@ mod tests {
                     state: ShardState::Serving,
                 },
             ],
+            failover: None,
         }
     }
 

@@ -54,6 +54,7 @@ mod tests {
                     state: ShardState::Serving,
                 })
                 .collect(),
+            failover: None,
         }
     }
 

@@ -430,6 +430,41 @@ pub struct ShardMapSpec {
     pub epoch: u64,
     /// Shard ranges and their owners; together they cover every shard once.
     pub assignments: Vec<Assignment>,
+    /// The emergency plan: what the control plane does when a cell that
+    /// owns shards of this map is lost. None: nothing automatic (an operator
+    /// runs `atoll switchover start --failover`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverPolicy>,
+}
+
+/// The emergency plan of a shard map (docs/switchover.md, "Failover").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailoverPolicy {
+    /// `automatic`: move a lost cell's shards to their standbys at once;
+    /// `manual`: prepare the failover and wait for
+    /// `atoll switchover approve`.
+    #[serde(default)]
+    pub approval: Approval,
+    /// A cell is lost when, this long, none of its instances renewed its
+    /// ownership lease and none answered its replication probe.
+    #[serde(default = "default_lost_after")]
+    pub lost_after: DurationValue,
+}
+
+fn default_lost_after() -> DurationValue {
+    DurationValue(Duration::from_secs(5))
+}
+
+/// Who starts a failover.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Approval {
+    /// The control plane, as soon as the cell is lost.
+    Automatic,
+    /// An operator (`atoll switchover approve`).
+    #[default]
+    Manual,
 }
 
 impl ShardMapSpec {
@@ -1056,10 +1091,12 @@ fn is_zero_u64(value: &u64) -> bool {
     *value == 0
 }
 
-/// A planned move of shard ranges from their owning cells to others: fence,
-/// barrier, sync gate, flip, barrier, unfence (ARCHITECTURE.md). Created by
-/// `atoll switchover start`; the control plane writes its progress (`phase`
-/// onwards) as it runs.
+/// A move of shard ranges from their owning cells to others (ARCHITECTURE.md,
+/// "Switchover"): planned (fence, barrier, sync gate, flip, barrier,
+/// unfence), or a failover of a lost cell (fence, barrier, wait for its
+/// lease to expire, flip, barrier, unfence; what it had not replicated is
+/// reported). Created by `atoll switchover start` or by the control plane's
+/// emergency plan; the control plane writes its progress (`phase` onwards).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SwitchoverSpec {
@@ -1067,6 +1104,9 @@ pub struct SwitchoverSpec {
     pub shard_map: String,
     /// What moves where.
     pub moves: Vec<ShardMove>,
+    /// `planned` or `failover`.
+    #[serde(default, skip_serializing_if = "SwitchoverMode::is_planned")]
+    pub mode: SwitchoverMode,
     /// How long each barrier waits for every node before the switchover
     /// aborts (before the flip) or reports the laggards and keeps waiting
     /// (after it).
@@ -1090,6 +1130,14 @@ pub struct SwitchoverSpec {
     /// (only before the flip).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub abort_requested: bool,
+    /// Every data-plane node known when it started: the barriers wait for
+    /// them also when a restarted control plane has not heard from them yet
+    /// (until the node expiry, as for any disconnected node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expected_nodes: Vec<String>,
+    /// A failover waiting for approval was approved.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub approved: bool,
     /// Every phase entered, with its start and duration.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub timeline: Vec<PhaseRecord>,
@@ -1105,6 +1153,15 @@ pub struct SwitchoverSpec {
     /// Replication positions per moving shard, as the sync gate read them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub positions: Vec<ShardPosition>,
+    /// A failover's RPO: the moving shards whose writes the lost cell had
+    /// not all replicated at its last answered probe, with the positions
+    /// (`written` at the lost cell, `acknowledged` by the standby).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreplicated: Vec<ShardPosition>,
+    /// For a failover: when the lost cell last answered (RFC 3339), so the
+    /// writes it may have taken after that are known to be unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
     /// Why it stopped, when it did not complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -1130,6 +1187,24 @@ pub struct ShardMove {
     pub to: String,
 }
 
+/// Planned or not.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SwitchoverMode {
+    /// Both cells are up: nothing is lost.
+    #[default]
+    Planned,
+    /// The source cell is lost: its lease must expire first, and what it had
+    /// not replicated is reported.
+    Failover,
+}
+
+impl SwitchoverMode {
+    fn is_planned(&self) -> bool {
+        *self == SwitchoverMode::Planned
+    }
+}
+
 /// The phases, in order (ARCHITECTURE.md, "Switchover").
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
@@ -1139,12 +1214,16 @@ pub enum SwitchoverPhase {
     /// Accepted, not started.
     #[default]
     Pending,
+    /// A failover waiting for `atoll switchover approve`.
+    AwaitingApproval,
     /// Writing the fenced map.
     Fence,
     /// Waiting until every node runs the fenced map.
     FenceBarrier,
     /// Waiting until the target holds every write of the moving shards.
     SyncGate,
+    /// A failover waiting until the lost cell's ownership lease has expired.
+    LeaseExpiry,
     /// Writing the new owners and epoch.
     Flip,
     /// Waiting until every node runs the new owners.

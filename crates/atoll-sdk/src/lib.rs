@@ -20,6 +20,10 @@ use atoll_model::{Located, Origin, validate};
 pub use atoll_node::Activation;
 use atoll_node::{Installer, NodeClient, NodeConfig, NodeOptions, NodeStatus};
 use atoll_routing::{CellId, RoutingTable, Scope, ServiceId};
+use std::time::{Duration, Instant};
+
+use atoll_api::config::config_stream_client::ConfigStreamClient;
+use atoll_api::config::{LeaseRequest, NodeIdentity};
 use tokio::sync::{OwnedRwLockReadGuard, RwLock, watch};
 
 /// What an instance is, usually from the environment the agent sets
@@ -98,6 +102,128 @@ pub enum Refused {
         /// The epoch this instance knows.
         current: u64,
     },
+    /// The cell holds no ownership lease: it cannot reach the control
+    /// plane, or the control plane is failing it over.
+    #[error("cell {cell} holds no ownership lease ({reason})")]
+    NoLease {
+        /// This cell.
+        cell: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The ownership lease of this instance's cell, kept by a renewal task.
+#[derive(Debug)]
+struct Lease {
+    state: parking_lot::Mutex<LeaseState>,
+}
+
+#[derive(Debug)]
+enum LeaseState {
+    /// No answer from the control plane yet.
+    Unknown(String),
+    /// Held until then.
+    Until(Instant),
+    /// Refused or lapsed, and why.
+    None(String),
+    /// The control plane runs without leases.
+    Off,
+}
+
+impl Lease {
+    fn check(&self, cell: &str) -> Result<(), Refused> {
+        let refused = |reason: String| Refused::NoLease {
+            cell: cell.to_owned(),
+            reason,
+        };
+        match &*self.state.lock() {
+            LeaseState::Off => Ok(()),
+            LeaseState::Until(until) if Instant::now() < *until => Ok(()),
+            LeaseState::Until(until) => Err(refused(format!(
+                "it lapsed {} ms ago without a renewal from the control plane",
+                until.elapsed().as_millis()
+            ))),
+            LeaseState::Unknown(reason) | LeaseState::None(reason) => Err(refused(reason.clone())),
+        }
+    }
+
+    /// Renews the lease until `shutdown`: every third of its duration, and
+    /// quickly while there is none.
+    async fn renew(
+        self: Arc<Self>,
+        identity: Identity,
+        status: Arc<NodeStatus>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let endpoint = match tonic::transport::Endpoint::from_shared(identity.control.clone()) {
+            Ok(endpoint) => endpoint
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(Duration::from_secs(1))
+                .tcp_nodelay(true),
+            Err(e) => {
+                *self.state.lock() = LeaseState::None(format!("bad control plane URL: {e}"));
+                return;
+            }
+        };
+        let mut client = ConfigStreamClient::new(endpoint.connect_lazy());
+        loop {
+            let sent = Instant::now();
+            let request = LeaseRequest {
+                node: Some(NodeIdentity {
+                    name: identity.instance.clone(),
+                    role: "app".into(),
+                    zone: identity.zone.clone(),
+                    cell: identity.cell.clone(),
+                }),
+                applied_version: status.applied_version(),
+            };
+            let next = match client.renew_lease(request).await {
+                Ok(answer) => {
+                    let grant = answer.into_inner();
+                    let mut state = self.state.lock();
+                    match (grant.granted, grant.duration_ms) {
+                        (true, 0) => {
+                            *state = LeaseState::Off;
+                            Duration::from_secs(5)
+                        }
+                        (true, ms) => {
+                            let duration = Duration::from_millis(ms);
+                            *state = LeaseState::Until(sent + duration);
+                            duration / 3
+                        }
+                        (false, _) => {
+                            // A lease held goes on until it ends; no new one.
+                            if !matches!(*state, LeaseState::Until(until) if until > Instant::now())
+                            {
+                                *state = LeaseState::None(format!(
+                                    "the control plane refused it: {}",
+                                    grant.reason
+                                ));
+                            }
+                            Duration::from_millis(200)
+                        }
+                    }
+                }
+                Err(status) => {
+                    let mut state = self.state.lock();
+                    if !matches!(*state, LeaseState::Until(until) if until > Instant::now())
+                        && !matches!(*state, LeaseState::Off)
+                    {
+                        *state = LeaseState::None(format!(
+                            "the control plane does not answer: {}",
+                            status.message()
+                        ));
+                    }
+                    Duration::from_millis(200)
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(next) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
 }
 
 /// The current view, immutable.
@@ -282,6 +408,7 @@ pub struct Cell {
     identity: Identity,
     view: Arc<ArcSwapOption<View>>,
     gate: Arc<RwLock<()>>,
+    lease: Arc<Lease>,
     status: Arc<NodeStatus>,
     changed: watch::Receiver<u64>,
 }
@@ -340,11 +467,22 @@ impl Cell {
             });
         }
         let status = client.status();
+        let lease = Arc::new(Lease {
+            state: parking_lot::Mutex::new(LeaseState::Unknown(
+                "no answer from the control plane yet".into(),
+            )),
+        });
+        tokio::spawn(
+            lease
+                .clone()
+                .renew(identity.clone(), status.clone(), shutdown.clone()),
+        );
         tokio::spawn(client.run(shutdown));
         Cell {
             identity,
             view,
             gate,
+            lease,
             status,
             changed: receiver,
         }
@@ -423,6 +561,7 @@ impl Cell {
         {
             return Err(Refused::StaleEpoch { request, current });
         }
+        self.lease.check(&self.identity.cell)?;
         Ok(view)
     }
 }

@@ -696,6 +696,32 @@ impl Db {
     }
 
     /// What each standby has acknowledged applying, per (standby, shard).
+    /// The last log position that changed `shard` (0 if none).
+    pub(crate) fn written_of(&self, shard: u32) -> anyhow::Result<i64> {
+        let connection = self.connection.lock();
+        connection
+            .query_row(
+                "SELECT COALESCE(MAX(position), 0) FROM log WHERE shard = ?1",
+                [shard],
+                |r| r.get(0),
+            )
+            .map_err(error)
+    }
+
+    /// The position `standby` acknowledged for `shard`.
+    pub(crate) fn acked(&self, standby: &str, shard: u32) -> anyhow::Result<i64> {
+        let connection = self.connection.lock();
+        Ok(connection
+            .query_row(
+                "SELECT position FROM shard_acks WHERE standby = ?1 AND shard = ?2",
+                params![standby, shard],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(error)?
+            .unwrap_or(0))
+    }
+
     pub(crate) fn acks(&self) -> anyhow::Result<BTreeMap<(String, u32), i64>> {
         let connection = self.connection.lock();
         let mut statement = connection

@@ -41,7 +41,15 @@ pub(crate) struct Bank {
     pub(crate) http: reqwest::Client,
     /// The zone's gateway, for cross-cell credits.
     pub(crate) gateway: Option<String>,
+    /// Acknowledge a write only once the shard's standby has it
+    /// (`BANK_REPLICATION=sync`, the default): a lost cell then loses no
+    /// acknowledged write.
+    pub(crate) synchronous: bool,
 }
+
+/// How long a write waits for its standby before it is answered 503 (it is
+/// committed; a retry with the same key is answered once it is replicated).
+const SYNC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 type Shared = Arc<Bank>;
 
@@ -123,6 +131,11 @@ async fn run() -> anyhow::Result<()> {
     let gateway = std::env::var("ATOLL_GATEWAY_URL")
         .ok()
         .filter(|g| !g.is_empty());
+    let synchronous = match std::env::var("BANK_REPLICATION").as_deref() {
+        Err(_) | Ok("sync") => true,
+        Ok("async") => false,
+        Ok(other) => anyhow::bail!("BANK_REPLICATION is `{other}`; use sync or async"),
+    };
 
     let path = data.join("bank.db");
     let db = Arc::new(tokio::task::spawn_blocking(move || Db::open(&path)).await??);
@@ -140,6 +153,7 @@ async fn run() -> anyhow::Result<()> {
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .build()?,
         gateway,
+        synchronous,
     });
     // One instance per cell ships the cell's log and its outbox; the others
     // only serve. A crashed replica 0 is restarted by its agent.
@@ -240,6 +254,7 @@ fn refusal(refused: Refused) -> Problem {
         }
         Refused::NotOwner { .. } => (StatusCode::MISDIRECTED_REQUEST, "notOwner"),
         Refused::StaleEpoch { .. } => (StatusCode::MISDIRECTED_REQUEST, "staleEpoch"),
+        Refused::NoLease { .. } => (StatusCode::SERVICE_UNAVAILABLE, "noLease"),
     };
     fail(
         status,
@@ -501,6 +516,17 @@ async fn write(
             Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
         };
     drop(permit);
+    // Synchronous replication: the answer waits until the shard's standby
+    // holds everything written to the shard so far (this write included, or
+    // the first answer to it, for a replay).
+    if bank.synchronous
+        && outcome.status != 422
+        && let Some(standby) = view.standby(shard).map(str::to_owned)
+        && standby != bank.cell.identity().cell
+        && let Err(problem) = replicated(&bank, &standby, shard).await
+    {
+        return problem.into_response();
+    }
     if remote && !outcome.replayed {
         outbox::wake();
     }
@@ -512,6 +538,39 @@ async fn write(
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     response
+}
+
+/// Waits until `standby` acknowledged every position written to `shard`.
+async fn replicated(bank: &Bank, standby: &str, shard: u32) -> Result<(), Problem> {
+    let deadline = tokio::time::Instant::now() + SYNC_TIMEOUT;
+    let db = bank.db.clone();
+    let written = tokio::task::spawn_blocking(move || db.written_of(shard))
+        .await
+        .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()))?
+        .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()))?;
+    loop {
+        let db = bank.db.clone();
+        let standby_name = standby.to_owned();
+        let acked = tokio::task::spawn_blocking(move || db.acked(&standby_name, shard))
+            .await
+            .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()))?
+            .map_err(|e| fail(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()))?;
+        if acked >= written {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "notReplicated",
+                format!(
+                    "the write is committed but standby {standby} has not confirmed it within {}s (it holds position {acked} of {written}); retry with the same Idempotency-Key",
+                    SYNC_TIMEOUT.as_secs()
+                ),
+            ));
+        }
+        replication::wake();
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+    }
 }
 
 async fn totals(State(bank): State<Shared>) -> Response {

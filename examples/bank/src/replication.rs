@@ -26,6 +26,13 @@ use crate::{Bank, problem};
 /// Entries per shipment.
 const BATCH: usize = 512;
 
+static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Tells the shipper (in this process) that a write waits for it.
+pub(crate) fn wake() {
+    WAKE.notify_one();
+}
+
 /// A shipment from a source cell to a standby.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -137,13 +144,16 @@ pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
                 }
             }
         }
+        // Writes of other instances of the cell wait for this shipper too:
+        // look again soon (a query of the log's end is cheap).
         let wait = if busy {
             Duration::ZERO
         } else {
-            Duration::from_millis(100)
+            Duration::from_millis(10)
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = WAKE.notified() => {}
             _ = stopped.changed() => return,
         }
     }
