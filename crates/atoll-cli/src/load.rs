@@ -1,14 +1,19 @@
 //! `atoll load`: drives a bank workload through the gateways, with a live
-//! progress line and a summary that checks money is conserved.
+//! progress line and a summary that checks money is conserved; with
+//! `--history`, records every operation and checks the history for lost or
+//! doubled writes (`atoll-check`). `atoll check` checks a recorded history.
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write as _};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
 use atoll_api::rest::ListResponse;
+use atoll_check::{Attempt, Event, FORMAT_VERSION, History};
 use clap::Args;
 use serde::Serialize;
 
@@ -52,6 +57,16 @@ pub(crate) struct LoadArgs {
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     retry_for: Duration,
 
+    /// Record the run's history in FILE (JSON Lines), re-send every write
+    /// with its key after the run, and check that no acknowledged write was
+    /// lost and none applied twice (docs/checker.md); exit 9 on an anomaly.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_check")]
+    history: Option<PathBuf>,
+
+    /// With --history: how long re-sending every write may take in all.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    settle_for: Duration,
+
     /// Summary format.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -84,6 +99,9 @@ struct Summary {
     /// before + deposits - withdrawals.
     #[serde(skip_serializing_if = "Option::is_none")]
     money: Option<Money>,
+    /// With --history: the checker's report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    check: Option<atoll_check::Report>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -109,6 +127,16 @@ struct Stats {
     latencies_us: Vec<u32>,
     /// Writes without a definite answer yet.
     unresolved: Vec<Op>,
+    /// With --history: every write, to settle after the run.
+    writes: Vec<Pending>,
+}
+
+/// A write of the history, waiting for its settle.
+struct Pending {
+    id: u64,
+    op: Op,
+    /// Whether the summary counted it already (it had a definite answer).
+    counted: bool,
 }
 
 /// The answer to one logical operation.
@@ -119,6 +147,13 @@ enum Outcome {
     Failed,
 }
 
+/// The answer to one logical operation, and every request it took (kept
+/// only with --history).
+struct Answer {
+    outcome: Outcome,
+    attempts: Vec<Attempt>,
+}
+
 /// One operation of the workload.
 #[derive(Clone, Debug)]
 struct Op {
@@ -127,6 +162,8 @@ struct Op {
     key: Option<String>,
     body: Option<serde_json::Value>,
     amount: i64,
+    user: u64,
+    to: Option<u64>,
 }
 
 impl Op {
@@ -137,6 +174,18 @@ impl Op {
             key: None,
             body: None,
             amount: 0,
+            user,
+            to: None,
+        }
+    }
+
+    /// Its kind in the history.
+    fn history_kind(&self) -> atoll_check::Kind {
+        match self.kind {
+            "deposit" => atoll_check::Kind::Deposit,
+            "withdraw" => atoll_check::Kind::Withdraw,
+            "transfer" => atoll_check::Kind::Transfer,
+            _ => atoll_check::Kind::Read,
         }
     }
 
@@ -151,9 +200,111 @@ impl Op {
             key: Some(key),
             body: Some(body),
             amount,
+            user,
+            to,
         }
     }
 }
+
+/// With --history: the run's events, streamed to the file as they happen.
+struct Recorder {
+    path: PathBuf,
+    file: Mutex<std::io::BufWriter<std::fs::File>>,
+    /// The first write error: the file is incomplete after it.
+    error: Mutex<Option<String>>,
+    /// Time 0 of the history: when the run starts.
+    zero: OnceLock<Instant>,
+    next_id: AtomicU64,
+}
+
+// === impl Recorder ===
+
+impl Recorder {
+    fn create(path: PathBuf) -> Result<Recorder, CliError> {
+        let file = std::fs::File::create(&path).map_err(|e| {
+            CliError::new(
+                exit::FAILURE,
+                format!("cannot write the history to {}: {e}", path.display()),
+            )
+        })?;
+        Ok(Recorder {
+            path,
+            file: Mutex::new(std::io::BufWriter::new(file)),
+            error: Mutex::new(None),
+            zero: OnceLock::new(),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    /// Microseconds from time 0 to `at`.
+    fn micros(&self, at: Instant) -> u64 {
+        let zero = *self.zero.get_or_init(Instant::now);
+        u64::try_from(at.saturating_duration_since(zero).as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn write(&self, event: &Event) {
+        // Serialized outside the lock; workers only wait for the copy.
+        let mut line = Vec::with_capacity(512);
+        let result = atoll_check::write_event(&mut line, event)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                self.file
+                    .lock()
+                    .write_all(&line)
+                    .map_err(|e| format!("{}: {e}", self.path.display()))
+            });
+        if let Err(e) = result {
+            self.error.lock().get_or_insert(e);
+        }
+    }
+
+    fn finish(&self) -> Result<(), CliError> {
+        if let Err(e) = self.file.lock().flush() {
+            self.error
+                .lock()
+                .get_or_insert(format!("{}: {e}", self.path.display()));
+        }
+        match self.error.lock().take() {
+            Some(e) => Err(CliError::new(
+                exit::FAILURE,
+                format!("writing the history: {e}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Records a completed operation; returns its id.
+    fn operation(
+        &self,
+        worker: u64,
+        op: &Op,
+        invoke: Instant,
+        complete: Instant,
+        attempts: Vec<Attempt>,
+    ) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let outcome = attempts
+            .last()
+            .map_or(atoll_check::Outcome::Unknown, Attempt::outcome);
+        self.write(&Event::Op(atoll_check::Operation {
+            id,
+            worker,
+            kind: op.history_kind(),
+            user: op.user.to_string(),
+            to: op.to.map(|to| to.to_string()),
+            amount: op.amount,
+            key: op.key.clone(),
+            invoke: self.micros(invoke),
+            complete: self.micros(complete),
+            attempts,
+            outcome,
+        }));
+        id
+    }
+}
+
+/// Writes re-sent in parallel after the run, with --history.
+const SETTLE_IN_FLIGHT: u64 = 32;
 
 struct Load {
     http: reqwest::Client,
@@ -161,6 +312,7 @@ struct Load {
     args: LoadArgs,
     stats: Mutex<Stats>,
     run: String,
+    recorder: Option<Recorder>,
 }
 
 impl Load {
@@ -180,17 +332,25 @@ impl Load {
     }
 
     /// Sends a request until it has a definite answer (writes carry the
-    /// same idempotency key each time), or --retry-for passes.
+    /// same idempotency key each time), or `retry_for` passes. `tally`:
+    /// count the requests in the summary.
     async fn call(
         &self,
         gateway: usize,
         method: reqwest::Method,
         path: &str,
-        key: Option<&str>,
-        body: Option<&serde_json::Value>,
-    ) -> Outcome {
-        let deadline = Instant::now() + self.args.retry_for;
+        (key, body): (Option<&str>, Option<&serde_json::Value>),
+        retry_for: Duration,
+        tally: bool,
+    ) -> Answer {
+        let deadline = Instant::now() + retry_for;
         let mut attempt = 0usize;
+        let mut attempts = Vec::new();
+        let record = |elapsed, cell: Option<&str>, error| {
+            if tally {
+                self.record(elapsed, cell, error);
+            }
+        };
         loop {
             let base = &self.gateways[(gateway + attempt) % self.gateways.len()];
             let mut request = self.http.request(method.clone(), format!("{base}{path}"));
@@ -203,6 +363,11 @@ impl Load {
             let sent = Instant::now();
             let result = request.send().await;
             let elapsed = sent.elapsed();
+            let mut history = self.recorder.as_ref().map(|recorder| Attempt {
+                sent: recorder.micros(sent),
+                gateway: base.clone(),
+                ..Attempt::default()
+            });
             let error = match result {
                 Ok(response) => {
                     let status = response.status().as_u16();
@@ -211,16 +376,32 @@ impl Load {
                         .get("x-bank-cell")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned);
+                    let replayed = response
+                        .headers()
+                        .get("idempotent-replayed")
+                        .is_some_and(|v| v == "true");
                     let body = response
                         .json::<serde_json::Value>()
                         .await
                         .unwrap_or_default();
+                    if let (Some(attempt), Some(recorder)) = (&mut history, &self.recorder) {
+                        attempt.received = recorder.micros(Instant::now());
+                        attempt.status = Some(status);
+                        attempt.error = body["error"].as_str().map(str::to_owned);
+                        attempt.replayed = replayed;
+                        attempt.balance = body["balance"].as_i64();
+                        attempt.cell = cell.clone();
+                        attempts.push(attempt.clone());
+                    }
                     if status < 500 && status != 421 {
-                        self.record(elapsed, cell.as_deref(), None);
-                        return Outcome::Answer(status, body);
+                        record(elapsed, cell.as_deref(), None);
+                        return Answer {
+                            outcome: Outcome::Answer(status, body),
+                            attempts,
+                        };
                     }
                     let code = body["error"].as_str().unwrap_or("");
-                    self.record(
+                    record(
                         elapsed,
                         cell.as_deref(),
                         Some(format!("{status} {code}").trim().to_owned()),
@@ -235,21 +416,31 @@ impl Load {
                     } else {
                         "transport"
                     };
-                    self.record(elapsed, None, Some(cause.to_owned()));
+                    if let (Some(mut attempt), Some(recorder)) = (history, &self.recorder) {
+                        attempt.received = recorder.micros(Instant::now());
+                        attempt.transport = Some(cause.to_owned());
+                        attempts.push(attempt);
+                    }
+                    record(elapsed, None, Some(cause.to_owned()));
                     cause.to_owned()
                 }
             };
             attempt += 1;
             if Instant::now() >= deadline {
                 tracing::debug!(%path, %error, "giving up");
-                return Outcome::Failed;
+                return Answer {
+                    outcome: Outcome::Failed,
+                    attempts,
+                };
             }
-            self.stats.lock().summary.retries += 1;
+            if tally {
+                self.stats.lock().summary.retries += 1;
+            }
             tokio::time::sleep(Duration::from_millis(50 * attempt.min(10) as u64)).await;
         }
     }
 
-    async fn run_op(&self, gateway: usize, op: &Op) -> Outcome {
+    async fn run_op(&self, gateway: usize, op: &Op, retry_for: Duration, tally: bool) -> Answer {
         let method = if op.key.is_some() {
             reqwest::Method::POST
         } else {
@@ -259,8 +450,9 @@ impl Load {
             gateway,
             method,
             &op.path,
-            op.key.as_deref(),
-            op.body.as_ref(),
+            (op.key.as_deref(), op.body.as_ref()),
+            retry_for,
+            tally,
         )
         .await
     }
@@ -332,7 +524,23 @@ impl Load {
                 }
                 Op::write("transfer", user, key, amount, Some(to))
             };
-            let outcome = self.run_op(gateway, &op).await;
+            let invoke = Instant::now();
+            let Answer { outcome, attempts } =
+                self.run_op(gateway, &op, self.args.retry_for, true).await;
+            if let Some(recorder) = &self.recorder {
+                let id = recorder.operation(worker, &op, invoke, Instant::now(), attempts);
+                if op.key.is_some() {
+                    // Every write is settled at the end; one without an
+                    // answer is counted then.
+                    let counted = !matches!(outcome, Outcome::Failed);
+                    let mut stats = self.stats.lock();
+                    if counted {
+                        Self::settle(&mut stats.summary, &op, outcome);
+                    }
+                    stats.writes.push(Pending { id, op, counted });
+                    continue;
+                }
+            }
             if matches!(outcome, Outcome::Failed) && op.key.is_some() {
                 // Settled at the end: its key tells whether it applied.
                 self.stats.lock().unresolved.push(op);
@@ -342,8 +550,8 @@ impl Load {
         }
     }
 
-    /// The sum of every user's balance, read through the gateways.
-    async fn total(self: &Arc<Self>) -> Result<i64, CliError> {
+    /// Every user's balance, read through the gateways (from its owner).
+    async fn balances(self: &Arc<Self>) -> Result<BTreeMap<u64, i64>, CliError> {
         let users: Vec<u64> =
             (self.args.first_user..self.args.first_user + self.args.users).collect();
         let chunks: Vec<Vec<u64>> = users
@@ -354,7 +562,7 @@ impl Load {
         for (i, chunk) in chunks.into_iter().enumerate() {
             let load = self.clone();
             tasks.push(tokio::spawn(async move {
-                let mut sum = 0i64;
+                let mut balances = Vec::with_capacity(chunk.len());
                 for user in chunk {
                     let url = format!("{}/accounts/{user}", load.gateways[i % load.gateways.len()]);
                     let deadline = Instant::now() + load.args.retry_for;
@@ -366,7 +574,7 @@ impl Load {
                             _ => None,
                         };
                         if let Some(balance) = answer.as_ref().and_then(|b| b["balance"].as_i64()) {
-                            sum += balance;
+                            balances.push((user, balance));
                             break;
                         }
                         if Instant::now() >= deadline {
@@ -375,17 +583,159 @@ impl Load {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
-                Ok(sum)
+                Ok(balances)
             }));
         }
-        let mut total = 0;
+        let mut balances = BTreeMap::new();
         for task in tasks {
-            total += task
-                .await
-                .map_err(|e| CliError::new(exit::FAILURE, format!("reading balances: {e}")))?
-                .map_err(|e| CliError::new(exit::FAILURE, e))?;
+            balances.extend(
+                task.await
+                    .map_err(|e| CliError::new(exit::FAILURE, format!("reading balances: {e}")))?
+                    .map_err(|e| CliError::new(exit::FAILURE, e))?,
+            );
         }
-        Ok(total)
+        Ok(balances)
+    }
+
+    /// Re-sends every write with its key (--history), at most
+    /// `SETTLE_IN_FLIGHT` at a time and within --settle-for, and records
+    /// each answer. A write the run left without an answer is counted in
+    /// the summary by its settle, as without --history.
+    async fn settle_all(self: &Arc<Self>, writes: Vec<Pending>) {
+        if self.recorder.is_none() {
+            return;
+        }
+        let started = Instant::now();
+        let total = writes.len();
+        let in_flight = SETTLE_IN_FLIGHT.max(self.args.concurrency);
+        eprintln!(
+            "settling all {total} writes by their keys ({in_flight} in flight, at most {})...",
+            humantime::format_duration(self.args.settle_for)
+        );
+        let deadline = started + self.args.settle_for;
+        let queue = Arc::new(Mutex::new(writes.into_iter()));
+        let tally = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
+        let mut tasks = Vec::new();
+        for lane in 0..in_flight.min(total as u64).max(1) {
+            let (load, queue, tally) = (self.clone(), queue.clone(), tally.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let Some(pending) = queue.lock().next() else {
+                        return;
+                    };
+                    let invoke = Instant::now();
+                    let Answer { outcome, attempts } = if invoke >= deadline {
+                        Answer {
+                            outcome: Outcome::Failed,
+                            attempts: Vec::new(),
+                        }
+                    } else {
+                        let retry_for = load.args.retry_for.min(deadline - invoke);
+                        load.run_op(lane as usize, &pending.op, retry_for, !pending.counted)
+                            .await
+                    };
+                    let answered = attempts
+                        .last()
+                        .filter(|a| a.outcome() != atoll_check::Outcome::Unknown);
+                    {
+                        let mut tally = tally.lock();
+                        match answered {
+                            Some(a) if a.replayed => tally.0 += 1,
+                            Some(_) => tally.1 += 1,
+                            None => tally.2 += 1,
+                        }
+                    }
+                    if let Some(recorder) = &load.recorder {
+                        let outcome =
+                            answered.map_or(atoll_check::Outcome::Unknown, Attempt::outcome);
+                        recorder.write(&Event::Settle(atoll_check::Settle {
+                            id: pending.id,
+                            key: pending.op.key.clone().unwrap_or_default(),
+                            invoke: recorder.micros(invoke),
+                            complete: recorder.micros(Instant::now()),
+                            attempts,
+                            outcome,
+                        }));
+                    }
+                    if !pending.counted {
+                        Self::settle(&mut load.stats.lock().summary, &pending.op, outcome);
+                    }
+                }
+            }));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        let (replayed, fresh, unanswered) = *tally.lock();
+        eprintln!(
+            "settled {total} writes in {:.1} s: {replayed} replayed, {fresh} handled only now, {unanswered} without an answer",
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// Money in flight per cell (`inFlight` of each cell's `GET /totals`,
+/// asked of the instances the agents report), until every cell has none or
+/// `wait` passes; and whether every cell got there.
+async fn drain(
+    client: &Client,
+    http: &reqwest::Client,
+    wait: Duration,
+) -> (BTreeMap<String, i64>, bool) {
+    let mut cells: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    if let Ok(list) = client.get::<ListResponse>("/v1/resources/endpoints").await {
+        for item in &list.items {
+            let endpoints = item
+                .pointer("/spec/endpoints")
+                .and_then(|e| e.as_array())
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for endpoint in endpoints {
+                if let (Some(cell), Some(address)) =
+                    (endpoint["cell"].as_str(), endpoint["address"].as_str())
+                {
+                    let addresses = cells.entry(cell.to_owned()).or_default();
+                    // Ready instances first.
+                    if endpoint["ready"] == serde_json::Value::Bool(true) {
+                        addresses.insert(0, address.to_owned());
+                    } else {
+                        addresses.push(address.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    if cells.is_empty() {
+        return (BTreeMap::new(), false);
+    }
+    let deadline = Instant::now() + wait;
+    loop {
+        let mut in_flight = BTreeMap::new();
+        let mut drained = true;
+        for (cell, addresses) in &cells {
+            let mut found = None;
+            for address in addresses {
+                let answer = match http.get(format!("http://{address}/totals")).send().await {
+                    Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok(),
+                    _ => None,
+                };
+                found = answer.and_then(|totals| totals["inFlight"].as_i64());
+                if found.is_some() {
+                    break;
+                }
+            }
+            match found {
+                Some(n) => {
+                    drained &= n == 0;
+                    in_flight.insert(cell.clone(), n);
+                }
+                None => drained = false,
+            }
+        }
+        if drained || Instant::now() >= deadline {
+            return (in_flight, drained);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -456,12 +806,14 @@ pub(crate) async fn run(client: &Client, args: LoadArgs) -> Result<u8, CliError>
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis())
     );
+    let recorder = args.history.clone().map(Recorder::create).transpose()?;
     let load = Arc::new(Load {
         http,
         gateways: gateways.clone(),
         stats: Mutex::new(Stats::default()),
         run,
         args,
+        recorder,
     });
     let args = &load.args;
     eprintln!(
@@ -476,18 +828,39 @@ pub(crate) async fn run(client: &Client, args: LoadArgs) -> Result<u8, CliError>
     let before = if args.no_check {
         None
     } else {
+        if load.recorder.is_some() {
+            // Credits of earlier activity land first.
+            drain(client, &load.http, Duration::from_secs(30)).await;
+        }
         eprintln!("reading every user's balance first...");
         // Until two reads agree: credits of earlier activity may be landing.
-        let mut total = load.total().await?;
+        let mut balances = load.balances().await?;
         for _ in 0..20 {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let again = load.total().await?;
-            if again == total {
+            let again = load.balances().await?;
+            if again == balances {
                 break;
             }
-            total = again;
+            balances = again;
         }
-        Some(total)
+        if let Some(recorder) = &load.recorder {
+            let started_at_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            // Time 0: the run starts now.
+            recorder.zero.get_or_init(Instant::now);
+            recorder.write(&Event::Start(atoll_check::Start {
+                version: FORMAT_VERSION,
+                run: load.run.clone(),
+                started_at_unix_ms,
+                gateways: gateways.clone(),
+                balances: balances
+                    .iter()
+                    .map(|(user, balance)| (user.to_string(), *balance))
+                    .collect(),
+            }));
+        }
+        Some(balances.values().sum::<i64>())
     };
     let started = Instant::now();
     let end = started + args.duration;
@@ -557,9 +930,13 @@ pub(crate) async fn run(client: &Client, args: LoadArgs) -> Result<u8, CliError>
         );
     }
     for op in unresolved {
-        let outcome = load.run_op(0, &op).await;
+        let outcome = load.run_op(0, &op, load.args.retry_for, true).await.outcome;
         Load::settle(&mut load.stats.lock().summary, &op, outcome);
     }
+    // With --history, every write: the answer to an acknowledged one must
+    // be a replay.
+    let writes = std::mem::take(&mut load.stats.lock().writes);
+    load.settle_all(writes).await;
     let mut summary = {
         let mut stats = load.stats.lock();
         stats.latencies_us.sort_unstable();
@@ -580,12 +957,21 @@ pub(crate) async fn run(client: &Client, args: LoadArgs) -> Result<u8, CliError>
     if let Some(before) = before {
         let expected = before + summary.deposits - summary.withdrawals;
         eprintln!("waiting for cross-cell credits in flight, then reading every balance...");
+        let drained = match &load.recorder {
+            Some(_) => Some(drain(client, &load.http, Duration::from_secs(30)).await),
+            None => None,
+        };
         // Credits of cross-cell transfers land shortly after the debit.
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut after = load.total().await?;
-        while after != expected && Instant::now() < deadline {
+        let mut balances = load.balances().await?;
+        let mut after: i64 = balances.values().sum();
+        while after != expected
+            && Instant::now() < deadline
+            && !drained.as_ref().is_some_and(|(_, drained)| *drained)
+        {
             tokio::time::sleep(Duration::from_millis(500)).await;
-            after = load.total().await?;
+            balances = load.balances().await?;
+            after = balances.values().sum();
         }
         summary.money = Some(Money {
             before,
@@ -593,13 +979,43 @@ pub(crate) async fn run(client: &Client, args: LoadArgs) -> Result<u8, CliError>
             expected,
             conserved: after == expected,
         });
+        if let (Some(recorder), Some((in_flight, drained))) = (&load.recorder, drained) {
+            recorder.write(&Event::Final(atoll_check::FinalState {
+                at: recorder.micros(Instant::now()),
+                balances: balances
+                    .iter()
+                    .map(|(user, balance)| (user.to_string(), *balance))
+                    .collect(),
+                in_flight,
+                drained,
+            }));
+            recorder.finish()?;
+            let history = History::read_file(&recorder.path)
+                .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?;
+            eprintln!(
+                "history: {} operations, {} settles in {}",
+                history.operations.len(),
+                history.settles.len(),
+                recorder.path.display()
+            );
+            summary.check = Some(atoll_check::check(&history));
+        }
     }
     match load.args.output {
         Format::Json => println!(
             "{}",
             serde_json::to_string_pretty(&summary).unwrap_or_default()
         ),
-        _ => print_summary(&summary),
+        _ => {
+            print_summary(&summary);
+            if let Some(report) = &summary.check {
+                println!();
+                print!("{report}");
+            }
+        }
+    }
+    if summary.check.as_ref().is_some_and(|r| !r.is_clean()) {
+        return Ok(ANOMALY);
     }
     let conserved = summary.money.as_ref().is_none_or(|m| m.conserved);
     Ok(if conserved && summary.failed == 0 {
@@ -607,6 +1023,43 @@ pub(crate) async fn run(client: &Client, args: LoadArgs) -> Result<u8, CliError>
     } else {
         exit::FAILURE
     })
+}
+
+/// The exit code when the checker finds an anomaly (`docs/cli.md`).
+pub(crate) const ANOMALY: u8 = 9;
+
+#[derive(Debug, Args)]
+pub(crate) struct CheckArgs {
+    /// The history, as `atoll load --history FILE` wrote it (JSON Lines).
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+
+    /// Report format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+/// `atoll check FILE`: checks a recorded history; exit 9 on an anomaly.
+pub(crate) fn check(args: &CheckArgs) -> Result<u8, CliError> {
+    let history = History::read_file(&args.file).map_err(|e| {
+        let mut error = CliError::new(exit::FAILURE, e.to_string());
+        error
+            .details
+            .push("pass a file written by `atoll load --history FILE`".into());
+        error
+    })?;
+    let report = atoll_check::check(&history);
+    let text = match args.output {
+        Format::Table => report.to_string(),
+        Format::Json => format!(
+            "{}\n",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        ),
+        Format::Yaml => atoll_model::to_yaml(&serde_json::to_value(&report).unwrap_or_default()),
+    };
+    // A reader that stops early (`| head`) is not an error.
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+    Ok(if report.is_clean() { 0 } else { ANOMALY })
 }
 
 fn print_summary(s: &Summary) {

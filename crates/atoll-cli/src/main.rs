@@ -23,7 +23,8 @@ use crate::output::Format;
 /// Atoll: multi-active, cell-based architecture.
 ///
 /// Exit codes: 0 success, 1 failure, 2 usage error, 3 invalid manifests,
-/// 4 conflict, 5 not found, 6 control plane unreachable, 7 barrier not reached.
+/// 4 conflict, 5 not found, 6 control plane unreachable, 7 barrier not reached,
+/// 9 the checker found an anomaly.
 #[derive(Debug, Parser)]
 #[command(name = "atoll", version, max_term_width = 100)]
 struct Cli {
@@ -53,6 +54,9 @@ enum Command {
     /// Drive a bank workload through the gateways, with live progress and
     /// a check that money is conserved.
     Load(load::LoadArgs),
+    /// Check a history recorded by `atoll load --history` for lost or
+    /// doubled writes, negative balances and money not conserved.
+    Check(load::CheckArgs),
     /// Run the agent of a zone: run the zone's App instances, restart them,
     /// report their endpoints.
     Agent(agent::AgentArgs),
@@ -143,6 +147,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Up(args) => up::run(args).await,
         Command::Load(args) => load::run(&connect(default_timeout)?, args).await,
+        Command::Check(args) => load::check(&args),
         Command::Agent(args) => {
             let endpoint = client::resolve(cli.control.as_deref());
             agent::run(args, endpoint).await

@@ -657,6 +657,7 @@ async fn the_sandbox_serves_users_in_their_cells_heals_and_stops_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn money_is_conserved_over_a_sixty_second_mixed_workload() {
     let sandbox = Sandbox::start();
+    let history = sandbox.state.path().join("history.jsonl");
     let output = tokio::process::Command::new(ATOLL)
         .args([
             "--control",
@@ -670,7 +671,9 @@ async fn money_is_conserved_over_a_sixty_second_mixed_workload() {
             "600",
             "-o",
             "json",
+            "--history",
         ])
+        .arg(&history)
         .output()
         .await
         .expect("atoll load");
@@ -724,4 +727,71 @@ async fn money_is_conserved_over_a_sixty_second_mixed_workload() {
         summary["money"]["after"].as_i64().expect("after"),
         "{summary}"
     );
+
+    // The zero-loss checker: every acknowledged write still there at
+    // settle, none applied twice, every balance explained.
+    let check = &summary["check"];
+    assert_eq!(check["clean"], json!(true), "{check:#}");
+    assert_eq!(check["money"]["conserved"], json!(true), "{check}");
+    assert_eq!(check["counts"]["users"], json!(600), "{check}");
+    let recorded = atoll_check::History::read_file(&history).expect("the history parses");
+    let start = recorded.start.as_ref().expect("start event");
+    assert_eq!(start.balances.len(), 600);
+    let operations: u64 = summary["byKind"]
+        .as_object()
+        .expect("byKind")
+        .values()
+        .filter_map(Value::as_u64)
+        .sum();
+    assert_eq!(recorded.operations.len() as u64, operations, "{summary}");
+    for kind in [
+        atoll_check::Kind::Deposit,
+        atoll_check::Kind::Withdraw,
+        atoll_check::Kind::Transfer,
+        atoll_check::Kind::Read,
+    ] {
+        assert!(
+            recorded.operations.iter().any(|op| op.kind == kind),
+            "no {kind:?} in the history"
+        );
+    }
+    let writes = recorded
+        .operations
+        .iter()
+        .filter(|op| op.is_write())
+        .count();
+    assert_eq!(recorded.settles.len(), writes, "every write settled");
+    assert!(
+        recorded.settles.iter().all(|s| s.answer().is_some()),
+        "every settle got a definite answer"
+    );
+    assert_eq!(
+        check["counts"]["settleReplayed"].as_u64().unwrap_or(0)
+            + check["counts"]["settleFresh"].as_u64().unwrap_or(0),
+        writes as u64,
+        "{check}"
+    );
+    let state = recorded.final_state.as_ref().expect("final event");
+    assert!(state.drained, "{:?}", state.in_flight);
+    assert_eq!(
+        state.balances.values().sum::<i64>(),
+        summary["money"]["after"].as_i64().expect("after")
+    );
+    // `atoll check` on the file agrees, and exits 0.
+    let checked = Command::new(ATOLL)
+        .arg("check")
+        .arg(&history)
+        .output()
+        .expect("atoll check");
+    let report = String::from_utf8_lossy(&checked.stdout);
+    assert!(checked.status.success(), "{report}");
+    assert!(report.starts_with("atoll check: clean"), "{report}");
+    eprintln!("{stderr}\n{report}");
+    let json_report = Command::new(ATOLL)
+        .args(["check", "-o", "json"])
+        .arg(&history)
+        .output()
+        .expect("atoll check -o json");
+    let json_report: Value = serde_json::from_slice(&json_report.stdout).expect("JSON report");
+    assert_eq!(json_report["counts"], check["counts"]);
 }
