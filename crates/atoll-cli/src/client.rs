@@ -25,6 +25,8 @@ pub(crate) mod exit {
     pub(crate) const BARRIER_NOT_REACHED: u8 = 7;
     /// A switchover aborted (before its flip; nothing moved).
     pub(crate) const SWITCHOVER_ABORTED: u8 = 8;
+    /// A drill did not complete, or the checker found an anomaly.
+    pub(crate) const DRILL_FAILED: u8 = 10;
 }
 
 /// An error to print, with the process exit code.

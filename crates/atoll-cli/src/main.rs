@@ -8,9 +8,11 @@ mod agent;
 mod client;
 mod commands;
 mod control;
+mod drill;
 mod gateway;
 mod load;
 mod output;
+mod switchover;
 mod up;
 
 use std::process::ExitCode;
@@ -24,7 +26,7 @@ use crate::output::Format;
 ///
 /// Exit codes: 0 success, 1 failure, 2 usage error, 3 invalid manifests,
 /// 4 conflict, 5 not found, 6 control plane unreachable, 7 barrier not reached,
-/// 9 the checker found an anomaly.
+/// 8 switchover aborted, 9 the checker found an anomaly.
 #[derive(Debug, Parser)]
 #[command(name = "atoll", version, max_term_width = 100)]
 struct Cli {
@@ -57,6 +59,12 @@ enum Command {
     /// Check a history recorded by `atoll load --history` for lost or
     /// doubled writes, negative balances and money not conserved.
     Check(load::CheckArgs),
+    /// Move shard ranges between cells without losing a write: plan, start,
+    /// status, abort.
+    Switchover(switchover::SwitchoverArgs),
+    /// Run a switchover or lose a cell under a bank workload, and report
+    /// RTO, RPO, failed requests, fence window and the checker's verdict.
+    Drill(drill::DrillArgs),
     /// Run the agent of a zone: run the zone's App instances, restart them,
     /// report their endpoints.
     Agent(agent::AgentArgs),
@@ -159,6 +167,8 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Rollback(args) => commands::rollback(&connect(default_timeout)?, args).await,
         Command::Nodes(args) => commands::nodes(&connect(default_timeout)?, args).await,
         Command::Barrier(args) => commands::barrier(&connect(None)?, args).await,
+        Command::Switchover(args) => switchover::run(&connect(default_timeout)?, args).await,
+        Command::Drill(args) => drill::run(&connect(default_timeout)?, args).await,
         Command::Audit(args) => commands::audit(&connect(default_timeout)?, args).await,
         Command::Watch(args) => commands::watch(&connect(None)?, args).await,
         Command::Status(args) => commands::status(&connect(default_timeout)?, args.output).await,

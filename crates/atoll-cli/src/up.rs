@@ -496,7 +496,12 @@ pub(crate) async fn run(args: UpArgs) -> Result<u8, CliError> {
                     _ = stopped.wait_for(|s| *s) => break,
                     () = tokio::time::sleep(Duration::from_secs(1)) => {
                         let mut changed = false;
+                        let held = state_dir.join("hold");
                         for child in &mut sandbox.children {
+                            // `atoll drill fault --fault kill` holds what it killed.
+                            if held.join(&child.name).exists() {
+                                continue;
+                            }
                             if let Some(how) = child.exited() {
                                 eprintln!("warning: {} {how}; starting it again (restart {}, its log is {})", child.name, child.restarts + 1, child.log.display());
                                 match child.respawn() {

@@ -1,0 +1,850 @@
+//! `atoll drill`: a switchover or a fault under a bank workload, with a
+//! steady-state probe, automatic abort, and a report: RTO, RPO, failed
+//! requests by class, fence window, switchover time, and the zero-loss
+//! checker's verdict (docs/drills.md).
+//!
+//! The workload is `atoll load --history` (a child process, so the drill
+//! measures what any client sees); the probe writes to a user of a moving
+//! shard every 50 ms and notes which cell answered; the fault acts on the
+//! processes of a local sandbox (`atoll up`), found through its `up.json`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use atoll_api::rest::{ListResponse, SwitchoverPlan, SwitchoverRequest};
+use atoll_model::{
+    Resource, Spec, SwitchoverMode, SwitchoverPhase, SwitchoverSpec, decode_resource,
+};
+use clap::{Args, Subcommand, ValueEnum};
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::client::{CliError, Client, exit, segment};
+use crate::output::Format;
+
+#[derive(Debug, Args)]
+pub(crate) struct DrillArgs {
+    #[command(subcommand)]
+    kind: DrillKind,
+}
+
+#[derive(Debug, Subcommand)]
+enum DrillKind {
+    /// A planned switchover under load (it aborts itself if it does not
+    /// complete within --deadline).
+    Switchover(SwitchoverDrill),
+    /// Lose a cell under load and watch its emergency plan fail it over.
+    Fault(FaultDrill),
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Requests per second of the workload.
+    #[arg(long, default_value_t = 200)]
+    rate: u64,
+    /// How long the workload runs in all.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    duration: Duration,
+    /// When, after the workload starts, the switchover or fault begins.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    start_after: Duration,
+    /// Steady state: give up (abort the switchover, end the fault) when the
+    /// new owner does not serve the probe within this long of the start.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    deadline: Duration,
+    /// Keep the workload's history here [default: a file in the state dir].
+    #[arg(long, value_name = "FILE")]
+    history: Option<PathBuf>,
+    /// The sandbox's state directory (for `up.json`) [default: $ATOLL_STATE_DIR].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Report format.
+    #[arg(short, long, value_enum, default_value_t = Format::Table)]
+    output: Format,
+}
+
+#[derive(Debug, Args)]
+struct SwitchoverDrill {
+    /// Move every shard this cell owns.
+    #[arg(long, value_name = "CELL")]
+    from: Option<String>,
+    /// Move these shards, e.g. 0-49.
+    #[arg(long, value_name = "RANGE")]
+    shards: Option<String>,
+    /// The new owner [default: each shard's standby].
+    #[arg(long, value_name = "CELL")]
+    to: Option<String>,
+    /// Kill the control plane (SIGKILL) while the switchover runs; the
+    /// sandbox starts it again and it must resume.
+    #[arg(long)]
+    kill_control_plane: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Fault {
+    /// SIGSTOP the cell's agent and instances: alive but silent, as behind
+    /// a partition (SIGCONT at the end).
+    Freeze,
+    /// SIGKILL them, and keep the sandbox from starting them again until
+    /// the end.
+    Kill,
+}
+
+#[derive(Debug, Args)]
+struct FaultDrill {
+    /// The cell to lose.
+    #[arg(long, value_name = "CELL")]
+    cell: String,
+    /// How to lose it.
+    #[arg(long, value_enum, default_value_t = Fault::Freeze)]
+    fault: Fault,
+    /// How long the cell stays lost [default: until its failover completed,
+    /// plus 2 s].
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    hold: Option<Duration>,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// The drill's report.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Report {
+    drill: String,
+    /// Completed, aborted (by the drill or the control plane), or failed.
+    outcome: String,
+    switchover: Option<String>,
+    phase: Option<String>,
+    /// Fault (or switchover start) to the first probe write served by the
+    /// new owner, in ms.
+    rto_ms: Option<u64>,
+    /// For a failover: when the control plane declared the cell lost, ms
+    /// after the fault.
+    detected_ms: Option<u64>,
+    /// Detection to completion of the failover, ms.
+    failover_ms: Option<u64>,
+    /// Fence to unfence, from the Switchover's timeline, ms.
+    fence_window_ms: Option<u64>,
+    /// The whole switchover, ms.
+    switchover_ms: Option<u64>,
+    /// Log positions the failover reported unreplicated.
+    rpo_positions: i64,
+    /// Shards they concern.
+    rpo_shards: Vec<u32>,
+    /// Acknowledged writes the checker found lost.
+    lost_acknowledged_writes: u64,
+    /// The probe: writes tried, failed, and failures by class.
+    probe_writes: u64,
+    probe_failures: u64,
+    probe_failures_by_class: std::collections::BTreeMap<String, u64>,
+    /// Successful probe writes by the cell that answered.
+    probe_served_by: std::collections::BTreeMap<String, u64>,
+    /// The workload's summary (`atoll load -o json`): requests, errors by
+    /// cause, failed operations, latency, and the checker's report.
+    workload: Value,
+    /// Whether the checker found nothing wrong.
+    clean: bool,
+    history: String,
+    notes: Vec<String>,
+}
+
+/// What the probe saw.
+#[derive(Debug, Default)]
+struct Probe {
+    writes: u64,
+    failures: u64,
+    by_class: std::collections::BTreeMap<String, u64>,
+    /// First success from the target after `armed`.
+    served_by_target: Option<Instant>,
+    /// Successful writes by answering cell.
+    by_cell: std::collections::BTreeMap<String, u64>,
+}
+
+pub(crate) async fn run(client: &Client, args: DrillArgs) -> Result<u8, CliError> {
+    match args.kind {
+        DrillKind::Switchover(drill) => switchover(client, drill).await,
+        DrillKind::Fault(drill) => fault(client, drill).await,
+    }
+}
+
+fn state_dir(common: &Common) -> PathBuf {
+    common
+        .state_dir
+        .clone()
+        .unwrap_or_else(crate::client::state_dir)
+}
+
+fn history_path(common: &Common) -> PathBuf {
+    common.history.clone().unwrap_or_else(|| {
+        state_dir(common).join(format!(
+            "drill-{}.jsonl",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        ))
+    })
+}
+
+/// Starts `atoll load --history` for the drill.
+fn start_load(
+    client: &Client,
+    common: &Common,
+    history: &Path,
+) -> Result<tokio::process::Child, CliError> {
+    let me = std::env::current_exe()
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot locate this program: {e}")))?;
+    let mut command = tokio::process::Command::new(me);
+    command
+        .args([
+            "--control",
+            client.url(),
+            "load",
+            "--output",
+            "json",
+            "--rate",
+        ])
+        .arg(common.rate.to_string())
+        .arg("--duration")
+        .arg(format!("{}ms", common.duration.as_millis()))
+        .arg("--history")
+        .arg(history)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    command
+        .spawn()
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot start the workload: {e}")))
+}
+
+async fn finish_load(child: tokio::process::Child, report: &mut Report) {
+    match child.wait_with_output().await {
+        Ok(output) => {
+            let text = String::from_utf8_lossy(&output.stdout);
+            // The summary is the last JSON document on stdout.
+            let start = text.find('{').unwrap_or(0);
+            report.workload = serde_json::from_str(&text[start..]).unwrap_or(Value::Null);
+            if report.workload.is_null() {
+                report.notes.push(format!(
+                    "the workload ended with {} and no summary",
+                    output.status
+                ));
+            }
+        }
+        Err(e) => report.notes.push(format!("the workload: {e}")),
+    }
+    let check = &report.workload["check"];
+    report.clean = check["clean"].as_bool().unwrap_or(false);
+    report.lost_acknowledged_writes = check["anomalies"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|x| x["kind"].as_str() == Some("lostWrite"))
+                .count() as u64
+        })
+        .unwrap_or(0);
+}
+
+/// Writes to `user` every 50 ms through `gateway`, noting who answers.
+fn start_probe(
+    gateway: String,
+    user: String,
+    target: String,
+    armed: Arc<Mutex<Option<Instant>>>,
+    probe: Arc<Mutex<Probe>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .no_proxy()
+            .build()
+            .unwrap_or_default();
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let mut n = 0u64;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            n += 1;
+            let url = format!("{gateway}/accounts/{user}/deposit");
+            let answer = http
+                .post(&url)
+                .header("idempotency-key", format!("drill-probe-{run}-{n}"))
+                .json(&serde_json::json!({"amount": 1}))
+                .send()
+                .await;
+            // Ok(cell) or Err(class), decided before taking the lock.
+            let result: Result<String, String> = match answer {
+                Ok(response) if response.status().is_success() => Ok(response
+                    .headers()
+                    .get("x-bank-cell")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned()),
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    let code = response
+                        .json::<Value>()
+                        .await
+                        .ok()
+                        .and_then(|b| b["error"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    Err(format!("{status} {code}").trim().to_owned())
+                }
+                Err(e) if e.is_timeout() => Err("timeout".into()),
+                Err(_) => Err("connection".into()),
+            };
+            {
+                let mut p = probe.lock();
+                p.writes += 1;
+                match result {
+                    Ok(cell) => {
+                        *p.by_cell.entry(cell.clone()).or_default() += 1;
+                        if cell == target && p.served_by_target.is_none() && armed.lock().is_some()
+                        {
+                            p.served_by_target = Some(Instant::now());
+                        }
+                    }
+                    Err(class) => {
+                        p.failures += 1;
+                        *p.by_class.entry(class).or_default() += 1;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
+async fn first_gateway(client: &Client) -> Result<String, CliError> {
+    let list: ListResponse = client.get("/v1/resources/gateways").await?;
+    list.items
+        .iter()
+        .find_map(|g| {
+            g["spec"]["advertise"]
+                .as_str()
+                .map(|a| format!("http://{a}"))
+        })
+        .ok_or_else(|| {
+            CliError::new(
+                exit::FAILURE,
+                "no Gateway advertises an address; the drill sends through a gateway",
+            )
+        })
+}
+
+async fn switchovers(client: &Client) -> Result<Vec<(Resource, SwitchoverSpec)>, CliError> {
+    let list: ListResponse = client.get("/v1/resources/switchovers").await?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|v| decode_resource(v).ok())
+        .filter_map(|r| match &r.spec {
+            Spec::Switchover(s) => {
+                let s = s.clone();
+                Some((r, s))
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+async fn switchover_named(client: &Client, name: &str) -> Option<SwitchoverSpec> {
+    let value: Value = client
+        .get(&format!("/v1/resources/switchovers/{}", segment(name)))
+        .await
+        .ok()?;
+    match decode_resource(value).ok()?.spec {
+        Spec::Switchover(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// Fills the report from a finished Switchover.
+fn describe(report: &mut Report, name: &str, spec: &SwitchoverSpec) {
+    report.switchover = Some(name.to_owned());
+    report.phase = Some(spec.phase.to_string());
+    report.switchover_ms = Some(spec.timeline.iter().filter_map(|r| r.millis).sum());
+    let fenced = spec
+        .timeline
+        .iter()
+        .skip_while(|r| r.phase != SwitchoverPhase::Fence)
+        .take_while(|r| {
+            r.phase != SwitchoverPhase::Completed && r.phase != SwitchoverPhase::Aborted
+        });
+    let window: u64 = fenced.filter_map(|r| r.millis).sum();
+    report.fence_window_ms = (window > 0).then_some(window);
+    report.rpo_positions = spec
+        .unreplicated
+        .iter()
+        .map(|p| (p.written - p.acknowledged).max(0))
+        .sum();
+    report.rpo_shards = spec.unreplicated.iter().map(|p| p.shard).collect();
+    report.outcome = match spec.phase {
+        SwitchoverPhase::Completed => "completed".into(),
+        SwitchoverPhase::Aborted => {
+            format!("aborted: {}", spec.message.clone().unwrap_or_default())
+        }
+        other => format!("stopped in {other}"),
+    };
+}
+
+/// A probe user in `shard` (the sandbox's rule takes the last two digits).
+fn probe_user(shard: u32) -> String {
+    format!("9{:06}{:02}", std::process::id() % 1_000_000, shard % 100)
+}
+
+async fn switchover(client: &Client, drill: SwitchoverDrill) -> Result<u8, CliError> {
+    let common = &drill.common;
+    let history = history_path(common);
+    let mut report = Report {
+        drill: "switchover".into(),
+        history: history.display().to_string(),
+        ..Report::default()
+    };
+    let request = SwitchoverRequest {
+        from: drill.from.clone(),
+        shards: drill.shards.clone(),
+        to: drill.to.clone(),
+        reason: Some("atoll drill".into()),
+        ..SwitchoverRequest::default()
+    };
+    // The plan first: a drill that cannot start should not load anything.
+    let plan: SwitchoverPlan = client
+        .post(
+            "/v1/switchovers",
+            &SwitchoverRequest {
+                dry_run: true,
+                ..request.clone()
+            },
+        )
+        .await?;
+    let first = &plan.moves[0];
+    let shard: u32 = first["shards"]
+        .as_str()
+        .and_then(|s| s.split('-').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let target = first["to"].as_str().unwrap_or_default().to_owned();
+    let gateway = first_gateway(client).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let armed = Arc::new(Mutex::new(None));
+    let probe = Arc::new(Mutex::new(Probe::default()));
+    let load = start_load(client, common, &history)?;
+    let prober = start_probe(
+        gateway,
+        probe_user(shard),
+        target,
+        armed.clone(),
+        probe.clone(),
+        stopped,
+    );
+    tokio::time::sleep(common.start_after).await;
+    let started = Instant::now();
+    *armed.lock() = Some(started);
+    let plan: SwitchoverPlan = client.post("/v1/switchovers", &request).await?;
+    if drill.kill_control_plane {
+        kill_control_plane(common, &mut report);
+    }
+    let spec = wait_final(
+        client,
+        &plan.name,
+        started + common.deadline,
+        true,
+        &mut report,
+    )
+    .await;
+    // The probe goes on while the workload runs: the steady state after
+    // the switchover counts too.
+    finish_load(load, &mut report).await;
+    let _ = stop.send(true);
+    let _ = prober.await;
+    if let Some(spec) = &spec {
+        describe(&mut report, &plan.name, spec);
+    }
+    finish_probe(&mut report, &probe, started);
+    print_report(&report, common.output);
+    Ok(code(&report))
+}
+
+/// SIGKILLs the sandbox's control plane (it is started again by `atoll up`).
+fn kill_control_plane(common: &Common, report: &mut Report) {
+    match sandbox_pid(common, "control plane") {
+        Ok(pid) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            report.notes.push(format!(
+                "killed the control plane (pid {pid}) right after the start"
+            ));
+        }
+        Err(e) => report
+            .notes
+            .push(format!("could not kill the control plane: {}", e.message)),
+    }
+}
+
+fn up_file(common: &Common) -> Result<Value, CliError> {
+    let path = state_dir(common).join("up.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!(
+                "cannot read {} ({e}): a fault drill acts on a local sandbox (atoll up); give its --state-dir",
+                path.display()
+            ),
+        )
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("{}: {e}", path.display())))
+}
+
+fn sandbox_pid(common: &Common, process: &str) -> Result<i32, CliError> {
+    let up = up_file(common)?;
+    up["processes"][process]
+        .as_u64()
+        .and_then(|p| i32::try_from(p).ok())
+        .ok_or_else(|| {
+            CliError::new(
+                exit::FAILURE,
+                format!("up.json names no process `{process}`"),
+            )
+        })
+}
+
+/// Polls until the switchover is final or `deadline`; at the deadline,
+/// aborts it (before its flip) when `abort`.
+async fn wait_final(
+    client: &Client,
+    name: &str,
+    deadline: Instant,
+    abort: bool,
+    report: &mut Report,
+) -> Option<SwitchoverSpec> {
+    let mut aborted = false;
+    loop {
+        // The control plane may be restarting: errors are retried.
+        if let Some(spec) = switchover_named(client, name).await {
+            if spec.phase.is_final() {
+                return Some(spec);
+            }
+            if Instant::now() >= deadline && !aborted {
+                if abort && !spec.phase.flipped() {
+                    report.notes.push(format!(
+                        "steady state lost: not completed within the deadline; aborting in {}",
+                        spec.phase
+                    ));
+                    let _: Result<Value, _> = client
+                        .post(
+                            &format!("/v1/switchovers/{}/abort", segment(name)),
+                            &serde_json::json!({}),
+                        )
+                        .await;
+                    aborted = true;
+                } else {
+                    report.notes.push(format!(
+                        "not completed within the deadline ({})",
+                        spec.phase
+                    ));
+                    return Some(spec);
+                }
+            }
+        }
+        if Instant::now() >= deadline + Duration::from_secs(30) {
+            report
+                .notes
+                .push("gave up waiting for the switchover".into());
+            return switchover_named(client, name).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn finish_probe(report: &mut Report, probe: &Mutex<Probe>, started: Instant) {
+    let p = probe.lock();
+    report.probe_writes = p.writes;
+    report.probe_failures = p.failures;
+    report.probe_failures_by_class = p.by_class.clone();
+    report.probe_served_by = p.by_cell.clone();
+    report.rto_ms = p
+        .served_by_target
+        .map(|t| u64::try_from(t.duration_since(started).as_millis()).unwrap_or(u64::MAX));
+}
+
+async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
+    let common = &drill.common;
+    let history = history_path(common);
+    let mut report = Report {
+        drill: format!("fault ({:?}) of {}", drill.fault, drill.cell).to_lowercase(),
+        history: history.display().to_string(),
+        ..Report::default()
+    };
+    // Where the cell's shards go: their standby in the current map.
+    let maps: ListResponse = client.get("/v1/resources/shardmaps").await?;
+    let (shard, target) = maps
+        .items
+        .iter()
+        .flat_map(|m| {
+            m["spec"]["assignments"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .find(|a| a["cell"].as_str() == Some(drill.cell.as_str()))
+        .and_then(|a| {
+            let shards = a["shards"]
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| a["shards"].as_u64().map(|n| n.to_string()))?;
+            let first: u32 = shards.split('-').next()?.parse().ok()?;
+            Some((first, a["standby"].as_str()?.to_owned()))
+        })
+        .ok_or_else(|| {
+            CliError::new(
+                exit::FAILURE,
+                format!(
+                    "cell {} owns no shard with a standby: nothing would fail over",
+                    drill.cell
+                ),
+            )
+        })?;
+    let up = up_file(common)?;
+    let zone = up["cells"][&drill.cell]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            CliError::new(
+                exit::FAILURE,
+                format!("the sandbox has no cell {}", drill.cell),
+            )
+        })?;
+    let agent_name = format!("agent {zone}");
+    let gateway = first_gateway(client).await?;
+    let known: std::collections::HashSet<String> = switchovers(client)
+        .await?
+        .into_iter()
+        .map(|(r, _)| r.name().to_owned())
+        .collect();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let armed = Arc::new(Mutex::new(None));
+    let probe = Arc::new(Mutex::new(Probe::default()));
+    let load = start_load(client, common, &history)?;
+    let prober = start_probe(
+        gateway,
+        probe_user(shard),
+        target.clone(),
+        armed.clone(),
+        probe.clone(),
+        stopped,
+    );
+    tokio::time::sleep(common.start_after).await;
+
+    // The cell's processes: its zone's agent and the instances it runs.
+    let agent = sandbox_pid(common, &agent_name)?;
+    let admin = up["agents"][&zone].as_str().unwrap_or_default().to_owned();
+    let listed = match reqwest::get(format!("{admin}/instances")).await {
+        Ok(response) => response.json::<Value>().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    };
+    let instances: Vec<i32> = listed
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter(|i| i["cell"].as_str() == Some(drill.cell.as_str()))
+                .filter_map(|i| i["process"].as_str()?.strip_prefix("pid ")?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut pids = vec![agent];
+    pids.extend(&instances);
+    let hold = state_dir(common).join("hold");
+    let signal = match drill.fault {
+        Fault::Freeze => nix::sys::signal::Signal::SIGSTOP,
+        Fault::Kill => {
+            // Keep `atoll up` from starting the agent again meanwhile.
+            let _ = std::fs::create_dir_all(&hold);
+            let _ = std::fs::write(hold.join(&agent_name), "held by atoll drill\n");
+            nix::sys::signal::Signal::SIGKILL
+        }
+    };
+    let started = Instant::now();
+    *armed.lock() = Some(started);
+    for pid in &pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), signal);
+    }
+    report.notes.push(format!(
+        "{} {} (agent pid {agent}, instances {:?})",
+        if drill.fault == Fault::Freeze {
+            "froze"
+        } else {
+            "killed"
+        },
+        drill.cell,
+        instances
+    ));
+
+    // The emergency plan's Switchover.
+    let mut found: Option<(String, Instant)> = None;
+    let deadline = started + common.deadline;
+    while found.is_none() && Instant::now() < deadline {
+        if let Ok(list) = switchovers(client).await {
+            found = list
+                .into_iter()
+                .find(|(r, s)| {
+                    !known.contains(r.name())
+                        && s.mode == SwitchoverMode::Failover
+                        && s.moves.iter().any(|m| m.from == drill.cell)
+                })
+                .map(|(r, _)| (r.name().to_owned(), Instant::now()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let spec = match &found {
+        Some((name, seen)) => {
+            report.detected_ms =
+                Some(u64::try_from(seen.duration_since(started).as_millis()).unwrap_or(0));
+            let spec = wait_final(client, name, deadline, false, &mut report).await;
+            if let Some(s) = &spec
+                && s.phase.is_final()
+            {
+                report.failover_ms = Some(u64::try_from(seen.elapsed().as_millis()).unwrap_or(0));
+            }
+            spec
+        }
+        None => {
+            report.notes.push(format!(
+                "no failover within {} of the fault: is there an emergency plan (ShardMap.spec.failover)?",
+                humantime::format_duration(common.deadline)
+            ));
+            None
+        }
+    };
+    // Hold the fault a little longer, then end it.
+    let hold_for = drill.hold.unwrap_or(Duration::from_secs(2));
+    let until = if drill.hold.is_some() {
+        started + hold_for
+    } else {
+        Instant::now() + hold_for
+    };
+    tokio::time::sleep(until.saturating_duration_since(Instant::now())).await;
+    match drill.fault {
+        Fault::Freeze => {
+            for pid in &pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGCONT,
+                );
+            }
+        }
+        Fault::Kill => {
+            let _ = std::fs::remove_file(hold.join(&agent_name));
+        }
+    }
+    report.notes.push(format!(
+        "ended the fault after {} ms",
+        started.elapsed().as_millis()
+    ));
+    // The probe goes on while the workload runs: the steady state after
+    // the switchover counts too.
+    finish_load(load, &mut report).await;
+    let _ = stop.send(true);
+    let _ = prober.await;
+    if let (Some((name, _)), Some(spec)) = (&found, &spec) {
+        describe(&mut report, name, spec);
+    } else {
+        report.outcome = "no failover".into();
+    }
+    finish_probe(&mut report, &probe, started);
+    print_report(&report, common.output);
+    Ok(code(&report))
+}
+
+/// 0 when the drill completed and the checker found nothing; else 10.
+fn code(report: &Report) -> u8 {
+    if report.outcome == "completed" && report.clean {
+        0
+    } else {
+        exit::DRILL_FAILED
+    }
+}
+
+fn ms(value: Option<u64>) -> String {
+    value.map_or_else(|| "-".into(), |v| format!("{v} ms"))
+}
+
+fn print_report(report: &Report, format: Format) {
+    if format != Format::Table {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+        return;
+    }
+    println!("atoll drill: {}", report.drill);
+    println!("  outcome          {}", report.outcome);
+    if let Some(name) = &report.switchover {
+        println!(
+            "  switchover       {name} ({})",
+            report.phase.as_deref().unwrap_or("-")
+        );
+    }
+    println!(
+        "  RTO              {}  (fault or start to the first write served by the new owner)",
+        ms(report.rto_ms)
+    );
+    if report.detected_ms.is_some() {
+        println!("  detected after   {}", ms(report.detected_ms));
+        println!(
+            "  failover took    {}  (detection to completion)",
+            ms(report.failover_ms)
+        );
+    }
+    println!("  fence window     {}", ms(report.fence_window_ms));
+    println!("  switchover time  {}", ms(report.switchover_ms));
+    println!(
+        "  RPO              {} log positions unreplicated at the last probe{}; {} acknowledged writes lost (checker)",
+        report.rpo_positions,
+        if report.rpo_shards.is_empty() {
+            String::new()
+        } else {
+            format!(" (shards {:?})", report.rpo_shards)
+        },
+        report.lost_acknowledged_writes
+    );
+    println!(
+        "  probe            {} writes, {} failed {:?}, served by {:?}",
+        report.probe_writes,
+        report.probe_failures,
+        report.probe_failures_by_class,
+        report.probe_served_by
+    );
+    let w = &report.workload;
+    println!(
+        "  workload         {} requests, {} errors {}, {} operations failed",
+        w["requests"], w["errors"], w["errorsByCause"], w["failed"]
+    );
+    println!(
+        "  checker          {}",
+        if report.clean {
+            "clean: money conserved, no acknowledged write lost or applied twice".to_owned()
+        } else {
+            w["check"]["first"]
+                .as_str()
+                .unwrap_or("not clean (see the history)")
+                .to_owned()
+        }
+    );
+    println!("  history          {}", report.history);
+    for note in &report.notes {
+        println!("  note: {note}");
+    }
+}
