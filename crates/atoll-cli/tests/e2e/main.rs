@@ -18,4 +18,5 @@ mod manifests;
 mod regressions;
 mod restart;
 mod stream;
+mod switchover;
 mod up;

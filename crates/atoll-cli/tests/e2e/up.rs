@@ -21,15 +21,15 @@ fn owner(user: u64) -> &'static str {
 }
 
 /// A running `atoll up`, stopped with SIGINT (Ctrl-C) on drop.
-struct Sandbox {
+pub(crate) struct Sandbox {
     child: Option<Child>,
-    state: tempfile::TempDir,
-    up: Value,
+    pub(crate) state: tempfile::TempDir,
+    pub(crate) up: Value,
     http: reqwest::Client,
 }
 
 impl Sandbox {
-    fn start() -> Sandbox {
+    pub(crate) fn start() -> Sandbox {
         let bank = bank();
         let state = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(state.path().join("up.log")).expect("log");
@@ -75,7 +75,7 @@ impl Sandbox {
         sandbox
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.state.path().join("up.log")).unwrap_or_default()
     }
 
@@ -87,7 +87,7 @@ impl Sandbox {
             .to_owned()
     }
 
-    fn control(&self) -> String {
+    pub(crate) fn control(&self) -> String {
         self.up["control"].as_str().expect("control").to_owned()
     }
 
@@ -144,7 +144,7 @@ impl Sandbox {
     }
 
     /// The instances an agent reports.
-    async fn instances(&self, zone: &str) -> Vec<Value> {
+    pub(crate) async fn instances(&self, zone: &str) -> Vec<Value> {
         let url = format!(
             "{}/instances",
             self.up["agents"][zone].as_str().expect("agent")
