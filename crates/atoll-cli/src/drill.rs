@@ -93,6 +93,9 @@ enum Fault {
     /// SIGKILL them, and keep the sandbox from starting them again until
     /// the end.
     Kill,
+    /// Cut the cell's zone off the network (needs `atoll up --isolate-zone
+    /// ZONE`): its processes run on and would write if they could.
+    Partition,
 }
 
 #[derive(Debug, Args)]
@@ -667,30 +670,52 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
     let mut pids = vec![agent];
     pids.extend(&instances);
     let hold = state_dir(common).join("hold");
-    let signal = match drill.fault {
-        Fault::Freeze => nix::sys::signal::Signal::SIGSTOP,
-        Fault::Kill => {
-            // Keep `atoll up` from starting the agent again meanwhile.
-            let _ = std::fs::create_dir_all(&hold);
-            let _ = std::fs::write(hold.join(&agent_name), "held by atoll drill\n");
-            nix::sys::signal::Signal::SIGKILL
-        }
-    };
+    let isolation: Option<crate::netns::Isolation> =
+        serde_json::from_value(up["isolated"].clone()).ok();
+    if drill.fault == Fault::Partition && isolation.as_ref().is_none_or(|i| i.zone != zone) {
+        let _ = stop.send(true);
+        return Err(CliError::new(
+            exit::FAILURE,
+            format!(
+                "zone {zone} of {} is not in its own network namespace: start the sandbox with `atoll up --isolate-zone {zone}`",
+                drill.cell
+            ),
+        ));
+    }
     let started = Instant::now();
     *armed.lock() = Some(started);
-    for pid in &pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), signal);
+    match (&drill.fault, &isolation) {
+        (Fault::Partition, Some(isolation)) => {
+            isolation.partition()?;
+            report.notes.push(format!(
+                "cut zone {zone} off the network ({} down; its agent and instances run on)",
+                isolation.host_interface
+            ));
+        }
+        (fault, _) => {
+            let signal = if *fault == Fault::Kill {
+                // Keep `atoll up` from starting the agent again meanwhile.
+                let _ = std::fs::create_dir_all(&hold);
+                let _ = std::fs::write(hold.join(&agent_name), "held by atoll drill\n");
+                nix::sys::signal::Signal::SIGKILL
+            } else {
+                nix::sys::signal::Signal::SIGSTOP
+            };
+            for pid in &pids {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), signal);
+            }
+            report.notes.push(format!(
+                "{} {} (agent pid {agent}, instances {:?})",
+                if *fault == Fault::Kill {
+                    "killed"
+                } else {
+                    "froze"
+                },
+                drill.cell,
+                instances
+            ));
+        }
     }
-    report.notes.push(format!(
-        "{} {} (agent pid {agent}, instances {:?})",
-        if drill.fault == Fault::Freeze {
-            "froze"
-        } else {
-            "killed"
-        },
-        drill.cell,
-        instances
-    ));
 
     // The emergency plan's Switchover.
     let mut found: Option<(String, Instant)> = None;
@@ -747,6 +772,15 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
         }
         Fault::Kill => {
             let _ = std::fs::remove_file(hold.join(&agent_name));
+        }
+        Fault::Partition => {
+            if let Some(isolation) = &isolation
+                && let Err(e) = isolation.heal()
+            {
+                report
+                    .notes
+                    .push(format!("could not join the zone again: {}", e.message));
+            }
         }
     }
     report.notes.push(format!(

@@ -11,6 +11,7 @@ mod control;
 mod drill;
 mod gateway;
 mod load;
+mod netns;
 mod output;
 mod switchover;
 mod up;

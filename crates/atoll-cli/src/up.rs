@@ -59,6 +59,13 @@ pub(crate) struct UpArgs {
     /// How long to wait for everything to be ready.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     ready_timeout: Duration,
+
+    /// Run this zone's agent and bank instances in their own network
+    /// namespace, joined to the rest by a veth pair, so that `atoll drill
+    /// fault --fault partition` can cut the zone off (Linux, root). The
+    /// sandbox then listens on the veth's host address instead of 127.0.0.1.
+    #[arg(long, value_name = "ZONE", value_parser = ["hz-a", "hz-b", "sh-a"])]
+    isolate_zone: Option<String>,
 }
 
 /// The sandbox's ports.
@@ -90,6 +97,9 @@ struct UpFile {
     ready_seconds: f64,
     /// Child process -> pid (the agents' instances are in their /instances).
     processes: BTreeMap<String, u32>,
+    /// With --isolate-zone: the zone's network namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    isolated: Option<crate::netns::Isolation>,
 }
 
 fn free(port: u16) -> bool {
@@ -218,7 +228,7 @@ fn find_bank(flag: Option<PathBuf>) -> Result<PathBuf, CliError> {
 }
 
 /// The sandbox topology as manifest files.
-fn topology(ports: &Ports, bank: &Path, replicas: u32) -> Vec<(String, String)> {
+fn topology(ports: &Ports, bank: &Path, replicas: u32, host: &str) -> Vec<(String, String)> {
     let mut places =
         String::from("# Two regions: two zones in Hangzhou (same city), one in Shanghai.\n");
     let mut regions = Vec::new();
@@ -268,7 +278,7 @@ fn topology(ports: &Ports, bank: &Path, replicas: u32) -> Vec<(String, String)> 
         let port = ports.gateways[i];
         let _ = write!(
             gateways,
-            "---\napiVersion: atoll/v1\nkind: Gateway\nmetadata: {{name: gw-{zone}}}\nspec:\n  zone: {zone}\n  listeners: [{{port: {port}, protocol: http, address: 127.0.0.1}}]\n  advertise: \"127.0.0.1:{port}\"\n"
+            "---\napiVersion: atoll/v1\nkind: Gateway\nmetadata: {{name: gw-{zone}}}\nspec:\n  zone: {zone}\n  listeners: [{{port: {port}, protocol: http, address: {host}}}]\n  advertise: \"{host}:{port}\"\n"
         );
     }
     vec![
@@ -405,6 +415,7 @@ struct Sandbox {
     children: Vec<Child>,
     state_dir: PathBuf,
     temporary: bool,
+    isolation: Option<crate::netns::Isolation>,
 }
 
 impl Sandbox {
@@ -414,6 +425,10 @@ impl Sandbox {
         while let Some(mut child) = self.children.pop() {
             eprintln!("  stopping {}", child.name);
             child.stop(Duration::from_secs(15)).await;
+        }
+        if let Some(isolation) = self.isolation.take() {
+            // A drill may have left it cut off; nothing runs in it now.
+            isolation.remove();
         }
         if self.temporary {
             let _ = std::fs::remove_dir_all(&self.state_dir);
@@ -461,10 +476,15 @@ pub(crate) async fn run(args: UpArgs) -> Result<u8, CliError> {
     let state_dir = std::fs::canonicalize(&state_dir).unwrap_or(state_dir);
     let logs = state_dir.join("logs");
     let _ = std::fs::remove_file(state_dir.join("up.json"));
+    let isolation = match &args.isolate_zone {
+        Some(zone) => Some(crate::netns::Isolation::create(zone)?),
+        None => None,
+    };
     let mut sandbox = Sandbox {
         children: Vec::new(),
         state_dir: state_dir.clone(),
         temporary,
+        isolation,
     };
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -543,7 +563,13 @@ async fn start(
 ) -> Result<UpFile, CliError> {
     let me = std::env::current_exe()
         .map_err(|e| CliError::new(exit::FAILURE, format!("cannot locate this program: {e}")))?;
-    let control = format!("http://127.0.0.1:{}", ports.control);
+    // Where everything listens: loopback, or with an isolated zone the
+    // host end of its veth pair (reachable from both sides).
+    let isolation = sandbox.isolation.clone();
+    let host = isolation
+        .as_ref()
+        .map_or_else(|| "127.0.0.1".to_owned(), |i| i.host_address.clone());
+    let control = format!("http://{host}:{}", ports.control);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -558,7 +584,7 @@ async fn start(
         &[
             "control".into(),
             "--listen".into(),
-            format!("127.0.0.1:{}", ports.control),
+            format!("{host}:{}", ports.control),
             "--data-dir".into(),
             state_dir.join("control").display().to_string(),
         ],
@@ -577,7 +603,7 @@ async fn start(
     })
     .await?;
 
-    let files = topology(ports, bank, args.replicas);
+    let files = topology(ports, bank, args.replicas, &host);
     let topology_dir = state_dir.join("topology");
     std::fs::create_dir_all(&topology_dir).map_err(|e| {
         CliError::new(
@@ -626,6 +652,8 @@ async fn start(
         args.insert(0, "--control".into());
     };
     for (i, (zone, ..)) in ZONES.iter().enumerate() {
+        let inside = isolation.as_ref().filter(|iso| iso.zone == *zone);
+        let agent_host = agent_host(isolation.as_ref(), zone);
         let mut agent_args = vec![
             "agent".into(),
             "--zone".into(),
@@ -633,17 +661,41 @@ async fn start(
             "--state-dir".into(),
             state_dir.join("agents").join(zone).display().to_string(),
             "--gateway-url".into(),
-            format!("http://127.0.0.1:{}", ports.gateways[i]),
+            format!("http://{host}:{}", ports.gateways[i]),
+            "--host".into(),
+            agent_host.clone(),
             "--admin".into(),
-            format!("127.0.0.1:{}", ports.agent_admins[i]),
+            format!("{agent_host}:{}", ports.agent_admins[i]),
             "--stop-grace".into(),
             "5s".into(),
         ];
         global(&mut agent_args);
-        eprintln!("starting the agent of {zone}...");
+        // An isolated zone's agent (and so its instances) runs in the
+        // zone's namespace: `ip netns exec` execs it, keeping its pid.
+        let (program, agent_args) = match inside {
+            Some(iso) => {
+                let mut wrapped: Vec<String> = vec![
+                    "netns".into(),
+                    "exec".into(),
+                    iso.netns.clone(),
+                    me.display().to_string(),
+                ];
+                wrapped.extend(agent_args);
+                (PathBuf::from("ip"), wrapped)
+            }
+            None => (me.clone(), agent_args),
+        };
+        eprintln!(
+            "starting the agent of {zone}{}...",
+            if inside.is_some() {
+                " in its own network namespace"
+            } else {
+                ""
+            }
+        );
         sandbox.children.push(Child::spawn(
             &format!("agent {zone}"),
-            &me,
+            &program,
             &agent_args,
             &logs.join(format!("agent-{zone}.log")),
             &env,
@@ -663,7 +715,7 @@ async fn start(
         ];
         global(&mut gateway_args);
         eprintln!(
-            "starting the gateway of {zone} on 127.0.0.1:{}...",
+            "starting the gateway of {zone} on {host}:{}...",
             ports.gateways[i]
         );
         sandbox.children.push(Child::spawn(
@@ -713,7 +765,7 @@ async fn start(
     for (i, (zone, ..)) in ZONES.iter().enumerate() {
         for (first, ..) in SHARDS {
             let url = format!(
-                "http://127.0.0.1:{}/accounts/{}",
+                "http://{host}:{}/accounts/{}",
                 ports.gateways[i],
                 1000 + first
             );
@@ -746,7 +798,7 @@ async fn start(
             .map(|(i, z)| {
                 (
                     z.0.to_owned(),
-                    format!("http://127.0.0.1:{}", ports.gateways[i]),
+                    format!("http://{host}:{}", ports.gateways[i]),
                 )
             })
             .collect(),
@@ -766,7 +818,11 @@ async fn start(
             .map(|(i, z)| {
                 (
                     z.0.to_owned(),
-                    format!("http://127.0.0.1:{}", ports.agent_admins[i]),
+                    format!(
+                        "http://{}:{}",
+                        agent_host(isolation.as_ref(), z.0),
+                        ports.agent_admins[i]
+                    ),
                 )
             })
             .collect(),
@@ -776,9 +832,21 @@ async fn start(
             .collect(),
         ready_seconds,
         processes: processes(sandbox),
+        isolated: isolation.clone(),
     };
     write_up_file(state_dir, &up)?;
     Ok(up)
+}
+
+/// Where a zone's agent and instances listen: loopback, or with an
+/// isolated zone the address of its end of the veth (for that zone) or of
+/// the host end (for the others, so the isolated zone reaches them).
+fn agent_host(isolation: Option<&crate::netns::Isolation>, zone: &str) -> String {
+    match isolation {
+        None => "127.0.0.1".into(),
+        Some(iso) if iso.zone == zone => iso.zone_address.clone(),
+        Some(iso) => iso.host_address.clone(),
+    }
 }
 
 fn processes(sandbox: &Sandbox) -> BTreeMap<String, u32> {
@@ -857,8 +925,12 @@ fn print_summary(
         let (first, last, _, standby) = SHARDS[i];
         let _ = writeln!(
             out,
-            "  zone {zone:<5}     gateway http://127.0.0.1:{:<5}  cell {cell} ({display}), shards {first}-{last}, standby {standby}",
-            ports.gateways[i]
+            "  zone {zone:<5}     gateway {:<22} cell {cell} ({display}), shards {first}-{last}, standby {standby}{}",
+            up.gateways.get(*zone).cloned().unwrap_or_default(),
+            match &up.isolated {
+                Some(iso) if iso.zone == *zone => format!(", in network namespace {}", iso.netns),
+                _ => String::new(),
+            }
         );
     }
     let list = |ports: &[u16; 3]| {
@@ -889,8 +961,8 @@ fn print_summary(
             ""
         }
     );
-    let gateway = format!("http://127.0.0.1:{}", ports.gateways[0]);
-    let far = format!("http://127.0.0.1:{}", ports.gateways[2]);
+    let gateway = up.gateways.get("hz-a").cloned().unwrap_or_default();
+    let far = up.gateways.get("sh-a").cloned().unwrap_or_default();
     let control_flag = if ports.control == 7400 {
         String::new()
     } else {
@@ -931,7 +1003,7 @@ mod tests {
     #[test]
     fn the_sandbox_topology_is_valid() {
         let ports = pick_ports(0).expect("ports");
-        let files = topology(&ports, Path::new("/opt/atoll/atoll-bank"), 2);
+        let files = topology(&ports, Path::new("/opt/atoll/atoll-bank"), 2, "127.0.0.1");
         let mut located = Vec::new();
         for (name, content) in &files {
             let parsed = atoll_model::load(name, content).expect("parses");

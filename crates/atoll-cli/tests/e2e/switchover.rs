@@ -2,7 +2,9 @@
 //! checked for lost and doubled writes (`atoll drill`): a planned
 //! switchover of half the shards, one with the control plane killed
 //! mid-way, and a cell lost (frozen) and failed over by its emergency plan;
-//! then the lost cell, back, refuses writes for the shards it lost.
+//! then the lost cell, back, refuses writes for the shards it lost. And a
+//! zone in its own network namespace cut off the network, then another
+//! cell's processes killed: both failed over, nothing acknowledged lost.
 
 use std::process::Command;
 use std::time::Duration;
@@ -176,4 +178,81 @@ async fn switchovers_and_a_failover_under_load_lose_no_acknowledged_write() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(status, 421, "rz03 still takes writes for shards it lost");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_zone_and_a_killed_cell_fail_over_without_losing_an_acknowledged_write() {
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        eprintln!("SKIPPED: partitioning a zone needs root (network namespaces); CI runs as root");
+        return;
+    }
+    let sandbox = Sandbox::start_with(&["--isolate-zone", "sh-a"]);
+    let netns = sandbox.up["isolated"]["netns"]
+        .as_str()
+        .expect("up.json names the namespace")
+        .to_owned();
+
+    // sh-a cut off: rz03's agent and instances run on but reach nothing.
+    let partition = drill(
+        &sandbox,
+        &[
+            "fault",
+            "--cell",
+            "rz03",
+            "--fault",
+            "partition",
+            "--rate",
+            "150",
+            "--duration",
+            "16s",
+            "--start-after",
+            "3s",
+        ],
+    );
+    assert_eq!(partition["outcome"], "completed", "{partition}");
+    assert!(ms(&partition, "failoverMs") < 5_000, "{partition}");
+    assert!(partition["clean"].as_bool() == Some(true), "{partition}");
+    assert_eq!(partition["lostAcknowledgedWrites"], 0);
+    assert_eq!(
+        partition["rpoPositions"], 0,
+        "synchronous replication: {partition}"
+    );
+    assert_eq!(partition["workload"]["failed"], 0, "{partition}");
+
+    // rz02's agent and instances killed (and kept down until the end).
+    let kill = drill(
+        &sandbox,
+        &[
+            "fault",
+            "--cell",
+            "rz02",
+            "--fault",
+            "kill",
+            "--rate",
+            "150",
+            "--duration",
+            "16s",
+            "--start-after",
+            "3s",
+        ],
+    );
+    assert_eq!(kill["outcome"], "completed", "{kill}");
+    assert!(ms(&kill, "failoverMs") < 5_000, "{kill}");
+    assert!(kill["clean"].as_bool() == Some(true), "{kill}");
+    assert_eq!(kill["lostAcknowledgedWrites"], 0);
+
+    // Stopping the sandbox removes the namespace.
+    drop(sandbox);
+    let listed = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains(&netns),
+        "namespace {netns} left behind"
+    );
 }

@@ -30,6 +30,11 @@ pub(crate) struct Sandbox {
 
 impl Sandbox {
     pub(crate) fn start() -> Sandbox {
+        Sandbox::start_with(&[])
+    }
+
+    /// `atoll up` with more flags.
+    pub(crate) fn start_with(extra: &[&str]) -> Sandbox {
         let bank = bank();
         let state = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(state.path().join("up.log")).expect("log");
@@ -38,6 +43,7 @@ impl Sandbox {
             .arg(state.path())
             .arg("--bank")
             .arg(&bank)
+            .args(extra)
             .env("ATOLL_STATE_DIR", state.path())
             .env_remove("ATOLL_CONTROL")
             .stdout(Stdio::null())
