@@ -197,6 +197,26 @@ impl NodeRegistry {
     }
 
     /// A heartbeat arrived.
+    /// A heartbeat names the version the node runs: a version it refused
+    /// and then installed on a retry counts as applied from then on.
+    pub(crate) fn reported(&self, name: &str, connection: u64, version: u64) {
+        let newer = self
+            .nodes
+            .lock()
+            .get(name)
+            .is_some_and(|r| r.connection == connection && r.applied_version < version);
+        if newer {
+            self.update(name, connection, |r| {
+                r.applied_version = r.applied_version.max(version);
+                if r.last_nack.as_ref().is_some_and(|n| n.version <= version) {
+                    r.last_nack = None;
+                }
+            });
+        } else {
+            self.seen(name, connection);
+        }
+    }
+
     pub(crate) fn seen(&self, name: &str, connection: u64) {
         let mut nodes = self.nodes.lock();
         if let Some(record) = nodes.get_mut(name)

@@ -246,6 +246,21 @@ impl Control {
         if !set.internal {
             guard_switchovers(set, &snapshot.resources)?;
         }
+        // One switchover at a time per map, decided against the state this
+        // commit is based on (a planned start and the emergency plan may
+        // race).
+        for put in &set.puts {
+            if let Spec::Switchover(new) = &put.resource.spec
+                && !stored.contains_key(&put.resource.key())
+                && let Some(active) =
+                    crate::switchover::active_on(&snapshot.resources, &new.shard_map)
+            {
+                return Err(ControlError::Conflict(format!(
+                    "switchover/{active} is still running on shardmap/{}; wait for it or abort it",
+                    new.shard_map
+                )));
+            }
+        }
 
         let mut conflicts = Vec::new();
         let mut issues = set.issues.clone();

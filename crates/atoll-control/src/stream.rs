@@ -227,8 +227,10 @@ impl Session {
             Some(node_message::Message::Nack(nack)) => {
                 (nack.nonce, nack.version, Some(nack.reason))
             }
-            Some(node_message::Message::Heartbeat(_)) => {
-                self.service.nodes.seen(&self.name, self.connection);
+            Some(node_message::Message::Heartbeat(heartbeat)) => {
+                self.service
+                    .nodes
+                    .reported(&self.name, self.connection, heartbeat.applied_version);
                 return;
             }
             Some(node_message::Message::Hello(_)) | None => {

@@ -116,31 +116,29 @@ impl Switchovers {
             let Some(policy) = &spec.failover else {
                 continue;
             };
-            let cells: std::collections::BTreeSet<&str> =
-                spec.assignments.iter().map(|a| a.cell.as_str()).collect();
-            // Probe every owning cell at once (a frozen cell must not slow
-            // the others down).
+            // Owners and standbys: a lost standby stalls the writes of a
+            // bank that replicates synchronously.
+            let cells: std::collections::BTreeSet<&str> = spec
+                .assignments
+                .iter()
+                .flat_map(|a| std::iter::once(a.cell.as_str()).chain(a.standby.as_deref()))
+                .collect();
+            // Probe every cell at once (a frozen cell must not slow the
+            // others down).
             let probes = futures::future::join_all(cells.iter().map(|cell| async move {
-                let moves: Vec<ShardMove> = spec
-                    .assignments
-                    .iter()
-                    .filter(|a| a.cell == *cell)
-                    .map(|a| ShardMove {
-                        shards: a.shards,
-                        from: a.cell.clone(),
-                        to: a.standby.clone().unwrap_or_default(),
-                    })
-                    .collect();
-                (*cell, self.positions_loose(resources, spec, &moves).await)
+                (*cell, self.positions_loose(resources, spec, cell).await)
             }))
             .await;
             let now = Instant::now();
+            let mut lost: Vec<String> = Vec::new();
             for (cell, answer) in probes {
                 if let Some(positions) = answer {
                     self.probed
                         .lock()
                         .insert(cell.to_owned(), (now, OffsetDateTime::now_utc(), positions));
                 }
+                // Alive: answered its probe (when a service declares one) or
+                // asked for a lease, lately.
                 let last_probe = self.probed.lock().get(cell).map(|p| p.0);
                 let last_lease = self.control.leases.last_asked(cell);
                 let alive = [last_probe, last_lease, Some(self.control.leases.started())]
@@ -148,22 +146,31 @@ impl Switchovers {
                     .flatten()
                     .max()
                     .unwrap_or(now);
-                if now.duration_since(alive) < policy.lost_after.0
-                    || active_on(resources, map.name()).is_some()
-                    || !self.control.leases.enabled()
-                {
-                    continue;
+                if now.duration_since(alive) >= policy.lost_after.0 {
+                    lost.push(cell.to_owned());
                 }
+            }
+            if lost.is_empty()
+                || active_on(resources, map.name()).is_some()
+                || !self.control.leases.enabled()
+            {
+                continue;
+            }
+            // One at a time per map: the next loss is handled next round.
+            let cell = lost[0].clone();
+            if spec.assignments.iter().any(|a| a.cell == cell) {
                 self.fail_over(
                     resources,
                     map.name(),
                     spec,
-                    cell,
+                    &cell,
+                    &lost,
                     policy.approval == atoll_model::Approval::Automatic,
                 )
                 .await?;
-                // One at a time per map: the next loss is seen next round.
-                break;
+            } else {
+                self.replace_standby(resources, map, spec, &cell, &lost)
+                    .await?;
             }
         }
         Ok(())
@@ -176,12 +183,14 @@ impl Switchovers {
         map_name: &str,
         map: &ShardMapSpec,
         cell: &str,
+        lost: &[String],
         approved: bool,
     ) -> Result<(), ControlError> {
+        // Not to a standby that is lost too (a region lost at once).
         let moves: Vec<ShardMove> = map
             .assignments
             .iter()
-            .filter(|a| a.cell == cell && a.standby.is_some())
+            .filter(|a| a.cell == cell && a.standby.as_ref().is_some_and(|s| !lost.contains(s)))
             .map(|a| ShardMove {
                 shards: a.shards,
                 from: cell.to_owned(),
@@ -189,7 +198,7 @@ impl Switchovers {
             })
             .collect();
         if moves.is_empty() {
-            tracing::warn!(%cell, map = map_name, "cell lost, but none of its shards has a standby: nothing to fail over to");
+            tracing::warn!(%cell, map = map_name, "cell lost, but none of its shards has a live standby: nothing to fail over to");
             return Ok(());
         }
         let (last_seen, positions) = match self.probed.lock().get(cell) {
@@ -234,7 +243,6 @@ impl Switchovers {
             last_seen,
             message: None,
         };
-        self.control.leases.revoke(cell);
         let resource = Resource {
             metadata: Metadata {
                 name: name.clone(),
@@ -254,17 +262,25 @@ impl Switchovers {
         &self,
         resources: &[Resource],
         map: &ShardMapSpec,
-        moves: &[ShardMove],
+        cell: &str,
     ) -> Option<Vec<ShardPosition>> {
+        let services = replicated_services(resources, map);
+        if services.is_empty() {
+            // Nothing to probe: leases alone say whether the cell lives.
+            return None;
+        }
         let mut out = Vec::new();
-        for (service, probe) in replicated_services(resources, map) {
-            let cell = moves.first()?.from.as_str();
+        for (service, probe) in services {
             let answer = self
                 .probe(resources, service, cell, probe, Duration::from_millis(400))
                 .await
                 .ok()?;
-            for m in moves {
-                for entry in answer.shards.iter().filter(|s| m.shards.contains(s.shard)) {
+            for entry in &answer.shards {
+                let owned = map
+                    .assignments
+                    .iter()
+                    .any(|a| a.cell == cell && a.shards.contains(entry.shard));
+                if owned {
                     out.push(ShardPosition {
                         shard: entry.shard,
                         service: service.to_owned(),
@@ -275,6 +291,36 @@ impl Switchovers {
             }
         }
         Some(out)
+    }
+
+    /// A lost cell that owns nothing but stands by for others: their shards
+    /// get another standby (no owner changes, no fence).
+    async fn replace_standby(
+        &self,
+        resources: &[Resource],
+        map: &Resource,
+        spec: &ShardMapSpec,
+        cell: &str,
+        lost: &[String],
+    ) -> Result<(), ControlError> {
+        let status = crate::health::cell_status(resources, &self.control.nodes.list());
+        let mut next = spec.clone();
+        for a in &mut next.assignments {
+            if a.standby.as_deref() == Some(cell) {
+                a.standby = pick_standby(resources, &status, &a.cell, lost);
+            }
+        }
+        tracing::warn!(%cell, map = map.name(), "standby cell lost: its shards get another standby");
+        let mut resource = map.clone();
+        resource.spec = Spec::ShardMap(next);
+        let name = format!("emergency-plan-{}", map.name());
+        self.commit(
+            vec![resource],
+            &name,
+            &format!("standby {cell} lost: new standbys"),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Approves a failover waiting for approval.
@@ -436,6 +482,41 @@ impl Switchovers {
             spec: Spec::ShardMap(flipped),
         };
         let mut checks = self.checks(resources, map_spec, &moves, &request).await;
+        if !request.failover {
+            // The map after the flip must be valid, or the switchover would
+            // fence and then stop: say so now.
+            let set = ChangeSet {
+                puts: vec![Located {
+                    resource: after.clone(),
+                    origin: Origin::Generated {
+                        what: Arc::from(format!("the flip of switchover/{name}")),
+                    },
+                }],
+                internal: true,
+                ..ChangeSet::default()
+            };
+            match self.control.apply(set, true, author).await {
+                Err(ControlError::Invalid { issues, .. }) => checks.push(PlanCheck {
+                    check: "shard map after the flip".into(),
+                    result: "blocking".into(),
+                    detail: issues
+                        .iter()
+                        .map(|i| i.reason.clone())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                }),
+                Err(other) => checks.push(PlanCheck {
+                    check: "shard map after the flip".into(),
+                    result: "warning".into(),
+                    detail: format!("could not be checked: {other}"),
+                }),
+                Ok(_) => checks.push(PlanCheck {
+                    check: "shard map after the flip".into(),
+                    result: "ok".into(),
+                    detail: "valid".into(),
+                }),
+            }
+        }
         let probes = self.positions(resources, map_spec, &moves).await;
         let lag: i64 = probes
             .as_ref()
@@ -553,7 +634,6 @@ impl Switchovers {
                 last_seen,
                 message: None,
             };
-            self.control.leases.revoke(from);
             let resource = Resource {
                 metadata: Metadata {
                     name: name.clone(),
@@ -773,9 +853,9 @@ impl Switchovers {
         let spec = &mut loaded.spec;
         let failover = spec.mode == SwitchoverMode::Failover;
         let lost: Vec<String> = spec.moves.iter().map(|m| m.from.clone()).collect();
-        if failover {
-            // Again after a restart: the lost cells get no lease until the
-            // failover is over.
+        if failover && spec.approved && !spec.phase.is_final() {
+            // Again after a restart: a lost cell gets no lease from the
+            // approval until the failover is over.
             for cell in &lost {
                 self.control.leases.revoke(cell);
             }
@@ -961,18 +1041,13 @@ impl Switchovers {
                         .map(|a| a.cell.clone())
                         .chain(moves.iter().map(|m| m.to.clone()))
                         .collect();
-                    let mut picks: BTreeMap<String, Option<String>> = BTreeMap::new();
-                    for owner in owners {
-                        let pick = snapshot
-                            .resources
-                            .iter()
-                            .filter(|r| matches!(&r.spec, Spec::Cell(c) if c.cell_type == atoll_model::CellType::Rzone))
-                            .map(|r| r.name())
-                            .filter(|c| *c != owner && !lost.iter().any(|l| l == c))
-                            .min_by_key(|c| status.get(*c).map(|s| s.health != "Healthy"))
-                            .map(str::to_owned);
-                        picks.insert(owner, pick);
-                    }
+                    let picks: BTreeMap<String, Option<String>> = owners
+                        .into_iter()
+                        .map(|owner| {
+                            let pick = pick_standby(&snapshot.resources, &status, &owner, &lost);
+                            (owner, pick)
+                        })
+                        .collect();
                     picks
                 } else {
                     BTreeMap::new()
@@ -1012,7 +1087,23 @@ impl Switchovers {
                 spec.epoch_before = Some(loaded.map_spec.epoch);
                 loaded.map_spec.epoch = 0;
                 enter(spec, SwitchoverPhase::FlipBarrier, None);
-                self.save_with_map(loaded, &name, "flip the owners").await
+                let unflipped = self.load(&name).await?;
+                match self.save_with_map(loaded, &name, "flip the owners").await {
+                    // The new map is not valid (nothing was written): no
+                    // retry can fix that, so stop before the flip.
+                    Err(ControlError::Invalid { message, issues }) => {
+                        let detail: Vec<String> = issues.iter().map(ToString::to_string).collect();
+                        self.abort_now(
+                            unflipped,
+                            format!(
+                                "the flipped shard map is invalid ({message}: {})",
+                                detail.join("; ")
+                            ),
+                        )
+                        .await
+                    }
+                    other => other,
+                }
             }
             SwitchoverPhase::FlipBarrier => {
                 let version = loaded.map.metadata.resource_version.unwrap_or(0);
@@ -1063,7 +1154,15 @@ impl Switchovers {
                 }
                 enter(spec, SwitchoverPhase::Completed, None);
                 self.save_with_map(loaded, &name, "unfence at the new owners")
-                    .await
+                    .await?;
+                if failover {
+                    // They own none of these shards now, and a lease only
+                    // ever goes to a node that runs the new map.
+                    for cell in &lost {
+                        self.control.leases.restore(cell);
+                    }
+                }
+                Ok(())
             }
             SwitchoverPhase::Completed | SwitchoverPhase::Aborted => Ok(()),
         }
@@ -1334,6 +1433,38 @@ impl Switchovers {
             ),
         })
     }
+}
+
+/// A standby for `owner`'s shards: an rzone in another zone (what
+/// validation asks), not `owner`, not one of `excluded` (lost cells),
+/// healthy ones first.
+fn pick_standby(
+    resources: &[Resource],
+    status: &BTreeMap<String, crate::health::CellStatus>,
+    owner: &str,
+    excluded: &[String],
+) -> Option<String> {
+    let zone_of = |name: &str| {
+        resources.iter().find_map(|r| match &r.spec {
+            Spec::Cell(c) if r.name() == name => Some(c.zone.clone()),
+            _ => None,
+        })
+    };
+    let owner_zone = zone_of(owner);
+    resources
+        .iter()
+        .filter_map(|r| match &r.spec {
+            Spec::Cell(c) if c.cell_type == atoll_model::CellType::Rzone => {
+                Some((r.name(), c.zone.clone()))
+            }
+            _ => None,
+        })
+        .filter(|(c, zone)| {
+            *c != owner && !excluded.iter().any(|l| l == c) && Some(zone) != owner_zone.as_ref()
+        })
+        .map(|(c, _)| c)
+        .min_by_key(|c| status.get(*c).map(|s| s.health != "Healthy"))
+        .map(str::to_owned)
 }
 
 /// `(service, probe path)` of the services on `map`'s rule that declare a

@@ -21,6 +21,11 @@ use atoll_api::config::{
 /// How often a node tells the control plane it is alive (the control plane
 /// drops a node silent for three intervals).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// After a refused version: the first retry, and the longest wait between
+/// retries.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 use atoll_model::{Kind, Resource, ResourceKey};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -281,12 +286,46 @@ impl NodeClient {
         let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.tick().await;
+        // After a NACK: when to try installing what was received again (an
+        // installer may fail for a passing reason, e.g. a busy database),
+        // and the next backoff. A success is reported by a heartbeat.
+        let mut retry: Option<(tokio::time::Instant, Duration)> = None;
         loop {
+            let retry_at = retry.map(|(at, _)| at);
             let answer = tokio::select! {
                 update = inbound.message() => match update? {
-                    Some(update) => self.on_update(&mut received, &update).await?,
+                    Some(update) => {
+                        let answer = self.on_update(&mut received, &update).await?;
+                        retry = matches!(answer.message, Some(node_message::Message::Nack(_)))
+                            .then(|| (tokio::time::Instant::now() + RETRY_FIRST, RETRY_FIRST));
+                        answer
+                    }
                     None => return Ok(()),
                 },
+                () = async {
+                    match retry_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let backoff = retry.map_or(RETRY_FIRST, |(_, b)| b);
+                    match self.install_received(&received).await {
+                        Ok(()) => {
+                            retry = None;
+                            tracing::info!(version = received.version, "config installed on retry");
+                        }
+                        Err(reason) => {
+                            let next = (backoff * 2).min(RETRY_MAX);
+                            tracing::warn!(version = received.version, %reason, "config still refused; retrying in {next:?}");
+                            retry = Some((tokio::time::Instant::now() + next, next));
+                        }
+                    }
+                    NodeMessage {
+                        message: Some(node_message::Message::Heartbeat(Heartbeat {
+                            applied_version: self.status.applied_version(),
+                        })),
+                    }
+                }
                 _ = heartbeat.tick() => NodeMessage {
                     message: Some(node_message::Message::Heartbeat(Heartbeat {
                         applied_version: self.status.applied_version(),
@@ -341,29 +380,9 @@ impl NodeClient {
                 }
             }
         }
-        let result = if let Some((key, error)) = received.broken.iter().next() {
-            Err(format!(
-                "{key} cannot be decoded by this node ({error}); is the node older than the control plane?"
-            ))
-        } else {
-            let config = NodeConfig {
-                version: update.version,
-                resources: received.resources.values().cloned().collect(),
-            };
-            let mut installed = self.installer.install(&config);
-            if installed.is_ok() {
-                installed = self.installer.activate(config.version).await;
-            }
-            if installed.is_ok() {
-                self.save_cache(config).await;
-            }
-            installed
-        };
+        let result = self.install_received(received).await;
         Ok(match result {
             Ok(()) => {
-                self.status.applied.store(update.version, Ordering::Relaxed);
-                self.status.has_config.store(true, Ordering::Relaxed);
-                self.status.from_cache.store(false, Ordering::Relaxed);
                 tracing::info!(version = update.version, "config installed");
                 NodeMessage {
                     message: Some(node_message::Message::Ack(Ack {
@@ -385,6 +404,28 @@ impl NodeClient {
                 }
             }
         })
+    }
+
+    /// Installs and activates what was received; on success it is what the
+    /// node runs (and caches).
+    async fn install_received(&self, received: &Received) -> Result<(), String> {
+        if let Some((key, error)) = received.broken.iter().next() {
+            return Err(format!(
+                "{key} cannot be decoded by this node ({error}); is the node older than the control plane?"
+            ));
+        }
+        let config = NodeConfig {
+            version: received.version,
+            resources: received.resources.values().cloned().collect(),
+        };
+        self.installer.install(&config)?;
+        self.installer.activate(config.version).await?;
+        let version = config.version;
+        self.save_cache(config).await;
+        self.status.applied.store(version, Ordering::Relaxed);
+        self.status.has_config.store(true, Ordering::Relaxed);
+        self.status.from_cache.store(false, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn save_cache(&self, config: NodeConfig) {

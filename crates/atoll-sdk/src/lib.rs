@@ -127,19 +127,30 @@ enum LeaseState {
     Until(Instant),
     /// Refused or lapsed, and why.
     None(String),
-    /// The control plane runs without leases.
-    Off,
+    /// The control plane ran without leases when it last answered (then):
+    /// believed only for [`OFF_TRUST`], so a control plane that restarts
+    /// with leases is not ignored by an instance that cannot reach it.
+    Off(Instant),
 }
 
+/// How long "leases are off" is believed without a new answer.
+const OFF_TRUST: Duration = Duration::from_secs(15);
+
 impl Lease {
-    fn check(&self, cell: &str) -> Result<(), Refused> {
+    /// `Ok(Some(end))` while a lease is held, `Ok(None)` when leases are
+    /// off, or why there is none.
+    fn check(&self, cell: &str) -> Result<Option<Instant>, Refused> {
         let refused = |reason: String| Refused::NoLease {
             cell: cell.to_owned(),
             reason,
         };
         match &*self.state.lock() {
-            LeaseState::Off => Ok(()),
-            LeaseState::Until(until) if Instant::now() < *until => Ok(()),
+            LeaseState::Off(at) if at.elapsed() < OFF_TRUST => Ok(None),
+            LeaseState::Off(at) => Err(refused(format!(
+                "the control plane said leases are off, but has not answered for {} s",
+                at.elapsed().as_secs()
+            ))),
+            LeaseState::Until(until) if Instant::now() < *until => Ok(Some(*until)),
             LeaseState::Until(until) => Err(refused(format!(
                 "it lapsed {} ms ago without a renewal from the control plane",
                 until.elapsed().as_millis()
@@ -184,7 +195,7 @@ impl Lease {
                     let mut state = self.state.lock();
                     match (grant.granted, grant.duration_ms) {
                         (true, 0) => {
-                            *state = LeaseState::Off;
+                            *state = LeaseState::Off(Instant::now());
                             Duration::from_secs(5)
                         }
                         (true, ms) => {
@@ -208,7 +219,7 @@ impl Lease {
                 Err(status) => {
                     let mut state = self.state.lock();
                     if !matches!(*state, LeaseState::Until(until) if until > Instant::now())
-                        && !matches!(*state, LeaseState::Off)
+                        && !matches!(*state, LeaseState::Off(at) if at.elapsed() < OFF_TRUST)
                     {
                         *state = LeaseState::None(format!(
                             "the control plane does not answer: {}",
@@ -392,6 +403,7 @@ impl Installer for ViewInstaller {
 #[derive(Debug)]
 pub struct WritePermit {
     view: Arc<View>,
+    lease_until: Option<Instant>,
     _shared: OwnedRwLockReadGuard<()>,
 }
 
@@ -399,6 +411,18 @@ impl WritePermit {
     /// The view the write was admitted under.
     pub fn view(&self) -> &Arc<View> {
         &self.view
+    }
+
+    /// When the cell's ownership lease ends (none: leases are off). A
+    /// write must not commit after it: check [`WritePermit::still_valid`]
+    /// right before the commit, inside the transaction.
+    pub fn lease_until(&self) -> Option<Instant> {
+        self.lease_until
+    }
+
+    /// Whether the lease the write was admitted under still holds.
+    pub fn still_valid(&self) -> bool {
+        self.lease_until.is_none_or(|until| Instant::now() < until)
     }
 }
 
@@ -527,8 +551,10 @@ impl Cell {
     ) -> Result<WritePermit, Refused> {
         let shared = self.gate.clone().read_owned().await;
         let view = self.check_write(shard, epoch)?;
+        let lease_until = self.lease.check(&self.identity.cell)?;
         Ok(WritePermit {
             view,
+            lease_until,
             _shared: shared,
         })
     }

@@ -127,6 +127,18 @@ fn shard_list(shards: &[u32]) -> String {
     list
 }
 
+/// A shipment for a shard this cell owns.
+#[derive(Debug)]
+pub(crate) struct NotStandby(pub(crate) String);
+
+impl std::fmt::Display for NotStandby {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotStandby {}
+
 /// What [`Db::take_over`] did for one shard.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct TakeOver {
@@ -231,6 +243,14 @@ fn take_over_shard(
             amount: *amount,
         })?;
     }
+    // The copy is this cell's data now; a stale copy must never come back.
+    for table in ["replica_accounts", "replica_requests", "replica_outbox"] {
+        tx.execute(
+            &format!("DELETE FROM {table} WHERE source = ?1 AND shard = ?2"),
+            params![source, shard],
+        )
+        .map_err(error)?;
+    }
     Ok(TakeOver {
         shard,
         source: source.to_owned(),
@@ -264,7 +284,8 @@ impl Db {
                  CREATE TABLE IF NOT EXISTS replica_requests (source TEXT NOT NULL, key TEXT NOT NULL, shard INTEGER NOT NULL, status INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (source, key));
                  CREATE TABLE IF NOT EXISTS replica_outbox (source TEXT NOT NULL, key TEXT NOT NULL, shard INTEGER NOT NULL, payee TEXT NOT NULL, amount INTEGER NOT NULL, PRIMARY KEY (source, key));
                  CREATE TABLE IF NOT EXISTS replica_shard_positions (source TEXT NOT NULL, shard INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (source, shard));
-                 CREATE TABLE IF NOT EXISTS tenure (shard INTEGER PRIMARY KEY, epoch INTEGER NOT NULL);",
+                 CREATE TABLE IF NOT EXISTS tenure (shard INTEGER PRIMARY KEY, epoch INTEGER NOT NULL);
+                 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
             )
             .map_err(error)?;
         // Columns added after the first release of the schema.
@@ -301,12 +322,27 @@ impl Db {
 
     /// Applies a write once: a key seen before returns its first answer, or
     /// 422 when it was first used for a different request (`fingerprint`).
+    #[cfg(test)]
     pub(crate) fn apply(
         &self,
         key: &str,
         fingerprint: &str,
         shard: u32,
         operation: &Operation,
+    ) -> anyhow::Result<Outcome> {
+        self.apply_until(key, fingerprint, shard, operation, None)
+    }
+
+    /// [`Db::apply`], committing only before `until` (the end of the cell's
+    /// ownership lease): a write that waited past it is rolled back and
+    /// answered 503, so a cell whose lease lapsed never commits.
+    pub(crate) fn apply_until(
+        &self,
+        key: &str,
+        fingerprint: &str,
+        shard: u32,
+        operation: &Operation,
+        until: Option<std::time::Instant>,
     ) -> anyhow::Result<Outcome> {
         let mut connection = self.connection.lock();
         let tx = connection
@@ -499,6 +535,17 @@ impl Db {
                 body: body.clone(),
             },
         )?;
+        if until.is_some_and(|until| std::time::Instant::now() >= until) {
+            // Dropping the transaction rolls it back.
+            return Ok(Outcome {
+                status: 503,
+                body: json!({
+                    "error": "noLease",
+                    "message": "the cell's ownership lease ended before the write could commit; nothing was written; retry with the same Idempotency-Key",
+                }),
+                replayed: false,
+            });
+        }
         tx.commit().map_err(error)?;
         Ok(Outcome {
             status,
@@ -602,6 +649,28 @@ impl Db {
         let tx = connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(error)?;
+        // A map older than one this cell's data already follows (an
+        // instance starting from a stale cached map) must not undo a
+        // take-over: refuse it; the config stream brings the current one.
+        let epoch = epoch as i64;
+        let seen: i64 = tx
+            .query_row("SELECT value FROM meta WHERE name = 'epoch'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(error)?
+            .unwrap_or(0);
+        if epoch < seen {
+            anyhow::bail!(
+                "this shard map (epoch {epoch}) is older than the one this cell's data follows (epoch {seen}); waiting for the current map"
+            );
+        }
+        tx.execute(
+            "INSERT INTO meta (name, value) VALUES ('epoch', ?1)
+             ON CONFLICT(name) DO UPDATE SET value = MAX(value, excluded.value)",
+            [epoch],
+        )
+        .map_err(error)?;
         tx.execute(
             &format!(
                 "DELETE FROM tenure WHERE shard NOT IN ({})",
@@ -610,7 +679,6 @@ impl Db {
             [],
         )
         .map_err(error)?;
-        let epoch = epoch as i64;
         let mut done = Vec::new();
         for &shard in owned {
             let held: Option<i64> = tx
@@ -781,6 +849,22 @@ impl Db {
         let tx = connection
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(error)?;
+        // A shard this cell holds (it took it over, or never gave it up)
+        // is not a replica any more: confirming a shipment for it would
+        // confirm a write that is not in this cell's own data.
+        for shard in shards.keys() {
+            let held: Option<i64> = tx
+                .query_row("SELECT epoch FROM tenure WHERE shard = ?1", [shard], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(error)?;
+            if let Some(held) = held {
+                return Err(anyhow::Error::new(NotStandby(format!(
+                    "this cell owns shard {shard} (since epoch {held}); it is not its standby"
+                ))));
+            }
+        }
         let mut applied = BTreeMap::new();
         for shard in shards.keys() {
             let position: i64 = tx
@@ -1248,5 +1332,79 @@ mod tests {
             )
             .expect("apply");
         assert!(retry.replayed, "b's answer came back with the shard");
+    }
+
+    #[test]
+    fn an_older_map_cannot_undo_a_take_over_and_an_owner_is_no_standby() {
+        let (_a_dir, a) = db();
+        let (_b_dir, b) = db();
+        a.apply(
+            "u3/k1",
+            "deposit u3 40",
+            3,
+            &Operation::Deposit {
+                user: "u3".into(),
+                amount: 40,
+            },
+        )
+        .expect("apply");
+        ship(&a, "rz01", &b, 1, &[3]);
+        assert_eq!(b.take_over(&[3], 2).expect("take over").len(), 1);
+        b.apply(
+            "u3/k2",
+            "deposit u3 5",
+            3,
+            &Operation::Deposit {
+                user: "u3".into(),
+                amount: 5,
+            },
+        )
+        .expect("apply");
+        // An instance of b restarting from a cached map of epoch 1 (where b
+        // owned nothing) must not drop the tenure.
+        let stale = b.take_over(&[], 1).expect_err("older map");
+        assert!(stale.to_string().contains("older"), "{stale}");
+        assert!(b.take_over(&[3], 2).expect("current map").is_empty());
+        assert_eq!(b.balance("u3").expect("balance"), 45, "nothing was undone");
+        // A late shipment from the old owner for the shard b owns now is
+        // refused, never confirmed.
+        let entries = a.log_after(0, 100).expect("log");
+        let late = b
+            .apply_replica("rz01", 1, &BTreeMap::from([(3, 0)]), 99, &entries)
+            .expect_err("b owns shard 3");
+        assert!(late.is::<NotStandby>(), "{late}");
+    }
+
+    #[test]
+    fn a_write_whose_lease_ended_is_rolled_back() {
+        let (_dir, db) = db();
+        let past = std::time::Instant::now();
+        let outcome = db
+            .apply_until(
+                "u/k",
+                "deposit u 5",
+                1,
+                &Operation::Deposit {
+                    user: "u".into(),
+                    amount: 5,
+                },
+                Some(past),
+            )
+            .expect("apply");
+        assert_eq!(outcome.status, 503);
+        assert_eq!(db.balance("u").expect("balance"), 0);
+        // Not remembered either: the retry applies.
+        let retry = db
+            .apply(
+                "u/k",
+                "deposit u 5",
+                1,
+                &Operation::Deposit {
+                    user: "u".into(),
+                    amount: 5,
+                },
+            )
+            .expect("apply");
+        assert_eq!((retry.status, retry.replayed), (200, false));
     }
 }

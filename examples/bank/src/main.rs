@@ -505,27 +505,36 @@ async fn write(
     // users' clients never collide, and a credit's key names its payer.
     let key = format!("{user}/{key}");
     let remote = matches!(operation, Operation::TransferRemote { .. });
-    let outcome =
-        match tokio::task::spawn_blocking(move || db.apply(&key, &fingerprint, shard, &operation))
-            .await
-        {
-            Ok(Ok(outcome)) => outcome,
-            Ok(Err(e)) => {
-                return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string());
-            }
-            Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
-        };
+    // Every shard the write changes: its answer waits for each one's standby.
+    let touched: Vec<u32> = match &operation {
+        Operation::TransferLocal { to_shard, .. } if *to_shard != shard => vec![shard, *to_shard],
+        _ => vec![shard],
+    };
+    let until = permit.lease_until();
+    let outcome = match tokio::task::spawn_blocking(move || {
+        db.apply_until(&key, &fingerprint, shard, &operation, until)
+    })
+    .await
+    {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(e)) => {
+            return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string());
+        }
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    };
     drop(permit);
     // Synchronous replication: the answer waits until the shard's standby
     // holds everything written to the shard so far (this write included, or
     // the first answer to it, for a replay).
-    if bank.synchronous
-        && outcome.status != 422
-        && let Some(standby) = view.standby(shard).map(str::to_owned)
-        && standby != bank.cell.identity().cell
-        && let Err(problem) = replicated(&bank, &standby, shard).await
-    {
-        return problem.into_response();
+    if bank.synchronous && outcome.status != 422 && outcome.status != 503 {
+        for shard in touched {
+            if let Some(standby) = view.standby(shard).map(str::to_owned)
+                && standby != bank.cell.identity().cell
+                && let Err(problem) = replicated(&bank, &standby, shard).await
+            {
+                return problem.into_response();
+            }
+        }
     }
     if remote && !outcome.replayed {
         outbox::wake();

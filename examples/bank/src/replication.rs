@@ -253,6 +253,9 @@ pub(crate) async fn apply(State(bank): State<Arc<Bank>>, body: axum::body::Bytes
             })),
         )
             .into_response(),
+        Ok(Err(e)) if e.is::<crate::db::NotStandby>() => {
+            problem(StatusCode::CONFLICT, "notStandby", e.to_string())
+        }
         Ok(Err(e)) => problem(StatusCode::BAD_REQUEST, "badShipment", e.to_string()),
         Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
     }
