@@ -30,6 +30,10 @@ use tokio::task::JoinHandle;
 
 pub use crate::runtime::{InstanceSpec, LocalRuntime, Runtime};
 use crate::supervisor::Board;
+
+/// How often an agent heartbeats: a second, so that the control plane's
+/// emergency plan can tell a silent zone within its `lostAfter`.
+pub const AGENT_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(1);
 pub use crate::supervisor::InstanceState;
 
 /// How an agent is set up.
@@ -169,7 +173,7 @@ impl<R: Runtime> Agent<R> {
         std::fs::create_dir_all(&options.state_dir)
             .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", options.state_dir.display()))?;
         let (sender, desired) = watch::channel(Desired::default());
-        let client = NodeClient::new(
+        let mut client = NodeClient::new(
             NodeOptions {
                 control: options.control.clone(),
                 name: options.name.clone(),
@@ -183,6 +187,7 @@ impl<R: Runtime> Agent<R> {
                 desired: sender,
             }),
         );
+        client.set_heartbeat(AGENT_HEARTBEAT);
         let status = client.status();
         Ok(Self {
             options,

@@ -120,6 +120,29 @@ impl NodeRegistry {
     /// Registers a new stream for `identity`, closing an older stream of the
     /// same name. Returns the connection id and a signal that fires when a
     /// newer stream replaces this one.
+    /// How long the agents of `zone` have been silent: the shortest
+    /// silence among them (since its last message while connected, since it
+    /// disconnected otherwise), never more than this control plane's age
+    /// (which is the answer when no agent of the zone is known).
+    pub(crate) fn agent_silence(&self, zone: &str) -> Duration {
+        let now = OffsetDateTime::now_utc();
+        let since_start = self.started.elapsed();
+        self.nodes
+            .lock()
+            .values()
+            .filter(|r| r.identity.role == "agent" && r.identity.zone == zone)
+            .map(|r| {
+                if r.connected {
+                    (now - r.last_seen).try_into().unwrap_or(Duration::ZERO)
+                } else {
+                    r.disconnected_at.map_or(since_start, |at| at.elapsed())
+                }
+            })
+            .min()
+            .unwrap_or(since_start)
+            .min(since_start)
+    }
+
     /// The names of every node known now (connected or not): what a
     /// switchover expects to hear from, also after a restart.
     pub(crate) fn names(&self) -> Vec<String> {

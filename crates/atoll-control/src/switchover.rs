@@ -146,7 +146,16 @@ impl Switchovers {
                     .flatten()
                     .max()
                     .unwrap_or(now);
-                if now.duration_since(alive) >= policy.lost_after.0 {
+                // And its zone's agent silent as long (agents beat every
+                // second): a cell whose agent is alive is being healed.
+                let zone = resources.iter().find_map(|r| match &r.spec {
+                    Spec::Cell(c) if r.name() == cell => Some(c.zone.as_str()),
+                    _ => None,
+                });
+                let agent_silent = zone.is_none_or(|zone| {
+                    self.control.nodes.agent_silence(zone) >= policy.lost_after.0
+                });
+                if now.duration_since(alive) >= policy.lost_after.0 && agent_silent {
                     lost.push(cell.to_owned());
                 }
             }

@@ -447,7 +447,8 @@ pub struct FailoverPolicy {
     #[serde(default)]
     pub approval: Approval,
     /// A cell is lost when, this long, none of its instances renewed its
-    /// ownership lease and none answered its replication probe.
+    /// ownership lease, none answered its replication probe, and its zone's
+    /// agent was silent.
     #[serde(default = "default_lost_after")]
     pub lost_after: DurationValue,
 }

@@ -135,6 +135,7 @@ pub struct NodeClient {
     options: NodeOptions,
     installer: Arc<dyn Installer>,
     status: Arc<NodeStatus>,
+    heartbeat: Duration,
 }
 
 impl std::fmt::Debug for NodeClient {
@@ -163,7 +164,15 @@ impl NodeClient {
             options,
             installer,
             status: Arc::new(NodeStatus::default()),
+            heartbeat: HEARTBEAT_INTERVAL,
         }
+    }
+
+    /// Heartbeats this often instead of [`HEARTBEAT_INTERVAL`] (an agent
+    /// beats every second: its silence is part of how the control plane
+    /// tells that a cell is lost).
+    pub fn set_heartbeat(&mut self, interval: Duration) {
+        self.heartbeat = interval.max(Duration::from_millis(100));
     }
 
     /// Sets the zone the node announces (known only after reading the
@@ -283,7 +292,7 @@ impl NodeClient {
         tracing::info!(control = %self.options.control, "config stream open");
 
         let mut received = Received::default();
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        let mut heartbeat = tokio::time::interval(self.heartbeat);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         heartbeat.tick().await;
         // After a NACK: when to try installing what was received again (an
