@@ -256,3 +256,182 @@ async fn a_partitioned_zone_and_a_killed_cell_fail_over_without_losing_an_acknow
         "namespace {netns} left behind"
     );
 }
+
+/// Two cells, no app running, an emergency plan that waits for approval.
+/// The test renews rz02's lease itself (as its app instance would), so
+/// only rz01 looks lost.
+const MANUAL_PLAN: &str = "\
+apiVersion: atoll/v1
+kind: Region
+metadata: {name: hz}
+---
+apiVersion: atoll/v1
+kind: Zone
+metadata: {name: hz-a}
+spec: {region: hz}
+---
+apiVersion: atoll/v1
+kind: Zone
+metadata: {name: hz-b}
+spec: {region: hz}
+---
+apiVersion: atoll/v1
+kind: Cell
+metadata: {name: rz01}
+spec: {zone: hz-a, type: rzone}
+---
+apiVersion: atoll/v1
+kind: Cell
+metadata: {name: rz02}
+spec: {zone: hz-b, type: rzone}
+---
+apiVersion: atoll/v1
+kind: ShardRule
+metadata: {name: users}
+spec:
+  shards: 10
+  key: {sources: [{header: x-user-id}], transform: {mod: 10}}
+---
+apiVersion: atoll/v1
+kind: ShardMap
+metadata: {name: users}
+spec:
+  rule: users
+  failover: {approval: manual, lostAfter: 1s}
+  assignments:
+    - {shards: \"0-4\", cell: rz01, standby: rz02}
+    - {shards: \"5-9\", cell: rz02, standby: rz01}
+---
+apiVersion: atoll/v1
+kind: Service
+metadata: {name: bank}
+spec: {kind: unitized, shardRule: users}
+";
+
+#[test]
+fn a_manual_emergency_plan_waits_for_approval_and_switchovers_guard_their_map() {
+    let control = crate::harness::Control::start_with(vec!["--lease-duration=1s".into()]);
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(MANUAL_PLAN))
+        .success();
+    // rz02's instance, alive: renews its lease every 300 ms.
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let url = control.url.clone();
+    let renewer = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(async move {
+            let mut client =
+                atoll_api::config::config_stream_client::ConfigStreamClient::connect(url)
+                    .await
+                    .expect("connect");
+            while stopped.try_recv().is_err() {
+                let _ = client
+                    .renew_lease(atoll_api::config::LeaseRequest {
+                        node: Some(atoll_api::config::NodeIdentity {
+                            name: "bank-rz02-0".into(),
+                            role: "app".into(),
+                            zone: "hz-b".into(),
+                            cell: "rz02".into(),
+                        }),
+                        applied_version: u64::MAX,
+                    })
+                    .await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        });
+    });
+
+    // rz01 renews no lease, answers no probe, has no agent: lost after 1 s.
+    // The plan prepares its failover and waits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let name = loop {
+        let list = control.json(&["get", "switchovers"]);
+        if let Some(item) = list["items"].as_array().and_then(|items| items.first()) {
+            break item["metadata"]["name"].as_str().expect("name").to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failover prepared:\n{}",
+            control.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(name.starts_with("failover-rz01-"), "{name}");
+    std::thread::sleep(Duration::from_millis(500));
+    let waiting = control.json(&["get", "switchover", &name]);
+    assert_eq!(waiting["spec"]["phase"], "awaitingApproval", "{waiting}");
+    assert_eq!(waiting["spec"]["mode"], "failover");
+
+    // While it runs: its map cannot be changed, no second switchover starts
+    // on it, and nobody writes a Switchover by hand.
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(MANUAL_PLAN))
+        .fails(4, &[&format!("switchover/{name}")]);
+    control
+        .atoll(&["switchover", "start", "--shards", "5-9", "--to", "rz01"])
+        .fails(4, &["still running"]);
+    let forged = format!(
+        "apiVersion: atoll/v1\nkind: Switchover\nmetadata: {{name: forged}}\nspec:\n  shardMap: users\n  moves: [{{shards: \"0-4\", from: rz01, to: rz02}}]\n"
+    );
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(&forged))
+        .fails(1, &["written by the control plane"]);
+
+    // Approved: it runs to completion (no node to wait for; the lease of a
+    // control plane that started 1 s ago has expired).
+    let approved = control.atoll(&["switchover", "approve", &name]).success();
+    assert!(
+        approved.stdout().contains("completed"),
+        "{}",
+        approved.stdout()
+    );
+    let map = control.json(&["get", "shardmap", "users"]);
+    let first = &map["spec"]["assignments"][0];
+    assert_eq!(first["cell"], "rz02", "{map}");
+    assert_eq!(map["spec"]["epoch"], 2, "{map}");
+    assert!(first.get("state").is_none(), "serving again: {map}");
+    let done = control.json(&["get", "switchover", &name]);
+    let phases: Vec<&str> = done["spec"]["timeline"]
+        .as_array()
+        .expect("timeline")
+        .iter()
+        .filter_map(|r| r["phase"].as_str())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "pending",
+            "awaitingApproval",
+            "fence",
+            "fenceBarrier",
+            "leaseExpiry",
+            "flip",
+            "flipBarrier",
+            "unfence",
+            "completed"
+        ]
+    );
+    control
+        .atoll(&["switchover", "abort", &name])
+        .fails(4, &["completed already"]);
+
+    // A planned switchover needs to know the target holds the data: no
+    // service declares a replication probe, so it is refused, and the plan
+    // says why.
+    let plan = control
+        .atoll(&["switchover", "plan", "--shards", "0-4", "--to", "rz01"])
+        .success();
+    assert!(
+        plan.stdout().contains("blocking") && plan.stdout().contains("replication.probe"),
+        "{}",
+        plan.stdout()
+    );
+    control
+        .atoll(&["switchover", "start", "--shards", "0-4", "--to", "rz01"])
+        .fails(4, &["cannot start"]);
+    let _ = stop.send(());
+    renewer.join().expect("renewer");
+}
