@@ -373,11 +373,9 @@ fn a_manual_emergency_plan_waits_for_approval_and_switchovers_guard_their_map() 
     control
         .atoll(&["switchover", "start", "--shards", "5-9", "--to", "rz01"])
         .fails(4, &["still running"]);
-    let forged = format!(
-        "apiVersion: atoll/v1\nkind: Switchover\nmetadata: {{name: forged}}\nspec:\n  shardMap: users\n  moves: [{{shards: \"0-4\", from: rz01, to: rz02}}]\n"
-    );
+    let forged = "apiVersion: atoll/v1\nkind: Switchover\nmetadata: {name: forged}\nspec:\n  shardMap: users\n  moves: [{shards: \"0-4\", from: rz01, to: rz02}]\n";
     control
-        .atoll_with_stdin(&["apply", "-f", "-"], Some(&forged))
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(forged))
         .fails(1, &["written by the control plane"]);
 
     // Approved: it runs to completion (no node to wait for; the lease of a
