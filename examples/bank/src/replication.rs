@@ -26,6 +26,10 @@ use crate::{Bank, problem};
 /// Entries per shipment.
 const BATCH: usize = 512;
 
+/// How often an idle shipper looks for new entries (writes of its own
+/// process wake it at once).
+const IDLE_LOOK: Duration = Duration::from_millis(10);
+
 static WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 /// Tells the shipper (in this process) that a write waits for it.
@@ -149,7 +153,7 @@ pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
         let wait = if busy {
             Duration::ZERO
         } else {
-            Duration::from_millis(10)
+            IDLE_LOOK
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
