@@ -210,30 +210,49 @@ impl Switchovers {
             tracing::warn!(%cell, map = map_name, "cell lost, but none of its shards has a live standby: nothing to fail over to");
             return Ok(());
         }
-        let (last_seen, positions) = match self.probed.lock().get(cell) {
-            Some((_, at, positions)) => (Some(rfc3339(*at)), positions.clone()),
-            None => (None, Vec::new()),
-        };
-        let unreplicated: Vec<ShardPosition> = positions
-            .into_iter()
-            .filter(|p| p.written > p.acknowledged)
-            .collect();
         let name = format!(
             "failover-{cell}-{}",
             OffsetDateTime::now_utc().unix_timestamp()
         );
         tracing::warn!(%cell, map = map_name, switchover = %name, approved, "cell lost: failing over its shards to their standbys");
         let _ = resources;
-        let spec = SwitchoverSpec {
+        let spec = self.failover_spec(
+            (map_name, map.epoch),
+            cell,
+            moves,
+            approved,
+            Duration::from_secs(2),
+            format!(
+                "emergency plan of shardmap/{map_name}: cell {cell} lost (no lease renewal, no probe answer, its agent silent)"
+            ),
+        );
+        self.create(&name, spec, "emergency plan").await
+    }
+
+    /// A failover of `cell`'s `moves`, carrying the RPO its last answered
+    /// probe shows (shards with positions the standby never confirmed).
+    /// `map` is its name and epoch; `why` becomes the reason.
+    fn failover_spec(
+        &self,
+        (map_name, epoch): (&str, u64),
+        cell: &str,
+        moves: Vec<ShardMove>,
+        approved: bool,
+        barrier_timeout: Duration,
+        why: String,
+    ) -> SwitchoverSpec {
+        let (last_seen, positions) = match self.probed.lock().get(cell) {
+            Some((_, at, positions)) => (Some(rfc3339(*at)), positions.clone()),
+            None => (None, Vec::new()),
+        };
+        SwitchoverSpec {
             shard_map: map_name.to_owned(),
             moves,
             mode: SwitchoverMode::Failover,
-            barrier_timeout: DurationValue(Duration::from_secs(2)),
+            barrier_timeout: DurationValue(barrier_timeout),
             sync_timeout: DurationValue(Duration::from_secs(10)),
             skip_sync_gate: true,
-            reason: Some(format!(
-                "emergency plan of shardmap/{map_name}: cell {cell} lost (no lease renewal, no probe answer)"
-            )),
+            reason: Some(why.clone()),
             phase: SwitchoverPhase::Pending,
             abort_requested: false,
             expected_nodes: self.control.nodes.names(),
@@ -242,26 +261,39 @@ impl Switchovers {
                 phase: SwitchoverPhase::Pending,
                 started: now(),
                 millis: None,
-                detail: Some(format!("cell {cell} lost")),
+                detail: Some(why),
             }],
-            epoch_before: Some(map.epoch),
+            epoch_before: Some(epoch),
             fence_revision: None,
             flip_revision: None,
             positions: Vec::new(),
-            unreplicated,
+            unreplicated: positions
+                .into_iter()
+                .filter(|p| p.written > p.acknowledged)
+                .collect(),
             last_seen,
             message: None,
-        };
+        }
+    }
+
+    /// Stores a new Switchover (refused if the map has a running one) and
+    /// drives it.
+    async fn create(
+        self: &Arc<Self>,
+        name: &str,
+        spec: SwitchoverSpec,
+        what: &str,
+    ) -> Result<(), ControlError> {
         let resource = Resource {
             metadata: Metadata {
-                name: name.clone(),
+                name: name.to_owned(),
                 resource_version: Some(0),
                 ..Metadata::default()
             },
             spec: Spec::Switchover(spec),
         };
-        self.commit(vec![resource], &name, "emergency plan").await?;
-        self.spawn(name);
+        self.commit(vec![resource], name, what).await?;
+        self.spawn(name.to_owned());
         Ok(())
     }
 
@@ -338,45 +370,24 @@ impl Switchovers {
         name: &str,
         author: &Author,
     ) -> Result<Resource, ControlError> {
-        for _ in 0..8 {
-            let mut resource = self
-                .control
-                .store
-                .get(&ResourceKey::new(Kind::Switchover, name))
-                .await?
-                .ok_or_else(|| {
-                    ControlError::NotFound(format!("switchover/{name} does not exist"))
-                })?;
-            let Spec::Switchover(spec) = &mut resource.spec else {
-                return Err(ControlError::Unavailable(
-                    "a Switchover without its spec".into(),
-                ));
-            };
+        let message = format!("approved by {}", author.name);
+        self.request(name, "approved", |spec| {
             if spec.mode != SwitchoverMode::Failover {
-                return Err(ControlError::Conflict(format!(
+                return Err(format!(
                     "switchover/{name} is planned: it needs no approval"
-                )));
+                ));
             }
             if spec.approved || spec.phase.is_final() {
-                return Err(ControlError::Conflict(format!(
+                return Err(format!(
                     "switchover/{name} is {} and needs no approval",
                     spec.phase
-                )));
+                ));
             }
             spec.approved = true;
-            spec.message = Some(format!("approved by {}", author.name));
-            match self.commit(vec![resource.clone()], name, "approved").await {
-                Ok(_) => {
-                    self.spawn(name.to_owned());
-                    return Ok(resource);
-                }
-                Err(ControlError::Conflict(_)) => continue,
-                Err(other) => return Err(other),
-            }
-        }
-        Err(ControlError::Unavailable(format!(
-            "switchover/{name} kept changing; try again"
-        )))
+            spec.message = Some(message.clone());
+            Ok(())
+        })
+        .await
     }
 
     /// Resumes every unfinished switchover (after a restart).
@@ -610,50 +621,18 @@ impl Switchovers {
                     "this control plane runs without ownership leases (--lease-duration 0s), so nothing stops the lost cell from writing on: stop it for certain, then move its shards with a planned switchover and --skip-sync-gate".into(),
                 ));
             }
-            let (last_seen, positions) = match self.probed.lock().get(from) {
-                Some((_, at, positions)) => (Some(rfc3339(*at)), positions.clone()),
-                None => (None, Vec::new()),
-            };
-            let spec = SwitchoverSpec {
-                shard_map: map.name().to_owned(),
+            let spec = self.failover_spec(
+                (map.name(), map_spec.epoch),
+                from,
                 moves,
-                mode: SwitchoverMode::Failover,
-                barrier_timeout: DurationValue(barrier_timeout),
-                sync_timeout: DurationValue(sync_timeout),
-                skip_sync_gate: true,
-                reason: request.reason.clone(),
-                phase: SwitchoverPhase::Pending,
-                abort_requested: false,
-                expected_nodes: self.control.nodes.names(),
-                approved: true,
-                timeline: vec![PhaseRecord {
-                    phase: SwitchoverPhase::Pending,
-                    started: now(),
-                    millis: None,
-                    detail: Some(format!("failover requested by {}", author.name)),
-                }],
-                epoch_before: Some(map_spec.epoch),
-                fence_revision: None,
-                flip_revision: None,
-                positions: Vec::new(),
-                unreplicated: positions
-                    .into_iter()
-                    .filter(|p| p.written > p.acknowledged)
-                    .collect(),
-                last_seen,
-                message: None,
-            };
-            let resource = Resource {
-                metadata: Metadata {
-                    name: name.clone(),
-                    resource_version: Some(0),
-                    ..Metadata::default()
-                },
-                spec: Spec::Switchover(spec),
-            };
-            self.commit(vec![resource], &name, "failover requested")
-                .await?;
-            self.spawn(name);
+                true,
+                barrier_timeout,
+                request
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| format!("failover of {from} requested by {}", author.name)),
+            );
+            self.create(&name, spec, "failover requested").await?;
             return Ok(plan);
         }
         let blocking: Vec<String> = plan
@@ -694,16 +673,7 @@ impl Switchovers {
             positions: Vec::new(),
             message: None,
         };
-        let resource = Resource {
-            metadata: Metadata {
-                name: name.clone(),
-                resource_version: Some(0),
-                ..Metadata::default()
-            },
-            spec: Spec::Switchover(spec),
-        };
-        self.commit(vec![resource], &name, "requested").await?;
-        self.spawn(name);
+        self.create(&name, spec, "requested").await?;
         Ok(plan)
     }
 
@@ -712,6 +682,33 @@ impl Switchovers {
         self: &Arc<Self>,
         name: &str,
         author: &Author,
+    ) -> Result<Resource, ControlError> {
+        let message = format!("abort requested by {}", author.name);
+        self.request(name, "abort requested", |spec| {
+            if spec.phase.is_final() {
+                return Err(format!("switchover/{name} is {} already", spec.phase));
+            }
+            if spec.phase.flipped() {
+                return Err(format!(
+                    "switchover/{name} has flipped the owners already ({}): it can only complete; a switchover back is a new switchover",
+                    spec.phase
+                ));
+            }
+            spec.abort_requested = true;
+            spec.message = Some(message.clone());
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records an operator's request on a switchover (`change` says no with
+    /// a reason: 409), retrying when the switchover moved meanwhile, and
+    /// makes sure it is being driven.
+    async fn request(
+        self: &Arc<Self>,
+        name: &str,
+        what: &str,
+        change: impl Fn(&mut SwitchoverSpec) -> Result<(), String>,
     ) -> Result<Resource, ControlError> {
         for _ in 0..8 {
             let mut resource = self
@@ -727,24 +724,8 @@ impl Switchovers {
                     "a Switchover without its spec".into(),
                 ));
             };
-            if spec.phase.is_final() {
-                return Err(ControlError::Conflict(format!(
-                    "switchover/{name} is {} already",
-                    spec.phase
-                )));
-            }
-            if spec.phase.flipped() {
-                return Err(ControlError::Conflict(format!(
-                    "switchover/{name} has flipped the owners already ({}): it can only complete; a switchover back is a new switchover",
-                    spec.phase
-                )));
-            }
-            spec.abort_requested = true;
-            spec.message = Some(format!("abort requested by {}", author.name));
-            match self
-                .commit(vec![resource.clone()], name, "abort requested")
-                .await
-            {
+            change(spec).map_err(ControlError::Conflict)?;
+            match self.commit(vec![resource.clone()], name, what).await {
                 Ok(_) => {
                     self.spawn(name.to_owned());
                     return Ok(resource);
@@ -931,22 +912,7 @@ impl Switchovers {
             }
             SwitchoverPhase::FenceBarrier => {
                 let version = loaded.map.metadata.resource_version.unwrap_or(0);
-                let result = if failover {
-                    self.control
-                        .nodes
-                        .barrier_except(&lost, version, spec.barrier_timeout.0)
-                        .await
-                } else {
-                    self.control
-                        .nodes
-                        .barrier_expecting(
-                            &spec.expected_nodes,
-                            self.control.node_expiry,
-                            version,
-                            spec.barrier_timeout.0,
-                        )
-                        .await
-                };
+                let result = self.barrier(spec, &lost, version).await;
                 if failover {
                     // The lost cell's lease, not this barrier, keeps it from
                     // writing: go on, and say who lagged.
@@ -1116,22 +1082,7 @@ impl Switchovers {
             }
             SwitchoverPhase::FlipBarrier => {
                 let version = loaded.map.metadata.resource_version.unwrap_or(0);
-                let result = if failover {
-                    self.control
-                        .nodes
-                        .barrier_except(&lost, version, spec.barrier_timeout.0)
-                        .await
-                } else {
-                    self.control
-                        .nodes
-                        .barrier_expecting(
-                            &spec.expected_nodes,
-                            self.control.node_expiry,
-                            version,
-                            spec.barrier_timeout.0,
-                        )
-                        .await
-                };
+                let result = self.barrier(spec, &lost, version).await;
                 if !result.reached {
                     // No way back after the flip: keep waiting, say for whom.
                     let message = format!(
@@ -1174,6 +1125,35 @@ impl Switchovers {
                 Ok(())
             }
             SwitchoverPhase::Completed | SwitchoverPhase::Aborted => Ok(()),
+        }
+    }
+
+    /// The barrier of a phase: a planned switchover waits for every node
+    /// (and those it expected, after a restart); a failover for the
+    /// connected nodes outside the lost cells.
+    async fn barrier(
+        &self,
+        spec: &SwitchoverSpec,
+        lost: &[String],
+        version: u64,
+    ) -> atoll_api::rest::BarrierResponse {
+        let nodes = &self.control.nodes;
+        match spec.mode {
+            SwitchoverMode::Failover => {
+                nodes
+                    .barrier_except(lost, version, spec.barrier_timeout.0)
+                    .await
+            }
+            SwitchoverMode::Planned => {
+                nodes
+                    .barrier_expecting(
+                        &spec.expected_nodes,
+                        self.control.node_expiry,
+                        version,
+                        spec.barrier_timeout.0,
+                    )
+                    .await
+            }
         }
     }
 

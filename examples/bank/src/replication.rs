@@ -150,11 +150,7 @@ pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
         }
         // Writes of other instances of the cell wait for this shipper too:
         // look again soon (a query of the log's end is cheap).
-        let wait = if busy {
-            Duration::ZERO
-        } else {
-            IDLE_LOOK
-        };
+        let wait = if busy { Duration::ZERO } else { IDLE_LOOK };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = WAKE.notified() => {}

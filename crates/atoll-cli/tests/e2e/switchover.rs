@@ -217,10 +217,14 @@ async fn a_partitioned_zone_and_a_killed_cell_fail_over_without_losing_an_acknow
     assert!(ms(&partition, "failoverMs") < 5_000, "{partition}");
     assert!(partition["clean"].as_bool() == Some(true), "{partition}");
     assert_eq!(partition["lostAcknowledgedWrites"], 0);
-    assert_eq!(
-        partition["rpoPositions"], 0,
-        "synchronous replication: {partition}"
-    );
+    // The RPO report is what the lost cell had not had confirmed at its
+    // last probe: with synchronous replication only writes committed but
+    // not yet answered, so it may be non-zero while the checker finds no
+    // acknowledged write missing. It only ever names the lost cell's shards.
+    for shard in partition["rpoShards"].as_array().expect("rpoShards") {
+        let shard = shard.as_u64().expect("shard");
+        assert!((67..=99).contains(&shard), "rz03 owned 67-99: {partition}");
+    }
     assert_eq!(partition["workload"]["failed"], 0, "{partition}");
 
     // rz02's agent and instances killed (and kept down until the end).
