@@ -365,10 +365,15 @@ impl NodeRegistry {
     /// A planned switchover's barrier: every node known now, and every node
     /// of `expected` (known when the switchover started) that has not come
     /// back since a restart, until `expiry` after the start.
+    ///
+    /// Nodes of `gone_cells` (cells lost and past their lease: they cannot
+    /// write, and get a lease again only once they run the current map)
+    /// are not waited for while disconnected.
     pub(crate) async fn barrier_expecting(
         &self,
         expected: &[String],
         expiry: Duration,
+        gone_cells: &[String],
         version: u64,
         timeout: Duration,
     ) -> BarrierResponse {
@@ -376,7 +381,9 @@ impl NodeRegistry {
             names: expected,
             expiry,
         };
-        self.barrier_with(&|_: &Record| true, &expected, version, 0, timeout)
+        let filter =
+            |record: &Record| record.connected || !gone_cells.contains(&record.identity.cell);
+        self.barrier_with(&filter, &expected, version, 0, timeout)
             .await
     }
 
@@ -509,29 +516,49 @@ mod tests {
         let expected = vec!["gw-1".to_owned()];
         let expiry = Duration::from_secs(600);
         let result = registry
-            .barrier_expecting(&expected, expiry, 5, Duration::from_millis(20))
+            .barrier_expecting(&expected, expiry, &[], 5, Duration::from_millis(20))
             .await;
         assert!(!result.reached, "an empty registry is not everybody");
         assert_eq!(result.laggards[0].name, "gw-1");
         let (a, _) = registry.connect(identity("gw-1", "gateway"), 0, None);
         registry.acked("gw-1", a, 5);
         let result = registry
-            .barrier_expecting(&expected, expiry, 5, Duration::from_millis(20))
+            .barrier_expecting(&expected, expiry, &[], 5, Duration::from_millis(20))
             .await;
         assert!(result.reached, "{result:?}");
         // A node gone for good is forgotten by request.
         let registry = NodeRegistry::new();
         assert_eq!(registry.forget("gw-1"), Forget::Unknown);
         let result = registry
-            .barrier_expecting(&expected, expiry, 5, Duration::from_millis(20))
+            .barrier_expecting(&expected, expiry, &[], 5, Duration::from_millis(20))
             .await;
         assert!(result.reached, "forgotten: {result:?}");
         // And after the node expiry, as any disconnected node.
         let registry = NodeRegistry::new();
         let result = registry
-            .barrier_expecting(&expected, Duration::ZERO, 5, Duration::from_millis(20))
+            .barrier_expecting(&expected, Duration::ZERO, &[], 5, Duration::from_millis(20))
             .await;
         assert!(result.reached, "expired: {result:?}");
+    }
+
+    #[tokio::test]
+    async fn a_disconnected_node_of_a_cell_gone_past_its_lease_is_not_waited_for() {
+        let registry = NodeRegistry::new();
+        let mut app = identity("bank-rz03-0", "app");
+        app.cell = "rz03".into();
+        let (a, _) = registry.connect(app, 1, None);
+        registry.disconnected("bank-rz03-0", a);
+        let expiry = Duration::from_secs(600);
+        let timeout = Duration::from_millis(20);
+        let lagging = registry
+            .barrier_expecting(&[], expiry, &[], 5, timeout)
+            .await;
+        assert!(!lagging.reached, "a disconnected node lags");
+        let gone = ["rz03".to_owned()];
+        let passed = registry
+            .barrier_expecting(&[], expiry, &gone, 5, timeout)
+            .await;
+        assert!(passed.reached, "unless its cell is gone: {passed:?}");
     }
 
     #[tokio::test]

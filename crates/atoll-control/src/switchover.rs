@@ -49,6 +49,8 @@ pub(crate) struct Switchovers {
     running: Mutex<HashSet<String>>,
     /// Cell -> when it last answered its replication probe, and what.
     probed: Mutex<BTreeMap<String, Probed>>,
+    /// Cells the emergency plan found lost in its last round.
+    lost: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Switchovers {
@@ -83,6 +85,7 @@ impl Switchovers {
             http,
             running: Mutex::new(HashSet::new()),
             probed: Mutex::new(BTreeMap::new()),
+            lost: Mutex::new(std::collections::BTreeSet::new()),
         })
     }
 
@@ -108,6 +111,7 @@ impl Switchovers {
 
     async fn watch_once(self: &Arc<Self>) -> Result<(), ControlError> {
         let snapshot = self.control.store.snapshot().await?;
+        self.lost.lock().clear();
         let resources = &snapshot.resources;
         for map in resources {
             let Spec::ShardMap(spec) = &map.spec else {
@@ -159,6 +163,7 @@ impl Switchovers {
                     lost.push(cell.to_owned());
                 }
             }
+            self.lost.lock().extend(lost.iter().cloned());
             if lost.is_empty()
                 || active_on(resources, map.name()).is_some()
                 || !self.control.leases.enabled()
@@ -1145,10 +1150,22 @@ impl Switchovers {
                     .await
             }
             SwitchoverMode::Planned => {
+                // A cell lost meanwhile, whose lease has run out, cannot hold
+                // up a planned switchover (the emergency plan acts on it once
+                // this one is over).
+                let now = Instant::now();
+                let gone: Vec<String> = self
+                    .lost
+                    .lock()
+                    .iter()
+                    .filter(|cell| self.control.leases.expires_at(cell) <= now)
+                    .cloned()
+                    .collect();
                 nodes
                     .barrier_expecting(
                         &spec.expected_nodes,
                         self.control.node_expiry,
+                        &gone,
                         version,
                         spec.barrier_timeout.0,
                     )
