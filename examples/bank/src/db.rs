@@ -78,6 +78,10 @@ pub(crate) struct Pending {
     pub(crate) shard: u32,
     pub(crate) payee: String,
     pub(crate) amount: i64,
+    /// The log position of the debit: the credit goes out only once the
+    /// shard's standby has it, or a failover could lose the debit after the
+    /// credit was paid.
+    pub(crate) position: i64,
 }
 
 /// The answer to a write.
@@ -107,10 +111,13 @@ fn add_column(connection: &Connection, table: &str, column: &str, ty: &str) -> a
             |r| r.get(0),
         )
         .map_err(error)?;
-    if !exists {
-        connection
-            .execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))
-            .map_err(error)?;
+    if !exists
+        && let Err(e) =
+            connection.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {ty}"))
+        // Another instance of the cell, opening the same file, was first.
+        && !e.to_string().contains("duplicate column")
+    {
+        return Err(error(e));
     }
     Ok(())
 }
@@ -242,6 +249,11 @@ fn take_over_shard(
             payee: payee.clone(),
             amount: *amount,
         })?;
+        tx.execute(
+            "UPDATE outbox SET position = ?1 WHERE key = ?2",
+            params![tx.last_insert_rowid(), key],
+        )
+        .map_err(error)?;
     }
     // The copy is this cell's data now; a stale copy must never come back.
     for table in ["replica_accounts", "replica_requests", "replica_outbox"] {
@@ -278,12 +290,12 @@ impl Db {
                  CREATE TABLE IF NOT EXISTS requests (key TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, status INTEGER NOT NULL, body TEXT NOT NULL);
                  CREATE TABLE IF NOT EXISTS log (position INTEGER PRIMARY KEY AUTOINCREMENT, shard INTEGER NOT NULL, entry TEXT NOT NULL);
                  CREATE INDEX IF NOT EXISTS log_shard ON log (shard, position);
-                 CREATE TABLE IF NOT EXISTS outbox (key TEXT PRIMARY KEY, shard INTEGER NOT NULL, payee TEXT NOT NULL, amount INTEGER NOT NULL, delivered INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE IF NOT EXISTS outbox (key TEXT PRIMARY KEY, shard INTEGER NOT NULL, payee TEXT NOT NULL, amount INTEGER NOT NULL, delivered INTEGER NOT NULL DEFAULT 0, position INTEGER NOT NULL DEFAULT 0);
                  CREATE TABLE IF NOT EXISTS shard_acks (standby TEXT NOT NULL, shard INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (standby, shard));
                  CREATE TABLE IF NOT EXISTS replica_accounts (source TEXT NOT NULL, user TEXT NOT NULL, shard INTEGER NOT NULL, balance INTEGER NOT NULL, PRIMARY KEY (source, user));
-                 CREATE TABLE IF NOT EXISTS replica_requests (source TEXT NOT NULL, key TEXT NOT NULL, shard INTEGER NOT NULL, status INTEGER NOT NULL, body TEXT NOT NULL, PRIMARY KEY (source, key));
+                 CREATE TABLE IF NOT EXISTS replica_requests (source TEXT NOT NULL, key TEXT NOT NULL, shard INTEGER NOT NULL, status INTEGER NOT NULL, body TEXT NOT NULL, fingerprint TEXT NOT NULL DEFAULT '', PRIMARY KEY (source, key));
                  CREATE TABLE IF NOT EXISTS replica_outbox (source TEXT NOT NULL, key TEXT NOT NULL, shard INTEGER NOT NULL, payee TEXT NOT NULL, amount INTEGER NOT NULL, PRIMARY KEY (source, key));
-                 CREATE TABLE IF NOT EXISTS replica_shard_positions (source TEXT NOT NULL, shard INTEGER NOT NULL, position INTEGER NOT NULL, PRIMARY KEY (source, shard));
+                 CREATE TABLE IF NOT EXISTS replica_shard_positions (source TEXT NOT NULL, shard INTEGER NOT NULL, position INTEGER NOT NULL, epoch INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (source, shard));
                  CREATE TABLE IF NOT EXISTS tenure (shard INTEGER PRIMARY KEY, epoch INTEGER NOT NULL);
                  CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);",
             )
@@ -299,6 +311,12 @@ impl Db {
             &connection,
             "replica_shard_positions",
             "epoch",
+            "INTEGER NOT NULL DEFAULT 0",
+        )?;
+        add_column(
+            &connection,
+            "outbox",
+            "position",
             "INTEGER NOT NULL DEFAULT 0",
         )?;
         Ok(Db {
@@ -513,6 +531,12 @@ impl Db {
                             amount: *amount,
                         },
                     )?;
+                    // Delivered only once this position is replicated.
+                    tx.execute(
+                        "UPDATE outbox SET position = ?1 WHERE key = ?2",
+                        params![tx.last_insert_rowid(), key],
+                    )
+                    .map_err(error)?;
                     (
                         200,
                         json!({"user": from, "balance": payer, "to": to, "delivered": false}),
@@ -560,7 +584,7 @@ impl Db {
     pub(crate) fn pending(&self, shards: &[u32], limit: usize) -> anyhow::Result<Vec<Pending>> {
         let connection = self.connection.lock();
         let mut statement = connection
-            .prepare(&format!("SELECT key, shard, payee, amount FROM outbox WHERE delivered = 0 AND shard IN ({}) ORDER BY rowid LIMIT ?1", shard_list(shards)))
+            .prepare(&format!("SELECT key, shard, payee, amount, position FROM outbox WHERE delivered = 0 AND shard IN ({}) ORDER BY rowid LIMIT ?1", shard_list(shards)))
             .map_err(error)?;
         let rows = statement
             .query_map([limit as i64], |r| {
@@ -569,6 +593,7 @@ impl Db {
                     shard: r.get(1)?,
                     payee: r.get(2)?,
                     amount: r.get(3)?,
+                    position: r.get(4)?,
                 })
             })
             .map_err(error)?;

@@ -48,7 +48,31 @@ pub(crate) async fn deliver(bank: std::sync::Arc<Bank>, mut stopped: watch::Rece
             Err(_) => Vec::new(),
         };
         let mut failed = false;
+        let mut waiting = false;
         for entry in &pending {
+            // Only while this cell may write the payer's shard (it owns it,
+            // it is not fenced, the lease holds), and only once the debit is
+            // at the shard's standby: a failover must never keep a credit
+            // whose debit it lost.
+            let Ok(view) = bank.cell.check_write(entry.shard, None) else {
+                waiting = true;
+                continue;
+            };
+            if let Some(standby) = view.standby(entry.shard).map(str::to_owned)
+                && standby != bank.cell.identity().cell
+            {
+                let db = bank.db.clone();
+                let shard = entry.shard;
+                let acked = tokio::task::spawn_blocking(move || db.acked(&standby, shard))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .unwrap_or(0);
+                if acked < entry.position {
+                    waiting = true;
+                    continue;
+                }
+            }
             match send(&bank, entry).await {
                 Ok(()) => {
                     let db = bank.db.clone();
@@ -78,7 +102,10 @@ pub(crate) async fn deliver(bank: std::sync::Arc<Bank>, mut stopped: watch::Rece
             backoff
         } else {
             backoff = Duration::from_millis(100);
-            if pending.len() == 64 {
+            if waiting {
+                // Credits whose debit is not at the standby yet: soon.
+                Duration::from_millis(20)
+            } else if pending.len() == 64 {
                 Duration::ZERO
             } else {
                 Duration::from_millis(200)
