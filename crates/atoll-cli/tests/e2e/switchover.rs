@@ -38,6 +38,14 @@ fn drill(sandbox: &Sandbox, args: &[&str]) -> Value {
         "drill {args:?}: {}",
         serde_json::to_string_pretty(&report).unwrap_or_default()
     );
+    if report["clean"].as_bool() != Some(true) || report["outcome"] != "completed" {
+        // Shown by the test runner when an assertion below fails.
+        eprintln!(
+            "bank logs:\n{}\nsandbox:\n{}",
+            sandbox.bank_logs(),
+            sandbox.log()
+        );
+    }
     report
 }
 

@@ -81,6 +81,30 @@ impl Sandbox {
         sandbox
     }
 
+    /// The last lines of every bank instance's log (replication and outbox
+    /// warnings), for failure messages.
+    pub(crate) fn bank_logs(&self) -> String {
+        let mut out = String::new();
+        let Ok(zones) = std::fs::read_dir(self.state.path().join("agents")) else {
+            return out;
+        };
+        for zone in zones.flatten() {
+            let Ok(logs) = std::fs::read_dir(zone.path().join("logs")) else {
+                continue;
+            };
+            for log in logs.flatten() {
+                let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                out.push_str(&format!("--- {}\n", log.path().display()));
+                for line in &lines[lines.len().saturating_sub(15)..] {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.state.path().join("up.log")).unwrap_or_default()
     }
@@ -692,7 +716,8 @@ async fn money_is_conserved_over_a_sixty_second_mixed_workload() {
     });
     assert!(
         output.status.success(),
-        "atoll load failed: {summary}\n{stderr}"
+        "atoll load failed: {summary}\n{stderr}\nbank logs:\n{}",
+        sandbox.bank_logs()
     );
     assert_eq!(summary["money"]["conserved"], json!(true), "{summary}");
     assert_eq!(summary["failed"], json!(0), "{summary}");
