@@ -278,6 +278,26 @@ impl Db {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
+        // The cell's instances start together and open one new file: the
+        // switch to WAL can answer "database is locked" at once, without
+        // waiting for the busy timeout. Try again for a few seconds.
+        let mut attempt = 0;
+        loop {
+            match Self::open_once(path) {
+                Ok(db) => return Ok(db),
+                Err(e)
+                    if attempt < 50
+                        && (e.to_string().contains("locked") || e.to_string().contains("busy")) =>
+                {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn open_once(path: &Path) -> anyhow::Result<Db> {
         let connection = Connection::open(path).map_err(error)?;
         connection
             .busy_timeout(std::time::Duration::from_secs(10))
@@ -1431,5 +1451,25 @@ mod tests {
             )
             .expect("apply");
         assert_eq!((retry.status, retry.replayed), (200, false));
+    }
+
+    #[test]
+    fn the_instances_of_a_cell_open_a_new_database_together() {
+        let (dir, _first) = db();
+        for round in 0..5 {
+            let path = dir.0.join(format!("together-{round}.db"));
+            let openers: Vec<_> = (0..6)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || Db::open(&path).map(|_| ()))
+                })
+                .collect();
+            for opener in openers {
+                opener
+                    .join()
+                    .expect("thread")
+                    .expect("every instance opens the shared database");
+            }
+        }
     }
 }
