@@ -21,8 +21,7 @@ use std::time::Duration;
 
 use atoll_api::rest::{ApplyRequest, ManifestFile, ResourceRef};
 use atoll_model::{
-    AppSpec, EndpointsSpec, HealthCheck, Kind, Located, Metadata, Origin, ReportedEndpoint,
-    Resource, Spec, validate,
+    AppSpec, EndpointsSpec, HealthCheck, Kind, Metadata, ReportedEndpoint, Resource, Spec,
 };
 use atoll_node::{Installer, NodeClient, NodeConfig, NodeOptions, NodeStatus};
 use tokio::sync::watch;
@@ -76,17 +75,7 @@ struct DesiredInstaller {
 
 impl Installer for DesiredInstaller {
     fn install(&self, config: &NodeConfig) -> Result<(), String> {
-        let located: Vec<Located> = config
-            .resources
-            .iter()
-            .map(|r| Located {
-                resource: r.clone(),
-                origin: Origin::Stored {
-                    revision: r.metadata.resource_version.unwrap_or(0),
-                },
-            })
-            .collect();
-        validate(&located).map_err(|issues| format!("invalid configuration: {issues}"))?;
+        config.validate()?;
         let mut desired = Desired {
             version: config.version,
             ..Desired::default()

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use atoll_model::{Kind, Located, Origin, Protocol, Resource, Spec, validate};
+use atoll_model::{Kind, Protocol, Resource, Spec};
 use atoll_node::{Installer, NodeClient, NodeConfig, NodeOptions};
 use atoll_proxy::{Listener, Proxy, ProxyMetrics, ProxySettings, Tls};
 use atoll_routing::{RoutingTable, Scope};
@@ -112,17 +112,7 @@ impl GatewayInstaller {
         // The control plane validated this version; validating again means a
         // gateway never runs a config that does not pass its own rules
         // either (an older control plane, a hand-edited cache).
-        let located: Vec<Located> = config
-            .resources
-            .iter()
-            .map(|r| Located {
-                resource: r.clone(),
-                origin: Origin::Stored {
-                    revision: r.metadata.resource_version.unwrap_or(0),
-                },
-            })
-            .collect();
-        validate(&located).map_err(|issues| format!("invalid configuration: {issues}"))?;
+        config.validate()?;
         let (zone, keys) = self.listener_keys(&config.resources)?;
         let table = RoutingTable::compile(
             config.version,

@@ -26,7 +26,7 @@ pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// retries.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(10);
-use atoll_model::{Kind, Resource, ResourceKey};
+use atoll_model::{Kind, Located, Origin, Resource, ResourceKey, validate};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -39,6 +39,25 @@ pub struct NodeConfig {
     pub version: u64,
     /// Every resource, in dependency order then by name.
     pub resources: Vec<Resource>,
+}
+
+impl NodeConfig {
+    /// Validates the whole configuration with the model's rules, so that a
+    /// node never runs one that does not pass them (an older control plane,
+    /// a hand-edited cache). The error is a NACK reason.
+    pub fn validate(&self) -> Result<(), String> {
+        let located: Vec<Located> = self
+            .resources
+            .iter()
+            .map(|r| Located {
+                resource: r.clone(),
+                origin: Origin::Stored {
+                    revision: r.metadata.resource_version.unwrap_or(0),
+                },
+            })
+            .collect();
+        validate(&located).map_err(|issues| format!("invalid configuration: {issues}"))
+    }
 }
 
 /// Turns a version into what the node runs. Implemented by the gateway.

@@ -16,7 +16,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
-use atoll_model::{Located, Origin, validate};
 pub use atoll_node::Activation;
 use atoll_node::{Installer, NodeClient, NodeConfig, NodeOptions, NodeStatus};
 use atoll_routing::{CellId, RoutingTable, Scope, ServiceId};
@@ -354,17 +353,7 @@ impl ViewInstaller {
 
 impl Installer for ViewInstaller {
     fn install(&self, config: &NodeConfig) -> Result<(), String> {
-        let located: Vec<Located> = config
-            .resources
-            .iter()
-            .map(|r| Located {
-                resource: r.clone(),
-                origin: Origin::Stored {
-                    revision: r.metadata.resource_version.unwrap_or(0),
-                },
-            })
-            .collect();
-        validate(&located).map_err(|issues| format!("invalid configuration: {issues}"))?;
+        config.validate()?;
         let table = RoutingTable::compile(
             config.version,
             &config.resources,
