@@ -267,7 +267,7 @@ fn topology(ports: &Ports, bank: &Path, replicas: u32, host: &str) -> Vec<(Strin
     }
     let bank = format!(
         "# The demo bank: unitized by user, run by the agents in every cell.\n\
-         apiVersion: atoll/v1\nkind: Service\nmetadata: {{name: bank}}\nspec:\n  kind: unitized\n  shardRule: users\n  writes: {{methods: [POST, PUT, PATCH, DELETE]}}\n  replication: {{probe: /replication/positions}}\n\
+         apiVersion: atoll/v1\nkind: Service\nmetadata: {{name: bank}}\nspec:\n  kind: unitized\n  shardRule: users\n  writes: {{methods: [POST, PUT, PATCH, DELETE]}}\n  replication: {{probe: /internal/replication/positions}}\n\
          ---\napiVersion: atoll/v1\nkind: Route\nmetadata: {{name: bank}}\nspec:\n  match: [{{pathPrefix: /accounts/}}]\n  service: bank\n  timeout: 10s\n  retries: {{attempts: 2, on: [connectFailure, reset]}}\n\
          ---\napiVersion: atoll/v1\nkind: App\nmetadata: {{name: bank}}\nspec:\n  service: bank\n  cells: [{}]\n  replicas: {replicas}\n  command: [{}]\n  healthCheck: {{path: /healthz, interval: 1s, timeout: 1s}}\n  version: v1\n",
         ZONES.iter().map(|z| z.3).collect::<Vec<_>>().join(", "),
@@ -288,6 +288,39 @@ fn topology(ports: &Ports, bank: &Path, replicas: u32, host: &str) -> Vec<(Strin
         ("30-bank.yaml".into(), bank),
         ("40-gateways.yaml".into(), gateways),
     ]
+}
+
+/// The sandbox's shared secret for calls between bank instances:
+/// `<state>/bank-secret`, 32 random bytes in hex, readable by its owner
+/// only; kept when it exists already (a `--state-dir` used again).
+fn bank_secret(state_dir: &Path) -> Result<PathBuf, CliError> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = state_dir.join("bank-secret");
+    if std::fs::metadata(&path).is_ok_and(|m| m.len() >= 32) {
+        return Ok(path);
+    }
+    let failed = |e: std::io::Error| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot make {}: {e}", path.display()),
+        )
+    };
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .map_err(failed)?;
+    let mut text: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    text.push('\n');
+    let _ = std::fs::remove_file(&path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(failed)?;
+    std::io::Write::write_all(&mut file, text.as_bytes()).map_err(failed)?;
+    Ok(path)
 }
 
 /// A child process of the sandbox.
@@ -576,6 +609,14 @@ async fn start(
         .map_err(|e| CliError::new(exit::FAILURE, format!("building the HTTP client: {e}")))?;
     let deadline = Instant::now() + args.ready_timeout;
     let env = [("ATOLL_STATE_DIR", state_dir.display().to_string())];
+    // The bank's instances sign the calls they make to each other (credits,
+    // replication) with a secret of this sandbox; they inherit it from
+    // their agents.
+    let secret = bank_secret(state_dir)?;
+    let agent_env = [
+        ("ATOLL_STATE_DIR", state_dir.display().to_string()),
+        ("BANK_SECRET_FILE", secret.display().to_string()),
+    ];
 
     eprintln!("starting the control plane on {control}...");
     sandbox.children.push(Child::spawn(
@@ -698,7 +739,7 @@ async fn start(
             &program,
             &agent_args,
             &logs.join(format!("agent-{zone}.log")),
-            &env,
+            &agent_env,
         )?);
     }
     for (i, (zone, ..)) in ZONES.iter().enumerate() {

@@ -53,7 +53,12 @@ async fn readyz(Extract(state): Extract<State>) -> Response {
             .into_response(),
         None => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no configuration yet (waiting for the control plane)\n",
+            match state.status.last_error() {
+                Some(error) => format!(
+                    "not ready: no configuration yet (waiting for the control plane; {error})\n"
+                ),
+                None => "not ready: no configuration yet (waiting for the control plane)\n".into(),
+            },
         )
             .into_response(),
     }

@@ -288,6 +288,19 @@ impl Gateway {
                 "serving the cached configuration until the control plane answers"
             );
         }
+        // Health and readiness answer from now on, also while the zone is
+        // still unknown (no usable cache, control plane down).
+        let status = client.status();
+        let admin_task = tokio::spawn(admin::serve(
+            admin,
+            admin::State {
+                name: self.options.name.clone(),
+                proxy: self.proxy.clone(),
+                status: status.clone(),
+                cached_version: from_cache,
+            },
+            shutdown.clone(),
+        ));
         // The zone goes in the node's Hello: from the cache, else ask.
         let cached_zone = self.installer.zone.lock().clone();
         let zone = match cached_zone {
@@ -299,9 +312,15 @@ impl Gateway {
                         Ok(zone) => break zone,
                         Err(reason) => {
                             tracing::warn!(%reason, "waiting for the control plane to know this gateway");
+                            status.set_error(format!(
+                                "waiting for the control plane to know this gateway: {reason}"
+                            ));
                             tokio::select! {
                                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                                () = async { let _ = shutdown.wait_for(|s| *s).await; } => return Ok(()),
+                                () = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                                    let _ = admin_task.await;
+                                    return Ok(());
+                                }
                             }
                         }
                     }
@@ -309,19 +328,7 @@ impl Gateway {
             }
         };
         client.set_zone(zone.clone());
-        let status = client.status();
         tracing::info!(gateway = %self.options.name, %zone, control = %self.options.control, admin = %self.options.admin, "gateway starting");
-
-        let admin_task = tokio::spawn(admin::serve(
-            admin,
-            admin::State {
-                name: self.options.name.clone(),
-                proxy: self.proxy.clone(),
-                status: status.clone(),
-                cached_version: from_cache,
-            },
-            shutdown.clone(),
-        ));
         client.run(shutdown.clone()).await;
         tracing::info!("stopping: draining listeners");
         self.installer.stop().await;

@@ -137,6 +137,11 @@ impl NodeStatus {
     fn error(&self, text: String) {
         *self.last_error.lock() = Some(text);
     }
+
+    /// Records a problem of the node's own (shown with [`Self::last_error`]).
+    pub fn set_error(&self, text: String) {
+        self.error(text);
+    }
 }
 
 /// What the disk cache holds.
@@ -214,6 +219,10 @@ impl NodeClient {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot read the config cache");
+                self.status.error(format!(
+                    "cannot read the config cache {}: {e}",
+                    path.display()
+                ));
                 return None;
             }
         };
@@ -221,11 +230,20 @@ impl NodeClient {
             Ok(cache) => cache,
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable config cache");
+                self.status.error(format!(
+                    "ignored the config cache {}: it is not a cache file ({e})",
+                    path.display()
+                ));
                 return None;
             }
         };
         if cache.node != self.options.name {
             tracing::warn!(path = %path.display(), cached = %cache.node, "ignoring the config cache of another node");
+            self.status.error(format!(
+                "ignored the config cache {}: it is node {}'s",
+                path.display(),
+                cache.node
+            ));
             return None;
         }
         match self.installer.install(&cache.config) {
@@ -239,6 +257,9 @@ impl NodeClient {
             }
             Err(reason) => {
                 tracing::warn!(%reason, "the cached config does not install; ignoring it");
+                self.status.error(format!(
+                    "ignored the config cache: it does not install ({reason})"
+                ));
                 None
             }
         }

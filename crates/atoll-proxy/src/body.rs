@@ -3,6 +3,8 @@
 //! without holding the primary back.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -60,6 +62,45 @@ impl Capture {
     }
 }
 
+/// What the client's side of a streamed request body did, so that a failed
+/// exchange is blamed on whoever failed: a malformed or stalled body is the
+/// client's fault, not the upstream's.
+#[derive(Debug, Default)]
+pub(crate) struct BodyWatch {
+    /// The body is not complete and its last poll found nothing from the
+    /// client (the upstream side was ready for more).
+    waiting: AtomicBool,
+    /// How reading the client's body failed: `Some(message)` for a
+    /// malformed body, `None` inside for a client that went away.
+    failed: OnceLock<Option<String>>,
+}
+
+impl BodyWatch {
+    /// Whether the exchange is waiting for the client's body.
+    pub(crate) fn waiting_for_client(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// How reading the client's body failed, if it did: `Some(None)`: the
+    /// client went away; `Some(Some(why))`: its body is malformed.
+    pub(crate) fn failure(&self) -> Option<Option<&str>> {
+        self.failed.get().map(Option::as_deref)
+    }
+
+    fn observe<T>(&self, polled: &Poll<Option<Result<T, hyper::Error>>>) {
+        match polled {
+            Poll::Pending => self.waiting.store(true, Ordering::Relaxed),
+            Poll::Ready(Some(Err(error))) => {
+                self.waiting.store(false, Ordering::Relaxed);
+                let gone =
+                    error.is_incomplete_message() || error.is_closed() || error.is_canceled();
+                let _ = self.failed.set((!gone).then(|| error.to_string()));
+            }
+            Poll::Ready(_) => self.waiting.store(false, Ordering::Relaxed),
+        }
+    }
+}
+
 /// The body sent upstream.
 pub(crate) enum RequestBody {
     /// No body.
@@ -67,18 +108,31 @@ pub(crate) enum RequestBody {
     /// A buffered body (read to find a key, or replayed for a retry).
     Full(Option<Bytes>),
     /// The client's body, streamed.
-    Stream(Incoming),
+    Stream(Incoming, Arc<BodyWatch>),
     /// The client's body, streamed, with a copy kept for a mirror.
-    Tee(Incoming, Capture),
+    Tee(Incoming, Capture, Arc<BodyWatch>),
 }
 
 impl RequestBody {
+    /// The client's body, streamed, watched.
+    pub(crate) fn stream(body: Incoming) -> Self {
+        RequestBody::Stream(body, Arc::default())
+    }
+
+    /// What the client's side of a streamed body did.
+    pub(crate) fn watch(&self) -> Option<Arc<BodyWatch>> {
+        match self {
+            RequestBody::Stream(_, watch) | RequestBody::Tee(_, _, watch) => Some(watch.clone()),
+            RequestBody::Empty | RequestBody::Full(_) => None,
+        }
+    }
+
     /// A copy for another try, when the body can be replayed.
     pub(crate) fn replay(&self) -> Option<RequestBody> {
         match self {
             RequestBody::Empty => Some(RequestBody::Empty),
             RequestBody::Full(bytes) => Some(RequestBody::Full(bytes.clone())),
-            RequestBody::Stream(_) | RequestBody::Tee(..) => None,
+            RequestBody::Stream(..) | RequestBody::Tee(..) => None,
         }
     }
 }
@@ -94,9 +148,14 @@ impl Body for RequestBody {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
             RequestBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            RequestBody::Stream(inner) => Pin::new(inner).poll_frame(cx),
-            RequestBody::Tee(inner, capture) => {
+            RequestBody::Stream(inner, watch) => {
                 let polled = Pin::new(&mut *inner).poll_frame(cx);
+                watch.observe(&polled);
+                polled
+            }
+            RequestBody::Tee(inner, capture, watch) => {
+                let polled = Pin::new(&mut *inner).poll_frame(cx);
+                watch.observe(&polled);
                 match &polled {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
@@ -121,7 +180,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Empty => true,
             RequestBody::Full(bytes) => bytes.is_none(),
-            RequestBody::Stream(inner) | RequestBody::Tee(inner, _) => inner.is_end_stream(),
+            RequestBody::Stream(inner, _) | RequestBody::Tee(inner, ..) => inner.is_end_stream(),
         }
     }
 
@@ -131,7 +190,7 @@ impl Body for RequestBody {
             RequestBody::Full(bytes) => {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
-            RequestBody::Stream(inner) | RequestBody::Tee(inner, _) => inner.size_hint(),
+            RequestBody::Stream(inner, _) | RequestBody::Tee(inner, ..) => inner.size_hint(),
         }
     }
 }

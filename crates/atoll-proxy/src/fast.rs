@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use atoll_model::RetryOn;
@@ -23,10 +24,12 @@ use tokio::sync::watch;
 
 use crate::access_log::Entry;
 use crate::chunked::ChunkedScanner;
+use crate::headers::{
+    MAX_CLIENT_HEADERS, MAX_PARSED_HEADERS, counted, is_atoll_member, too_many_headers,
+};
 use crate::{Proxy, Snapshot};
 
 const MAX_HEAD: usize = 64 * 1024;
-const MAX_HEADERS: usize = 128;
 /// How long an idle keep-alive connection may wait for its next request.
 const IDLE: Duration = Duration::from_secs(300);
 /// How long a started request head may take to arrive.
@@ -146,7 +149,7 @@ pub(crate) async fn serve(
             if find_head_end(&buffer, scanned).is_some() {
                 break;
             }
-            scanned = buffer.len().saturating_sub(3);
+            scanned = buffer.len().saturating_sub(2);
             if buffer.len() > MAX_HEAD {
                 let _ = respond(
                     &mut client,
@@ -222,9 +225,23 @@ pub(crate) async fn serve(
     }
 }
 
-/// The end of the head (`\r\n\r\n`) in `buffer`, searching from `from`.
+/// The end of the head in `buffer`, searching from `from`: the first empty
+/// line. Lines end in CRLF or, as RFC 9112 §2.2 lets a recipient accept
+/// and hyper (which serves the other paths) does, a bare LF: a head that
+/// ends in `\n\n` is answered like one that ends in `\r\n\r\n`. The
+/// head the upstream gets is written anew with CRLF, so the two cannot be
+/// read differently downstream.
 fn find_head_end(buffer: &[u8], from: usize) -> Option<usize> {
-    memchr::memmem::find(&buffer[from..], b"\r\n\r\n").map(|p| from + p + 4)
+    for at in memchr::memchr_iter(b'\n', &buffer[from..]) {
+        let at = from + at;
+        match buffer.get(at + 1..at + 3) {
+            Some([b'\n', _]) => return Some(at + 2),
+            Some(b"\r\n") => return Some(at + 3),
+            None if buffer.get(at + 1) == Some(&b'\n') => return Some(at + 2),
+            _ => {}
+        }
+    }
+    None
 }
 
 fn reason(status: u16) -> &'static str {
@@ -296,18 +313,19 @@ async fn one(
     };
 
     // Parse and decide while the head borrows the buffer; keep owned facts.
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_PARSED_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(buffer) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Next::Handoff,
         Err(httparse::Error::TooManyHeaders) => {
+            snapshot.metrics.refused("headersTooLarge").inc();
             let _ = respond(
                 client,
                 out,
                 431,
                 "headersTooLarge",
-                "the request has more than 128 headers",
+                &format!("the request has more than {MAX_PARSED_HEADERS} header lines"),
                 &[],
                 true,
             )
@@ -350,6 +368,21 @@ async fn one(
         return Next::Close;
     };
     let head = Headers(request.headers);
+    let client_headers = head.0.iter().filter(|h| counted(h.name.as_bytes())).count();
+    if client_headers > MAX_CLIENT_HEADERS {
+        snapshot.metrics.refused("headersTooLarge").inc();
+        let _ = respond(
+            client,
+            out,
+            431,
+            "headersTooLarge",
+            &too_many_headers(client_headers),
+            &[],
+            true,
+        )
+        .await;
+        return Next::Close;
+    }
     let framing = match framing(&head) {
         Ok(Some(framing)) => framing,
         Ok(None) => return Next::Handoff,
@@ -377,11 +410,38 @@ async fn one(
         return Next::Close;
     };
     let host = host_without_port(host_value);
-    let (path, query) = match target.split_once('?') {
+    let (raw_path, query) = match target.split_once('?') {
         Some((path, query)) => (path, Some(query)),
         None => (target, None),
     };
+    // Routes see, and the upstream gets, the path in one form.
+    let path = match atoll_routing::normalize_path(raw_path) {
+        Ok(path) => path,
+        Err(error) => {
+            snapshot.metrics.refused("badPath").inc();
+            let close = has_body || framing.close;
+            let _ = respond(client, out, 400, "badPath", &error.to_string(), &[], close).await;
+            log(
+                proxy,
+                &method,
+                host,
+                target,
+                remote,
+                started,
+                400,
+                None,
+                Some("badPath"),
+            );
+            if close {
+                return Next::Close;
+            }
+            buffer.advance(head_len);
+            return Next::KeepAlive;
+        }
+    };
+    let path = path.as_ref();
     let forwarded = head.values("x-atoll-hop").next().is_some();
+    let trusted_hop = snapshot.trusted_hop(forwarded, remote.ip());
     let info = RequestInfo {
         method: &method,
         host: Some(host),
@@ -460,11 +520,16 @@ async fn one(
     out.clear();
     out.extend_from_slice(method_text.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(path.as_bytes());
+    if let Some(query) = query {
+        out.push(b'?');
+        out.extend_from_slice(query.as_bytes());
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut forwarded_for = None;
     let mut forwarded_for_count = 0;
-    let mut forwarded_proto = false;
+    let mut forwarded_proto: Option<&[u8]> = None;
+    let mut client_baggage = false;
     for header in head.0 {
         let name = header.name;
         match classify(name) {
@@ -478,10 +543,17 @@ async fn one(
                 continue;
             }
             Kind::Baggage => {
-                write_baggage_without_atoll(out, header.value);
+                // Merged into the one baggage header written below.
+                client_baggage = true;
                 continue;
             }
-            Kind::ForwardedProto => forwarded_proto = true,
+            Kind::ForwardedProto => {
+                // Only another gateway's word on the protocol counts.
+                if trusted_hop && forwarded_proto.is_none() {
+                    forwarded_proto = Some(header.value);
+                }
+                continue;
+            }
             Kind::Other | Kind::ContentLength | Kind::TransferEncoding | Kind::Host => {}
         }
         out.extend_from_slice(name.as_bytes());
@@ -501,9 +573,9 @@ async fn one(
     }
     write_ip(out, remote.ip());
     out.extend_from_slice(b"\r\n");
-    if !forwarded_proto {
-        out.extend_from_slice(b"x-forwarded-proto: http\r\n");
-    }
+    out.extend_from_slice(b"x-forwarded-proto: ");
+    out.extend_from_slice(forwarded_proto.unwrap_or(b"http"));
+    out.extend_from_slice(b"\r\n");
     let shard = target_decision.shard;
     let epoch = shard.and_then(|_| table.epoch(target_decision.service));
     if let Some(key) = target_decision
@@ -546,6 +618,11 @@ async fn one(
     if let Some(epoch) = epoch {
         out.extend_from_slice(b",atoll.epoch=");
         out.extend_from_slice(itoa::Buffer::new().format(epoch).as_bytes());
+    }
+    if client_baggage {
+        for value in head.values("baggage") {
+            write_members_without_atoll(out, value);
+        }
     }
     out.extend_from_slice(b"\r\n");
     if target_decision.via == Via::Gateway {
@@ -690,27 +767,19 @@ fn write_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
     }
 }
 
-/// Copies a client `baggage` header without its `atoll.*` members.
-fn write_baggage_without_atoll(out: &mut Vec<u8>, value: &[u8]) {
+/// Appends the members of a client `baggage` header, except Atoll's own
+/// (`atoll.*` in any case), each after a comma.
+fn write_members_without_atoll(out: &mut Vec<u8>, value: &[u8]) {
     let Ok(text) = std::str::from_utf8(value) else {
         return;
     };
-    let mut first = true;
     for member in text.split(',') {
         let trimmed = member.trim();
-        if trimmed.is_empty() || trimmed.starts_with("atoll.") {
+        if trimmed.is_empty() || is_atoll_member(trimmed) {
             continue;
         }
-        if first {
-            out.extend_from_slice(b"baggage: ");
-            first = false;
-        } else {
-            out.push(b',');
-        }
+        out.push(b',');
         out.extend_from_slice(trimmed.as_bytes());
-    }
-    if !first {
-        out.extend_from_slice(b"\r\n");
     }
 }
 
@@ -849,6 +918,7 @@ async fn relay(
             match ChunkedScanner::request().scan(buffer) {
                 Ok(found) => found.is_some(),
                 Err(_) => {
+                    snapshot.metrics.client_error(Some(400));
                     let _ = respond(client, out, 400, "badRequest", "malformed chunked request body (or request trailers, which are not accepted)", &[], true).await;
                     return (400, None, Some("badRequest"), Next::Close);
                 }
@@ -935,6 +1005,9 @@ async fn relay(
             (None, Some(deadline)) => Some(deadline.saturating_duration_since(Instant::now())),
             (None, None) => None,
         };
+        // Set while the exchange waits for the client's body: a time limit
+        // that runs out then is the client's fault, not the upstream's.
+        let waiting_for_client = AtomicBool::new(false);
         let sent = send(
             client,
             &mut stream,
@@ -944,10 +1017,18 @@ async fn relay(
             framing,
             head_request,
             fresh,
+            &waiting_for_client,
         );
         let head = match limit {
             Some(limit) => match tokio::time::timeout(limit, sent).await {
                 Ok(result) => result,
+                Err(_) if waiting_for_client.load(Ordering::Relaxed) => Err(Failure::Client {
+                    status: Some(408),
+                    message: format!(
+                        "the request body did not arrive within the route's {} limit",
+                        format_duration(limit)
+                    ),
+                }),
                 Err(_) => Err(Failure::Upstream {
                     status: 504,
                     code: "upstreamTimeout",
@@ -1054,9 +1135,17 @@ async fn relay(
                 return (status, Some(endpoint as usize), Some(code), Next::Close);
             }
             Err(Failure::Client { status, message }) => {
+                // The upstream connection is mid-request: dropped, not
+                // pooled, and nothing is held against the upstream.
                 drop(in_flight);
+                snapshot.metrics.client_error(status);
                 if let Some(status) = status {
-                    let _ = respond(client, out, status, "badRequest", &message, &[], true).await;
+                    let code = if status == 408 {
+                        "requestTimeout"
+                    } else {
+                        "badRequest"
+                    };
+                    let _ = respond(client, out, status, code, &message, &[], true).await;
                 }
                 return (
                     status.unwrap_or(499),
@@ -1145,6 +1234,7 @@ async fn send(
     framing: &Framing,
     head_request: bool,
     fresh: bool,
+    waiting_for_client: &AtomicBool,
 ) -> Result<Head, Failure> {
     let closed = |fresh: bool, error: &dyn std::fmt::Display| {
         if fresh {
@@ -1195,7 +1285,10 @@ async fn send(
     while !body_done {
         streamed = true;
         buffer.clear();
-        match tokio::time::timeout(BODY_IDLE, client.read_buf(buffer)).await {
+        waiting_for_client.store(true, Ordering::Relaxed);
+        let read = tokio::time::timeout(BODY_IDLE, client.read_buf(buffer)).await;
+        waiting_for_client.store(false, Ordering::Relaxed);
+        match read {
             Ok(Ok(0)) | Ok(Err(_)) => {
                 return Err(Failure::Client {
                     status: None,
@@ -1275,7 +1368,7 @@ async fn send(
                 Ok(_) => {}
             }
         }
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_PARSED_HEADERS];
         let mut response = httparse::Response::new(&mut headers);
         let head_len = match response.parse(upstream_buffer) {
             Ok(httparse::Status::Complete(n)) => n,
@@ -1543,4 +1636,52 @@ fn log(
         via,
         error,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_head_ends_at_the_first_empty_line_with_crlf_or_bare_lf() {
+        for (head, end) in [
+            (&b"GET / HTTP/1.1\r\nHost: a\r\n\r\nBODY"[..], Some(27)),
+            (b"GET / HTTP/1.1\nHost: a\n\nBODY", Some(24)),
+            (b"GET / HTTP/1.1\r\nHost: a\n\r\nBODY", Some(26)),
+            (b"GET / HTTP/1.1\nHost: a\r\n\nBODY", Some(25)),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n", None),
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r", None),
+            (b"GET / HTTP/1.1\nHost: a\n", None),
+        ] {
+            assert_eq!(
+                find_head_end(head, 0),
+                end,
+                "{:?}",
+                String::from_utf8_lossy(head)
+            );
+        }
+        // Resuming a scan two bytes before the end finds a head split
+        // across reads.
+        let whole = b"GET / HTTP/1.1\nHost: a\n\n";
+        let first = &whole[..23];
+        assert_eq!(find_head_end(first, 0), None);
+        assert_eq!(find_head_end(whole, first.len() - 2), Some(24));
+    }
+
+    #[test]
+    fn httparse_reads_a_bare_lf_head_as_a_crlf_one() {
+        for text in [
+            &b"GET /x HTTP/1.1\nHost: a\nX-Y: 1\n\n"[..],
+            b"GET /x HTTP/1.1\r\nHost: a\r\nX-Y: 1\r\n\r\n",
+        ] {
+            let mut headers = [httparse::EMPTY_HEADER; 8];
+            let mut request = httparse::Request::new(&mut headers);
+            assert_eq!(
+                request.parse(text).expect("parses"),
+                httparse::Status::Complete(text.len())
+            );
+            assert_eq!(request.path, Some("/x"));
+            assert_eq!(request.headers.len(), 2);
+        }
+    }
 }

@@ -18,10 +18,14 @@ use hyper_util::rt::TokioIo;
 use crate::access_log::Entry;
 use crate::body::{BufferError, Capture, RequestBody, ResponseBody, buffer};
 use crate::headers::{
-    HOP, MIRROR, Propagation, forwarded_for, is_upgrade, propagate, strip_hop_by_hop,
-    strip_internal,
+    HOP, MAX_CLIENT_HEADERS, MIRROR, Propagation, counted, forwarded_for, is_upgrade, propagate,
+    strip_hop_by_hop, strip_internal, too_many_headers,
 };
 use crate::{Proxy, Snapshot};
+
+/// How long a client may take to send a body its routing key is read from,
+/// on a route without a time limit.
+const BODY_BUFFER_LIMIT: Duration = Duration::from_secs(60);
 
 /// What the listener knows about the connection.
 #[derive(Clone, Copy, Debug)]
@@ -132,13 +136,45 @@ impl Proxy {
                         .map(|h| host_without_port(h).to_owned())
                 });
         let forwarded = parts.headers.contains_key(HOP);
+        let client_headers = parts
+            .headers
+            .keys()
+            .filter(|name| counted(name.as_str().as_bytes()))
+            .map(|name| parts.headers.get_all(name).iter().count())
+            .sum::<usize>();
+        if client_headers > MAX_CLIENT_HEADERS {
+            snapshot.metrics.refused("headersTooLarge").inc();
+            return answer(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headersTooLarge",
+                &too_many_headers(client_headers),
+                &[],
+            );
+        }
+        // Routes see, and the upstream gets, the path in one form.
+        let path = match atoll_routing::normalize_path(parts.uri.path()) {
+            Ok(path) => path.into_owned(),
+            Err(error) => {
+                snapshot.metrics.refused("badPath").inc();
+                self.log(
+                    &parts.method,
+                    host.as_deref(),
+                    parts.uri.path(),
+                    parts.version,
+                    &connection,
+                    started,
+                    &Outcome::refused(400, None, "badPath"),
+                );
+                return answer(StatusCode::BAD_REQUEST, "badPath", &error.to_string(), &[]);
+            }
+        };
 
         // Match a route; buffer the body if the key is in it.
         let matched = {
             let info = RequestInfo {
                 method: &parts.method,
                 host: host.as_deref(),
-                path: parts.uri.path(),
+                path: &path,
                 query: parts.uri.query(),
                 headers: &parts.headers,
                 body: None,
@@ -157,7 +193,7 @@ impl Proxy {
             self.log(
                 &parts.method,
                 host.as_deref(),
-                parts.uri.path(),
+                &path,
                 parts.version,
                 &connection,
                 started,
@@ -166,7 +202,32 @@ impl Proxy {
             return response;
         };
         let (mut body, buffered) = if snapshot.table.needs_body(route) {
-            match buffer(body, self.settings.max_buffered_body).await {
+            // The client has the route's time limit (else a minute) to send
+            // the body the key is read from.
+            let limit = snapshot.table.routes[route as usize]
+                .timeout
+                .unwrap_or(BODY_BUFFER_LIMIT);
+            let buffered = match tokio::time::timeout(
+                limit,
+                buffer(body, self.settings.max_buffered_body),
+            )
+            .await
+            {
+                Ok(buffered) => buffered,
+                Err(_) => {
+                    snapshot.metrics.client_error(Some(408));
+                    return answer(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "requestTimeout",
+                        &format!(
+                            "the request body (its routing key is read from it) did not arrive within {}",
+                            format_duration(limit)
+                        ),
+                        &[],
+                    );
+                }
+            };
+            match buffered {
                 Ok(bytes) => (RequestBody::Full(Some(bytes.clone())), Some(bytes)),
                 Err(BufferError::TooLarge) => {
                     snapshot.metrics.refused("badRequest").inc();
@@ -181,7 +242,7 @@ impl Proxy {
                     );
                 }
                 Err(BufferError::Failed(error)) => {
-                    snapshot.metrics.refused("badRequest").inc();
+                    snapshot.metrics.client_error(Some(400));
                     return answer(
                         StatusCode::BAD_REQUEST,
                         "badRequest",
@@ -193,7 +254,7 @@ impl Proxy {
         } else if body.is_end_stream() {
             (RequestBody::Empty, None)
         } else {
-            (RequestBody::Stream(body), None)
+            (RequestBody::stream(body), None)
         };
 
         // Decide, holding a fenced write for a while if the gateway says so.
@@ -204,7 +265,7 @@ impl Proxy {
                 let info = RequestInfo {
                     method: &parts.method,
                     host: host.as_deref(),
-                    path: parts.uri.path(),
+                    path: &path,
                     query: parts.uri.query(),
                     headers: &parts.headers,
                     body: buffered.as_deref(),
@@ -263,7 +324,7 @@ impl Proxy {
                 self.log(
                     &parts.method,
                     host.as_deref(),
-                    parts.uri.path(),
+                    &path,
                     parts.version,
                     &connection,
                     started,
@@ -284,7 +345,7 @@ impl Proxy {
             None
         };
         strip_hop_by_hop(&mut parts.headers, upgrade);
-        strip_internal(&mut parts.headers);
+        let client_baggage = strip_internal(&mut parts.headers);
         let table = &snapshot.table;
         let cell = &table.cells[usize::from(routed.cell)];
         propagate(
@@ -297,23 +358,28 @@ impl Proxy {
                     .shard
                     .and_then(|_| table.epoch_header(routed.service)),
             },
+            &client_baggage,
         );
         if routed.via == Via::Gateway {
             parts.headers.insert(HOP, HeaderValue::from_static("1"));
             snapshot.metrics.misroutes[usize::from(routed.cell)].inc();
         }
-        forwarded_for(&mut parts.headers, connection.remote.ip(), connection.tls);
+        forwarded_for(
+            &mut parts.headers,
+            connection.remote.ip(),
+            connection.tls,
+            snapshot.trusted_hop(forwarded, connection.remote.ip()),
+        );
         if !parts.headers.contains_key(HOST)
             && let Some(authority) = parts.uri.authority()
             && let Ok(value) = HeaderValue::from_str(authority.as_str())
         {
             parts.headers.insert(HOST, value);
         }
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
+        let path_and_query = match parts.uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.clone(),
+        };
 
         // Mirror: a copy of the request, sent when its body is complete.
         if let Some(endpoint) = routed.mirror {
@@ -329,6 +395,7 @@ impl Proxy {
 
         let route_spec = &table.routes[routed.route as usize];
         let replayable = body.replay().is_some();
+        let watch = body.watch();
         let attempts = if replayable {
             1 + route_spec.retries
         } else {
@@ -343,6 +410,9 @@ impl Proxy {
             "upstreamUnavailable",
             String::new(),
         );
+        // The exchange failed for the client's fault (its body): not an
+        // upstream response, so not counted in the (route, cell) metrics.
+        let mut client_fault = false;
         for attempt in 0..attempts {
             let upstream = snapshot.upstreams[endpoint as usize].clone();
             let last = attempt + 1 == attempts;
@@ -395,6 +465,18 @@ impl Proxy {
             };
             let outlier = &table.services[routed.service as usize].outlier_detection;
             let may_eject = || snapshot.may_eject(routed.service, routed.cell, endpoint);
+            // Whether the client's body is why the try failed: it broke
+            // (`Some(Some(why))`), the client went away (`Some(None)`), or
+            // the limit ran out while waiting for it.
+            let client_failure: Option<Option<String>> = match &result {
+                Ok(Err(_)) => watch
+                    .as_ref()
+                    .and_then(|w| w.failure())
+                    .map(|f| f.map(str::to_owned)),
+                _ => None,
+            };
+            let client_slow =
+                result.is_err() && watch.as_ref().is_some_and(|w| w.waiting_for_client());
             match result {
                 Ok(Ok(mut response)) => {
                     let status = response.status();
@@ -472,6 +554,40 @@ impl Proxy {
                         ResponseBody::upstream(incoming, in_flight),
                     );
                 }
+                Ok(Err(_)) if client_failure.is_some() => {
+                    // The client's body failed, not the upstream: nothing is
+                    // held against it.
+                    drop(in_flight);
+                    let (status, message) = match client_failure.flatten() {
+                        Some(why) => (
+                            Some(StatusCode::BAD_REQUEST),
+                            format!("the request body is malformed: {why}"),
+                        ),
+                        None => (None, "the client went away mid-body".to_owned()),
+                    };
+                    snapshot.metrics.client_error(status.map(|s| s.as_u16()));
+                    last_error = (
+                        status.unwrap_or(StatusCode::BAD_REQUEST),
+                        "badRequest",
+                        message,
+                    );
+                    client_fault = true;
+                    break;
+                }
+                Err(()) if client_slow => {
+                    drop(in_flight);
+                    snapshot.metrics.client_error(Some(408));
+                    last_error = (
+                        StatusCode::REQUEST_TIMEOUT,
+                        "requestTimeout",
+                        format!(
+                            "the request body did not arrive within the route's {} limit",
+                            format_duration(limit_or_zero(per_try, deadline, started))
+                        ),
+                    );
+                    client_fault = true;
+                    break;
+                }
                 Ok(Err(error)) => {
                     drop(in_flight);
                     if upstream.record(false, outlier, may_eject) {
@@ -533,10 +649,12 @@ impl Proxy {
             }
         }
         let (status, code, message) = last_error;
-        snapshot
-            .metrics
-            .path(routed.route, routed.cell)
-            .observe(status.as_u16(), started.elapsed().as_secs_f64());
+        if !client_fault {
+            snapshot
+                .metrics
+                .path(routed.route, routed.cell)
+                .observe(status.as_u16(), started.elapsed().as_secs_f64());
+        }
         self.log(
             &parts.method,
             host.as_deref(),
@@ -611,13 +729,14 @@ impl Proxy {
                 snapshot.metrics.mirror_dropped.inc();
                 return;
             }
-            RequestBody::Stream(_) => {
+            RequestBody::Stream(..) => {
                 let (capture, receiver) = Capture::new(self.settings.mirror_body_limit);
-                let RequestBody::Stream(incoming) = std::mem::replace(body, RequestBody::Empty)
+                let RequestBody::Stream(incoming, watch) =
+                    std::mem::replace(body, RequestBody::Empty)
                 else {
                     return;
                 };
-                *body = RequestBody::Tee(incoming, capture);
+                *body = RequestBody::Tee(incoming, capture, watch);
                 receiver
             }
         };

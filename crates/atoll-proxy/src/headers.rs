@@ -20,6 +20,45 @@ pub const MIRROR: HeaderName = HeaderName::from_static("x-atoll-mirror");
 /// W3C baggage.
 pub const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
 
+/// The most headers a request may carry, not counting the ones the proxy
+/// replaces (`x-atoll-*`, `baggage`, `X-Forwarded-For`, `X-Forwarded-Proto`):
+/// a request forwarded by another gateway counts the same there as here.
+/// The proxy adds at most [`ADDED_HEADERS`], so what it fronts must accept
+/// `MAX_CLIENT_HEADERS + ADDED_HEADERS` (hyper's default is 100: raise it).
+pub const MAX_CLIENT_HEADERS: usize = 100;
+
+/// The most headers the proxy itself puts on a forwarded request: one
+/// `baggage`, one `X-Forwarded-For`, one `X-Forwarded-Proto` and the five
+/// `x-atoll-*` (key, shard, cell, epoch, hop).
+pub const ADDED_HEADERS: usize = 8;
+
+/// The most header lines a request head may have in all (the ones the
+/// proxy replaces included).
+pub(crate) const MAX_PARSED_HEADERS: usize = 128;
+
+/// Whether a request header counts against [`MAX_CLIENT_HEADERS`].
+pub(crate) fn counted(name: &[u8]) -> bool {
+    let is = |expected: &[u8]| name.eq_ignore_ascii_case(expected);
+    !(is(b"baggage")
+        || is(b"x-forwarded-for")
+        || is(b"x-forwarded-proto")
+        || (name.len() >= 8 && name[..8].eq_ignore_ascii_case(b"x-atoll-")))
+}
+
+/// The message of a 431 for `counted` headers.
+pub(crate) fn too_many_headers(counted: usize) -> String {
+    format!(
+        "the request has {counted} headers; the gateway accepts {MAX_CLIENT_HEADERS} (x-atoll-*, baggage and X-Forwarded-For/-Proto not counted)"
+    )
+}
+
+/// Whether a W3C baggage member is one of Atoll's (`atoll.*`, in any case):
+/// clients may not set them.
+pub(crate) fn is_atoll_member(member: &str) -> bool {
+    let key = member.trim_start().as_bytes();
+    key.len() >= 6 && key[..6].eq_ignore_ascii_case(b"atoll.")
+}
+
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -65,9 +104,11 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-/// Removes client-supplied copies of Atoll's internal headers and `atoll.*`
-/// baggage members. Cheap when there are none.
-pub(crate) fn strip_internal(headers: &mut HeaderMap) {
+/// Removes client-supplied copies of Atoll's internal headers, and every
+/// `baggage` header; returns the client's baggage members that are not
+/// Atoll's (`atoll.*` in any case), comma-joined, for [`propagate`] to put
+/// in the one `baggage` header it writes. Cheap when there are none.
+pub(crate) fn strip_internal(headers: &mut HeaderMap) -> String {
     let internal = |name: &HeaderName| name.as_str().starts_with("x-atoll-");
     if headers.keys().any(internal) {
         let names: Vec<HeaderName> = headers.keys().filter(|n| internal(n)).cloned().collect();
@@ -75,29 +116,24 @@ pub(crate) fn strip_internal(headers: &mut HeaderMap) {
             headers.remove(name);
         }
     }
+    let mut kept = String::new();
     if headers.contains_key(BAGGAGE) {
-        let kept: Vec<HeaderValue> = headers
-            .get_all(BAGGAGE)
-            .iter()
-            .filter_map(|value| {
-                let text = value.to_str().ok()?;
-                let members: Vec<&str> = text
-                    .split(',')
-                    .filter(|m| !m.trim_start().starts_with("atoll."))
-                    .filter(|m| !m.trim().is_empty())
-                    .collect();
-                if members.is_empty() {
-                    None
-                } else {
-                    HeaderValue::from_str(&members.join(",")).ok()
+        for value in headers.get_all(BAGGAGE) {
+            let Ok(text) = value.to_str() else { continue };
+            for member in text.split(',') {
+                let member = member.trim();
+                if member.is_empty() || is_atoll_member(member) {
+                    continue;
                 }
-            })
-            .collect();
-        headers.remove(BAGGAGE);
-        for value in kept {
-            headers.append(BAGGAGE, value);
+                if !kept.is_empty() {
+                    kept.push(',');
+                }
+                kept.push_str(member);
+            }
         }
+        headers.remove(BAGGAGE);
     }
+    kept
 }
 
 /// Percent-encodes a baggage value (W3C baggage allows a restricted set).
@@ -118,8 +154,9 @@ pub(crate) struct Propagation<'a> {
     pub(crate) epoch: Option<&'a HeaderValue>,
 }
 
-/// Sets `x-atoll-*` and appends one `baggage` header with the same facts.
-pub(crate) fn propagate(headers: &mut HeaderMap, facts: &Propagation<'_>) {
+/// Sets `x-atoll-*` and one `baggage` header with the same facts, followed
+/// by the client's own members (`client_baggage`, from [`strip_internal`]).
+pub(crate) fn propagate(headers: &mut HeaderMap, facts: &Propagation<'_>, client_baggage: &str) {
     let mut baggage = String::with_capacity(96);
     if let Some(key) = facts.key {
         headers.insert(KEY, key.clone());
@@ -143,14 +180,25 @@ pub(crate) fn propagate(headers: &mut HeaderMap, facts: &Propagation<'_>) {
         baggage.push_str(",atoll.epoch=");
         baggage.push_str(epoch.to_str().unwrap_or_default());
     }
+    if !client_baggage.is_empty() {
+        baggage.push(',');
+        baggage.push_str(client_baggage);
+    }
     if let Ok(value) = HeaderValue::from_str(&baggage) {
-        headers.append(BAGGAGE, value);
+        headers.insert(BAGGAGE, value);
     }
 }
 
-/// Appends the client's address to `X-Forwarded-For` and sets
-/// `X-Forwarded-Proto` when absent.
-pub(crate) fn forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr, tls: bool) {
+/// Appends the client's address to `X-Forwarded-For` (every such header
+/// joined into one list) and sets `X-Forwarded-Proto` to the protocol of
+/// this hop. A request forwarded by another gateway of the deployment
+/// (`trusted_hop`) keeps the protocol that gateway saw.
+pub(crate) fn forwarded_for(
+    headers: &mut HeaderMap,
+    client: std::net::IpAddr,
+    tls: bool,
+    trusted_hop: bool,
+) {
     let mut buffer = [0u8; 64];
     let text = {
         use std::io::Write as _;
@@ -159,25 +207,22 @@ pub(crate) fn forwarded_for(headers: &mut HeaderMap, client: std::net::IpAddr, t
         let len = cursor.position() as usize;
         &buffer[..len]
     };
-    let value = match headers.get(&X_FORWARDED_FOR) {
-        Some(existing) => {
-            let mut joined = Vec::with_capacity(existing.len() + 2 + text.len());
-            joined.extend_from_slice(existing.as_bytes());
-            joined.extend_from_slice(b", ");
-            joined.extend_from_slice(text);
-            HeaderValue::from_bytes(&joined).ok()
-        }
-        None => HeaderValue::from_bytes(text).ok(),
-    };
-    if let Some(value) = value {
+    let mut joined = Vec::new();
+    for existing in headers.get_all(&X_FORWARDED_FOR) {
+        joined.extend_from_slice(existing.as_bytes());
+        joined.extend_from_slice(b", ");
+    }
+    joined.extend_from_slice(text);
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(
-            X_FORWARDED_PROTO,
-            HeaderValue::from_static(if tls { "https" } else { "http" }),
-        );
-    }
+    let kept = trusted_hop
+        .then(|| headers.get(&X_FORWARDED_PROTO).cloned())
+        .flatten();
+    headers.insert(
+        X_FORWARDED_PROTO,
+        kept.unwrap_or_else(|| HeaderValue::from_static(if tls { "https" } else { "http" })),
+    );
 }
 
 #[cfg(test)]
@@ -195,11 +240,18 @@ mod tests {
             HeaderValue::from_static("atoll.cell=rz99, team=a"),
         );
         headers.append("baggage", HeaderValue::from_static("atoll.epoch=9"));
-        strip_internal(&mut headers);
+        headers.append(
+            "baggage",
+            HeaderValue::from_static("ATOLL.SHARD=5, Atoll.Cell=rz99,region=hz"),
+        );
+        let kept = strip_internal(&mut headers);
         assert!(!headers.contains_key("x-atoll-cell") && !headers.contains_key("x-atoll-shard"));
         assert_eq!(headers["x-user-id"], "42");
-        let baggage: Vec<_> = headers.get_all("baggage").iter().collect();
-        assert_eq!(baggage, [" team=a"]);
+        assert!(
+            !headers.contains_key("baggage"),
+            "propagate writes the one baggage header"
+        );
+        assert_eq!(kept, "team=a,region=hz", "atoll.* members go in any case");
     }
 
     #[test]
@@ -235,6 +287,7 @@ mod tests {
                 cell: &cell,
                 epoch: Some(&epoch),
             },
+            "team=a",
         );
         assert_eq!(headers[KEY], "u/1 2");
         assert_eq!(headers[SHARD], "7");
@@ -242,16 +295,43 @@ mod tests {
         assert_eq!(headers[EPOCH], "4");
         assert_eq!(
             headers[BAGGAGE],
-            "atoll.key=u%2F1%202,atoll.shard=7,atoll.cell=rz01,atoll.epoch=4"
+            "atoll.key=u%2F1%202,atoll.shard=7,atoll.cell=rz01,atoll.epoch=4,team=a"
         );
     }
 
     #[test]
-    fn forwarded_for_appends() {
+    fn forwarded_for_appends_and_the_protocol_is_the_gateways() {
         let mut headers = HeaderMap::new();
         headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        forwarded_for(&mut headers, "127.0.0.1".parse().expect("ip"), false);
-        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
-        assert_eq!(headers["x-forwarded-proto"], "http");
+        headers.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        forwarded_for(&mut headers, "127.0.0.1".parse().expect("ip"), false, false);
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 10.0.0.2, 127.0.0.1");
+        assert_eq!(
+            headers["x-forwarded-proto"], "http",
+            "a client's claim is replaced"
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        forwarded_for(&mut headers, "127.0.0.1".parse().expect("ip"), false, true);
+        assert_eq!(
+            headers["x-forwarded-proto"], "https",
+            "another gateway's is kept"
+        );
+    }
+
+    #[test]
+    fn atoll_headers_do_not_count_against_the_limit() {
+        for name in [
+            "X-Atoll-Shard",
+            "baggage",
+            "X-Forwarded-For",
+            "x-forwarded-proto",
+        ] {
+            assert!(!counted(name.as_bytes()), "{name}");
+        }
+        for name in ["x-user-id", "cookie", "x-atoll", "forwarded"] {
+            assert!(counted(name.as_bytes()), "{name}");
+        }
     }
 }

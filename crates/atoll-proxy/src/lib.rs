@@ -32,7 +32,9 @@ use tokio::sync::{Semaphore, watch};
 
 pub use access_log::AccessLogTarget;
 pub use body::ResponseBody;
-pub use headers::{BAGGAGE, CELL, EPOCH, HOP, KEY, MIRROR, SHARD};
+pub use headers::{
+    ADDED_HEADERS, BAGGAGE, CELL, EPOCH, HOP, KEY, MAX_CLIENT_HEADERS, MIRROR, SHARD,
+};
 pub use listener::{Listener, Tls, serve};
 pub use metrics::ProxyMetrics;
 pub use upstream::Upstream;
@@ -84,9 +86,18 @@ pub struct Snapshot {
     /// One per table endpoint, same order.
     pub upstreams: Vec<Arc<Upstream>>,
     pub(crate) metrics: TableMetrics,
+    /// The addresses of the deployment's gateways (those that advertise
+    /// one): a request they forward keeps the `X-Forwarded-Proto` they set.
+    peers: Vec<std::net::IpAddr>,
 }
 
 impl Snapshot {
+    /// Whether a request that says it was forwarded by a gateway (`hop`)
+    /// comes from the address of one.
+    pub(crate) fn trusted_hop(&self, hop: bool, remote: std::net::IpAddr) -> bool {
+        hop && self.peers.contains(&remote)
+    }
+
     /// Whether ejecting `endpoint` (serving `service`, for `cell`) keeps the
     /// share of ejected endpoints of its group within the service's limit.
     pub(crate) fn may_eject(&self, service: u32, cell: u16, endpoint: EndpointId) -> bool {
@@ -241,10 +252,25 @@ impl Proxy {
         }
         let metrics = TableMetrics::new(&self.metrics, &table);
         let version = table.version;
+        let mut peers: Vec<std::net::IpAddr> = table
+            .zones
+            .iter()
+            .flat_map(|z| &z.gateways)
+            .filter_map(|e| {
+                table.endpoints[*e as usize]
+                    .address
+                    .parse::<std::net::SocketAddr>()
+                    .ok()
+            })
+            .map(|a| a.ip())
+            .collect();
+        peers.sort();
+        peers.dedup();
         self.snapshot.store(Some(Arc::new(Snapshot {
             table,
             upstreams,
             metrics,
+            peers,
         })));
         self.health_checks.reconcile(checks);
         self.metrics

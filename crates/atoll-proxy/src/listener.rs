@@ -116,7 +116,10 @@ pub async fn serve(
         .keep_alive(true)
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
-        .max_buf_size(64 * 1024);
+        .max_buf_size(64 * 1024)
+        // As many as the fast path parses; the handler applies the limit
+        // on the client's own headers (MAX_CLIENT_HEADERS) on every path.
+        .max_headers(crate::headers::MAX_PARSED_HEADERS);
     builder
         .http2()
         .timer(TokioTimer::new())

@@ -124,6 +124,7 @@ pub struct ProxyMetrics {
     fenced_writes: Family<ServiceLabels, Counter>,
     pub(crate) mirror: Family<ReasonLabels, Counter>,
     pub(crate) upstream_errors: Family<ReasonLabels, Counter>,
+    pub(crate) client_errors: Family<ReasonLabels, Counter>,
     pub(crate) retries: Counter,
     pub(crate) ejections: Counter,
     pub(crate) access_log_dropped: Counter,
@@ -151,7 +152,7 @@ impl ProxyMetrics {
         let refused = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "refused",
-            "Requests answered by the proxy itself, by reason (noRoute, missingKey, invalidKey, shardFenced, noEndpoint, misrouteLoop, badRequest, bodyTooLarge)",
+            "Requests answered by the proxy itself, by reason (noRoute, missingKey, invalidKey, shardFenced, noEndpoint, noGzone, misrouteLoop, badRequest, badPath, headersTooLarge)",
             refused.clone(),
         );
         let misroutes = Family::<CellLabels, Counter>::default();
@@ -177,6 +178,12 @@ impl ProxyMetrics {
             "upstream_errors",
             "Failed upstream tries by reason (connect, timeout, reset, status)",
             upstream_errors.clone(),
+        );
+        let client_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "client_errors",
+            "Requests abandoned for the client's fault, not counted against any upstream, by reason (malformedBody, bodyTimeout, gone)",
+            client_errors.clone(),
         );
         let retries = Counter::default();
         registry.register(
@@ -223,6 +230,7 @@ impl ProxyMetrics {
             fenced_writes,
             mirror,
             upstream_errors,
+            client_errors,
             retries,
             ejections,
             access_log_dropped,
@@ -302,7 +310,7 @@ pub(crate) struct TableMetrics {
     paths: Vec<PathMetrics>,
     pub(crate) misroutes: Vec<Counter>,
     pub(crate) fenced: Vec<Counter>,
-    pub(crate) refused: [Counter; 8],
+    pub(crate) refused: [Counter; REFUSALS.len()],
     pub(crate) mirror_sent: Counter,
     pub(crate) mirror_dropped: Counter,
     pub(crate) mirror_failed: Counter,
@@ -310,10 +318,14 @@ pub(crate) struct TableMetrics {
     pub(crate) upstream_timeout: Counter,
     pub(crate) upstream_reset: Counter,
     pub(crate) upstream_status: Counter,
+    pub(crate) client_malformed: Counter,
+    pub(crate) client_timeout: Counter,
+    pub(crate) client_gone: Counter,
 }
 
-/// Refusal codes in the order of `TableMetrics::refused`.
-pub(crate) const REFUSALS: [&str; 8] = [
+/// Refusal codes in the order of `TableMetrics::refused` (an unknown code
+/// counts as `badRequest`).
+pub(crate) const REFUSALS: [&str; 10] = [
     "noRoute",
     "missingKey",
     "invalidKey",
@@ -322,7 +334,22 @@ pub(crate) const REFUSALS: [&str; 8] = [
     "noGzone",
     "misrouteLoop",
     "badRequest",
+    "badPath",
+    "headersTooLarge",
 ];
+
+impl TableMetrics {
+    /// Counts a request abandoned for the client's fault by its status
+    /// (400 malformed, 408 too slow, none: gone).
+    pub(crate) fn client_error(&self, status: Option<u16>) {
+        let counter = match status {
+            Some(408) => &self.client_timeout,
+            Some(_) => &self.client_malformed,
+            None => &self.client_gone,
+        };
+        counter.inc();
+    }
+}
 
 impl TableMetrics {
     pub(crate) fn new(metrics: &ProxyMetrics, table: &atoll_routing::RoutingTable) -> Self {
@@ -354,6 +381,9 @@ impl TableMetrics {
             upstream_timeout: ProxyMetrics::reason(&metrics.upstream_errors, "timeout"),
             upstream_reset: ProxyMetrics::reason(&metrics.upstream_errors, "reset"),
             upstream_status: ProxyMetrics::reason(&metrics.upstream_errors, "status"),
+            client_malformed: ProxyMetrics::reason(&metrics.client_errors, "malformedBody"),
+            client_timeout: ProxyMetrics::reason(&metrics.client_errors, "bodyTimeout"),
+            client_gone: ProxyMetrics::reason(&metrics.client_errors, "gone"),
         }
     }
 

@@ -11,10 +11,12 @@
 
 mod decide;
 mod matcher;
+mod path;
 mod table;
 
 pub use decide::{AllAvailable, Decision, HeaderSource, Health, Refusal, RequestInfo, Target, Via};
 pub use matcher::host_without_port;
+pub use path::{PathError, normalize_path};
 pub use table::{Cell, Endpoint, Route, RoutingTable, Scope, Service, Zone};
 
 /// Index of a cell in a table.

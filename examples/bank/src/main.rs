@@ -5,9 +5,11 @@
 //! instance follows the control plane with `atoll-sdk`, serves the users of
 //! the shards its cell owns, refuses writes routed by a stale map, replicates
 //! its cell's changes to the standby cells, and delivers cross-cell credits
-//! exactly once through the gateway.
+//! exactly once, straight to an instance of the payee's cell, signed with
+//! the deployment's shared secret (see `internal`).
 
 mod db;
+mod internal;
 mod outbox;
 mod replication;
 
@@ -19,7 +21,7 @@ use atoll_sdk::{Activation, Cell, Identity, Ownership, Refused, View};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -31,16 +33,26 @@ use crate::db::{Db, Operation};
 /// business rule).
 const MAX_AMOUNT: i64 = 1_000_000_000_000;
 
-/// How the Idempotency-Key of a credit between cells starts.
+/// How the idempotency key of a credit between cells starts (in the
+/// payee's records: `<payee>/transfer/<payer>/<transfer key>`). Clients may
+/// not use keys that start with it.
 pub(crate) const CREDIT_KEY_PREFIX: &str = "transfer/";
+
+/// The most digits a user id may have.
+const MAX_USER_DIGITS: usize = 64;
+
+/// The most request headers an instance accepts: more than the gateway
+/// passes on (100 of the client's and the few it adds), so that a request
+/// the gateway accepted is never refused here for its header count.
+const MAX_HEADERS: usize = 128;
 
 /// What every handler shares.
 pub(crate) struct Bank {
     pub(crate) cell: Cell,
     pub(crate) db: Arc<Db>,
     pub(crate) http: reqwest::Client,
-    /// The zone's gateway, for cross-cell credits.
-    pub(crate) gateway: Option<String>,
+    /// Signs and verifies calls between instances.
+    pub(crate) secret: internal::Secret,
     /// Acknowledge a write only once the shard's standby has it
     /// (`BANK_REPLICATION=sync`, the default): a lost cell then loses no
     /// acknowledged write.
@@ -128,9 +140,7 @@ async fn run() -> anyhow::Result<()> {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(0);
-    let gateway = std::env::var("ATOLL_GATEWAY_URL")
-        .ok()
-        .filter(|g| !g.is_empty());
+    let secret = internal::Secret::from_env()?;
     let synchronous = match std::env::var("BANK_REPLICATION").as_deref() {
         Err(_) | Ok("sync") => true,
         Ok("async") => false,
@@ -152,7 +162,7 @@ async fn run() -> anyhow::Result<()> {
             .timeout(std::time::Duration::from_secs(5))
             .pool_idle_timeout(std::time::Duration::from_secs(30))
             .build()?,
-        gateway,
+        secret,
         synchronous,
     });
     // One instance per cell ships the cell's log and its outbox; the others
@@ -166,21 +176,79 @@ async fn run() -> anyhow::Result<()> {
         .route("/healthz", get(healthz))
         .route("/accounts/{user}", get(balance))
         .route("/accounts/{user}/{operation}", post(write))
-        .route("/replication/positions", get(replication::positions))
-        .route("/replication/apply", post(replication::apply))
         .route("/totals", get(totals))
+        // Called by other instances (signed) and the control plane's
+        // replication probe; no public route leads here.
+        .route("/internal/credits", post(credit))
+        .route(
+            "/internal/replication/positions",
+            get(replication::positions),
+        )
+        .route("/internal/replication/apply", post(replication::apply))
         .with_state(bank.clone());
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))?;
     tracing::info!(%address, cell = %identity.cell, instance = %identity.instance, replica, "atoll-bank serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            terminated().await;
-            let _ = stop.send(true);
-        })
-        .await?;
+    serve(listener, app, async move {
+        terminated().await;
+        let _ = stop.send(true);
+    })
+    .await;
     Ok(())
+}
+
+/// Serves `app` on `listener` until `stop` resolves, then lets open
+/// requests finish (for up to 10 s). Hyper directly rather than
+/// `axum::serve`, for its header limit ([`MAX_HEADERS`]).
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(std::time::Duration::from_secs(30))
+        .max_headers(MAX_HEADERS);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still open 10 s after the stop; closing them");
+    }
 }
 
 async fn terminated() {
@@ -274,18 +342,39 @@ async fn healthz(State(bank): State<Shared>) -> Response {
     }
 }
 
-/// The shard of `user`, or an answer saying why it has none.
-fn shard_of(bank: &Bank, user: &str) -> Result<u32, Problem> {
+/// The one form of a user id: decimal digits without a sign, without
+/// leading zeros (`01205` is user `1205`, as the gateway's `decimalSuffix`
+/// and `mod` rules read it: docs/sharding.md), and its shard. An id whose
+/// shard would change with the leading zeros (a `hash` rule reads the bytes
+/// as they are) is refused rather than given a second account.
+fn canonical_user(view: &View, what: &str, raw: &str) -> Result<(String, u32), Problem> {
+    let bad = |why: String| fail(StatusCode::BAD_REQUEST, "badUser", why);
+    if raw.is_empty() || raw.len() > MAX_USER_DIGITS || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad(format!(
+            "{what} `{}` is not a user id: user ids are 1 to {MAX_USER_DIGITS} decimal digits, without a sign or spaces",
+            raw.escape_debug()
+        )));
+    }
+    let trimmed = raw.trim_start_matches('0');
+    let canonical = if trimmed.is_empty() { "0" } else { trimmed };
+    let shard = view.shard_of(canonical).ok_or_else(|| {
+        bad(format!(
+            "{what} `{canonical}` has no shard under the shard rule"
+        ))
+    })?;
+    if canonical != raw && view.shard_of(raw) != Some(shard) {
+        return Err(bad(format!(
+            "{what} `{raw}` is written with leading zeros, which this shard rule does not ignore; write it as `{canonical}`"
+        )));
+    }
+    Ok((canonical.to_owned(), shard))
+}
+
+/// The canonical form and shard of `user`, or an answer saying why it has
+/// none.
+fn shard_of(bank: &Bank, user: &str) -> Result<(String, u32), Problem> {
     let view = bank.cell.view().ok_or_else(|| refusal(Refused::NotReady))?;
-    view.shard_of(user).ok_or_else(|| {
-        fail(
-            StatusCode::BAD_REQUEST,
-            "badUser",
-            format!(
-                "user id `{user}` has no shard under the shard rule (user ids are decimal numbers)"
-            ),
-        )
-    })
+    canonical_user(&view, "user id", user)
 }
 
 fn epoch_of(headers: &HeaderMap) -> Result<Option<u64>, Problem> {
@@ -307,8 +396,8 @@ fn epoch_of(headers: &HeaderMap) -> Result<Option<u64>, Problem> {
 }
 
 async fn balance(State(bank): State<Shared>, Path(user): Path<String>) -> Response {
-    let shard = match shard_of(&bank, &user) {
-        Ok(shard) => shard,
+    let (user, shard) = match shard_of(&bank, &user) {
+        Ok(found) => found,
         Err(problem) => return problem.into_response(),
     };
     // Reads are served by the owner too: another cell's copy may be behind.
@@ -328,182 +417,261 @@ async fn balance(State(bank): State<Shared>, Path(user): Path<String>) -> Respon
     }
 }
 
-/// The body of a write.
+/// The body of a deposit, withdrawal or transfer: a JSON object with these
+/// fields only.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WriteBody {
     amount: i64,
     #[serde(default)]
     to: Option<String>,
-    /// The paying cell, on credits (informational).
-    #[serde(default)]
-    from: Option<String>,
 }
 
+/// The body of a credit between cells (`POST /internal/credits`, signed).
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub(crate) struct CreditBody {
+    /// Who is credited.
+    pub(crate) payee: String,
+    pub(crate) amount: i64,
+    /// The transfer this credit completes: `<payer>/<the payer's key>`.
+    pub(crate) transfer: String,
+    /// The paying cell (for the logs).
+    pub(crate) from: String,
+}
+
+/// Parses a request body: a JSON object of `T`'s fields, nothing else (an
+/// array in the same order is not accepted, nor a field given twice).
+fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8], example: &str) -> Result<T, Problem> {
+    let bad = |why: String| {
+        fail(
+            StatusCode::BAD_REQUEST,
+            "badBody",
+            format!("the body must be a JSON object like {example}: {why}"),
+        )
+    };
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return Err(bad("it is not an object".into()));
+    }
+    serde_json::from_slice(body).map_err(|e| bad(e.to_string()))
+}
+
+fn check_amount(amount: i64) -> Result<(), Problem> {
+    if amount <= 0 || amount > MAX_AMOUNT {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            "badAmount",
+            format!("amount must be a whole number from 1 to {MAX_AMOUNT}, not {amount}"),
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /accounts/{user}/{deposit|withdraw|transfer}`.
 async fn write(
     State(bank): State<Shared>,
     Path((user, operation)): Path<(String, String)>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    match try_write(&bank, &user, &operation, &headers, &body).await {
+        Ok(response) | Err(response) => response,
+    }
+}
+
+async fn try_write(
+    bank: &Shared,
+    user: &str,
+    operation: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, Response> {
+    if !matches!(operation, "deposit" | "withdraw" | "transfer") {
+        return Err(problem(
+            StatusCode::NOT_FOUND,
+            "unknownOperation",
+            format!(
+                "`{}` is not an operation; use deposit, withdraw or transfer",
+                operation.escape_debug()
+            ),
+        ));
+    }
     let Some(key) = headers
         .get("idempotency-key")
         .and_then(|k| k.to_str().ok())
         .filter(|k| !k.is_empty())
     else {
-        return problem(
+        return Err(problem(
             StatusCode::BAD_REQUEST,
             "missingIdempotencyKey",
             "every write needs an Idempotency-Key header (a unique string per intended operation; reuse it to retry)",
-        );
+        ));
     };
     if key.len() > 200 {
-        return problem(
+        return Err(problem(
             StatusCode::BAD_REQUEST,
             "badIdempotencyKey",
             "Idempotency-Key may be at most 200 bytes",
-        );
+        ));
     }
-    // Credits between cells carry `transfer/<payer>/<key>`; no other write may.
-    if key.starts_with(CREDIT_KEY_PREFIX) != (operation == "credit") {
-        return problem(
+    if key.starts_with(CREDIT_KEY_PREFIX) {
+        return Err(problem(
             StatusCode::BAD_REQUEST,
             "badIdempotencyKey",
-            format!(
-                "keys starting with `{CREDIT_KEY_PREFIX}` are reserved for, and required on, credits between cells"
-            ),
-        );
+            format!("Idempotency-Key may not start with `{CREDIT_KEY_PREFIX}` (reserved)"),
+        ));
     }
-    let request: WriteBody = match serde_json::from_slice(&body) {
-        Ok(request) => request,
-        Err(e) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "badBody",
-                format!(
-                    "the body must be JSON like {{\"amount\": 100}} (transfers add \"to\": \"<user>\"): {e}"
-                ),
-            );
-        }
-    };
-    if request.amount <= 0 || request.amount > MAX_AMOUNT {
-        return problem(
-            StatusCode::BAD_REQUEST,
-            "badAmount",
-            format!(
-                "amount must be a whole number from 1 to {MAX_AMOUNT}, not {}",
-                request.amount
-            ),
-        );
-    }
-    let shard = match shard_of(&bank, &user) {
-        Ok(shard) => shard,
-        Err(problem) => return problem.into_response(),
-    };
-    let epoch = match epoch_of(&headers) {
-        Ok(epoch) => epoch,
-        Err(problem) => return problem.into_response(),
-    };
-    // Held until the write is committed: the next shard map does not take
-    // effect in this instance (nor is it acknowledged) while it is held.
-    let permit = match bank.cell.admit_write(shard, epoch).await {
-        Ok(permit) => permit,
-        Err(refused) => return refusal(refused).into_response(),
-    };
-    let view = permit.view().clone();
+    let request: WriteBody = parse_body(body, r#"{"amount": 100} (transfers add "to": "<user>")"#)
+        .map_err(IntoResponse::into_response)?;
+    check_amount(request.amount).map_err(IntoResponse::into_response)?;
+    let (user, shard) = shard_of(bank, user).map_err(IntoResponse::into_response)?;
+    let epoch = epoch_of(headers).map_err(IntoResponse::into_response)?;
     let amount = request.amount;
-    let (operation, fingerprint) = match (operation.as_str(), request.to) {
-        ("deposit", None) => (
-            Operation::Deposit {
-                user: user.clone(),
-                amount,
-            },
-            format!("deposit {user} {amount}"),
-        ),
-        ("withdraw", None) => (
-            Operation::Withdraw {
-                user: user.clone(),
-                amount,
-            },
-            format!("withdraw {user} {amount}"),
-        ),
-        ("credit", None) => {
-            let _ = request.from;
-            (
-                Operation::Credit {
+    let build = |view: &View| -> Result<(Operation, String), Problem> {
+        Ok(match (operation, &request.to) {
+            ("deposit", None) => (
+                Operation::Deposit {
                     user: user.clone(),
                     amount,
                 },
-                format!("credit {user} {amount}"),
-            )
-        }
-        ("transfer", Some(to)) => {
-            if to == user {
-                return problem(
-                    StatusCode::BAD_REQUEST,
-                    "badTransfer",
-                    "a transfer needs two different users",
-                );
+                format!("deposit {user} {amount}"),
+            ),
+            ("withdraw", None) => (
+                Operation::Withdraw {
+                    user: user.clone(),
+                    amount,
+                },
+                format!("withdraw {user} {amount}"),
+            ),
+            ("transfer", Some(to)) => {
+                let (to, to_shard) = canonical_user(view, "payee", to)?;
+                if to == user {
+                    return Err(fail(
+                        StatusCode::BAD_REQUEST,
+                        "badTransfer",
+                        "a transfer needs two different users",
+                    ));
+                }
+                let fingerprint = format!("transfer {user} {to} {amount}");
+                // A payee whose shard is fenced (moving) is credited like
+                // one in another cell: once its owner takes writes.
+                if view.owner(to_shard) == Some((bank.cell.identity().cell.as_str(), false)) {
+                    (
+                        Operation::TransferLocal {
+                            from: user.clone(),
+                            to,
+                            to_shard,
+                            amount,
+                        },
+                        fingerprint,
+                    )
+                } else {
+                    (
+                        Operation::TransferRemote {
+                            from: user.clone(),
+                            to,
+                            amount,
+                        },
+                        fingerprint,
+                    )
+                }
             }
-            let Some(to_shard) = view.shard_of(&to) else {
-                return problem(
+            ("transfer", None) => {
+                return Err(fail(
                     StatusCode::BAD_REQUEST,
-                    "badUser",
-                    format!(
-                        "payee `{to}` has no shard under the shard rule (user ids are decimal numbers)"
-                    ),
-                );
-            };
-            let fingerprint = format!("transfer {user} {to} {amount}");
-            // A payee whose shard is fenced (moving) is credited like one in
-            // another cell: through the gateway, once its owner takes writes.
-            if view.owner(to_shard) == Some((bank.cell.identity().cell.as_str(), false)) {
-                (
-                    Operation::TransferLocal {
-                        from: user.clone(),
-                        to,
-                        to_shard,
-                        amount,
-                    },
-                    fingerprint,
-                )
-            } else {
-                (
-                    Operation::TransferRemote {
-                        from: user.clone(),
-                        to,
-                        amount,
-                    },
-                    fingerprint,
-                )
+                    "badBody",
+                    "a transfer needs \"to\": the payee's user id",
+                ));
             }
-        }
-        ("transfer", None) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "badBody",
-                "a transfer needs \"to\": the payee's user id",
-            );
-        }
-        ("deposit" | "withdraw" | "credit", Some(_)) => {
-            return problem(
-                StatusCode::BAD_REQUEST,
-                "badBody",
-                format!("\"to\" is only for transfers, not {operation}"),
-            );
-        }
-        (other, _) => {
-            return problem(
-                StatusCode::NOT_FOUND,
-                "unknownOperation",
-                format!("`{other}` is not an operation; use deposit, withdraw, transfer or credit"),
-            );
-        }
+            (other, _) => {
+                return Err(fail(
+                    StatusCode::BAD_REQUEST,
+                    "badBody",
+                    format!("\"to\" is only for transfers, not {other}"),
+                ));
+            }
+        })
     };
-    let db = bank.db.clone();
     // Keys are per user (as a payment API scopes them per account), so two
     // users' clients never collide, and a credit's key names its payer.
     let key = format!("{user}/{key}");
+    execute(bank, shard, epoch, key, build).await
+}
+
+/// `POST /internal/credits`: the credit leg of a transfer between cells,
+/// sent (signed) by the payer's cell once the debit is at its standby.
+async fn credit(State(bank): State<Shared>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    match try_credit(&bank, &uri, &headers, &body).await {
+        Ok(response) | Err(response) => response,
+    }
+}
+
+async fn try_credit(
+    bank: &Shared,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, Response> {
+    bank.secret
+        .verify(headers, "POST", uri.path(), body)
+        .map_err(IntoResponse::into_response)?;
+    let request: CreditBody = parse_body(
+        body,
+        r#"{"payee": "1070", "amount": 30, "transfer": "1001/tr-1", "from": "rz01"}"#,
+    )
+    .map_err(IntoResponse::into_response)?;
+    check_amount(request.amount).map_err(IntoResponse::into_response)?;
+    let (payee, shard) = shard_of(bank, &request.payee).map_err(IntoResponse::into_response)?;
+    let Some((payer, transfer_key)) = request.transfer.split_once('/') else {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "badBody",
+            "\"transfer\" is `<payer>/<the payer's Idempotency-Key>`",
+        ));
+    };
+    if payer == payee || transfer_key.is_empty() || request.transfer.len() > 300 {
+        return Err(problem(
+            StatusCode::BAD_REQUEST,
+            "badBody",
+            "\"transfer\" must name another user and a key",
+        ));
+    }
+    let epoch = epoch_of(headers).map_err(IntoResponse::into_response)?;
+    let amount = request.amount;
+    tracing::debug!(payee = %payee, amount, transfer = %request.transfer, from = %request.from, "credit");
+    let key = format!("{payee}/{CREDIT_KEY_PREFIX}{}", request.transfer);
+    execute(bank, shard, epoch, key, |_| {
+        Ok((
+            Operation::Credit {
+                user: payee.clone(),
+                amount,
+            },
+            format!("credit {payee} {amount}"),
+        ))
+    })
+    .await
+}
+
+/// Admits a write to `shard` (ownership, fence, epoch, lease), applies what
+/// `build` makes of it under the idempotency key `key`, and answers once
+/// the shard's standby holds it.
+async fn execute(
+    bank: &Shared,
+    shard: u32,
+    epoch: Option<u64>,
+    key: String,
+    build: impl FnOnce(&View) -> Result<(Operation, String), Problem>,
+) -> Result<Response, Response> {
+    // Held until the write is committed: the next shard map does not take
+    // effect in this instance (nor is it acknowledged) while it is held.
+    let permit = bank
+        .cell
+        .admit_write(shard, epoch)
+        .await
+        .map_err(|refused| refusal(refused).into_response())?;
+    let view = permit.view().clone();
+    let (operation, fingerprint) = build(&view).map_err(IntoResponse::into_response)?;
+    let db = bank.db.clone();
     let remote = matches!(operation, Operation::TransferRemote { .. });
     // Every shard the write changes: its answer waits for each one's standby.
     let touched: Vec<u32> = match &operation {
@@ -518,9 +686,19 @@ async fn write(
     {
         Ok(Ok(outcome)) => outcome,
         Ok(Err(e)) => {
-            return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string());
+            return Err(problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage",
+                e.to_string(),
+            ));
         }
-        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        Err(e) => {
+            return Err(problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage",
+                e.to_string(),
+            ));
+        }
     };
     drop(permit);
     // Synchronous replication: the answer waits until the shard's standby
@@ -530,9 +708,10 @@ async fn write(
         for shard in touched {
             if let Some(standby) = view.standby(shard).map(str::to_owned)
                 && standby != bank.cell.identity().cell
-                && let Err(problem) = replicated(&bank, &standby, shard).await
             {
-                return problem.into_response();
+                replicated(bank, &standby, shard)
+                    .await
+                    .map_err(IntoResponse::into_response)?;
             }
         }
     }
@@ -540,13 +719,13 @@ async fn write(
         outbox::wake();
     }
     let status = StatusCode::from_u16(outcome.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response = answer(&bank, status, outcome.body);
+    let mut response = answer(bank, status, outcome.body);
     if outcome.replayed {
         response
             .headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
-    response
+    Ok(response)
 }
 
 /// Waits until `standby` acknowledged every position written to `shard`.

@@ -1,8 +1,9 @@
 //! Cross-cell credits: the payer's cell debits the payer and writes an outbox
-//! entry in one transaction; this sender delivers each entry as a credit to
-//! the payee's cell, through the gateway with the payee's key, under the
-//! idempotency key `transfer/<payer>/<transfer key>`, until the payee's cell
-//! answers.
+//! entry in one transaction; this sender delivers each entry as a credit
+//! (`POST /internal/credits`, signed with the deployment's secret) straight
+//! to an instance of the cell that owns the payee in this instance's shard
+//! map, with that map's epoch, until the payee's cell answers. A stale map
+//! is refused there (421) and the credit goes again once the map is newer.
 //! At-least-once delivery plus an idempotent credit: exactly once.
 
 use std::time::Duration;
@@ -119,35 +120,47 @@ pub(crate) async fn deliver(bank: std::sync::Arc<Bank>, mut stopped: watch::Rece
     }
 }
 
+/// Which instance of a cell the next credit tries (a failing one is not
+/// tried twice in a row).
+static NEXT_ENDPOINT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Sends one credit; Ok once the payee's cell has applied it (now or before).
 async fn send(bank: &Bank, entry: &Pending) -> Result<(), String> {
-    let path = format!("/accounts/{}/credit", entry.payee);
-    let (url, epoch) = match &bank.gateway {
-        Some(gateway) => (format!("{}{path}", gateway.trim_end_matches('/')), None),
-        // Without a gateway, straight to an instance of the owning cell.
-        None => {
-            let view = bank.cell.view().ok_or("no shard map yet")?;
-            let shard = view.shard_of(&entry.payee).ok_or("payee has no shard")?;
-            let (owner, _) = view.owner(shard).ok_or("shard has no owner")?;
-            let address = *view
-                .endpoints(owner)
-                .first()
-                .ok_or_else(|| format!("cell {owner} has no endpoints"))?;
-            (format!("http://{address}{path}"), Some(view.epoch()))
-        }
-    };
-    let mut request = bank
+    const PATH: &str = "/internal/credits";
+    let view = bank.cell.view().ok_or("no shard map yet")?;
+    let shard = view
+        .shard_of(&entry.payee)
+        .ok_or_else(|| format!("payee {} has no shard", entry.payee))?;
+    let (owner, _) = view
+        .owner(shard)
+        .ok_or_else(|| format!("shard {shard} has no owner"))?;
+    let endpoints = view.endpoints(owner);
+    if endpoints.is_empty() {
+        return Err(format!("cell {owner} has no ready instance"));
+    }
+    let pick = NEXT_ENDPOINT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let address = endpoints[pick % endpoints.len()];
+    let url = format!("http://{address}{PATH}");
+    let body = serde_json::to_vec(&crate::CreditBody {
+        payee: entry.payee.clone(),
+        amount: entry.amount,
+        transfer: entry.key.clone(),
+        from: bank.cell.identity().cell.clone(),
+    })
+    .map_err(|e| e.to_string())?;
+    let response = bank
         .http
         .post(&url)
         .header(
-            "idempotency-key",
-            format!("{}{}", crate::CREDIT_KEY_PREFIX, entry.key),
+            crate::internal::SIGNATURE,
+            bank.secret.sign("POST", PATH, &body),
         )
-        .json(&serde_json::json!({"amount": entry.amount, "from": bank.cell.identity().cell}));
-    if let Some(epoch) = epoch {
-        request = request.header("x-atoll-epoch", epoch);
-    }
-    let response = request.send().await.map_err(|e| format!("{url}: {e}"))?;
+        .header("x-atoll-epoch", view.epoch())
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
     let status = response.status();
     if status.is_success() {
         return Ok(());

@@ -4,17 +4,18 @@
 //! position. Replica 0 of the cell ships the log, in order, to an instance of
 //! each standby cell: the entries of the shards that cell stands by for, up
 //! to a position; the standby applies them in one transaction and answers
-//! with the position it has applied, which the source records. `GET
-//! /replication/positions` reports, per shard, the last position written and
-//! the position the standby has acknowledged: what a switchover's sync gate
-//! compares.
+//! with the position it has applied, which the source records. Shipments
+//! are signed with the deployment's secret (see `internal`): a standby
+//! applies none it cannot verify. `GET /internal/replication/positions`
+//! reports, per shard, the last position written and the position the
+//! standby has acknowledged: what a switchover's sync gate compares.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -166,11 +167,18 @@ async fn send(
     address: &str,
     shipment: &Shipment,
 ) -> Result<BTreeMap<u32, i64>, String> {
-    let url = format!("http://{address}/replication/apply");
+    const PATH: &str = "/internal/replication/apply";
+    let url = format!("http://{address}{PATH}");
+    let body = serde_json::to_vec(shipment).map_err(|e| e.to_string())?;
     let response = bank
         .http
         .post(&url)
-        .json(shipment)
+        .header(
+            crate::internal::SIGNATURE,
+            bank.secret.sign("POST", PATH, &body),
+        )
+        .header("content-type", "application/json")
+        .body(body)
         .send()
         .await
         .map_err(|e| format!("{url}: {e}"))?;
@@ -190,8 +198,16 @@ async fn send(
     Err(format!("{url} answered {status}: {body}"))
 }
 
-/// `POST /replication/apply`: applies a shipment as the standby.
-pub(crate) async fn apply(State(bank): State<Arc<Bank>>, body: axum::body::Bytes) -> Response {
+/// `POST /internal/replication/apply`: applies a shipment as the standby.
+pub(crate) async fn apply(
+    State(bank): State<Arc<Bank>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(problem) = bank.secret.verify(&headers, "POST", uri.path(), &body) {
+        return problem.into_response();
+    }
     let shipment: Shipment = match serde_json::from_slice(&body) {
         Ok(shipment) => shipment,
         Err(e) => {
@@ -261,7 +277,7 @@ pub(crate) async fn apply(State(bank): State<Arc<Bank>>, body: axum::body::Bytes
     }
 }
 
-/// `GET /replication/positions`.
+/// `GET /internal/replication/positions`.
 pub(crate) async fn positions(State(bank): State<Arc<Bank>>) -> Response {
     let Some(view) = bank.cell.view() else {
         return problem(

@@ -22,6 +22,10 @@ impl AgentProcess {
         std::fs::create_dir_all(state).expect("state dir");
         let admin = format!("127.0.0.1:{}", atoll_testing::free_port());
         let log = state.join("agent.log");
+        // The bank signs the calls between its instances with a shared
+        // secret; its instances inherit the agent's environment.
+        let secret = state.join("bank-secret");
+        std::fs::write(&secret, "test-secret-0123456789abcdef\n").expect("secret");
         let child = Command::new(ATOLL)
             .args([
                 "--control",
@@ -37,6 +41,7 @@ impl AgentProcess {
             .arg("--state-dir")
             .arg(state)
             .env_remove("ATOLL_CONTROL")
+            .env("BANK_SECRET_FILE", &secret)
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
             .spawn()

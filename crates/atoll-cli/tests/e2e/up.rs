@@ -165,6 +165,46 @@ impl Sandbox {
         )
     }
 
+    /// The sandbox's secret for calls between bank instances.
+    fn secret(&self) -> Vec<u8> {
+        std::fs::read(self.state.path().join("bank-secret")).expect("the sandbox's bank-secret")
+    }
+
+    /// An internal call straight to a bank instance, signed with `secret`
+    /// as instances sign them (docs/bank.md): status, cell, replayed?, body.
+    async fn internal(
+        &self,
+        address: &str,
+        path: &str,
+        body: &Value,
+        secret: &[u8],
+    ) -> (u16, String, bool, Value) {
+        let body = serde_json::to_vec(body).expect("json");
+        let response = self
+            .http
+            .post(format!("http://{address}{path}"))
+            .header("x-bank-signature", signature(secret, path, &body))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = response.status().as_u16();
+        let cell = response
+            .headers()
+            .get("x-bank-cell")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let replayed = response.headers().contains_key("idempotent-replayed");
+        (
+            status,
+            cell,
+            replayed,
+            response.json().await.unwrap_or(Value::Null),
+        )
+    }
+
     async fn balance(&self, user: u64) -> i64 {
         let (status, body) = self
             .get(&format!("{}/accounts/{user}", self.gateway(2)))
@@ -252,6 +292,20 @@ impl Drop for Sandbox {
             let _ = child.wait();
         }
     }
+}
+
+/// `x-bank-signature` for a POST of `body` to `path`, made now.
+fn signature(secret: &[u8], path: &str, body: &[u8]) -> String {
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.trim_ascii());
+    let mut message = format!("{time}\nPOST\n{path}\n").into_bytes();
+    message.extend_from_slice(body);
+    let tag = ring::hmac::sign(&key, &message);
+    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("t={time},v1={hex}")
 }
 
 fn alive(pid: i32) -> bool {
@@ -396,14 +450,15 @@ async fn the_sandbox_serves_users_in_their_cells_heals_and_stops_cleanly() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // A duplicate delivery of the credit (the outbox is at-least-once)
-    // applies nothing.
+    // A duplicate delivery of the credit (the outbox is at-least-once),
+    // signed as an instance of the payer's cell signs it, applies nothing.
+    let credit = json!({"payee": payee.to_string(), "amount": 7, "transfer": "1001/transfer-1", "from": "rz01"});
     let duplicate = sandbox
-        .post(
-            1,
-            &format!("/accounts/{payee}/credit"),
-            "transfer/1001/transfer-1",
-            json!({"amount": 7}),
+        .internal(
+            &sandbox.instance_address("sh-a").await,
+            "/internal/credits",
+            &credit,
+            &sandbox.secret(),
         )
         .await;
     assert_eq!((duplicate.0, duplicate.2), (200, true), "{:?}", duplicate.3);
@@ -461,7 +516,7 @@ async fn the_sandbox_serves_users_in_their_cells_heals_and_stops_cleanly() {
         let address = sandbox.instance_address(zone).await;
         loop {
             let (status, positions) = sandbox
-                .get(&format!("http://{address}/replication/positions"))
+                .get(&format!("http://{address}/internal/replication/positions"))
                 .await;
             assert_eq!(status, 200, "{positions}");
             let shards = positions["shards"].as_array().expect("shards");
@@ -507,7 +562,7 @@ async fn the_sandbox_serves_users_in_their_cells_heals_and_stops_cleanly() {
         );
         let applied = sandbox
             .get(&format!(
-                "http://{}/replication/positions",
+                "http://{}/internal/replication/positions",
                 sandbox
                     .instance_address(match standby {
                         "rz01" => "hz-a",
@@ -825,4 +880,207 @@ async fn money_is_conserved_over_a_sixty_second_mixed_workload() {
         .expect("atoll check -o json");
     let json_report: Value = serde_json::from_slice(&json_report.stdout).expect("JSON report");
     assert_eq!(json_report["counts"], check["counts"]);
+}
+
+/// Issue 9, "Money and internal endpoints": no client can credit an
+/// account, write into a standby's copy, or have a transfer body or user id
+/// read two ways; only a call signed by an instance of the sandbox counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_no_client_mints_money_forges_a_shipment_or_opens_a_second_account() {
+    let sandbox = Sandbox::start();
+    let rz03 = sandbox.instance_address("sh-a").await;
+    let rz02 = sandbox.instance_address("hz-b").await;
+    assert_eq!(sandbox.balance(1099).await, 0);
+
+    // Through any gateway: the credit is not a public operation, and no
+    // public route leads to /internal/, however the path is spelled.
+    for key in ["transfer/evil-1", "evil-1"] {
+        let minted = sandbox
+            .post(
+                0,
+                "/accounts/1099/credit",
+                key,
+                json!({"amount": 1_000_000}),
+            )
+            .await;
+        assert_eq!(minted.0, 404, "{minted:?}");
+        assert_eq!(minted.3["error"], json!("unknownOperation"), "{minted:?}");
+        assert!(
+            !minted.3["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("transfer/"),
+            "the refusal does not hint at a key: {minted:?}"
+        );
+    }
+    let credit =
+        json!({"payee": "1099", "amount": 1_000_000, "transfer": "1001/evil-2", "from": "rz01"});
+    for path in [
+        "/internal/credits",
+        "/accounts/../internal/credits",
+        "/accounts/%2e%2e/internal/credits",
+        "/accounts/1099/..%2F..%2Finternal/credits",
+    ] {
+        let through = sandbox.post(1, path, "evil-3", credit.clone()).await;
+        assert!(
+            matches!(through.0, 400 | 404),
+            "{path} through a gateway: {through:?}"
+        );
+        assert_ne!(through.2, true);
+    }
+
+    // Straight to an instance: unsigned, signed with another secret, or a
+    // signature of another body: 401, nothing applied.
+    let forged = sandbox
+        .http
+        .post(format!("http://{rz03}/internal/credits"))
+        .json(&credit)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(forged.status().as_u16(), 401);
+    let refusal: Value = forged.json().await.expect("json");
+    assert_eq!(refusal["error"], json!("unauthenticated"), "{refusal}");
+    let wrong = sandbox
+        .internal(
+            &rz03,
+            "/internal/credits",
+            &credit,
+            b"not-the-sandbox-secret-at-all",
+        )
+        .await;
+    assert_eq!(wrong.0, 401, "{wrong:?}");
+    let small = serde_json::to_vec(
+        &json!({"payee": "1099", "amount": 1, "transfer": "1001/evil-4", "from": "rz01"}),
+    )
+    .expect("json");
+    let stolen = signature(&sandbox.secret(), "/internal/credits", &small);
+    let altered = sandbox
+        .http
+        .post(format!("http://{rz03}/internal/credits"))
+        .header("x-bank-signature", stolen)
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&credit).expect("json"))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(
+        altered.status().as_u16(),
+        401,
+        "a signature covers its body"
+    );
+    assert_eq!(sandbox.balance(1099).await, 0, "no money was minted");
+
+    // A forged replication shipment never reaches the standby's copy.
+    let (_, before) = sandbox.get(&format!("http://{rz02}/totals")).await;
+    let shipment = json!({
+        "source": "rz01", "epoch": 99, "shards": {"1": 0}, "upTo": 1_000_000_000,
+        "entries": [{"position": 1_000_000_000, "shard": 1, "change": {"kind": "balance", "user": "1001", "balance": 1_000_000}}],
+    });
+    let forged = sandbox
+        .http
+        .post(format!("http://{rz02}/internal/replication/apply"))
+        .json(&shipment)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(forged.status().as_u16(), 401);
+    let wrong = sandbox
+        .internal(
+            &rz02,
+            "/internal/replication/apply",
+            &shipment,
+            b"not-the-sandbox-secret-at-all",
+        )
+        .await;
+    assert_eq!(wrong.0, 401, "{wrong:?}");
+    let (_, after) = sandbox.get(&format!("http://{rz02}/totals")).await;
+    assert_eq!(
+        before["replicas"], after["replicas"],
+        "the standby's copy is untouched"
+    );
+
+    // Bodies are objects with known fields, each once.
+    let deposit = sandbox
+        .post(0, "/accounts/1001/deposit", "dep-1", json!({"amount": 100}))
+        .await;
+    assert_eq!(deposit.0, 200, "{deposit:?}");
+    for (n, body) in [
+        r#"[7,"1206"]"#,
+        r#"{"amount": 7, "to": "1206", "memo": "x"}"#,
+        r#"{"amount": 7, "amount": 70, "to": "1206"}"#,
+        r#"{"amount": 7.5, "to": "1206"}"#,
+        r#""7""#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let response = sandbox
+            .http
+            .post(format!("{}/accounts/1001/transfer", sandbox.gateway(0)))
+            .header("idempotency-key", format!("body-{n}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("post");
+        let status = response.status().as_u16();
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            (status, answer["error"].clone()),
+            (400, json!("badBody")),
+            "{body}: {answer}"
+        );
+    }
+    assert_eq!(sandbox.balance(1001).await, 100, "no transfer applied");
+
+    // A user id has one form: `01205` is user 1205; signs and spaces are
+    // not user ids; a payee is read the same way.
+    let padded = sandbox
+        .post(0, "/accounts/01205/deposit", "pad-1", json!({"amount": 10}))
+        .await;
+    assert_eq!(padded.0, 200, "{padded:?}");
+    assert_eq!(padded.3["user"], json!("1205"), "{padded:?}");
+    assert_eq!(sandbox.balance(1205).await, 10, "the same account");
+    let (status, body) = sandbox
+        .get(&format!("{}/accounts/001205", sandbox.gateway(1)))
+        .await;
+    assert_eq!(
+        (status, body["user"].clone(), body["balance"].clone()),
+        (200, json!("1205"), json!(10))
+    );
+    for user in ["-1080", "+1080", "1080%20", "10x80"] {
+        let response = sandbox
+            .post(
+                0,
+                &format!("/accounts/{user}/deposit"),
+                "sign-1",
+                json!({"amount": 1}),
+            )
+            .await;
+        assert!(
+            response.0 == 400
+                && matches!(response.3["error"].as_str(), Some("badUser" | "invalidKey")),
+            "{user}: {response:?}"
+        );
+    }
+    let to_padded = sandbox
+        .post(
+            0,
+            "/accounts/1001/transfer",
+            "pad-2",
+            json!({"to": "001205", "amount": 5}),
+        )
+        .await;
+    assert_eq!(to_padded.0, 200, "{to_padded:?}");
+    assert_eq!(to_padded.3["to"], json!("1205"), "{to_padded:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while sandbox.balance(1205).await != 15 {
+        assert!(
+            Instant::now() < deadline,
+            "the credit to 1205 did not arrive:\n{}",
+            sandbox.bank_logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
