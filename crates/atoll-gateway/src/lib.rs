@@ -307,13 +307,16 @@ impl Gateway {
             Some(zone) => zone,
             None => {
                 let mut shutdown = shutdown.clone();
+                let cache_problem = status
+                    .last_error()
+                    .unwrap_or_else(|| "no config cache yet".into());
                 loop {
                     match zone_from_control(&self.options.control, &self.options.name).await {
                         Ok(zone) => break zone,
                         Err(reason) => {
                             tracing::warn!(%reason, "waiting for the control plane to know this gateway");
                             status.set_error(format!(
-                                "waiting for the control plane to know this gateway: {reason}"
+                                "{cache_problem}; waiting for the control plane to know this gateway: {reason}"
                             ));
                             tokio::select! {
                                 () = tokio::time::sleep(Duration::from_secs(1)) => {}

@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use tokio::net::TcpListener;
 
 /// Headers a backend reports back.
-const REPORTED: [&str; 10] = [
+const REPORTED: [&str; 11] = [
     "host",
     "x-atoll-key",
     "x-atoll-shard",
@@ -33,6 +33,7 @@ const REPORTED: [&str; 10] = [
     "x-atoll-mirror",
     "baggage",
     "x-forwarded-for",
+    "x-forwarded-proto",
     "x-user-id",
 ];
 
@@ -86,7 +87,11 @@ impl Backend {
                         let inner = inner.clone();
                         async move { Ok::<_, Infallible>(answer(&inner, request).await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
+                    // As many headers as a gateway may pass on (hyper's
+                    // default is 100).
+                    let mut builder = auto::Builder::new(TokioExecutor::new());
+                    builder.http1().max_headers(128);
+                    let _ = builder
                         .serve_connection_with_upgrades(TokioIo::new(stream), service)
                         .await;
                 });
@@ -166,6 +171,7 @@ async fn answer(inner: &Inner, mut request: Request<Incoming>) -> Response<Full<
             headers.insert(name.into(), values.join(", ").into());
         }
     }
+    let header_count = request.headers().len();
     let method = request.method().to_string();
     let query = request.uri().query().unwrap_or("").to_owned();
     let body = request
@@ -181,6 +187,7 @@ async fn answer(inner: &Inner, mut request: Request<Incoming>) -> Response<Full<
         "path": path,
         "query": query,
         "headers": headers,
+        "headerCount": header_count,
         "bodyBytes": body.len(),
     });
     *inner.last.lock() = Some(report.clone());
