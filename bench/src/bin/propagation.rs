@@ -67,6 +67,7 @@ async fn run_node(url: String, index: usize, receipts: Arc<Receipts>) -> anyhow:
                     cell: String::new(),
                 }),
                 applied_version: 0,
+                problem: String::new(),
             })),
         })
         .await?;

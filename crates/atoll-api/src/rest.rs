@@ -243,6 +243,11 @@ pub struct NodeInfo {
     /// The last NACK, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_nack: Option<NackInfo>,
+    /// Why the node could not receive the configuration, if it could not:
+    /// what it said when it connected again (an update too large for it,
+    /// one it could not decode), or what the control plane found sending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
     /// RFC 3339 time of the last message either way.
     pub last_seen: String,
 }
@@ -317,6 +322,19 @@ pub struct Laggard {
     /// Its last NACK, which often says why it lags.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_nack: Option<NackInfo>,
+    /// Why it cannot receive the configuration, if it said so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// A node a barrier did not wait for, and why that is safe.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SkippedNode {
+    /// Node name.
+    pub name: String,
+    /// Why it was not waited for.
+    pub reason: String,
 }
 
 /// Answer to a barrier.
@@ -333,6 +351,11 @@ pub struct BarrierResponse {
     pub waited_ms: u64,
     /// Matching nodes below the version when the barrier returned, by name.
     pub laggards: Vec<Laggard>,
+    /// Nodes not waited for: disconnected, and unable to write any more
+    /// (any lease they held has ended), so the app's epoch check keeps
+    /// whatever they still route from landing in the wrong cell.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedNode>,
 }
 
 /// `GET /v1/status`.

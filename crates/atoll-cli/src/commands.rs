@@ -558,10 +558,13 @@ pub(crate) async fn nodes(client: &Client, args: NodesArgs) -> Result<u8, CliErr
                         },
                         n.applied_version.to_string(),
                         n.sent_version.to_string(),
-                        n.last_nack
-                            .as_ref()
-                            .map(|nack| format!("v{}: {}", nack.version, nack.reason))
-                            .unwrap_or_else(|| "-".into()),
+                        // A version it cannot receive at all, else the last
+                        // one it refused.
+                        match (&n.problem, &n.last_nack) {
+                            (Some(problem), _) => problem.clone(),
+                            (None, Some(nack)) => format!("v{}: {}", nack.version, nack.reason),
+                            (None, None) => "-".into(),
+                        },
                     ]
                 })
                 .collect();
@@ -573,14 +576,7 @@ pub(crate) async fn nodes(client: &Client, args: NodesArgs) -> Result<u8, CliErr
                     "{}",
                     table(
                         &[
-                            "NAME",
-                            "ROLE",
-                            "ZONE",
-                            "CELL",
-                            "STATE",
-                            "APPLIED",
-                            "SENT",
-                            "LAST NACK"
+                            "NAME", "ROLE", "ZONE", "CELL", "STATE", "APPLIED", "SENT", "PROBLEM"
                         ],
                         &rows
                     )
@@ -656,8 +652,13 @@ pub(crate) async fn barrier(client: &Client, args: BarrierArgs) -> Result<u8, Cl
                 .as_ref()
                 .map(|n| format!(", last NACK of v{}: {}", n.version, n.reason))
                 .unwrap_or_default();
+            let problem = laggard
+                .problem
+                .as_ref()
+                .map(|p| format!(", {p}"))
+                .unwrap_or_default();
             println!(
-                "  {} (applied {}, {}{nack})",
+                "  {} (applied {}, {}{nack}{problem})",
                 laggard.name,
                 laggard.applied_version,
                 if laggard.connected {

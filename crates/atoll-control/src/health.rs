@@ -126,6 +126,7 @@ spec: {service: bank, cells: [rz01], command: [bank]}
             applied_version: 1,
             sent_version: 1,
             last_nack: None,
+            problem: None,
             last_seen: String::new(),
         }
     }

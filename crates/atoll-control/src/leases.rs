@@ -44,6 +44,9 @@ pub(crate) struct Leases {
     /// Cell -> when one of its nodes last asked (granted or not): a sign
     /// of life for the emergency plan.
     asked: Mutex<HashMap<String, Instant>>,
+    /// Node -> when the latest lease (or "leases are off" answer) it got
+    /// from this process stops letting it write, margin included.
+    nodes: Mutex<HashMap<String, Instant>>,
 }
 
 impl Leases {
@@ -54,7 +57,44 @@ impl Leases {
             until: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashSet::new()),
             asked: Mutex::new(HashMap::new()),
+            nodes: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How long after an answer a node may go on writing on its strength:
+    /// the lease (with its margin), or how long an instance believes
+    /// "leases are off" (`LEASES_OFF_TRUST`, with a margin too).
+    pub(crate) fn node_reach(&self) -> Duration {
+        self.reach()
+    }
+
+    fn reach(&self) -> Duration {
+        if self.enabled() {
+            self.duration + margin(self.duration)
+        } else {
+            atoll_api::LEASES_OFF_TRUST + margin(atoll_api::LEASES_OFF_TRUST)
+        }
+    }
+
+    /// Notes an answer that lets `node` write for a while.
+    fn answered(&self, node: &str) {
+        let until = Instant::now() + self.reach();
+        let mut nodes = self.nodes.lock();
+        let entry = nodes.entry(node.to_owned()).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
+    /// When node `node` can no longer be writing on the strength of any
+    /// answer a control plane gave it: its latest lease (or "leases are
+    /// off") from this process has run out, and so has anything a previous
+    /// process may have granted before this one started.
+    pub(crate) fn node_released_at(&self, node: &str) -> Instant {
+        let since_start = self.started + self.reach();
+        self.nodes
+            .lock()
+            .get(node)
+            .copied()
+            .map_or(since_start, |until| until.max(since_start))
     }
 
     /// When a node of `cell` last asked for a lease.
@@ -71,10 +111,11 @@ impl Leases {
         !self.duration.is_zero()
     }
 
-    /// A node of `cell` running config `applied` asks; `current` is the
-    /// version that last changed a shard map.
-    pub(crate) fn renew(&self, cell: &str, applied: u64, current: u64) -> Renewal {
+    /// Node `node` of `cell` running config `applied` asks; `current` is
+    /// the version that last changed a shard map.
+    pub(crate) fn renew(&self, node: &str, cell: &str, applied: u64, current: u64) -> Renewal {
         if !self.enabled() {
+            self.answered(node);
             return Renewal::Off;
         }
         if cell.is_empty() {
@@ -95,6 +136,8 @@ impl Leases {
         let mut leases = self.until.lock();
         let entry = leases.entry(cell.to_owned()).or_insert(until);
         *entry = (*entry).max(until);
+        drop(leases);
+        self.answered(node);
         Renewal::Granted(self.duration)
     }
 
@@ -127,21 +170,24 @@ mod tests {
     fn a_lease_goes_only_to_a_current_node_of_a_cell_not_revoked() {
         let leases = Leases::new(Duration::from_secs(3));
         assert_eq!(
-            leases.renew("rz01", 7, 7),
+            leases.renew("n", "rz01", 7, 7),
             Renewal::Granted(Duration::from_secs(3))
         );
         assert!(
-            matches!(leases.renew("rz01", 6, 7), Renewal::Refused(r) if r.contains("apply it first"))
+            matches!(leases.renew("n", "rz01", 6, 7), Renewal::Refused(r) if r.contains("apply it first"))
         );
-        assert!(matches!(leases.renew("", 7, 7), Renewal::Refused(_)));
+        assert!(matches!(leases.renew("n", "", 7, 7), Renewal::Refused(_)));
         leases.revoke("rz01");
         assert!(
-            matches!(leases.renew("rz01", 7, 7), Renewal::Refused(r) if r.contains("failed over"))
+            matches!(leases.renew("n", "rz01", 7, 7), Renewal::Refused(r) if r.contains("failed over"))
         );
         leases.restore("rz01");
-        assert!(matches!(leases.renew("rz01", 7, 7), Renewal::Granted(_)));
+        assert!(matches!(
+            leases.renew("n", "rz01", 7, 7),
+            Renewal::Granted(_)
+        ));
         assert_eq!(
-            Leases::new(Duration::ZERO).renew("rz01", 0, 7),
+            Leases::new(Duration::ZERO).renew("n", "rz01", 0, 7),
             Renewal::Off
         );
     }
@@ -151,10 +197,39 @@ mod tests {
         let duration = Duration::from_secs(3);
         let leases = Leases::new(duration);
         let asked = Instant::now();
-        assert!(matches!(leases.renew("rz01", 1, 1), Renewal::Granted(_)));
+        assert!(matches!(
+            leases.renew("n", "rz01", 1, 1),
+            Renewal::Granted(_)
+        ));
         // The node's lease ends at `asked + duration` at the latest.
         assert!(leases.expires_at("rz01") >= asked + duration + margin(duration));
         // A cell never seen still waits out leases of a previous control plane.
         assert!(leases.expires_at("rz09") >= leases.started + duration);
+    }
+
+    #[test]
+    fn a_node_is_released_once_its_own_lease_has_run_out() {
+        let duration = Duration::from_millis(40);
+        let leases = Leases::new(duration);
+        // Never answered: only what a previous process may have granted.
+        let unknown = leases.node_released_at("gw-1");
+        assert_eq!(unknown, leases.started + duration + margin(duration));
+        let asked = Instant::now();
+        assert!(matches!(
+            leases.renew("bank-0", "rz01", 1, 1),
+            Renewal::Granted(_)
+        ));
+        assert!(leases.node_released_at("bank-0") >= asked + duration + margin(duration));
+        // A refused renewal extends nothing.
+        let before = leases.node_released_at("bank-0");
+        assert!(matches!(
+            leases.renew("bank-0", "rz01", 0, 1),
+            Renewal::Refused(_)
+        ));
+        assert_eq!(leases.node_released_at("bank-0"), before);
+        // "Leases are off" lets an instance write for LEASES_OFF_TRUST.
+        let off = Leases::new(Duration::ZERO);
+        assert_eq!(off.renew("bank-0", "rz01", 0, 7), Renewal::Off);
+        assert!(off.node_released_at("bank-0") >= asked + atoll_api::LEASES_OFF_TRUST);
     }
 }

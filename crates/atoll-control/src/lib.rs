@@ -143,6 +143,7 @@ impl ControlServer {
             started: Instant::now(),
             shutdown: stopping.clone(),
             writer: tokio::sync::Mutex::new(()),
+            parsing: tokio::sync::Semaphore::new(crate::service::PARSERS),
             switchovers: std::sync::OnceLock::new(),
             leases: leases.clone(),
             node_expiry: self.options.node_expiry,
@@ -165,7 +166,8 @@ impl ControlServer {
         // gRPC shares the port: its paths are `/atoll.config.v1.ConfigStream/...`.
         let app = rest::router(control).route_service(
             "/atoll.config.v1.ConfigStream/{*method}",
-            ConfigStreamServer::new(config_stream),
+            ConfigStreamServer::new(config_stream)
+                .max_encoding_message_size(atoll_api::MAX_MESSAGE_BYTES),
         );
 
         let expiry = self.options.node_expiry;

@@ -1,16 +1,20 @@
 //! Data-plane nodes known to the control plane, their applied versions, and
 //! barriers that wait on them.
 //!
-//! A node that disconnects stays known (and counts in barriers, as a laggard
-//! until it comes back) because it may still be serving with the config it
-//! had: a barrier that ignored it could let a switchover proceed while it
-//! routes by an old shard map. Disconnected nodes are forgotten after the
-//! node expiry, or on request (`atoll nodes forget NAME`).
+//! A node that disconnects stays known because it may still be serving with
+//! the config it had. A switchover's barrier waits for it only as long as it
+//! could still be *writing*: until every lease (or "leases are off" answer)
+//! it got has run out. After that, whatever it still routes by an old shard
+//! map reaches an app that refuses it (not the owner, fenced, or a stale
+//! epoch), and it cannot write itself. A generic barrier (`atoll barrier`)
+//! waits for disconnected nodes as laggards. Disconnected nodes are
+//! forgotten after the node expiry, or on request (`atoll nodes forget
+//! NAME`).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use atoll_api::rest::{BarrierResponse, Laggard, NackInfo, NodeInfo, NodeSelector};
+use atoll_api::rest::{BarrierResponse, Laggard, NackInfo, NodeInfo, NodeSelector, SkippedNode};
 use parking_lot::Mutex;
 use time::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
@@ -33,6 +37,9 @@ struct Record {
     applied_version: u64,
     sent_version: u64,
     last_nack: Option<NackInfo>,
+    /// Why it cannot receive the configuration (its word on connecting, or
+    /// the stream's), until it acknowledges a version.
+    problem: Option<String>,
     last_seen: OffsetDateTime,
     disconnected_at: Option<Instant>,
     /// Closes the current stream when a newer one takes the name.
@@ -51,6 +58,7 @@ impl Record {
             applied_version: self.applied_version,
             sent_version: self.sent_version,
             last_nack: self.last_nack.clone(),
+            problem: self.problem.clone(),
             last_seen: rfc3339(self.last_seen),
         }
     }
@@ -67,17 +75,32 @@ pub(crate) fn rfc3339(time: OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
-/// Nodes a barrier waits for even when they are not registered.
+/// Nodes a barrier waits for even when they are not registered, and when a
+/// node that is not connected stops counting.
 struct Expected<'a> {
     names: &'a [String],
     expiry: Duration,
+    /// Whether a node (by name) that is not connected can no longer write
+    /// (none: disconnected nodes always count).
+    released: Option<&'a (dyn Fn(&str) -> bool + Sync)>,
 }
 
 impl Expected<'_> {
     const NONE: Expected<'static> = Expected {
         names: &[],
         expiry: Duration::ZERO,
+        released: None,
     };
+}
+
+/// How long ago, in words.
+fn ago(instant: Instant) -> String {
+    let elapsed = instant.elapsed();
+    if elapsed < Duration::from_secs(10) {
+        format!("{:.1} s ago", elapsed.as_secs_f64())
+    } else {
+        format!("{} s ago", elapsed.as_secs())
+    }
 }
 
 /// What forgetting a node found.
@@ -154,6 +177,7 @@ impl NodeRegistry {
         identity: Identity,
         applied_version: u64,
         peer: Option<String>,
+        problem: Option<String>,
     ) -> (u64, oneshot::Receiver<()>) {
         let connection = {
             let mut next = self.next_connection.lock();
@@ -173,6 +197,7 @@ impl NodeRegistry {
                 applied_version,
                 sent_version: 0,
                 last_nack: None,
+                problem,
                 last_seen: OffsetDateTime::now_utc(),
                 disconnected_at: None,
                 kick: Some(kick),
@@ -206,7 +231,15 @@ impl NodeRegistry {
     }
 
     pub(crate) fn acked(&self, name: &str, connection: u64, version: u64) {
-        self.update(name, connection, |r| r.applied_version = version);
+        self.update(name, connection, |r| {
+            r.applied_version = version;
+            r.problem = None;
+        });
+    }
+
+    /// The control plane could not send the node a version.
+    pub(crate) fn problem(&self, name: &str, connection: u64, problem: String) {
+        self.update(name, connection, |r| r.problem = Some(problem));
     }
 
     pub(crate) fn nacked(&self, name: &str, connection: u64, version: u64, reason: String) {
@@ -302,33 +335,62 @@ impl NodeRegistry {
         removed
     }
 
-    /// Nodes passing `filter` below `version`, and how many passed.
+    /// Nodes passing `filter` below `version`, how many passed, and the
+    /// disconnected ones not waited for since they can no longer write.
     fn laggards_where(
         &self,
         filter: &dyn Fn(&Record) -> bool,
         expected: &Expected<'_>,
         version: u64,
-    ) -> (usize, Vec<Laggard>) {
+    ) -> (usize, Vec<Laggard>, Vec<SkippedNode>) {
         let nodes = self.nodes.lock();
         let mut matched = 0;
         let mut laggards = Vec::new();
+        let mut skipped = Vec::new();
+        let released = |name: &str| expected.released.is_some_and(|r| r(name));
         // Expected but not heard from since this control plane started: a
         // node that was known before a restart may still run an old map.
         if self.started.elapsed() < expected.expiry {
             let forgotten = self.forgotten.lock();
             for name in expected.names {
                 if !nodes.contains_key(name) && !forgotten.contains(name) {
+                    if released(name) {
+                        skipped.push(SkippedNode {
+                            name: name.clone(),
+                            reason: format!(
+                                "not heard from since the control plane started {}; any lease it held has ended",
+                                ago(self.started)
+                            ),
+                        });
+                        continue;
+                    }
                     matched += 1;
                     laggards.push(Laggard {
                         name: name.clone(),
                         connected: false,
                         applied_version: 0,
                         last_nack: None,
+                        problem: None,
                     });
                 }
             }
         }
         for record in nodes.values().filter(|r| filter(r)) {
+            if record.applied_version < version
+                && !record.connected
+                && released(&record.identity.name)
+            {
+                skipped.push(SkippedNode {
+                    name: record.identity.name.clone(),
+                    reason: format!(
+                        "disconnected {}; any lease it held has ended",
+                        record
+                            .disconnected_at
+                            .map_or_else(|| "a while ago".into(), ago)
+                    ),
+                });
+                continue;
+            }
             matched += 1;
             if record.applied_version < version {
                 laggards.push(Laggard {
@@ -336,10 +398,11 @@ impl NodeRegistry {
                     connected: record.connected,
                     applied_version: record.applied_version,
                     last_nack: record.last_nack.clone(),
+                    problem: record.problem.clone(),
                 });
             }
         }
-        (matched, laggards)
+        (matched, laggards, skipped)
     }
 
     /// A failover's barrier: every *connected* node that routes or serves,
@@ -366,20 +429,24 @@ impl NodeRegistry {
     /// of `expected` (known when the switchover started) that has not come
     /// back since a restart, until `expiry` after the start.
     ///
-    /// Nodes of `gone_cells` (cells lost and past their lease: they cannot
-    /// write, and get a lease again only once they run the current map)
-    /// are not waited for while disconnected.
+    /// A node that is not connected stops counting once `released` says it
+    /// can no longer write (every lease it got has ended): what it may
+    /// still route by an older map is refused by the app's ownership and
+    /// epoch checks. Nodes of `gone_cells` (cells lost and past their
+    /// lease) are not waited for while disconnected either.
     pub(crate) async fn barrier_expecting(
         &self,
         expected: &[String],
         expiry: Duration,
         gone_cells: &[String],
+        released: &(dyn Fn(&str) -> bool + Sync),
         version: u64,
         timeout: Duration,
     ) -> BarrierResponse {
         let expected = Expected {
             names: expected,
             expiry,
+            released: Some(released),
         };
         let filter =
             |record: &Record| record.connected || !gone_cells.contains(&record.identity.cell);
@@ -414,7 +481,7 @@ impl NodeRegistry {
         let mut changed = self.changed.subscribe();
         loop {
             changed.borrow_and_update();
-            let (matched, laggards) = self.laggards_where(filter, expected, version);
+            let (matched, laggards, skipped) = self.laggards_where(filter, expected, version);
             let reached = laggards.is_empty() && matched >= min_nodes;
             if reached || tokio::time::Instant::now() >= deadline {
                 return BarrierResponse {
@@ -423,10 +490,17 @@ impl NodeRegistry {
                     matched,
                     waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                     laggards,
+                    skipped,
                 };
             }
-            // Any version change wakes us; the deadline bounds the wait.
-            let _ = tokio::time::timeout_at(deadline, changed.changed()).await;
+            // Any version change wakes us; so does time, which releases
+            // disconnected nodes; the deadline bounds the wait.
+            let wake = if expected.released.is_some() {
+                deadline.min(tokio::time::Instant::now() + Duration::from_millis(100))
+            } else {
+                deadline
+            };
+            let _ = tokio::time::timeout_at(wake, changed.changed()).await;
         }
     }
 }
@@ -447,9 +521,9 @@ mod tests {
     #[tokio::test]
     async fn a_barrier_waits_for_every_matching_node() {
         let registry = std::sync::Arc::new(NodeRegistry::new());
-        let (a, _) = registry.connect(identity("gw-1", "gateway"), 0, None);
-        let (b, _) = registry.connect(identity("gw-2", "gateway"), 0, None);
-        registry.connect(identity("agent-1", "agent"), 0, None);
+        let (a, _) = registry.connect(identity("gw-1", "gateway"), 0, None, None);
+        let (b, _) = registry.connect(identity("gw-2", "gateway"), 0, None, None);
+        registry.connect(identity("agent-1", "agent"), 0, None, None);
         let selector = NodeSelector {
             role: Some("gateway".into()),
             ..NodeSelector::default()
@@ -473,8 +547,8 @@ mod tests {
     #[tokio::test]
     async fn a_barrier_names_laggards_at_the_deadline() {
         let registry = NodeRegistry::new();
-        let (a, _) = registry.connect(identity("gw-1", "gateway"), 0, None);
-        registry.connect(identity("gw-2", "gateway"), 3, None);
+        let (a, _) = registry.connect(identity("gw-1", "gateway"), 0, None, None);
+        registry.connect(identity("gw-2", "gateway"), 3, None, None);
         registry.acked("gw-1", a, 5);
         registry.nacked("gw-1", a, 6, "cannot compile".into());
         let result = registry
@@ -495,7 +569,7 @@ mod tests {
     #[tokio::test]
     async fn disconnected_nodes_lag_until_forgotten() {
         let registry = NodeRegistry::new();
-        let (a, _) = registry.connect(identity("gw-1", "gateway"), 2, None);
+        let (a, _) = registry.connect(identity("gw-1", "gateway"), 2, None, None);
         registry.disconnected("gw-1", a);
         let result = registry
             .barrier(&NodeSelector::default(), 3, 0, Duration::from_millis(10))
@@ -512,60 +586,130 @@ mod tests {
     async fn a_restarted_control_plane_waits_for_the_nodes_a_switchover_expects() {
         // After a restart the registry is empty; the switchover remembers
         // who was there.
+        let never = |_: &str| false;
         let registry = NodeRegistry::new();
         let expected = vec!["gw-1".to_owned()];
         let expiry = Duration::from_secs(600);
         let result = registry
-            .barrier_expecting(&expected, expiry, &[], 5, Duration::from_millis(20))
+            .barrier_expecting(&expected, expiry, &[], &never, 5, Duration::from_millis(20))
             .await;
         assert!(!result.reached, "an empty registry is not everybody");
         assert_eq!(result.laggards[0].name, "gw-1");
-        let (a, _) = registry.connect(identity("gw-1", "gateway"), 0, None);
+        let (a, _) = registry.connect(identity("gw-1", "gateway"), 0, None, None);
         registry.acked("gw-1", a, 5);
         let result = registry
-            .barrier_expecting(&expected, expiry, &[], 5, Duration::from_millis(20))
+            .barrier_expecting(&expected, expiry, &[], &never, 5, Duration::from_millis(20))
             .await;
         assert!(result.reached, "{result:?}");
         // A node gone for good is forgotten by request.
         let registry = NodeRegistry::new();
         assert_eq!(registry.forget("gw-1"), Forget::Unknown);
         let result = registry
-            .barrier_expecting(&expected, expiry, &[], 5, Duration::from_millis(20))
+            .barrier_expecting(&expected, expiry, &[], &never, 5, Duration::from_millis(20))
             .await;
         assert!(result.reached, "forgotten: {result:?}");
         // And after the node expiry, as any disconnected node.
         let registry = NodeRegistry::new();
         let result = registry
-            .barrier_expecting(&expected, Duration::ZERO, &[], 5, Duration::from_millis(20))
+            .barrier_expecting(
+                &expected,
+                Duration::ZERO,
+                &[],
+                &never,
+                5,
+                Duration::from_millis(20),
+            )
             .await;
         assert!(result.reached, "expired: {result:?}");
     }
 
     #[tokio::test]
     async fn a_disconnected_node_of_a_cell_gone_past_its_lease_is_not_waited_for() {
+        let never = |_: &str| false;
         let registry = NodeRegistry::new();
         let mut app = identity("bank-rz03-0", "app");
         app.cell = "rz03".into();
-        let (a, _) = registry.connect(app, 1, None);
+        let (a, _) = registry.connect(app, 1, None, None);
         registry.disconnected("bank-rz03-0", a);
         let expiry = Duration::from_secs(600);
         let timeout = Duration::from_millis(20);
         let lagging = registry
-            .barrier_expecting(&[], expiry, &[], 5, timeout)
+            .barrier_expecting(&[], expiry, &[], &never, 5, timeout)
             .await;
         assert!(!lagging.reached, "a disconnected node lags");
         let gone = ["rz03".to_owned()];
         let passed = registry
-            .barrier_expecting(&[], expiry, &gone, 5, timeout)
+            .barrier_expecting(&[], expiry, &gone, &never, 5, timeout)
             .await;
         assert!(passed.reached, "unless its cell is gone: {passed:?}");
     }
 
     #[tokio::test]
+    async fn regression_a_vanished_node_stops_counting_once_it_cannot_write() {
+        // gw-1 connected once and vanished; bank-0 is connected and applies.
+        let registry = std::sync::Arc::new(NodeRegistry::new());
+        let (gw, _) = registry.connect(identity("gw-1", "gateway"), 4, None, None);
+        registry.disconnected("gw-1", gw);
+        let (bank, _) = registry.connect(identity("bank-0", "app"), 4, None, None);
+        registry.acked("bank-0", bank, 5);
+        let released = std::sync::atomic::AtomicBool::new(false);
+        let release =
+            |name: &str| name == "gw-1" && released.load(std::sync::atomic::Ordering::SeqCst);
+        let expiry = Duration::from_secs(600);
+        let held = registry
+            .barrier_expecting(&[], expiry, &[], &release, 5, Duration::from_millis(50))
+            .await;
+        assert!(
+            !held.reached,
+            "it counts while it may still write: {held:?}"
+        );
+        assert_eq!(held.laggards[0].name, "gw-1");
+        // Released (its lease ran out) while the barrier waits: it passes
+        // without a version change, naming who was not waited for.
+        let waiting = {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let release = |name: &str| name == "gw-1";
+                let started = Instant::now();
+                let result = registry
+                    .barrier_expecting(&[], expiry, &[], &release, 5, Duration::from_secs(5))
+                    .await;
+                (result, started.elapsed())
+            })
+        };
+        released.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (passed, took) = waiting.await.expect("barrier");
+        assert!(passed.reached, "{passed:?}");
+        assert!(took < Duration::from_secs(1), "{took:?}");
+        assert_eq!(passed.matched, 1);
+        assert_eq!(passed.skipped[0].name, "gw-1");
+        assert!(
+            passed.skipped[0].reason.contains("disconnected"),
+            "{passed:?}"
+        );
+        // A connected laggard is waited for whatever its lease.
+        let (slow, _) = registry.connect(identity("gw-2", "gateway"), 4, None, None);
+        let all = |_: &str| true;
+        let lagging = registry
+            .barrier_expecting(&[], expiry, &[], &all, 5, Duration::from_millis(50))
+            .await;
+        assert!(
+            !lagging.reached && lagging.laggards[0].name == "gw-2",
+            "{lagging:?}"
+        );
+        registry.acked("gw-2", slow, 5);
+        // A generic barrier still names the disconnected node as a laggard.
+        let generic = registry
+            .barrier(&NodeSelector::default(), 5, 0, Duration::from_millis(20))
+            .await;
+        assert_eq!(generic.laggards.len(), 1, "{generic:?}");
+    }
+
+    #[tokio::test]
     async fn a_newer_stream_replaces_the_old_one() {
         let registry = NodeRegistry::new();
-        let (old, kicked) = registry.connect(identity("gw-1", "gateway"), 0, None);
-        let (new, _) = registry.connect(identity("gw-1", "gateway"), 0, None);
+        let (old, kicked) = registry.connect(identity("gw-1", "gateway"), 0, None, None);
+        let (new, _) = registry.connect(identity("gw-1", "gateway"), 0, None, None);
         kicked.await.expect("the old stream is told to close");
         registry.acked("gw-1", old, 9); // ignored: not the current stream
         registry.disconnected("gw-1", old); // ignored too

@@ -290,11 +290,19 @@ async fn apply(
     body: Result<Json<ApplyRequest>, JsonRejection>,
 ) -> ApiResult<ApplyResponse> {
     let Json(request) = body?;
-    // Parsing is CPU work proportional to the input: off the async workers.
+    // Parsing is CPU work proportional to the input: off the async workers,
+    // and a few at a time, so that many large requests at once cannot add
+    // up to more memory than a few.
     let manifests = request.manifests;
+    let permit = control
+        .parsing
+        .acquire()
+        .await
+        .map_err(|e| ControlError::Unavailable(format!("parsing: {e}")))?;
     let mut set = tokio::task::spawn_blocking(move || Control::parse(&manifests))
         .await
         .map_err(|e| ControlError::Unavailable(format!("parsing task failed: {e}")))??;
+    drop(permit);
     for item in &request.delete {
         let kind = parse_kind(&item.kind)?;
         set.deletes.push((

@@ -15,9 +15,10 @@ use atoll_api::rest::{
     ApplyResponse, ChangeAction, ChangeSummary, CommitChange, CommitRecord, HistoryItem,
     ManifestFile,
 };
+use atoll_model::limits::{MAX_CONFIG_BYTES, MAX_RESOURCE_BYTES, human_bytes};
 use atoll_model::{
-    Issue, Located, Origin, Resource, ResourceKey, Spec, assign_epoch, diff, load_all,
-    validate_with_pending,
+    Issue, Kind, Located, Origin, ParseBudget, Resource, ResourceKey, Spec, assign_epoch, diff,
+    load_all_within, validate_with_pending,
 };
 use atoll_store::{Change, Commit, CommitRequest, HistoryEntry, Store, StoreError};
 
@@ -27,6 +28,9 @@ use crate::state::ConfigCache;
 
 /// How often an apply is re-validated when other writers keep committing.
 const MAX_ATTEMPTS: usize = 8;
+
+/// Requests whose manifests are parsed at once (the others wait their turn).
+pub(crate) const PARSERS: usize = 2;
 
 /// Errors of the control plane's operations; the REST layer maps them to
 /// statuses.
@@ -148,6 +152,8 @@ pub(crate) struct Control {
     /// (Other control planes on the same etcd are still caught by the base
     /// revision precondition.)
     pub(crate) writer: tokio::sync::Mutex<()>,
+    /// Turns for parsing manifests ([`PARSERS`] at once).
+    pub(crate) parsing: tokio::sync::Semaphore,
     /// How long a disconnected node is remembered (and waited for).
     pub(crate) node_expiry: std::time::Duration,
     /// Ownership leases of the cells.
@@ -171,8 +177,14 @@ impl Control {
     pub(crate) fn parse(files: &[ManifestFile]) -> Result<ChangeSet, ControlError> {
         let mut set = ChangeSet::default();
         let mut syntax_error = false;
+        // One budget for the whole request: however many files it has, it
+        // cannot make the reader build more than the limits allow.
+        let mut budget = ParseBudget::default();
         for file in files {
-            let mut loaded = load_all(&file.source, &file.content);
+            if budget.exhausted() {
+                break;
+            }
+            let mut loaded = load_all_within(&file.source, &file.content, &mut budget);
             syntax_error |= loaded.syntax_error;
             set.puts.append(&mut loaded.resources);
             set.issues.append(&mut loaded.issues);
@@ -232,6 +244,63 @@ impl Control {
         Err(ControlError::Unavailable(format!(
             "other changes kept landing first ({MAX_ATTEMPTS} attempts); try again"
         )))
+    }
+
+    /// Problems with the sizes the change would give: a resource over
+    /// [`MAX_RESOURCE_BYTES`], or a configuration (what nodes receive) over
+    /// [`MAX_CONFIG_BYTES`].
+    fn size_issues(
+        &self,
+        puts: &[(Located, Option<u64>)],
+        deletes: &[(ResourceKey, Option<u64>)],
+        snapshot: &atoll_store::Snapshot,
+    ) -> Vec<Issue> {
+        let mut issues = Vec::new();
+        let cache = self.cache.current();
+        let json_len = |resource: &Resource| serde_json::to_vec(resource).map_or(0, |j| j.len());
+        let mut sizes: BTreeMap<ResourceKey, usize> = BTreeMap::new();
+        for resource in &snapshot.resources {
+            if resource.kind() == Kind::Switchover {
+                continue;
+            }
+            let key = resource.key();
+            let size = cache
+                .resources
+                .get(&key)
+                .filter(|w| Some(w.resource_version) == resource.metadata.resource_version)
+                .map_or_else(|| json_len(resource), |w| w.json.len());
+            sizes.insert(key, size);
+        }
+        for (key, _) in deletes {
+            sizes.remove(key);
+        }
+        for (located, _) in puts {
+            let key = located.resource.key();
+            let size = json_len(&located.resource);
+            if size > MAX_RESOURCE_BYTES {
+                issues.push(located.origin.issue(
+                    Some(key.to_string()),
+                    "",
+                    format!(
+                        "this resource is {} as JSON; a resource may be at most {}: split it (several resources of the kind) or remove what it does not need",
+                        human_bytes(size),
+                        human_bytes(MAX_RESOURCE_BYTES)
+                    ),
+                ));
+            }
+            if key.kind != Kind::Switchover {
+                sizes.insert(key, size);
+            }
+        }
+        let total: usize = sizes.values().sum();
+        if total > MAX_CONFIG_BYTES {
+            issues.push(Issue::new(format!(
+                "the configuration would be {} as JSON; it may be at most {}, since every node receives all of it: remove resources or make them smaller",
+                human_bytes(total),
+                human_bytes(MAX_CONFIG_BYTES)
+            )));
+        }
+        issues
     }
 
     async fn try_apply(
@@ -322,6 +391,8 @@ impl Control {
             // does not reveal a second round of errors.
             issues.extend(conflicts.into_iter().map(Issue::new));
         }
+
+        issues.extend(self.size_issues(&puts, &set.deletes, &snapshot));
 
         // The state the change would produce.
         let replaced: std::collections::HashSet<ResourceKey> = puts

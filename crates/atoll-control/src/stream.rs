@@ -69,7 +69,7 @@ impl ConfigStream for ConfigStreamService {
             ));
         let renewal = if known {
             self.leases
-                .renew(&node.cell, request.applied_version, current)
+                .renew(&node.name, &node.cell, request.applied_version, current)
         } else {
             crate::leases::Renewal::Refused(format!("cell `{}` does not exist", node.cell))
         };
@@ -123,10 +123,18 @@ impl ConfigStream for ConfigStreamService {
             zone: node.zone,
             cell: node.cell,
         };
+        let problem = (!hello.problem.is_empty()).then(|| {
+            let mut problem = hello.problem.clone();
+            problem.truncate(1024);
+            problem
+        });
+        if let Some(problem) = &problem {
+            tracing::warn!(node = %identity.name, %problem, "the node could not receive an update");
+        }
         tracing::info!(node = %identity.name, role = %identity.role, zone = %identity.zone, cell = %identity.cell, peer = ?peer, applied = hello.applied_version, "node connected");
         let (connection, kicked) =
             self.nodes
-                .connect(identity.clone(), hello.applied_version, peer);
+                .connect(identity.clone(), hello.applied_version, peer, problem);
         let (sender, receiver) = mpsc::channel(4);
         let session = Session {
             service: self.clone(),
@@ -155,14 +163,19 @@ impl Session {
         let mut config = self.service.cache.subscribe();
         let mut shutdown = self.service.shutdown.clone();
         let mut last_sent: Option<Arc<ConfigState>> = None;
+        // A revision whose update is larger than the stream carries: not
+        // sent (the node is told why through `atoll nodes`) until the next.
+        let mut too_large: Option<u64> = None;
         let mut outstanding: VecDeque<(String, u64)> = VecDeque::new();
         let mut sequence = 0u64;
         let silence = self.service.heartbeat_timeout;
         let mut deadline = tokio::time::Instant::now() + silence;
         let end = loop {
+            let newest = config.borrow().revision;
             let needs_send = last_sent
                 .as_ref()
-                .is_none_or(|sent| sent.revision != config.borrow().revision);
+                .is_none_or(|sent| sent.revision != newest)
+                && too_large != Some(newest);
             tokio::select! {
                 permit = self.sender.reserve(), if needs_send => {
                     let Ok(permit) = permit else { break "the node closed the stream" };
@@ -170,6 +183,20 @@ impl Session {
                     sequence += 1;
                     let nonce = format!("{}-{sequence}", self.connection);
                     let update = build_update(last_sent.as_deref(), &current, nonce.clone());
+                    let size = prost::Message::encoded_len(&update);
+                    if size > atoll_api::MAX_MESSAGE_BYTES {
+                        let problem = format!(
+                            "version {} is {} in one update, more than the config stream carries ({}); make the configuration smaller",
+                            current.revision,
+                            atoll_model::limits::human_bytes(size),
+                            atoll_model::limits::human_bytes(atoll_api::MAX_MESSAGE_BYTES)
+                        );
+                        tracing::error!(node = %self.name, %problem, "update not sent");
+                        self.service.nodes.problem(&self.name, self.connection, problem);
+                        too_large = Some(current.revision);
+                        drop(permit);
+                        continue;
+                    }
                     let kind = if update.snapshot { "snapshot" } else { "delta" };
                     self.service.metrics.updates_sent.get_or_create(&KindLabels { kind: kind.into() }).inc();
                     permit.send(Ok(update));
@@ -181,6 +208,7 @@ impl Session {
                     last_sent = Some(current);
                 }
                 changed = config.changed(), if !needs_send => {
+                    too_large = None;
                     if changed.is_err() {
                         break "the control plane is stopping";
                     }

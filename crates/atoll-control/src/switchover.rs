@@ -943,7 +943,11 @@ impl Switchovers {
                     return self.abort_now(loaded, message).await;
                 }
                 spec.fence_revision = Some(version);
-                let detail = format!("{} nodes run version {version}", result.matched);
+                let detail = format!(
+                    "{} nodes run version {version}{}",
+                    result.matched,
+                    skipped(&result.skipped)
+                );
                 let next = if spec.skip_sync_gate {
                     SwitchoverPhase::Flip
                 } else {
@@ -1103,8 +1107,10 @@ impl Switchovers {
                 spec.flip_revision = Some(version);
                 spec.message = None;
                 let detail = format!(
-                    "{} nodes run version {version}, epoch {}",
-                    result.matched, loaded.map_spec.epoch
+                    "{} nodes run version {version}, epoch {}{}",
+                    result.matched,
+                    loaded.map_spec.epoch,
+                    skipped(&result.skipped)
                 );
                 enter(spec, SwitchoverPhase::Unfence, Some(detail));
                 self.save(loaded, &name, "flip barrier reached").await
@@ -1161,11 +1167,16 @@ impl Switchovers {
                     .filter(|cell| self.control.leases.expires_at(cell) <= now)
                     .cloned()
                     .collect();
+                // A node that is not connected stops counting once nothing
+                // it was granted lets it write (docs/switchover.md).
+                let leases = &self.control.leases;
+                let released = |node: &str| leases.node_released_at(node) <= Instant::now();
                 nodes
                     .barrier_expecting(
                         &spec.expected_nodes,
                         self.control.node_expiry,
                         &gone,
+                        &released,
                         version,
                         spec.barrier_timeout.0,
                     )
@@ -1308,7 +1319,7 @@ impl Switchovers {
             check: "nodes".into(),
             result: if disconnected > 0 { "warning" } else { "ok" }.into(),
             detail: if disconnected > 0 {
-                format!("{disconnected} known nodes are disconnected: the barriers will wait for them and abort (atoll nodes; forget the ones gone for good)")
+                format!("{disconnected} known nodes are disconnected: the barriers wait for each until any lease it held has ended ({} at most), then go on without it (atoll nodes)", humantime::format_duration(self.control.leases.node_reach()))
             } else {
                 format!("{connected} nodes connected; the barriers wait for all of them")
             },
@@ -1567,20 +1578,46 @@ fn phase_fenced(loaded: &Loaded) -> bool {
         .any(|r| r.phase == SwitchoverPhase::FenceBarrier)
 }
 
+/// The nodes a barrier did not wait for, for a phase's detail.
+fn skipped(list: &[atoll_api::rest::SkippedNode]) -> String {
+    if list.is_empty() {
+        return String::new();
+    }
+    let names: Vec<String> = list
+        .iter()
+        .take(5)
+        .map(|n| format!("{} ({})", n.name, n.reason))
+        .collect();
+    let more = list.len().saturating_sub(names.len());
+    format!(
+        "; not waited for: {}{}",
+        names.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        }
+    )
+}
+
 fn laggards(list: &[atoll_api::rest::Laggard]) -> String {
     let names: Vec<String> = list
         .iter()
         .take(10)
         .map(|l| {
             format!(
-                "{} ({}, at {})",
+                "{} ({}, at {}{})",
                 l.name,
                 if l.connected {
                     "connected"
                 } else {
                     "disconnected"
                 },
-                l.applied_version
+                l.applied_version,
+                l.problem
+                    .as_deref()
+                    .map(|p| format!("; {p}"))
+                    .unwrap_or_default()
             )
         })
         .collect();

@@ -15,6 +15,7 @@ mod codec;
 mod epoch;
 mod issue;
 pub mod key;
+pub mod limits;
 mod manifest;
 pub mod names;
 mod render;
@@ -26,7 +27,8 @@ pub use codec::{DecodeError, decode_resource};
 pub use epoch::assign_epoch;
 pub use issue::{Issue, Issues, Origin, Position, SpanIndex};
 pub use manifest::{
-    Document, Loaded, Located, MAX_NODES, decode_document, load, load_all, parse_documents,
+    Document, Loaded, Located, MAX_ALIAS_NODES, MAX_DEPTH, MAX_NODES, ParseBudget, decode_document,
+    load, load_all, load_all_within, parse_documents,
 };
 pub use render::{diff, resource_yaml, to_yaml};
 pub use resource::*;

@@ -17,8 +17,41 @@ use crate::issue::{Issue, Issues, Origin, Position, SpanIndex};
 use crate::resource::{Kind, Resource, ResourceKey};
 
 /// The most values (scalars, lists, mappings; aliases counted expanded) one
-/// file may hold.
-pub const MAX_NODES: usize = 1_000_000;
+/// read of manifests may build, over all its files: what bounds the memory
+/// one request can make the control plane spend.
+pub const MAX_NODES: usize = 200_000;
+
+/// The most values aliases may add, over all files of one read: an alias
+/// copies what its anchor holds, so a few hundred bytes of nested aliases
+/// would otherwise stand for millions of values ("billion laughs").
+pub const MAX_ALIAS_NODES: usize = 10_000;
+
+/// The deepest a value may nest (lists and mappings inside each other).
+pub const MAX_DEPTH: usize = 64;
+
+/// What one read of manifests may still build; shared by the files of one
+/// request (see [`load_all_within`]).
+#[derive(Clone, Debug)]
+pub struct ParseBudget {
+    values: usize,
+    alias_values: usize,
+}
+
+impl Default for ParseBudget {
+    fn default() -> Self {
+        Self {
+            values: MAX_NODES,
+            alias_values: MAX_ALIAS_NODES,
+        }
+    }
+}
+
+impl ParseBudget {
+    /// Whether a limit was reached (the rest of the read is refused).
+    pub fn exhausted(&self) -> bool {
+        self.values == 0 || self.alias_values == 0
+    }
+}
 
 /// One YAML document of a manifest file, as a JSON value with field positions.
 #[derive(Clone, Debug)]
@@ -70,7 +103,13 @@ pub struct Loaded {
 /// Parses and decodes every document of `text`, read from `source`, keeping
 /// what decoded next to what did not.
 pub fn load_all(source: &str, text: &str) -> Loaded {
-    let documents = match parse_documents(source, text) {
+    load_all_within(source, text, &mut ParseBudget::default())
+}
+
+/// [`load_all`], spending from `budget`, which the files of one request
+/// share.
+pub fn load_all_within(source: &str, text: &str, budget: &mut ParseBudget) -> Loaded {
+    let documents = match parse_within(source, text, budget) {
         Ok(documents) => documents,
         Err(issues) => {
             return Loaded {
@@ -149,8 +188,16 @@ fn describe(value: &Value, index: usize) -> String {
 
 /// Parses YAML text into documents without interpreting them.
 pub fn parse_documents(source: &str, text: &str) -> Result<Vec<Document>, Issues> {
+    parse_within(source, text, &mut ParseBudget::default())
+}
+
+fn parse_within(
+    source: &str,
+    text: &str,
+    budget: &mut ParseBudget,
+) -> Result<Vec<Document>, Issues> {
     let source: Arc<str> = Arc::from(source);
-    let mut builder = Builder::new(source.clone());
+    let mut builder = Builder::new(source.clone(), budget.clone());
     let mut parser = Parser::new_from_str(text);
     loop {
         match parser.next_token() {
@@ -170,6 +217,7 @@ pub fn parse_documents(source: &str, text: &str) -> Result<Vec<Document>, Issues
             }
         }
     }
+    *budget = builder.budget.clone();
     if builder.issues.is_empty() {
         Ok(builder.documents)
     } else {
@@ -205,7 +253,9 @@ struct Builder {
     anchors: HashMap<usize, (Value, usize)>,
     /// Nodes produced so far in this file, aliases counted expanded.
     nodes: usize,
-    /// Set once the node budget is exceeded; the rest of the file is skipped.
+    /// What the read may still build.
+    budget: ParseBudget,
+    /// Set once the budget is exceeded; the rest of the file is skipped.
     over_budget: bool,
     root: Option<Value>,
     index: usize,
@@ -213,7 +263,7 @@ struct Builder {
 }
 
 impl Builder {
-    fn new(source: Arc<str>) -> Self {
+    fn new(source: Arc<str>, budget: ParseBudget) -> Self {
         Self {
             source,
             documents: Vec::new(),
@@ -222,6 +272,7 @@ impl Builder {
             spans: SpanIndex::default(),
             anchors: HashMap::new(),
             nodes: 0,
+            budget,
             over_budget: false,
             root: None,
             index: 0,
@@ -248,18 +299,46 @@ impl Builder {
         });
     }
 
-    /// Counts `nodes` more nodes against the file's budget, so that aliases
-    /// cannot expand a small file into gigabytes ("billion laughs").
-    fn spend(&mut self, nodes: usize, marker: Marker) -> bool {
-        self.nodes = self.nodes.saturating_add(nodes);
-        if self.nodes > MAX_NODES {
+    /// Counts `nodes` more nodes against the read's budget (`alias`: they
+    /// are an alias's copy), before they are built, so that no input makes
+    /// the reader build more than the budget allows.
+    fn spend(&mut self, nodes: usize, alias: bool, marker: Marker) -> bool {
+        if alias && nodes > self.budget.alias_values {
             self.over_budget = true;
+            self.budget.alias_values = 0;
             self.issue(
                 marker,
-                format!("this file expands to more than {MAX_NODES} values (through aliases?); split it or remove the aliases"),
+                format!("aliases here expand to more than {MAX_ALIAS_NODES} values (the limit for one apply); write the values out or use fewer aliases"),
             );
             return false;
         }
+        if nodes > self.budget.values {
+            self.over_budget = true;
+            self.budget.values = 0;
+            self.issue(
+                marker,
+                format!("the manifests hold more than {MAX_NODES} values (the limit for one apply, aliases counted expanded); apply them in parts"),
+            );
+            return false;
+        }
+        if alias {
+            self.budget.alias_values -= nodes;
+        }
+        self.budget.values -= nodes;
+        self.nodes = self.nodes.saturating_add(nodes);
+        true
+    }
+
+    /// Refuses a collection nested deeper than [`MAX_DEPTH`].
+    fn too_deep(&mut self, marker: Marker) -> bool {
+        if self.stack.len() < MAX_DEPTH {
+            return false;
+        }
+        self.over_budget = true;
+        self.issue(
+            marker,
+            format!("values nest more than {MAX_DEPTH} levels deep here; no manifest needs that"),
+        );
         true
     }
 
@@ -280,7 +359,7 @@ impl Builder {
                     self.on_key(text, marker);
                     return;
                 }
-                if !self.spend(1, marker) {
+                if !self.spend(1, false, marker) {
                     return;
                 }
                 let value = resolve_scalar(&text, style, tag.as_ref());
@@ -296,14 +375,15 @@ impl Builder {
                     self.skip_value();
                     return;
                 }
-                let (value, size) = self
-                    .anchors
-                    .get(&anchor)
-                    .cloned()
-                    .unwrap_or((Value::Null, 1));
-                if !self.spend(size, marker) {
+                // The size first: nothing is copied past the budget.
+                let size = self.anchors.get(&anchor).map_or(1, |(_, size)| *size);
+                if !self.spend(size, true, marker) {
                     return;
                 }
+                let value = self
+                    .anchors
+                    .get(&anchor)
+                    .map_or(Value::Null, |(value, _)| value.clone());
                 self.on_value_start(marker);
                 self.on_value(value);
             }
@@ -311,7 +391,7 @@ impl Builder {
                 if self.expecting_key() {
                     self.issue(marker, "mapping keys must be plain words, not lists".into());
                 }
-                if !self.spend(1, marker) {
+                if self.too_deep(marker) || !self.spend(1, false, marker) {
                     return;
                 }
                 let start = self.nodes - 1;
@@ -330,7 +410,7 @@ impl Builder {
                         "mapping keys must be plain words, not mappings".into(),
                     );
                 }
-                if !self.spend(1, marker) {
+                if self.too_deep(marker) || !self.spend(1, false, marker) {
                     return;
                 }
                 let start = self.nodes - 1;
@@ -545,10 +625,55 @@ mod tests {
             let items = vec![format!("*a{previous}"); 10].join(", ");
             text += &format!("a{level}: &a{level} [{items}]\n");
         }
+        assert!(text.len() < 700, "a bomb of {} bytes", text.len());
         let started = std::time::Instant::now();
-        let err = parse_documents("bomb.yaml", &text).expect_err("refused");
-        assert!(err.0[0].reason.contains("expands to more than"), "{err}");
-        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        let mut budget = ParseBudget::default();
+        let err = parse_within("bomb.yaml", &text, &mut budget).expect_err("refused");
+        assert!(
+            err.0[0]
+                .reason
+                .contains("aliases here expand to more than 10000 values"),
+            "{err}"
+        );
+        assert!(budget.exhausted());
+        // Refused before it built more than the alias budget allows.
+        assert!(MAX_NODES - budget.values <= MAX_ALIAS_NODES + 1_000);
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+    }
+
+    #[test]
+    fn the_files_of_one_read_share_the_budget() {
+        // 8,000 aliased values per file: each file alone is fine, two are
+        // over the read's alias budget.
+        let mut text = String::from(
+            "a: &a [x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x]
+b: [",
+        );
+        text += &vec!["*a"; 400].join(", ");
+        text += "]\n";
+        let mut budget = ParseBudget::default();
+        assert!(parse_within("one.yaml", &text, &mut budget).is_ok());
+        let err = parse_within("two.yaml", &text, &mut budget).expect_err("over the budget");
+        assert_eq!(err.0[0].source.as_deref(), Some("two.yaml"));
+        let mut fresh = ParseBudget::default();
+        assert!(parse_within("two.yaml", &text, &mut fresh).is_ok());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused() {
+        let text = format!("a: {}x{}\n", "[".repeat(100), "]".repeat(100));
+        let err = parse_documents("deep.yaml", &text).expect_err("refused");
+        assert!(
+            err.0
+                .iter()
+                .any(|i| i.reason.contains("nest more than 64 levels")),
+            "{err}"
+        );
+        // Deeper still, the YAML parser's own limit refuses it.
+        let text = format!("a: {}x{}\n", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(parse_documents("deeper.yaml", &text).is_err());
+        let ok = format!("a: {}x{}\n", "[".repeat(60), "]".repeat(60));
+        assert!(parse_documents("ok.yaml", &ok).is_ok());
     }
 
     #[test]

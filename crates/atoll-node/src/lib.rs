@@ -160,6 +160,9 @@ pub struct NodeClient {
     installer: Arc<dyn Installer>,
     status: Arc<NodeStatus>,
     heartbeat: Duration,
+    /// Why the last stream ended, when it could not receive an update:
+    /// said in the next Hello, so that `atoll nodes` shows it.
+    problem: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for NodeClient {
@@ -189,6 +192,7 @@ impl NodeClient {
             installer,
             status: Arc::new(NodeStatus::default()),
             heartbeat: HEARTBEAT_INTERVAL,
+            problem: Mutex::new(None),
         }
     }
 
@@ -307,7 +311,9 @@ impl NodeClient {
             .keep_alive_timeout(Duration::from_secs(5))
             .connect()
             .await?;
-        let mut client = ConfigStreamClient::new(channel);
+        // Any configuration the control plane accepts fits in one message.
+        let mut client = ConfigStreamClient::new(channel)
+            .max_decoding_message_size(atoll_api::MAX_MESSAGE_BYTES);
         let (outbound, receiver) = mpsc::channel(16);
         let hello = NodeMessage {
             message: Some(node_message::Message::Hello(Hello {
@@ -318,6 +324,7 @@ impl NodeClient {
                     cell: self.options.cell.clone(),
                 }),
                 applied_version: self.status.applied_version(),
+                problem: self.problem.lock().clone().unwrap_or_default(),
             })),
         };
         outbound
@@ -342,8 +349,9 @@ impl NodeClient {
         loop {
             let retry_at = retry.map(|(at, _)| at);
             let answer = tokio::select! {
-                update = inbound.message() => match update? {
+                update = inbound.message() => match update.map_err(|status| self.receive_failed(status))? {
                     Some(update) => {
+                        *self.problem.lock() = None;
                         let answer = self.on_update(&mut received, &update).await?;
                         retry = matches!(answer.message, Some(node_message::Message::Nack(_)))
                             .then(|| (tokio::time::Instant::now() + RETRY_FIRST, RETRY_FIRST));
@@ -386,6 +394,21 @@ impl NodeClient {
                 .await
                 .map_err(|_| SessionError::Protocol("stream closed".into()))?;
         }
+    }
+
+    /// Notes why receiving failed when the update itself was the trouble
+    /// (too large for this node, or undecodable), to say so on the next
+    /// Hello: such a stream fails the same way every time.
+    fn receive_failed(&self, status: tonic::Status) -> tonic::Status {
+        if matches!(
+            status.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Internal
+        ) {
+            let problem = format!("cannot receive an update: {}", status.message());
+            self.status.error(problem.clone());
+            *self.problem.lock() = Some(problem);
+        }
+        status
     }
 
     /// Applies one update to what was received, installs it, and says ACK

@@ -133,7 +133,7 @@ enum LeaseState {
 }
 
 /// How long "leases are off" is believed without a new answer.
-const OFF_TRUST: Duration = Duration::from_secs(15);
+const OFF_TRUST: Duration = atoll_api::LEASES_OFF_TRUST;
 
 impl Lease {
     /// `Ok(Some(end))` while a lease is held, `Ok(None)` when leases are

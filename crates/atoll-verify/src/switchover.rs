@@ -104,6 +104,12 @@ pub struct Config {
     /// Failover with two gateways: the second one is in the lost cell's zone, partitioned
     /// with it: it keeps routing by the map it had, and barriers cannot count it.
     pub partitioned_gateway: bool,
+    /// Planned, with two gateways: the second one may vanish at any moment (it crashed, or
+    /// its host was cut off) and never come back, while whatever it routed is still on its
+    /// way and, cut off but alive, it goes on routing by the map it had. Barriers stop
+    /// counting it once it is disconnected: it holds no lease, so it cannot write, and the
+    /// cells' own checks refuse what it routes by an older map.
+    pub vanishing_gateway: bool,
     /// Switchovers run one after the other: 1 (A to B) or 2 (A to B, then back to A).
     /// Failover allows 1.
     pub switchovers: u8,
@@ -122,6 +128,7 @@ impl Config {
             restarts: 2,
             abort: true,
             partitioned_gateway: false,
+            vanishing_gateway: false,
             switchovers: 1,
             flaws: Flaws::default(),
         }
@@ -286,6 +293,8 @@ pub struct State {
     pub restarts: u8,
     /// Whether the lost cell's lease has run out (failover).
     pub lease_expired: bool,
+    /// Whether the vanishing gateway has vanished (its stream is gone for good).
+    pub vanished: bool,
     /// Client writes sent so far; the next write's id.
     pub sent: u8,
     /// Routed writes not yet delivered, by write id.
@@ -314,7 +323,9 @@ impl State {
                 Node::Gateway(g) => format!("g{g}"),
                 Node::Instance(cell) => format!("{cell:?}"),
             };
-            let known = if self.known & model.bit(node) != 0 {
+            let known = if model.gone(self, node) {
+                " gone"
+            } else if self.known & model.bit(node) != 0 {
                 ""
             } else {
                 "?"
@@ -370,6 +381,8 @@ pub enum Action {
     Ship(Cell),
     /// The lost cell's lease runs out; its renewals stopped when it was partitioned.
     LeaseExpires,
+    /// The vanishing gateway's stream goes away for good.
+    Vanish,
     /// The orchestrator publishes the version its phase calls for.
     Publish(MapVersion),
     /// The orchestrator reads the source's written position (the sync gate's target).
@@ -406,6 +419,11 @@ impl Switchover {
         if config.partitioned_gateway && (config.kind != Kind::Failover || config.gateways != 2) {
             return Err(InvalidConfig(
                 "a partitioned gateway needs a failover with two gateways",
+            ));
+        }
+        if config.vanishing_gateway && (config.kind != Kind::Planned || config.gateways != 2) {
+            return Err(InvalidConfig(
+                "a vanishing gateway needs a planned switchover with two gateways",
             ));
         }
         if config.writes > 16 {
@@ -460,6 +478,12 @@ impl Switchover {
         node != Node::Instance(lost) && !partitioned_gateway
     }
 
+    /// Whether `node` is the vanishing gateway and has vanished: it receives no config, and
+    /// barriers do not wait for it (a disconnected node without a lease).
+    fn gone(&self, state: &State, node: Node) -> bool {
+        state.vanished && node == Node::Gateway(self.config.gateways - 1)
+    }
+
     fn view(&self, state: &State, node: Node) -> MapVersion {
         state.published[usize::from(state.applied[self.node_index(node)])]
     }
@@ -482,7 +506,7 @@ impl Switchover {
     /// (after a restart, until it reconnects) is a laggard.
     fn barrier_passed(&self, state: &State, version: usize) -> bool {
         self.nodes()
-            .filter(|node| self.reachable(*node))
+            .filter(|node| self.reachable(*node) && !self.gone(state, *node))
             .all(|node| {
                 if state.known & self.bit(node) == 0 {
                     return self.config.flaws.barrier_over_known_nodes;
@@ -681,6 +705,7 @@ impl Model for Switchover {
             sync_target: None,
             restarts: 0,
             lease_expired: false,
+            vanished: false,
             sent: 0,
             in_flight: Vec::new(),
             admitted: Vec::new(),
@@ -708,7 +733,10 @@ impl Model for Switchover {
             actions.push(Action::Commit(request.write));
         }
         // Config delivery, one version at a time, to every node the control plane reaches.
-        for node in self.nodes().filter(|node| self.reachable(*node)) {
+        for node in self
+            .nodes()
+            .filter(|node| self.reachable(*node) && !self.gone(state, *node))
+        {
             if usize::from(state.applied[self.node_index(node)]) < state.latest()
                 && !self.permit_held(state, node)
             {
@@ -728,6 +756,9 @@ impl Model for Switchover {
         }
         if self.lost().is_some() && !state.lease_expired {
             actions.push(Action::LeaseExpires);
+        }
+        if self.config.vanishing_gateway && !state.vanished {
+            actions.push(Action::Vanish);
         }
         self.orchestrator_actions(state, actions);
     }
@@ -774,6 +805,7 @@ impl Model for Switchover {
                 state.data[cell.index()].push(entry);
             }
             Action::LeaseExpires => state.lease_expired = true,
+            Action::Vanish => state.vanished = true,
             Action::Publish(version) => state.published.push(version),
             Action::ReadSourcePosition => {
                 let source = Self::source(state.round);

@@ -101,6 +101,56 @@ fn round_trip_holds_every_invariant() {
     assert_holds("round trip", config, 500_000);
 }
 
+/// Issue 9: a gateway that vanishes (mid-switchover, for good) stops counting in barriers
+/// once disconnected; it cannot write, and what it still routes by its old map is refused
+/// by the cells. Every invariant holds, and the switchover completes without it.
+#[test]
+fn regression_a_vanished_gateway_stops_counting_and_every_invariant_holds() {
+    let config = Config {
+        vanishing_gateway: true,
+        restarts: 1,
+        ..Config::planned()
+    };
+    assert_holds("planned, a gateway vanishes", config, 500_000);
+}
+
+/// The same there and back: a write the vanished gateway routed at the first epoch and
+/// delivered after the shard came back is still refused.
+#[test]
+fn regression_a_vanished_gateway_in_a_round_trip_holds_every_invariant() {
+    let config = Config {
+        vanishing_gateway: true,
+        switchovers: 2,
+        writes: 2,
+        restarts: 0,
+        ..Config::planned()
+    };
+    assert_holds("round trip, a gateway vanishes", config, 50_000);
+}
+
+/// Without the cells' epoch check, not waiting for the vanished gateway is unsafe: a write
+/// it routed by the first map is accepted after the shard came back, at another epoch.
+#[test]
+fn a_vanished_gateway_needs_the_epoch_check() {
+    let config = Config {
+        vanishing_gateway: true,
+        switchovers: 2,
+        writes: 2,
+        restarts: 0,
+        abort: false,
+        flaws: Flaws {
+            skip_epoch_check: true,
+            ..Flaws::default()
+        },
+        ..Config::planned()
+    };
+    assert_caught(
+        "vanished gateway, no epoch check",
+        config,
+        &[property::NO_WRITE_FROM_ANOTHER_EPOCH],
+    );
+}
+
 // === Each flaw is caught ===
 
 /// A small planned configuration: enough for each flaw to show, small enough to search fast.
@@ -112,6 +162,7 @@ fn small_planned(flaws: Flaws) -> Config {
         restarts: 0,
         abort: false,
         partitioned_gateway: false,
+        vanishing_gateway: false,
         switchovers: 1,
         flaws,
     }

@@ -116,6 +116,17 @@ impl Control {
         std::fs::read_to_string(self.state.path().join("control.log")).unwrap_or_default()
     }
 
+    /// Its resident memory now, in bytes (Linux: `VmRSS`).
+    pub(crate) fn resident_bytes(&self) -> u64 {
+        let pid = self.child.as_ref().map(Child::id).unwrap_or_default();
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
     /// Stops with SIGTERM and waits; asserts a clean exit.
     pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -263,3 +263,118 @@ fn optimistic_concurrency_and_deletes() {
         .atoll(&["delete", "gateway", "gw-hz-a"])
         .fails(5, &["does not exist"]);
 }
+
+/// Posts manifests to `/v1/apply` and returns (status, body).
+async fn post_apply(url: &str, source: &str, content: &str) -> (u16, serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/apply"))
+        .json(&serde_json::json!({"manifests": [{"source": source, "content": content}]}))
+        .send()
+        .await
+        .expect("apply");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or_default())
+}
+
+/// The 688-byte "billion laughs" of the adversarial run: ten levels of ten
+/// aliases, 10^10 values if expanded.
+fn alias_bomb() -> String {
+    let mut text = String::from(
+        "apiVersion: atoll/v1\nkind: Region\nmetadata: {name: bomb}\nspec:\n  a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n",
+    );
+    for level in 1..10 {
+        let items = vec![format!("*a{}", level - 1); 10].join(", ");
+        text += &format!("  a{level}: &a{level} [{items}]\n");
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn regression_alias_bombs_get_422_naming_the_limit_and_memory_stays_bounded() {
+    let control = tokio::task::block_in_place(Control::start);
+    let bomb = alias_bomb();
+    assert!(bomb.len() < 800, "{} bytes", bomb.len());
+    let before = control.resident_bytes();
+    // Sixteen at once, twice.
+    for _ in 0..2 {
+        let answers = futures::future::join_all((0..16).map(|i| {
+            let (url, bomb) = (control.url.clone(), bomb.clone());
+            async move { post_apply(&url, &format!("bomb-{i}.yaml"), &bomb).await }
+        }))
+        .await;
+        for (status, body) in answers {
+            assert_eq!(status, 422, "{body}");
+            let reason = body["issues"][0]["reason"].as_str().unwrap_or("");
+            assert!(reason.contains("more than 10000 values"), "{body}");
+            assert!(
+                body["issues"][0]["line"]
+                    .as_u64()
+                    .is_some_and(|l| (6..=14).contains(&l)),
+                "the line of the alias that went over: {body}"
+            );
+        }
+    }
+    let after = control.resident_bytes();
+    assert!(
+        after < before + 40 * 1024 * 1024,
+        "resident memory grew from {} MB to {} MB",
+        before / 1_000_000,
+        after / 1_000_000
+    );
+    // And the control plane goes on serving.
+    tokio::task::block_in_place(|| control.atoll(&["status"]).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_an_oversized_resource_or_configuration_is_refused_at_apply() {
+    let control = tokio::task::block_in_place(Control::start);
+    // A 15 MB Region: 422, naming the resource, the size and the limit.
+    let huge = format!(
+        "apiVersion: atoll/v1\nkind: Region\nmetadata: {{name: huge}}\nspec: {{displayName: \"{}\"}}\n",
+        "x".repeat(15_000_000)
+    );
+    let (status, body) = post_apply(&control.url, "huge.yaml", &huge).await;
+    assert_eq!(status, 422, "{body}");
+    let issue = &body["issues"][0];
+    assert_eq!(issue["resource"], "Region/huge", "{body}");
+    assert!(
+        issue["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("14.3 MiB") && r.contains("512 KiB")),
+        "{body}"
+    );
+    // Regions of 400 KiB each, 25 per apply: the configuration may grow to
+    // 32 MiB and no further.
+    let batch = |first: usize| -> String {
+        (first..first + 25)
+            .map(|i| {
+                format!(
+                    "apiVersion: atoll/v1\nkind: Region\nmetadata: {{name: r{i}}}\nspec: {{displayName: \"{}\"}}\n",
+                    "y".repeat(400 * 1024)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    let mut refused = None;
+    for round in 0..4 {
+        let (status, body) = post_apply(
+            &control.url,
+            &format!("batch-{round}.yaml"),
+            &batch(round * 25),
+        )
+        .await;
+        if status != 200 {
+            refused = Some((round, status, body));
+            break;
+        }
+    }
+    let (round, status, body) = refused.expect("refused before 40 MiB");
+    assert_eq!((round, status), (3, 422), "{body}");
+    assert!(
+        body["issues"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("configuration would be") && r.contains("32.0 MiB")),
+        "{body}"
+    );
+}

@@ -33,6 +33,7 @@ impl Node {
                         cell: String::new(),
                     }),
                     applied_version: applied,
+                    problem: String::new(),
                 })),
             })
             .await
@@ -438,4 +439,109 @@ async fn a_silent_node_is_dropped_after_the_heartbeat_timeout_and_a_heartbeating
         "heartbeats keep it: {nodes}"
     );
     heartbeat.abort();
+}
+
+/// Records the versions it installs.
+struct Recorder(parking_lot::Mutex<Vec<u64>>);
+
+impl atoll_node::Installer for Recorder {
+    fn install(&self, config: &atoll_node::NodeConfig) -> Result<(), String> {
+        self.0.lock().push(config.version);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_config_past_grpcs_default_limit_reaches_nodes_and_one_that_cannot_says_so() {
+    let control = Control::start();
+    atoll(&control, &["apply", "-f", examples().to_str().unwrap()])
+        .await
+        .success();
+    // 6 MiB of configuration: more than gRPC's default 4 MiB per message.
+    let regions: Vec<String> = (0..15)
+        .map(|i| {
+            format!(
+                "apiVersion: atoll/v1\nkind: Region\nmetadata: {{name: big{i}}}\nspec: {{displayName: \"{}\"}}\n",
+                "z".repeat(400 * 1024)
+            )
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.yaml");
+    std::fs::write(&path, regions.join("---\n")).unwrap();
+    atoll(&control, &["apply", "-f", path.to_str().unwrap()])
+        .await
+        .success();
+    let revision = control.revision();
+
+    // An Atoll node receives it whole, in its first snapshot.
+    let recorder = std::sync::Arc::new(Recorder(parking_lot::Mutex::new(Vec::new())));
+    let client = atoll_node::NodeClient::new(
+        atoll_node::NodeOptions {
+            control: control.url.clone(),
+            name: "gw-big".into(),
+            role: "gateway".into(),
+            zone: "hz-a".into(),
+            cell: String::new(),
+            cache: None,
+        },
+        recorder.clone(),
+    );
+    let status = client.status();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let following = tokio::spawn(client.run(stopped));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while status.applied_version() < revision {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node did not get version {revision}: {:?}",
+            status.last_error()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(recorder.0.lock().last(), Some(&revision));
+
+    // A node that keeps gRPC's default limit cannot receive it: it says so
+    // when it connects again, and `atoll nodes` shows why.
+    let mut small = Node::connect(&control.url, "gw-small", "gateway", 0).await;
+    let failed = tokio::time::timeout(Duration::from_secs(10), small.inbound.message())
+        .await
+        .expect("an answer");
+    let error = failed.expect_err("too large for a 4 MiB limit");
+    assert_eq!(error.code(), tonic::Code::OutOfRange, "{error:?}");
+    drop(small);
+    let mut client = ConfigStreamClient::connect(control.url.clone())
+        .await
+        .unwrap();
+    let (outbound, receiver) = mpsc::channel(4);
+    outbound
+        .send(NodeMessage {
+            message: Some(node_message::Message::Hello(Hello {
+                node: Some(NodeIdentity {
+                    name: "gw-small".into(),
+                    role: "gateway".into(),
+                    zone: "hz-a".into(),
+                    cell: String::new(),
+                }),
+                applied_version: 0,
+                problem: format!("cannot receive an update: {}", error.message()),
+            })),
+        })
+        .await
+        .unwrap();
+    let _stream = client
+        .subscribe(ReceiverStream::new(receiver))
+        .await
+        .unwrap();
+    let table = atoll(&control, &["nodes"]).await.success().stdout();
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("gw-small"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        line.contains("cannot receive an update") && line.contains("message length too large"),
+        "{table}"
+    );
+    let _ = stop.send(true);
+    let _ = following.await;
 }

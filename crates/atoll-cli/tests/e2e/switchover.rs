@@ -445,3 +445,166 @@ fn a_manual_emergency_plan_waits_for_approval_and_switchovers_guard_their_map() 
     let _ = stop.send(());
     renewer.join().expect("renewer");
 }
+
+/// Two cells, no emergency plan, no replication probe (a stateless
+/// service: the switchover skips its sync gate).
+const TWO_CELLS: &str = "apiVersion: atoll/v1
+kind: Region
+metadata: {name: hz}
+---
+apiVersion: atoll/v1
+kind: Zone
+metadata: {name: hz-a}
+spec: {region: hz}
+---
+apiVersion: atoll/v1
+kind: Zone
+metadata: {name: hz-b}
+spec: {region: hz}
+---
+apiVersion: atoll/v1
+kind: Cell
+metadata: {name: rz01}
+spec: {zone: hz-a, type: rzone}
+---
+apiVersion: atoll/v1
+kind: Cell
+metadata: {name: rz02}
+spec: {zone: hz-b, type: rzone}
+---
+apiVersion: atoll/v1
+kind: ShardRule
+metadata: {name: users}
+spec:
+  shards: 10
+  key: {sources: [{header: x-user-id}], transform: {mod: 10}}
+---
+apiVersion: atoll/v1
+kind: ShardMap
+metadata: {name: users}
+spec:
+  rule: users
+  assignments:
+    - {shards: \"0-4\", cell: rz01, standby: rz02}
+    - {shards: \"5-9\", cell: rz02, standby: rz01}
+---
+apiVersion: atoll/v1
+kind: Service
+metadata: {name: bank}
+spec: {kind: unitized, shardRule: users}
+";
+
+/// Issue 9: a node that connected once and vanished (a crashed gateway, an
+/// app instance whose host went away) no longer holds a planned
+/// switchover's barriers until the node expiry: it stops counting once any
+/// lease it held has ended, and the switchover says it did not wait for it.
+#[test]
+fn regression_a_vanished_node_does_not_hold_a_planned_switchover() {
+    use atoll_api::config::config_stream_client::ConfigStreamClient;
+    use atoll_api::config::{Hello, LeaseRequest, NodeIdentity, NodeMessage, node_message};
+
+    let control = crate::harness::Control::start_with(vec!["--lease-duration=1s".into()]);
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(TWO_CELLS))
+        .success();
+    let url = control.url.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // A gateway and an app instance of rz01 (which took a lease) connect,
+    // then vanish without a word.
+    runtime.block_on(async {
+        for (name, role, cell) in [
+            ("gw-ghost", "gateway", ""),
+            ("bank-rz01-ghost", "app", "rz01"),
+        ] {
+            let mut client = ConfigStreamClient::connect(url.clone())
+                .await
+                .expect("connect");
+            let identity = NodeIdentity {
+                name: name.into(),
+                role: role.into(),
+                zone: "hz-a".into(),
+                cell: cell.into(),
+            };
+            let (outbound, receiver) = tokio::sync::mpsc::channel(4);
+            outbound
+                .send(NodeMessage {
+                    message: Some(node_message::Message::Hello(Hello {
+                        node: Some(identity.clone()),
+                        applied_version: 0,
+                        problem: String::new(),
+                    })),
+                })
+                .await
+                .expect("hello");
+            let mut inbound = client
+                .subscribe(tokio_stream::wrappers::ReceiverStream::new(receiver))
+                .await
+                .expect("subscribe")
+                .into_inner();
+            let snapshot = inbound.message().await.expect("ok").expect("snapshot");
+            if role == "app" {
+                let grant = client
+                    .renew_lease(LeaseRequest {
+                        node: Some(identity),
+                        applied_version: snapshot.version,
+                    })
+                    .await
+                    .expect("renew")
+                    .into_inner();
+                assert!(grant.granted, "{grant:?}");
+            }
+        }
+    });
+    drop(runtime);
+    let nodes = control.json(&["nodes"]);
+    assert!(
+        nodes["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .all(|n| n["connected"] == false),
+        "both gone: {nodes}"
+    );
+
+    let started = std::time::Instant::now();
+    let run = control
+        .atoll(&[
+            "switchover",
+            "start",
+            "--shards",
+            "0-4",
+            "--to",
+            "rz02",
+            "--skip-sync-gate",
+            "--barrier-timeout",
+            "30s",
+        ])
+        .success();
+    let took = started.elapsed();
+    assert!(run.stdout().contains("completed"), "{}", run.stdout());
+    assert!(
+        took < Duration::from_secs(10),
+        "completed in {took:?}, not after the barrier timeout"
+    );
+    let list = control.json(&["get", "switchovers"]);
+    let timeline = &list["items"][0]["spec"]["timeline"];
+    let fence_barrier = timeline
+        .as_array()
+        .expect("timeline")
+        .iter()
+        .find(|r| r["phase"] == "fenceBarrier")
+        .expect("the fence barrier");
+    let detail = fence_barrier["detail"].as_str().unwrap_or_default();
+    for ghost in ["gw-ghost", "bank-rz01-ghost"] {
+        assert!(
+            detail.contains(ghost),
+            "{ghost} named as not waited for: {detail}"
+        );
+    }
+    assert!(detail.contains("any lease it held has ended"), "{detail}");
+    let map = control.json(&["get", "shardmap", "users"]);
+    assert_eq!(map["spec"]["assignments"][0]["cell"], "rz02", "{map}");
+}
