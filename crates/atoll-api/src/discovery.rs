@@ -2,8 +2,11 @@
 //!
 //! `atoll control` writes [`Discovery`] as JSON to `control.json` in its state
 //! directory (by default `$XDG_STATE_HOME/atoll`, i.e. `~/.local/state/atoll`)
-//! once it listens, and removes it on a clean stop. Other commands read it
-//! when neither `--control` nor `$ATOLL_CONTROL` is given.
+//! once it listens, and removes it on a clean stop. `atoll up` writes a
+//! [`SandboxEntry`] to `sandboxes/<pid>.json` there once its sandbox is
+//! ready, and removes it when it stops. Other commands read both when neither
+//! `--control` nor `$ATOLL_CONTROL` is given, and refuse to guess when more
+//! than one control plane is running.
 
 use std::path::{Path, PathBuf};
 
@@ -36,4 +39,21 @@ pub const DISCOVERY_FILE: &str = "control.json";
 /// The discovery file inside `state_dir`.
 pub fn discovery_path(state_dir: &Path) -> PathBuf {
     state_dir.join(DISCOVERY_FILE)
+}
+
+/// What a running `atoll up` tells other commands (`sandboxes/<pid>.json`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxEntry {
+    /// The `atoll up` process.
+    pub pid: u32,
+    /// Base URL of the sandbox's control plane.
+    pub control: String,
+    /// The sandbox's state directory (its `up.json`, logs, drill files).
+    pub state_dir: String,
+}
+
+/// The folder of sandbox entries inside `state_dir`.
+pub fn sandboxes_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("sandboxes")
 }

@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use atoll_api::discovery::{CONTROL_ENV, DEFAULT_LISTEN, Discovery, STATE_DIR_ENV, discovery_path};
+use atoll_api::discovery::{
+    CONTROL_ENV, DEFAULT_LISTEN, Discovery, STATE_DIR_ENV, SandboxEntry, discovery_path,
+    sandboxes_dir,
+};
 use atoll_api::rest::{ErrorBody, ErrorCode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -72,47 +75,141 @@ pub(crate) struct Endpoint {
     pub(crate) origin: String,
 }
 
-/// Finds the control plane: `--control`, then `$ATOLL_CONTROL`, then the
-/// discovery file of a running `atoll control`, then the default address.
-pub(crate) fn resolve(flag: Option<&str>) -> Endpoint {
-    let normalize = |url: &str| {
-        let url = url.trim_end_matches('/');
-        if url.starts_with("http://") || url.starts_with("https://") {
-            url.to_owned()
-        } else {
-            format!("http://{url}")
-        }
+/// A control plane found running on this machine, by its discovery file
+/// or a sandbox's entry.
+#[derive(Clone, Debug)]
+pub(crate) struct Running {
+    pub(crate) url: String,
+    /// Where it was found, for messages.
+    pub(crate) origin: String,
+}
+
+fn alive(pid: u32) -> bool {
+    i32::try_from(pid)
+        .ok()
+        .is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok())
+}
+
+/// `http://` added when missing, no trailing slash.
+pub(crate) fn normalize(url: &str) -> String {
+    let url = url.trim_end_matches('/');
+    if url.starts_with("http://") || url.starts_with("https://") {
+        url.to_owned()
+    } else {
+        format!("http://{url}")
+    }
+}
+
+/// The running sandboxes (`atoll up`) registered in `state`; entries of
+/// processes that are gone are removed.
+pub(crate) fn sandboxes(state: &std::path::Path) -> Vec<(SandboxEntry, PathBuf)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(sandboxes_dir(state)) else {
+        return found;
     };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let Some(sandbox) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<SandboxEntry>(&text).ok())
+        else {
+            continue;
+        };
+        if alive(sandbox.pid) {
+            found.push((sandbox, path));
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    found.sort_by_key(|(s, _)| s.pid);
+    found
+}
+
+/// Every control plane this machine's state directory knows to be running:
+/// a standalone `atoll control` (its discovery file) and the sandboxes of
+/// `atoll up`, one entry per URL.
+pub(crate) fn running() -> Vec<Running> {
+    let state = state_dir();
+    let mut found: Vec<Running> = Vec::new();
+    for (sandbox, _) in sandboxes(&state) {
+        found.push(Running {
+            url: normalize(&sandbox.control),
+            origin: format!(
+                "the sandbox of atoll up (pid {}, state {})",
+                sandbox.pid, sandbox.state_dir
+            ),
+        });
+    }
+    let path = discovery_path(&state);
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Ok(discovery) = serde_json::from_str::<Discovery>(&text)
+        && alive(discovery.pid)
+    {
+        let url = normalize(&discovery.url);
+        if !found.iter().any(|r| r.url == url) {
+            found.push(Running {
+                url,
+                origin: format!(
+                    "{} (written by atoll control, pid {})",
+                    path.display(),
+                    discovery.pid
+                ),
+            });
+        }
+    }
+    found
+}
+
+/// Finds the control plane: `--control`, then `$ATOLL_CONTROL`, then the
+/// one control plane running here (a sandbox of `atoll up`, or the
+/// discovery file of `atoll control`), then the default address. With
+/// several running, it does not guess: the error lists them.
+pub(crate) fn resolve(flag: Option<&str>) -> Result<Endpoint, CliError> {
     if let Some(url) = flag {
-        return Endpoint {
+        return Ok(Endpoint {
             url: normalize(url),
             origin: "--control".into(),
-        };
+        });
     }
     if let Ok(url) = std::env::var(CONTROL_ENV)
         && !url.is_empty()
     {
-        return Endpoint {
+        return Ok(Endpoint {
             url: normalize(&url),
             origin: format!("${CONTROL_ENV}"),
-        };
+        });
     }
-    let path = discovery_path(&state_dir());
-    if let Ok(text) = std::fs::read_to_string(&path)
-        && let Ok(discovery) = serde_json::from_str::<Discovery>(&text)
-    {
-        return Endpoint {
-            url: normalize(&discovery.url),
-            origin: format!(
-                "{} (written by atoll control, pid {})",
-                path.display(),
-                discovery.pid
-            ),
-        };
-    }
-    Endpoint {
-        url: format!("http://{DEFAULT_LISTEN}"),
-        origin: "the default address".into(),
+    let mut found = running();
+    match found.len() {
+        0 => Ok(Endpoint {
+            url: format!("http://{DEFAULT_LISTEN}"),
+            origin: "the default address".into(),
+        }),
+        1 => {
+            let only = found.remove(0);
+            Ok(Endpoint {
+                url: only.url,
+                origin: only.origin,
+            })
+        }
+        n => {
+            let mut error = CliError::new(
+                2,
+                format!("{n} control planes are running here; say which one to use"),
+            );
+            for running in &found {
+                error
+                    .details
+                    .push(format!("{}  {}", running.url, running.origin));
+            }
+            error.details.push(format!(
+                "pass --control URL, or set ${CONTROL_ENV}; stop the one you do not use"
+            ));
+            Err(error)
+        }
     }
 }
 

@@ -169,6 +169,17 @@ pub(crate) async fn run(args: ControlArgs) -> Result<u8, CliError> {
         address.ip().to_string()
     };
     let url = format!("http://{host}:{}", address.port());
+    let others: Vec<String> = crate::client::running()
+        .into_iter()
+        .filter(|r| r.url != url)
+        .map(|r| format!("{} ({})", r.url, r.origin))
+        .collect();
+    if !others.is_empty() && !args.no_discovery {
+        tracing::warn!(
+            others = %others.join(", "),
+            "other control planes run here too; commands without --control will ask which one to use"
+        );
+    }
     let discovery = (!args.no_discovery).then(|| discovery_path(&state));
     let written = discovery.clone();
     let discovery_body = Discovery {

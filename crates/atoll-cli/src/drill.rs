@@ -7,6 +7,10 @@
 //! measures what any client sees); the probe writes to a user of a moving
 //! shard every 50 ms and notes which cell answered; the fault acts on the
 //! processes of a local sandbox (`atoll up`), found through its `up.json`.
+//! A drill finds the sandbox of the control plane it talks to by itself,
+//! keeps its history in the sandbox's state directory, shows its progress
+//! (phase, req/s, errors, the probe) on stderr as it runs, and ends by
+//! saying how to put the shard map back (`--restore` does it).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -55,12 +59,18 @@ struct Common {
     /// new owner does not serve the probe within this long of the start.
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     deadline: Duration,
-    /// Keep the workload's history here [default: a file in the state dir].
+    /// Keep the workload's history here [default: drills/ in the sandbox's
+    /// state directory].
     #[arg(long, value_name = "FILE")]
     history: Option<PathBuf>,
-    /// The sandbox's state directory (for `up.json`) [default: $ATOLL_STATE_DIR].
+    /// The sandbox's state directory (its `up.json`) [default: the sandbox
+    /// of the control plane the drill talks to, found by itself].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
+    /// Afterwards, move the shards back to the cells that owned them before
+    /// (a planned switchover per former owner, once the workload is over).
+    #[arg(long)]
+    restore: bool,
     /// Report format.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -153,6 +163,11 @@ struct Report {
     /// Whether the checker found nothing wrong.
     clean: bool,
     history: String,
+    /// Commands that put the shard map back as it was before the drill.
+    restore_commands: Vec<String>,
+    /// With --restore: how moving the shards back ended.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restored: Option<String>,
     notes: Vec<String>,
 }
 
@@ -175,17 +190,59 @@ pub(crate) async fn run(client: &Client, args: DrillArgs) -> Result<u8, CliError
     }
 }
 
-fn state_dir(common: &Common) -> PathBuf {
-    common
-        .state_dir
-        .clone()
-        .unwrap_or_else(crate::client::state_dir)
+/// Where the drill keeps its files, and whether a sandbox runs there.
+#[derive(Debug)]
+struct Place {
+    state_dir: PathBuf,
+    /// Its `up.json` exists: a sandbox's processes can be acted on.
+    sandbox: bool,
 }
 
-fn history_path(common: &Common) -> PathBuf {
+/// The sandbox of the control plane the drill talks to: `--state-dir`, else
+/// the running `atoll up` whose control plane it is, else the state
+/// directory's own `up.json`; without one, the state directory.
+fn locate(client: &Client, common: &Common) -> Place {
+    let has_up = |dir: &Path| dir.join("up.json").is_file();
+    if let Some(dir) = &common.state_dir {
+        return Place {
+            sandbox: has_up(dir),
+            state_dir: dir.clone(),
+        };
+    }
+    let home = crate::client::state_dir();
+    let url = client.url();
+    if let Some((entry, _)) = crate::client::sandboxes(&home)
+        .into_iter()
+        .find(|(entry, _)| crate::client::normalize(&entry.control) == url)
+    {
+        let dir = PathBuf::from(entry.state_dir);
+        return Place {
+            sandbox: has_up(&dir),
+            state_dir: dir,
+        };
+    }
+    let own = std::fs::read_to_string(home.join("up.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .is_some_and(|up| {
+            up["control"]
+                .as_str()
+                .map(crate::client::normalize)
+                .as_deref()
+                == Some(url)
+        });
+    Place {
+        sandbox: own,
+        state_dir: home,
+    }
+}
+
+fn history_path(common: &Common, place: &Place, kind: &str) -> PathBuf {
     common.history.clone().unwrap_or_else(|| {
-        state_dir(common).join(format!(
-            "drill-{}.jsonl",
+        let dir = place.state_dir.join("drills");
+        let _ = std::fs::create_dir_all(&dir);
+        dir.join(format!(
+            "{kind}-{}.jsonl",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs())
@@ -193,11 +250,108 @@ fn history_path(common: &Common) -> PathBuf {
     })
 }
 
+/// What the progress line shows, updated by the drill's parts.
+#[derive(Debug, Default)]
+struct Live {
+    phase: String,
+    tick: Option<crate::load::Tick>,
+    /// What the workload says it does when it is not sending (reading
+    /// balances first, settling, checking).
+    workload_note: Option<String>,
+}
+
+/// Wakes the progress printer at a phase change.
+static PHASE_CHANGED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
+/// Prints the progress once a second on stderr (in place on a terminal;
+/// elsewhere every 5 s and at every phase change) until `stop`.
+fn start_progress(
+    live: Arc<Mutex<Live>>,
+    probe: Arc<Mutex<Probe>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    use std::io::{IsTerminal as _, Write as _};
+    tokio::spawn(async move {
+        let terminal = std::io::stderr().is_terminal();
+        let started = Instant::now();
+        let mut last_phase = String::new();
+        let mut ticks = 0u64;
+        let mut next_tick = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let timed = tokio::select! {
+                () = tokio::time::sleep_until(next_tick) => true,
+                () = PHASE_CHANGED.notified() => false,
+                _ = stop.changed() => break,
+            };
+            if timed {
+                ticks += 1;
+                next_tick += Duration::from_secs(1);
+            }
+            let (phase, tick, note) = {
+                let live = live.lock();
+                (
+                    live.phase.clone(),
+                    live.tick.clone(),
+                    live.workload_note.clone(),
+                )
+            };
+            if !timed && (terminal || phase == last_phase) {
+                continue;
+            }
+            let (writes, failures, cells) = {
+                let p = probe.lock();
+                (
+                    p.writes,
+                    p.failures,
+                    p.by_cell.keys().cloned().collect::<Vec<_>>(),
+                )
+            };
+            let load = match (note, tick) {
+                (Some(note), _) => note,
+                (None, Some(t)) => format!(
+                    "{:>5.0} req/s  errors {}  retries {}",
+                    t.req_per_sec, t.errors, t.retries
+                ),
+                (None, None) => "workload starting".to_owned(),
+            };
+            let line = format!(
+                "{:>4}s  {phase:<34} {load}  probe {writes} writes, {failures} failed{}",
+                started.elapsed().as_secs(),
+                if cells.is_empty() {
+                    String::new()
+                } else {
+                    format!(", answered by {}", cells.join(" "))
+                }
+            );
+            if terminal {
+                eprint!("\r\x1b[2K{line}");
+            } else if phase != last_phase || (timed && ticks.is_multiple_of(5)) {
+                eprintln!("{line}");
+            }
+            last_phase = phase;
+            let _ = std::io::stderr().flush();
+        }
+        if terminal {
+            eprintln!();
+        }
+    })
+}
+
+fn set_phase(live: &Mutex<Live>, phase: impl Into<String>) {
+    let phase = phase.into();
+    let mut live = live.lock();
+    if live.phase != phase {
+        live.phase = phase;
+        PHASE_CHANGED.notify_one();
+    }
+}
+
 /// Starts `atoll load --history` for the drill.
 fn start_load(
     client: &Client,
     common: &Common,
     history: &Path,
+    live: &Arc<Mutex<Live>>,
 ) -> Result<tokio::process::Child, CliError> {
     let me = std::env::current_exe()
         .map_err(|e| CliError::new(exit::FAILURE, format!("cannot locate this program: {e}")))?;
@@ -216,13 +370,41 @@ fn start_load(
         .arg(format!("{}ms", common.duration.as_millis()))
         .arg("--history")
         .arg(history)
+        .args(["--progress", "json"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true);
-    command
+    let mut child = command
         .spawn()
-        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot start the workload: {e}")))
+        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot start the workload: {e}")))?;
+    // Its progress, one JSON object a second, for the drill's own line.
+    if let Some(stderr) = child.stderr.take() {
+        let live = live.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt as _;
+            let mut lines = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                match serde_json::from_str::<crate::load::Tick>(&line) {
+                    Ok(tick) => {
+                        let mut live = live.lock();
+                        live.tick = Some(tick);
+                        live.workload_note = None;
+                    }
+                    Err(_) if !line.trim().is_empty() => {
+                        // What the workload does before and after sending
+                        // (reading balances, settling, checking).
+                        live.lock().workload_note = Some(format!(
+                            "workload: {}",
+                            line.trim().chars().take(70).collect::<String>()
+                        ));
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+    Ok(child)
 }
 
 async fn finish_load(child: tokio::process::Child, report: &mut Report) {
@@ -407,7 +589,8 @@ fn probe_user(shard: u32) -> String {
 
 async fn switchover(client: &Client, drill: SwitchoverDrill) -> Result<u8, CliError> {
     let common = &drill.common;
-    let history = history_path(common);
+    let place = locate(client, common);
+    let history = history_path(common, &place, "switchover");
     let mut report = Report {
         drill: "switchover".into(),
         history: history.display().to_string(),
@@ -437,25 +620,45 @@ async fn switchover(client: &Client, drill: SwitchoverDrill) -> Result<u8, CliEr
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let target = first["to"].as_str().unwrap_or_default().to_owned();
+    if drill.kill_control_plane && !place.sandbox {
+        return Err(no_sandbox(client, &place));
+    }
     let gateway = first_gateway(client).await?;
+    eprintln!(
+        "atoll drill switchover: {} moves, under {} req/s for {} (history {})",
+        plan.moves.len(),
+        common.rate,
+        humantime::format_duration(common.duration),
+        history.display()
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let armed = Arc::new(Mutex::new(None));
     let probe = Arc::new(Mutex::new(Probe::default()));
-    let load = start_load(client, common, &history)?;
+    let live = Arc::new(Mutex::new(Live::default()));
+    set_phase(
+        &live,
+        format!(
+            "warming up: switchover in {}",
+            humantime::format_duration(common.start_after)
+        ),
+    );
+    let load = start_load(client, common, &history, &live)?;
     let prober = start_probe(
         gateway,
         probe_user(shard),
         target,
         armed.clone(),
         probe.clone(),
-        stopped,
+        stopped.clone(),
     );
+    let progress = start_progress(live.clone(), probe.clone(), stopped);
     tokio::time::sleep(common.start_after).await;
     let started = Instant::now();
     *armed.lock() = Some(started);
     let plan: SwitchoverPlan = client.post("/v1/switchovers", &request).await?;
+    set_phase(&live, format!("switchover {}: pending", plan.name));
     if drill.kill_control_plane {
-        kill_control_plane(common, &mut report);
+        kill_control_plane(&place, &mut report);
     }
     let spec = wait_final(
         client,
@@ -463,24 +666,175 @@ async fn switchover(client: &Client, drill: SwitchoverDrill) -> Result<u8, CliEr
         started + common.deadline,
         true,
         &mut report,
+        &live,
     )
     .await;
+    set_phase(&live, "steady state after the switchover");
     // The probe goes on while the workload runs: the steady state after
     // the switchover counts too.
     finish_load(load, &mut report).await;
     let _ = stop.send(true);
     let _ = prober.await;
+    let _ = progress.await;
     if let Some(spec) = &spec {
         describe(&mut report, &plan.name, spec);
+        if spec.phase == SwitchoverPhase::Completed {
+            report.restore_commands = restore_commands(spec);
+            if common.restore {
+                report.restored = Some(restore(client, spec, &mut report).await);
+            }
+        }
     }
     finish_probe(&mut report, &probe, started);
     print_report(&report, common.output);
     Ok(code(&report))
 }
 
+/// The planned switchovers that give the moved shards back to the cells
+/// that owned them before: one per former owner and range.
+fn restore_requests(spec: &SwitchoverSpec) -> Vec<SwitchoverRequest> {
+    spec.moves
+        .iter()
+        .map(|m| SwitchoverRequest {
+            shard_map: Some(spec.shard_map.clone()),
+            shards: Some(m.shards.to_string()),
+            to: Some(m.from.clone()),
+            reason: Some("atoll drill --restore: the shards go back".into()),
+            ..SwitchoverRequest::default()
+        })
+        .collect()
+}
+
+fn restore_commands(spec: &SwitchoverSpec) -> Vec<String> {
+    restore_requests(spec)
+        .iter()
+        .map(|r| {
+            format!(
+                "atoll switchover start --shards {} --to {}",
+                r.shards.as_deref().unwrap_or_default(),
+                r.to.as_deref().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// After a failover: makes the lost cell the standby of the shards it
+/// lost again, then moves them back once it has caught up.
+async fn restore_after_failover(
+    client: &Client,
+    spec: &SwitchoverSpec,
+    report: &mut Report,
+) -> String {
+    let path = format!("/v1/resources/shardmaps/{}", segment(&spec.shard_map));
+    let mut map: Value = match client.get(&path).await {
+        Ok(map) => map,
+        Err(error) => return format!("not restored: {}", error.message),
+    };
+    let mut changed = false;
+    if let Some(assignments) = map["spec"]["assignments"].as_array_mut() {
+        for assignment in assignments {
+            let Some(range) = assignment["shards"]
+                .as_str()
+                .map(str::to_owned)
+                .or_else(|| assignment["shards"].as_u64().map(|n| n.to_string()))
+                .and_then(|text| text.parse::<atoll_model::ShardRange>().ok())
+            else {
+                continue;
+            };
+            for m in &spec.moves {
+                if range.start >= m.shards.start
+                    && range.end <= m.shards.end
+                    && assignment["cell"].as_str() == Some(m.to.as_str())
+                {
+                    assignment["standby"] = Value::String(m.from.clone());
+                    changed = true;
+                }
+            }
+        }
+    }
+    if changed {
+        eprintln!("restoring: the lost cells stand by for their shards again...");
+        let request = atoll_api::rest::ApplyRequest {
+            manifests: vec![atoll_api::rest::ManifestFile {
+                source: format!("shardmap/{} (atoll drill --restore)", spec.shard_map),
+                content: map.to_string(),
+            }],
+            message: Some("atoll drill --restore: the lost cells stand by again".into()),
+            ..atoll_api::rest::ApplyRequest::default()
+        };
+        if let Err(error) = client
+            .post::<_, atoll_api::rest::ApplyResponse>("/v1/apply", &request)
+            .await
+        {
+            return format!("not restored: {}", error.message);
+        }
+    }
+    restore_with(client, spec, report, Some("60s".into())).await
+}
+
+/// Moves the shards back, one switchover after the other; how it ended.
+async fn restore(client: &Client, spec: &SwitchoverSpec, report: &mut Report) -> String {
+    restore_with(client, spec, report, None).await
+}
+
+async fn restore_with(
+    client: &Client,
+    spec: &SwitchoverSpec,
+    report: &mut Report,
+    sync_timeout: Option<String>,
+) -> String {
+    for mut request in restore_requests(spec) {
+        request.sync_timeout = sync_timeout.clone();
+        eprintln!(
+            "restoring: shards {} back to {}...",
+            request.shards.as_deref().unwrap_or_default(),
+            request.to.as_deref().unwrap_or_default()
+        );
+        let plan: SwitchoverPlan = match client.post("/v1/switchovers", &request).await {
+            Ok(plan) => plan,
+            Err(error) => return format!("not restored: {}", error.message),
+        };
+        let live = Mutex::new(Live::default());
+        let deadline = Instant::now() + Duration::from_secs(90);
+        match wait_final(client, &plan.name, deadline, false, report, &live).await {
+            Some(done) if done.phase == SwitchoverPhase::Completed => {}
+            Some(done) => {
+                return format!(
+                    "not restored: switchover/{} ended {}: {}",
+                    plan.name,
+                    done.phase,
+                    done.message.unwrap_or_default()
+                );
+            }
+            None => return format!("not restored: switchover/{} did not finish", plan.name),
+        }
+    }
+    "completed".into()
+}
+
+fn no_sandbox(client: &Client, place: &Place) -> CliError {
+    let mut error = CliError::new(
+        exit::FAILURE,
+        format!(
+            "this drill acts on the processes of a local sandbox, and none runs for the control plane at {}",
+            client.url()
+        ),
+    );
+    error.details.push(format!(
+        "start one with `atoll up` (it registers itself in {}), or give its --state-dir",
+        crate::client::state_dir().display()
+    ));
+    if !place.state_dir.as_os_str().is_empty() {
+        error
+            .details
+            .push(format!("looked in {}", place.state_dir.display()));
+    }
+    error
+}
+
 /// SIGKILLs the sandbox's control plane (it is started again by `atoll up`).
-fn kill_control_plane(common: &Common, report: &mut Report) {
-    match sandbox_pid(common, "control plane") {
+fn kill_control_plane(place: &Place, report: &mut Report) {
+    match sandbox_pid(place, "control plane") {
         Ok(pid) => {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
@@ -496,13 +850,13 @@ fn kill_control_plane(common: &Common, report: &mut Report) {
     }
 }
 
-fn up_file(common: &Common) -> Result<Value, CliError> {
-    let path = state_dir(common).join("up.json");
+fn up_file(place: &Place) -> Result<Value, CliError> {
+    let path = place.state_dir.join("up.json");
     let text = std::fs::read_to_string(&path).map_err(|e| {
         CliError::new(
             exit::FAILURE,
             format!(
-                "cannot read {} ({e}): a fault drill acts on a local sandbox (atoll up); give its --state-dir",
+                "cannot read {} ({e}): a fault drill acts on a local sandbox (atoll up); start one, or give its --state-dir",
                 path.display()
             ),
         )
@@ -511,8 +865,8 @@ fn up_file(common: &Common) -> Result<Value, CliError> {
         .map_err(|e| CliError::new(exit::FAILURE, format!("{}: {e}", path.display())))
 }
 
-fn sandbox_pid(common: &Common, process: &str) -> Result<i32, CliError> {
-    let up = up_file(common)?;
+fn sandbox_pid(place: &Place, process: &str) -> Result<i32, CliError> {
+    let up = up_file(place)?;
     up["processes"][process]
         .as_u64()
         .and_then(|p| i32::try_from(p).ok())
@@ -532,11 +886,13 @@ async fn wait_final(
     deadline: Instant,
     abort: bool,
     report: &mut Report,
+    live: &Mutex<Live>,
 ) -> Option<SwitchoverSpec> {
     let mut aborted = false;
     loop {
         // The control plane may be restarting: errors are retried.
         if let Some(spec) = switchover_named(client, name).await {
+            set_phase(live, format!("switchover {name}: {}", spec.phase));
             if spec.phase.is_final() {
                 return Some(spec);
             }
@@ -585,7 +941,11 @@ fn finish_probe(report: &mut Report, probe: &Mutex<Probe>, started: Instant) {
 
 async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
     let common = &drill.common;
-    let history = history_path(common);
+    let place = locate(client, common);
+    if !place.sandbox {
+        return Err(no_sandbox(client, &place));
+    }
+    let history = history_path(common, &place, "fault");
     let mut report = Report {
         drill: format!("fault ({:?}) of {}", drill.fault, drill.cell).to_lowercase(),
         history: history.display().to_string(),
@@ -620,7 +980,7 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
                 ),
             )
         })?;
-    let up = up_file(common)?;
+    let up = up_file(&place)?;
     let zone = up["cells"][&drill.cell]
         .as_str()
         .map(str::to_owned)
@@ -637,22 +997,39 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
         .into_iter()
         .map(|(r, _)| r.name().to_owned())
         .collect();
+    eprintln!(
+        "atoll drill fault: {:?} {} under {} req/s for {} (history {})",
+        drill.fault,
+        drill.cell,
+        common.rate,
+        humantime::format_duration(common.duration),
+        history.display()
+    );
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let armed = Arc::new(Mutex::new(None));
     let probe = Arc::new(Mutex::new(Probe::default()));
-    let load = start_load(client, common, &history)?;
+    let live = Arc::new(Mutex::new(Live::default()));
+    set_phase(
+        &live,
+        format!(
+            "warming up: fault in {}",
+            humantime::format_duration(common.start_after)
+        ),
+    );
+    let load = start_load(client, common, &history, &live)?;
     let prober = start_probe(
         gateway,
         probe_user(shard),
         target.clone(),
         armed.clone(),
         probe.clone(),
-        stopped,
+        stopped.clone(),
     );
+    let progress = start_progress(live.clone(), probe.clone(), stopped);
     tokio::time::sleep(common.start_after).await;
 
     // The cell's processes: its zone's agent and the instances it runs.
-    let agent = sandbox_pid(common, &agent_name)?;
+    let agent = sandbox_pid(&place, &agent_name)?;
     let admin = up["agents"][&zone].as_str().unwrap_or_default().to_owned();
     let listed = match reqwest::get(format!("{admin}/instances")).await {
         Ok(response) => response.json::<Value>().await.unwrap_or(Value::Null),
@@ -669,7 +1046,7 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
         .unwrap_or_default();
     let mut pids = vec![agent];
     pids.extend(&instances);
-    let hold = state_dir(common).join("hold");
+    let hold = place.state_dir.join("hold");
     let isolation: Option<crate::netns::Isolation> =
         serde_json::from_value(up["isolated"].clone()).ok();
     if drill.fault == Fault::Partition && isolation.as_ref().is_none_or(|i| i.zone != zone) {
@@ -684,6 +1061,10 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
     }
     let started = Instant::now();
     *armed.lock() = Some(started);
+    set_phase(
+        &live,
+        format!("{} lost: waiting for its emergency plan", drill.cell),
+    );
     match (&drill.fault, &isolation) {
         (Fault::Partition, Some(isolation)) => {
             isolation.partition()?;
@@ -737,7 +1118,7 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
         Some((name, seen)) => {
             report.detected_ms =
                 Some(u64::try_from(seen.duration_since(started).as_millis()).unwrap_or(0));
-            let spec = wait_final(client, name, deadline, false, &mut report).await;
+            let spec = wait_final(client, name, deadline, false, &mut report, &live).await;
             if let Some(s) = &spec
                 && s.phase.is_final()
             {
@@ -787,13 +1168,31 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
         "ended the fault after {} ms",
         started.elapsed().as_millis()
     ));
+    set_phase(&live, format!("{} back; steady state", drill.cell));
     // The probe goes on while the workload runs: the steady state after
     // the switchover counts too.
     finish_load(load, &mut report).await;
     let _ = stop.send(true);
     let _ = prober.await;
+    let _ = progress.await;
     if let (Some((name, _)), Some(spec)) = (&found, &spec) {
         describe(&mut report, name, spec);
+        if spec.phase == SwitchoverPhase::Completed {
+            // The lost cell is the standby of none of them now: it must be
+            // again, and catch up, before they can move back.
+            report.restore_commands = vec![format!(
+                "atoll get shardmap {} -o yaml > map.yaml   # then set `standby: {}` on the shards it lost, and `atoll apply -f map.yaml`",
+                spec.shard_map, drill.cell
+            )];
+            report.restore_commands.extend(
+                restore_commands(spec)
+                    .into_iter()
+                    .map(|c| format!("{c} --sync-timeout 60s")),
+            );
+            if common.restore {
+                report.restored = Some(restore_after_failover(client, spec, &mut report).await);
+            }
+        }
     } else {
         report.outcome = "no failover".into();
     }
@@ -804,7 +1203,8 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
 
 /// 0 when the drill completed and the checker found nothing; else 10.
 fn code(report: &Report) -> u8 {
-    if report.outcome == "completed" && report.clean {
+    let restored = report.restored.as_deref().is_none_or(|r| r == "completed");
+    if report.outcome == "completed" && report.clean && restored {
         0
     } else {
         exit::DRILL_FAILED
@@ -878,6 +1278,21 @@ fn print_report(report: &Report, format: Format) {
         }
     );
     println!("  history          {}", report.history);
+    match &report.restored {
+        Some(outcome) => {
+            println!("  restored         {outcome} (the shards went back to their owners)")
+        }
+        None if !report.restore_commands.is_empty() => {
+            println!(
+                "  put it back      the moved shards stay where they went; to move them back:"
+            );
+            for command in &report.restore_commands {
+                println!("                     {command}");
+            }
+            println!("                   (or run the drill with --restore)");
+        }
+        None => {}
+    }
     for note in &report.notes {
         println!("  note: {note}");
     }

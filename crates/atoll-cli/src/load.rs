@@ -67,9 +67,35 @@ pub(crate) struct LoadArgs {
     #[arg(long, default_value = "2m", value_parser = humantime::parse_duration, value_name = "DURATION")]
     settle_for: Duration,
 
+    /// The progress lines on stderr: `text` for people, `json` for tools
+    /// (one object per second: seconds, reqPerSec, errors, retries,
+    /// cells: {cell: req/s}).
+    #[arg(long, value_enum, default_value_t = Progress::Text)]
+    progress: Progress,
+
     /// Summary format.
     #[arg(short, long, value_enum, default_value_t = Format::Table)]
     output: Format,
+}
+
+/// How progress is shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Progress {
+    /// A line for people (updated in place on a terminal).
+    Text,
+    /// One JSON object per second.
+    Json,
+}
+
+/// One second of progress, as `--progress json` prints it.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Tick {
+    pub(crate) seconds: f64,
+    pub(crate) req_per_sec: f64,
+    pub(crate) errors: u64,
+    pub(crate) retries: u64,
+    pub(crate) cells: BTreeMap<String, f64>,
 }
 
 /// What happened, for the summary (`-o json`).
@@ -899,6 +925,26 @@ pub(crate) async fn run(client: &Client, args: LoadArgs) -> Result<u8, CliError>
                 )
             })
             .collect();
+        if args.progress == Progress::Json {
+            let tick = Tick {
+                seconds: started.elapsed().as_secs_f64(),
+                req_per_sec: rate,
+                errors,
+                retries,
+                cells: by_cell
+                    .iter()
+                    .map(|(cell, n)| {
+                        (
+                            cell.clone(),
+                            (*n - last.2.get(cell).copied().unwrap_or(0)) as f64 / seconds,
+                        )
+                    })
+                    .collect(),
+            };
+            eprintln!("{}", serde_json::to_string(&tick).unwrap_or_default());
+            last = (Instant::now(), requests, by_cell);
+            continue;
+        }
         let line = format!(
             "{:>4.0}s  {:>6.0} req/s  errors {errors}  retries {retries}  {}",
             started.elapsed().as_secs_f64(),
@@ -913,7 +959,7 @@ pub(crate) async fn run(client: &Client, args: LoadArgs) -> Result<u8, CliError>
         let _ = std::io::stderr().flush();
         last = (Instant::now(), requests, by_cell);
     }
-    if terminal {
+    if terminal && args.progress == Progress::Text {
         eprintln!();
     }
     for worker in workers {

@@ -142,7 +142,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         .unwrap_or_else(|| "anonymous".into());
     let connect = |timeout| {
         client::Client::new(
-            client::resolve(cli.control.as_deref()),
+            client::resolve(cli.control.as_deref())?,
             user.clone(),
             timeout,
         )
@@ -151,14 +151,14 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
     match cli.command {
         Command::Control(args) => control::run(args).await,
         Command::Gateway(args) => {
-            let endpoint = client::resolve(cli.control.as_deref());
+            let endpoint = client::resolve(cli.control.as_deref())?;
             gateway::run(args, endpoint).await
         }
         Command::Up(args) => up::run(args).await,
         Command::Load(args) => load::run(&connect(default_timeout)?, args).await,
         Command::Check(args) => load::check(&args),
         Command::Agent(args) => {
-            let endpoint = client::resolve(cli.control.as_deref());
+            let endpoint = client::resolve(cli.control.as_deref())?;
             agent::run(args, endpoint).await
         }
         Command::Apply(args) => commands::apply(&connect(default_timeout)?, args).await,

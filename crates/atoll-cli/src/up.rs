@@ -530,6 +530,9 @@ pub(crate) async fn run(args: UpArgs) -> Result<u8, CliError> {
     };
     match result {
         Ok(up) => {
+            // Other commands find this sandbox (and its state directory)
+            // without flags, and refuse to guess if other control planes run.
+            let registered = register(&up);
             print_summary(
                 &up,
                 &ports,
@@ -573,6 +576,9 @@ pub(crate) async fn run(args: UpArgs) -> Result<u8, CliError> {
                 }
             }
             eprintln!("\nstopping the sandbox...");
+            if let Some(path) = registered {
+                let _ = std::fs::remove_file(path);
+            }
             sandbox.stop().await;
             eprintln!("stopped.");
             Ok(0)
@@ -896,6 +902,45 @@ fn processes(sandbox: &Sandbox) -> BTreeMap<String, u32> {
         .iter()
         .filter_map(|c| Some((c.name.clone(), c.child.id()?)))
         .collect()
+}
+
+/// Writes this sandbox's entry in the state directory's `sandboxes/`, for
+/// commands to find it; where, if it could.
+fn register(up: &UpFile) -> Option<PathBuf> {
+    let state = crate::client::state_dir();
+    let others = crate::client::running();
+    let dir = atoll_api::discovery::sandboxes_dir(&state);
+    let path = dir.join(format!("{}.json", up.pid));
+    let entry = atoll_api::discovery::SandboxEntry {
+        pid: up.pid,
+        control: up.control.clone(),
+        state_dir: up.state_dir.clone(),
+    };
+    let text = serde_json::to_string_pretty(&entry).unwrap_or_default();
+    let temporary = path.with_extension("json.tmp");
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&temporary, text))
+        .and_then(|()| std::fs::rename(&temporary, &path));
+    if let Err(error) = written {
+        eprintln!(
+            "warning: cannot write {} ({error}); other commands need --control {}",
+            path.display(),
+            up.control
+        );
+        return None;
+    }
+    let others: Vec<String> = others
+        .iter()
+        .filter(|r| r.url != up.control)
+        .map(|r| format!("{} ({})", r.url, r.origin))
+        .collect();
+    if !others.is_empty() {
+        eprintln!(
+            "note: other control planes run here too: {}; commands without --control will ask which one to use",
+            others.join(", ")
+        );
+    }
+    Some(path)
 }
 
 /// Writes `up.json` (atomically: tests and tools read it while it changes).

@@ -35,6 +35,16 @@ impl Sandbox {
 
     /// `atoll up` with more flags.
     pub(crate) fn start_with(extra: &[&str]) -> Sandbox {
+        Sandbox::start_in(extra, None)
+    }
+
+    /// `atoll up` with `home` as the user's state directory (where it
+    /// registers itself), apart from the sandbox's own.
+    pub(crate) fn start_with_home(home: &std::path::Path) -> Sandbox {
+        Sandbox::start_in(&[], Some(home))
+    }
+
+    fn start_in(extra: &[&str], home: Option<&std::path::Path>) -> Sandbox {
         let bank = bank();
         let state = tempfile::tempdir().expect("temp dir");
         let log = std::fs::File::create(state.path().join("up.log")).expect("log");
@@ -44,7 +54,7 @@ impl Sandbox {
             .arg("--bank")
             .arg(&bank)
             .args(extra)
-            .env("ATOLL_STATE_DIR", state.path())
+            .env("ATOLL_STATE_DIR", home.unwrap_or(state.path()))
             .env_remove("ATOLL_CONTROL")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -1083,4 +1093,145 @@ async fn regression_no_client_mints_money_forges_a_shipment_or_opens_a_second_ac
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `atoll` run as a user at a shell would: the state directory `home`, no
+/// `--control`, no `--state-dir`.
+fn as_user(home: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(ATOLL)
+        .args(args)
+        .env("ATOLL_STATE_DIR", home)
+        .env_remove("ATOLL_CONTROL")
+        .output()
+        .expect("run atoll")
+}
+
+/// Issue 9, "A first-time user": a drill finds the running sandbox by
+/// itself, shows its progress, keeps its history in the sandbox's state
+/// directory, and puts the map back with --restore (or says how); a second
+/// control plane started by hand makes commands ask which one, not
+/// silently talk to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_first_time_user_drills_without_flags_and_is_never_silently_redirected() {
+    let home = tempfile::tempdir().expect("home");
+    let sandbox = Sandbox::start_with_home(home.path());
+    let drill = tokio::task::spawn_blocking({
+        let home = home.path().to_owned();
+        move || {
+            as_user(
+                &home,
+                &[
+                    "drill",
+                    "switchover",
+                    "--shards",
+                    "0-9",
+                    "--rate",
+                    "100",
+                    "--duration",
+                    "8s",
+                    "--start-after",
+                    "2s",
+                    "--restore",
+                    "-o",
+                    "json",
+                ],
+            )
+        }
+    })
+    .await
+    .expect("drill");
+    let stderr = String::from_utf8_lossy(&drill.stderr).into_owned();
+    let report: Value = serde_json::from_slice(&drill.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}\n{stderr}", String::from_utf8_lossy(&drill.stdout)));
+    assert!(drill.status.success(), "{report}\n{stderr}");
+    // Live progress: the phase, req/s and errors, while it runs.
+    assert!(
+        stderr.contains("req/s") && stderr.contains("errors"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("warming up") && stderr.contains("switchover"),
+        "{stderr}"
+    );
+    // Its files are the sandbox's.
+    let history = report["history"].as_str().expect("history");
+    assert!(
+        history.starts_with(&format!("{}/drills/", sandbox.state.path().display())),
+        "{history}"
+    );
+    assert!(std::path::Path::new(history).is_file(), "{history}");
+    // It says how to put the map back, and did.
+    assert_eq!(
+        report["restoreCommands"],
+        json!(["atoll switchover start --shards 0-9 --to rz01"]),
+        "{report}"
+    );
+    assert_eq!(report["restored"], "completed", "{report}");
+    let (_, map) = sandbox
+        .get(&format!(
+            "{}/v1/resources/shardmaps/users",
+            sandbox.control()
+        ))
+        .await;
+    assert_eq!(
+        map["spec"]["assignments"],
+        json!([
+            {"shards": "0-33", "cell": "rz01", "standby": "rz02"},
+            {"shards": "34-66", "cell": "rz02", "standby": "rz03"},
+            {"shards": "67-99", "cell": "rz03", "standby": "rz01"},
+        ]),
+        "the map as it was before the drill: {map}"
+    );
+
+    // Found without flags...
+    let found = as_user(home.path(), &["get", "cells"]);
+    assert!(
+        found.status.success(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    // ...until a second control plane runs: then commands ask which.
+    let data = tempfile::tempdir().expect("data");
+    let mut second = Command::new(ATOLL)
+        .args(["control", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env("ATOLL_STATE_DIR", home.path())
+        .env_remove("ATOLL_CONTROL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("second control plane");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !home.path().join("control.json").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the second control plane did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ambiguous = as_user(home.path(), &["get", "cells"]);
+    let stderr = String::from_utf8_lossy(&ambiguous.stderr);
+    assert_eq!(ambiguous.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("2 control planes are running")
+            && stderr.contains(&sandbox.control())
+            && stderr.contains("--control"),
+        "{stderr}"
+    );
+    let chosen = as_user(
+        home.path(),
+        &["--control", &sandbox.control(), "get", "cells"],
+    );
+    assert!(chosen.status.success());
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = second.wait();
+    let again = as_user(home.path(), &["get", "cells"]);
+    assert!(
+        again.status.success(),
+        "one again: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
 }
