@@ -84,10 +84,16 @@ pub(crate) struct Running {
     pub(crate) origin: String,
 }
 
+/// Whether process `pid` runs (one of another user counts: it exists).
 fn alive(pid: u32) -> bool {
-    i32::try_from(pid)
-        .ok()
-        .is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok())
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    pid > 0
+        && match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(()) => true,
+            Err(errno) => errno == nix::errno::Errno::EPERM,
+        }
 }
 
 /// `http://` added when missing, no trailing slash.

@@ -61,6 +61,15 @@ impl Leases {
         }
     }
 
+    /// Leases of a control plane that started `ago` (for tests).
+    #[cfg(test)]
+    pub(crate) fn new_started_before(duration: Duration, ago: Duration) -> Self {
+        Self {
+            started: Instant::now() - ago,
+            ..Self::new(duration)
+        }
+    }
+
     /// How long after an answer a node may go on writing on its strength:
     /// the lease (with its margin), or how long an instance believes
     /// "leases are off" (`LEASES_OFF_TRUST`, with a margin too).
@@ -76,10 +85,16 @@ impl Leases {
         }
     }
 
-    /// Notes an answer that lets `node` write for a while.
+    /// Notes an answer that lets `node` write for a while. Entries whose
+    /// time has passed mean nothing any more and are pruned, so the map
+    /// holds only the nodes answered within the last reach.
     fn answered(&self, node: &str) {
-        let until = Instant::now() + self.reach();
+        let now = Instant::now();
+        let until = now + self.reach();
         let mut nodes = self.nodes.lock();
+        if nodes.len() >= 4096 {
+            nodes.retain(|_, until| *until > now);
+        }
         let entry = nodes.entry(node.to_owned()).or_insert(until);
         *entry = (*entry).max(until);
     }
@@ -87,9 +102,13 @@ impl Leases {
     /// When node `node` can no longer be writing on the strength of any
     /// answer a control plane gave it: its latest lease (or "leases are
     /// off") from this process has run out, and so has anything a previous
-    /// process may have granted before this one started.
+    /// process may have granted before this one started, whether it ran
+    /// with leases (of this process's duration) or without (believed for
+    /// `LEASES_OFF_TRUST`). A previous process with a longer lease duration
+    /// than this one is not accounted for (docs/switchover.md).
     pub(crate) fn node_released_at(&self, node: &str) -> Instant {
-        let since_start = self.started + self.reach();
+        let off = atoll_api::LEASES_OFF_TRUST + margin(atoll_api::LEASES_OFF_TRUST);
+        let since_start = self.started + self.reach().max(off);
         self.nodes
             .lock()
             .get(node)
@@ -112,14 +131,21 @@ impl Leases {
     }
 
     /// Node `node` of `cell` running config `applied` asks; `current` is
-    /// the version that last changed a shard map.
+    /// the version that last changed a shard map. With leases off, the
+    /// answer "off" also goes only to a node that runs the current maps: it
+    /// lets the node write for [`atoll_api::LEASES_OFF_TRUST`].
     pub(crate) fn renew(&self, node: &str, cell: &str, applied: u64, current: u64) -> Renewal {
-        if !self.enabled() {
-            self.answered(node);
-            return Renewal::Off;
-        }
         if cell.is_empty() {
             return Renewal::Refused("only a node of a cell holds a lease; set its cell".into());
+        }
+        if !self.enabled() {
+            if applied < current {
+                return Renewal::Refused(format!(
+                    "this node runs config version {applied}, the shard maps changed at {current}: apply it first"
+                ));
+            }
+            self.answered(node);
+            return Renewal::Off;
         }
         self.asked.lock().insert(cell.to_owned(), Instant::now());
         if self.revoked.lock().contains(cell) {
@@ -187,7 +213,7 @@ mod tests {
             Renewal::Granted(_)
         ));
         assert_eq!(
-            Leases::new(Duration::ZERO).renew("n", "rz01", 0, 7),
+            Leases::new(Duration::ZERO).renew("n", "rz01", 7, 7),
             Renewal::Off
         );
     }
@@ -211,15 +237,28 @@ mod tests {
     fn a_node_is_released_once_its_own_lease_has_run_out() {
         let duration = Duration::from_millis(40);
         let leases = Leases::new(duration);
-        // Never answered: only what a previous process may have granted.
+        // Never answered: only what a previous process may have granted,
+        // with leases or without.
         let unknown = leases.node_released_at("gw-1");
-        assert_eq!(unknown, leases.started + duration + margin(duration));
+        let off = atoll_api::LEASES_OFF_TRUST + margin(atoll_api::LEASES_OFF_TRUST);
+        assert_eq!(unknown, leases.started + off);
+        // A control plane that started long ago: what it granted is exact.
+        let leases = Leases {
+            started: Instant::now() - Duration::from_secs(60),
+            ..Leases::new(duration)
+        };
+        assert!(
+            leases.node_released_at("gw-1") < Instant::now(),
+            "never answered: released"
+        );
         let asked = Instant::now();
         assert!(matches!(
             leases.renew("bank-0", "rz01", 1, 1),
             Renewal::Granted(_)
         ));
-        assert!(leases.node_released_at("bank-0") >= asked + duration + margin(duration));
+        let released = leases.node_released_at("bank-0");
+        assert!(released >= asked + duration + margin(duration));
+        assert!(released <= Instant::now() + duration + margin(duration));
         // A refused renewal extends nothing.
         let before = leases.node_released_at("bank-0");
         assert!(matches!(
@@ -227,9 +266,13 @@ mod tests {
             Renewal::Refused(_)
         ));
         assert_eq!(leases.node_released_at("bank-0"), before);
-        // "Leases are off" lets an instance write for LEASES_OFF_TRUST.
+        // "Leases are off" lets an instance write for LEASES_OFF_TRUST, and
+        // goes only to a node that runs the current maps.
         let off = Leases::new(Duration::ZERO);
-        assert_eq!(off.renew("bank-0", "rz01", 0, 7), Renewal::Off);
+        assert_eq!(off.renew("bank-0", "rz01", 7, 7), Renewal::Off);
         assert!(off.node_released_at("bank-0") >= asked + atoll_api::LEASES_OFF_TRUST);
+        assert!(
+            matches!(off.renew("bank-1", "rz01", 6, 7), Renewal::Refused(r) if r.contains("apply it first"))
+        );
     }
 }

@@ -705,6 +705,66 @@ mod tests {
         assert_eq!(generic.laggards.len(), 1, "{generic:?}");
     }
 
+    /// With the real lease rule: a disconnected app instance that holds a
+    /// lease (it may still be renewing) holds the barrier until that lease
+    /// has run out, and no longer.
+    #[tokio::test]
+    async fn regression_a_disconnected_instance_is_waited_for_while_its_lease_lasts() {
+        let duration = Duration::from_millis(300);
+        let leases = std::sync::Arc::new(crate::leases::Leases::new_started_before(
+            duration,
+            Duration::from_secs(60),
+        ));
+        let registry = std::sync::Arc::new(NodeRegistry::new());
+        let mut app = identity("bank-rz01-0", "app");
+        app.cell = "rz01".into();
+        let (connection, _) = registry.connect(app, 4, None, None);
+        registry.disconnected("bank-rz01-0", connection);
+        // Cut off from the stream but not from RenewLease: it renews for
+        // 600 ms (it runs version 5, which the leases are granted against).
+        let renewing = {
+            let leases = leases.clone();
+            tokio::spawn(async move {
+                let until = Instant::now() + Duration::from_millis(600);
+                let mut last = Instant::now();
+                while Instant::now() < until {
+                    last = Instant::now();
+                    leases.renew("bank-rz01-0", "rz01", 5, 5);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                last
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        let released = |node: &str| leases.node_released_at(node) <= Instant::now();
+        let result = registry
+            .barrier_expecting(
+                &[],
+                Duration::from_secs(600),
+                &[],
+                &released,
+                5,
+                Duration::from_secs(5),
+            )
+            .await;
+        let last_renewal = renewing.await.expect("renewer");
+        assert!(result.reached, "{result:?}");
+        assert_eq!(result.skipped.len(), 1, "{result:?}");
+        // Not before its last lease ended: last renewal + duration + margin.
+        let ended = last_renewal + duration + crate::leases::margin(duration);
+        assert!(
+            Instant::now() >= ended,
+            "passed {:?} before the lease ended",
+            ended - Instant::now()
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
     #[tokio::test]
     async fn a_newer_stream_replaces_the_old_one() {
         let registry = NodeRegistry::new();

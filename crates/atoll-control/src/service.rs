@@ -181,9 +181,6 @@ impl Control {
         // cannot make the reader build more than the limits allow.
         let mut budget = ParseBudget::default();
         for file in files {
-            if budget.exhausted() {
-                break;
-            }
             let mut loaded = load_all_within(&file.source, &file.content, &mut budget);
             syntax_error |= loaded.syntax_error;
             set.puts.append(&mut loaded.resources);

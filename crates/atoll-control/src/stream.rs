@@ -53,6 +53,14 @@ impl ConfigStream for ConfigStreamService {
     ) -> Result<Response<atoll_api::config::LeaseGrant>, Status> {
         let request = request.into_inner();
         let node = request.node.unwrap_or_default();
+        if node.name.is_empty() {
+            return Err(Status::invalid_argument(
+                "a lease request names its node (node.name): the instance that will hold it",
+            ));
+        }
+        if let Some(problem) = identity_problem(&node.name) {
+            return Err(Status::invalid_argument(problem));
+        }
         let state = self.cache.current();
         // The version that last changed a shard map: a node must run it.
         let current = state
@@ -123,10 +131,15 @@ impl ConfigStream for ConfigStreamService {
             zone: node.zone,
             cell: node.cell,
         };
+        // The node's own words: at most 1,024 characters, no control
+        // characters (they end up in `atoll nodes` and the logs).
         let problem = (!hello.problem.is_empty()).then(|| {
-            let mut problem = hello.problem.clone();
-            problem.truncate(1024);
-            problem
+            hello
+                .problem
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(1024)
+                .collect::<String>()
         });
         if let Some(problem) = &problem {
             tracing::warn!(node = %identity.name, %problem, "the node could not receive an update");

@@ -1168,9 +1168,16 @@ impl Switchovers {
                     .cloned()
                     .collect();
                 // A node that is not connected stops counting once nothing
-                // it was granted lets it write (docs/switchover.md).
+                // it was granted lets it write (docs/switchover.md), and
+                // only once the config the leases are granted against has
+                // this version: before that, a lease could still go to a
+                // node that runs the version before.
                 let leases = &self.control.leases;
-                let released = |node: &str| leases.node_released_at(node) <= Instant::now();
+                let cache = &self.control.cache;
+                let released = |node: &str| {
+                    cache.current().revision >= version
+                        && leases.node_released_at(node) <= Instant::now()
+                };
                 nodes
                     .barrier_expecting(
                         &spec.expected_nodes,

@@ -142,30 +142,33 @@ impl Proxy {
             .filter(|name| counted(name.as_str().as_bytes()))
             .map(|name| parts.headers.get_all(name).iter().count())
             .sum::<usize>();
+        // An answer of the gateway's own before routing, logged.
+        let early = |status: StatusCode, code: &str, message: &str| {
+            self.log(
+                &parts.method,
+                host.as_deref(),
+                parts.uri.path(),
+                parts.version,
+                &connection,
+                started,
+                &Outcome::refused(status.as_u16(), None, code),
+            );
+            answer(status, code, message, &[])
+        };
         if client_headers > MAX_CLIENT_HEADERS {
             snapshot.metrics.refused("headersTooLarge").inc();
-            return answer(
+            return early(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                 "headersTooLarge",
                 &too_many_headers(client_headers),
-                &[],
             );
         }
         // Routes see, and the upstream gets, the path in one form.
         let path = match atoll_routing::normalize_path(parts.uri.path()) {
-            Ok(path) => path.into_owned(),
+            Ok(path) => path,
             Err(error) => {
                 snapshot.metrics.refused("badPath").inc();
-                self.log(
-                    &parts.method,
-                    host.as_deref(),
-                    parts.uri.path(),
-                    parts.version,
-                    &connection,
-                    started,
-                    &Outcome::refused(400, None, "badPath"),
-                );
-                return answer(StatusCode::BAD_REQUEST, "badPath", &error.to_string(), &[]);
+                return early(StatusCode::BAD_REQUEST, "badPath", &error.to_string());
             }
         };
 
@@ -216,14 +219,13 @@ impl Proxy {
                 Ok(buffered) => buffered,
                 Err(_) => {
                     snapshot.metrics.client_error(Some(408));
-                    return answer(
+                    return early(
                         StatusCode::REQUEST_TIMEOUT,
                         "requestTimeout",
                         &format!(
                             "the request body (its routing key is read from it) did not arrive within {}",
                             format_duration(limit)
                         ),
-                        &[],
                     );
                 }
             };
@@ -231,23 +233,21 @@ impl Proxy {
                 Ok(bytes) => (RequestBody::Full(Some(bytes.clone())), Some(bytes)),
                 Err(BufferError::TooLarge) => {
                     snapshot.metrics.refused("badRequest").inc();
-                    return answer(
+                    return early(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "bodyTooLarge",
                         &format!(
                             "the routing key is read from the body, which may be at most {} bytes",
                             self.settings.max_buffered_body
                         ),
-                        &[],
                     );
                 }
                 Err(BufferError::Failed(error)) => {
                     snapshot.metrics.client_error(Some(400));
-                    return answer(
+                    return early(
                         StatusCode::BAD_REQUEST,
                         "badRequest",
                         &format!("reading the request body failed: {error}"),
-                        &[],
                     );
                 }
             }
@@ -376,9 +376,16 @@ impl Proxy {
         {
             parts.headers.insert(HOST, value);
         }
-        let path_and_query = match parts.uri.query() {
-            Some(query) => format!("{path}?{query}"),
-            None => path.clone(),
+        // One allocation, as before normalising: the original when it was
+        // normal already.
+        let path_and_query = match (&path, parts.uri.query()) {
+            (std::borrow::Cow::Borrowed(_), _) => parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned(),
+            (std::borrow::Cow::Owned(path), Some(query)) => format!("{path}?{query}"),
+            (std::borrow::Cow::Owned(path), None) => path.clone(),
         };
 
         // Mirror: a copy of the request, sent when its body is complete.

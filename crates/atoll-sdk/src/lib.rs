@@ -136,15 +136,16 @@ enum LeaseState {
 const OFF_TRUST: Duration = atoll_api::LEASES_OFF_TRUST;
 
 impl Lease {
-    /// `Ok(Some(end))` while a lease is held, `Ok(None)` when leases are
-    /// off, or why there is none.
+    /// `Ok(Some(end))` while a lease is held, or while "leases are off" is
+    /// believed (until [`OFF_TRUST`] after the answer: a write admitted
+    /// then must commit by that time too), or why there is none.
     fn check(&self, cell: &str) -> Result<Option<Instant>, Refused> {
         let refused = |reason: String| Refused::NoLease {
             cell: cell.to_owned(),
             reason,
         };
         match &*self.state.lock() {
-            LeaseState::Off(at) if at.elapsed() < OFF_TRUST => Ok(None),
+            LeaseState::Off(at) if at.elapsed() < OFF_TRUST => Ok(Some(*at + OFF_TRUST)),
             LeaseState::Off(at) => Err(refused(format!(
                 "the control plane said leases are off, but has not answered for {} s",
                 at.elapsed().as_secs()
@@ -402,9 +403,10 @@ impl WritePermit {
         &self.view
     }
 
-    /// When the cell's ownership lease ends (none: leases are off). A
-    /// write must not commit after it: check [`WritePermit::still_valid`]
-    /// right before the commit, inside the transaction.
+    /// When the cell's ownership lease ends (or, with leases off, when the
+    /// control plane's "off" stops being believed). A write must not
+    /// commit after it: check [`WritePermit::still_valid`] right before the
+    /// commit, inside the transaction.
     pub fn lease_until(&self) -> Option<Instant> {
         self.lease_until
     }

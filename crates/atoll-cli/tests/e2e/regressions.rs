@@ -575,6 +575,39 @@ async fn regression_forwarding_headers_and_atoll_baggage_are_the_gateways() {
     }
 }
 
+/// Sends `request` from a socket bound to `ip` (any 127.x address works on
+/// Linux) and returns the answer.
+async fn raw_from(ip: &str, port: u16, request: &[u8]) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{ip}:0").parse().expect("address"))
+        .expect("bind");
+    let mut stream = socket
+        .connect(format!("127.0.0.1:{port}").parse().expect("address"))
+        .await
+        .expect("connect");
+    stream.write_all(request).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn regression_only_a_gateways_address_vouches_for_the_forwarded_protocol() {
+    let site = site_with_route(BOTH_PATHS[0].1).await;
+    let forged = b"GET /a HTTP/1.1\r\nHost: x\r\nx-user-id: 3\r\nx-atoll-hop: 1\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n";
+    // From an address no Gateway advertises: the hop is not a gateway's,
+    // and its claim about the protocol is replaced.
+    let answer = raw_from("127.0.0.2", site.ports[0], forged).await;
+    let report = body_of(&answer);
+    assert_eq!(report["headers"]["x-forwarded-proto"], "http", "{answer}");
+    // From a gateway's address (every Gateway of the site advertises
+    // 127.0.0.1): another gateway's word on the protocol is kept.
+    let answer = raw_from("127.0.0.1", site.ports[0], forged).await;
+    let report = body_of(&answer);
+    assert_eq!(report["headers"]["x-forwarded-proto"], "https", "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn regression_header_limits_agree_with_what_the_gateway_fronts() {
     for (path, route) in BOTH_PATHS {
