@@ -1010,6 +1010,23 @@ async fn regression_no_client_mints_money_forges_a_shipment_or_opens_a_second_ac
         "the standby's copy is untouched"
     );
 
+    // Header limits agree: what the gateway accepts, the bank accepts.
+    for (count, status) in [(100, 200), (101, 431)] {
+        let mut request = sandbox
+            .http
+            .get(format!("{}/accounts/1001", sandbox.gateway(0)));
+        // reqwest adds accept and host: `count` headers in all.
+        for i in 0..count - 2 {
+            request = request.header(format!("x-extra-{i}"), "1");
+        }
+        let response = request.send().await.expect("get");
+        assert_eq!(response.status().as_u16(), status, "{count} headers");
+        if status == 431 {
+            let body: Value = response.json().await.expect("a JSON refusal, from the gateway");
+            assert_eq!(body["error"], "headersTooLarge", "{body}");
+        }
+    }
+
     // Bodies are objects with known fields, each once.
     let deposit = sandbox
         .post(0, "/accounts/1001/deposit", "dep-1", json!({"amount": 100}))
