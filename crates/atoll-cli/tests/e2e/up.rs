@@ -1022,7 +1022,10 @@ async fn regression_no_client_mints_money_forges_a_shipment_or_opens_a_second_ac
         let response = request.send().await.expect("get");
         assert_eq!(response.status().as_u16(), status, "{count} headers");
         if status == 431 {
-            let body: Value = response.json().await.expect("a JSON refusal, from the gateway");
+            let body: Value = response
+                .json()
+                .await
+                .expect("a JSON refusal, from the gateway");
             assert_eq!(body["error"], "headersTooLarge", "{body}");
         }
     }
