@@ -145,6 +145,8 @@ struct Report {
     fence_window_ms: Option<u64>,
     /// The whole switchover, ms.
     switchover_ms: Option<u64>,
+    /// The Switchover's phases with their durations, in order.
+    phases: Vec<String>,
     /// Log positions the failover reported unreplicated.
     rpo_positions: i64,
     /// Shards they concern.
@@ -181,6 +183,8 @@ struct Probe {
     served_by_target: Option<Instant>,
     /// Successful writes by answering cell.
     by_cell: std::collections::BTreeMap<String, u64>,
+    /// The cell that answered the last successful write.
+    last_cell: Option<String>,
 }
 
 pub(crate) async fn run(client: &Client, args: DrillArgs) -> Result<u8, CliError> {
@@ -258,6 +262,9 @@ struct Live {
     /// What the workload says it does when it is not sending (reading
     /// balances first, settling, checking).
     workload_note: Option<String>,
+    /// When the switchover or fault starts (for the countdown a phase
+    /// shows where it says `{countdown}`).
+    starts_at: Option<Instant>,
 }
 
 /// Wakes the progress printer at a phase change.
@@ -298,13 +305,19 @@ fn start_progress(
             if !timed && (terminal || phase == last_phase) {
                 continue;
             }
-            let (writes, failures, cells) = {
+            let (writes, failures, last_cell) = {
                 let p = probe.lock();
-                (
-                    p.writes,
-                    p.failures,
-                    p.by_cell.keys().cloned().collect::<Vec<_>>(),
-                )
+                (p.writes, p.failures, p.last_cell.clone())
+            };
+            // A countdown reads better than a phase set seconds ago.
+            let phase = match phase.split_once("{countdown}") {
+                Some((before, after)) => {
+                    let left = live.lock().starts_at.map_or(0, |at| {
+                        at.saturating_duration_since(Instant::now()).as_secs()
+                    });
+                    format!("{before}{left}s{after}")
+                }
+                None => phase,
             };
             let load = match (note, tick) {
                 (Some(note), _) => note,
@@ -315,13 +328,9 @@ fn start_progress(
                 (None, None) => "workload starting".to_owned(),
             };
             let line = format!(
-                "{:>4}s  {phase:<34} {load}  probe {writes} writes, {failures} failed{}",
+                "{:>4}s  {phase:<40} {load}  probe {writes} writes, {failures} failed{}",
                 started.elapsed().as_secs(),
-                if cells.is_empty() {
-                    String::new()
-                } else {
-                    format!(", answered by {}", cells.join(" "))
-                }
+                last_cell.map_or_else(String::new, |cell| format!(", last answered by {cell}"))
             );
             if terminal {
                 eprint!("\r\x1b[2K{line}");
@@ -493,6 +502,7 @@ fn start_probe(
                 match result {
                     Ok(cell) => {
                         *p.by_cell.entry(cell.clone()).or_default() += 1;
+                        p.last_cell = Some(cell.clone());
                         if cell == target && p.served_by_target.is_none() && armed.lock().is_some()
                         {
                             p.served_by_target = Some(Instant::now());
@@ -557,6 +567,14 @@ async fn switchover_named(client: &Client, name: &str) -> Option<SwitchoverSpec>
 fn describe(report: &mut Report, name: &str, spec: &SwitchoverSpec) {
     report.switchover = Some(name.to_owned());
     report.phase = Some(spec.phase.to_string());
+    report.phases = spec
+        .timeline
+        .iter()
+        .map(|r| match r.millis {
+            Some(ms) => format!("{} {ms} ms", r.phase),
+            None => r.phase.to_string(),
+        })
+        .collect();
     report.switchover_ms = Some(spec.timeline.iter().filter_map(|r| r.millis).sum());
     let fenced = spec
         .timeline
@@ -624,9 +642,22 @@ async fn switchover(client: &Client, drill: SwitchoverDrill) -> Result<u8, CliEr
         return Err(no_sandbox(client, &place));
     }
     let gateway = first_gateway(client).await?;
+    let moves: Vec<String> = plan
+        .moves
+        .iter()
+        .map(|m| {
+            format!(
+                "{} {} -> {}",
+                m["shards"].as_str().unwrap_or("?"),
+                m["from"].as_str().unwrap_or("?"),
+                m["to"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    report.drill = format!("switchover of {}", moves.join(", "));
     eprintln!(
-        "atoll drill switchover: {} moves, under {} req/s for {} (history {})",
-        plan.moves.len(),
+        "atoll drill switchover: {}, under {} req/s for {} (history {})",
+        moves.join(", "),
         common.rate,
         humantime::format_duration(common.duration),
         history.display()
@@ -634,14 +665,11 @@ async fn switchover(client: &Client, drill: SwitchoverDrill) -> Result<u8, CliEr
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let armed = Arc::new(Mutex::new(None));
     let probe = Arc::new(Mutex::new(Probe::default()));
-    let live = Arc::new(Mutex::new(Live::default()));
-    set_phase(
-        &live,
-        format!(
-            "warming up: switchover in {}",
-            humantime::format_duration(common.start_after)
-        ),
-    );
+    let live = Arc::new(Mutex::new(Live {
+        starts_at: Some(Instant::now() + common.start_after),
+        ..Live::default()
+    }));
+    set_phase(&live, "warming up: switchover in {countdown}");
     let load = start_load(client, common, &history, &live)?;
     let prober = start_probe(
         gateway,
@@ -723,6 +751,7 @@ fn restore_commands(spec: &SwitchoverSpec) -> Vec<String> {
 async fn restore_after_failover(
     client: &Client,
     spec: &SwitchoverSpec,
+    stood_by: &[atoll_model::ShardRange],
     report: &mut Report,
 ) -> String {
     let path = format!("/v1/resources/shardmaps/{}", segment(&spec.shard_map));
@@ -732,23 +761,25 @@ async fn restore_after_failover(
     };
     let mut changed = false;
     if let Some(assignments) = map["spec"]["assignments"].as_array_mut() {
+        let lost = spec
+            .moves
+            .first()
+            .map(|m| m.from.clone())
+            .unwrap_or_default();
         for assignment in assignments {
-            let Some(range) = assignment["shards"]
-                .as_str()
-                .map(str::to_owned)
-                .or_else(|| assignment["shards"].as_u64().map(|n| n.to_string()))
-                .and_then(|text| text.parse::<atoll_model::ShardRange>().ok())
-            else {
+            let Some(range) = assignment_range(assignment) else {
                 continue;
             };
-            for m in &spec.moves {
-                if range.start >= m.shards.start
-                    && range.end <= m.shards.end
-                    && assignment["cell"].as_str() == Some(m.to.as_str())
-                {
-                    assignment["standby"] = Value::String(m.from.clone());
-                    changed = true;
-                }
+            let inside = |outer: &atoll_model::ShardRange| {
+                range.start >= outer.start && range.end <= outer.end
+            };
+            let moved = spec
+                .moves
+                .iter()
+                .any(|m| inside(&m.shards) && assignment["cell"].as_str() == Some(m.to.as_str()));
+            if moved || stood_by.iter().any(inside) {
+                assignment["standby"] = Value::String(lost.clone());
+                changed = true;
             }
         }
     }
@@ -770,6 +801,15 @@ async fn restore_after_failover(
         }
     }
     restore_with(client, spec, report, Some("60s".into())).await
+}
+
+/// The shard range of an assignment (`"0-33"`, or a single shard).
+fn assignment_range(assignment: &Value) -> Option<atoll_model::ShardRange> {
+    assignment["shards"]
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| assignment["shards"].as_u64().map(|n| n.to_string()))
+        .and_then(|text| text.parse().ok())
 }
 
 /// Moves the shards back, one switchover after the other; how it ended.
@@ -980,6 +1020,20 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
                 ),
             )
         })?;
+    // The ranges the cell stands by for now: the failover gives them
+    // another standby, and putting the map back gives them this one again.
+    let stood_by: Vec<atoll_model::ShardRange> = maps
+        .items
+        .iter()
+        .flat_map(|m| {
+            m["spec"]["assignments"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter(|a| a["standby"].as_str() == Some(drill.cell.as_str()))
+        .filter_map(|a| assignment_range(&a))
+        .collect();
     let up = up_file(&place)?;
     let zone = up["cells"][&drill.cell]
         .as_str()
@@ -1008,14 +1062,11 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let armed = Arc::new(Mutex::new(None));
     let probe = Arc::new(Mutex::new(Probe::default()));
-    let live = Arc::new(Mutex::new(Live::default()));
-    set_phase(
-        &live,
-        format!(
-            "warming up: fault in {}",
-            humantime::format_duration(common.start_after)
-        ),
-    );
+    let live = Arc::new(Mutex::new(Live {
+        starts_at: Some(Instant::now() + common.start_after),
+        ..Live::default()
+    }));
+    set_phase(&live, "warming up: fault in {countdown}");
     let load = start_load(client, common, &history, &live)?;
     let prober = start_probe(
         gateway,
@@ -1177,12 +1228,21 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
     let _ = progress.await;
     if let (Some((name, _)), Some(spec)) = (&found, &spec) {
         describe(&mut report, name, spec);
+        if report.rpo_positions > 0 && report.lost_acknowledged_writes == 0 && report.clean {
+            report.notes.push(
+                "the unreplicated positions were writes the lost cell had committed but not yet answered (its replication is synchronous): their clients retried them at the new owner, and the checker found no acknowledged write lost".into(),
+            );
+        }
         if spec.phase == SwitchoverPhase::Completed {
             // The lost cell is the standby of none of them now: it must be
             // again, and catch up, before they can move back.
+            let mut ranges: Vec<String> = spec.moves.iter().map(|m| m.shards.to_string()).collect();
+            ranges.extend(stood_by.iter().map(ToString::to_string));
             report.restore_commands = vec![format!(
-                "atoll get shardmap {} -o yaml > map.yaml   # then set `standby: {}` on the shards it lost, and `atoll apply -f map.yaml`",
-                spec.shard_map, drill.cell
+                "atoll get shardmap {} -o yaml > map.yaml   # then set `standby: {}` on shards {} (those it owned and those it stood by for), and `atoll apply -f map.yaml`",
+                spec.shard_map,
+                drill.cell,
+                ranges.join(", ")
             )];
             report.restore_commands.extend(
                 restore_commands(spec)
@@ -1190,7 +1250,8 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
                     .map(|c| format!("{c} --sync-timeout 60s")),
             );
             if common.restore {
-                report.restored = Some(restore_after_failover(client, spec, &mut report).await);
+                report.restored =
+                    Some(restore_after_failover(client, spec, &stood_by, &mut report).await);
             }
         }
     } else {
@@ -1232,8 +1293,13 @@ fn print_report(report: &Report, format: Format) {
         );
     }
     println!(
-        "  RTO              {}  (fault or start to the first write served by the new owner)",
-        ms(report.rto_ms)
+        "  RTO              {}  ({} to the first write served by the new owner)",
+        ms(report.rto_ms),
+        if report.detected_ms.is_some() || report.drill.starts_with("fault") {
+            "fault"
+        } else {
+            "start"
+        }
     );
     if report.detected_ms.is_some() {
         println!("  detected after   {}", ms(report.detected_ms));
@@ -1244,9 +1310,13 @@ fn print_report(report: &Report, format: Format) {
     }
     println!("  fence window     {}", ms(report.fence_window_ms));
     println!("  switchover time  {}", ms(report.switchover_ms));
+    if !report.phases.is_empty() {
+        println!("  phases           {}", report.phases.join(", "));
+    }
     println!(
-        "  RPO              {} log positions unreplicated at the last probe{}; {} acknowledged writes lost (checker)",
+        "  RPO              {} log position{} unreplicated at the last probe{}; {} acknowledged writes lost (checker)",
         report.rpo_positions,
+        if report.rpo_positions == 1 { "" } else { "s" },
         if report.rpo_shards.is_empty() {
             String::new()
         } else {
@@ -1280,7 +1350,14 @@ fn print_report(report: &Report, format: Format) {
     println!("  history          {}", report.history);
     match &report.restored {
         Some(outcome) => {
-            println!("  restored         {outcome} (the shards went back to their owners)")
+            if outcome == "completed" {
+                println!("  restored         completed: the shards went back to their owners");
+            } else {
+                println!("  restored         {outcome}");
+                for command in &report.restore_commands {
+                    println!("                     {command}");
+                }
+            }
         }
         None if !report.restore_commands.is_empty() => {
             println!(

@@ -215,9 +215,12 @@ impl Switchovers {
             tracing::warn!(%cell, map = map_name, "cell lost, but none of its shards has a live standby: nothing to fail over to");
             return Ok(());
         }
-        let name = format!(
-            "failover-{cell}-{}",
-            OffsetDateTime::now_utc().unix_timestamp()
+        let name = unused_name(
+            resources,
+            &format!(
+                "failover-{cell}-{}",
+                OffsetDateTime::now_utc().unix_timestamp()
+            ),
         );
         tracing::warn!(%cell, map = map_name, switchover = %name, approved, "cell lost: failing over its shards to their standbys");
         let _ = resources;
@@ -473,10 +476,15 @@ impl Switchovers {
         let sync_timeout = duration(&request.sync_timeout, "syncTimeout", 10)?;
         let name = match &request.name {
             Some(name) => name.clone(),
-            None => format!(
-                "{}-{}",
-                map.name(),
-                OffsetDateTime::now_utc().unix_timestamp()
+            // Two in the same second (a drill putting several ranges back)
+            // get `-2`, `-3`...: a generated name never clashes.
+            None => unused_name(
+                resources,
+                &format!(
+                    "{}-{}",
+                    map.name(),
+                    OffsetDateTime::now_utc().unix_timestamp()
+                ),
             ),
         };
         if let Some(problem) = atoll_model::names::dns_label_problem(&name) {
@@ -1607,6 +1615,22 @@ fn skipped(list: &[atoll_api::rest::SkippedNode]) -> String {
     )
 }
 
+/// `base`, or `base-2`, `base-3`... whichever no Switchover has.
+fn unused_name(resources: &[Resource], base: &str) -> String {
+    let taken = |name: &str| {
+        resources
+            .iter()
+            .any(|r| r.kind() == Kind::Switchover && r.name() == name)
+    };
+    if !taken(base) {
+        return base.to_owned();
+    }
+    (2..)
+        .map(|n| format!("{base}-{n}"))
+        .find(|name| !taken(name))
+        .unwrap_or_else(|| base.to_owned())
+}
+
 fn laggards(list: &[atoll_api::rest::Laggard]) -> String {
     let names: Vec<String> = list
         .iter()
@@ -1840,6 +1864,21 @@ fn moves_for(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_generated_name_never_clashes() {
+        let switchover = |name: &str| {
+            let text = format!(
+                "apiVersion: atoll/v1\nkind: Switchover\nmetadata: {{name: {name}}}\nspec:\n  shardMap: users\n  moves: [{{shards: \"0-4\", from: rz01, to: rz02}}]\n"
+            );
+            atoll_model::load("t.yaml", &text).expect("a Switchover")[0]
+                .resource
+                .clone()
+        };
+        assert_eq!(super::unused_name(&[], "users-7"), "users-7");
+        let taken = [switchover("users-7"), switchover("users-7-2")];
+        assert_eq!(super::unused_name(&taken, "users-7"), "users-7-3");
+    }
+
     use super::*;
 
     fn map() -> ShardMapSpec {

@@ -125,9 +125,14 @@ async fn site_with_c0_at(address: std::net::SocketAddr, route_extra: &str) -> Si
 }
 
 async fn raw(port: u16, request: &[u8]) -> String {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
+    exchange(stream, request).await
+}
+
+/// Writes `request`, then reads until the peer closes (or 5 s).
+async fn exchange(mut stream: tokio::net::TcpStream, request: &[u8]) -> String {
     stream.write_all(request).await.expect("write");
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
@@ -582,14 +587,11 @@ async fn raw_from(ip: &str, port: u16, request: &[u8]) -> String {
     socket
         .bind(format!("{ip}:0").parse().expect("address"))
         .expect("bind");
-    let mut stream = socket
+    let stream = socket
         .connect(format!("127.0.0.1:{port}").parse().expect("address"))
         .await
         .expect("connect");
-    stream.write_all(request).await.expect("write");
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
-    String::from_utf8_lossy(&answer).into_owned()
+    exchange(stream, request).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

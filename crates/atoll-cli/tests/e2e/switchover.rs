@@ -446,54 +446,6 @@ fn a_manual_emergency_plan_waits_for_approval_and_switchovers_guard_their_map() 
     renewer.join().expect("renewer");
 }
 
-/// Two cells, no emergency plan, no replication probe (a stateless
-/// service: the switchover skips its sync gate).
-const TWO_CELLS: &str = "apiVersion: atoll/v1
-kind: Region
-metadata: {name: hz}
----
-apiVersion: atoll/v1
-kind: Zone
-metadata: {name: hz-a}
-spec: {region: hz}
----
-apiVersion: atoll/v1
-kind: Zone
-metadata: {name: hz-b}
-spec: {region: hz}
----
-apiVersion: atoll/v1
-kind: Cell
-metadata: {name: rz01}
-spec: {zone: hz-a, type: rzone}
----
-apiVersion: atoll/v1
-kind: Cell
-metadata: {name: rz02}
-spec: {zone: hz-b, type: rzone}
----
-apiVersion: atoll/v1
-kind: ShardRule
-metadata: {name: users}
-spec:
-  shards: 10
-  key: {sources: [{header: x-user-id}], transform: {mod: 10}}
----
-apiVersion: atoll/v1
-kind: ShardMap
-metadata: {name: users}
-spec:
-  rule: users
-  assignments:
-    - {shards: \"0-4\", cell: rz01, standby: rz02}
-    - {shards: \"5-9\", cell: rz02, standby: rz01}
----
-apiVersion: atoll/v1
-kind: Service
-metadata: {name: bank}
-spec: {kind: unitized, shardRule: users}
-";
-
 /// Issue 9: a node that connected once and vanished (a crashed gateway, an
 /// app instance whose host went away) no longer holds a planned
 /// switchover's barriers until the node expiry: it stops counting once any
@@ -508,8 +460,12 @@ fn regression_a_vanished_node_does_not_hold_a_planned_switchover() {
 
     let control_started = std::time::Instant::now();
     let control = crate::harness::Control::start_with(vec!["--lease-duration=1s".into()]);
+    // Two cells, no emergency plan, no replication probe (a stateless
+    // service: the switchover skips its sync gate).
+    let two_cells = MANUAL_PLAN.replace("  failover: {approval: manual, lostAfter: 1s}\n", "");
+    assert_ne!(two_cells, MANUAL_PLAN);
     control
-        .atoll_with_stdin(&["apply", "-f", "-"], Some(TWO_CELLS))
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(&two_cells))
         .success();
     let url = control.url.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -159,20 +159,7 @@ impl Sandbox {
             .send()
             .await
             .unwrap_or_else(|e| panic!("POST {url}: {e}"));
-        let status = response.status().as_u16();
-        let cell = response
-            .headers()
-            .get("x-bank-cell")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let replayed = response.headers().contains_key("idempotent-replayed");
-        (
-            status,
-            cell,
-            replayed,
-            response.json().await.unwrap_or(Value::Null),
-        )
+        answer_of(response).await
     }
 
     /// The sandbox's secret for calls between bank instances.
@@ -199,20 +186,7 @@ impl Sandbox {
             .send()
             .await
             .unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        let status = response.status().as_u16();
-        let cell = response
-            .headers()
-            .get("x-bank-cell")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
-        let replayed = response.headers().contains_key("idempotent-replayed");
-        (
-            status,
-            cell,
-            replayed,
-            response.json().await.unwrap_or(Value::Null),
-        )
+        answer_of(response).await
     }
 
     async fn balance(&self, user: u64) -> i64 {
@@ -302,6 +276,24 @@ impl Drop for Sandbox {
             let _ = child.wait();
         }
     }
+}
+
+/// A bank answer: status, the cell that answered, replayed?, body.
+async fn answer_of(response: reqwest::Response) -> (u16, String, bool, Value) {
+    let status = response.status().as_u16();
+    let cell = response
+        .headers()
+        .get("x-bank-cell")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let replayed = response.headers().contains_key("idempotent-replayed");
+    (
+        status,
+        cell,
+        replayed,
+        response.json().await.unwrap_or(Value::Null),
+    )
 }
 
 /// `x-bank-signature` for a POST of `body` to `path`, made now.
@@ -1144,7 +1136,7 @@ async fn regression_a_first_time_user_drills_without_flags_and_is_never_silently
                     "drill",
                     "switchover",
                     "--shards",
-                    "0-9",
+                    "0-49",
                     "--rate",
                     "100",
                     "--duration",
@@ -1173,6 +1165,10 @@ async fn regression_a_first_time_user_drills_without_flags_and_is_never_silently
         stderr.contains("warming up") && stderr.contains("switchover"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("0-33 rz01 -> rz02, 34-49 rz02 -> rz03"),
+        "the moves, named: {stderr}"
+    );
     // Its files are the sandbox's.
     let history = report["history"].as_str().expect("history");
     assert!(
@@ -1180,10 +1176,14 @@ async fn regression_a_first_time_user_drills_without_flags_and_is_never_silently
         "{history}"
     );
     assert!(std::path::Path::new(history).is_file(), "{history}");
-    // It says how to put the map back, and did.
+    // It says how to put the map back, and did: two ranges, two
+    // switchovers one after the other (in the same second, too).
     assert_eq!(
         report["restoreCommands"],
-        json!(["atoll switchover start --shards 0-9 --to rz01"]),
+        json!([
+            "atoll switchover start --shards 0-33 --to rz01",
+            "atoll switchover start --shards 34-49 --to rz02"
+        ]),
         "{report}"
     );
     assert_eq!(report["restored"], "completed", "{report}");
