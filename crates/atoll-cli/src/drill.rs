@@ -642,22 +642,10 @@ async fn switchover(client: &Client, drill: SwitchoverDrill) -> Result<u8, CliEr
         return Err(no_sandbox(client, &place));
     }
     let gateway = first_gateway(client).await?;
-    let moves: Vec<String> = plan
-        .moves
-        .iter()
-        .map(|m| {
-            format!(
-                "{} {} -> {}",
-                m["shards"].as_str().unwrap_or("?"),
-                m["from"].as_str().unwrap_or("?"),
-                m["to"].as_str().unwrap_or("?")
-            )
-        })
-        .collect();
-    report.drill = format!("switchover of {}", moves.join(", "));
+    let moves = crate::switchover::moves_text(&plan);
+    report.drill = format!("switchover of {moves}");
     eprintln!(
-        "atoll drill switchover: {}, under {} req/s for {} (history {})",
-        moves.join(", "),
+        "atoll drill switchover: {moves}, under {} req/s for {} (history {})",
         common.rate,
         humantime::format_duration(common.duration),
         history.display()
@@ -993,23 +981,20 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
     };
     // Where the cell's shards go: their standby in the current map.
     let maps: ListResponse = client.get("/v1/resources/shardmaps").await?;
-    let (shard, target) = maps
+    let assignments: Vec<&Value> = maps
         .items
         .iter()
-        .flat_map(|m| {
-            m["spec"]["assignments"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
+        .filter_map(|m| m["spec"]["assignments"].as_array())
+        .flatten()
+        .collect();
+    let (shard, target) = assignments
+        .iter()
         .find(|a| a["cell"].as_str() == Some(drill.cell.as_str()))
         .and_then(|a| {
-            let shards = a["shards"]
-                .as_str()
-                .map(str::to_owned)
-                .or_else(|| a["shards"].as_u64().map(|n| n.to_string()))?;
-            let first: u32 = shards.split('-').next()?.parse().ok()?;
-            Some((first, a["standby"].as_str()?.to_owned()))
+            Some((
+                assignment_range(a)?.start,
+                a["standby"].as_str()?.to_owned(),
+            ))
         })
         .ok_or_else(|| {
             CliError::new(
@@ -1022,17 +1007,10 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
         })?;
     // The ranges the cell stands by for now: the failover gives them
     // another standby, and putting the map back gives them this one again.
-    let stood_by: Vec<atoll_model::ShardRange> = maps
-        .items
+    let stood_by: Vec<atoll_model::ShardRange> = assignments
         .iter()
-        .flat_map(|m| {
-            m["spec"]["assignments"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
         .filter(|a| a["standby"].as_str() == Some(drill.cell.as_str()))
-        .filter_map(|a| assignment_range(&a))
+        .filter_map(|a| assignment_range(a))
         .collect();
     let up = up_file(&place)?;
     let zone = up["cells"][&drill.cell]

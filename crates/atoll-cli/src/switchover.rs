@@ -331,7 +331,8 @@ fn took(millis: Option<u64>) -> String {
     }
 }
 
-fn moves_text(plan: &SwitchoverPlan) -> String {
+/// The moves of a plan, e.g. `0-33 rz01 -> rz02, 34-49 rz02 -> rz03`.
+pub(crate) fn moves_text(plan: &SwitchoverPlan) -> String {
     plan.moves
         .iter()
         .map(|m| {

@@ -73,11 +73,7 @@ impl Leases {
     /// How long after an answer a node may go on writing on its strength:
     /// the lease (with its margin), or how long an instance believes
     /// "leases are off" (`LEASES_OFF_TRUST`, with a margin too).
-    pub(crate) fn node_reach(&self) -> Duration {
-        self.reach()
-    }
-
-    fn reach(&self) -> Duration {
+    pub(crate) fn reach(&self) -> Duration {
         if self.enabled() {
             self.duration + margin(self.duration)
         } else {

@@ -720,8 +720,13 @@ mod tests {
         app.cell = "rz01".into();
         let (connection, _) = registry.connect(app, 4, None, None);
         registry.disconnected("bank-rz01-0", connection);
-        // Cut off from the stream but not from RenewLease: it renews for
-        // 600 ms (it runs version 5, which the leases are granted against).
+        // Cut off from the stream but not from RenewLease: it holds a
+        // lease, and renews it for 600 ms (it runs version 5, which the
+        // leases are granted against).
+        assert!(matches!(
+            leases.renew("bank-rz01-0", "rz01", 5, 5),
+            crate::leases::Renewal::Granted(_)
+        ));
         let renewing = {
             let leases = leases.clone();
             tokio::spawn(async move {
@@ -735,7 +740,6 @@ mod tests {
                 last
             })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
         let started = Instant::now();
         let released = |node: &str| leases.node_released_at(node) <= Instant::now();
         let result = registry

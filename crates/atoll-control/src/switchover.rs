@@ -1334,7 +1334,7 @@ impl Switchovers {
             check: "nodes".into(),
             result: if disconnected > 0 { "warning" } else { "ok" }.into(),
             detail: if disconnected > 0 {
-                format!("{disconnected} known nodes are disconnected: the barriers wait for each until any lease it held has ended ({} at most), then go on without it (atoll nodes)", humantime::format_duration(self.control.leases.node_reach()))
+                format!("{disconnected} known nodes are disconnected: the barriers wait for each until any lease it held has ended ({} at most), then go on without it (atoll nodes)", humantime::format_duration(self.control.leases.reach()))
             } else {
                 format!("{connected} nodes connected; the barriers wait for all of them")
             },
