@@ -138,6 +138,7 @@ async fn main() -> anyhow::Result<()> {
                                 base_revision: None,
                                 author: "bench".into(),
                                 message: None,
+                                fence: None,
                             })
                             .await?;
                         latencies.push(t.elapsed());

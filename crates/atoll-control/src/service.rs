@@ -46,6 +46,10 @@ pub(crate) enum ControlError {
     BadRequest(String),
     #[error("{0}")]
     Unavailable(String),
+    /// This replica cannot act for the control plane (not the leader, or a
+    /// leader that was deposed while acting).
+    #[error("{0}")]
+    NotLeader(String),
 }
 
 impl From<StoreError> for ControlError {
@@ -56,9 +60,13 @@ impl From<StoreError> for ControlError {
             }
             StoreError::NotFound(key) => ControlError::NotFound(format!("{key} does not exist")),
             StoreError::Invalid(text) => ControlError::BadRequest(text),
-            StoreError::Backend { .. } | StoreError::Corrupt { .. } => {
-                ControlError::Unavailable(error.to_string())
-            }
+            StoreError::KeyConflict { .. } => ControlError::Conflict(error.to_string()),
+            StoreError::Fenced { .. } => ControlError::NotLeader(format!(
+                "{error}: this replica is no longer the leader; retry and the new leader answers"
+            )),
+            StoreError::Backend { .. }
+            | StoreError::Corrupt { .. }
+            | StoreError::LeaseExpired(_) => ControlError::Unavailable(error.to_string()),
         }
     }
 }
@@ -475,6 +483,7 @@ impl Control {
                 base_revision: Some(snapshot.revision),
                 author: author.name.clone(),
                 message: author.message.clone(),
+                fence: None,
             })
             .await
             .map_err(|e| match e {

@@ -15,6 +15,8 @@ use redb::{
 };
 use tokio::sync::watch;
 
+use crate::coordination::{Coordination, Entry, Fence, KeyEvent, Leader, LeaseId, Listing, Write};
+use crate::keyspace::Keyspace;
 use crate::types::{key_text, prepare, sort_resources};
 use crate::{Commit, CommitRequest, HistoryEntry, Revision, Snapshot, Store, StoreError};
 use atoll_model::{Resource, ResourceKey};
@@ -41,6 +43,8 @@ struct Inner {
     path: PathBuf,
     /// The last committed revision, for watchers.
     revision: watch::Sender<Revision>,
+    /// The coordination keyspace (in memory: one process).
+    keyspace: Keyspace,
 }
 
 impl std::fmt::Debug for EmbeddedStore {
@@ -111,6 +115,7 @@ impl EmbeddedStore {
                 db,
                 path,
                 revision: sender,
+                keyspace: Keyspace::new(),
             }),
         })
     }
@@ -314,21 +319,28 @@ impl Store for EmbeddedStore {
 
     async fn commit(&self, request: CommitRequest) -> Result<Commit, StoreError> {
         self.blocking(move |inner| {
-            let write = inner
-                .db
-                .begin_write()
-                .map_err(|e| backend_error("begin write", e))?;
-            match write_commit(&write, &request) {
-                Ok(commit) => {
-                    write.commit().map_err(|e| backend_error("commit", e))?;
+            // The fence is checked, and holds, until the commit is on disk.
+            inner
+                .keyspace
+                .under_fence(request.fence.as_ref(), || {
+                    let write = inner
+                        .db
+                        .begin_write()
+                        .map_err(|e| backend_error("begin write", e))?;
+                    match write_commit(&write, &request) {
+                        Ok(commit) => {
+                            write.commit().map_err(|e| backend_error("commit", e))?;
+                            Ok(commit)
+                        }
+                        Err(error) => {
+                            write.abort().map_err(|e| backend_error("abort", e))?;
+                            Err(error)
+                        }
+                    }
+                })
+                .inspect(|commit| {
                     inner.revision.send_replace(commit.revision);
-                    Ok(commit)
-                }
-                Err(error) => {
-                    write.abort().map_err(|e| backend_error("abort", e))?;
-                    Err(error)
-                }
-            }
+                })
         })
         .await
     }
@@ -392,5 +404,63 @@ impl Store for EmbeddedStore {
             },
         );
         Ok(Box::pin(stream))
+    }
+}
+
+#[async_trait]
+impl Coordination for EmbeddedStore {
+    async fn get_key(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        Ok(self.inner.keyspace.get(key))
+    }
+
+    async fn list_keys(&self, prefix: &str) -> Result<Listing, StoreError> {
+        Ok(self.inner.keyspace.list(prefix))
+    }
+
+    async fn write_keys(
+        &self,
+        writes: Vec<Write>,
+        fence: Option<&Fence>,
+    ) -> Result<i64, StoreError> {
+        self.inner.keyspace.apply(writes, fence)
+    }
+
+    async fn watch_keys(
+        &self,
+        prefix: &str,
+        after: i64,
+    ) -> Result<BoxStream<'static, Result<KeyEvent, StoreError>>, StoreError> {
+        Ok(self.inner.keyspace.watch(prefix, after))
+    }
+
+    async fn grant(&self, ttl: std::time::Duration) -> Result<LeaseId, StoreError> {
+        self.inner.keyspace.grant(ttl)
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<std::time::Duration, StoreError> {
+        self.inner.keyspace.keep_alive(lease)
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner.keyspace.revoke(lease);
+        Ok(())
+    }
+
+    async fn campaign(
+        &self,
+        election: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<Fence, StoreError> {
+        self.inner.keyspace.campaign(election, value, lease).await
+    }
+
+    async fn leader(&self, election: &str) -> Result<Option<Leader>, StoreError> {
+        Ok(self.inner.keyspace.leader(election))
+    }
+
+    async fn resign(&self, fence: &Fence) -> Result<(), StoreError> {
+        self.inner.keyspace.resign(fence);
+        Ok(())
     }
 }

@@ -8,6 +8,8 @@
 //! | `resources/{Kind}/{name}` | resource JSON |
 //! | `history/{Kind}/{name}/{revision:020}` | history entry JSON |
 //! | `commits/{revision:020}` | commit JSON (the audit log) |
+//! | `coord/{key}` | the coordination keyspace ([`Coordination`]) |
+//! | `coord/{election}/{lease:x}` | a candidacy in an election (etcd's election API) |
 //!
 //! Every commit writes `meta/revision`, and its transaction succeeds only if
 //! that key's etcd `mod_revision` is the one read before preparing: commits are
@@ -15,6 +17,10 @@
 //! revision numbers are Atoll's own (+1 per commit), independent of etcd's.
 //! etcd limits the operations of one transaction (`--max-txn-ops`, default
 //! 128): a commit of N resources takes 2N+2.
+//!
+//! A commit or coordination write with a [`Fence`] also compares the
+//! leader key's create revision with the fence's term, in the same
+//! transaction: a deposed leader's write cannot land.
 
 use std::time::Duration;
 
@@ -26,6 +32,10 @@ use etcd_client::{
 use futures::stream::BoxStream;
 use tokio::sync::mpsc;
 
+use crate::coordination::{
+    Coordination, Entry, Expect, Fence, KeyEvent, Leader, LeaseId, Listing, Write, check_batch,
+    key_conflict,
+};
 use crate::types::{key_text, prepare, sort_resources};
 use crate::{Commit, CommitRequest, HistoryEntry, Revision, Snapshot, Store, StoreError};
 use atoll_model::{Resource, ResourceKey};
@@ -61,6 +71,8 @@ impl EtcdOptions {
 #[derive(Clone)]
 pub struct EtcdStore {
     client: Client,
+    /// Without a request timeout: a campaign waits as long as it takes.
+    campaigns: Client,
     prefix: String,
 }
 
@@ -123,11 +135,25 @@ impl EtcdStore {
             .map_err(|e| {
                 backend_error(&format!("connecting to {}", options.endpoints.join(",")), e)
             })?;
+        let campaigns = Client::connect(
+            &options.endpoints,
+            Some(
+                ConnectOptions::new()
+                    .with_connect_timeout(options.timeout)
+                    .with_keep_alive(Duration::from_secs(2), options.timeout),
+            ),
+        )
+        .await
+        .map_err(|e| backend_error(&format!("connecting to {}", options.endpoints.join(",")), e))?;
         let mut prefix = options.prefix;
         if !prefix.ends_with('/') {
             prefix.push('/');
         }
-        let store = Self { client, prefix };
+        let store = Self {
+            client,
+            campaigns,
+            prefix,
+        };
         // Fail now, with the endpoint in the message, rather than on first use.
         store.revision().await.map_err(|e| match e {
             StoreError::Backend { detail, .. } => backend_error(
@@ -137,6 +163,111 @@ impl EtcdStore {
             other => other,
         })?;
         Ok(store)
+    }
+
+    /// The etcd key of coordination key `key`.
+    fn coord_key(&self, key: &str) -> String {
+        format!("{}coord/{key}", self.prefix)
+    }
+
+    /// The coordination key of etcd key `key`.
+    fn coord_name(&self, key: &[u8]) -> String {
+        let text = String::from_utf8_lossy(key);
+        text.strip_prefix(&format!("{}coord/", self.prefix))
+            .unwrap_or(&text)
+            .to_owned()
+    }
+
+    fn entry(&self, kv: &etcd_client::KeyValue) -> Entry {
+        Entry {
+            key: self.coord_name(kv.key()),
+            value: kv.value().to_vec(),
+            created: kv.create_revision(),
+            modified: kv.mod_revision(),
+            lease: (kv.lease() != 0).then_some(kv.lease()),
+        }
+    }
+
+    fn fence_compare(&self, fence: &Fence) -> Compare {
+        Compare::create_revision(self.coord_key(&fence.key), CompareOp::Equal, fence.term)
+    }
+
+    /// `Err(Fenced)` when `fence` no longer holds.
+    async fn check_fence(&self, fence: &Fence) -> Result<(), StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .get(self.coord_key(&fence.key), None)
+            .await
+            .map_err(|e| backend_error("reading the leader key", e))?;
+        match response.kvs().first() {
+            Some(item) if item.create_revision() == fence.term => Ok(()),
+            Some(item) => Err(StoreError::Fenced {
+                term: fence.term,
+                detail: format!("the leader key is now of term {}", item.create_revision()),
+            }),
+            None => Err(StoreError::Fenced {
+                term: fence.term,
+                detail: "the leader key is gone".into(),
+            }),
+        }
+    }
+
+    async fn pump_keys(
+        self,
+        prefix: String,
+        after: i64,
+        sender: mpsc::Sender<Result<KeyEvent, StoreError>>,
+    ) {
+        let mut watch = self.client.watch_client();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(after + 1);
+        let mut stream = match watch.watch(self.coord_key(&prefix), Some(options)).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                let _ = sender.send(Err(backend_error("watching", e))).await;
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                () = sender.closed() => return,
+                message = stream.message() => {
+                    let response = match message {
+                        Ok(Some(response)) => response,
+                        Ok(None) => {
+                            let _ = sender.send(Err(backend_error("watching", "etcd closed the watch"))).await;
+                            return;
+                        }
+                        Err(e) => {
+                            let _ = sender.send(Err(backend_error("watching", e))).await;
+                            return;
+                        }
+                    };
+                    if response.compact_revision() > 0 {
+                        let _ = sender.send(Err(backend_error("watching", format!("revision {after} is compacted (etcd keeps changes after {}); list again", response.compact_revision())))).await;
+                        return;
+                    }
+                    if response.canceled() {
+                        let _ = sender.send(Err(backend_error("watching", format!("watch canceled: {}", response.cancel_reason())))).await;
+                        return;
+                    }
+                    for event in response.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        let item = match event.event_type() {
+                            EventType::Put => KeyEvent::Put(self.entry(kv)),
+                            EventType::Delete => KeyEvent::Deleted {
+                                key: self.coord_name(kv.key()),
+                                revision: kv.mod_revision(),
+                            },
+                        };
+                        if sender.send(Ok(item)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn meta_key(&self) -> String {
@@ -235,7 +366,11 @@ impl EtcdStore {
         } else {
             Compare::mod_revision(self.meta_key(), CompareOp::Equal, meta_mod)
         };
-        let txn = Txn::new().when([guard]).and_then(operations);
+        let mut compares = vec![guard];
+        if let Some(fence) = &request.fence {
+            compares.push(self.fence_compare(fence));
+        }
+        let txn = Txn::new().when(compares).and_then(operations);
         let response = kv.txn(txn).await.map_err(|e| {
             let text = e.to_string();
             if text.contains("too many operations") {
@@ -416,6 +551,10 @@ impl Store for EtcdStore {
             if let Some(commit) = self.try_commit(&request).await? {
                 return Ok(commit);
             }
+            // A fence that no longer holds is final: never retried.
+            if let Some(fence) = &request.fence {
+                self.check_fence(fence).await?;
+            }
             // Another writer committed between our read and our transaction:
             // read again. Expectations and the base revision are re-checked.
         }
@@ -458,5 +597,234 @@ impl Store for EtcdStore {
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
             receiver,
         )))
+    }
+}
+
+#[async_trait]
+impl Coordination for EtcdStore {
+    async fn get_key(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .get(self.coord_key(key), None)
+            .await
+            .map_err(|e| backend_error("reading a key", e))?;
+        Ok(response.kvs().first().map(|item| self.entry(item)))
+    }
+
+    async fn list_keys(&self, prefix: &str) -> Result<Listing, StoreError> {
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .get(
+                self.coord_key(prefix),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Key, SortOrder::Ascend),
+                ),
+            )
+            .await
+            .map_err(|e| backend_error("listing keys", e))?;
+        Ok(Listing {
+            entries: response.kvs().iter().map(|item| self.entry(item)).collect(),
+            revision: response.header().map(|h| h.revision()).unwrap_or(0),
+        })
+    }
+
+    async fn write_keys(
+        &self,
+        writes: Vec<Write>,
+        fence: Option<&Fence>,
+    ) -> Result<i64, StoreError> {
+        check_batch(&writes)?;
+        let mut compares = Vec::new();
+        if let Some(fence) = fence {
+            compares.push(self.fence_compare(fence));
+        }
+        let mut operations = Vec::with_capacity(writes.len());
+        for write in &writes {
+            let key = self.coord_key(&write.key);
+            match write.expect {
+                Expect::Any => {}
+                Expect::Absent => {
+                    compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+                }
+                Expect::Modified(v) => {
+                    compares.push(Compare::mod_revision(key.clone(), CompareOp::Equal, v));
+                }
+            }
+            operations.push(match &write.value {
+                Some(value) => TxnOp::put(
+                    key,
+                    value.clone(),
+                    write
+                        .lease
+                        .map(|lease| etcd_client::PutOptions::new().with_lease(lease)),
+                ),
+                None => TxnOp::delete(key, None),
+            });
+        }
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .txn(Txn::new().when(compares).and_then(operations))
+            .await
+            .map_err(|e| {
+                let text = e.to_string();
+                match writes.iter().find_map(|w| w.lease) {
+                    Some(lease) if text.contains("lease not found") => {
+                        StoreError::LeaseExpired(lease)
+                    }
+                    _ => backend_error("writing keys", e),
+                }
+            })?;
+        if response.succeeded() {
+            return Ok(response.header().map(|h| h.revision()).unwrap_or(0));
+        }
+        // Say which compare failed: the fence first, then the first key.
+        if let Some(fence) = fence {
+            self.check_fence(fence).await?;
+        }
+        for write in &writes {
+            if write.expect == Expect::Any {
+                continue;
+            }
+            let actual = self.get_key(&write.key).await?.map(|e| e.modified);
+            let holds = match write.expect {
+                Expect::Any => true,
+                Expect::Absent => actual.is_none(),
+                Expect::Modified(v) => actual == Some(v),
+            };
+            if !holds {
+                return Err(key_conflict(&write.key, write.expect, actual));
+            }
+        }
+        Err(StoreError::KeyConflict {
+            key: writes[0].key.clone(),
+            detail: "changed while the batch was written".into(),
+        })
+    }
+
+    async fn watch_keys(
+        &self,
+        prefix: &str,
+        after: i64,
+    ) -> Result<BoxStream<'static, Result<KeyEvent, StoreError>>, StoreError> {
+        let (sender, receiver) = mpsc::channel(256);
+        tokio::spawn(self.clone().pump_keys(prefix.to_owned(), after, sender));
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            receiver,
+        )))
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        if ttl.is_zero() {
+            return Err(StoreError::Invalid("a lease needs a TTL above zero".into()));
+        }
+        // etcd counts whole seconds.
+        let seconds = i64::try_from(ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX);
+        let response = self
+            .client
+            .lease_client()
+            .grant(seconds, None)
+            .await
+            .map_err(|e| backend_error("granting a lease", e))?;
+        Ok(response.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        let failed = |e: etcd_client::Error| {
+            if e.to_string().contains("lease not found") {
+                StoreError::LeaseExpired(lease)
+            } else {
+                backend_error("keeping a lease alive", e)
+            }
+        };
+        let mut client = self.client.lease_client();
+        let (mut keeper, mut stream) = client.keep_alive(lease).await.map_err(failed)?;
+        keeper.keep_alive().await.map_err(failed)?;
+        let answer = stream
+            .message()
+            .await
+            .map_err(failed)?
+            .ok_or_else(|| backend_error("keeping a lease alive", "etcd closed the stream"))?;
+        if answer.ttl() <= 0 {
+            return Err(StoreError::LeaseExpired(lease));
+        }
+        Ok(Duration::from_secs(
+            u64::try_from(answer.ttl()).unwrap_or(0),
+        ))
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        match self.client.lease_client().revoke(lease).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("lease not found") => Ok(()),
+            Err(e) => Err(backend_error("revoking a lease", e)),
+        }
+    }
+
+    async fn campaign(
+        &self,
+        election: &str,
+        value: Vec<u8>,
+        lease: LeaseId,
+    ) -> Result<Fence, StoreError> {
+        let name = self.coord_key(election.trim_end_matches('/'));
+        let mut client = self.campaigns.election_client();
+        let response = client.campaign(name, value, lease).await.map_err(|e| {
+            if e.to_string().contains("lease not found") {
+                StoreError::LeaseExpired(lease)
+            } else {
+                backend_error("campaigning", e)
+            }
+        })?;
+        let leader = response
+            .leader()
+            .ok_or_else(|| backend_error("campaigning", "etcd elected nobody"))?;
+        Ok(Fence {
+            key: self.coord_name(leader.key()),
+            term: leader.rev(),
+        })
+    }
+
+    async fn leader(&self, election: &str) -> Result<Option<Leader>, StoreError> {
+        // What etcd's election does: the oldest candidacy leads.
+        let prefix = format!("{}/", self.coord_key(election.trim_end_matches('/')));
+        let mut kv = self.client.kv_client();
+        let response = kv
+            .get(
+                prefix,
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Create, SortOrder::Ascend)
+                        .with_limit(1),
+                ),
+            )
+            .await
+            .map_err(|e| backend_error("reading the leader", e))?;
+        Ok(response.kvs().first().map(|item| Leader {
+            value: item.value().to_vec(),
+            fence: Fence {
+                key: self.coord_name(item.key()),
+                term: item.create_revision(),
+            },
+        }))
+    }
+
+    async fn resign(&self, fence: &Fence) -> Result<(), StoreError> {
+        let key = self.coord_key(&fence.key);
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key.clone(),
+                CompareOp::Equal,
+                fence.term,
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        self.client
+            .kv_client()
+            .txn(txn)
+            .await
+            .map_err(|e| backend_error("resigning", e))?;
+        Ok(())
     }
 }

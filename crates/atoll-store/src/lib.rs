@@ -4,20 +4,30 @@
 //! - [`EmbeddedStore`], the default: a redb file in a data directory.
 //! - [`EtcdStore`]: a real etcd cluster, for control-plane replicas.
 //!
+//! Beside the resources, each backend has a [`Coordination`] keyspace: small
+//! unaudited keys with compare-and-swap, TTL leases, prefix watches and an
+//! election, for what control-plane replicas agree on at run time.
+//!
 //! The store keeps resources, a full history per resource and an audit log of
 //! commits. Every commit is atomic, gets the next revision, and can be
 //! conditioned on resource versions (optimistic concurrency) and on the store
 //! revision the caller read. It does not validate resources: the control plane
 //! validates the state a change produces before committing it.
 
+mod coordination;
 mod embedded;
 mod etcd;
+mod keyspace;
 mod types;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
 
 pub use atoll_model::{Resource, ResourceKey};
+pub use coordination::{
+    Coordination, Entry, Expect, Fence, KeyEvent, Leader, LeaseId, Listing, MAX_WRITES_PER_BATCH,
+    Write,
+};
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdOptions, EtcdStore};
 pub use types::*;

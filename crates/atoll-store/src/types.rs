@@ -76,6 +76,9 @@ pub struct CommitRequest {
     pub author: String,
     /// Why, if the author said.
     pub message: Option<String>,
+    /// When set, the commit lands only while this leadership holds (a
+    /// deposed leader's commit fails with [`StoreError::Fenced`]).
+    pub fence: Option<crate::Fence>,
 }
 
 /// What a change did to a resource.
@@ -229,6 +232,26 @@ pub enum StoreError {
         /// What failed.
         detail: String,
     },
+    /// The commit or write carried a fence that no longer holds: the leader
+    /// that made it was deposed. Nothing was changed; retrying cannot help.
+    #[error("fenced: the leadership of term {term} has ended ({detail}); nothing was changed")]
+    Fenced {
+        /// The term the writer held.
+        term: i64,
+        /// What holds the leader key now.
+        detail: String,
+    },
+    /// A coordination key was not as a write expected; nothing was changed.
+    #[error("key {key} {detail}; read it again and retry")]
+    KeyConflict {
+        /// The key.
+        key: String,
+        /// How it differed.
+        detail: String,
+    },
+    /// A coordination lease ran out (or never existed).
+    #[error("lease {0:x} has expired or does not exist")]
+    LeaseExpired(i64),
     /// Data in the store could not be read back.
     #[error("{backend} store holds unreadable data at {at}: {detail}")]
     Corrupt {

@@ -4,14 +4,15 @@
 #![allow(async_fn_in_trait, reason = "a test-only trait")]
 #![allow(clippy::expect_used, clippy::unwrap_used, reason = "tests fail loudly")]
 
+mod coordination;
 mod suite;
 
-use atoll_store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
+use atoll_store::{Coordination, EmbeddedStore, EtcdOptions, EtcdStore, Store};
 use atoll_testing::EtcdServer;
 
 /// Opens a store of one backend, and reopens it (same data) on demand.
 pub(crate) trait Backend {
-    type Store: Store + Clone;
+    type Store: Store + Coordination + Clone;
     async fn open(&self) -> Self::Store;
 }
 
@@ -58,12 +59,12 @@ impl Backend for Etcd {
 }
 
 macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
+    ($($module:ident :: $case:ident),* $(,)?) => {
         mod embedded {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    super::suite::$case(&super::Embedded::new()).await;
+                    super::$module::$case(&super::Embedded::new()).await;
                 }
             )*
         }
@@ -71,7 +72,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
-                    super::suite::$case(&super::Etcd::new()).await;
+                    super::$module::$case(&super::Etcd::new()).await;
                 }
             )*
         }
@@ -79,16 +80,20 @@ macro_rules! conformance {
 }
 
 conformance!(
-    an_empty_store,
-    creates_and_reads_back,
-    resource_versions_guard_writes,
-    concurrent_conflicting_writes_have_one_winner,
-    concurrent_blind_writes_are_serialized,
-    a_failing_batch_changes_nothing,
-    a_stale_base_revision_is_refused,
-    history_and_rollback,
-    the_audit_log_pages,
-    watch_replays_then_follows,
-    state_survives_reopening,
-    malformed_commits_are_refused,
+    suite::an_empty_store,
+    suite::creates_and_reads_back,
+    suite::resource_versions_guard_writes,
+    suite::concurrent_conflicting_writes_have_one_winner,
+    suite::concurrent_blind_writes_are_serialized,
+    suite::a_failing_batch_changes_nothing,
+    suite::a_stale_base_revision_is_refused,
+    suite::history_and_rollback,
+    suite::the_audit_log_pages,
+    suite::watch_replays_then_follows,
+    suite::state_survives_reopening,
+    suite::malformed_commits_are_refused,
+    coordination::keys_compare_and_swap,
+    coordination::a_prefix_watch_sees_changes_in_order,
+    coordination::a_lease_keeps_its_keys_only_while_kept_alive,
+    coordination::one_leader_at_a_time_and_terms_grow,
 );

@@ -28,6 +28,7 @@ fn request(changes: Vec<Change>) -> CommitRequest {
         base_revision: None,
         author: "alice".into(),
         message: Some("test".into()),
+        fence: None,
     }
 }
 
