@@ -374,6 +374,44 @@ pub struct StatusResponse {
     pub uptime_seconds: u64,
 }
 
+/// `GET /v1/leader`: the control-plane replicas and which one leads, as the
+/// replica that answers sees them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaderResponse {
+    /// The leader's URL; absent while no replica leads (an election, or the
+    /// store has no quorum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// The leader's term: the revision that created its election key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub term: Option<i64>,
+    /// The replica that answered.
+    pub served_by: String,
+    /// Every replica alive, the leader among them.
+    pub replicas: Vec<ReplicaInfo>,
+}
+
+/// One control-plane replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaInfo {
+    /// Its advertised URL.
+    pub url: String,
+    /// `leader` or `follower`.
+    pub role: String,
+    /// The store revision its config cache serves.
+    pub revision: u64,
+    /// How many revisions it is behind the newest it reported seeing.
+    pub lag: u64,
+    /// Data-plane nodes connected to it.
+    pub connected_nodes: usize,
+    /// When it started (RFC 3339).
+    pub started: String,
+    /// When it last reported (RFC 3339).
+    pub reported: String,
+}
+
 /// The kind of an API error, for programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

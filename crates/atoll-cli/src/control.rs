@@ -74,6 +74,17 @@ pub(crate) struct ControlArgs {
     #[arg(long, default_value = "3s", value_parser = parse_lease, value_name = "DURATION")]
     lease_duration: Duration,
 
+    /// The URL other replicas and clients reach this replica at (replicas
+    /// pass writes on to the leader's) [default: http:// and --listen].
+    #[arg(long, env = "ATOLL_ADVERTISE", value_name = "URL")]
+    advertise: Option<String>,
+
+    /// The TTL of the leader's election lease, kept alive every third of
+    /// it: a leader that dies is replaced within about this long (etcd
+    /// counts whole seconds, at least 2).
+    #[arg(long, default_value = "3s", value_parser = parse_election_ttl, value_name = "DURATION")]
+    election_ttl: Duration,
+
     /// Log format (the level comes from $RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -103,6 +114,14 @@ pub(crate) fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+}
+
+fn parse_election_ttl(text: &str) -> Result<Duration, String> {
+    let value = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if value < Duration::from_secs(2) || value > Duration::from_secs(60) {
+        return Err("the election TTL is from 2s to 1m".into());
+    }
+    Ok(value)
 }
 
 fn parse_lease(text: &str) -> Result<Duration, String> {
@@ -158,6 +177,8 @@ pub(crate) async fn run(args: ControlArgs) -> Result<u8, CliError> {
         drain_timeout: args.drain_timeout,
         heartbeat_timeout: args.heartbeat_timeout,
         lease_duration: args.lease_duration,
+        advertise: args.advertise.clone(),
+        election_ttl: args.election_ttl,
     })
     .await?;
     let address = server.local_addr()?;

@@ -8,9 +8,13 @@
 //! Time: the node counts its lease from when it *sent* the request, the
 //! control plane from when it *answered*, plus a margin for clock rate
 //! differences, so the node's lease always ends first. A lease is granted
-//! only to a node that runs the current shard maps. Grants live in memory:
-//! a control plane that starts takes every cell as holding a lease granted
-//! at its start.
+//! only to a node that runs the current shard maps, and only by a leader
+//! inside its acting window. Grants live in the leader's memory, one
+//! [`Leases`] per term: a new leader takes every cell as holding a lease
+//! granted at the start of its term, of the longest duration any leader
+//! used. Every grant of an earlier term was made inside that leader's acting
+//! window, which closed before this term began, so none outlives the bound
+//! (docs/design/replicated-control-plane.md).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -35,6 +39,9 @@ pub(crate) enum Renewal {
 pub(crate) struct Leases {
     /// Zero: leases are off.
     duration: Duration,
+    /// The longest duration a leader of an earlier term may have granted.
+    longest: Duration,
+    /// When this term began: nothing before it was granted by this term.
     started: Instant,
     /// Cell -> when its latest lease ends (control plane's clock, margin
     /// included).
@@ -50,10 +57,18 @@ pub(crate) struct Leases {
 }
 
 impl Leases {
+    #[cfg(test)]
     pub(crate) fn new(duration: Duration) -> Self {
+        Self::for_term(duration, duration, Instant::now())
+    }
+
+    /// The leases of a term that began at `started`, after terms that may
+    /// have granted leases of up to `longest`.
+    pub(crate) fn for_term(duration: Duration, longest: Duration, started: Instant) -> Self {
         Self {
             duration,
-            started: Instant::now(),
+            longest: longest.max(duration),
+            started,
             until: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashSet::new()),
             asked: Mutex::new(HashMap::new()),
@@ -104,7 +119,8 @@ impl Leases {
     /// than this one is not accounted for (docs/switchover.md).
     pub(crate) fn node_released_at(&self, node: &str) -> Instant {
         let off = atoll_api::LEASES_OFF_TRUST + margin(atoll_api::LEASES_OFF_TRUST);
-        let since_start = self.started + self.reach().max(off);
+        let longest = self.longest + margin(self.longest);
+        let since_start = self.started + self.reach().max(off).max(longest);
         self.nodes
             .lock()
             .get(node)
@@ -117,7 +133,7 @@ impl Leases {
         self.asked.lock().get(cell).copied()
     }
 
-    /// When this control plane started (nothing was asked before).
+    /// When this term began (nothing was asked before).
     pub(crate) fn started(&self) -> Instant {
         self.started
     }
@@ -175,7 +191,7 @@ impl Leases {
     /// When every lease `cell` may hold has ended (including leases a
     /// previous control plane granted before this one started).
     pub(crate) fn expires_at(&self, cell: &str) -> Instant {
-        let since_start = self.started + self.duration + margin(self.duration);
+        let since_start = self.started + self.longest + margin(self.longest);
         self.until
             .lock()
             .get(cell)

@@ -13,16 +13,18 @@
 //! the store does not: node connections are soft state that nodes rebuild by
 //! reconnecting. It does not run workloads or route traffic.
 
+mod control;
 mod health;
+mod leadership;
 mod leases;
 mod metrics;
 mod nodes;
 mod openapi;
 mod rest;
-mod service;
 mod state;
 mod stream;
 mod switchover;
+mod writer;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -31,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use atoll_api::config::config_stream_server::ConfigStreamServer;
-use atoll_store::{EmbeddedStore, EtcdOptions, EtcdStore, Store};
+use atoll_store::{Coordination, EmbeddedStore, EtcdOptions, EtcdStore, Store};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -56,18 +58,25 @@ impl StoreOptions {
         }
     }
 
-    /// Opens the store.
-    pub async fn open(&self) -> anyhow::Result<Arc<dyn Store>> {
+    /// Opens the store: the resource store and the coordination keyspace
+    /// of the same backend.
+    pub async fn open(&self) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn Coordination>)> {
         Ok(match self {
-            StoreOptions::Embedded { dir } => Arc::new(
-                EmbeddedStore::open(dir)
-                    .with_context(|| format!("opening the embedded store in {}", dir.display()))?,
-            ),
-            StoreOptions::Etcd(options) => Arc::new(
-                EtcdStore::connect(options.clone())
-                    .await
-                    .context("connecting to etcd")?,
-            ),
+            StoreOptions::Embedded { dir } => {
+                let store =
+                    Arc::new(EmbeddedStore::open(dir).with_context(|| {
+                        format!("opening the embedded store in {}", dir.display())
+                    })?);
+                (store.clone(), store)
+            }
+            StoreOptions::Etcd(options) => {
+                let store = Arc::new(
+                    EtcdStore::connect(options.clone())
+                        .await
+                        .context("connecting to etcd")?,
+                );
+                (store.clone(), store)
+            }
         })
     }
 }
@@ -89,6 +98,12 @@ pub struct ControlOptions {
     /// then continue without the control plane, and a failover cannot know
     /// that a lost cell stopped writing).
     pub lease_duration: Duration,
+    /// The URL other replicas and clients reach this one at (default:
+    /// `http://` and the listen address).
+    pub advertise: Option<String>,
+    /// The TTL of the election lease: a leader that dies is replaced within
+    /// about this long.
+    pub election_ttl: Duration,
 }
 
 /// A bound, not yet serving, control plane.
@@ -127,44 +142,60 @@ impl ControlServer {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
         ready: impl FnOnce() + Send,
     ) -> anyhow::Result<()> {
-        let store = self.options.store.open().await?;
+        let (store, coordination) = self.options.store.open().await?;
         let (cache, follower) = state::ConfigCache::start(store.clone())
             .await
             .context("loading the configuration from the store")?;
         let (stop, stopping) = watch::channel(false);
         let nodes = Arc::new(nodes::NodeRegistry::new());
-        let leases = Arc::new(leases::Leases::new(self.options.lease_duration));
         let metrics = Arc::new(metrics::Metrics::new());
-        let control = Arc::new(service::Control {
+        let address = self.local_addr()?;
+        let advertise = self.options.advertise.clone().unwrap_or_else(|| {
+            let host = match address.ip() {
+                ip if ip.is_unspecified() => "127.0.0.1".to_owned(),
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            };
+            format!("http://{host}:{}", address.port())
+        });
+        let leadership = leadership::Leadership::new(
+            coordination.clone(),
+            advertise,
+            self.options.election_ttl,
+            metrics.clone(),
+        );
+        let writer = Arc::new(writer::Writer {
             store: store.clone(),
             cache: cache.clone(),
-            nodes: nodes.clone(),
             metrics: metrics.clone(),
-            started: Instant::now(),
-            shutdown: stopping.clone(),
-            writer: tokio::sync::Mutex::new(()),
-            parsing: tokio::sync::Semaphore::new(crate::service::PARSERS),
-            switchovers: std::sync::OnceLock::new(),
-            leases: leases.clone(),
-            node_expiry: self.options.node_expiry,
+            leadership: leadership.clone(),
+            turn: tokio::sync::Mutex::new(()),
+            parsing: tokio::sync::Semaphore::new(crate::writer::PARSERS),
         });
-        let switchovers = switchover::Switchovers::new(control.clone());
-        let _ = control.switchovers.set(switchovers.clone());
-        switchovers
-            .resume()
-            .await
-            .context("resuming unfinished switchovers")?;
-        switchovers.watch_cells();
+        let control = control::Control::new(
+            writer,
+            coordination,
+            nodes.clone(),
+            metrics.clone(),
+            stopping.clone(),
+            self.options.node_expiry,
+            self.options.lease_duration,
+            leadership.clone(),
+        );
+        let elector = tokio::spawn(leadership.clone().run(stopping.clone()));
+        let terms = tokio::spawn(control.clone().follow_leadership());
+        let announcer = tokio::spawn(control.clone().announce());
         let config_stream = stream::ConfigStreamService {
             cache,
             nodes: nodes.clone(),
             metrics,
             shutdown: stopping.clone(),
             heartbeat_timeout: self.options.heartbeat_timeout,
-            leases,
+            control: control.clone(),
+            leader: Arc::new(stream::LeaderChannel::default()),
         };
         // gRPC shares the port: its paths are `/atoll.config.v1.ConfigStream/...`.
-        let app = rest::router(control).route_service(
+        let app = rest::router(control.clone()).route_service(
             "/atoll.config.v1.ConfigStream/{*method}",
             ConfigStreamServer::new(config_stream)
                 .max_encoding_message_size(atoll_api::MAX_MESSAGE_BYTES),
@@ -189,7 +220,15 @@ impl ControlServer {
             }
         });
 
-        let address = self.local_addr()?;
+        // Ready once this replica leads (and runs its term), or knows who
+        // does: before that, every write would be refused.
+        let waiting = Instant::now();
+        while control.leading().is_err()
+            && leadership.view().url.is_none()
+            && waiting.elapsed() < self.options.election_ttl * 2
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         tracing::info!(%address, store = %self.options.store.describe(), revision = store.revision().await.unwrap_or(0), "control plane serving");
         ready();
 
@@ -219,6 +258,9 @@ impl ControlServer {
         };
         expirer.abort();
         follower.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(3), elector).await;
+        terms.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(2), announcer).await;
         tracing::info!("control plane stopped");
         result
     }

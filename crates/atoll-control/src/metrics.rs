@@ -50,6 +50,14 @@ pub(crate) struct Metrics {
     pub(crate) nacks: Counter,
     pub(crate) barriers: Family<ResultLabels, Counter>,
     pub(crate) barrier_duration: Histogram,
+    /// 1 while this replica leads and acts.
+    pub(crate) leader: Gauge,
+    /// The term this replica leads (0 when it does not).
+    pub(crate) term: Gauge,
+    pub(crate) elections: Counter,
+    pub(crate) step_downs: Counter,
+    /// Writes this replica made that were fenced: it had been deposed.
+    pub(crate) fenced_writes: Counter,
 }
 
 impl Metrics {
@@ -115,6 +123,36 @@ impl Metrics {
             "Time barriers waited",
             barrier_duration.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica leads the control plane and acts",
+            leader.clone(),
+        );
+        let term = Gauge::default();
+        registry.register(
+            "leader_term",
+            "The term this replica leads (0 when it does not)",
+            term.clone(),
+        );
+        let elections = Counter::default();
+        registry.register(
+            "leader_elections",
+            "Terms this replica won",
+            elections.clone(),
+        );
+        let step_downs = Counter::default();
+        registry.register(
+            "leader_step_downs",
+            "Times this replica stopped leading",
+            step_downs.clone(),
+        );
+        let fenced_writes = Counter::default();
+        registry.register(
+            "fenced_writes",
+            "Writes of this replica refused because another replica had been elected",
+            fenced_writes.clone(),
+        );
         Self {
             registry,
             http_requests,
@@ -128,6 +166,11 @@ impl Metrics {
             nacks,
             barriers,
             barrier_duration,
+            leader,
+            term,
+            elections,
+            step_downs,
+            fenced_writes,
         }
     }
 

@@ -3,8 +3,9 @@
 use atoll_api::rest::{
     ApplyRequest, ApplyResponse, AuditResponse, BarrierRequest, BarrierResponse, ChangeAction,
     ChangeSummary, CommitChange, CommitRecord, ErrorBody, ErrorCode, HistoryItem, HistoryResponse,
-    Laggard, ListResponse, ManifestFile, NackInfo, NodeInfo, NodeSelector, NodesResponse,
-    PlanCheck, ResourceRef, RollbackRequest, StatusResponse, SwitchoverPlan, SwitchoverRequest,
+    Laggard, LeaderResponse, ListResponse, ManifestFile, NackInfo, NodeInfo, NodeSelector,
+    NodesResponse, PlanCheck, ReplicaInfo, ResourceRef, RollbackRequest, StatusResponse,
+    SwitchoverPlan, SwitchoverRequest,
 };
 use atoll_model::Issue;
 use utoipa::OpenApi;
@@ -20,6 +21,7 @@ use utoipa::OpenApi;
         crate::rest::readyz,
         crate::rest::metrics,
         crate::rest::status,
+        crate::rest::leader,
         crate::rest::apply,
         crate::rest::list_all,
         crate::rest::list,
@@ -54,6 +56,8 @@ use utoipa::OpenApi;
         HistoryItem,
         HistoryResponse,
         Laggard,
+        LeaderResponse,
+        ReplicaInfo,
         ListResponse,
         ManifestFile,
         NackInfo,

@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use atoll_api::rest::{
     ApplyRequest, ApplyResponse, AuditResponse, BarrierRequest, BarrierResponse, ErrorBody,
-    ErrorCode, HistoryResponse, ListResponse, NodesResponse, RollbackRequest, StatusResponse,
-    SwitchoverPlan, SwitchoverRequest,
+    ErrorCode, HistoryResponse, LeaderResponse, ListResponse, NodesResponse, RollbackRequest,
+    StatusResponse, SwitchoverPlan, SwitchoverRequest,
 };
 use atoll_model::{Kind, ResourceKey};
 use axum::body::Body;
@@ -21,9 +21,10 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 
+use crate::control::Control;
 use crate::metrics::{HttpLabels, ResultLabels, RouteLabels};
 use crate::nodes::Forget;
-use crate::service::{Author, ChangeSet, Control, ControlError, commit_record, history_item};
+use crate::writer::{Author, ChangeSet, ControlError, commit_record, history_item};
 
 /// The largest request body accepted (a large topology is far below this).
 pub(crate) const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -141,7 +142,7 @@ fn author(headers: &HeaderMap, message: Option<String>) -> Author {
         .filter(|v| !v.is_empty())
         .map(|v| v.chars().take(128).collect())
         .unwrap_or_else(|| "anonymous".to_owned());
-    Author { name, message }
+    Author::user(name, message)
 }
 
 /// Builds the REST router.
@@ -152,6 +153,7 @@ pub(crate) fn router(control: Shared) -> Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
         .route("/v1/status", get(status))
+        .route("/v1/leader", get(leader))
         .route("/v1/apply", post(apply))
         .route("/v1/resources", get(list_all))
         .route("/v1/resources/{kind}", get(list))
@@ -171,6 +173,10 @@ pub(crate) fn router(control: Shared) -> Router {
         .route("/v1/switchovers/{name}/approve", post(approve_switchover))
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            control.clone(),
+            forward_to_leader,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             control.clone(),
             observe,
@@ -206,12 +212,118 @@ async fn observe(State(control): State<Shared>, request: Request, next: Next) ->
     response
 }
 
+/// A request a follower passed on to the leader carries this header; the
+/// answer names the replica that served it.
+const FORWARDED: &str = "x-atoll-forwarded";
+const SERVED_BY: &str = "x-atoll-served-by";
+
+/// Whether a request must be answered by the leader: every change, and
+/// what reads the nodes (they follow the leader).
+fn for_the_leader(method: &axum::http::Method, path: &str) -> bool {
+    let reads = matches!(
+        *method,
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    !reads || path == "/v1/nodes"
+}
+
+/// On a replica that does not lead, passes what the leader must answer on
+/// to the leader's advertised URL, headers and body as they came, and
+/// returns the leader's answer as it is. With no leader known, the request
+/// runs here and is refused with the reason (503).
+async fn forward_to_leader(
+    State(control): State<Shared>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    if !for_the_leader(request.method(), &path)
+        || request.headers().contains_key(FORWARDED)
+        || control.leadership.acting()
+    {
+        return next.run(request).await;
+    }
+    let Some(leader) = control
+        .leadership
+        .view()
+        .url
+        .filter(|url| url != control.leadership.advertise())
+    else {
+        return next.run(request).await;
+    };
+    match forward(&control.http, &leader, request).await {
+        Ok(response) => response,
+        Err(message) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            message,
+        )
+        .into_response(),
+    }
+}
+
+async fn forward(
+    http: &reqwest::Client,
+    leader: &str,
+    request: Request,
+) -> Result<Response, String> {
+    let (parts, body) = request.into_parts();
+    let target = format!(
+        "{}{}",
+        leader.trim_end_matches('/'),
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", axum::http::uri::PathAndQuery::as_str)
+    );
+    let body = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|e| format!("reading the request to pass it on to the leader: {e}"))?;
+    let mut outgoing = http.request(parts.method.clone(), &target).body(body);
+    for (name, value) in &parts.headers {
+        if !matches!(
+            name.as_str(),
+            "host" | "connection" | "content-length" | "transfer-encoding" | "keep-alive"
+        ) {
+            outgoing = outgoing.header(name, value);
+        }
+    }
+    let answer = outgoing.header(FORWARDED, "1").send().await.map_err(|e| {
+        format!("this replica does not lead, and the leader {leader} did not answer: {e}")
+    })?;
+    let mut response = Response::builder().status(answer.status());
+    for (name, value) in answer.headers() {
+        if !matches!(
+            name.as_str(),
+            "connection" | "content-length" | "transfer-encoding" | "keep-alive"
+        ) {
+            response = response.header(name, value);
+        }
+    }
+    let response = response.header(SERVED_BY, leader);
+    let bytes = answer
+        .bytes()
+        .await
+        .map_err(|e| format!("reading the leader's answer: {e}"))?;
+    response
+        .body(Body::from(bytes))
+        .map_err(|e| format!("passing the leader's answer on: {e}"))
+}
+
 async fn fallback(request: Request) -> ApiError {
     ApiError::not_found(format!(
         "no endpoint {} {}; see /openapi.json or docs/api.md",
         request.method(),
         request.uri().path()
     ))
+}
+
+/// The control-plane replicas and which one leads.
+#[utoipa::path(get, path = "/v1/leader", responses(
+    (status = 200, body = LeaderResponse, description = "The replicas, the leader and its term"),
+    (status = 503, body = ErrorBody, description = "The store does not answer")))]
+async fn leader(State(control): State<Shared>) -> ApiResult<LeaderResponse> {
+    Ok(Json(control.replicas().await?))
 }
 
 /// Liveness: the process answers.
@@ -295,11 +407,12 @@ async fn apply(
     // up to more memory than a few.
     let manifests = request.manifests;
     let permit = control
+        .writer
         .parsing
         .acquire()
         .await
         .map_err(|e| ControlError::Unavailable(format!("parsing: {e}")))?;
-    let mut set = tokio::task::spawn_blocking(move || Control::parse(&manifests))
+    let mut set = tokio::task::spawn_blocking(move || crate::writer::Writer::parse(&manifests))
         .await
         .map_err(|e| ControlError::Unavailable(format!("parsing task failed: {e}")))??;
     drop(permit);
@@ -311,7 +424,7 @@ async fn apply(
         ));
     }
     let author = author(&headers, request.message);
-    let response = control.apply(set, request.dry_run, &author).await?;
+    let response = control.writer.apply(set, request.dry_run, &author).await?;
     Ok(Json(response))
 }
 
@@ -419,7 +532,9 @@ async fn delete_one(
         deletes: vec![(key, query.resource_version)],
         ..ChangeSet::default()
     };
-    Ok(Json(control.apply(set, query.dry_run, &author).await?))
+    Ok(Json(
+        control.writer.apply(set, query.dry_run, &author).await?,
+    ))
 }
 
 /// Every change of a resource, oldest first, also after it was deleted.
@@ -455,6 +570,7 @@ async fn rollback(
     let author = author(&headers, request.message);
     Ok(Json(
         control
+            .writer
             .rollback(&key, request.revision, request.dry_run, &author)
             .await?,
     ))
@@ -551,11 +667,8 @@ async fn forget_node(
     }
 }
 
-fn switchovers(control: &Control) -> Result<&Arc<crate::switchover::Switchovers>, ApiError> {
-    control
-        .switchovers
-        .get()
-        .ok_or_else(|| ControlError::Unavailable("the control plane is starting".into()).into())
+fn switchovers(control: &Control) -> Result<Arc<crate::switchover::Switchovers>, ApiError> {
+    Ok(control.leading()?.switchovers.clone())
 }
 
 /// Plans a switchover (`dryRun`) or starts it; read its progress at

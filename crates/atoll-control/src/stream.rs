@@ -19,6 +19,9 @@ use crate::state::{ConfigCache, ConfigState};
 /// How long a new stream may take to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Metadata of a lease renewal a follower passed on to the leader.
+const FORWARDED: &str = "x-atoll-forwarded";
+
 /// Updates sent but not yet answered, kept per stream to match ACKs.
 const MAX_OUTSTANDING: usize = 64;
 
@@ -30,7 +33,35 @@ pub(crate) struct ConfigStreamService {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) heartbeat_timeout: Duration,
-    pub(crate) leases: Arc<crate::leases::Leases>,
+    /// The replica: its leadership and, while it leads, the term's leases.
+    pub(crate) control: Arc<crate::control::Control>,
+    /// A channel to the leader, for lease renewals that reach a follower.
+    pub(crate) leader: Arc<LeaderChannel>,
+}
+
+/// A gRPC channel to the current leader, made again when the leader
+/// changes.
+#[derive(Debug, Default)]
+pub(crate) struct LeaderChannel {
+    channel: parking_lot::Mutex<Option<(String, tonic::transport::Channel)>>,
+}
+
+impl LeaderChannel {
+    fn to(&self, url: &str) -> Result<tonic::transport::Channel, Status> {
+        let mut cached = self.channel.lock();
+        if let Some((known, channel)) = &*cached
+            && known == url
+        {
+            return Ok(channel.clone());
+        }
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| Status::internal(format!("the leader's URL {url} is not valid: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2))
+            .connect_lazy();
+        *cached = Some((url.to_owned(), channel.clone()));
+        Ok(channel)
+    }
 }
 
 fn identity_problem(name: &str) -> Option<&'static str> {
@@ -51,8 +82,9 @@ impl ConfigStream for ConfigStreamService {
         &self,
         request: Request<atoll_api::config::LeaseRequest>,
     ) -> Result<Response<atoll_api::config::LeaseGrant>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
         let request = request.into_inner();
-        let node = request.node.unwrap_or_default();
+        let node = request.node.clone().unwrap_or_default();
         if node.name.is_empty() {
             return Err(Status::invalid_argument(
                 "a lease request names its node (node.name): the instance that will hold it",
@@ -61,6 +93,15 @@ impl ConfigStream for ConfigStreamService {
         if let Some(problem) = identity_problem(&node.name) {
             return Err(Status::invalid_argument(problem));
         }
+        let term = match self.control.leading() {
+            Ok(term) => term,
+            // Passed on once at most: a replica that does not lead either
+            // says so rather than passing it on again.
+            Err(not_leading) if forwarded => {
+                return Err(Status::unavailable(not_leading.to_string()));
+            }
+            Err(not_leading) => return self.forward_renewal(request, node, not_leading).await,
+        };
         let state = self.cache.current();
         // The version that last changed a shard map: a node must run it.
         let current = state
@@ -76,7 +117,7 @@ impl ConfigStream for ConfigStreamService {
                 node.cell.clone(),
             ));
         let renewal = if known {
-            self.leases
+            term.leases
                 .renew(&node.name, &node.cell, request.applied_version, current)
         } else {
             crate::leases::Renewal::Refused(format!("cell `{}` does not exist", node.cell))
@@ -108,6 +149,13 @@ impl ConfigStream for ConfigStreamService {
         &self,
         request: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        if let Err(not_leading) = self.control.leadership.fence() {
+            // Until node records are shared between replicas, a barrier
+            // sees only the nodes of the leader: nodes follow the leader.
+            return Err(Status::unavailable(format!(
+                "{not_leading}; connect to the leader"
+            )));
+        }
         let peer = request.remote_addr().map(|a| a.to_string());
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
@@ -162,6 +210,42 @@ impl ConfigStream for ConfigStreamService {
     }
 }
 
+impl ConfigStreamService {
+    /// A renewal that reached a replica that does not lead (or cannot act
+    /// now): passed on to the leader, whose answer goes back as it is.
+    async fn forward_renewal(
+        &self,
+        request: atoll_api::config::LeaseRequest,
+        node: atoll_api::config::NodeIdentity,
+        not_leading: crate::writer::ControlError,
+    ) -> Result<Response<atoll_api::config::LeaseGrant>, Status> {
+        let view = self.control.leadership.view();
+        let Some(url) = view
+            .url
+            .filter(|url| url != self.control.leadership.advertise())
+        else {
+            return Err(Status::unavailable(not_leading.to_string()));
+        };
+        let channel = self.leader.to(&url)?;
+        let mut client = atoll_api::config::config_stream_client::ConfigStreamClient::new(channel);
+        let forwarded = atoll_api::config::LeaseRequest {
+            node: Some(node),
+            ..request
+        };
+        let mut outgoing = Request::new(forwarded);
+        outgoing.set_timeout(Duration::from_secs(2));
+        outgoing
+            .metadata_mut()
+            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        client.renew_lease(outgoing).await.map_err(|status| {
+            Status::unavailable(format!(
+                "this replica does not lead and the leader ({url}) did not answer: {}",
+                status.message()
+            ))
+        })
+    }
+}
+
 struct Session {
     service: ConfigStreamService,
     name: String,
@@ -175,6 +259,7 @@ impl Session {
     async fn run(mut self) {
         let mut config = self.service.cache.subscribe();
         let mut shutdown = self.service.shutdown.clone();
+        let mut roles = self.service.control.leadership.subscribe();
         let mut last_sent: Option<Arc<ConfigState>> = None;
         // A revision whose update is larger than the stream carries: not
         // sent (the node is told why through `atoll nodes`) until the next.
@@ -249,6 +334,15 @@ impl Session {
                         "replaced by a newer stream with the same node name",
                     )));
                     break "a newer stream took its name";
+                }
+                changed = roles.changed() => {
+                    let leading = matches!(*roles.borrow(), crate::leadership::Role::Leader(_));
+                    if changed.is_err() || !leading {
+                        let _ = self.sender.try_send(Err(Status::unavailable(
+                            "this replica no longer leads; connect to the leader",
+                        )));
+                        break "this replica no longer leads";
+                    }
                 }
                 _ = shutdown.changed() => {
                     let _ = self.sender.try_send(Err(Status::unavailable(

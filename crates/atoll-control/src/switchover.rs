@@ -34,17 +34,25 @@ use parking_lot::Mutex;
 use serde::Deserialize;
 use time::OffsetDateTime;
 
+use crate::leases::Leases;
+use crate::nodes::NodeRegistry;
 use crate::nodes::rfc3339;
-use crate::service::{Author, ChangeSet, Control, ControlError};
+use crate::writer::{Author, ChangeSet, ControlError, Writer};
 
 /// How often the sync gate reads the replication probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Runs switchovers.
+/// Runs switchovers, for one term of the leader.
 pub(crate) struct Switchovers {
-    control: Arc<Control>,
+    writer: Arc<Writer>,
+    nodes: Arc<NodeRegistry>,
+    leases: Arc<Leases>,
+    /// Turns true when the term ends (or the process stops).
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// How long a disconnected node is remembered (and waited for).
+    node_expiry: Duration,
     http: reqwest::Client,
     running: Mutex<HashSet<String>>,
     /// Cell -> when it last answered its replication probe, and what.
@@ -74,14 +82,24 @@ struct Loaded {
 }
 
 impl Switchovers {
-    pub(crate) fn new(control: Arc<Control>) -> Arc<Self> {
+    pub(crate) fn new(
+        writer: Arc<Writer>,
+        nodes: Arc<NodeRegistry>,
+        leases: Arc<Leases>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+        node_expiry: Duration,
+    ) -> Arc<Self> {
         let http = reqwest::Client::builder()
             .timeout(PROBE_TIMEOUT)
             .no_proxy()
             .build()
             .unwrap_or_default();
         Arc::new(Self {
-            control,
+            writer,
+            nodes,
+            leases,
+            shutdown,
+            node_expiry,
             http,
             running: Mutex::new(HashSet::new()),
             probed: Mutex::new(BTreeMap::new()),
@@ -96,7 +114,7 @@ impl Switchovers {
     pub(crate) fn watch_cells(self: &Arc<Self>) {
         let this = self.clone();
         tokio::spawn(async move {
-            let mut shutdown = this.control.shutdown.clone();
+            let mut shutdown = this.shutdown.clone();
             loop {
                 if let Err(error) = this.watch_once().await {
                     tracing::warn!(%error, "emergency plan: cannot check the cells");
@@ -110,7 +128,7 @@ impl Switchovers {
     }
 
     async fn watch_once(self: &Arc<Self>) -> Result<(), ControlError> {
-        let snapshot = self.control.store.snapshot().await?;
+        let snapshot = self.writer.store.snapshot().await?;
         self.lost.lock().clear();
         let resources = &snapshot.resources;
         for map in resources {
@@ -144,8 +162,8 @@ impl Switchovers {
                 // Alive: answered its probe (when a service declares one) or
                 // asked for a lease, lately.
                 let last_probe = self.probed.lock().get(cell).map(|p| p.0);
-                let last_lease = self.control.leases.last_asked(cell);
-                let alive = [last_probe, last_lease, Some(self.control.leases.started())]
+                let last_lease = self.leases.last_asked(cell);
+                let alive = [last_probe, last_lease, Some(self.leases.started())]
                     .into_iter()
                     .flatten()
                     .max()
@@ -156,9 +174,8 @@ impl Switchovers {
                     Spec::Cell(c) if r.name() == cell => Some(c.zone.as_str()),
                     _ => None,
                 });
-                let agent_silent = zone.is_none_or(|zone| {
-                    self.control.nodes.agent_silence(zone) >= policy.lost_after.0
-                });
+                let agent_silent =
+                    zone.is_none_or(|zone| self.nodes.agent_silence(zone) >= policy.lost_after.0);
                 if now.duration_since(alive) >= policy.lost_after.0 && agent_silent {
                     lost.push(cell.to_owned());
                 }
@@ -166,7 +183,7 @@ impl Switchovers {
             self.lost.lock().extend(lost.iter().cloned());
             if lost.is_empty()
                 || active_on(resources, map.name()).is_some()
-                || !self.control.leases.enabled()
+                || !self.leases.enabled()
             {
                 continue;
             }
@@ -263,7 +280,7 @@ impl Switchovers {
             reason: Some(why.clone()),
             phase: SwitchoverPhase::Pending,
             abort_requested: false,
-            expected_nodes: self.control.nodes.names(),
+            expected_nodes: self.nodes.names(),
             approved,
             timeline: vec![PhaseRecord {
                 phase: SwitchoverPhase::Pending,
@@ -352,7 +369,7 @@ impl Switchovers {
         cell: &str,
         lost: &[String],
     ) -> Result<(), ControlError> {
-        let status = crate::health::cell_status(resources, &self.control.nodes.list());
+        let status = crate::health::cell_status(resources, &self.nodes.list());
         let mut next = spec.clone();
         for a in &mut next.assignments {
             if a.standby.as_deref() == Some(cell) {
@@ -378,7 +395,7 @@ impl Switchovers {
         name: &str,
         author: &Author,
     ) -> Result<Resource, ControlError> {
-        let message = format!("approved by {}", author.name);
+        let message = format!("approved by {}", author.name());
         self.request(name, "approved", |spec| {
             if spec.mode != SwitchoverMode::Failover {
                 return Err(format!(
@@ -400,7 +417,7 @@ impl Switchovers {
 
     /// Resumes every unfinished switchover (after a restart).
     pub(crate) async fn resume(self: &Arc<Self>) -> Result<(), ControlError> {
-        let snapshot = self.control.store.snapshot().await?;
+        let snapshot = self.writer.store.snapshot().await?;
         for resource in &snapshot.resources {
             if let Spec::Switchover(spec) = &resource.spec
                 && !spec.phase.is_final()
@@ -429,7 +446,7 @@ impl Switchovers {
         request: SwitchoverRequest,
         author: &Author,
     ) -> Result<SwitchoverPlan, ControlError> {
-        let snapshot = self.control.store.snapshot().await?;
+        let snapshot = self.writer.store.snapshot().await?;
         let resources = &snapshot.resources;
         let maps: Vec<&Resource> = resources
             .iter()
@@ -525,10 +542,10 @@ impl Switchovers {
                         what: Arc::from(format!("the flip of switchover/{name}")),
                     },
                 }],
-                internal: true,
                 ..ChangeSet::default()
             };
-            match self.control.apply(set, true, author).await {
+            let planner = Author::control_plane(format!("switchover/{name}"), None);
+            match self.writer.apply(set, true, &planner).await {
                 Err(ControlError::Invalid { issues, .. }) => checks.push(PlanCheck {
                     check: "shard map after the flip".into(),
                     result: "blocking".into(),
@@ -615,7 +632,7 @@ impl Switchovers {
             checks,
             expected_fence_window: format!(
                 "two barriers over {} nodes (milliseconds each when every node is connected) plus the sync gate: {lag} log positions to replicate now; the sync gate gives up after {}",
-                self.control.nodes.list().len(),
+                self.nodes.list().len(),
                 humantime::format_duration(sync_timeout)
             ),
             dry_run: request.dry_run,
@@ -629,7 +646,7 @@ impl Switchovers {
                     "a failover moves every shard of a lost cell: give --from CELL".into(),
                 ));
             };
-            if !self.control.leases.enabled() {
+            if !self.leases.enabled() {
                 return Err(ControlError::Conflict(
                     "this control plane runs without ownership leases (--lease-duration 0s), so nothing stops the lost cell from writing on: stop it for certain, then move its shards with a planned switchover and --skip-sync-gate".into(),
                 ));
@@ -640,10 +657,9 @@ impl Switchovers {
                 moves,
                 true,
                 barrier_timeout,
-                request
-                    .reason
-                    .clone()
-                    .unwrap_or_else(|| format!("failover of {from} requested by {}", author.name)),
+                request.reason.clone().unwrap_or_else(|| {
+                    format!("failover of {from} requested by {}", author.name())
+                }),
             );
             self.create(&name, spec, "failover requested").await?;
             return Ok(plan);
@@ -670,7 +686,7 @@ impl Switchovers {
             mode: SwitchoverMode::Planned,
             phase: SwitchoverPhase::Pending,
             abort_requested: false,
-            expected_nodes: self.control.nodes.names(),
+            expected_nodes: self.nodes.names(),
             approved: false,
             unreplicated: Vec::new(),
             last_seen: None,
@@ -678,7 +694,7 @@ impl Switchovers {
                 phase: SwitchoverPhase::Pending,
                 started: now(),
                 millis: None,
-                detail: Some(format!("requested by {}", author.name)),
+                detail: Some(format!("requested by {}", author.name())),
             }],
             epoch_before: Some(map_spec.epoch),
             fence_revision: None,
@@ -696,7 +712,7 @@ impl Switchovers {
         name: &str,
         author: &Author,
     ) -> Result<Resource, ControlError> {
-        let message = format!("abort requested by {}", author.name);
+        let message = format!("abort requested by {}", author.name());
         self.request(name, "abort requested", |spec| {
             if spec.phase.is_final() {
                 return Err(format!("switchover/{name} is {} already", spec.phase));
@@ -725,7 +741,7 @@ impl Switchovers {
     ) -> Result<Resource, ControlError> {
         for _ in 0..8 {
             let mut resource = self
-                .control
+                .writer
                 .store
                 .get(&ResourceKey::new(Kind::Switchover, name))
                 .await?
@@ -771,20 +787,16 @@ impl Switchovers {
                     },
                 })
                 .collect(),
-            internal: true,
             ..ChangeSet::default()
         };
-        let author = Author {
-            name: format!("switchover/{name}"),
-            message: Some(what.to_owned()),
-        };
-        let response = self.control.apply(set, false, &author).await?;
+        let author = Author::control_plane(format!("switchover/{name}"), Some(what.to_owned()));
+        let response = self.writer.apply(set, false, &author).await?;
         Ok(response.revision)
     }
 
     async fn load(&self, name: &str) -> Result<Loaded, ControlError> {
         let switchover = self
-            .control
+            .writer
             .store
             .get(&ResourceKey::new(Kind::Switchover, name))
             .await?
@@ -795,7 +807,7 @@ impl Switchovers {
             ));
         };
         let map = self
-            .control
+            .writer
             .store
             .get(&ResourceKey::new(Kind::ShardMap, spec.shard_map.clone()))
             .await?
@@ -818,7 +830,7 @@ impl Switchovers {
     /// Drives one switchover to a final phase (or until the control plane
     /// stops; a restart resumes it).
     async fn drive(&self, name: &str) {
-        let mut shutdown = self.control.shutdown.clone();
+        let mut shutdown = self.shutdown.clone();
         loop {
             if *shutdown.borrow() {
                 return;
@@ -860,7 +872,7 @@ impl Switchovers {
             // Again after a restart: a lost cell gets no lease from the
             // approval until the failover is over.
             for cell in &lost {
-                self.control.leases.revoke(cell);
+                self.leases.revoke(cell);
             }
         }
         if spec.abort_requested && !spec.phase.flipped() {
@@ -891,7 +903,7 @@ impl Switchovers {
             SwitchoverPhase::LeaseExpiry => {
                 let until = lost
                     .iter()
-                    .map(|cell| self.control.leases.expires_at(cell))
+                    .map(|cell| self.leases.expires_at(cell))
                     .max()
                     .unwrap_or_else(Instant::now);
                 let waited = until.saturating_duration_since(Instant::now());
@@ -968,7 +980,7 @@ impl Switchovers {
                 let started = phase_started(spec);
                 let deadline = started + spec.sync_timeout.0;
                 loop {
-                    let snapshot = self.control.store.snapshot().await?;
+                    let snapshot = self.writer.store.snapshot().await?;
                     let positions = self
                         .positions(&snapshot.resources, &loaded.map_spec, &spec.moves)
                         .await;
@@ -1023,9 +1035,9 @@ impl Switchovers {
                 // cannot confirm anything (a bank that replicates
                 // synchronously would stop taking writes).
                 let standby_for = if failover {
-                    let snapshot = self.control.store.snapshot().await?;
+                    let snapshot = self.writer.store.snapshot().await?;
                     let status =
-                        crate::health::cell_status(&snapshot.resources, &self.control.nodes.list());
+                        crate::health::cell_status(&snapshot.resources, &self.nodes.list());
                     let owners: std::collections::BTreeSet<String> = loaded
                         .map_spec
                         .assignments
@@ -1138,7 +1150,7 @@ impl Switchovers {
                     // They own none of these shards now, and a lease only
                     // ever goes to a node that runs the new map.
                     for cell in &lost {
-                        self.control.leases.restore(cell);
+                        self.leases.restore(cell);
                     }
                 }
                 Ok(())
@@ -1156,7 +1168,7 @@ impl Switchovers {
         lost: &[String],
         version: u64,
     ) -> atoll_api::rest::BarrierResponse {
-        let nodes = &self.control.nodes;
+        let nodes = &self.nodes;
         match spec.mode {
             SwitchoverMode::Failover => {
                 nodes
@@ -1172,7 +1184,7 @@ impl Switchovers {
                     .lost
                     .lock()
                     .iter()
-                    .filter(|cell| self.control.leases.expires_at(cell) <= now)
+                    .filter(|cell| self.leases.expires_at(cell) <= now)
                     .cloned()
                     .collect();
                 // A node that is not connected stops counting once nothing
@@ -1180,8 +1192,8 @@ impl Switchovers {
                 // only once the config the leases are granted against has
                 // this version: before that, a lease could still go to a
                 // node that runs the version before.
-                let leases = &self.control.leases;
-                let cache = &self.control.cache;
+                let leases = &self.leases;
+                let cache = &self.writer.cache;
                 let released = |node: &str| {
                     cache.current().revision >= version
                         && leases.node_released_at(node) <= Instant::now()
@@ -1189,7 +1201,7 @@ impl Switchovers {
                 nodes
                     .barrier_expecting(
                         &spec.expected_nodes,
-                        self.control.node_expiry,
+                        self.node_expiry,
                         &gone,
                         &released,
                         version,
@@ -1202,7 +1214,7 @@ impl Switchovers {
 
     async fn abort_asked(&self, name: &str) -> bool {
         matches!(
-            self.control
+            self.writer
                 .store
                 .get(&ResourceKey::new(Kind::Switchover, name))
                 .await,
@@ -1237,7 +1249,7 @@ impl Switchovers {
             self.save(loaded, &name, "abort").await?;
         }
         for cell in &lost {
-            self.control.leases.restore(cell);
+            self.leases.restore(cell);
         }
         Ok(())
     }
@@ -1271,7 +1283,7 @@ impl Switchovers {
         moves: &[ShardMove],
         request: &SwitchoverRequest,
     ) -> Vec<PlanCheck> {
-        let status = crate::health::cell_status(resources, &self.control.nodes.list());
+        let status = crate::health::cell_status(resources, &self.nodes.list());
         let mut checks = Vec::new();
         let targets: std::collections::BTreeSet<&str> =
             moves.iter().map(|m| m.to.as_str()).collect();
@@ -1329,12 +1341,12 @@ impl Switchovers {
                 }),
             }
         }
-        let (connected, disconnected) = self.control.nodes.counts();
+        let (connected, disconnected) = self.nodes.counts();
         checks.push(PlanCheck {
             check: "nodes".into(),
             result: if disconnected > 0 { "warning" } else { "ok" }.into(),
             detail: if disconnected > 0 {
-                format!("{disconnected} known nodes are disconnected: the barriers wait for each until any lease it held has ended ({} at most), then go on without it (atoll nodes)", humantime::format_duration(self.control.leases.reach()))
+                format!("{disconnected} known nodes are disconnected: the barriers wait for each until any lease it held has ended ({} at most), then go on without it (atoll nodes)", humantime::format_duration(self.leases.reach()))
             } else {
                 format!("{connected} nodes connected; the barriers wait for all of them")
             },

@@ -16,6 +16,7 @@ mod gateway;
 mod harness;
 mod manifests;
 mod regressions;
+mod replicas;
 mod restart;
 mod stream;
 mod switchover;

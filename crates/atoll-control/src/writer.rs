@@ -1,5 +1,7 @@
-//! What the API does: apply, delete and roll back resources so that the store
-//! only ever holds a valid whole, and read them back.
+//! The writer: applies, deletes and rolls back resources so that the store
+//! only ever holds a valid whole. The REST API and the orchestrators
+//! (switchovers) write through it alike; a [`Principal`] says who writes, and
+//! every commit carries the fence of this replica's leadership.
 //!
 //! Every change is validated against the state it would produce (stored
 //! resources plus the change) and committed with the revision it was validated
@@ -22,8 +24,9 @@ use atoll_model::{
 };
 use atoll_store::{Change, Commit, CommitRequest, HistoryEntry, Store, StoreError};
 
+use crate::leadership::Leadership;
 use crate::metrics::{Metrics, ResultLabels};
-use crate::nodes::{NodeRegistry, rfc3339};
+use crate::nodes::rfc3339;
 use crate::state::ConfigCache;
 
 /// How often an apply is re-validated when other writers keep committing.
@@ -95,9 +98,6 @@ pub(crate) struct ChangeSet {
     pub(crate) issues: Vec<Issue>,
     /// Resources of the manifests that did not decode.
     pub(crate) pending: Vec<ResourceKey>,
-    /// Written by the control plane itself (a switchover), not a user: may
-    /// write Switchovers and the shard maps they run on.
-    pub(crate) internal: bool,
 }
 
 /// A user's change may not write a Switchover (the control plane runs
@@ -140,45 +140,83 @@ fn guard_switchovers(set: &ChangeSet, stored: &[Resource]) -> Result<(), Control
     Ok(())
 }
 
+/// Who writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Principal {
+    /// A person or a tool on the API (the name it gives).
+    User(String),
+    /// The control plane itself, for an orchestrator (`switchover/NAME`,
+    /// `emergency-plan-MAP`): it may write Switchovers and the shard maps
+    /// they run on.
+    ControlPlane(String),
+}
+
+impl Principal {
+    /// The name the audit log records.
+    pub(crate) fn name(&self) -> &str {
+        match self {
+            Principal::User(name) | Principal::ControlPlane(name) => name,
+        }
+    }
+}
+
 /// Who changes what, and why.
 #[derive(Clone, Debug)]
 pub(crate) struct Author {
-    pub(crate) name: String,
+    pub(crate) principal: Principal,
     pub(crate) message: Option<String>,
 }
 
-/// The control plane's state and operations.
-pub(crate) struct Control {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) cache: ConfigCache,
-    pub(crate) nodes: Arc<NodeRegistry>,
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) started: std::time::Instant,
-    pub(crate) shutdown: tokio::sync::watch::Receiver<bool>,
-    /// Applies from this process take turns: each validates against the
-    /// state the previous one produced instead of racing it and retrying.
-    /// (Other control planes on the same etcd are still caught by the base
-    /// revision precondition.)
-    pub(crate) writer: tokio::sync::Mutex<()>,
-    /// Turns for parsing manifests ([`PARSERS`] at once).
-    pub(crate) parsing: tokio::sync::Semaphore,
-    /// How long a disconnected node is remembered (and waited for).
-    pub(crate) node_expiry: std::time::Duration,
-    /// Ownership leases of the cells.
-    pub(crate) leases: Arc<crate::leases::Leases>,
-    /// Runs switchovers (set once at start).
-    pub(crate) switchovers: std::sync::OnceLock<Arc<crate::switchover::Switchovers>>,
+impl Author {
+    /// A user's change.
+    pub(crate) fn user(name: String, message: Option<String>) -> Self {
+        Self {
+            principal: Principal::User(name),
+            message,
+        }
+    }
+
+    /// The control plane's own change.
+    pub(crate) fn control_plane(name: String, message: Option<String>) -> Self {
+        Self {
+            principal: Principal::ControlPlane(name),
+            message,
+        }
+    }
+
+    /// The name the audit log records.
+    pub(crate) fn name(&self) -> &str {
+        self.principal.name()
+    }
 }
 
-impl std::fmt::Debug for Control {
+/// Validates and commits changes: one per replica, used by the REST API
+/// and the orchestrators alike.
+pub(crate) struct Writer {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) cache: ConfigCache,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Gives the fence every commit carries (and refuses when this replica
+    /// does not lead).
+    pub(crate) leadership: Arc<Leadership>,
+    /// Applies from this process take turns: each validates against the
+    /// state the previous one produced instead of racing it and retrying.
+    /// (Another writer on the same etcd, a deposed leader, is stopped by
+    /// the fence; a race is still caught by the base revision.)
+    pub(crate) turn: tokio::sync::Mutex<()>,
+    /// Turns for parsing manifests ([`PARSERS`] at once).
+    pub(crate) parsing: tokio::sync::Semaphore,
+}
+
+impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Control")
+        f.debug_struct("Writer")
             .field("store", &self.store.backend())
             .finish_non_exhaustive()
     }
 }
 
-impl Control {
+impl Writer {
     /// Parses manifest files into a change set. Broken YAML is refused at
     /// once; documents that do not decode are kept as issues, so that the
     /// apply reports them together with the validation of the rest.
@@ -223,7 +261,7 @@ impl Control {
         let _turn = if dry_run {
             None
         } else {
-            Some(self.writer.lock().await)
+            Some(self.turn.lock().await)
         };
         for _ in 0..MAX_ATTEMPTS {
             match self.try_apply(&set, dry_run, author).await {
@@ -317,7 +355,7 @@ impl Control {
         let snapshot = self.store.snapshot().await?;
         let stored: BTreeMap<ResourceKey, &Resource> =
             snapshot.resources.iter().map(|r| (r.key(), r)).collect();
-        if !set.internal {
+        if matches!(author.principal, Principal::User(_)) {
             guard_switchovers(set, &snapshot.resources)?;
         }
         // One switchover at a time per map, decided against the state this
@@ -476,21 +514,22 @@ impl Control {
                 changes: summaries,
             });
         }
+        let fence = self.leadership.fence()?;
         let commit = self
             .store
             .commit(CommitRequest {
                 changes,
                 base_revision: Some(snapshot.revision),
-                author: author.name.clone(),
+                author: author.name().to_owned(),
                 message: author.message.clone(),
-                fence: None,
+                fence: Some(fence.clone()),
             })
             .await
             .map_err(|e| match e {
                 StoreError::StaleBase { .. } => {
                     ControlError::Conflict(format!("the store moved: {e}"))
                 }
-                other => other.into(),
+                other => self.leadership.check(&fence, other),
             })?;
         self.committed(&commit).await;
         for summary in &mut summaries {
@@ -568,7 +607,7 @@ impl Control {
             )));
         };
         let author = Author {
-            name: author.name.clone(),
+            principal: author.principal.clone(),
             message: Some(
                 author
                     .message
