@@ -596,15 +596,31 @@ impl<R: Runtime> Agent<R> {
             dry_run: false,
             message: Some(format!("agent {zone}: {ready} of {total} instances ready")),
         };
-        let url = format!("{}/v1/apply", self.options.control.trim_end_matches('/'));
-        let response = self
-            .http
-            .post(&url)
-            .header("x-atoll-user", format!("agent:{zone}"))
-            .json(&request)
-            .send()
-            .await
-            .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+        // Any replica takes it (a follower passes it on to the leader); one
+        // that does not answer is left for the next.
+        let urls =
+            atoll_api::ControlUrls::parse(&self.options.control).map_err(anyhow::Error::msg)?;
+        let mut attempt = 0;
+        let (url, response) = loop {
+            let url = format!("{}/v1/apply", urls.current());
+            match self
+                .http
+                .post(&url)
+                .header("x-atoll-user", format!("agent:{zone}"))
+                .json(&request)
+                .send()
+                .await
+            {
+                Ok(response) => break (url, response),
+                Err(e) => {
+                    urls.failed(urls.current().to_owned().as_str());
+                    attempt += 1;
+                    if attempt >= urls.all().len() {
+                        anyhow::bail!("{url}: {e}");
+                    }
+                }
+            }
+        };
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();

@@ -96,14 +96,22 @@ fn alive(pid: u32) -> bool {
         }
 }
 
-/// `http://` added when missing, no trailing slash.
+/// `http://` added when missing, no trailing slash; a comma-separated list
+/// of replicas is normalized URL by URL.
 pub(crate) fn normalize(url: &str) -> String {
-    let url = url.trim_end_matches('/');
-    if url.starts_with("http://") || url.starts_with("https://") {
-        url.to_owned()
-    } else {
-        format!("http://{url}")
-    }
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|url| {
+            let url = url.trim_end_matches('/');
+            if url.starts_with("http://") || url.starts_with("https://") {
+                url.to_owned()
+            } else {
+                format!("http://{url}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The running sandboxes (`atoll up`) registered in `state`; entries of
@@ -247,8 +255,49 @@ impl Client {
         })
     }
 
+    /// The replica asked first (of a comma-separated list, the first).
     pub(crate) fn url(&self) -> &str {
-        &self.endpoint.url
+        self.endpoint
+            .url
+            .split(',')
+            .next()
+            .unwrap_or(&self.endpoint.url)
+    }
+
+    /// The other replicas given, to try when the first cannot be reached.
+    fn others(&self) -> impl Iterator<Item = &str> {
+        self.endpoint.url.split(',').skip(1)
+    }
+
+    /// Sends `request`; a replica that cannot be reached is left for the
+    /// next of the list (any replica answers: followers pass writes on).
+    async fn send_to_any(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        let request = request.header("x-atoll-user", &self.user).build()?;
+        let spare = request.try_clone();
+        let first = self.http.execute(request).await;
+        let Err(error) = first else { return first };
+        let (Some(spare), true) = (spare, error.is_connect()) else {
+            return Err(error);
+        };
+        let path = spare.url().as_str()[self.url().len()..].to_owned();
+        let mut last = error;
+        for base in self.others() {
+            let Some(mut retry) = spare.try_clone() else {
+                break;
+            };
+            match reqwest::Url::parse(&format!("{base}{path}")) {
+                Ok(url) => *retry.url_mut() = url,
+                Err(_) => continue,
+            }
+            match self.http.execute(retry).await {
+                Err(e) if e.is_connect() => last = e,
+                other => return other,
+            }
+        }
+        Err(last)
     }
 
     fn unreachable(&self, error: &reqwest::Error) -> CliError {
@@ -275,23 +324,16 @@ impl Client {
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, CliError> {
-        let response = request
-            .header("x-atoll-user", &self.user)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    CliError::new(
-                        exit::UNREACHABLE,
-                        format!(
-                            "the control plane at {} did not answer in time",
-                            self.endpoint.url
-                        ),
-                    )
-                } else {
-                    self.unreachable(&e)
-                }
-            })?;
+        let response = self.send_to_any(request).await.map_err(|e| {
+            if e.is_timeout() {
+                CliError::new(
+                    exit::UNREACHABLE,
+                    format!("the control plane at {} did not answer in time", self.url()),
+                )
+            } else {
+                self.unreachable(&e)
+            }
+        })?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -318,8 +360,7 @@ impl Client {
     }
 
     pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .request(method, format!("{}{path}", self.endpoint.url))
+        self.http.request(method, format!("{}{path}", self.url()))
     }
 
     pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {

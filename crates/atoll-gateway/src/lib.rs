@@ -190,17 +190,31 @@ async fn zone_from_control(control: &str, name: &str) -> Result<String, String> 
     let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build_http();
-    let uri = format!(
-        "{}/v1/resources/gateways/{name}",
-        control.trim_end_matches('/')
-    );
-    let uri: hyper::Uri = uri
-        .parse()
-        .map_err(|e| format!("bad control plane URL: {e}"))?;
-    let response = tokio::time::timeout(Duration::from_secs(5), client.get(uri))
-        .await
-        .map_err(|_| "the control plane did not answer within 5s".to_owned())?
-        .map_err(|e| format!("cannot reach the control plane: {e}"))?;
+    // Any replica answers a read: the first of the list that does.
+    let mut last = String::from("no control-plane URL given");
+    let mut answer = None;
+    for base in control.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let uri = format!(
+            "{}/v1/resources/gateways/{name}",
+            base.trim_end_matches('/')
+        );
+        let uri: hyper::Uri = match uri.parse() {
+            Ok(uri) => uri,
+            Err(e) => {
+                last = format!("bad control plane URL {base}: {e}");
+                continue;
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(5), client.get(uri)).await {
+            Ok(Ok(response)) => {
+                answer = Some(response);
+                break;
+            }
+            Ok(Err(e)) => last = format!("cannot reach the control plane at {base}: {e}"),
+            Err(_) => last = format!("the control plane at {base} did not answer within 5s"),
+        }
+    }
+    let response = answer.ok_or(last)?;
     let status = response.status();
     let body = response
         .into_body()

@@ -83,7 +83,9 @@ pub type Activation<'a> =
 /// Who the node is and where its control plane is.
 #[derive(Clone, Debug)]
 pub struct NodeOptions {
-    /// Base URL of the control plane, e.g. `http://127.0.0.1:7400`.
+    /// Base URL of the control plane, e.g. `http://127.0.0.1:7400`; for
+    /// replicas, several, comma-separated: the node moves to the next one
+    /// when its stream ends.
     pub control: String,
     /// Unique node name.
     pub name: String,
@@ -163,6 +165,8 @@ pub struct NodeClient {
     /// Why the last stream ended, when it could not receive an update:
     /// said in the next Hello, so that `atoll nodes` shows it.
     problem: Mutex<Option<String>>,
+    /// The replicas, and the one in use.
+    urls: Result<atoll_api::ControlUrls, String>,
 }
 
 impl std::fmt::Debug for NodeClient {
@@ -188,6 +192,7 @@ impl NodeClient {
     /// A client for `options` that installs versions with `installer`.
     pub fn new(options: NodeOptions, installer: Arc<dyn Installer>) -> Self {
         Self {
+            urls: atoll_api::ControlUrls::parse(&options.control),
             options,
             installer,
             status: Arc::new(NodeStatus::default()),
@@ -273,10 +278,17 @@ impl NodeClient {
     /// with backoff.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
+        let replicas = self.urls.as_ref().map_or(1, |u| u.all().len());
+        let mut tried = 0usize;
         loop {
             let started = Instant::now();
+            let url = self
+                .urls
+                .as_ref()
+                .map(|u| u.current().to_owned())
+                .unwrap_or_default();
             let result = tokio::select! {
-                result = self.session() => result,
+                result = self.session(&url) => result,
                 () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
             };
             self.status.connected.store(false, Ordering::Relaxed);
@@ -285,12 +297,25 @@ impl NodeClient {
                     tracing::info!("the control plane closed the config stream; reconnecting")
                 }
                 Err(error) => {
-                    tracing::warn!(%error, control = %self.options.control, "config stream down; reconnecting");
+                    tracing::warn!(%error, control = %url, "config stream down; reconnecting");
                     self.status.error(format!("config stream: {error}"));
                 }
             }
+            // The next replica, at once while some of the list is untried.
+            if let Ok(urls) = &self.urls {
+                urls.failed(&url);
+            }
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = Duration::from_millis(100);
+                tried = 0;
+            }
+            tried += 1;
+            if tried % replicas != 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
+                }
+                continue;
             }
             // Jitter so that a fleet does not reconnect in lockstep.
             let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
@@ -302,9 +327,12 @@ impl NodeClient {
         }
     }
 
-    async fn session(&self) -> Result<(), SessionError> {
-        let channel = tonic::transport::Endpoint::from_shared(self.options.control.clone())
-            .map_err(|e| SessionError::Protocol(format!("bad control plane URL: {e}")))?
+    async fn session(&self, url: &str) -> Result<(), SessionError> {
+        if let Err(problem) = &self.urls {
+            return Err(SessionError::Protocol(problem.clone()));
+        }
+        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| SessionError::Protocol(format!("bad control plane URL {url}: {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
@@ -336,7 +364,7 @@ impl NodeClient {
             .await?
             .into_inner();
         self.status.connected.store(true, Ordering::Relaxed);
-        tracing::info!(control = %self.options.control, "config stream open");
+        tracing::info!(control = %url, "config stream open");
 
         let mut received = Received::default();
         let mut heartbeat = tokio::time::interval(self.heartbeat);

@@ -167,18 +167,41 @@ impl Lease {
         status: Arc<NodeStatus>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let endpoint = match tonic::transport::Endpoint::from_shared(identity.control.clone()) {
-            Ok(endpoint) => endpoint
-                .connect_timeout(Duration::from_secs(1))
-                .timeout(Duration::from_secs(1))
-                .tcp_nodelay(true),
-            Err(e) => {
-                *self.state.lock() = LeaseState::None(format!("bad control plane URL: {e}"));
+        // Any replica takes a renewal (a follower passes it on to the
+        // leader); one that fails is left for the next, at once.
+        let urls = match atoll_api::ControlUrls::parse(&identity.control) {
+            Ok(urls) => urls,
+            Err(problem) => {
+                *self.state.lock() = LeaseState::None(problem);
                 return;
             }
         };
-        let mut client = ConfigStreamClient::new(endpoint.connect_lazy());
+        let mut clients = std::collections::HashMap::new();
+        for url in urls.all() {
+            match tonic::transport::Endpoint::from_shared(url.clone()) {
+                Ok(endpoint) => {
+                    let endpoint = endpoint
+                        .connect_timeout(Duration::from_secs(1))
+                        .timeout(Duration::from_secs(1))
+                        .tcp_nodelay(true);
+                    clients.insert(
+                        url.clone(),
+                        ConfigStreamClient::new(endpoint.connect_lazy()),
+                    );
+                }
+                Err(e) => {
+                    *self.state.lock() =
+                        LeaseState::None(format!("bad control plane URL {url}: {e}"));
+                    return;
+                }
+            }
+        }
+        let mut retried = false;
         loop {
+            let url = urls.current().to_owned();
+            let Some(client) = clients.get_mut(&url) else {
+                return;
+            };
             let sent = Instant::now();
             let request = LeaseRequest {
                 node: Some(NodeIdentity {
@@ -217,18 +240,25 @@ impl Lease {
                     }
                 }
                 Err(status) => {
+                    urls.failed(&url);
+                    if urls.all().len() > 1 && !retried {
+                        // Another replica, now: no gap in the lease.
+                        retried = true;
+                        continue;
+                    }
                     let mut state = self.state.lock();
                     if !matches!(*state, LeaseState::Until(until) if until > Instant::now())
                         && !matches!(*state, LeaseState::Off(at) if at.elapsed() < OFF_TRUST)
                     {
                         *state = LeaseState::None(format!(
-                            "the control plane does not answer: {}",
+                            "the control plane does not answer ({url}): {}",
                             status.message()
                         ));
                     }
                     Duration::from_millis(200)
                 }
             };
+            retried = false;
             tokio::select! {
                 () = tokio::time::sleep(next) => {}
                 _ = shutdown.changed() => return,
