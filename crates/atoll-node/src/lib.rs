@@ -310,7 +310,7 @@ impl NodeClient {
                 tried = 0;
             }
             tried += 1;
-            if tried % replicas != 0 {
+            if !tried.is_multiple_of(replicas) {
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(20)) => {}
                     () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
