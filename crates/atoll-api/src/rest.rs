@@ -250,6 +250,9 @@ pub struct NodeInfo {
     pub problem: Option<String>,
     /// RFC 3339 time of the last message either way.
     pub last_seen: String,
+    /// The control-plane replica that holds (or last held) its stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// `GET /v1/nodes`.

@@ -128,6 +128,7 @@ spec: {service: bank, cells: [rz01], command: [bank]}
             last_nack: None,
             problem: None,
             last_seen: String::new(),
+            replica: None,
         }
     }
 

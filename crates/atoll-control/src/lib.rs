@@ -147,7 +147,6 @@ impl ControlServer {
             .await
             .context("loading the configuration from the store")?;
         let (stop, stopping) = watch::channel(false);
-        let nodes = Arc::new(nodes::NodeRegistry::new());
         let metrics = Arc::new(metrics::Metrics::new());
         let address = self.local_addr()?;
         let advertise = self.options.advertise.clone().unwrap_or_else(|| {
@@ -158,6 +157,9 @@ impl ControlServer {
             };
             format!("http://{host}:{}", address.port())
         });
+        let nodes = Arc::new(nodes::NodeRegistry::for_replica(advertise.clone()));
+        let publisher = tokio::spawn(nodes.clone().publish(coordination.clone()));
+        let fleet = tokio::spawn(nodes.clone().follow(coordination.clone()));
         let leadership = leadership::Leadership::new(
             coordination.clone(),
             advertise,
@@ -202,6 +204,7 @@ impl ControlServer {
         );
 
         let expiry = self.options.node_expiry;
+        let expiring = control.coordination.clone();
         let expirer = tokio::spawn(async move {
             let mut tick = tokio::time::interval(
                 Duration::from_secs(5)
@@ -210,7 +213,19 @@ impl ControlServer {
             );
             loop {
                 tick.tick().await;
-                let removed = nodes.expire(expiry);
+                let (removed, published) = nodes.expire(expiry);
+                if !published.is_empty() {
+                    for chunk in published.chunks(atoll_store::MAX_WRITES_PER_BATCH) {
+                        let writes = chunk
+                            .iter()
+                            .cloned()
+                            .map(atoll_store::Write::delete)
+                            .collect();
+                        if let Err(error) = expiring.write_keys(writes, None).await {
+                            tracing::debug!(%error, "cannot delete expired node records");
+                        }
+                    }
+                }
                 if removed > 0 {
                     tracing::info!(
                         removed,
@@ -258,9 +273,13 @@ impl ControlServer {
         };
         expirer.abort();
         follower.abort();
+        fleet.abort();
         let _ = tokio::time::timeout(Duration::from_secs(3), elector).await;
         terms.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), announcer).await;
+        // The last node changes (streams closed by the stop) are published.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        publisher.abort();
         tracing::info!("control plane stopped");
         result
     }

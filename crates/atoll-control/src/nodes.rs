@@ -11,13 +11,51 @@
 //! forgotten after the node expiry, or on request (`atoll nodes forget
 //! NAME`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use atoll_api::rest::{BarrierResponse, Laggard, NackInfo, NodeInfo, NodeSelector, SkippedNode};
+use atoll_store::{Coordination, KeyEvent, Write};
+use futures::StreamExt;
 use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::{oneshot, watch};
+
+/// Where replicas publish the nodes they serve.
+pub(crate) const NODES: &str = "nodes/";
+/// Where replicas say they are alive (see `control.rs`).
+pub(crate) const REPLICAS: &str = "replicas/";
+
+/// A replica's URL as a key segment.
+pub(crate) fn replica_key(url: &str) -> String {
+    url.replace("://", "-").replace(['/', ':'], "-")
+}
+
+/// The URL in a replica's report (`replicas/` value).
+fn replica_url(value: &[u8]) -> Option<String> {
+    serde_json::from_slice::<atoll_api::rest::ReplicaInfo>(value)
+        .ok()
+        .map(|r| r.url)
+}
+
+/// A node as a replica publishes it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Published {
+    info: NodeInfo,
+    /// When its stream ended (RFC 3339), while it is disconnected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    disconnected: Option<String>,
+}
+
+/// A node as another replica published it.
+#[derive(Clone, Debug)]
+struct Remote {
+    published: Published,
+    identity: Identity,
+}
 
 /// The identity a node gives in `Hello`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,7 +85,7 @@ struct Record {
 }
 
 impl Record {
-    fn info(&self) -> NodeInfo {
+    fn info(&self, replica: &str) -> NodeInfo {
         NodeInfo {
             name: self.identity.name.clone(),
             role: self.identity.role.clone(),
@@ -60,13 +98,56 @@ impl Record {
             last_nack: self.last_nack.clone(),
             problem: self.problem.clone(),
             last_seen: rfc3339(self.last_seen),
+            replica: Some(replica.to_owned()),
         }
     }
 
+    fn seen(&self, replica: &str) -> Seen {
+        Seen {
+            identity: self.identity.clone(),
+            connected: self.connected,
+            applied_version: self.applied_version,
+            last_nack: self.last_nack.clone(),
+            problem: self.problem.clone(),
+            disconnected_at: self.disconnected_at,
+            last_seen: self.last_seen,
+            info: self.info(replica),
+        }
+    }
+}
+
+/// A node as this replica sees it, from its own streams or from what
+/// another replica published.
+#[derive(Clone, Debug)]
+struct Seen {
+    identity: Identity,
+    connected: bool,
+    applied_version: u64,
+    last_nack: Option<NackInfo>,
+    problem: Option<String>,
+    /// Since when it is not connected (this replica's clock).
+    disconnected_at: Option<Instant>,
+    last_seen: OffsetDateTime,
+    info: NodeInfo,
+}
+
+impl Seen {
     fn matches(&self, selector: &NodeSelector) -> bool {
         let id = &self.identity;
         selector.matches(&id.name, &id.role, &id.zone, &id.cell)
     }
+}
+
+fn parse_time(text: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// `at` (wall clock) as an instant of this process, for "how long ago".
+fn instant_of(at: OffsetDateTime) -> Instant {
+    let ago: Duration = (OffsetDateTime::now_utc() - at)
+        .try_into()
+        .unwrap_or(Duration::ZERO);
+    Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
 }
 
 /// RFC 3339 text of a time.
@@ -114,7 +195,17 @@ pub(crate) enum Forget {
 /// Every node, and a signal that fires on any change of their versions.
 #[derive(Debug)]
 pub(crate) struct NodeRegistry {
+    /// This replica's URL (what it publishes its nodes under).
+    replica: String,
     nodes: Mutex<BTreeMap<String, Record>>,
+    /// What the other replicas published: name -> replica -> node.
+    remote: Mutex<BTreeMap<String, BTreeMap<String, Remote>>>,
+    /// The replicas alive (by URL), and since when a replica that was is
+    /// gone (its nodes count as disconnected from then).
+    replicas: Mutex<Replicas>,
+    /// Local nodes changed since they were last published.
+    dirty: Mutex<BTreeSet<String>>,
+    publish: tokio::sync::Notify,
     /// When this control plane started: a node a switchover expects that
     /// has not connected since counts as disconnected from then.
     started: Instant,
@@ -124,10 +215,30 @@ pub(crate) struct NodeRegistry {
     changed: watch::Sender<u64>,
 }
 
+/// The replicas alive, as the `replicas/` keys say.
+#[derive(Debug, Default)]
+struct Replicas {
+    /// Key -> URL.
+    alive: HashMap<String, String>,
+    /// URL -> when its key went.
+    gone: HashMap<String, Instant>,
+}
+
 impl NodeRegistry {
+    /// A registry of one replica alone (tests).
+    #[cfg(test)]
     pub(crate) fn new() -> Self {
+        Self::for_replica("http://127.0.0.1:7400".into())
+    }
+
+    pub(crate) fn for_replica(replica: String) -> Self {
         let (changed, _) = watch::channel(0);
         Self {
+            replica,
+            remote: Mutex::new(BTreeMap::new()),
+            replicas: Mutex::new(Replicas::default()),
+            dirty: Mutex::new(BTreeSet::new()),
+            publish: tokio::sync::Notify::new(),
             nodes: Mutex::new(BTreeMap::new()),
             started: Instant::now(),
             forgotten: Mutex::new(std::collections::HashSet::new()),
@@ -140,6 +251,223 @@ impl NodeRegistry {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// `name` changed here: publish it.
+    fn touch(&self, name: &str) {
+        self.dirty.lock().insert(name.to_owned());
+        self.publish.notify_one();
+    }
+
+    /// Every node known, local or published by another replica, one entry
+    /// per name: a connected stream first, else the latest heard of.
+    fn fleet(&self) -> BTreeMap<String, Seen> {
+        let mut out: BTreeMap<String, Seen> = BTreeMap::new();
+        for (name, record) in self.nodes.lock().iter() {
+            out.insert(name.clone(), record.seen(&self.replica));
+        }
+        let replicas = self.replicas.lock();
+        let alive = |url: &str| replicas.alive.values().any(|u| u == url);
+        for (name, by_replica) in self.remote.lock().iter() {
+            for (url, remote) in by_replica {
+                let info = &remote.published.info;
+                let live = info.connected && alive(url);
+                let disconnected_at = if live {
+                    None
+                } else if info.connected {
+                    // Its replica went while it was connected.
+                    Some(replicas.gone.get(url).copied().unwrap_or(self.started))
+                } else {
+                    remote
+                        .published
+                        .disconnected
+                        .as_deref()
+                        .and_then(parse_time)
+                        .map(instant_of)
+                        .or(Some(self.started))
+                };
+                let mut shown = info.clone();
+                shown.connected = live;
+                let candidate = Seen {
+                    identity: remote.identity.clone(),
+                    connected: live,
+                    applied_version: info.applied_version,
+                    last_nack: info.last_nack.clone(),
+                    problem: info.problem.clone(),
+                    disconnected_at,
+                    last_seen: parse_time(&info.last_seen).unwrap_or(OffsetDateTime::UNIX_EPOCH),
+                    info: shown,
+                };
+                let better = out.get(name).is_none_or(|current| {
+                    (candidate.connected, candidate.last_seen)
+                        > (current.connected, current.last_seen)
+                });
+                if better {
+                    out.insert(name.clone(), candidate);
+                }
+            }
+        }
+        out
+    }
+
+    /// Publishes local changes under `nodes/` until the process ends: one
+    /// batch in flight at a time, each with every node changed meanwhile.
+    pub(crate) async fn publish(self: Arc<Self>, coordination: Arc<dyn Coordination>) {
+        let me = replica_key(&self.replica);
+        loop {
+            self.publish.notified().await;
+            let names: Vec<String> = std::mem::take(&mut *self.dirty.lock())
+                .into_iter()
+                .collect();
+            for chunk in names.chunks(atoll_store::MAX_WRITES_PER_BATCH) {
+                let writes: Vec<Write> = {
+                    let nodes = self.nodes.lock();
+                    chunk
+                        .iter()
+                        .map(|name| {
+                            let key = format!("{NODES}{name}/{me}");
+                            match nodes.get(name) {
+                                Some(record) => {
+                                    let published = Published {
+                                        info: record.info(&self.replica),
+                                        disconnected: record.disconnected_at.map(|at| {
+                                            rfc3339(OffsetDateTime::now_utc() - at.elapsed())
+                                        }),
+                                    };
+                                    Write::put(
+                                        key,
+                                        serde_json::to_vec(&published).unwrap_or_default(),
+                                    )
+                                }
+                                None => Write::delete(key),
+                            }
+                        })
+                        .collect()
+                };
+                if let Err(error) = coordination.write_keys(writes, None).await {
+                    tracing::warn!(%error, "cannot publish node states; retrying");
+                    self.dirty.lock().extend(chunk.iter().cloned());
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    self.publish.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Follows what the other replicas publish, and which replicas are
+    /// alive, until the process ends.
+    pub(crate) async fn follow(self: Arc<Self>, coordination: Arc<dyn Coordination>) {
+        loop {
+            if let Err(error) = self.follow_once(coordination.as_ref()).await {
+                tracing::warn!(%error, "cannot follow the other replicas' nodes; resuming");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn follow_once(
+        &self,
+        coordination: &dyn Coordination,
+    ) -> Result<(), atoll_store::StoreError> {
+        let replicas = coordination.list_keys(REPLICAS).await?;
+        let nodes = coordination.list_keys(NODES).await?;
+        {
+            let mut state = self.replicas.lock();
+            let before: Vec<String> = state.alive.values().cloned().collect();
+            state.alive.clear();
+            for entry in &replicas.entries {
+                if let Some(url) = replica_url(&entry.value) {
+                    state.gone.remove(&url);
+                    state.alive.insert(entry.key.clone(), url);
+                }
+            }
+            for url in before {
+                if !state.alive.values().any(|u| *u == url) {
+                    state.gone.entry(url).or_insert_with(Instant::now);
+                }
+            }
+        }
+        {
+            let mut remote = self.remote.lock();
+            remote.clear();
+            for entry in &nodes.entries {
+                self.insert_remote(&mut remote, &entry.value);
+            }
+        }
+        self.bump();
+        let mut replica_events = coordination.watch_keys(REPLICAS, replicas.revision).await?;
+        let mut node_events = coordination.watch_keys(NODES, nodes.revision).await?;
+        loop {
+            tokio::select! {
+                event = replica_events.next() => {
+                    let Some(event) = event else { return Ok(()) };
+                    let mut state = self.replicas.lock();
+                    match event? {
+                        KeyEvent::Put(entry) => {
+                            if let Some(url) = replica_url(&entry.value) {
+                                state.gone.remove(&url);
+                                state.alive.insert(entry.key, url);
+                            }
+                        }
+                        KeyEvent::Deleted { key, .. } => {
+                            if let Some(url) = state.alive.remove(&key) {
+                                tracing::warn!(replica = %url, "a control-plane replica is gone: its nodes count as disconnected");
+                                state.gone.insert(url, Instant::now());
+                            }
+                        }
+                    }
+                }
+                event = node_events.next() => {
+                    let Some(event) = event else { return Ok(()) };
+                    let mut remote = self.remote.lock();
+                    match event? {
+                        KeyEvent::Put(entry) => self.insert_remote(&mut remote, &entry.value),
+                        KeyEvent::Deleted { key, .. } => {
+                            // nodes/<name>/<replica key>
+                            if let Some((name, replica)) = key
+                                .strip_prefix(NODES)
+                                .and_then(|rest| rest.rsplit_once('/'))
+                            {
+                                if let Some(by_replica) = remote.get_mut(name) {
+                                    by_replica.retain(|url, _| replica_key(url) != replica);
+                                    if by_replica.is_empty() {
+                                        remote.remove(name);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            self.bump();
+        }
+    }
+
+    fn insert_remote(&self, remote: &mut BTreeMap<String, BTreeMap<String, Remote>>, value: &[u8]) {
+        let Ok(published) = serde_json::from_slice::<Published>(value) else {
+            return;
+        };
+        let Some(url) = published.info.replica.clone() else {
+            return;
+        };
+        if url == self.replica {
+            // Our own nodes: the local records say more, and sooner.
+            return;
+        }
+        let info = &published.info;
+        let identity = Identity {
+            name: info.name.clone(),
+            role: info.role.clone(),
+            zone: info.zone.clone(),
+            cell: info.cell.clone(),
+        };
+        remote.entry(info.name.clone()).or_default().insert(
+            url,
+            Remote {
+                published,
+                identity,
+            },
+        );
+    }
+
     /// Registers a new stream for `identity`, closing an older stream of the
     /// same name. Returns the connection id and a signal that fires when a
     /// newer stream replaces this one.
@@ -150,8 +478,7 @@ impl NodeRegistry {
     pub(crate) fn agent_silence(&self, zone: &str) -> Duration {
         let now = OffsetDateTime::now_utc();
         let since_start = self.started.elapsed();
-        self.nodes
-            .lock()
+        self.fleet()
             .values()
             .filter(|r| r.identity.role == "agent" && r.identity.zone == zone)
             .map(|r| {
@@ -169,7 +496,7 @@ impl NodeRegistry {
     /// The names of every node known now (connected or not): what a
     /// switchover expects to hear from, also after a restart.
     pub(crate) fn names(&self) -> Vec<String> {
-        self.nodes.lock().keys().cloned().collect()
+        self.fleet().into_keys().collect()
     }
 
     pub(crate) fn connect(
@@ -185,6 +512,7 @@ impl NodeRegistry {
             *next
         };
         let (kick, kicked) = oneshot::channel();
+        let name = identity.name.clone();
         self.forgotten.lock().remove(&identity.name);
         let mut nodes = self.nodes.lock();
         let previous = nodes.insert(
@@ -209,6 +537,7 @@ impl NodeRegistry {
             let _ = kick.send(());
         }
         drop(nodes);
+        self.touch(&name);
         self.bump();
         (connection, kicked)
     }
@@ -216,13 +545,18 @@ impl NodeRegistry {
     /// Runs `update` on the node's record if `connection` is still its stream.
     fn update(&self, name: &str, connection: u64, update: impl FnOnce(&mut Record)) {
         let mut nodes = self.nodes.lock();
+        let mut updated = false;
         if let Some(record) = nodes.get_mut(name)
             && record.connection == connection
         {
             update(record);
             record.last_seen = OffsetDateTime::now_utc();
+            updated = true;
         }
         drop(nodes);
+        if updated {
+            self.touch(name);
+        }
         self.bump();
     }
 
@@ -290,60 +624,104 @@ impl NodeRegistry {
         });
     }
 
+    /// Every node of the fleet, as this replica sees it.
     pub(crate) fn list(&self) -> Vec<NodeInfo> {
-        self.nodes.lock().values().map(Record::info).collect()
+        self.fleet().into_values().map(|s| s.info).collect()
     }
 
+    /// Nodes whose streams this replica holds.
     pub(crate) fn connected_count(&self) -> usize {
         self.nodes.lock().values().filter(|r| r.connected).count()
     }
 
+    /// Connected and disconnected nodes of the fleet.
     pub(crate) fn counts(&self) -> (usize, usize) {
-        let nodes = self.nodes.lock();
-        let connected = nodes.values().filter(|r| r.connected).count();
-        (connected, nodes.len() - connected)
+        let seen = self.fleet();
+        let connected = seen.values().filter(|r| r.connected).count();
+        (connected, seen.len() - connected)
     }
 
-    pub(crate) fn forget(&self, name: &str) -> Forget {
-        let mut nodes = self.nodes.lock();
-        if !nodes.get(name).is_some_and(|r| r.connected) {
+    /// Forgets a disconnected node; returns the keys other replicas
+    /// published it under, to delete.
+    pub(crate) fn forget(&self, name: &str) -> (Forget, Vec<String>) {
+        let connected = self.fleet().get(name).map(|s| s.connected);
+        if connected != Some(true) {
             self.forgotten.lock().insert(name.to_owned());
         }
-        let result = match nodes.get(name) {
+        let result = match connected {
             None => Forget::Unknown,
-            Some(record) if record.connected => Forget::Connected,
-            Some(_) => {
-                nodes.remove(name);
+            Some(true) => Forget::Connected,
+            Some(false) => {
+                self.nodes.lock().remove(name);
                 Forget::Forgotten
             }
         };
-        drop(nodes);
+        let mut keys = Vec::new();
+        if result == Forget::Forgotten {
+            self.touch(name);
+            if let Some(by_replica) = self.remote.lock().remove(name) {
+                keys.extend(
+                    by_replica
+                        .keys()
+                        .map(|url| format!("{NODES}{name}/{}", replica_key(url))),
+                );
+            }
+        }
         self.bump();
-        result
+        (result, keys)
     }
 
-    /// Forgets nodes disconnected for longer than `expiry`.
-    pub(crate) fn expire(&self, expiry: Duration) -> usize {
+    /// Forgets nodes disconnected for longer than `expiry`; returns how
+    /// many, and the keys of other replicas' nodes to delete.
+    pub(crate) fn expire(&self, expiry: Duration) -> (usize, Vec<String>) {
         let mut nodes = self.nodes.lock();
-        let before = nodes.len();
-        nodes.retain(|_, r| r.disconnected_at.is_none_or(|at| at.elapsed() < expiry));
-        let removed = before - nodes.len();
+        let gone: Vec<String> = nodes
+            .iter()
+            .filter(|(_, r)| r.disconnected_at.is_some_and(|at| at.elapsed() >= expiry))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &gone {
+            nodes.remove(name);
+        }
         drop(nodes);
+        for name in &gone {
+            self.touch(name);
+        }
+        let mut keys = Vec::new();
+        let stale: Vec<(String, String)> = self
+            .fleet()
+            .values()
+            .filter(|s| !s.connected && s.disconnected_at.is_some_and(|at| at.elapsed() >= expiry))
+            .filter_map(|s| s.info.replica.clone().map(|r| (s.identity.name.clone(), r)))
+            .filter(|(_, replica)| *replica != self.replica)
+            .collect();
+        let mut remote = self.remote.lock();
+        for (name, _) in &stale {
+            if let Some(by_replica) = remote.remove(name) {
+                keys.extend(
+                    by_replica
+                        .keys()
+                        .map(|url| format!("{NODES}{name}/{}", replica_key(url))),
+                );
+            }
+        }
+        drop(remote);
+        let removed = gone.len() + stale.len();
         if removed > 0 {
             self.bump();
         }
-        removed
+        (removed, keys)
     }
 
     /// Nodes passing `filter` below `version`, how many passed, and the
     /// disconnected ones not waited for since they can no longer write.
     fn laggards_where(
         &self,
-        filter: &dyn Fn(&Record) -> bool,
+        filter: &dyn Fn(&Seen) -> bool,
         expected: &Expected<'_>,
         version: u64,
     ) -> (usize, Vec<Laggard>, Vec<SkippedNode>) {
-        let nodes = self.nodes.lock();
+        let nodes = self.fleet();
         let mut matched = 0;
         let mut laggards = Vec::new();
         let mut skipped = Vec::new();
@@ -416,7 +794,7 @@ impl NodeRegistry {
         version: u64,
         timeout: Duration,
     ) -> BarrierResponse {
-        let filter = |record: &Record| {
+        let filter = |record: &Seen| {
             record.connected
                 && record.identity.role != "agent"
                 && !lost_cells.contains(&record.identity.cell)
@@ -449,7 +827,7 @@ impl NodeRegistry {
             released: Some(released),
         };
         let filter =
-            |record: &Record| record.connected || !gone_cells.contains(&record.identity.cell);
+            |record: &Seen| record.connected || !gone_cells.contains(&record.identity.cell);
         self.barrier_with(&filter, &expected, version, 0, timeout)
             .await
     }
@@ -463,14 +841,14 @@ impl NodeRegistry {
         min_nodes: usize,
         timeout: Duration,
     ) -> BarrierResponse {
-        let filter = |record: &Record| record.matches(selector);
+        let filter = |record: &Seen| record.matches(selector);
         self.barrier_with(&filter, &Expected::NONE, version, min_nodes, timeout)
             .await
     }
 
     async fn barrier_with(
         &self,
-        filter: &(dyn Fn(&Record) -> bool + Sync),
+        filter: &(dyn Fn(&Seen) -> bool + Sync),
         expected: &Expected<'_>,
         version: u64,
         min_nodes: usize,
@@ -575,7 +953,7 @@ mod tests {
             .barrier(&NodeSelector::default(), 3, 0, Duration::from_millis(10))
             .await;
         assert!(!result.reached && !result.laggards[0].connected);
-        assert_eq!(registry.forget("gw-1"), Forget::Forgotten);
+        assert_eq!(registry.forget("gw-1").0, Forget::Forgotten);
         let result = registry
             .barrier(&NodeSelector::default(), 3, 1, Duration::from_millis(10))
             .await;
@@ -603,7 +981,7 @@ mod tests {
         assert!(result.reached, "{result:?}");
         // A node gone for good is forgotten by request.
         let registry = NodeRegistry::new();
-        assert_eq!(registry.forget("gw-1"), Forget::Unknown);
+        assert_eq!(registry.forget("gw-1").0, Forget::Unknown);
         let result = registry
             .barrier_expecting(&expected, expiry, &[], &never, 5, Duration::from_millis(20))
             .await;
@@ -767,6 +1145,88 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    fn report(url: &str) -> Vec<u8> {
+        serde_json::to_vec(&atoll_api::rest::ReplicaInfo {
+            url: url.into(),
+            role: "follower".into(),
+            revision: 0,
+            lag: 0,
+            connected_nodes: 0,
+            started: String::new(),
+            reported: String::new(),
+        })
+        .expect("json")
+    }
+
+    /// Two replicas on one keyspace: a node on one is in the other's
+    /// barriers and list, and counts as disconnected once its replica is
+    /// gone.
+    #[tokio::test]
+    async fn every_replica_sees_the_whole_fleet() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store: Arc<dyn Coordination> =
+            Arc::new(atoll_store::EmbeddedStore::open(dir.path()).expect("store"));
+        let (a_url, b_url) = ("http://10.0.0.1:7400", "http://10.0.0.2:7400");
+        let lease = store.grant(Duration::from_secs(30)).await.expect("lease");
+        for url in [a_url, b_url] {
+            store
+                .put_key(
+                    Write::put(format!("{REPLICAS}{}", replica_key(url)), report(url))
+                        .with_lease(lease),
+                    None,
+                )
+                .await
+                .expect("report");
+        }
+        let a = Arc::new(NodeRegistry::for_replica(a_url.into()));
+        let b = Arc::new(NodeRegistry::for_replica(b_url.into()));
+        for registry in [&a, &b] {
+            tokio::spawn(registry.clone().publish(store.clone()));
+            tokio::spawn(registry.clone().follow(store.clone()));
+        }
+        let (connection, _) = a.connect(identity("gw-1", "gateway"), 3, None, None);
+        // B waits for gw-1, which A serves, and passes once it applies 5.
+        let waiting = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                b.barrier(&NodeSelector::default(), 5, 1, Duration::from_secs(5))
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiting.is_finished(), "gw-1 runs 3, not 5");
+        a.acked("gw-1", connection, 5);
+        let result = waiting.await.expect("barrier");
+        assert!(result.reached, "{result:?}");
+        assert_eq!(result.matched, 1);
+        let listed = b.list();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert!(listed[0].connected);
+        assert_eq!(listed[0].replica.as_deref(), Some(a_url));
+        // A's replica goes (its key runs out): gw-1 is disconnected to B.
+        store
+            .put_key(
+                Write::delete(format!("{REPLICAS}{}", replica_key(a_url))),
+                None,
+            )
+            .await
+            .expect("delete");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while b.list().first().is_some_and(|n| n.connected) {
+            assert!(Instant::now() < deadline, "still connected: {:?}", b.list());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // It moves to B: connected again, at the version it says it runs.
+        a.disconnected("gw-1", connection);
+        let (_, _) = b.connect(identity("gw-1", "gateway"), 5, None, None);
+        let listed = b.list();
+        assert!(
+            listed[0].connected && listed[0].replica.as_deref() == Some(b_url),
+            "{listed:?}"
+        );
+        assert_eq!(b.counts(), (1, 0));
     }
 
     #[tokio::test]

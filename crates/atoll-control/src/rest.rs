@@ -217,14 +217,14 @@ async fn observe(State(control): State<Shared>, request: Request, next: Next) ->
 const FORWARDED: &str = "x-atoll-forwarded";
 const SERVED_BY: &str = "x-atoll-served-by";
 
-/// Whether a request must be answered by the leader: every change, and
-/// what reads the nodes (they follow the leader).
+/// Whether a request must be answered by the leader: every change. Reads,
+/// and barriers (every replica sees the whole fleet), are answered here.
 fn for_the_leader(method: &axum::http::Method, path: &str) -> bool {
     let reads = matches!(
         *method,
         axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
     );
-    !reads || path == "/v1/nodes"
+    !reads && path != "/v1/barrier"
 }
 
 /// On a replica that does not lead, passes what the leader must answer on
@@ -654,7 +654,15 @@ async fn forget_node(
     State(control): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    match control.nodes.forget(&name) {
+    let (forgotten, published) = control.nodes.forget(&name);
+    if !published.is_empty() {
+        let writes = published
+            .into_iter()
+            .map(atoll_store::Write::delete)
+            .collect();
+        control.coordination.write_keys(writes, None).await?;
+    }
+    match forgotten {
         Forget::Forgotten => Ok(StatusCode::NO_CONTENT),
         Forget::Unknown => Err(ApiError::not_found(format!(
             "no node named `{name}` is registered; switchovers will not wait for it"

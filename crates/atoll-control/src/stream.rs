@@ -149,13 +149,6 @@ impl ConfigStream for ConfigStreamService {
         &self,
         request: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
-        if let Err(not_leading) = self.control.leadership.fence() {
-            // Until node records are shared between replicas, a barrier
-            // sees only the nodes of the leader: nodes follow the leader.
-            return Err(Status::unavailable(format!(
-                "{not_leading}; connect to the leader"
-            )));
-        }
         let peer = request.remote_addr().map(|a| a.to_string());
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
@@ -259,7 +252,6 @@ impl Session {
     async fn run(mut self) {
         let mut config = self.service.cache.subscribe();
         let mut shutdown = self.service.shutdown.clone();
-        let mut roles = self.service.control.leadership.subscribe();
         let mut last_sent: Option<Arc<ConfigState>> = None;
         // A revision whose update is larger than the stream carries: not
         // sent (the node is told why through `atoll nodes`) until the next.
@@ -334,15 +326,6 @@ impl Session {
                         "replaced by a newer stream with the same node name",
                     )));
                     break "a newer stream took its name";
-                }
-                changed = roles.changed() => {
-                    let leading = matches!(*roles.borrow(), crate::leadership::Role::Leader(_));
-                    if changed.is_err() || !leading {
-                        let _ = self.sender.try_send(Err(Status::unavailable(
-                            "this replica no longer leads; connect to the leader",
-                        )));
-                        break "this replica no longer leads";
-                    }
                 }
                 _ = shutdown.changed() => {
                     let _ = self.sender.try_send(Err(Status::unavailable(
