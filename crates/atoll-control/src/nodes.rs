@@ -425,12 +425,11 @@ impl NodeRegistry {
                             if let Some((name, replica)) = key
                                 .strip_prefix(NODES)
                                 .and_then(|rest| rest.rsplit_once('/'))
+                                && let Some(by_replica) = remote.get_mut(name)
                             {
-                                if let Some(by_replica) = remote.get_mut(name) {
-                                    by_replica.retain(|url, _| replica_key(url) != replica);
-                                    if by_replica.is_empty() {
-                                        remote.remove(name);
-                                    }
+                                by_replica.retain(|url, _| replica_key(url) != replica);
+                                if by_replica.is_empty() {
+                                    remote.remove(name);
                                 }
                             }
                         }
