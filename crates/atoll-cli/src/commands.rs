@@ -213,7 +213,8 @@ pub(crate) async fn apply(client: &Client, args: ApplyArgs) -> Result<u8, CliErr
 
 #[derive(Debug, Args)]
 pub(crate) struct GetArgs {
-    /// Kind, singular or plural (`cell`, `cells`, `shardmap`), or `all`.
+    /// Kind, singular or plural (`cell`, `cells`, `shardmap`), `all`, or
+    /// `controlplane` (the replicas and the leader).
     kind: String,
     /// One resource's name.
     name: Option<String>,
@@ -240,7 +241,58 @@ fn statuses(items: &[Value]) -> Statuses {
         .collect()
 }
 
+/// `atoll get controlplane`: the replicas, the leader and its term.
+async fn get_control_plane(client: &Client, args: &GetArgs) -> Result<u8, CliError> {
+    if args.name.is_some() {
+        return Err(CliError::new(USAGE, "`get controlplane` takes no name"));
+    }
+    let view: atoll_api::rest::LeaderResponse = client.get("/v1/leader").await?;
+    match args.output {
+        Format::Json => print_json(&view),
+        Format::Yaml => print!(
+            "{}",
+            yaml_documents(&[serde_json::to_value(&view).unwrap_or_default()])
+        ),
+        Format::Table => {
+            let rows: Vec<Vec<String>> = view
+                .replicas
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.url.clone(),
+                        r.role.clone(),
+                        r.revision.to_string(),
+                        r.lag.to_string(),
+                        r.connected_nodes.to_string(),
+                        r.started.clone(),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                crate::output::table(
+                    &["REPLICA", "ROLE", "REVISION", "LAG", "NODES", "STARTED"],
+                    &rows
+                )
+            );
+            match (&view.leader, view.term) {
+                (Some(leader), Some(term)) => println!("leader {leader}, term {term}"),
+                _ => println!(
+                    "no leader right now: an election is under way, or the store has no quorum"
+                ),
+            }
+        }
+    }
+    Ok(0)
+}
+
 pub(crate) async fn get(client: &Client, args: GetArgs) -> Result<u8, CliError> {
+    if ["controlplane", "control-plane", "replicas"]
+        .iter()
+        .any(|k| args.kind.eq_ignore_ascii_case(k))
+    {
+        return get_control_plane(client, &args).await;
+    }
     if args.kind.eq_ignore_ascii_case("all") {
         if args.name.is_some() {
             return Err(CliError::new(USAGE, "`get all` takes no name"));

@@ -82,7 +82,7 @@ pub(crate) struct ControlArgs {
     /// The TTL of the leader's election lease, kept alive every third of
     /// it: a leader that dies is replaced within about this long (etcd
     /// counts whole seconds, at least 2).
-    #[arg(long, default_value = "3s", value_parser = parse_election_ttl, value_name = "DURATION")]
+    #[arg(long, default_value = "2s", value_parser = parse_election_ttl, value_name = "DURATION")]
     election_ttl: Duration,
 
     /// Log format (the level comes from $RUST_LOG, default info).

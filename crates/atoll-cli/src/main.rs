@@ -9,6 +9,7 @@ mod client;
 mod commands;
 mod control;
 mod drill;
+mod etcd;
 mod gateway;
 mod load;
 mod netns;

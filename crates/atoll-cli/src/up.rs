@@ -66,6 +66,21 @@ pub(crate) struct UpArgs {
     /// sandbox then listens on the veth's host address instead of 127.0.0.1.
     #[arg(long, value_name = "ZONE", value_parser = ["hz-a", "hz-b", "sh-a"])]
     isolate_zone: Option<String>,
+
+    /// Control-plane replicas: 1 runs one process on the embedded store; 3
+    /// or 5 start an etcd cluster of as many members (Debian's
+    /// etcd-server) and as many `atoll control` replicas on it, one of
+    /// them elected leader. Replica 1 takes the port base, the others
+    /// +31..+34; etcd members take +41..+45 (clients) and +51..+55 (peers).
+    #[arg(long, default_value_t = 1, value_parser = parse_control_replicas, value_name = "N")]
+    control_replicas: usize,
+}
+
+fn parse_control_replicas(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n @ (1 | 3 | 5)) => Ok(n),
+        _ => Err("1, 3 or 5: a quorum store needs an odd number of members".into()),
+    }
 }
 
 /// The sandbox's ports.
@@ -76,6 +91,11 @@ struct Ports {
     gateways: [u16; 3],
     gateway_admins: [u16; 3],
     agent_admins: [u16; 3],
+    /// The replicas after the first (with --control-replicas).
+    more_controls: Vec<u16>,
+    /// etcd members: client and peer ports (with --control-replicas).
+    etcd_clients: Vec<u16>,
+    etcd_peers: Vec<u16>,
 }
 
 /// What `up.json` in the state directory says once everything is ready.
@@ -83,7 +103,13 @@ struct Ports {
 #[serde(rename_all = "camelCase")]
 struct UpFile {
     pid: u32,
+    /// The control plane: one URL, or every replica's, comma-separated.
     control: String,
+    /// Each control-plane replica (one unless --control-replicas).
+    control_replicas: Vec<String>,
+    /// The etcd members' client URLs (with --control-replicas).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    etcd: Vec<String>,
     state_dir: String,
     /// Zone -> gateway URL.
     gateways: BTreeMap<String, String>,
@@ -106,7 +132,8 @@ fn free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-fn pick_ports(base: u16) -> Result<Ports, CliError> {
+fn pick_ports(base: u16, replicas: usize) -> Result<Ports, CliError> {
+    let extra = if replicas > 1 { replicas } else { 0 };
     if base == 0 {
         let mut taken = Vec::new();
         let mut next = || -> Result<u16, CliError> {
@@ -123,23 +150,43 @@ fn pick_ports(base: u16) -> Result<Ports, CliError> {
             gateways: [next()?, next()?, next()?],
             gateway_admins: [next()?, next()?, next()?],
             agent_admins: [next()?, next()?, next()?],
+            more_controls: (1..extra.max(1))
+                .map(|_| next())
+                .collect::<Result<_, _>>()?,
+            etcd_clients: (0..extra).map(|_| next()).collect::<Result<_, _>>()?,
+            etcd_peers: (0..extra).map(|_| next()).collect::<Result<_, _>>()?,
         });
     }
     let at = |offset: u16| -> Result<u16, CliError> {
         base.checked_add(offset).ok_or_else(|| {
             CliError::new(
                 USAGE,
-                format!("--port-base {base} leaves no room for 24 ports; pick a lower one"),
+                format!("--port-base {base} leaves no room for 56 ports; pick a lower one"),
             )
         })
+    };
+    let offsets = |first: u16, count: usize| -> Result<Vec<u16>, CliError> {
+        (0..count)
+            .map(|i| at(first + u16::try_from(i).unwrap_or(0)))
+            .collect()
     };
     let ports = Ports {
         control: at(0)?,
         gateways: [at(1)?, at(2)?, at(3)?],
         gateway_admins: [at(11)?, at(12)?, at(13)?],
         agent_admins: [at(21)?, at(22)?, at(23)?],
+        more_controls: offsets(31, extra.saturating_sub(1))?,
+        etcd_clients: offsets(41, extra)?,
+        etcd_peers: offsets(51, extra)?,
     };
     let mut named = vec![(ports.control, "the control plane".to_owned())];
+    for (i, port) in ports.more_controls.iter().enumerate() {
+        named.push((*port, format!("control-plane replica {}", i + 2)));
+    }
+    for (i, (client, peer)) in ports.etcd_clients.iter().zip(&ports.etcd_peers).enumerate() {
+        named.push((*client, format!("etcd member {} (clients)", i + 1)));
+        named.push((*peer, format!("etcd member {} (peers)", i + 1)));
+    }
     for (i, (zone, ..)) in ZONES.iter().enumerate() {
         named.push((ports.gateways[i], format!("the gateway of {zone}")));
         named.push((
@@ -491,7 +538,7 @@ pub(crate) async fn run(args: UpArgs) -> Result<u8, CliError> {
     let started = Instant::now();
     let bank = find_bank(args.bank.clone())?;
     let started_after_build = Instant::now();
-    let ports = pick_ports(args.port_base)?;
+    let ports = pick_ports(args.port_base, args.control_replicas)?;
     let (state_dir, temporary) = match &args.state_dir {
         Some(dir) => (dir.clone(), false),
         None => (
@@ -624,31 +671,112 @@ async fn start(
         ("BANK_SECRET_FILE", secret.display().to_string()),
     ];
 
-    eprintln!("starting the control plane on {control}...");
-    sandbox.children.push(Child::spawn(
-        "control plane",
-        &me,
-        &[
-            "control".into(),
-            "--listen".into(),
-            format!("{host}:{}", ports.control),
-            "--data-dir".into(),
-            state_dir.join("control").display().to_string(),
-        ],
-        &logs.join("control.log"),
-        &env,
-    )?);
-    wait_for(sandbox, "the control plane", deadline, || {
-        let http = http.clone();
-        let url = format!("{control}/readyz");
-        async move {
-            http.get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
+    let replicas: Vec<String> = std::iter::once(ports.control)
+        .chain(ports.more_controls.iter().copied())
+        .map(|port| format!("http://{host}:{port}"))
+        .collect();
+    let mut etcd_urls = Vec::new();
+    if args.control_replicas > 1 {
+        let program = crate::etcd::binary()?;
+        let members = crate::etcd::members(
+            &host,
+            &ports.etcd_clients,
+            &ports.etcd_peers,
+            state_dir,
+            logs,
+        );
+        eprintln!(
+            "starting an etcd cluster of {} members ({})...",
+            members.len(),
+            program.display()
+        );
+        for member in members {
+            sandbox.children.push(Child::spawn(
+                &member.name,
+                &program,
+                &member.args,
+                &member.log,
+                &[],
+            )?);
+            etcd_urls.push(member.client_url);
         }
-    })
-    .await?;
+        for url in &etcd_urls {
+            let health = format!("{url}/health");
+            wait_for(sandbox, &format!("etcd at {url}"), deadline, || {
+                let http = http.clone();
+                let health = health.clone();
+                async move {
+                    match http.get(&health).send().await {
+                        Ok(r) => r
+                            .text()
+                            .await
+                            .is_ok_and(|t| t.contains("\"health\":\"true\"")),
+                        Err(_) => false,
+                    }
+                }
+            })
+            .await?;
+        }
+    }
+    for (i, url) in replicas.iter().enumerate() {
+        let listen = url.trim_start_matches("http://").to_owned();
+        let mut control_args: Vec<String> = vec!["control".into(), "--listen".into(), listen];
+        if etcd_urls.is_empty() {
+            control_args.extend([
+                "--data-dir".into(),
+                state_dir.join("control").display().to_string(),
+            ]);
+            eprintln!("starting the control plane on {url}...");
+        } else {
+            control_args.extend([
+                "--store".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                etcd_urls.join(","),
+                "--advertise".into(),
+                url.clone(),
+                "--data-dir".into(),
+                state_dir
+                    .join(format!("control-{}", i + 1))
+                    .display()
+                    .to_string(),
+            ]);
+            eprintln!("starting control-plane replica {} on {url}...", i + 1);
+        }
+        let name = if replicas.len() == 1 {
+            "control plane".to_owned()
+        } else {
+            format!("control plane {}", i + 1)
+        };
+        let log = if replicas.len() == 1 {
+            logs.join("control.log")
+        } else {
+            logs.join(format!("control-{}.log", i + 1))
+        };
+        sandbox
+            .children
+            .push(Child::spawn(&name, &me, &control_args, &log, &env)?);
+    }
+    for url in &replicas {
+        wait_for(
+            sandbox,
+            &format!("the control plane at {url}"),
+            deadline,
+            || {
+                let http = http.clone();
+                let url = format!("{url}/readyz");
+                async move {
+                    http.get(&url)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                }
+            },
+        )
+        .await?;
+    }
+    // Everything else takes every replica and moves on when one dies.
+    let control_list = replicas.join(",");
 
     let files = topology(ports, bank, args.replicas, &host);
     let topology_dir = state_dir.join("topology");
@@ -695,7 +823,7 @@ async fn start(
     }
 
     let global = |args: &mut Vec<String>| {
-        args.insert(0, control.clone());
+        args.insert(0, control_list.clone());
         args.insert(0, "--control".into());
     };
     for (i, (zone, ..)) in ZONES.iter().enumerate() {
@@ -837,7 +965,9 @@ async fn start(
     let ready_seconds = build_finished.elapsed().as_secs_f64();
     let up = UpFile {
         pid: std::process::id(),
-        control: control.clone(),
+        control: control_list.clone(),
+        control_replicas: replicas.clone(),
+        etcd: etcd_urls,
         state_dir: state_dir.display().to_string(),
         gateways: ZONES
             .iter()
@@ -1002,11 +1132,21 @@ fn print_summary(
         up.ready_seconds,
         took.as_secs_f64()
     );
-    let _ = writeln!(
-        out,
-        "  control plane  {}   (atoll get cells, atoll nodes, atoll audit)",
-        up.control
-    );
+    if up.control_replicas.len() > 1 {
+        let _ = writeln!(
+            out,
+            "  control plane  {} replicas on an etcd cluster of {}: {}   (atoll get controlplane, atoll nodes)",
+            up.control_replicas.len(),
+            up.etcd.len(),
+            up.control_replicas.join(" ")
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "  control plane  {}   (atoll get cells, atoll nodes, atoll audit)",
+            up.control
+        );
+    }
     for (i, (zone, _, display, cell)) in ZONES.iter().enumerate() {
         let (first, last, _, standby) = SHARDS[i];
         let _ = writeln!(
