@@ -1228,7 +1228,7 @@ mod tests {
 
     #[test]
     fn the_sandbox_topology_is_valid() {
-        let ports = pick_ports(0).expect("ports");
+        let ports = pick_ports(0, 1).expect("ports");
         let files = topology(&ports, Path::new("/opt/atoll/atoll-bank"), 2, "127.0.0.1");
         let mut located = Vec::new();
         for (name, content) in &files {
@@ -1244,10 +1244,31 @@ mod tests {
     }
 
     #[test]
+    fn replicas_take_ports_of_their_own() {
+        let ports = pick_ports(0, 3).expect("ports");
+        assert_eq!(ports.more_controls.len(), 2);
+        assert_eq!((ports.etcd_clients.len(), ports.etcd_peers.len()), (3, 3));
+        let mut all: Vec<u16> = [ports.control]
+            .into_iter()
+            .chain(ports.more_controls.iter().copied())
+            .chain(ports.etcd_clients.iter().copied())
+            .chain(ports.etcd_peers.iter().copied())
+            .chain(ports.gateways)
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 12, "no port twice");
+        let single = pick_ports(0, 1).expect("ports");
+        assert!(single.more_controls.is_empty() && single.etcd_clients.is_empty());
+        assert!(parse_control_replicas("2").is_err());
+        assert_eq!(parse_control_replicas("5"), Ok(5));
+    }
+
+    #[test]
     fn a_port_in_use_is_named_with_the_flag_to_change_it() {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let error = pick_ports(port).expect_err("in use");
+        let error = pick_ports(port, 1).expect_err("in use");
         assert!(
             error
                 .message
