@@ -145,6 +145,10 @@ struct Report {
     fence_window_ms: Option<u64>,
     /// The whole switchover, ms.
     switchover_ms: Option<u64>,
+    /// With replicas, after the leader was killed: how long no replica
+    /// led (kill to another replica elected and serving), ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leaderless_ms: Option<u64>,
     /// The Switchover's phases with their durations, in order.
     phases: Vec<String>,
     /// Log positions the failover reported unreplicated.
@@ -674,7 +678,7 @@ async fn switchover(client: &Client, drill: SwitchoverDrill) -> Result<u8, CliEr
     let plan: SwitchoverPlan = client.post("/v1/switchovers", &request).await?;
     set_phase(&live, format!("switchover {}: pending", plan.name));
     if drill.kill_control_plane {
-        kill_control_plane(&place, &mut report);
+        kill_control_plane(client, &place, &mut report).await;
     }
     let spec = wait_final(
         client,
@@ -860,17 +864,67 @@ fn no_sandbox(client: &Client, place: &Place) -> CliError {
     error
 }
 
-/// SIGKILLs the sandbox's control plane (it is started again by `atoll up`).
-fn kill_control_plane(place: &Place, report: &mut Report) {
-    match sandbox_pid(place, "control plane") {
+/// SIGKILLs the sandbox's control plane (it is started again by `atoll
+/// up`); with replicas, the leader, and measures how long none led.
+async fn kill_control_plane(client: &Client, place: &Place, report: &mut Report) {
+    let replicas: Vec<String> = up_file(place)
+        .ok()
+        .and_then(|up| serde_json::from_value(up["controlReplicas"].clone()).ok())
+        .unwrap_or_default();
+    let leader: Option<atoll_api::rest::LeaderResponse> = if replicas.len() > 1 {
+        client.get("/v1/leader").await.ok()
+    } else {
+        None
+    };
+    let (process, what) = match leader
+        .as_ref()
+        .and_then(|l| l.leader.as_ref())
+        .and_then(|url| replicas.iter().position(|r| r == url).map(|i| (i, url)))
+    {
+        Some((i, url)) => (
+            format!("control plane {}", i + 1),
+            format!(
+                "the leader ({url}, term {})",
+                leader.as_ref().and_then(|l| l.term).unwrap_or(0)
+            ),
+        ),
+        None => ("control plane".to_owned(), "the control plane".to_owned()),
+    };
+    match sandbox_pid(place, &process) {
         Ok(pid) => {
+            let killed = Instant::now();
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
             );
-            report.notes.push(format!(
-                "killed the control plane (pid {pid}) right after the start"
-            ));
+            report
+                .notes
+                .push(format!("killed {what} (pid {pid}) right after the start"));
+            let Some(old) = leader.and_then(|l| l.leader) else {
+                return;
+            };
+            // Another replica leads once one says so and it is not the
+            // one killed (the client moves past the dead replica).
+            while killed.elapsed() < Duration::from_secs(30) {
+                if let Ok(view) = client
+                    .get::<atoll_api::rest::LeaderResponse>("/v1/leader")
+                    .await
+                    && view.leader.as_ref().is_some_and(|l| *l != old)
+                {
+                    let took = u64::try_from(killed.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    report.leaderless_ms = Some(took);
+                    report.notes.push(format!(
+                        "{} leads after {took} ms (term {})",
+                        view.leader.unwrap_or_default(),
+                        view.term.unwrap_or(0)
+                    ));
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            report
+                .notes
+                .push("no other replica led within 30 s of the kill".into());
         }
         Err(e) => report
             .notes

@@ -15,7 +15,7 @@ use crate::harness::ATOLL;
 use crate::up::Sandbox;
 
 /// Runs `atoll drill ARGS -o json` against the sandbox; its report.
-fn drill(sandbox: &Sandbox, args: &[&str]) -> Value {
+pub(crate) fn drill(sandbox: &Sandbox, args: &[&str]) -> Value {
     let output = Command::new(ATOLL)
         .args(["--control", &sandbox.control(), "drill"])
         .args(args)
@@ -49,7 +49,7 @@ fn drill(sandbox: &Sandbox, args: &[&str]) -> Value {
     report
 }
 
-fn ms(report: &Value, field: &str) -> u64 {
+pub(crate) fn ms(report: &Value, field: &str) -> u64 {
     report[field]
         .as_u64()
         .unwrap_or_else(|| panic!("{field} missing from {report}"))
