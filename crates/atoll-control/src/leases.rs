@@ -1,4 +1,4 @@
-//! Ownership leases (ARCHITECTURE.md, "Ownership leases"): an app instance
+//! Ownership leases (docs/architecture.md, "The switchover protocol"): an app instance
 //! accepts writes for its cell's shards only while it holds a lease it
 //! renewed through the control plane. A failover flips a lost cell's shards
 //! only once every lease the cell may hold has expired, so a cell cut off

@@ -1,5 +1,5 @@
 //! Planned switchovers: moving shard ranges between cells without losing or
-//! repeating an acknowledged write (ARCHITECTURE.md, "Switchover";
+//! repeating an acknowledged write (docs/architecture.md, "The switchover protocol";
 //! docs/switchover.md).
 //!
 //! A switchover is a `Switchover` resource in the store; every phase change

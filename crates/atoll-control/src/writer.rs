@@ -67,9 +67,17 @@ impl From<StoreError> for ControlError {
             StoreError::Fenced { .. } => ControlError::NotLeader(format!(
                 "{error}: this replica is no longer the leader; retry and the new leader answers"
             )),
-            StoreError::Backend { .. }
-            | StoreError::Corrupt { .. }
-            | StoreError::LeaseExpired(_) => ControlError::Unavailable(error.to_string()),
+            StoreError::Backend { backend, .. } => ControlError::Unavailable(format!(
+                "{error}; the store must answer before the control plane reads or changes anything{}",
+                if backend == "etcd" {
+                    " (etcd answers only while a majority of its members reach each other): bring the members back, and it resumes by itself"
+                } else {
+                    ""
+                }
+            )),
+            StoreError::Corrupt { .. } | StoreError::LeaseExpired(_) => {
+                ControlError::Unavailable(error.to_string())
+            }
         }
     }
 }

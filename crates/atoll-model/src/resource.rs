@@ -1092,8 +1092,8 @@ fn is_zero_u64(value: &u64) -> bool {
     *value == 0
 }
 
-/// A move of shard ranges from their owning cells to others (ARCHITECTURE.md,
-/// "Switchover"): planned (fence, barrier, sync gate, flip, barrier,
+/// A move of shard ranges from their owning cells to others (docs/architecture.md,
+/// "The switchover protocol"): planned (fence, barrier, sync gate, flip, barrier,
 /// unfence), or a failover of a lost cell (fence, barrier, wait for its
 /// lease to expire, flip, barrier, unfence; what it had not replicated is
 /// reported). Created by `atoll switchover start` or by the control plane's
@@ -1206,7 +1206,7 @@ impl SwitchoverMode {
     }
 }
 
-/// The phases, in order (ARCHITECTURE.md, "Switchover").
+/// The phases, in order (docs/architecture.md, "The switchover protocol").
 #[derive(
     Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
 )]

@@ -107,6 +107,59 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|e| backend_error("encoding", e))
 }
 
+/// Whether an etcd error means the request never reached a member (one is
+/// down): safe to send again, and the client's balancer then picks another.
+fn unreached(error: &etcd_client::Error) -> bool {
+    let text = error.to_string();
+    text.contains("tcp connect error")
+        || text.contains("Connection refused")
+        || text.contains("error trying to connect")
+}
+
+/// How often a request that reached no member is sent again.
+const UNREACHED_ATTEMPTS: u32 = 8;
+
+/// KV calls that go to another member when one is down.
+struct Kv<'a> {
+    client: &'a Client,
+}
+
+impl Kv<'_> {
+    async fn get(
+        &self,
+        key: impl Into<Vec<u8>>,
+        options: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+        let key = key.into();
+        let mut attempt = 0;
+        loop {
+            let mut kv = self.client.kv_client();
+            match kv.get(key.clone(), options.clone()).await {
+                Err(e) if unreached(&e) && attempt < UNREACHED_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A transaction that reached no member was not applied: sent again.
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+        let mut attempt = 0;
+        loop {
+            let mut kv = self.client.kv_client();
+            match kv.txn(txn.clone()).await {
+                Err(e) if unreached(&e) && attempt < UNREACHED_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 /// The smallest key after every key that starts with `prefix`.
 fn prefix_end(prefix: &str) -> Vec<u8> {
     let mut end = prefix.as_bytes().to_vec();
@@ -165,6 +218,12 @@ impl EtcdStore {
         Ok(store)
     }
 
+    fn kv(&self) -> Kv<'_> {
+        Kv {
+            client: &self.client,
+        }
+    }
+
     /// The etcd key of coordination key `key`.
     fn coord_key(&self, key: &str) -> String {
         format!("{}coord/{key}", self.prefix)
@@ -194,7 +253,7 @@ impl EtcdStore {
 
     /// `Err(Fenced)` when `fence` no longer holds.
     async fn check_fence(&self, fence: &Fence) -> Result<(), StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.kv();
         let response = kv
             .get(self.coord_key(&fence.key), None)
             .await
@@ -297,7 +356,7 @@ impl EtcdStore {
     /// Reads the revision and the meta key's etcd mod_revision (0 if absent),
     /// and the etcd revision of the read.
     async fn read_meta(&self) -> Result<(Revision, i64, i64), StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.kv();
         let response = kv
             .get(self.meta_key(), None)
             .await
@@ -318,7 +377,7 @@ impl EtcdStore {
 
     async fn try_commit(&self, request: &CommitRequest) -> Result<Option<Commit>, StoreError> {
         let (revision, meta_mod, _) = self.read_meta().await?;
-        let mut kv = self.client.kv_client();
+        let kv = self.kv();
         let mut current = std::collections::HashMap::new();
         for change in &request.changes {
             let key = change.key();
@@ -392,7 +451,7 @@ impl EtcdStore {
         after: Revision,
         limit: usize,
     ) -> Result<(Vec<Commit>, i64), StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.kv();
         let mut options = GetOptions::new()
             .with_range(prefix_end(&self.commits_prefix()))
             .with_sort(SortTarget::Key, SortOrder::Ascend);
@@ -514,7 +573,7 @@ impl Store for EtcdStore {
 
     async fn snapshot(&self) -> Result<Snapshot, StoreError> {
         let (revision, _, etcd_revision) = self.read_meta().await?;
-        let mut kv = self.client.kv_client();
+        let kv = self.kv();
         let response = kv
             .get(
                 self.resources_prefix(),
@@ -535,7 +594,7 @@ impl Store for EtcdStore {
     }
 
     async fn get(&self, key: &ResourceKey) -> Result<Option<Resource>, StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.kv();
         let response = kv
             .get(self.resource_key(key), None)
             .await
@@ -565,7 +624,7 @@ impl Store for EtcdStore {
     }
 
     async fn history(&self, key: &ResourceKey) -> Result<Vec<HistoryEntry>, StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.kv();
         let response = kv
             .get(
                 self.history_prefix(key),
@@ -603,7 +662,7 @@ impl Store for EtcdStore {
 #[async_trait]
 impl Coordination for EtcdStore {
     async fn get_key(&self, key: &str) -> Result<Option<Entry>, StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.kv();
         let response = kv
             .get(self.coord_key(key), None)
             .await
@@ -612,7 +671,7 @@ impl Coordination for EtcdStore {
     }
 
     async fn list_keys(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let mut kv = self.client.kv_client();
+        let kv = self.kv();
         let response = kv
             .get(
                 self.coord_key(prefix),
@@ -663,7 +722,7 @@ impl Coordination for EtcdStore {
                 None => TxnOp::delete(key, None),
             });
         }
-        let mut kv = self.client.kv_client();
+        let kv = self.kv();
         let response = kv
             .txn(Txn::new().when(compares).and_then(operations))
             .await
@@ -721,12 +780,16 @@ impl Coordination for EtcdStore {
         }
         // etcd counts whole seconds.
         let seconds = i64::try_from(ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX);
-        let response = self
-            .client
-            .lease_client()
-            .grant(seconds, None)
-            .await
-            .map_err(|e| backend_error("granting a lease", e))?;
+        let mut attempt = 0;
+        let response = loop {
+            match self.client.lease_client().grant(seconds, None).await {
+                Err(e) if unreached(&e) && attempt < UNREACHED_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                }
+                other => break other.map_err(|e| backend_error("granting a lease", e))?,
+            }
+        };
         Ok(response.id())
     }
 
@@ -738,8 +801,16 @@ impl Coordination for EtcdStore {
                 backend_error("keeping a lease alive", e)
             }
         };
-        let mut client = self.client.lease_client();
-        let (mut keeper, mut stream) = client.keep_alive(lease).await.map_err(failed)?;
+        let mut attempt = 0;
+        let (mut keeper, mut stream) = loop {
+            match self.client.lease_client().keep_alive(lease).await {
+                Err(e) if unreached(&e) && attempt < UNREACHED_ATTEMPTS => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                }
+                other => break other.map_err(failed)?,
+            }
+        };
         keeper.keep_alive().await.map_err(failed)?;
         let answer = stream
             .message()
@@ -789,7 +860,7 @@ impl Coordination for EtcdStore {
     async fn leader(&self, election: &str) -> Result<Option<Leader>, StoreError> {
         // What etcd's election does: the oldest candidacy leads.
         let prefix = format!("{}/", self.coord_key(election.trim_end_matches('/')));
-        let mut kv = self.client.kv_client();
+        let kv = self.kv();
         let response = kv
             .get(
                 prefix,
@@ -820,8 +891,7 @@ impl Coordination for EtcdStore {
                 fence.term,
             )])
             .and_then([TxnOp::delete(key, None)]);
-        self.client
-            .kv_client()
+        self.kv()
             .txn(txn)
             .await
             .map_err(|e| backend_error("resigning", e))?;

@@ -1,5 +1,5 @@
-//! A model check of Atoll's switchover protocol (ARCHITECTURE.md, "Switchover: the protocol
-//! that must never lose a write") with [stateright](https://docs.rs/stateright).
+//! A model check of Atoll's switchover protocol (docs/architecture.md, "The switchover
+//! protocol") with [stateright](https://docs.rs/stateright).
 //!
 //! [`switchover::Switchover`] models one shard moving between two cells: config delivered to
 //! every node asynchronously, change-log shipping with lag, client writes routed by stale

@@ -1,4 +1,4 @@
-//! The switchover and failover protocol of ARCHITECTURE.md as a [`stateright::Model`].
+//! The switchover and failover protocol of docs/architecture.md as a [`stateright::Model`].
 //!
 //! One shard, two cells (`A` owns it first, `B` stands by and applies `A`'s change log with
 //! lag), one or two gateways, and the control plane's orchestrator. Every step that happens

@@ -232,3 +232,139 @@ async fn the_replicated_sandbox_finishes_a_switchover_whose_leader_was_killed() 
     let notes = report["notes"].to_string();
     assert!(notes.contains("killed the leader"), "{notes}");
 }
+
+/// Holds a sandbox process dead (`atoll up` starts no held part again)
+/// and kills it.
+fn hold_and_kill(sandbox: &crate::up::Sandbox, process: &str) {
+    let hold = sandbox.state.path().join("hold");
+    std::fs::create_dir_all(&hold).expect("hold dir");
+    std::fs::write(hold.join(process), "").expect("hold");
+    let pid = sandbox.up["processes"][process].as_u64().expect("pid");
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+}
+
+fn release(sandbox: &crate::up::Sandbox, process: &str) {
+    let _ = std::fs::remove_file(sandbox.state.path().join("hold").join(process));
+}
+
+/// A deposit through the gateway of hz-a: its status and error code.
+async fn deposit(http: &reqwest::Client, gateway: &str, key: &str) -> (u16, String) {
+    match http
+        .post(format!("{gateway}/accounts/1001/deposit"))
+        .header("idempotency-key", key)
+        .json(&serde_json::json!({"amount": 1}))
+        .send()
+        .await
+    {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (
+                status,
+                body["error"].as_str().unwrap_or_default().to_owned(),
+            )
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+fn apply_region(sandbox: &crate::up::Sandbox, name: &str) -> std::process::Output {
+    std::process::Command::new(crate::harness::ATOLL)
+        .args(["--control", &sandbox.control(), "apply", "-f", "-"])
+        .env_remove("ATOLL_CONTROL")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().expect("stdin").write_all(
+                format!("apiVersion: atoll/v1\nkind: Region\nmetadata: {{name: {name}}}\n")
+                    .as_bytes(),
+            )?;
+            child.wait_with_output()
+        })
+        .expect("run atoll apply")
+}
+
+/// Losing one etcd member of three changes nothing; losing two stops
+/// every change (with a clear error) while gateways go on routing and
+/// cells take writes until their leases end, then refuse them with the
+/// reason; when the quorum is back, everything resumes by itself.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_replicated_sandbox_rides_out_the_loss_of_etcd_members() {
+    let sandbox = crate::up::Sandbox::start_with(&["--control-replicas", "3"]);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let gateway = sandbox.up["gateways"]["hz-a"]
+        .as_str()
+        .expect("gateway")
+        .to_owned();
+    assert_eq!(deposit(&http, &gateway, "before").await.0, 200);
+
+    hold_and_kill(&sandbox, "etcd-3");
+    let one_lost = apply_region(&sandbox, "bj");
+    assert!(
+        one_lost.status.success(),
+        "a change with one member of three lost: {}",
+        String::from_utf8_lossy(&one_lost.stderr)
+    );
+    assert_eq!(deposit(&http, &gateway, "one-lost").await.0, 200);
+
+    hold_and_kill(&sandbox, "etcd-2");
+    let lost = Instant::now();
+    // Writes go on while the leases last (3 s), then are refused with the
+    // reason; the gateway routes all along (the bank answers).
+    let mut refused = None;
+    while lost.elapsed() < Duration::from_secs(15) {
+        let (status, error) = deposit(
+            &http,
+            &gateway,
+            &format!("no-quorum-{}", lost.elapsed().as_millis()),
+        )
+        .await;
+        if status == 503 && error == "noLease" {
+            refused = Some(lost.elapsed());
+            break;
+        }
+        assert_eq!(status, 200, "before the lease ends: {status} {error}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = refused.expect("writes refused once the leases ended");
+    assert!(refused < Duration::from_secs(10), "{refused:?}");
+    let change = apply_region(&sandbox, "cd");
+    assert!(!change.status.success(), "a change without a quorum landed");
+    let stderr = String::from_utf8_lossy(&change.stderr);
+    assert!(stderr.contains("majority"), "{stderr}");
+
+    release(&sandbox, "etcd-2");
+    release(&sandbox, "etcd-3");
+    let back = Instant::now();
+    loop {
+        let (status, _) = deposit(
+            &http,
+            &gateway,
+            &format!("back-{}", back.elapsed().as_millis()),
+        )
+        .await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(30),
+            "writes not back 30 s after the quorum: {}",
+            sandbox.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let resumed = apply_region(&sandbox, "cd");
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+}
