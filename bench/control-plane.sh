@@ -2,6 +2,9 @@
 # Control-plane benchmarks, measured in one run on loopback:
 #  - propagation: 200 nodes on the config stream; time from an apply returning
 #    to every node holding the change (p50, p99, max);
+#  - replicated: 3 etcd members and 3 control-plane replicas: propagation to
+#    the nodes spread over the replicas, and leader failover (SIGKILL of the
+#    leader to a new leader committing a change), over KILLS (10) kills;
 #  - apply throughput of single-resource changes through the REST API, on the
 #    embedded store and on etcd, next to the raw store underneath as the anchor
 #    (redb commits; etcd puts), with ratios.
@@ -72,6 +75,54 @@ for concurrency in 1 8; do
   stop_control
   "$BIN/apply-throughput" etcd --endpoint "$ETCD" --count "$COUNT" --concurrency "$concurrency" | tee -a "$results"
 done
+
+echo "== replicated: 3 etcd members, 3 control-plane replicas (--election-ttl 2s)"
+peers=(); clients=(); cluster=""
+for i in 1 2 3; do clients+=("$(free_port)"); peers+=("$(free_port)"); done
+for i in 0 1 2; do cluster+="${cluster:+,}ha$i=http://127.0.0.1:${peers[$i]}"; done
+for i in 0 1 2; do
+  etcd --name "ha$i" --data-dir "$work/etcd-ha$i" \
+    --listen-client-urls "http://127.0.0.1:${clients[$i]}" --advertise-client-urls "http://127.0.0.1:${clients[$i]}" \
+    --listen-peer-urls "http://127.0.0.1:${peers[$i]}" --initial-advertise-peer-urls "http://127.0.0.1:${peers[$i]}" \
+    --initial-cluster "$cluster" --initial-cluster-token "atoll-bench-$$" --log-level error --logger zap \
+    >"$work/etcd-ha$i.log" 2>&1 &
+  pids+=($!)
+done
+HA_ETCD=$(printf 'http://127.0.0.1:%s,' "${clients[@]}"); HA_ETCD=${HA_ETCD%,}
+for i in 0 1 2; do wait_ready "http://127.0.0.1:${clients[$i]}/health"; done
+ports=(); replica_pid=()
+start_replica() { # $1 = index
+  "$BIN/atoll" control --no-discovery --listen "127.0.0.1:${ports[$1]}" --store etcd --etcd-endpoints "$HA_ETCD" \
+    --etcd-prefix /atoll-ha/ --election-ttl 2s --data-dir "$work/ha-$1" >>"$work/replica-$1.log" 2>&1 &
+  replica_pid[$1]=$!
+  wait_ready "http://127.0.0.1:${ports[$1]}/readyz"
+}
+for i in 0 1 2; do ports+=("$(free_port)"); done
+for i in 0 1 2; do start_replica "$i"; done
+REPLICAS="http://127.0.0.1:${ports[0]},http://127.0.0.1:${ports[1]},http://127.0.0.1:${ports[2]}"
+echo "-- propagation: $NODES nodes spread over the 3 replicas, applies through replica 1"
+"$BIN/propagation" --preload examples/topology --control "http://127.0.0.1:${ports[0]}" --spread "$REPLICAS" \
+  --nodes "$NODES" --changes "$CHANGES" | sed 's/^RESULT propagation/RESULT propagation-replicated/' | tee -a "$results"
+KILLS=${KILLS:-10}
+echo "-- leader failover: $KILLS kills of the leader (SIGKILL), time to a new leader committing a change"
+failovers="$work/failovers"
+for k in $(seq 1 "$KILLS"); do
+  leader=$(curl -fsS "http://127.0.0.1:${ports[0]}/v1/leader" | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader"])')
+  for i in 0 1 2; do [ "http://127.0.0.1:${ports[$i]}" = "$leader" ] && victim=$i; done
+  other=$(( (victim + 1) % 3 ))
+  t0=$(date +%s%N)
+  kill -9 "${replica_pid[$victim]}"; wait "${replica_pid[$victim]}" 2>/dev/null || true
+  body="{\"manifests\":[{\"source\":\"bench\",\"content\":\"apiVersion: atoll/v1\\nkind: Region\\nmetadata: {name: failover-$k}\\n\"}]}"
+  until curl -fsS -m 2 -o /dev/null -X POST -H 'content-type: application/json' -d "$body" "http://127.0.0.1:${ports[$other]}/v1/apply"; do sleep 0.01; done
+  t1=$(date +%s%N)
+  echo $(( (t1 - t0) / 1000000 )) | tee -a "$failovers" | sed "s/^/kill $k: new leader committing after /; s/$/ ms/"
+  start_replica "$victim"
+done
+sort -n "$failovers" | awk '{ v[NR] = $1 } END {
+  p50 = v[int((NR + 1) * 0.50)]; p99 = v[NR]; if (int(NR * 0.99) >= 1 && NR >= 100) p99 = v[int(NR * 0.99)];
+  printf "leader failover over %d kills: p50 %d ms, p99 %d ms (max), min %d ms\n", NR, p50, p99, v[1]
+  printf "RESULT leader-failover kills=%d p50_ms=%d p99_ms=%d\n", NR, p50, p99 }' | tee -a "$results"
+for i in 0 1 2; do kill "${replica_pid[$i]}" 2>/dev/null || true; done
 
 echo "== ratios (Atoll apply / raw store, same concurrency)"
 awk '

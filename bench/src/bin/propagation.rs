@@ -28,6 +28,10 @@ struct Args {
     /// Changes applied, one after the other.
     #[arg(long, default_value_t = 50)]
     changes: u32,
+    /// Control-plane replicas, comma-separated: node i subscribes to
+    /// replica i mod N (applies still go to --control).
+    #[arg(long)]
+    spread: Option<String>,
 }
 
 /// When each node received each version.
@@ -125,7 +129,13 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     for index in 0..args.nodes {
         let receipts = receipts.clone();
-        let url = args.control.clone();
+        let url = match &args.spread {
+            Some(list) => {
+                let replicas: Vec<&str> = list.split(',').collect();
+                replicas[index % replicas.len()].to_owned()
+            }
+            None => args.control.clone(),
+        };
         tokio::spawn(async move {
             if let Err(error) = run_node(url, index, receipts).await {
                 eprintln!("node {index}: {error}");
