@@ -158,8 +158,11 @@ impl ControlServer {
             format!("http://{host}:{}", address.port())
         });
         let nodes = Arc::new(nodes::NodeRegistry::for_replica(advertise.clone()));
-        let publisher = tokio::spawn(nodes.clone().publish(coordination.clone()));
-        let fleet = tokio::spawn(nodes.clone().follow(coordination.clone()));
+        // Only replicas share node records: the embedded store is one
+        // process, and its registry already is the whole fleet.
+        let shared = store.backend() != "embedded";
+        let publisher = shared.then(|| tokio::spawn(nodes.clone().publish(coordination.clone())));
+        let fleet = shared.then(|| tokio::spawn(nodes.clone().follow(coordination.clone())));
         let leadership = leadership::Leadership::new(
             coordination.clone(),
             advertise,
@@ -273,13 +276,17 @@ impl ControlServer {
         };
         expirer.abort();
         follower.abort();
-        fleet.abort();
+        if let Some(fleet) = fleet {
+            fleet.abort();
+        }
         let _ = tokio::time::timeout(Duration::from_secs(3), elector).await;
         terms.abort();
         let _ = tokio::time::timeout(Duration::from_secs(2), announcer).await;
         // The last node changes (streams closed by the stop) are published.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        publisher.abort();
+        if let Some(publisher) = publisher {
+            publisher.abort();
+        }
         tracing::info!("control plane stopped");
         result
     }

@@ -28,6 +28,9 @@ pub(crate) const NODES: &str = "nodes/";
 /// Where replicas say they are alive (see `control.rs`).
 pub(crate) const REPLICAS: &str = "replicas/";
 
+/// How long node changes gather before they are published together.
+const PUBLISH_COALESCE: Duration = Duration::from_millis(5);
+
 /// A replica's URL as a key segment.
 pub(crate) fn replica_key(url: &str) -> String {
     url.replace("://", "-").replace(['/', ':'], "-")
@@ -314,6 +317,9 @@ impl NodeRegistry {
         let me = replica_key(&self.replica);
         loop {
             self.publish.notified().await;
+            // A new version is ACKed by every node within milliseconds:
+            // one batch for all of them rather than one write each.
+            tokio::time::sleep(PUBLISH_COALESCE).await;
             let names: Vec<String> = std::mem::take(&mut *self.dirty.lock())
                 .into_iter()
                 .collect();
@@ -393,6 +399,7 @@ impl NodeRegistry {
             }
         }
         self.bump();
+        let own = format!("/{}", replica_key(&self.replica));
         let mut replica_events = coordination.watch_keys(REPLICAS, replicas.revision).await?;
         let mut node_events = coordination.watch_keys(NODES, nodes.revision).await?;
         loop {
@@ -417,8 +424,13 @@ impl NodeRegistry {
                 }
                 event = node_events.next() => {
                     let Some(event) = event else { return Ok(()) };
+                    let event = event?;
+                    // Our own records: the local ones say more, and sooner.
+                    if event.key().ends_with(&own) {
+                        continue;
+                    }
                     let mut remote = self.remote.lock();
-                    match event? {
+                    match event {
                         KeyEvent::Put(entry) => self.insert_remote(&mut remote, &entry.value),
                         KeyEvent::Deleted { key, .. } => {
                             // nodes/<name>/<replica key>

@@ -326,10 +326,12 @@ impl Keyspace {
                         if last < state.compacted {
                             Err(state.compacted)
                         } else {
+                            // The log is in revision order: start after `last`.
+                            let from = state.log.partition_point(|e| e.revision() <= last);
                             let events = state
                                 .log
-                                .iter()
-                                .filter(|e| e.revision() > last && e.key().starts_with(&prefix))
+                                .range(from..)
+                                .filter(|e| e.key().starts_with(&prefix))
                                 .cloned()
                                 .collect::<Vec<_>>();
                             if events.is_empty() {
