@@ -117,6 +117,25 @@ impl Leadership {
         self.view.borrow().clone()
     }
 
+    /// Who leads, read from the store now (and the view brought up to
+    /// date): for passing a change on, the view may be a moment old (a
+    /// replica just thawed has not seen the election it slept through).
+    pub(crate) async fn current_leader(&self) -> LeaderView {
+        match self.coordination.leader(ELECTION).await {
+            Ok(leader) => {
+                let view = LeaderView {
+                    url: leader
+                        .as_ref()
+                        .map(|l| String::from_utf8_lossy(&l.value).into_owned()),
+                    term: leader.map(|l| l.fence.term),
+                };
+                self.view.send_replace(view.clone());
+                view
+            }
+            Err(_) => self.view(),
+        }
+    }
+
     /// The fence to write with, while this replica leads and its acting
     /// window is open.
     pub(crate) fn fence(&self) -> Result<Fence, ControlError> {

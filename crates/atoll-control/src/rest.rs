@@ -245,7 +245,8 @@ async fn forward_to_leader(
     }
     let Some(leader) = control
         .leadership
-        .view()
+        .current_leader()
+        .await
         .url
         .filter(|url| url != control.leadership.advertise())
     else {

@@ -212,7 +212,12 @@ impl ConfigStreamService {
         node: atoll_api::config::NodeIdentity,
         not_leading: crate::writer::ControlError,
     ) -> Result<Response<atoll_api::config::LeaseGrant>, Status> {
-        let view = self.control.leadership.view();
+        let leadership = &self.control.leadership;
+        let mut view = leadership.view();
+        if view.url.is_none() || view.url.as_deref() == Some(leadership.advertise()) {
+            // A moment old (this replica just stepped down, or thawed).
+            view = leadership.current_leader().await;
+        }
         let Some(url) = view
             .url
             .filter(|url| url != self.control.leadership.advertise())
