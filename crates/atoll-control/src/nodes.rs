@@ -209,6 +209,9 @@ pub(crate) struct NodeRegistry {
     /// Local nodes changed since they were last published.
     dirty: Mutex<BTreeSet<String>>,
     publish: tokio::sync::Notify,
+    /// Whether anyone publishes (replicas on etcd): if not, no change is
+    /// kept for it.
+    publishing: std::sync::atomic::AtomicBool,
     /// When this control plane started: a node a switchover expects that
     /// has not connected since counts as disconnected from then.
     started: Instant,
@@ -242,6 +245,7 @@ impl NodeRegistry {
             replicas: Mutex::new(Replicas::default()),
             dirty: Mutex::new(BTreeSet::new()),
             publish: tokio::sync::Notify::new(),
+            publishing: std::sync::atomic::AtomicBool::new(false),
             nodes: Mutex::new(BTreeMap::new()),
             started: Instant::now(),
             forgotten: Mutex::new(std::collections::HashSet::new()),
@@ -256,6 +260,9 @@ impl NodeRegistry {
 
     /// `name` changed here: publish it.
     fn touch(&self, name: &str) {
+        if !self.publishing.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         self.dirty.lock().insert(name.to_owned());
         self.publish.notify_one();
     }
@@ -315,6 +322,11 @@ impl NodeRegistry {
     /// batch in flight at a time, each with every node changed meanwhile.
     pub(crate) async fn publish(self: Arc<Self>, coordination: Arc<dyn Coordination>) {
         let me = replica_key(&self.replica);
+        self.publishing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // Whatever is known already goes out first.
+        self.dirty.lock().extend(self.nodes.lock().keys().cloned());
+        self.publish.notify_one();
         loop {
             self.publish.notified().await;
             // A new version is ACKed by every node within milliseconds:
