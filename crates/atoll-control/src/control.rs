@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::leadership::{Leadership, Role, Term};
 use crate::leases::Leases;
 use crate::metrics::Metrics;
-use crate::nodes::NodeRegistry;
+use crate::nodes::{NodeRegistry, REPLICAS, replica_key};
 use crate::state::ConfigCache;
 use crate::switchover::Switchovers;
 use crate::writer::{ControlError, Writer};
@@ -20,9 +20,6 @@ use crate::writer::{ControlError, Writer};
 /// Where the longest lease duration any leader granted with is kept: a new
 /// leader waits out the longest, not only its own.
 const LEASE_DURATION_KEY: &str = "config/lease-duration-ms";
-
-/// Where each replica says it is alive, under a lease of its own.
-const REPLICAS: &str = "replicas/";
 
 /// How often a replica reports itself.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -205,13 +202,7 @@ impl Control {
     /// Reports this replica under `replicas/` every second, under a lease
     /// that ends soon after the replica does.
     pub(crate) async fn announce(self: Arc<Self>) {
-        let key = format!(
-            "{REPLICAS}{}",
-            self.leadership
-                .advertise()
-                .replace("://", "-")
-                .replace(['/', ':'], "-")
-        );
+        let key = format!("{REPLICAS}{}", replica_key(self.leadership.advertise()));
         let started = crate::nodes::rfc3339(time::OffsetDateTime::now_utc());
         let mut lease: Option<i64> = None;
         let mut tick = tokio::time::interval(REPORT_EVERY);

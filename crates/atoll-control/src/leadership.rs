@@ -48,6 +48,17 @@ pub(crate) struct LeaderView {
     pub(crate) term: Option<i64>,
 }
 
+impl LeaderView {
+    fn of(leader: Option<atoll_store::Leader>) -> Self {
+        Self {
+            url: leader
+                .as_ref()
+                .map(|l| String::from_utf8_lossy(&l.value).into_owned()),
+            term: leader.map(|l| l.fence.term),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Acting {
     fence: Fence,
@@ -123,12 +134,7 @@ impl Leadership {
     pub(crate) async fn current_leader(&self) -> LeaderView {
         match self.coordination.leader(ELECTION).await {
             Ok(leader) => {
-                let view = LeaderView {
-                    url: leader
-                        .as_ref()
-                        .map(|l| String::from_utf8_lossy(&l.value).into_owned()),
-                    term: leader.map(|l| l.fence.term),
-                };
+                let view = LeaderView::of(leader);
                 self.view.send_replace(view.clone());
                 view
             }
@@ -233,12 +239,12 @@ impl Leadership {
         let lease = self.coordination.grant(self.ttl).await?;
         // The lease counts from when etcd granted it, after we asked.
         let renewed = Arc::new(Mutex::new(asked));
-        let keeper = {
+        let mut keeper = {
             let this = self.clone();
             let renewed = renewed.clone();
             tokio::spawn(async move { this.keep_alive(lease, renewed).await })
         };
-        let result = self.campaign_and_lead(lease, &renewed, &keeper).await;
+        let result = self.campaign_and_lead(lease, &renewed, &mut keeper).await;
         keeper.abort();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.coordination.revoke(lease)).await;
         result
@@ -248,14 +254,15 @@ impl Leadership {
         &self,
         lease: i64,
         renewed: &Arc<Mutex<Instant>>,
-        keeper: &tokio::task::JoinHandle<StoreError>,
+        // Ends when the lease is gone; never polled again once it has.
+        keeper: &mut tokio::task::JoinHandle<StoreError>,
     ) -> Result<(), StoreError> {
         let campaign =
             self.coordination
                 .campaign(ELECTION, self.advertise.as_bytes().to_vec(), lease);
         let fence = tokio::select! {
             fence = campaign => fence?,
-            () = wait_finished(keeper) => {
+            _ = &mut *keeper => {
                 return Err(StoreError::LeaseExpired(lease));
             }
         };
@@ -299,7 +306,7 @@ impl Leadership {
             tokio::select! {
                 () = tokio::time::sleep(check) => {}
                 () = self.deposed.notified() => {}
-                () = wait_finished(keeper) => {
+                _ = &mut *keeper => {
                     break "the election lease ended";
                 }
             }
@@ -345,12 +352,7 @@ impl Leadership {
         loop {
             match self.coordination.leader(ELECTION).await {
                 Ok(leader) => {
-                    let view = LeaderView {
-                        url: leader
-                            .as_ref()
-                            .map(|l| String::from_utf8_lossy(&l.value).into_owned()),
-                        term: leader.map(|l| l.fence.term),
-                    };
+                    let view = LeaderView::of(leader);
                     self.view.send_if_modified(|old| {
                         let changed = *old != view;
                         *old = view;
@@ -370,11 +372,5 @@ impl Leadership {
                 Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         }
-    }
-}
-
-async fn wait_finished<T>(handle: &tokio::task::JoinHandle<T>) {
-    while !handle.is_finished() {
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

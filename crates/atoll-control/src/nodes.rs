@@ -25,7 +25,8 @@ use tokio::sync::{oneshot, watch};
 
 /// Where replicas publish the nodes they serve.
 pub(crate) const NODES: &str = "nodes/";
-/// Where replicas say they are alive (see `control.rs`).
+/// Where each replica says it is alive, under a lease of its own
+/// (`Control::announce`).
 pub(crate) const REPLICAS: &str = "replicas/";
 
 /// How long node changes gather before they are published together.

@@ -119,6 +119,35 @@ fn unreached(error: &etcd_client::Error) -> bool {
 /// How often a request that reached no member is sent again.
 const UNREACHED_ATTEMPTS: u32 = 8;
 
+/// Runs `call` again while it reaches no member (at most
+/// [`UNREACHED_ATTEMPTS`] times, backing off): it was not applied, and the
+/// client's balancer sends it to another member.
+async fn resend<T, Fut>(mut call: impl FnMut() -> Fut) -> Result<T, etcd_client::Error>
+where
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Err(e) if unreached(&e) && attempt < UNREACHED_ATTEMPTS => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// `LeaseExpired` when etcd says it does not know `lease`, else a backend
+/// error of `context`.
+fn lease_error(lease: LeaseId, context: &str, error: etcd_client::Error) -> StoreError {
+    if error.to_string().contains("lease not found") {
+        StoreError::LeaseExpired(lease)
+    } else {
+        backend_error(context, error)
+    }
+}
+
 /// KV calls that go to another member when one is down.
 struct Kv<'a> {
     client: &'a Client,
@@ -131,32 +160,21 @@ impl Kv<'_> {
         options: Option<GetOptions>,
     ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
         let key = key.into();
-        let mut attempt = 0;
-        loop {
+        resend(|| {
             let mut kv = self.client.kv_client();
-            match kv.get(key.clone(), options.clone()).await {
-                Err(e) if unreached(&e) && attempt < UNREACHED_ATTEMPTS => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
-                }
-                other => return other,
-            }
-        }
+            let (key, options) = (key.clone(), options.clone());
+            async move { kv.get(key, options).await }
+        })
+        .await
     }
 
-    /// A transaction that reached no member was not applied: sent again.
     async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
-        let mut attempt = 0;
-        loop {
+        resend(|| {
             let mut kv = self.client.kv_client();
-            match kv.txn(txn.clone()).await {
-                Err(e) if unreached(&e) && attempt < UNREACHED_ATTEMPTS => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
-                }
-                other => return other,
-            }
-        }
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
     }
 }
 
@@ -780,37 +798,23 @@ impl Coordination for EtcdStore {
         }
         // etcd counts whole seconds.
         let seconds = i64::try_from(ttl.as_millis().div_ceil(1000)).unwrap_or(i64::MAX);
-        let mut attempt = 0;
-        let response = loop {
-            match self.client.lease_client().grant(seconds, None).await {
-                Err(e) if unreached(&e) && attempt < UNREACHED_ATTEMPTS => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
-                }
-                other => break other.map_err(|e| backend_error("granting a lease", e))?,
-            }
-        };
+        let response = resend(|| {
+            let mut leases = self.client.lease_client();
+            async move { leases.grant(seconds, None).await }
+        })
+        .await
+        .map_err(|e| backend_error("granting a lease", e))?;
         Ok(response.id())
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        let failed = |e: etcd_client::Error| {
-            if e.to_string().contains("lease not found") {
-                StoreError::LeaseExpired(lease)
-            } else {
-                backend_error("keeping a lease alive", e)
-            }
-        };
-        let mut attempt = 0;
-        let (mut keeper, mut stream) = loop {
-            match self.client.lease_client().keep_alive(lease).await {
-                Err(e) if unreached(&e) && attempt < UNREACHED_ATTEMPTS => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
-                }
-                other => break other.map_err(failed)?,
-            }
-        };
+        let failed = |e| lease_error(lease, "keeping a lease alive", e);
+        let (mut keeper, mut stream) = resend(|| {
+            let mut leases = self.client.lease_client();
+            async move { leases.keep_alive(lease).await }
+        })
+        .await
+        .map_err(failed)?;
         keeper.keep_alive().await.map_err(failed)?;
         let answer = stream
             .message()
@@ -828,8 +832,11 @@ impl Coordination for EtcdStore {
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         match self.client.lease_client().revoke(lease).await {
             Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("lease not found") => Ok(()),
-            Err(e) => Err(backend_error("revoking a lease", e)),
+            Err(e) => match lease_error(lease, "revoking a lease", e) {
+                // Gone already: what revoking asks.
+                StoreError::LeaseExpired(_) => Ok(()),
+                other => Err(other),
+            },
         }
     }
 
@@ -841,13 +848,10 @@ impl Coordination for EtcdStore {
     ) -> Result<Fence, StoreError> {
         let name = self.coord_key(election.trim_end_matches('/'));
         let mut client = self.campaigns.election_client();
-        let response = client.campaign(name, value, lease).await.map_err(|e| {
-            if e.to_string().contains("lease not found") {
-                StoreError::LeaseExpired(lease)
-            } else {
-                backend_error("campaigning", e)
-            }
-        })?;
+        let response = client
+            .campaign(name, value, lease)
+            .await
+            .map_err(|e| lease_error(lease, "campaigning", e))?;
         let leader = response
             .leader()
             .ok_or_else(|| backend_error("campaigning", "etcd elected nobody"))?;

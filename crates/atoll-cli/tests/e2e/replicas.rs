@@ -60,6 +60,16 @@ fn agreed_leader(alive: &[&Control], within: Duration) -> (usize, i64) {
     }
 }
 
+/// Every replica but the one at `out`.
+fn all_but(replicas: &[Control], out: usize) -> Vec<&Control> {
+    replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != out)
+        .map(|(_, c)| c)
+        .collect()
+}
+
 fn audit_authors(control: &Control) -> Vec<String> {
     control.json(&["audit"])["commits"]
         .as_array()
@@ -103,12 +113,7 @@ fn three_replicas_elect_one_leader_and_replace_it_when_it_dies() {
     // higher term, and takes writes.
     let killed = Instant::now();
     replicas[leader].kill();
-    let alive: Vec<&Control> = replicas
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != leader)
-        .map(|(_, c)| c)
-        .collect();
+    let alive = all_but(&replicas, leader);
     let (next, next_term) = agreed_leader(&alive, Duration::from_secs(15));
     let took = killed.elapsed();
     assert!(next_term > term, "term {next_term} after {term}");
@@ -140,12 +145,7 @@ fn a_frozen_leader_is_deposed_and_writes_nothing_when_it_thaws() {
 
     // Frozen past its lease: the others elect a new leader.
     replicas[leader].signal("STOP");
-    let alive: Vec<&Control> = replicas
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != leader)
-        .map(|(_, c)| c)
-        .collect();
+    let alive = all_but(&replicas, leader);
     let (next, next_term) = agreed_leader(&alive, Duration::from_secs(15));
     assert!(next_term > term);
     // Thawed: it finds its window closed and its term over. A write sent to
