@@ -4,7 +4,8 @@
 //! [`switchover::Switchover`] models one shard moving between two cells: config delivered to
 //! every node asynchronously, change-log shipping with lag, client writes routed by stale
 //! views, the orchestrator's phases (fence, barrier, sync gate, flip, barrier, unfence, abort),
-//! control-plane restarts, and, for failover, a partitioned cell held back by its lease.
+//! control-plane restarts, leader changes of a replicated control plane (a deposed leader's
+//! write refused by its term), and, for failover, a partitioned cell held back by its lease.
 //! [`check`] explores every reachable state breadth-first and reports which properties it
 //! violated or reached. [`switchover::Flaws`] removes one protocol step at a time, to show
 //! that the checker then finds a counterexample.

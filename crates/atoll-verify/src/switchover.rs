@@ -50,6 +50,10 @@ pub mod property {
     pub const ABORTED: &str = "aborted after accepting writes";
     /// `sometimes` (failover): the failover completes with writes lost, and reports them.
     pub const COMPLETED_WITH_REPORTED_LOSS: &str = "completed with a reported loss";
+    /// `sometimes`: the orchestrator completes after a leader change in which the deposed
+    /// leader still had a write on its way.
+    pub const COMPLETED_AFTER_LEADER_CHANGE: &str =
+        "completed after a leader change with a deposed leader's write on its way";
 }
 
 // === Configuration ===
@@ -86,6 +90,13 @@ pub struct Flaws {
     /// Barriers count only the nodes the control plane's (in-memory) registry knows, which
     /// is empty right after a restart; the correct barrier counts an unknown node as a laggard.
     pub barrier_over_known_nodes: bool,
+    /// Store writes do not compare the writer's term with the leader key's: a deposed
+    /// leader's write lands.
+    pub skip_term_compare: bool,
+    /// A leader goes on acting after its election lease could have expired (no acting
+    /// window): a new leader is elected while the old one still acts, and the old one, on the
+    /// lost cell's side of a partition, renews its lease.
+    pub skip_acting_window: bool,
 }
 
 /// The bounds and variant of one model.
@@ -99,6 +110,10 @@ pub struct Config {
     pub writes: u8,
     /// Control-plane restarts that may happen while the orchestrator runs.
     pub restarts: u8,
+    /// Leader changes of a replicated control plane that may happen while the orchestrator
+    /// runs: a new leader takes over at the persisted phase, and the deposed one may still
+    /// have one write on its way (decided inside its acting window, sent after it).
+    pub leader_changes: u8,
     /// Whether the orchestrator may abort before the flip.
     pub abort: bool,
     /// Failover with two gateways: the second one is in the lost cell's zone, partitioned
@@ -126,6 +141,7 @@ impl Config {
             gateways: 2,
             writes: 3,
             restarts: 2,
+            leader_changes: 0,
             abort: true,
             partitioned_gateway: false,
             vanishing_gateway: false,
@@ -273,6 +289,40 @@ pub struct Acceptance {
     pub view_fenced: bool,
 }
 
+/// A write to the store by the orchestrator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Write {
+    /// A new map version.
+    Publish(MapVersion),
+    /// The next phase.
+    Advance(Phase),
+    /// The abort request.
+    Abort,
+}
+
+/// A replica that was the leader, has been deposed, and does not know it yet (it was
+/// frozen or cut off): what it still holds in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Deposed {
+    /// The phase and round it last read or wrote.
+    pub phase: Phase,
+    /// Which switchover it was driving.
+    pub round: u8,
+    /// Its sync gate's target.
+    pub sync_target: Option<u8>,
+    /// A write it decided on while it still led, not yet sent.
+    pub pending: Option<Write>,
+}
+
+/// What an orchestrator holds in memory while it drives: the phase and round it last read
+/// or wrote, and its sync gate's target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Driver {
+    phase: Phase,
+    round: u8,
+    sync_target: Option<u8>,
+}
+
 /// The whole system at one instant.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct State {
@@ -291,6 +341,14 @@ pub struct State {
     pub sync_target: Option<u8>,
     /// Control-plane restarts so far.
     pub restarts: u8,
+    /// The leader's term (the create revision of its election key): each election adds one.
+    pub term: u8,
+    /// Leader changes so far.
+    pub elections: u8,
+    /// The deposed leader, while it still believes it leads.
+    pub deposed: Option<Deposed>,
+    /// Ghost: a deposed leader's write reached the store and was refused.
+    pub refused_deposed_write: bool,
     /// Whether the lost cell's lease has run out (failover).
     pub lease_expired: bool,
     /// Whether the vanishing gateway has vanished (its stream is gone for good).
@@ -342,10 +400,21 @@ impl State {
                 .collect();
             text.join(" ")
         };
+        let deposed = match self.deposed {
+            Some(d) => format!(
+                " | deposed leader at {:?} (round {}){}",
+                d.phase,
+                d.round,
+                d.pending
+                    .map_or(String::new(), |w| format!(", sending {w:?}"))
+            ),
+            None => String::new(),
+        };
         format!(
-            "phase {:?} (round {}) | map {:?} | views {} | logs A={:?} B={:?} | in flight [{}] | admitted [{}]",
+            "phase {:?} (round {}, term {}){deposed} | map {:?} | views {} | logs A={:?} B={:?} | in flight [{}] | admitted [{}]",
             self.phase,
             self.round,
+            self.term,
             self.published,
             views.join(" "),
             self.data[0],
@@ -394,6 +463,34 @@ pub enum Action {
     /// The control plane crashes and restarts: the phase and the store survive, the node
     /// registry and the sync target (in memory) do not.
     Restart,
+    /// The leader's acting window closes (it is frozen or cut off from the store) and another
+    /// replica is elected with the next term. It resumes at the persisted phase with an empty
+    /// registry and no sync target. The old leader may have decided on one write that it has
+    /// not sent yet.
+    Elect(Option<Write>),
+    /// The deposed leader sends the write it had decided on. The store compares its term
+    /// with the leader key's and refuses it; the deposed leader steps down.
+    DeposedSends,
+    /// (Flaw `skip_acting_window`.) The deposed leader takes the next step of its own
+    /// (stale) phase.
+    DeposedStep(Write),
+    /// (Flaw `skip_acting_window`.) The deposed leader reads the source's position.
+    DeposedReadsPosition,
+    /// (Flaw `skip_acting_window`, failover.) The deposed leader, on the lost cell's side of
+    /// the partition, renews the lost cell's lease.
+    DeposedRenews,
+}
+
+impl Action {
+    /// The orchestrator's store write this action is, if it is one.
+    fn write(self) -> Option<Write> {
+        match self {
+            Action::Publish(version) => Some(Write::Publish(version)),
+            Action::Advance(phase) => Some(Write::Advance(phase)),
+            Action::Abort => Some(Write::Abort),
+            _ => None,
+        }
+    }
 }
 
 // === impl Switchover ===
@@ -496,11 +593,6 @@ impl Switchover {
         }
     }
 
-    /// The version the current round started from (serving, owned by the source).
-    fn base(state: &State) -> usize {
-        3 * usize::from(state.round)
-    }
-
     /// Every node the barrier waits for has applied `version`. The lost cell cannot
     /// acknowledge anything; its lease stands in for it. A node the registry does not know
     /// (after a restart, until it reconnects) is a laggard.
@@ -523,18 +615,66 @@ impl Switchover {
         }
     }
 
+    /// The leader's steps, and the control plane's restarts and leader changes.
     fn orchestrator_actions(&self, state: &State, actions: &mut Vec<Action>) {
-        let base = Self::base(state);
+        let driver = Driver {
+            phase: state.phase,
+            round: state.round,
+            sync_target: state.sync_target,
+        };
+        let first = actions.len();
+        self.driver_actions(state, driver, actions);
+        if state.elections < self.config.leader_changes
+            && state.deposed.is_none()
+            && !state.phase.is_final()
+        {
+            // The old leader may be between deciding on a write and sending it.
+            let decided: Vec<Write> = actions[first..]
+                .iter()
+                .filter_map(|action| action.write())
+                .collect();
+            actions.push(Action::Elect(None));
+            actions.extend(decided.into_iter().map(|write| Action::Elect(Some(write))));
+        }
+        if state.restarts < self.config.restarts && !state.phase.is_final() {
+            actions.push(Action::Restart);
+        }
+        if let Some(deposed) = state.deposed {
+            if deposed.pending.is_some() {
+                actions.push(Action::DeposedSends);
+            }
+            if self.config.flaws.skip_acting_window && !deposed.phase.is_final() {
+                let driver = Driver {
+                    phase: deposed.phase,
+                    round: deposed.round,
+                    sync_target: deposed.sync_target,
+                };
+                let mut own = Vec::new();
+                self.driver_actions(state, driver, &mut own);
+                actions.extend(own.into_iter().filter_map(|action| match action {
+                    Action::ReadSourcePosition => Some(Action::DeposedReadsPosition),
+                    other => other.write().map(Action::DeposedStep),
+                }));
+                if self.lost().is_some() {
+                    actions.push(Action::DeposedRenews);
+                }
+            }
+        }
+    }
+
+    /// What an orchestrator at `driver`'s phase does next, over the store as it is now.
+    fn driver_actions(&self, state: &State, driver: Driver, actions: &mut Vec<Action>) {
+        let base = 3 * usize::from(driver.round);
         let latest = state.latest();
-        let source = Self::source(state.round);
+        let source = Self::source(driver.round);
         let target = source.other();
         let epoch = state.published[base].epoch;
         let flaws = self.config.flaws;
         let abortable = matches!(
-            state.phase,
+            driver.phase,
             Phase::Fence | Phase::FenceBarrier | Phase::SyncGate | Phase::LeaseWait
         );
-        match state.phase {
+        match driver.phase {
             Phase::Fence => {
                 if latest == base {
                     actions.push(Action::Publish(MapVersion {
@@ -551,7 +691,7 @@ impl Switchover {
                     actions.push(Action::Advance(self.after_fence_barrier()));
                 }
             }
-            Phase::SyncGate => match state.sync_target {
+            Phase::SyncGate => match driver.sync_target {
                 None => actions.push(Action::ReadSourcePosition),
                 Some(position) => {
                     if state.data[target.index()].len() >= usize::from(position) {
@@ -587,7 +727,7 @@ impl Switchover {
                         fenced: false,
                         epoch: epoch + 1,
                     }));
-                } else if state.round + 1 < self.config.switchovers {
+                } else if driver.round + 1 < self.config.switchovers {
                     actions.push(Action::Advance(Phase::Fence));
                 } else {
                     actions.push(Action::Advance(Phase::Completed));
@@ -608,9 +748,6 @@ impl Switchover {
         }
         if self.config.abort && abortable {
             actions.push(Action::Abort);
-        }
-        if state.restarts < self.config.restarts && !state.phase.is_final() {
-            actions.push(Action::Restart);
         }
     }
 
@@ -658,14 +795,16 @@ impl Switchover {
                 .any(|r| node == Node::Instance(r.cell))
     }
 
-    fn advance(&self, state: &mut State, next: Phase) {
-        if state.phase == Phase::Unfence && next == Phase::Fence {
-            state.round += 1;
+    /// Persists `next` as the phase of the orchestrator at `driver`: the store's phase and
+    /// round become its (a blind write, as far as the model goes: only the term is compared).
+    fn advance(&self, state: &mut State, driver: &mut Driver, next: Phase) {
+        if driver.phase == Phase::Unfence && next == Phase::Fence {
+            driver.round += 1;
         }
-        if state.phase == Phase::FlipBarrier && self.config.kind == Kind::Failover {
+        if driver.phase == Phase::FlipBarrier && self.config.kind == Kind::Failover {
             // The new owner reported, with its acknowledgement of the flipped version, the
             // position it took over at; everything the lost cell wrote past it is not carried.
-            let source = Self::source(state.round);
+            let source = Self::source(driver.round);
             let target = source.other();
             let written = &state.data[source.index()];
             let position = state.promoted_at[target.index()]
@@ -673,9 +812,62 @@ impl Switchover {
                 .min(written.len());
             state.reported_lost = Some(written[position..].to_vec());
         }
-        state.phase = next;
+        driver.phase = next;
         // The target is read again in a new sync gate; outside it, it means nothing.
-        state.sync_target = None;
+        driver.sync_target = None;
+        state.phase = driver.phase;
+        state.round = driver.round;
+    }
+
+    /// Applies an orchestrator's write to the store.
+    fn write(&self, state: &mut State, driver: &mut Driver, write: Write) {
+        match write {
+            Write::Publish(version) => state.published.push(version),
+            Write::Advance(next) => self.advance(state, driver, next),
+            Write::Abort => {
+                driver.phase = Phase::Aborting;
+                driver.sync_target = None;
+                state.phase = Phase::Aborting;
+                state.round = driver.round;
+            }
+        }
+    }
+
+    /// The leader's write.
+    fn leader_writes(&self, state: &mut State, write: Write) {
+        let mut driver = Driver {
+            phase: state.phase,
+            round: state.round,
+            sync_target: state.sync_target,
+        };
+        self.write(state, &mut driver, write);
+        state.sync_target = driver.sync_target;
+    }
+
+    /// The deposed leader's write reaches the store. The store compares its term with the
+    /// leader key's: refused, and the replica steps down. With `skip_term_compare` it lands;
+    /// then, without `skip_acting_window`, the replica finds its window closed before its
+    /// next step and stops.
+    fn deposed_writes(&self, state: &mut State, write: Write) {
+        let Some(mut deposed) = state.deposed else {
+            return;
+        };
+        deposed.pending = None;
+        if !self.config.flaws.skip_term_compare {
+            state.deposed = None;
+            state.refused_deposed_write = true;
+            return;
+        }
+        let mut driver = Driver {
+            phase: deposed.phase,
+            round: deposed.round,
+            sync_target: deposed.sync_target,
+        };
+        self.write(state, &mut driver, write);
+        deposed.phase = driver.phase;
+        deposed.round = driver.round;
+        deposed.sync_target = driver.sync_target;
+        state.deposed = self.config.flaws.skip_acting_window.then_some(deposed);
     }
 
     /// The model's `always` and `sometimes` properties' names, with whether each is `always`.
@@ -704,6 +896,10 @@ impl Model for Switchover {
             round: 0,
             sync_target: None,
             restarts: 0,
+            term: 1,
+            elections: 0,
+            deposed: None,
+            refused_deposed_write: false,
             lease_expired: false,
             vanished: false,
             sent: 0,
@@ -806,21 +1002,45 @@ impl Model for Switchover {
             }
             Action::LeaseExpires => state.lease_expired = true,
             Action::Vanish => state.vanished = true,
-            Action::Publish(version) => state.published.push(version),
+            Action::Publish(_) | Action::Advance(_) | Action::Abort => {
+                self.leader_writes(&mut state, action.write()?);
+            }
             Action::ReadSourcePosition => {
                 let source = Self::source(state.round);
                 state.sync_target = u8::try_from(state.data[source.index()].len()).ok();
-            }
-            Action::Advance(next) => self.advance(&mut state, next),
-            Action::Abort => {
-                state.phase = Phase::Aborting;
-                state.sync_target = None;
             }
             Action::Restart => {
                 state.known = 0;
                 state.sync_target = None;
                 state.restarts += 1;
             }
+            Action::Elect(pending) => {
+                state.deposed = Some(Deposed {
+                    phase: state.phase,
+                    round: state.round,
+                    sync_target: state.sync_target,
+                    pending,
+                });
+                state.term += 1;
+                state.elections += 1;
+                // The new leader reads the phase from the store; what it knows of the nodes
+                // it learns again (a node it has not heard from is a laggard), and it reads
+                // the sync gate's target itself.
+                state.known = 0;
+                state.sync_target = None;
+            }
+            Action::DeposedSends => {
+                let write = state.deposed?.pending?;
+                self.deposed_writes(&mut state, write);
+            }
+            Action::DeposedStep(write) => self.deposed_writes(&mut state, write),
+            Action::DeposedReadsPosition => {
+                let mut deposed = state.deposed?;
+                let source = Self::source(deposed.round);
+                deposed.sync_target = u8::try_from(state.data[source.index()].len()).ok();
+                state.deposed = Some(deposed);
+            }
+            Action::DeposedRenews => state.lease_expired = false,
         }
         Some(state)
     }
@@ -906,6 +1126,12 @@ impl Model for Switchover {
             properties.push(Property::sometimes(
                 COMPLETED_AFTER_RESTART,
                 |_, s: &State| s.phase == Phase::Completed && s.restarts > 0,
+            ));
+        }
+        if self.config.leader_changes > 0 {
+            properties.push(Property::sometimes(
+                COMPLETED_AFTER_LEADER_CHANGE,
+                |_, s: &State| s.phase == Phase::Completed && s.refused_deposed_write,
             ));
         }
         if self.config.abort {

@@ -151,6 +151,44 @@ fn a_vanished_gateway_needs_the_epoch_check() {
     );
 }
 
+/// Issue 10: a replicated control plane changes leaders at any step. The new leader resumes
+/// at the persisted phase; the deposed one may still send a write it decided on while it led,
+/// and the store refuses it (the term compare). Every invariant holds, and the switchover
+/// completes after a refused write of a deposed leader.
+#[test]
+fn planned_switchover_with_leader_changes_holds_every_invariant() {
+    let config = Config {
+        restarts: 0,
+        leader_changes: 2,
+        ..Config::planned()
+    };
+    let report = assert_holds("planned, leader changes", config, 1_000_000);
+    let example = &report.examples[property::COMPLETED_AFTER_LEADER_CHANGE];
+    println!("planned, leader changes: an example:\n{example}");
+}
+
+#[test]
+fn failover_with_leader_changes_holds_every_invariant() {
+    let config = Config {
+        restarts: 0,
+        leader_changes: 2,
+        ..Config::failover()
+    };
+    assert_holds("failover, leader changes", config, 500_000);
+}
+
+#[test]
+fn round_trip_with_a_leader_change_holds_every_invariant() {
+    let config = Config {
+        switchovers: 2,
+        writes: 2,
+        restarts: 0,
+        leader_changes: 1,
+        ..Config::planned()
+    };
+    assert_holds("round trip, leader change", config, 100_000);
+}
+
 // === Each flaw is caught ===
 
 /// A small planned configuration: enough for each flaw to show, small enough to search fast.
@@ -160,6 +198,7 @@ fn small_planned(flaws: Flaws) -> Config {
         gateways: 1,
         writes: 1,
         restarts: 0,
+        leader_changes: 0,
         abort: false,
         partitioned_gateway: false,
         vanishing_gateway: false,
@@ -276,5 +315,51 @@ fn a_barrier_over_known_nodes_passes_after_a_restart() {
             property::NO_ACKNOWLEDGED_WRITE_LOST,
             property::OWNER_HOLDS_EVERY_WRITE,
         ],
+    );
+}
+
+/// Without the term compare, a write the deposed leader decided on before it was deposed
+/// lands after the new leader went on. The shortest: the old leader passed the sync gate and
+/// froze before persisting `Flip`; the new leader aborted and unfenced `A`, which took a write;
+/// then the old `Flip` landed, and the new leader, reading it, moved the shard to `B` without
+/// that write.
+#[test]
+fn a_deposed_leaders_write_without_the_term_compare_is_caught() {
+    let flaws = Flaws {
+        skip_term_compare: true,
+        ..Flaws::default()
+    };
+    let config = Config {
+        leader_changes: 1,
+        abort: true,
+        ..small_planned(flaws)
+    };
+    assert_caught(
+        "no term compare",
+        config,
+        &[property::OWNER_HOLDS_EVERY_WRITE],
+    );
+}
+
+/// Without the acting window, a leader goes on acting after a new one was elected: on the
+/// lost cell's side of a partition it renews the lost cell's lease after the new leader saw it
+/// expire and flipped, so the lost cell writes behind the new owner's epoch. The term compare
+/// cannot stop it: a lease renewal is an answer, not a store write.
+#[test]
+fn failover_without_the_acting_window_lets_a_deposed_leader_renew_the_lost_cell() {
+    let flaws = Flaws {
+        skip_acting_window: true,
+        ..Flaws::default()
+    };
+    let config = Config {
+        kind: Kind::Failover,
+        writes: 2,
+        leader_changes: 1,
+        ..small_planned(flaws)
+    };
+    assert_caught(
+        "no acting window",
+        config,
+        &[property::NO_WRITER_BEHIND_NEWER_EPOCH],
     );
 }
