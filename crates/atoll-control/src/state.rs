@@ -21,6 +21,9 @@ pub(crate) struct WireResource {
     pub(crate) key: ResourceKey,
     pub(crate) resource_version: u64,
     pub(crate) json: Bytes,
+    /// The resource itself, for the control plane's own readers (the emergency plan, the
+    /// sync gate), which read the cache instead of the store.
+    pub(crate) resource: Resource,
 }
 
 impl WireResource {
@@ -30,6 +33,7 @@ impl WireResource {
             key: resource.key(),
             resource_version: resource.metadata.resource_version.unwrap_or(0),
             json: Bytes::from(json),
+            resource: resource.clone(),
         }
     }
 }
@@ -39,6 +43,13 @@ impl WireResource {
 pub(crate) struct ConfigState {
     pub(crate) revision: Revision,
     pub(crate) resources: BTreeMap<ResourceKey, Arc<WireResource>>,
+}
+
+impl ConfigState {
+    /// Every resource, in key order (what `Store::snapshot` returns, without asking the store).
+    pub(crate) fn resources(&self) -> Vec<Resource> {
+        self.resources.values().map(|w| w.resource.clone()).collect()
+    }
 }
 
 /// Holds the newest [`ConfigState`] and tells subscribers when it changes.

@@ -128,9 +128,9 @@ impl Switchovers {
     }
 
     async fn watch_once(self: &Arc<Self>) -> Result<(), ControlError> {
-        let snapshot = self.writer.store.snapshot().await?;
+        // From the config cache, not the store: every 250 ms, on every leader.
+        let resources = &self.writer.cache.current().resources();
         self.lost.lock().clear();
-        let resources = &snapshot.resources;
         for map in resources {
             let Spec::ShardMap(spec) = &map.spec else {
                 continue;
@@ -980,9 +980,11 @@ impl Switchovers {
                 let started = phase_started(spec);
                 let deadline = started + spec.sync_timeout.0;
                 loop {
-                    let snapshot = self.writer.store.snapshot().await?;
+                    // Where to probe comes from the config cache (polled every
+                    // 50 ms); the positions themselves are probed live.
+                    let resources = self.writer.cache.current().resources();
                     let positions = self
-                        .positions(&snapshot.resources, &loaded.map_spec, &spec.moves)
+                        .positions(&resources, &loaded.map_spec, &spec.moves)
                         .await;
                     match positions {
                         Ok(positions) if positions.iter().all(|p| p.acknowledged >= p.written) => {
@@ -1035,9 +1037,8 @@ impl Switchovers {
                 // cannot confirm anything (a bank that replicates
                 // synchronously would stop taking writes).
                 let standby_for = if failover {
-                    let snapshot = self.writer.store.snapshot().await?;
-                    let status =
-                        crate::health::cell_status(&snapshot.resources, &self.nodes.list());
+                    let resources = self.writer.cache.current().resources();
+                    let status = crate::health::cell_status(&resources, &self.nodes.list());
                     let owners: std::collections::BTreeSet<String> = loaded
                         .map_spec
                         .assignments
@@ -1048,7 +1049,7 @@ impl Switchovers {
                     let picks: BTreeMap<String, Option<String>> = owners
                         .into_iter()
                         .map(|owner| {
-                            let pick = pick_standby(&snapshot.resources, &status, &owner, &lost);
+                            let pick = pick_standby(&resources, &status, &owner, &lost);
                             (owner, pick)
                         })
                         .collect();
