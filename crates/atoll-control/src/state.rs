@@ -48,7 +48,10 @@ pub(crate) struct ConfigState {
 impl ConfigState {
     /// Every resource, in key order (what `Store::snapshot` returns, without asking the store).
     pub(crate) fn resources(&self) -> Vec<Resource> {
-        self.resources.values().map(|w| w.resource.clone()).collect()
+        self.resources
+            .values()
+            .map(|w| w.resource.clone())
+            .collect()
     }
 }
 
