@@ -16,6 +16,8 @@ use serde::de::DeserializeOwned;
 pub(crate) mod exit {
     /// An unexpected error, or the server failed.
     pub(crate) const FAILURE: u8 = 1;
+    /// The command line asks for something that does not fit together.
+    pub(crate) const USAGE: u8 = 2;
     /// The manifests or the state they would produce are invalid.
     pub(crate) const INVALID: u8 = 3;
     /// A resource changed since it was read.
@@ -262,6 +264,24 @@ impl Client {
             .split(',')
             .next()
             .unwrap_or(&self.endpoint.url)
+    }
+
+    /// Every replica given, comma-separated, as given.
+    pub(crate) fn urls(&self) -> &str {
+        &self.endpoint.url
+    }
+
+    /// The same user on other replicas (`urls`, tried in order), each request given at most
+    /// `timeout`: for a drill that froze the replica this client asked first.
+    pub(crate) fn elsewhere(&self, urls: &[String], timeout: Duration) -> Result<Self, CliError> {
+        Self::new(
+            Endpoint {
+                url: urls.join(","),
+                origin: "the replicas a drill left alone".into(),
+            },
+            self.user.clone(),
+            Some(timeout),
+        )
     }
 
     /// The other replicas given, to try when the first cannot be reached.

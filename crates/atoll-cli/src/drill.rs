@@ -42,6 +42,10 @@ enum DrillKind {
     Switchover(SwitchoverDrill),
     /// Lose a cell under load and watch its emergency plan fail it over.
     Fault(FaultDrill),
+    /// Take the control plane's leader out under load (a sandbox of `atoll up
+    /// --control-replicas 3`), optionally in the middle of a planned
+    /// switchover, and watch another replica take over.
+    ControlPlane(ControlPlaneDrill),
 }
 
 #[derive(Debug, Args)]
@@ -124,6 +128,101 @@ struct FaultDrill {
     common: Common,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LeaderFault {
+    /// SIGKILL the leader (`atoll up` starts it again, as a follower).
+    Kill,
+    /// SIGSTOP the leader for --hold, then SIGCONT it: it must find itself
+    /// deposed and change nothing.
+    Freeze,
+}
+
+#[derive(Debug, Args)]
+struct ControlPlaneDrill {
+    /// How to take the leader out.
+    #[arg(long, value_enum, default_value_t = LeaderFault::Kill)]
+    fault: LeaderFault,
+    /// With --fault freeze: how long the leader stays frozen (longer than
+    /// the election TTL, so that another replica is elected meanwhile).
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    hold: Duration,
+    /// Take the leader out in the middle of a planned switchover of every
+    /// shard this cell owns.
+    #[arg(long, value_name = "CELL")]
+    from: Option<String>,
+    /// ... or of these shards, e.g. 0-49.
+    #[arg(long, value_name = "RANGE")]
+    shards: Option<String>,
+    /// The switchover's new owner [default: each shard's standby].
+    #[arg(long, value_name = "CELL")]
+    to: Option<String>,
+    /// Take the leader out once the switchover reaches this phase
+    /// [default: right after it starts].
+    #[arg(long, value_enum, value_name = "PHASE")]
+    at: Option<AtPhase>,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// A phase of a switchover at which to take the leader out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum AtPhase {
+    Pending,
+    Fence,
+    FenceBarrier,
+    SyncGate,
+    Flip,
+    FlipBarrier,
+    Unfence,
+}
+
+impl AtPhase {
+    fn phase(self) -> SwitchoverPhase {
+        match self {
+            AtPhase::Pending => SwitchoverPhase::Pending,
+            AtPhase::Fence => SwitchoverPhase::Fence,
+            AtPhase::FenceBarrier => SwitchoverPhase::FenceBarrier,
+            AtPhase::SyncGate => SwitchoverPhase::SyncGate,
+            AtPhase::Flip => SwitchoverPhase::Flip,
+            AtPhase::FlipBarrier => SwitchoverPhase::FlipBarrier,
+            AtPhase::Unfence => SwitchoverPhase::Unfence,
+        }
+    }
+}
+
+/// What a control-plane drill measured.
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LeaderChange {
+    fault: String,
+    /// The leader taken out, and its term.
+    old_leader: String,
+    old_term: i64,
+    /// The replica that led next, and its term.
+    new_leader: Option<String>,
+    new_term: Option<i64>,
+    /// Fault to another replica leading (serving /v1/leader as the leader), ms.
+    leaderless_ms: Option<u64>,
+    /// The switchover's phase when the leader was taken out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phase_at_fault: Option<String>,
+    /// Fault to the switchover's next phase (the new leader carried on), ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    went_on_ms: Option<u64>,
+    /// The replica taken out, once back (thawed, or started again by
+    /// `atoll up`): `follower`, or `leader` when it claims its old term.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    returned_role: Option<String>,
+    /// Fault to the replica answering again, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    returned_ms: Option<u64>,
+    /// After a freeze: the writes the thawed replica tried that the store
+    /// refused because another replica had been elected
+    /// (`atoll_control_fenced_writes_total`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deposed_writes_refused: Option<u64>,
+}
+
 /// The drill's report.
 #[derive(Debug, Default, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -149,6 +248,9 @@ struct Report {
     /// led (kill to another replica elected and serving), ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     leaderless_ms: Option<u64>,
+    /// A control-plane drill: the leader change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leader_change: Option<LeaderChange>,
     /// The Switchover's phases with their durations, in order.
     phases: Vec<String>,
     /// Log positions the failover reported unreplicated.
@@ -195,6 +297,7 @@ pub(crate) async fn run(client: &Client, args: DrillArgs) -> Result<u8, CliError
     match args.kind {
         DrillKind::Switchover(drill) => switchover(client, drill).await,
         DrillKind::Fault(drill) => fault(client, drill).await,
+        DrillKind::ControlPlane(drill) => control_plane(client, drill).await,
     }
 }
 
@@ -221,7 +324,7 @@ fn locate(client: &Client, common: &Common) -> Place {
     let url = client.url();
     if let Some((entry, _)) = crate::client::sandboxes(&home)
         .into_iter()
-        .find(|(entry, _)| crate::client::normalize(&entry.control) == url)
+        .find(|(entry, _)| is_replica(&entry.control, url))
     {
         let dir = PathBuf::from(entry.state_dir);
         return Place {
@@ -232,17 +335,19 @@ fn locate(client: &Client, common: &Common) -> Place {
     let own = std::fs::read_to_string(home.join("up.json"))
         .ok()
         .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-        .is_some_and(|up| {
-            up["control"]
-                .as_str()
-                .map(crate::client::normalize)
-                .as_deref()
-                == Some(url)
-        });
+        .is_some_and(|up| up["control"].as_str().is_some_and(|c| is_replica(c, url)));
     Place {
         sandbox: own,
         state_dir: home,
     }
+}
+
+/// Whether `url` is one of the replicas of a sandbox's `control` (one URL,
+/// or every replica's, comma-separated).
+fn is_replica(control: &str, url: &str) -> bool {
+    crate::client::normalize(control)
+        .split(',')
+        .any(|r| r == url)
 }
 
 fn history_path(common: &Common, place: &Place, kind: &str) -> PathBuf {
@@ -372,7 +477,7 @@ fn start_load(
     command
         .args([
             "--control",
-            client.url(),
+            client.urls(),
             "load",
             "--output",
             "json",
@@ -1294,6 +1399,377 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
     Ok(code(&report))
 }
 
+/// Where the control-plane drill's probe writes, and the cell that should
+/// answer it in the end: a shard that moves, to its new owner, or without
+/// a switchover, the first shard of the first map at its owner.
+async fn control_plane_target(
+    client: &Client,
+    request: Option<&SwitchoverRequest>,
+) -> Result<(u32, String, Option<String>), CliError> {
+    if let Some(request) = request {
+        let plan: SwitchoverPlan = client
+            .post(
+                "/v1/switchovers",
+                &SwitchoverRequest {
+                    dry_run: true,
+                    ..request.clone()
+                },
+            )
+            .await?;
+        let first = &plan.moves[0];
+        let shard = first["shards"]
+            .as_str()
+            .and_then(|s| s.split('-').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let target = first["to"].as_str().unwrap_or_default().to_owned();
+        return Ok((shard, target, Some(crate::switchover::moves_text(&plan))));
+    }
+    let maps: ListResponse = client.get("/v1/resources/shardmaps").await?;
+    let shard = maps
+        .items
+        .iter()
+        .filter_map(|m| m["spec"]["assignments"].as_array())
+        .flatten()
+        .find_map(assignment_range)
+        .map_or(0, |range| range.start);
+    // No switchover: nothing moves, so no write "reaches a new owner" (no RTO).
+    Ok((shard, String::new(), None))
+}
+
+/// The replica leading now, by its place in the sandbox: (index, URL, term).
+async fn sandbox_leader(
+    client: &Client,
+    replicas: &[String],
+) -> Result<(usize, String, i64), CliError> {
+    let view: atoll_api::rest::LeaderResponse = client.get("/v1/leader").await?;
+    let Some(url) = view.leader else {
+        return Err(CliError::new(
+            exit::FAILURE,
+            "no control-plane replica leads now (an election, or etcd has no quorum); try again in a few seconds",
+        ));
+    };
+    let index = replicas.iter().position(|r| *r == url).ok_or_else(|| {
+        CliError::new(
+            exit::FAILURE,
+            format!(
+                "the leader {url} is none of the sandbox's replicas ({})",
+                replicas.join(", ")
+            ),
+        )
+    })?;
+    Ok((index, url, view.term.unwrap_or(0)))
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A counter's value in a Prometheus text exposition.
+fn counter(metrics: &str, name: &str) -> Option<u64> {
+    metrics.lines().find_map(|line| {
+        let (key, value) = line.split_once(' ')?;
+        (key == name)
+            .then(|| value.trim().parse::<f64>().ok())?
+            .map(|v| v as u64)
+    })
+}
+
+async fn control_plane(client: &Client, drill: ControlPlaneDrill) -> Result<u8, CliError> {
+    let common = &drill.common;
+    let place = locate(client, common);
+    if !place.sandbox {
+        return Err(no_sandbox(client, &place));
+    }
+    let up = up_file(&place)?;
+    let replicas: Vec<String> =
+        serde_json::from_value(up["controlReplicas"].clone()).unwrap_or_default();
+    if replicas.len() < 2 {
+        let mut error = CliError::new(
+            exit::FAILURE,
+            format!(
+                "the sandbox in {} runs one control-plane replica: no other would take over from it",
+                place.state_dir.display()
+            ),
+        );
+        error.details.push(
+            "start a replicated one with `atoll up --control-replicas 3` (three replicas on a three-member etcd)".into(),
+        );
+        return Err(error);
+    }
+    let moving = drill.from.is_some() || drill.shards.is_some();
+    if !moving && (drill.at.is_some() || drill.to.is_some()) {
+        return Err(CliError::new(
+            exit::USAGE,
+            "--at and --to are about a switchover: give --from CELL or --shards RANGE to start one",
+        ));
+    }
+    let request = moving.then(|| SwitchoverRequest {
+        from: drill.from.clone(),
+        shards: drill.shards.clone(),
+        to: drill.to.clone(),
+        reason: Some("atoll drill control-plane".into()),
+        ..SwitchoverRequest::default()
+    });
+    // The plan first: a drill that cannot start should not load anything.
+    let (shard, target, moves) = control_plane_target(client, request.as_ref()).await?;
+    let gateway = first_gateway(client).await?;
+    let history = history_path(common, &place, "control-plane");
+    let fault = match drill.fault {
+        LeaderFault::Kill => "kill",
+        LeaderFault::Freeze => "freeze",
+    };
+    let mut report = Report {
+        drill: match &moves {
+            Some(moves) => {
+                format!("control plane ({fault} the leader) during a switchover of {moves}")
+            }
+            None => format!("control plane ({fault} the leader)"),
+        },
+        history: history.display().to_string(),
+        ..Report::default()
+    };
+    eprintln!(
+        "atoll drill control-plane: {fault} the leader of {} replicas{}, under {} req/s for {} (history {})",
+        replicas.len(),
+        moves
+            .as_ref()
+            .map_or_else(String::new, |m| format!(" during a switchover of {m}")),
+        common.rate,
+        humantime::format_duration(common.duration),
+        history.display()
+    );
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let armed = Arc::new(Mutex::new(None));
+    let probe = Arc::new(Mutex::new(Probe::default()));
+    let live = Arc::new(Mutex::new(Live {
+        starts_at: Some(Instant::now() + common.start_after),
+        ..Live::default()
+    }));
+    set_phase(&live, "warming up: the leader goes in {countdown}");
+    let load = start_load(client, common, &history, &live)?;
+    let prober = start_probe(
+        gateway,
+        probe_user(shard),
+        target,
+        armed.clone(),
+        probe.clone(),
+        stopped.clone(),
+    );
+    let progress = start_progress(live.clone(), probe.clone(), stopped);
+    tokio::time::sleep(common.start_after).await;
+    let started = Instant::now();
+    *armed.lock() = Some(started);
+    let name = match &request {
+        Some(request) => {
+            let plan: SwitchoverPlan = client.post("/v1/switchovers", request).await?;
+            set_phase(&live, format!("switchover {}: pending", plan.name));
+            Some(plan.name)
+        }
+        None => None,
+    };
+    // Until the switchover reaches the phase asked for.
+    if let (Some(name), Some(at)) = (&name, drill.at) {
+        let until = started + common.deadline;
+        loop {
+            let phase = switchover_named(client, name).await.map(|s| s.phase);
+            if let Some(phase) = phase {
+                set_phase(&live, format!("switchover {name}: {phase}"));
+                if phase >= at.phase() || phase.is_final() {
+                    if phase.is_final() || phase > at.phase() {
+                        report.notes.push(format!(
+                            "the switchover was in {phase} already when the drill saw it; the leader went then"
+                        ));
+                    }
+                    break;
+                }
+            }
+            if Instant::now() >= until {
+                report.notes.push(format!(
+                    "the switchover did not reach {} within the deadline; the leader went anyway",
+                    at.phase()
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let (index, old, old_term) = sandbox_leader(client, &replicas).await?;
+    let process = format!("control plane {}", index + 1);
+    let pid = sandbox_pid(&place, &process)?;
+    let others: Vec<String> = replicas.iter().filter(|r| **r != old).cloned().collect();
+    let elsewhere = client.elsewhere(&others, Duration::from_secs(2))?;
+    let mut change = LeaderChange {
+        fault: fault.into(),
+        old_leader: old.clone(),
+        old_term,
+        ..LeaderChange::default()
+    };
+    let signal = match drill.fault {
+        LeaderFault::Kill => nix::sys::signal::Signal::SIGKILL,
+        LeaderFault::Freeze => nix::sys::signal::Signal::SIGSTOP,
+    };
+    let faulted = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot signal {process} (pid {pid}): {e}"),
+        )
+    })?;
+    report.notes.push(format!(
+        "{} the leader {old} (term {old_term}, {process}, pid {pid})",
+        if drill.fault == LeaderFault::Kill {
+            "killed"
+        } else {
+            "froze"
+        }
+    ));
+    set_phase(
+        &live,
+        format!("leader {old} {fault}: waiting for another to lead"),
+    );
+    if let Some(name) = &name {
+        change.phase_at_fault = switchover_named(&elsewhere, name)
+            .await
+            .map(|s| s.phase.to_string());
+    }
+    // Another replica leads once one of those left says so.
+    while faulted.elapsed() < Duration::from_secs(30) {
+        if let Ok(view) = elsewhere
+            .get::<atoll_api::rest::LeaderResponse>("/v1/leader")
+            .await
+            && let Some(leader) = view.leader.filter(|l| *l != old)
+        {
+            change.leaderless_ms = Some(elapsed_ms(faulted));
+            set_phase(
+                &live,
+                format!("{leader} leads (term {})", view.term.unwrap_or(0)),
+            );
+            change.new_leader = Some(leader);
+            change.new_term = view.term;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The new leader carries the switchover on from its stored phase.
+    if let (Some(name), Some(at_fault)) = (&name, &change.phase_at_fault) {
+        let until = faulted + common.deadline;
+        while Instant::now() < until {
+            if let Some(spec) = switchover_named(&elsewhere, name).await
+                && (spec.phase.to_string() != *at_fault || spec.phase.is_final())
+            {
+                change.went_on_ms = Some(elapsed_ms(faulted));
+                set_phase(&live, format!("switchover {name}: {}", spec.phase));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // The replica taken out comes back: thawed after --hold, or started
+    // again by `atoll up`.
+    if drill.fault == LeaderFault::Freeze {
+        tokio::time::sleep((faulted + drill.hold).saturating_duration_since(Instant::now())).await;
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+        report.notes.push(format!(
+            "thawed {old} after {} ms",
+            faulted.elapsed().as_millis()
+        ));
+    }
+    set_phase(&live, format!("{old} back: which role?"));
+    let returned = client.elsewhere(std::slice::from_ref(&old), Duration::from_secs(2))?;
+    let back_by = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < back_by {
+        if let Ok(view) = returned
+            .get::<atoll_api::rest::LeaderResponse>("/v1/leader")
+            .await
+            && view.served_by == old
+        {
+            change.returned_ms = Some(elapsed_ms(faulted));
+            let claims_old_term =
+                view.leader.as_deref() == Some(old.as_str()) && view.term.unwrap_or(0) <= old_term;
+            change.returned_role = Some(if view.leader.as_deref() == Some(old.as_str()) {
+                "leader".into()
+            } else {
+                "follower".into()
+            });
+            if claims_old_term {
+                report.notes.push(format!(
+                    "{old} came back and still says it leads in term {old_term}"
+                ));
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if drill.fault == LeaderFault::Freeze
+        && let Ok(response) = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .no_proxy()
+            .build()
+            .unwrap_or_default()
+            .get(format!("{old}/metrics"))
+            .send()
+            .await
+        && let Ok(text) = response.text().await
+    {
+        change.deposed_writes_refused = counter(&text, "atoll_control_fenced_writes_total");
+    }
+    let spec = match &name {
+        Some(name) => {
+            let all = client.elsewhere(
+                &[others.clone(), vec![old.clone()]].concat(),
+                Duration::from_secs(5),
+            )?;
+            wait_final(
+                &all,
+                name,
+                started + common.deadline,
+                true,
+                &mut report,
+                &live,
+            )
+            .await
+        }
+        None => None,
+    };
+    set_phase(&live, "steady state after the leader change");
+    finish_load(load, &mut report).await;
+    let _ = stop.send(true);
+    let _ = prober.await;
+    let _ = progress.await;
+    if let (Some(name), Some(spec)) = (&name, &spec) {
+        describe(&mut report, name, spec);
+        if spec.phase == SwitchoverPhase::Completed {
+            report.restore_commands = restore_commands(spec);
+            if common.restore {
+                report.restored = Some(restore(&elsewhere, spec, &mut report).await);
+            }
+        }
+    } else if name.is_some() {
+        report.outcome = "the switchover could not be read after the leader change".into();
+    } else {
+        report.outcome = "completed".into();
+    }
+    if change.new_leader.is_none() {
+        report.outcome = "no other replica led within 30 s".into();
+    } else if change.returned_role.as_deref() == Some("leader")
+        && report
+            .notes
+            .iter()
+            .any(|n| n.contains("still says it leads"))
+    {
+        report.outcome = format!("the deposed leader {old} still leads in its old term");
+    }
+    report.leaderless_ms = change.leaderless_ms;
+    report.leader_change = Some(change);
+    finish_probe(&mut report, &probe, started);
+    print_report(&report, common.output);
+    Ok(code(&report))
+}
+
 /// 0 when the drill completed and the checker found nothing; else 10.
 fn code(report: &Report) -> u8 {
     let restored = report.restored.as_deref().is_none_or(|r| r == "completed");
@@ -1333,6 +1809,40 @@ fn print_report(report: &Report, format: Format) {
             "start"
         }
     );
+    if let Some(change) = &report.leader_change {
+        println!(
+            "  leader           {} (term {}) {}; {} led after {} (term {})",
+            change.old_leader,
+            change.old_term,
+            if change.fault == "kill" {
+                "killed"
+            } else {
+                "frozen"
+            },
+            change.new_leader.as_deref().unwrap_or("no other replica"),
+            ms(change.leaderless_ms),
+            change
+                .new_term
+                .map_or_else(|| "-".into(), |t| t.to_string())
+        );
+        if let Some(phase) = &change.phase_at_fault {
+            println!(
+                "  switchover went  on {} after the fault (it was in {phase})",
+                ms(change.went_on_ms)
+            );
+        }
+        println!(
+            "  came back        {} after {}{}",
+            change.returned_role.as_deref().unwrap_or("not"),
+            ms(change.returned_ms),
+            change
+                .deposed_writes_refused
+                .map_or_else(String::new, |n| format!(
+                    "; {n} write{} of its old term refused by the store",
+                    if n == 1 { "" } else { "s" }
+                ))
+        );
+    }
     if report.detected_ms.is_some() {
         println!("  detected after   {}", ms(report.detected_ms));
         println!(

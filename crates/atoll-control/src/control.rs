@@ -270,7 +270,9 @@ impl Control {
         for replica in &mut replicas {
             replica.lag = newest.saturating_sub(replica.revision);
         }
-        let view = self.leadership.view();
+        // Read from the store, not the view: a replica just thawed would
+        // otherwise say it leads in the term it slept through the end of.
+        let view = self.leadership.current_leader().await;
         for replica in &mut replicas {
             // The election decides, not a report that may be a second old.
             replica.role = if view.url.as_deref() == Some(replica.url.as_str()) {

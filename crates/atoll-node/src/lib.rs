@@ -22,6 +22,15 @@ use atoll_api::config::{
 /// drops a node silent for three intervals).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
+/// An HTTP/2 PING on the config stream's connection when nothing arrived
+/// for this long, and how long its answer may take: a replica on a frozen
+/// host or behind a partition answers nothing (TCP says nothing either), and
+/// the node moves to the next replica within about 3 s instead of running
+/// behind it (missing a switchover's fence and flip, and its lease
+/// renewals) until the replica comes back.
+const PING_EVERY: Duration = Duration::from_secs(1);
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// After a refused version: the first retry, and the longest wait between
 /// retries.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
@@ -335,8 +344,8 @@ impl NodeClient {
             .map_err(|e| SessionError::Protocol(format!("bad control plane URL {url}: {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(PING_EVERY)
+            .keep_alive_timeout(PING_TIMEOUT)
             .connect()
             .await?;
         // Any configuration the control plane accepts fits in one message.
