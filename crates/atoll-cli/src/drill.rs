@@ -1800,15 +1800,19 @@ fn print_report(report: &Report, format: Format) {
             report.phase.as_deref().unwrap_or("-")
         );
     }
-    println!(
-        "  RTO              {}  ({} to the first write served by the new owner)",
-        ms(report.rto_ms),
-        if report.detected_ms.is_some() || report.drill.starts_with("fault") {
-            "fault"
-        } else {
-            "start"
-        }
-    );
+    // A control-plane drill without a switchover moves nothing.
+    let moved = report.switchover.is_some() || report.leader_change.is_none();
+    if moved {
+        println!(
+            "  RTO              {}  ({} to the first write served by the new owner)",
+            ms(report.rto_ms),
+            if report.detected_ms.is_some() || report.drill.starts_with("fault") {
+                "fault"
+            } else {
+                "start"
+            }
+        );
+    }
     if let Some(change) = &report.leader_change {
         println!(
             "  leader           {} (term {}) {}; {} led after {} (term {})",
@@ -1850,8 +1854,10 @@ fn print_report(report: &Report, format: Format) {
             ms(report.failover_ms)
         );
     }
-    println!("  fence window     {}", ms(report.fence_window_ms));
-    println!("  switchover time  {}", ms(report.switchover_ms));
+    if moved {
+        println!("  fence window     {}", ms(report.fence_window_ms));
+        println!("  switchover time  {}", ms(report.switchover_ms));
+    }
     if !report.phases.is_empty() {
         println!("  phases           {}", report.phases.join(", "));
     }

@@ -233,6 +233,124 @@ async fn the_replicated_sandbox_finishes_a_switchover_whose_leader_was_killed() 
     assert!(notes.contains("killed the leader"), "{notes}");
 }
 
+/// `atoll drill control-plane --fault freeze`: the leader is frozen (as a
+/// hung host is) in the middle of a planned switchover's sync gate, under
+/// the workload. Another replica leads within seconds and carries the
+/// switchover on from its stored phase; it flips once; the nodes that
+/// streamed from the frozen replica move to another (the flip barrier does
+/// not wait for the thaw); the thawed replica follows and says so; and the
+/// checker finds nothing lost or applied twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_replicated_sandbox_drill_freezes_the_leader_in_the_sync_gate() {
+    let sandbox = crate::up::Sandbox::start_with(&["--control-replicas", "3"]);
+    let hold = 8_000;
+    let report = crate::switchover::drill(
+        &sandbox,
+        &[
+            "control-plane",
+            "--fault",
+            "freeze",
+            "--hold",
+            "8s",
+            "--shards",
+            "0-49",
+            "--at",
+            "sync-gate",
+            "--rate",
+            "150",
+            "--duration",
+            "16s",
+            "--start-after",
+            "3s",
+        ],
+    );
+    assert_eq!(report["outcome"], "completed", "{report}");
+    assert!(report["clean"].as_bool() == Some(true), "{report}");
+    assert_eq!(report["lostAcknowledgedWrites"], 0, "{report}");
+    let change = &report["leaderChange"];
+    assert_eq!(change["fault"], "freeze", "{report}");
+    assert_ne!(change["newLeader"], change["oldLeader"], "{report}");
+    assert!(
+        change["newTerm"].as_i64() > change["oldTerm"].as_i64(),
+        "{report}"
+    );
+    let leaderless = crate::switchover::ms(change, "leaderlessMs");
+    assert!(
+        leaderless < 6_000,
+        "no leader for {leaderless} ms: {report}"
+    );
+    // The new leader went on while the old one was still frozen.
+    let went_on = crate::switchover::ms(change, "wentOnMs");
+    assert!(went_on < hold, "went on after {went_on} ms: {report}");
+    assert_eq!(change["returnedRole"], "follower", "{report}");
+    assert!(change["deposedWritesRefused"].is_u64(), "{report}");
+    // Each phase once: one fence, one flip, no second attempt.
+    let phases: Vec<String> = report["phases"]
+        .as_array()
+        .expect("phases")
+        .iter()
+        .filter_map(|p| p.as_str()?.split(' ').next().map(str::to_owned))
+        .collect();
+    for phase in ["fence", "syncGate", "flip", "flipBarrier", "completed"] {
+        assert_eq!(
+            phases.iter().filter(|p| *p == phase).count(),
+            1,
+            "{phase} in {phases:?}"
+        );
+    }
+    // The nodes of the frozen replica moved on: the switchover completed
+    // before the thaw, the flip barrier waiting for no node of it.
+    let switchover = crate::switchover::ms(&report, "switchoverMs");
+    assert!(
+        switchover < hold,
+        "the switchover took {switchover} ms: {report}"
+    );
+}
+
+/// The control-plane drill on a sandbox of one replica says what to start
+/// instead, and `--at` without a switchover is a usage error; neither
+/// starts a workload.
+#[test]
+fn the_control_plane_drill_needs_replicas_and_a_switchover_for_at() {
+    let state = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        state.path().join("up.json"),
+        r#"{"control": "http://127.0.0.1:9", "controlReplicas": ["http://127.0.0.1:9"], "processes": {}}"#,
+    )
+    .expect("up.json");
+    let run = |args: &[&str]| {
+        std::process::Command::new(crate::harness::ATOLL)
+            .args(["--control", "http://127.0.0.1:9", "drill", "control-plane"])
+            .args(args)
+            .arg("--state-dir")
+            .arg(state.path())
+            .env_remove("ATOLL_CONTROL")
+            .output()
+            .expect("run atoll drill")
+    };
+    let one = run(&[]);
+    let stderr = String::from_utf8_lossy(&one.stderr);
+    assert_eq!(one.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("runs one control-plane replica"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("atoll up --control-replicas 3"), "{stderr}");
+    std::fs::write(
+        state.path().join("up.json"),
+        r#"{"control": "http://127.0.0.1:9,http://127.0.0.1:10", "controlReplicas": ["http://127.0.0.1:9", "http://127.0.0.1:10"], "processes": {}}"#,
+    )
+    .expect("up.json");
+    let at = run(&["--at", "flip"]);
+    let stderr = String::from_utf8_lossy(&at.stderr);
+    assert_eq!(at.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("give --from CELL or --shards RANGE"),
+        "{stderr}"
+    );
+    assert!(!state.path().join("drills").exists(), "no workload started");
+}
+
 /// Holds a sandbox process dead (`atoll up` starts no held part again)
 /// and kills it.
 fn hold_and_kill(sandbox: &crate::up::Sandbox, process: &str) {
