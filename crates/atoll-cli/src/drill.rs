@@ -124,6 +124,11 @@ struct FaultDrill {
     /// plus 2 s].
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     hold: Option<Duration>,
+    /// Also kill the control plane's leader (SIGKILL) right after the cell
+    /// is lost (a replicated sandbox): the replica elected next watches the
+    /// cell for a full `lostAfter` itself, then fails it over, once.
+    #[arg(long)]
+    kill_control_plane: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -248,6 +253,9 @@ struct Report {
     /// led (kill to another replica elected and serving), ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     leaderless_ms: Option<u64>,
+    /// A fault drill: the failover Switchovers of the lost cell (one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failovers: Option<usize>,
     /// A control-plane drill: the leader change.
     #[serde(skip_serializing_if = "Option::is_none")]
     leader_change: Option<LeaderChange>,
@@ -1286,6 +1294,9 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
         }
     }
 
+    if drill.kill_control_plane {
+        kill_control_plane(client, &place, &mut report).await;
+    }
     // The emergency plan's Switchover.
     let mut found: Option<(String, Instant)> = None;
     let deadline = started + common.deadline;
@@ -1363,8 +1374,22 @@ async fn fault(client: &Client, drill: FaultDrill) -> Result<u8, CliError> {
     let _ = stop.send(true);
     let _ = prober.await;
     let _ = progress.await;
+    // One failover of the cell, whoever led meanwhile.
+    let failovers = switchovers(client).await.map(|list| {
+        list.into_iter()
+            .filter(|(r, s)| {
+                !known.contains(r.name())
+                    && s.mode == SwitchoverMode::Failover
+                    && s.moves.iter().any(|m| m.from == drill.cell)
+            })
+            .count()
+    });
+    report.failovers = failovers.as_ref().ok().copied();
     if let (Some((name, _)), Some(spec)) = (&found, &spec) {
         describe(&mut report, name, spec);
+        if let Ok(n @ 2..) = failovers {
+            report.outcome = format!("{} was failed over {n} times", drill.cell);
+        }
         if report.rpo_positions > 0 && report.lost_acknowledged_writes == 0 && report.clean {
             report.notes.push(
                 "the unreplicated positions were writes the lost cell had committed but not yet answered (its replication is synchronous): their clients retried them at the new owner, and the checker found no acknowledged write lost".into(),
@@ -1853,6 +1878,9 @@ fn print_report(report: &Report, format: Format) {
             "  failover took    {}  (detection to completion)",
             ms(report.failover_ms)
         );
+        if let Some(n) = report.failovers {
+            println!("  failovers        {n} of the lost cell");
+        }
     }
     if moved {
         println!("  fence window     {}", ms(report.fence_window_ms));

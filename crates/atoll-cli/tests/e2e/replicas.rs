@@ -239,9 +239,10 @@ async fn the_replicated_sandbox_finishes_a_switchover_whose_leader_was_killed() 
 /// switchover on from its stored phase; it flips once; the nodes that
 /// streamed from the frozen replica move to another (the flip barrier does
 /// not wait for the thaw); the thawed replica follows and says so; and the
-/// checker finds nothing lost or applied twice.
+/// checker finds nothing lost or applied twice. Then a cell is frozen and
+/// the leader killed: the cell is failed over exactly once.
 #[tokio::test(flavor = "multi_thread")]
-async fn the_replicated_sandbox_drill_freezes_the_leader_in_the_sync_gate() {
+async fn the_replicated_sandbox_drills_its_leader_frozen_mid_switchover_and_killed_mid_failover() {
     let sandbox = crate::up::Sandbox::start_with(&["--control-replicas", "3"]);
     let hold = 8_000;
     let report = crate::switchover::drill(
@@ -304,6 +305,36 @@ async fn the_replicated_sandbox_drill_freezes_the_leader_in_the_sync_gate() {
     assert!(
         switchover < hold,
         "the switchover took {switchover} ms: {report}"
+    );
+
+    // Then a cell freezes and the leader is killed right after: the replica
+    // elected next watches rz03 for a full lostAfter (5 s) itself before its
+    // emergency plan fails it over, once.
+    let fault = crate::switchover::drill(
+        &sandbox,
+        &[
+            "fault",
+            "--cell",
+            "rz03",
+            "--kill-control-plane",
+            "--rate",
+            "150",
+            "--duration",
+            "20s",
+            "--start-after",
+            "3s",
+        ],
+    );
+    assert_eq!(fault["outcome"], "completed", "{fault}");
+    assert!(fault["clean"].as_bool() == Some(true), "{fault}");
+    assert_eq!(fault["lostAcknowledgedWrites"], 0, "{fault}");
+    assert_eq!(fault["failovers"], 1, "{fault}");
+    let leaderless = crate::switchover::ms(&fault, "leaderlessMs");
+    assert!(leaderless < 6_000, "no leader for {leaderless} ms: {fault}");
+    let detected = crate::switchover::ms(&fault, "detectedMs");
+    assert!(
+        detected >= 5_000 && detected < 5_000 + leaderless + 3_000,
+        "detected after {detected} ms, leaderless {leaderless} ms: {fault}"
     );
 }
 
