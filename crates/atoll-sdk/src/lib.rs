@@ -168,7 +168,8 @@ impl Lease {
         mut shutdown: watch::Receiver<bool>,
     ) {
         // Any replica takes a renewal (a follower passes it on to the
-        // leader); one that fails is left for the next, at once.
+        // leader); when the one in use fails, every replica is asked at
+        // once and the first to answer is used from then on.
         let urls = match atoll_api::ControlUrls::parse(&identity.control) {
             Ok(urls) => urls,
             Err(problem) => {
@@ -181,8 +182,10 @@ impl Lease {
             match tonic::transport::Endpoint::from_shared(url.clone()) {
                 Ok(endpoint) => {
                     let endpoint = endpoint
-                        .connect_timeout(Duration::from_secs(1))
-                        .timeout(Duration::from_secs(1))
+                        // Short: a renewal stuck at a frozen replica is
+                        // given up in time to reach another one.
+                        .connect_timeout(Duration::from_millis(500))
+                        .timeout(Duration::from_millis(500))
                         .tcp_nodelay(true);
                     clients.insert(
                         url.clone(),
@@ -196,10 +199,9 @@ impl Lease {
                 }
             }
         }
-        let mut retried = false;
         loop {
             let url = urls.current().to_owned();
-            let Some(client) = clients.get_mut(&url) else {
+            let Some(client) = clients.get(&url).cloned() else {
                 return;
             };
             let sent = Instant::now();
@@ -212,40 +214,26 @@ impl Lease {
                 }),
                 applied_version: status.applied_version(),
             };
-            let next = match client.renew_lease(request).await {
-                Ok(answer) => {
-                    let grant = answer.into_inner();
-                    let mut state = self.state.lock();
-                    match (grant.granted, grant.duration_ms) {
-                        (true, 0) => {
-                            *state = LeaseState::Off(Instant::now());
-                            Duration::from_secs(5)
+            let mut answer = ask(client, request.clone()).await;
+            if answer.is_err() && urls.all().len() > 1 {
+                urls.failed(&url);
+                // Every replica at once, right away: while the leader
+                // changes, whichever leads (or reaches the new leader) first
+                // answers, so the lease carries on without a gap.
+                if let Some((from, grant)) = hedge(&clients, &request).await {
+                    for _ in urls.all() {
+                        if urls.current() == from {
+                            break;
                         }
-                        (true, ms) => {
-                            let duration = Duration::from_millis(ms);
-                            *state = LeaseState::Until(sent + duration);
-                            duration / 3
-                        }
-                        (false, _) => {
-                            // A lease held goes on until it ends; no new one.
-                            if !matches!(*state, LeaseState::Until(until) if until > Instant::now())
-                            {
-                                *state = LeaseState::None(format!(
-                                    "the control plane refused it: {}",
-                                    grant.reason
-                                ));
-                            }
-                            Duration::from_millis(200)
-                        }
+                        urls.failed(urls.current());
                     }
+                    answer = Ok(grant);
                 }
+            }
+            let next = match answer {
+                Ok(grant) => self.take(grant, sent),
                 Err(status) => {
                     urls.failed(&url);
-                    if urls.all().len() > 1 && !retried {
-                        // Another replica, now: no gap in the lease.
-                        retried = true;
-                        continue;
-                    }
                     let mut state = self.state.lock();
                     if !matches!(*state, LeaseState::Until(until) if until > Instant::now())
                         && !matches!(*state, LeaseState::Off(at) if at.elapsed() < OFF_TRUST)
@@ -255,16 +243,74 @@ impl Lease {
                             status.message()
                         ));
                     }
-                    Duration::from_millis(200)
+                    RETRY
                 }
             };
-            retried = false;
             tokio::select! {
                 () = tokio::time::sleep(next) => {}
                 _ = shutdown.changed() => return,
             }
         }
     }
+
+    /// Records a grant (or a refusal); returns when to renew next.
+    fn take(&self, grant: atoll_api::config::LeaseGrant, sent: Instant) -> Duration {
+        let mut state = self.state.lock();
+        match (grant.granted, grant.duration_ms) {
+            (true, 0) => {
+                *state = LeaseState::Off(Instant::now());
+                Duration::from_secs(5)
+            }
+            (true, ms) => {
+                let duration = Duration::from_millis(ms);
+                *state = LeaseState::Until(sent + duration);
+                duration / 3
+            }
+            (false, _) => {
+                // A lease held goes on until it ends; no new one.
+                if !matches!(*state, LeaseState::Until(until) if until > Instant::now()) {
+                    *state =
+                        LeaseState::None(format!("the control plane refused it: {}", grant.reason));
+                }
+                RETRY
+            }
+        }
+    }
+}
+
+/// How soon a renewal that got no lease is tried again.
+const RETRY: Duration = Duration::from_millis(100);
+
+type LeaseClient = ConfigStreamClient<tonic::transport::Channel>;
+
+/// One renewal, bounded by the endpoint's timeout.
+async fn ask(
+    mut client: LeaseClient,
+    request: LeaseRequest,
+) -> Result<atoll_api::config::LeaseGrant, tonic::Status> {
+    client
+        .renew_lease(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The renewal sent to every replica at once: the first answer, and who
+/// gave it (none when every replica failed).
+async fn hedge(
+    clients: &std::collections::HashMap<String, LeaseClient>,
+    request: &LeaseRequest,
+) -> Option<(String, atoll_api::config::LeaseGrant)> {
+    let mut asking = tokio::task::JoinSet::new();
+    for (url, client) in clients {
+        let (url, client, request) = (url.clone(), client.clone(), request.clone());
+        asking.spawn(async move { (url, ask(client, request).await) });
+    }
+    while let Some(done) = asking.join_next().await {
+        if let Ok((url, Ok(grant))) = done {
+            return Some((url, grant));
+        }
+    }
+    None
 }
 
 /// The current view, immutable.
