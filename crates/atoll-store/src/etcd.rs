@@ -116,20 +116,38 @@ fn unreached(error: &etcd_client::Error) -> bool {
         || text.contains("error trying to connect")
 }
 
+/// Whether a read failed only because etcd's leader changed while it was
+/// in flight (killing the member that led, say): a read has no effect, so
+/// it is sent again. A write is not: it may have been applied.
+fn leader_changed(error: &etcd_client::Error) -> bool {
+    error.to_string().contains("leader changed")
+}
+
 /// How often a request that reached no member is sent again.
 const UNREACHED_ATTEMPTS: u32 = 8;
 
 /// Runs `call` again while it reaches no member (at most
 /// [`UNREACHED_ATTEMPTS`] times, backing off): it was not applied, and the
 /// client's balancer sends it to another member.
-async fn resend<T, Fut>(mut call: impl FnMut() -> Fut) -> Result<T, etcd_client::Error>
+async fn resend<T, Fut>(call: impl FnMut() -> Fut) -> Result<T, etcd_client::Error>
+where
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    resend_if(call, unreached).await
+}
+
+/// [`resend`], also while `retry` says the failure was transient.
+async fn resend_if<T, Fut>(
+    mut call: impl FnMut() -> Fut,
+    retry: impl Fn(&etcd_client::Error) -> bool,
+) -> Result<T, etcd_client::Error>
 where
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
     let mut attempt = 0;
     loop {
         match call().await {
-            Err(e) if unreached(&e) && attempt < UNREACHED_ATTEMPTS => {
+            Err(e) if retry(&e) && attempt < UNREACHED_ATTEMPTS => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
             }
@@ -160,11 +178,14 @@ impl Kv<'_> {
         options: Option<GetOptions>,
     ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
         let key = key.into();
-        resend(|| {
-            let mut kv = self.client.kv_client();
-            let (key, options) = (key.clone(), options.clone());
-            async move { kv.get(key, options).await }
-        })
+        resend_if(
+            || {
+                let mut kv = self.client.kv_client();
+                let (key, options) = (key.clone(), options.clone());
+                async move { kv.get(key, options).await }
+            },
+            |e| unreached(e) || leader_changed(e),
+        )
         .await
     }
 

@@ -97,7 +97,6 @@ where
             Applied::InvalidFlip(text) => {
                 // Nothing was written: end it before the flip.
                 let message = format!("the flipped shard map is invalid ({text})");
-                tracing::warn!(switchover = loaded.name(), %message, "switchover aborted");
                 let effects = machine::abort(loaded, message, self.world.now());
                 match self.apply(loaded, effects).await? {
                     Applied::Done | Applied::InvalidFlip(_) => Ok(()),

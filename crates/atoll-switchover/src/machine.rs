@@ -53,6 +53,7 @@ impl Loaded {
     /// The cells the shards move away from (the lost cells of a failover).
     pub fn sources(&self) -> Vec<String> {
         let mut cells: Vec<String> = self.spec.moves.iter().map(|m| m.from.clone()).collect();
+        cells.sort();
         cells.dedup();
         cells
     }
@@ -221,7 +222,8 @@ pub fn step(loaded: &Loaded, observation: Observation, now: OffsetDateTime) -> V
             if !left.is_zero() {
                 return vec![Effect::Wait(left)];
             }
-            let waited = elapsed(phase_started(spec, now), now);
+            // Since the phase began (across a change of leader, too).
+            let waited = phase_started(spec, now).map_or(Duration::ZERO, |at| elapsed(at, now));
             let detail = format!(
                 "the leases of {} have expired (waited {} ms)",
                 lost.join(", "),
@@ -287,8 +289,10 @@ pub fn step(loaded: &Loaded, observation: Observation, now: OffsetDateTime) -> V
         }
         (SwitchoverPhase::SyncGate, Observation::Positions(positions)) => {
             // The deadline counts from the phase's stored start: a sync gate
-            // resumed by a restart or a new leader keeps it.
-            let timed_out = now >= phase_started(spec, now) + spec.sync_timeout.0;
+            // resumed by a restart or a new leader keeps it. One whose start
+            // cannot be read has no deadline to keep: it is over.
+            let timed_out =
+                phase_started(spec, now).is_none_or(|at| now >= at + spec.sync_timeout.0);
             let gave_up = || humantime::format_duration(spec.sync_timeout.0);
             match positions {
                 Ok(positions) if positions.iter().all(|p| p.acknowledged >= p.written) => {
@@ -511,13 +515,14 @@ pub fn enter(
     });
 }
 
-/// When the current phase started, from the stored timeline (`now` when
-/// it cannot be read).
-pub fn phase_started(spec: &SwitchoverSpec, now: OffsetDateTime) -> OffsetDateTime {
+/// When the current phase started, from the stored timeline (none when it
+/// cannot be read); never later than `now` (a predecessor's clock ahead of
+/// this one's does not stretch a deadline).
+pub fn phase_started(spec: &SwitchoverSpec, now: OffsetDateTime) -> Option<OffsetDateTime> {
     spec.timeline
         .last()
         .and_then(|r| parse(&r.started))
-        .unwrap_or(now)
+        .map(|at| at.min(now))
 }
 
 fn elapsed(since: OffsetDateTime, now: OffsetDateTime) -> Duration {

@@ -18,7 +18,9 @@ use crate::machine::{Loaded, ProbeProblem, Save};
 /// Why a load or a save did not happen.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RecordError {
-    /// The switchover or its shard map was deleted: stop driving it.
+    /// The switchover or its shard map was deleted: a load that finds so
+    /// stops the driver (a save that does is retried, and the load after
+    /// it stops).
     Gone(String),
     /// The store refused the change as invalid: retrying cannot help.
     Invalid(String),

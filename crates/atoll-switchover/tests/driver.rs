@@ -44,6 +44,10 @@ struct World {
     failing_saves: Mutex<usize>,
     /// The store finds a flipped map invalid.
     invalid_flips: AtomicBool,
+    /// The next save of this (its `what`) fails, once.
+    fail_what: Mutex<Option<&'static str>>,
+    /// The switchover was deleted.
+    gone: AtomicBool,
 }
 
 const LEASE: Duration = Duration::from_secs(2);
@@ -52,12 +56,14 @@ impl World {
     fn new(switchover: SwitchoverSpec, map: ShardMapSpec) -> Self {
         let start = OffsetDateTime::from_unix_timestamp(1_800_000_000).expect("a time");
         let mut switchover = switchover;
-        switchover.timeline = vec![atoll_model::PhaseRecord {
+        // What came before (a resumed one's earlier phases), then its
+        // current phase, started now.
+        switchover.timeline.push(atoll_model::PhaseRecord {
             phase: switchover.phase,
             started: rfc3339(start),
             millis: None,
             detail: None,
-        }];
+        });
         Self {
             start,
             now: Mutex::new(start),
@@ -72,6 +78,8 @@ impl World {
             revoked: Mutex::new(BTreeSet::new()),
             failing_saves: Mutex::new(0),
             invalid_flips: AtomicBool::new(false),
+            fail_what: Mutex::new(None),
+            gone: AtomicBool::new(false),
         }
     }
 
@@ -156,6 +164,10 @@ impl World {
 
 impl Record for World {
     async fn load(&self, _name: &str) -> Result<Loaded, RecordError> {
+        if self.gone.load(Ordering::SeqCst) {
+            self.note("load gone".into());
+            return Err(RecordError::Gone("switchover/users-1 was deleted".into()));
+        }
         Ok(self.loaded())
     }
 
@@ -165,6 +177,15 @@ impl Record for World {
             if *failing > 0 {
                 *failing -= 1;
                 drop(failing);
+                self.note(format!("save refused {}", save.what));
+                return Err(RecordError::Failed("the store did not answer".into()));
+            }
+        }
+        {
+            let mut fail = self.fail_what.lock();
+            if *fail == Some(save.what) {
+                *fail = None;
+                drop(fail);
                 self.note(format!("save refused {}", save.what));
                 return Err(RecordError::Failed("the store did not answer".into()));
             }
@@ -440,6 +461,38 @@ async fn drive(world: &Arc<World>) {
     tokio::time::timeout(Duration::from_secs(20), driver.drive("users-1", shutdown))
         .await
         .expect("the driver finishes (on the fake clock, at once)");
+}
+
+/// When `phase` started, as recorded.
+fn started(spec: &SwitchoverSpec, phase: SwitchoverPhase) -> OffsetDateTime {
+    let text = spec
+        .timeline
+        .iter()
+        .find(|r| r.phase == phase)
+        .map(|r| r.started.clone())
+        .unwrap_or_default();
+    OffsetDateTime::parse(&text, &time::format_description::well_known::Rfc3339)
+        .expect("an RFC 3339 time")
+}
+
+/// A failover of rz01 (approved) resumed at `phase`, its shards fenced.
+fn failover_at(phase: SwitchoverPhase) -> World {
+    let mut fenced = map();
+    atoll_switchover::shards::set_range(
+        &mut fenced,
+        atoll_model::ShardRange { start: 0, end: 9 },
+        |a| a.state = ShardState::Fenced,
+    );
+    let mut spec = failover(true);
+    spec.phase = phase;
+    // It fenced them itself.
+    spec.timeline.push(atoll_model::PhaseRecord {
+        phase: SwitchoverPhase::FenceBarrier,
+        started: "2027-01-15T08:00:00Z".into(),
+        millis: Some(200),
+        detail: None,
+    });
+    World::new(spec, fenced)
 }
 
 fn phases(spec: &SwitchoverSpec) -> Vec<SwitchoverPhase> {
@@ -752,13 +805,8 @@ async fn a_failover_waits_for_approval_then_revokes_the_lost_cell_and_outwaits_i
     let revoked = world.position_of("revoke rz01").expect("revoked");
     let read = world.position_of("lease").expect("read");
     assert!(revoked < read, "{:?}", world.log.lock());
-    let flipped_at = spec
-        .timeline
-        .iter()
-        .find(|r| r.phase == Flip)
-        .map(|r| r.started.clone())
-        .unwrap_or_default();
-    let lease_end = rfc3339(*world.lease_until.lock());
+    let flipped_at = started(&spec, Flip);
+    let lease_end = *world.lease_until.lock();
     assert!(
         flipped_at >= lease_end,
         "flipped at {flipped_at}, the lease ran until {lease_end}"
@@ -904,4 +952,85 @@ fn prepare_asks_for_what_each_phase_needs() {
         at(Completed, Failover).revoke.is_empty(),
         "nothing revoked once over"
     );
+}
+
+#[tokio::test]
+async fn a_failover_resumed_at_lease_expiry_revokes_before_it_reads_the_lease() {
+    let world = Arc::new(failover_at(SwitchoverPhase::LeaseExpiry));
+    drive(&world).await;
+    let log = world.log.lock().clone();
+    assert_eq!(log[0], "revoke rz01", "{log:?}");
+    assert!(log[1].starts_with("lease"), "{log:?}");
+    assert_eq!(
+        *world.lease_until.lock(),
+        world.start + LEASE,
+        "no renewal slipped in between"
+    );
+    assert_eq!(log[2], "sleep 2000", "it waits out the lease: {log:?}");
+    let spec = world.spec();
+    assert_eq!(spec.phase, SwitchoverPhase::Completed);
+    assert_eq!(started(&spec, SwitchoverPhase::Flip), world.start + LEASE);
+    let expiry = spec
+        .timeline
+        .iter()
+        .find(|r| r.phase == SwitchoverPhase::LeaseExpiry)
+        .and_then(|r| r.detail.clone());
+    assert_eq!(
+        expiry.as_deref(),
+        Some("the leases of rz01 have expired (waited 2000 ms)")
+    );
+}
+
+#[tokio::test]
+async fn a_refused_unfence_restores_no_lease_before_it_lands() {
+    let world = Arc::new(failover_at(SwitchoverPhase::Unfence));
+    *world.fail_what.lock() = Some("unfence at the new owners");
+    drive(&world).await;
+    let refused = world.position_of("save refused").expect("refused once");
+    let landed = world
+        .position_of("save unfence at the new owners")
+        .expect("saved on the retry");
+    let restored = world.position_of("restore rz01").expect("restored");
+    assert!(
+        refused < landed && landed < restored,
+        "{:?}",
+        world.log.lock()
+    );
+    assert_eq!(world.count("restore"), 1);
+}
+
+#[tokio::test]
+async fn an_aborted_failover_gives_the_lost_cell_its_leases_back() {
+    let world = Arc::new(failover_at(SwitchoverPhase::Flip));
+    world.invalid_flips.store(true, Ordering::SeqCst);
+    drive(&world).await;
+    assert_eq!(world.spec().phase, SwitchoverPhase::Aborted);
+    let aborted = world.position_of("save abort").expect("aborted");
+    let restored = world.position_of("restore rz01").expect("restored");
+    assert!(aborted < restored, "{:?}", world.log.lock());
+    assert_eq!(
+        owner_of(&world.map_spec(), 0),
+        ("rz01".into(), Some("rz02".into()), ShardState::Serving),
+        "unfenced at the lost cell, standby as before"
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_switchover_stops_the_driver() {
+    let world = Arc::new(World::new(planned(), map()));
+    world.gone.store(true, Ordering::SeqCst);
+    drive(&world).await;
+    assert_eq!(*world.log.lock(), ["load gone"]);
+}
+
+#[tokio::test]
+async fn a_sync_gate_whose_start_cannot_be_read_is_over() {
+    let mut spec = planned();
+    spec.phase = SwitchoverPhase::SyncGate;
+    let world = Arc::new(World::new(spec, map()));
+    world.edit(|spec| spec.timeline[0].started = "yesterday".into());
+    *world.positions.lock() = Box::new(|_| Ok(vec![position(3, 10, 7)]));
+    drive(&world).await;
+    assert_eq!(world.spec().phase, SwitchoverPhase::Aborted);
+    assert_eq!(world.count("positions"), 1);
 }
