@@ -60,6 +60,14 @@ impl ControlUrls {
         }
     }
 
+    /// `url` answered: it is used from now on (nothing changes if it is
+    /// not in the list).
+    pub fn prefer(&self, url: &str) {
+        if let Some(index) = self.urls.iter().position(|u| u == url) {
+            self.current.store(index, Ordering::Relaxed);
+        }
+    }
+
     /// Every URL, in the order given.
     pub fn all(&self) -> &[String] {
         &self.urls

@@ -215,25 +215,21 @@ impl Lease {
                 applied_version: status.applied_version(),
             };
             let mut answer = ask(client, request.clone()).await;
-            if answer.is_err() && urls.all().len() > 1 {
+            if answer.is_err() {
                 urls.failed(&url);
                 // Every replica at once, right away: while the leader
                 // changes, whichever leads (or reaches the new leader) first
                 // answers, so the lease carries on without a gap.
-                if let Some((from, grant)) = hedge(&clients, &request).await {
-                    for _ in urls.all() {
-                        if urls.current() == from {
-                            break;
-                        }
-                        urls.failed(urls.current());
-                    }
+                if urls.all().len() > 1
+                    && let Some((from, grant)) = hedge(&clients, &request).await
+                {
+                    urls.prefer(&from);
                     answer = Ok(grant);
                 }
             }
             let next = match answer {
                 Ok(grant) => self.take(grant, sent),
                 Err(status) => {
-                    urls.failed(&url);
                     let mut state = self.state.lock();
                     if !matches!(*state, LeaseState::Until(until) if until > Instant::now())
                         && !matches!(*state, LeaseState::Off(at) if at.elapsed() < OFF_TRUST)
@@ -243,7 +239,7 @@ impl Lease {
                             status.message()
                         ));
                     }
-                    RETRY
+                    UNANSWERED_RETRY
                 }
             };
             tokio::select! {
@@ -272,14 +268,14 @@ impl Lease {
                     *state =
                         LeaseState::None(format!("the control plane refused it: {}", grant.reason));
                 }
-                RETRY
+                Duration::from_millis(200)
             }
         }
     }
 }
 
-/// How soon a renewal that got no lease is tried again.
-const RETRY: Duration = Duration::from_millis(100);
+/// How soon a renewal that no replica answered is tried again.
+const UNANSWERED_RETRY: Duration = Duration::from_millis(100);
 
 type LeaseClient = ConfigStreamClient<tonic::transport::Channel>;
 

@@ -128,7 +128,6 @@ where
     async fn apply(&self, loaded: &Loaded, effects: Vec<Effect>) -> Result<Applied, RecordError> {
         for effect in effects {
             match effect {
-                Effect::Revoke(cells) => cells.iter().for_each(|c| self.world.revoke(c)),
                 Effect::Restore(cells) => cells.iter().for_each(|c| self.world.restore(c)),
                 Effect::Wait(duration) => self.world.sleep(duration).await,
                 Effect::Save(save) => {

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! prepare(loaded)                      -> leases to revoke, what to observe
-//! step(loaded, observation, now)       -> effects (revoke, save, restore, wait)
+//! step(loaded, observation, now)       -> effects (save, restore, wait)
 //! abort(loaded, message, now)          -> the effects of ending it as Aborted
 //! ```
 
@@ -52,15 +52,20 @@ impl Loaded {
 
     /// The cells the shards move away from (the lost cells of a failover).
     pub fn sources(&self) -> Vec<String> {
-        let mut cells: Vec<String> = self.spec.moves.iter().map(|m| m.from.clone()).collect();
-        cells.sort();
-        cells.dedup();
-        cells
+        sources(&self.spec)
     }
 
     fn failover(&self) -> bool {
         self.spec.mode == SwitchoverMode::Failover
     }
+}
+
+/// The cells `spec`'s shards move away from, each once.
+fn sources(spec: &SwitchoverSpec) -> Vec<String> {
+    let mut cells: Vec<String> = spec.moves.iter().map(|m| m.from.clone()).collect();
+    cells.sort();
+    cells.dedup();
+    cells
 }
 
 /// Why the probes could not give the positions.
@@ -137,8 +142,6 @@ pub struct Save {
 /// rest (the step is retried from the stored phase).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
-    /// These cells get no lease until restored.
-    Revoke(Vec<String>),
     /// Commit (boxed: a spec and a map are large).
     Save(Box<Save>),
     /// These cells may get leases again.
@@ -451,8 +454,8 @@ fn abort_spec(
             }
         });
     }
-    let lost: Vec<String> = if spec.mode == SwitchoverMode::Failover {
-        spec.moves.iter().map(|m| m.from.clone()).collect()
+    let lost = if spec.mode == SwitchoverMode::Failover {
+        sources(&spec)
     } else {
         Vec::new()
     };

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use atoll_api::rest::BarrierResponse;
@@ -111,5 +112,75 @@ impl Clock for SystemClock {
 
     async fn sleep(&self, duration: Duration) {
         tokio::time::sleep(duration).await;
+    }
+}
+
+// A world shared behind an `Arc` (a service that drives several
+// switchovers, a test that changes the world while it is driven) is one.
+
+impl<T: Record> Record for Arc<T> {
+    fn load(&self, name: &str) -> impl Future<Output = Result<Loaded, RecordError>> + Send {
+        T::load(self, name)
+    }
+
+    fn save(
+        &self,
+        loaded: &Loaded,
+        save: &Save,
+    ) -> impl Future<Output = Result<(), RecordError>> + Send {
+        T::save(self, loaded, save)
+    }
+}
+
+impl<T: Fleet> Fleet for Arc<T> {
+    fn barrier(
+        &self,
+        spec: &SwitchoverSpec,
+        lost: &[String],
+        version: u64,
+    ) -> impl Future<Output = BarrierResponse> + Send {
+        T::barrier(self, spec, lost, version)
+    }
+
+    fn standbys(
+        &self,
+        owners: &BTreeSet<String>,
+        lost: &[String],
+    ) -> BTreeMap<String, Option<String>> {
+        T::standbys(self, owners, lost)
+    }
+}
+
+impl<T: Probes> Probes for Arc<T> {
+    fn positions(
+        &self,
+        map: &ShardMapSpec,
+        moves: &[ShardMove],
+    ) -> impl Future<Output = Result<Vec<ShardPosition>, ProbeProblem>> + Send {
+        T::positions(self, map, moves)
+    }
+}
+
+impl<T: Leases> Leases for Arc<T> {
+    fn revoke(&self, cell: &str) {
+        T::revoke(self, cell);
+    }
+
+    fn restore(&self, cell: &str) {
+        T::restore(self, cell);
+    }
+
+    fn expires_in(&self, cells: &[String]) -> Duration {
+        T::expires_in(self, cells)
+    }
+}
+
+impl<T: Clock> Clock for Arc<T> {
+    fn now(&self) -> OffsetDateTime {
+        T::now(self)
+    }
+
+    fn sleep(&self, duration: Duration) -> impl Future<Output = ()> + Send {
+        T::sleep(self, duration)
     }
 }

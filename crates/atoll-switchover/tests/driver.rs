@@ -52,6 +52,18 @@ struct World {
 
 const LEASE: Duration = Duration::from_secs(2);
 
+/// The phases of a planned switchover that completes.
+const PLANNED: [SwitchoverPhase; 8] = [
+    SwitchoverPhase::Pending,
+    SwitchoverPhase::Fence,
+    SwitchoverPhase::FenceBarrier,
+    SwitchoverPhase::SyncGate,
+    SwitchoverPhase::Flip,
+    SwitchoverPhase::FlipBarrier,
+    SwitchoverPhase::Unfence,
+    SwitchoverPhase::Completed,
+];
+
 impl World {
     fn new(switchover: SwitchoverSpec, map: ShardMapSpec) -> Self {
         let start = OffsetDateTime::from_unix_timestamp(1_800_000_000).expect("a time");
@@ -311,67 +323,6 @@ impl Clock for World {
     }
 }
 
-/// The world behind an `Arc`, for tests that change it while it is driven.
-struct Shared(Arc<World>);
-
-impl Record for Shared {
-    async fn load(&self, name: &str) -> Result<Loaded, RecordError> {
-        self.0.load(name).await
-    }
-    async fn save(&self, loaded: &Loaded, save: &Save) -> Result<(), RecordError> {
-        self.0.save(loaded, save).await
-    }
-}
-
-impl Fleet for Shared {
-    async fn barrier(
-        &self,
-        spec: &SwitchoverSpec,
-        lost: &[String],
-        version: u64,
-    ) -> BarrierResponse {
-        self.0.barrier(spec, lost, version).await
-    }
-    fn standbys(
-        &self,
-        owners: &BTreeSet<String>,
-        lost: &[String],
-    ) -> BTreeMap<String, Option<String>> {
-        self.0.standbys(owners, lost)
-    }
-}
-
-impl Probes for Shared {
-    async fn positions(
-        &self,
-        map: &ShardMapSpec,
-        moves: &[ShardMove],
-    ) -> Result<Vec<ShardPosition>, ProbeProblem> {
-        self.0.positions(map, moves).await
-    }
-}
-
-impl Leases for Shared {
-    fn revoke(&self, cell: &str) {
-        self.0.revoke(cell);
-    }
-    fn restore(&self, cell: &str) {
-        self.0.restore(cell);
-    }
-    fn expires_in(&self, cells: &[String]) -> Duration {
-        self.0.expires_in(cells)
-    }
-}
-
-impl Clock for Shared {
-    fn now(&self) -> OffsetDateTime {
-        self.0.now()
-    }
-    async fn sleep(&self, duration: Duration) {
-        self.0.sleep(duration).await;
-    }
-}
-
 fn resource(name: &str, spec: Spec, version: u64) -> Resource {
     let mut resource = Resource {
         metadata: atoll_model::Metadata {
@@ -434,6 +385,17 @@ fn map() -> ShardMapSpec {
     }
 }
 
+/// [`map`] with shards 0-9 fenced (at rz01).
+fn fenced_map() -> ShardMapSpec {
+    let mut fenced = map();
+    atoll_switchover::shards::set_range(
+        &mut fenced,
+        atoll_model::ShardRange { start: 0, end: 9 },
+        |a| a.state = ShardState::Fenced,
+    );
+    fenced
+}
+
 /// Shards 0-9 from rz01 to rz02.
 fn planned() -> SwitchoverSpec {
     let text = "apiVersion: atoll/v1\nkind: Switchover\nmetadata: {name: users-1}\nspec:\n  shardMap: users\n  barrierTimeout: 2s\n  syncTimeout: 10s\n  moves: [{shards: \"0-9\", from: rz01, to: rz02}]\n";
@@ -457,7 +419,7 @@ fn failover(approved: bool) -> SwitchoverSpec {
 /// Drives the switchover of `world` to its end (at once: the clock is fake).
 async fn drive(world: &Arc<World>) {
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
-    let driver = Driver::new(Shared(world.clone()));
+    let driver = Driver::new(world.clone());
     tokio::time::timeout(Duration::from_secs(20), driver.drive("users-1", shutdown))
         .await
         .expect("the driver finishes (on the fake clock, at once)");
@@ -477,12 +439,7 @@ fn started(spec: &SwitchoverSpec, phase: SwitchoverPhase) -> OffsetDateTime {
 
 /// A failover of rz01 (approved) resumed at `phase`, its shards fenced.
 fn failover_at(phase: SwitchoverPhase) -> World {
-    let mut fenced = map();
-    atoll_switchover::shards::set_range(
-        &mut fenced,
-        atoll_model::ShardRange { start: 0, end: 9 },
-        |a| a.state = ShardState::Fenced,
-    );
+    let fenced = fenced_map();
     let mut spec = failover(true);
     spec.phase = phase;
     // It fenced them itself.
@@ -523,20 +480,7 @@ async fn a_planned_switchover_walks_every_phase_once_and_moves_the_shards() {
     let world = Arc::new(World::new(planned(), map()));
     drive(&world).await;
     let spec = world.spec();
-    use SwitchoverPhase::*;
-    assert_eq!(
-        phases(&spec),
-        [
-            Pending,
-            Fence,
-            FenceBarrier,
-            SyncGate,
-            Flip,
-            FlipBarrier,
-            Unfence,
-            Completed
-        ]
-    );
+    assert_eq!(phases(&spec), PLANNED);
     assert_eq!(
         world.saves(),
         [
@@ -641,12 +585,7 @@ async fn a_sync_gate_that_never_catches_up_aborts_at_its_timeout_and_unfences() 
 #[tokio::test]
 async fn a_sync_gate_resumed_by_a_new_leader_keeps_its_deadline() {
     // The previous leader fenced, and entered the sync gate 30 s ago.
-    let mut fenced = map();
-    atoll_switchover::shards::set_range(
-        &mut fenced,
-        atoll_model::ShardRange { start: 0, end: 9 },
-        |a| a.state = ShardState::Fenced,
-    );
+    let fenced = fenced_map();
     let mut spec = planned();
     spec.phase = SwitchoverPhase::SyncGate;
     let world = Arc::new(World::new(spec, fenced));
@@ -890,7 +829,7 @@ async fn the_term_ending_stops_the_driver_and_the_next_leader_resumes_at_the_sto
     let run = tokio::spawn({
         let world = world.clone();
         async move {
-            Driver::new(Shared(world)).drive("users-1", shutdown).await;
+            Driver::new(world).drive("users-1", shutdown).await;
         }
     });
     until(&world, |w| w.count("barrier") > 0).await;
@@ -903,20 +842,7 @@ async fn the_term_ending_stops_the_driver_and_the_next_leader_resumes_at_the_sto
     // The next leader, over the same store.
     world.barriers_hang.store(false, Ordering::SeqCst);
     drive(&world).await;
-    use SwitchoverPhase::*;
-    assert_eq!(
-        phases(&world.spec()),
-        [
-            Pending,
-            Fence,
-            FenceBarrier,
-            SyncGate,
-            Flip,
-            FlipBarrier,
-            Unfence,
-            Completed
-        ]
-    );
+    assert_eq!(phases(&world.spec()), PLANNED);
     assert_eq!(
         world.count("save fence the moving shards"),
         1,

@@ -252,7 +252,7 @@ impl Switchovers {
 }
 
 fn now() -> String {
-    atoll_switchover::machine::rfc3339(OffsetDateTime::now_utc())
+    crate::nodes::rfc3339(OffsetDateTime::now_utc())
 }
 
 /// `base`, or `base-2`, `base-3`... whichever no Switchover has.
