@@ -140,6 +140,21 @@ enum LeaderFault {
     /// SIGSTOP the leader for --hold, then SIGCONT it: it must find itself
     /// deposed and change nothing.
     Freeze,
+    /// Cut the leader off the network for --hold (needs `atoll up
+    /// --isolate-control`): it runs on, on its own clock, reaching neither
+    /// etcd nor any node; it must stop acting before its election lease
+    /// can expire, and change nothing once joined again.
+    Partition,
+}
+
+impl LeaderFault {
+    fn name(self) -> &'static str {
+        match self {
+            LeaderFault::Kill => "kill",
+            LeaderFault::Freeze => "freeze",
+            LeaderFault::Partition => "partition",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -147,8 +162,9 @@ struct ControlPlaneDrill {
     /// How to take the leader out.
     #[arg(long, value_enum, default_value_t = LeaderFault::Kill)]
     fault: LeaderFault,
-    /// With --fault freeze: how long the leader stays frozen (longer than
-    /// the election TTL, so that another replica is elected meanwhile).
+    /// With --fault freeze or partition: how long the leader stays frozen
+    /// or cut off (longer than the election TTL, so that another replica
+    /// is elected meanwhile).
     #[arg(long, default_value = "6s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     hold: Duration,
     /// Take the leader out in the middle of a planned switchover of every
@@ -221,8 +237,8 @@ struct LeaderChange {
     /// Fault to the replica answering again, ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     returned_ms: Option<u64>,
-    /// After a freeze: the writes the thawed replica tried that the store
-    /// refused because another replica had been elected
+    /// After a freeze or a partition: the writes the replica tried that
+    /// the store refused because another replica had been elected
     /// (`atoll_control_fenced_writes_total`).
     #[serde(skip_serializing_if = "Option::is_none")]
     deposed_writes_refused: Option<u64>,
@@ -1540,10 +1556,23 @@ async fn control_plane(client: &Client, drill: ControlPlaneDrill) -> Result<u8, 
     let (shard, target, moves) = control_plane_target(client, request.as_ref()).await?;
     let gateway = first_gateway(client).await?;
     let history = history_path(common, &place, "control-plane");
-    let fault = match drill.fault {
-        LeaderFault::Kill => "kill",
-        LeaderFault::Freeze => "freeze",
-    };
+    let fault = drill.fault.name();
+    let network: Option<crate::netns::ControlNetwork> =
+        serde_json::from_value(up["isolatedControl"].clone()).ok();
+    if drill.fault == LeaderFault::Partition && network.is_none() {
+        let mut error = CliError::new(
+            exit::FAILURE,
+            format!(
+                "the control-plane replicas of the sandbox in {} share the host's network: a partition cannot cut one off",
+                place.state_dir.display()
+            ),
+        );
+        error.details.push(format!(
+            "start it with `atoll up --control-replicas {} --isolate-control` (each replica in its own network namespace; Linux, root)",
+            replicas.len()
+        ));
+        return Err(error);
+    }
     let mut report = Report {
         drill: match &moves {
             Some(moves) => {
@@ -1630,25 +1659,37 @@ async fn control_plane(client: &Client, drill: ControlPlaneDrill) -> Result<u8, 
         old_term,
         ..LeaderChange::default()
     };
-    let signal = match drill.fault {
-        LeaderFault::Kill => nix::sys::signal::Signal::SIGKILL,
-        LeaderFault::Freeze => nix::sys::signal::Signal::SIGSTOP,
-    };
     let faulted = Instant::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(|e| {
-        CliError::new(
-            exit::FAILURE,
-            format!("cannot signal {process} (pid {pid}): {e}"),
-        )
-    })?;
-    report.notes.push(format!(
-        "{} the leader {old} (term {old_term}, {process}, pid {pid})",
-        if drill.fault == LeaderFault::Kill {
-            "killed"
-        } else {
-            "froze"
+    match (drill.fault, &network) {
+        (LeaderFault::Partition, Some(network)) => {
+            let cut = network.partition(index)?;
+            report.notes.push(format!(
+                "cut the leader {old} (term {old_term}, {process}, pid {pid}) off the network ({} down; it runs on)",
+                cut.host_interface
+            ));
         }
-    ));
+        (fault, _) => {
+            let signal = if fault == LeaderFault::Kill {
+                nix::sys::signal::Signal::SIGKILL
+            } else {
+                nix::sys::signal::Signal::SIGSTOP
+            };
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).map_err(|e| {
+                CliError::new(
+                    exit::FAILURE,
+                    format!("cannot signal {process} (pid {pid}): {e}"),
+                )
+            })?;
+            report.notes.push(format!(
+                "{} the leader {old} (term {old_term}, {process}, pid {pid})",
+                if fault == LeaderFault::Kill {
+                    "killed"
+                } else {
+                    "froze"
+                }
+            ));
+        }
+    }
     set_phase(
         &live,
         format!("leader {old} {fault}: waiting for another to lead"),
@@ -1690,18 +1731,36 @@ async fn control_plane(client: &Client, drill: ControlPlaneDrill) -> Result<u8, 
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    // The replica taken out comes back: thawed after --hold, or started
-    // again by `atoll up`.
-    if drill.fault == LeaderFault::Freeze {
+    // The replica taken out comes back: thawed or joined again after
+    // --hold, or started again by `atoll up`.
+    if drill.fault != LeaderFault::Kill {
         tokio::time::sleep((faulted + drill.hold).saturating_duration_since(Instant::now())).await;
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGCONT,
-        );
-        report.notes.push(format!(
-            "thawed {old} after {} ms",
-            faulted.elapsed().as_millis()
-        ));
+    }
+    match (drill.fault, &network) {
+        (LeaderFault::Freeze, _) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+            report.notes.push(format!(
+                "thawed {old} after {} ms",
+                faulted.elapsed().as_millis()
+            ));
+        }
+        (LeaderFault::Partition, Some(network)) => {
+            if let Err(error) = network.heal(index) {
+                report.notes.push(format!(
+                    "could not join {old} again: {}",
+                    error.message
+                ));
+            } else {
+                report.notes.push(format!(
+                    "joined {old} to the network again after {} ms",
+                    faulted.elapsed().as_millis()
+                ));
+            }
+        }
+        _ => {}
     }
     set_phase(&live, format!("{old} back: which role?"));
     let returned = client.elsewhere(std::slice::from_ref(&old), Duration::from_secs(2))?;
@@ -1729,7 +1788,7 @@ async fn control_plane(client: &Client, drill: ControlPlaneDrill) -> Result<u8, 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    if drill.fault == LeaderFault::Freeze
+    if drill.fault != LeaderFault::Kill
         && let Ok(response) = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .no_proxy()
@@ -1843,10 +1902,10 @@ fn print_report(report: &Report, format: Format) {
             "  leader           {} (term {}) {}; {} led after {} (term {})",
             change.old_leader,
             change.old_term,
-            if change.fault == "kill" {
-                "killed"
-            } else {
-                "frozen"
+            match change.fault.as_str() {
+                "kill" => "killed",
+                "freeze" => "frozen",
+                _ => "cut off",
             },
             change.new_leader.as_deref().unwrap_or("no other replica"),
             ms(change.leaderless_ms),

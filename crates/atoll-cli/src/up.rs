@@ -74,6 +74,14 @@ pub(crate) struct UpArgs {
     /// +31..+34; etcd members take +41..+45 (clients) and +51..+55 (peers).
     #[arg(long, default_value_t = 1, value_parser = parse_control_replicas, value_name = "N")]
     control_replicas: usize,
+
+    /// Run each control-plane replica in its own network namespace, their
+    /// veth pairs joined by a bridge, so that `atoll drill control-plane
+    /// --fault partition` can cut the leader off (Linux, root; needs
+    /// --control-replicas 3 or 5). The rest of the sandbox then listens on
+    /// the bridge's address instead of 127.0.0.1.
+    #[arg(long, conflicts_with = "isolate_zone")]
+    isolate_control: bool,
 }
 
 fn parse_control_replicas(text: &str) -> Result<usize, String> {
@@ -126,6 +134,9 @@ struct UpFile {
     /// With --isolate-zone: the zone's network namespace.
     #[serde(skip_serializing_if = "Option::is_none")]
     isolated: Option<crate::netns::Isolation>,
+    /// With --isolate-control: the replicas' network namespaces.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    isolated_control: Option<crate::netns::ControlNetwork>,
 }
 
 fn free(port: u16) -> bool {
@@ -496,6 +507,7 @@ struct Sandbox {
     state_dir: PathBuf,
     temporary: bool,
     isolation: Option<crate::netns::Isolation>,
+    control_network: Option<crate::netns::ControlNetwork>,
 }
 
 impl Sandbox {
@@ -509,6 +521,9 @@ impl Sandbox {
         if let Some(isolation) = self.isolation.take() {
             // A drill may have left it cut off; nothing runs in it now.
             isolation.remove();
+        }
+        if let Some(network) = self.control_network.take() {
+            network.remove();
         }
         if self.temporary {
             let _ = std::fs::remove_dir_all(&self.state_dir);
@@ -535,6 +550,12 @@ impl Sandbox {
 }
 
 pub(crate) async fn run(args: UpArgs) -> Result<u8, CliError> {
+    if args.isolate_control && args.control_replicas < 3 {
+        return Err(CliError::new(
+            USAGE,
+            "--isolate-control puts each control-plane replica in a network namespace of its own: give --control-replicas 3 or 5 with it",
+        ));
+    }
     let started = Instant::now();
     let bank = find_bank(args.bank.clone())?;
     let started_after_build = Instant::now();
@@ -560,11 +581,25 @@ pub(crate) async fn run(args: UpArgs) -> Result<u8, CliError> {
         Some(zone) => Some(crate::netns::Isolation::create(zone)?),
         None => None,
     };
+    let control_network = if args.isolate_control {
+        match crate::netns::ControlNetwork::create(args.control_replicas) {
+            Ok(network) => Some(network),
+            Err(error) => {
+                if let Some(isolation) = &isolation {
+                    isolation.remove();
+                }
+                return Err(error);
+            }
+        }
+    } else {
+        None
+    };
     let mut sandbox = Sandbox {
         children: Vec::new(),
         state_dir: state_dir.clone(),
         temporary,
         isolation,
+        control_network,
     };
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -651,11 +686,22 @@ async fn start(
         .map_err(|e| CliError::new(exit::FAILURE, format!("cannot locate this program: {e}")))?;
     // Where everything listens: loopback, or with an isolated zone the
     // host end of its veth pair (reachable from both sides).
+    // With isolated replicas, the bridge's address: the replicas reach
+    // everything there, and everything reaches them on the bridge.
     let isolation = sandbox.isolation.clone();
-    let host = isolation
-        .as_ref()
-        .map_or_else(|| "127.0.0.1".to_owned(), |i| i.host_address.clone());
-    let control = format!("http://{host}:{}", ports.control);
+    let control_network = sandbox.control_network.clone();
+    let host = match (&isolation, &control_network) {
+        (Some(i), _) => i.host_address.clone(),
+        (None, Some(network)) => network.host_address.clone(),
+        (None, None) => "127.0.0.1".to_owned(),
+    };
+    let replica_host = |i: usize| {
+        control_network
+            .as_ref()
+            .and_then(|n| n.replicas.get(i))
+            .map_or_else(|| host.clone(), |r| r.address.clone())
+    };
+    let control = format!("http://{}:{}", replica_host(0), ports.control);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -673,7 +719,8 @@ async fn start(
 
     let replicas: Vec<String> = std::iter::once(ports.control)
         .chain(ports.more_controls.iter().copied())
-        .map(|port| format!("http://{host}:{port}"))
+        .enumerate()
+        .map(|(i, port)| format!("http://{}:{port}", replica_host(i)))
         .collect();
     let mut etcd_urls = Vec::new();
     if args.control_replicas > 1 {
@@ -753,9 +800,25 @@ async fn start(
         } else {
             logs.join(format!("control-{}.log", i + 1))
         };
+        // An isolated replica runs in its namespace: `ip netns exec` execs
+        // it, keeping its pid (what a freeze or a kill signals).
+        let (program, control_args) =
+            match control_network.as_ref().and_then(|n| n.replicas.get(i)) {
+                Some(replica) => {
+                    let mut wrapped: Vec<String> = vec![
+                        "netns".into(),
+                        "exec".into(),
+                        replica.netns.clone(),
+                        me.display().to_string(),
+                    ];
+                    wrapped.extend(control_args);
+                    (PathBuf::from("ip"), wrapped)
+                }
+                None => (me.clone(), control_args),
+            };
         sandbox
             .children
-            .push(Child::spawn(&name, &me, &control_args, &log, &env)?);
+            .push(Child::spawn(&name, &program, &control_args, &log, &env)?);
     }
     for url in &replicas {
         wait_for(
@@ -1010,6 +1073,7 @@ async fn start(
         ready_seconds,
         processes: processes(sandbox),
         isolated: isolation.clone(),
+        isolated_control: control_network.clone(),
     };
     write_up_file(state_dir, &up)?;
     Ok(up)
@@ -1140,6 +1204,20 @@ fn print_summary(
             up.etcd.len(),
             up.control_replicas.join(" ")
         );
+        if let Some(network) = &up.isolated_control {
+            let _ = writeln!(
+                out,
+                "                 each in its own network namespace ({}), joined by bridge {} ({})",
+                network
+                    .replicas
+                    .iter()
+                    .map(|r| r.netns.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                network.bridge,
+                network.host_address
+            );
+        }
     } else {
         let _ = writeln!(
             out,
