@@ -253,6 +253,39 @@ pub struct NodeInfo {
     /// The control-plane replica that holds (or last held) its stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replica: Option<String>,
+    /// The replication positions it reported last on its stream (app
+    /// instances whose SDK reports them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions: Option<ReportedPositions>,
+}
+
+/// Replication positions an app instance reported on its config stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportedPositions {
+    /// The service it runs.
+    pub service: String,
+    /// The config version in effect when it read them.
+    pub applied_version: u64,
+    /// RFC 3339 time the control plane received them.
+    pub received: String,
+    /// Per shard its cell owns.
+    pub shards: Vec<ReportedShard>,
+}
+
+/// One shard of [`ReportedPositions`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportedShard {
+    /// The shard.
+    pub shard: u32,
+    /// The last log position that changed it at its owner.
+    pub written: i64,
+    /// The position its standby confirmed.
+    pub acknowledged: i64,
+    /// The standby cell it replicates to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<String>,
 }
 
 /// `GET /v1/nodes`.

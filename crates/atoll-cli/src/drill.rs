@@ -1749,10 +1749,9 @@ async fn control_plane(client: &Client, drill: ControlPlaneDrill) -> Result<u8, 
         }
         (LeaderFault::Partition, Some(network)) => {
             if let Err(error) = network.heal(index) {
-                report.notes.push(format!(
-                    "could not join {old} again: {}",
-                    error.message
-                ));
+                report
+                    .notes
+                    .push(format!("could not join {old} again: {}", error.message));
             } else {
                 report.notes.push(format!(
                     "joined {old} to the network again after {} ms",

@@ -802,20 +802,20 @@ async fn start(
         };
         // An isolated replica runs in its namespace: `ip netns exec` execs
         // it, keeping its pid (what a freeze or a kill signals).
-        let (program, control_args) =
-            match control_network.as_ref().and_then(|n| n.replicas.get(i)) {
-                Some(replica) => {
-                    let mut wrapped: Vec<String> = vec![
-                        "netns".into(),
-                        "exec".into(),
-                        replica.netns.clone(),
-                        me.display().to_string(),
-                    ];
-                    wrapped.extend(control_args);
-                    (PathBuf::from("ip"), wrapped)
-                }
-                None => (me.clone(), control_args),
-            };
+        let (program, control_args) = match control_network.as_ref().and_then(|n| n.replicas.get(i))
+        {
+            Some(replica) => {
+                let mut wrapped: Vec<String> = vec![
+                    "netns".into(),
+                    "exec".into(),
+                    replica.netns.clone(),
+                    me.display().to_string(),
+                ];
+                wrapped.extend(control_args);
+                (PathBuf::from("ip"), wrapped)
+            }
+            None => (me.clone(), control_args),
+        };
         sandbox
             .children
             .push(Child::spawn(&name, &program, &control_args, &log, &env)?);

@@ -129,6 +129,7 @@ spec: {service: bank, cells: [rz01], command: [bank]}
             problem: None,
             last_seen: String::new(),
             replica: None,
+            positions: None,
         }
     }
 

@@ -15,7 +15,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use atoll_api::rest::{BarrierResponse, Laggard, NackInfo, NodeInfo, NodeSelector, SkippedNode};
+use atoll_api::rest::{
+    BarrierResponse, Laggard, NackInfo, NodeInfo, NodeSelector, ReportedPositions, ReportedShard,
+    SkippedNode,
+};
 use atoll_store::{Coordination, KeyEvent, Write};
 use futures::StreamExt;
 use parking_lot::Mutex;
@@ -31,6 +34,12 @@ pub(crate) const REPLICAS: &str = "replicas/";
 
 /// How long node changes gather before they are published together.
 const PUBLISH_COALESCE: Duration = Duration::from_millis(5);
+
+/// Positions that only moved on (the same version, the same shards caught
+/// up) are published to the other replicas at most this often: an app
+/// reports them at its write rate, and the leader needs them at once only
+/// when they say something new (a fenced map read, a standby caught up).
+const POSITIONS_PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// A replica's URL as a key segment.
 pub(crate) fn replica_key(url: &str) -> String {
@@ -86,6 +95,10 @@ struct Record {
     disconnected_at: Option<Instant>,
     /// Closes the current stream when a newer one takes the name.
     kick: Option<oneshot::Sender<()>>,
+    /// The replication positions it reported last.
+    positions: Option<ReportedPositions>,
+    /// When its positions were last published.
+    positions_published: Option<Instant>,
 }
 
 impl Record {
@@ -103,6 +116,7 @@ impl Record {
             problem: self.problem.clone(),
             last_seen: rfc3339(self.last_seen),
             replica: Some(replica.to_owned()),
+            positions: self.positions.clone(),
         }
     }
 
@@ -142,16 +156,26 @@ impl Seen {
     }
 }
 
-fn parse_time(text: &str) -> Option<OffsetDateTime> {
+pub(crate) fn parse_time(text: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
 }
 
 /// `at` (wall clock) as an instant of this process, for "how long ago".
-fn instant_of(at: OffsetDateTime) -> Instant {
+pub(crate) fn instant_of(at: OffsetDateTime) -> Instant {
     let ago: Duration = (OffsetDateTime::now_utc() - at)
         .try_into()
         .unwrap_or(Duration::ZERO);
     Instant::now().checked_sub(ago).unwrap_or_else(Instant::now)
+}
+
+/// The shards whose standby holds everything written.
+fn caught_up(positions: &ReportedPositions) -> Vec<u32> {
+    positions
+        .shards
+        .iter()
+        .filter(|s| s.standby.is_some() && s.acknowledged >= s.written)
+        .map(|s| s.shard)
+        .collect()
 }
 
 /// RFC 3339 text of a time.
@@ -539,6 +563,8 @@ impl NodeRegistry {
         let name = identity.name.clone();
         self.forgotten.lock().remove(&identity.name);
         let mut nodes = self.nodes.lock();
+        // What it reported before stands until it reports again.
+        let positions = nodes.get(&identity.name).and_then(|r| r.positions.clone());
         let previous = nodes.insert(
             identity.name.clone(),
             Record {
@@ -553,6 +579,8 @@ impl NodeRegistry {
                 last_seen: OffsetDateTime::now_utc(),
                 disconnected_at: None,
                 kick: Some(kick),
+                positions,
+                positions_published: None,
             },
         );
         if let Some(mut previous) = previous
@@ -629,6 +657,70 @@ impl NodeRegistry {
         } else {
             self.seen(name, connection);
         }
+    }
+
+    /// Replication positions arrived: kept at once (the leader's own
+    /// streams are read live), published to the other replicas at once
+    /// when they say something new, else at most once per second.
+    pub(crate) fn positions(
+        &self,
+        name: &str,
+        connection: u64,
+        report: atoll_api::config::Positions,
+    ) {
+        let now = OffsetDateTime::now_utc();
+        let reported = ReportedPositions {
+            service: report.service,
+            applied_version: report.applied_version,
+            received: rfc3339(now),
+            shards: report
+                .shards
+                .into_iter()
+                .map(|s| ReportedShard {
+                    shard: s.shard,
+                    written: s.written,
+                    acknowledged: s.acknowledged,
+                    standby: (!s.standby.is_empty()).then_some(s.standby),
+                })
+                .collect(),
+        };
+        let mut nodes = self.nodes.lock();
+        let Some(record) = nodes.get_mut(name).filter(|r| r.connection == connection) else {
+            return;
+        };
+        record.last_seen = now;
+        let news = record.positions.as_ref().is_none_or(|before| {
+            before.applied_version != reported.applied_version
+                || before.service != reported.service
+                || caught_up(before) != caught_up(&reported)
+        });
+        let due = news
+            || record
+                .positions_published
+                .is_none_or(|at| at.elapsed() >= POSITIONS_PUBLISH_EVERY);
+        record.positions = Some(reported);
+        if due {
+            record.positions_published = Some(Instant::now());
+        }
+        drop(nodes);
+        if due {
+            self.touch(name);
+        }
+    }
+
+    /// The latest positions reported by the instances of `service` in
+    /// `cell`, as this replica sees the fleet (its own streams live, the
+    /// others' as published), the latest received first.
+    pub(crate) fn reported_positions(&self, service: &str, cell: &str) -> Vec<ReportedPositions> {
+        let mut out: Vec<ReportedPositions> = self
+            .fleet()
+            .into_values()
+            .filter(|seen| seen.identity.cell == cell)
+            .filter_map(|seen| seen.info.positions)
+            .filter(|p| p.service == service)
+            .collect();
+        out.sort_by_cached_key(|p| std::cmp::Reverse(parse_time(&p.received)));
+        out
     }
 
     pub(crate) fn seen(&self, name: &str, connection: u64) {

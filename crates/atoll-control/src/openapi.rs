@@ -4,8 +4,8 @@ use atoll_api::rest::{
     ApplyRequest, ApplyResponse, AuditResponse, BarrierRequest, BarrierResponse, ChangeAction,
     ChangeSummary, CommitChange, CommitRecord, ErrorBody, ErrorCode, HistoryItem, HistoryResponse,
     Laggard, LeaderResponse, ListResponse, ManifestFile, NackInfo, NodeInfo, NodeSelector,
-    NodesResponse, PlanCheck, ReplicaInfo, ResourceRef, RollbackRequest, StatusResponse,
-    SwitchoverPlan, SwitchoverRequest,
+    NodesResponse, PlanCheck, ReplicaInfo, ReportedPositions, ReportedShard, ResourceRef,
+    RollbackRequest, StatusResponse, SwitchoverPlan, SwitchoverRequest,
 };
 use atoll_model::Issue;
 use utoipa::OpenApi;
@@ -64,6 +64,8 @@ use utoipa::OpenApi;
         NodeInfo,
         NodeSelector,
         NodesResponse,
+        ReportedPositions,
+        ReportedShard,
         ResourceRef,
         RollbackRequest,
         StatusResponse,

@@ -356,6 +356,12 @@ impl Session {
                     .reported(&self.name, self.connection, heartbeat.applied_version);
                 return;
             }
+            Some(node_message::Message::Positions(positions)) => {
+                self.service
+                    .nodes
+                    .positions(&self.name, self.connection, positions);
+                return;
+            }
             Some(node_message::Message::Hello(_)) | None => {
                 tracing::warn!(node = %self.name, "ignoring a message that is neither ACK nor NACK");
                 return;

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use atoll_api::config::config_stream_client::ConfigStreamClient;
 use atoll_api::config::{
-    Ack, ConfigUpdate, Heartbeat, Hello, Nack, NodeIdentity, NodeMessage, node_message,
+    Ack, ConfigUpdate, Heartbeat, Hello, Nack, NodeIdentity, NodeMessage, Positions, node_message,
 };
 
 /// How often a node tells the control plane it is alive (the control plane
@@ -176,6 +176,24 @@ pub struct NodeClient {
     problem: Mutex<Option<String>>,
     /// The replicas, and the one in use.
     urls: Result<atoll_api::ControlUrls, String>,
+    /// The latest replication positions to report (app instances).
+    positions: watch::Sender<Option<Positions>>,
+}
+
+/// Reports what a node observes on its config stream, to whichever replica
+/// holds it: only the latest report counts, so a report waiting to be
+/// sent is replaced by a newer one, and a new stream starts with the
+/// latest.
+#[derive(Clone, Debug)]
+pub struct Reporter {
+    positions: watch::Sender<Option<Positions>>,
+}
+
+impl Reporter {
+    /// Reports replication positions.
+    pub fn positions(&self, positions: Positions) {
+        self.positions.send_replace(Some(positions));
+    }
 }
 
 impl std::fmt::Debug for NodeClient {
@@ -207,6 +225,14 @@ impl NodeClient {
             status: Arc::new(NodeStatus::default()),
             heartbeat: HEARTBEAT_INTERVAL,
             problem: Mutex::new(None),
+            positions: watch::channel(None).0,
+        }
+    }
+
+    /// Sends reports on the stream.
+    pub fn reporter(&self) -> Reporter {
+        Reporter {
+            positions: self.positions.clone(),
         }
     }
 
@@ -374,6 +400,9 @@ impl NodeClient {
             .into_inner();
         self.status.connected.store(true, Ordering::Relaxed);
         tracing::info!(control = %url, "config stream open");
+        // The latest report goes to this replica too, right away.
+        let mut positions = self.positions.subscribe();
+        positions.mark_changed();
 
         let mut received = Received::default();
         let mut heartbeat = tokio::time::interval(self.heartbeat);
@@ -425,6 +454,14 @@ impl NodeClient {
                         applied_version: self.status.applied_version(),
                     })),
                 },
+                Ok(()) = positions.changed() => {
+                    let Some(report) = positions.borrow_and_update().clone() else {
+                        continue;
+                    };
+                    NodeMessage {
+                        message: Some(node_message::Message::Positions(report)),
+                    }
+                }
             };
             outbound
                 .send(answer)

@@ -9,6 +9,11 @@
 //!   refused, so two cells never both accept writes for one shard.
 //! - where the instances of another cell are (for replication).
 //!
+//! An app that replicates its data to standby cells reports its replication
+//! positions through [`Cell::report_positions`]: the SDK sends them on the
+//! config stream, and a switchover's sync gate reads them there, so the
+//! control plane never dials an app instance.
+//!
 //! It does no I/O of its own beyond the config stream, and it is not a data
 //! path: requests reach the app through a gateway or a sidecar.
 
@@ -498,6 +503,43 @@ pub struct Cell {
     lease: Arc<Lease>,
     status: Arc<NodeStatus>,
     changed: watch::Receiver<u64>,
+    reporter: atoll_node::Reporter,
+    /// Wakes the positions reporter (see [`Cell::positions_changed`]).
+    positions_changed: Arc<tokio::sync::Notify>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// How long position changes gather before one report goes out.
+const POSITIONS_COALESCE: Duration = Duration::from_millis(20);
+/// A report goes out at least this often, changed or not.
+const POSITIONS_EVERY: Duration = Duration::from_secs(1);
+
+/// Where an app's replication positions come from (see
+/// [`Cell::report_positions`]).
+pub trait PositionSource: Send + Sync + 'static {
+    /// Per shard that `view` says this cell owns: the last log position
+    /// written and the position its standby confirmed. Read it after this
+    /// call starts: the SDK stamps the report with the view's version, and
+    /// the writes admitted under older views are all done by then.
+    fn read(&self, view: Arc<View>) -> PositionsRead<'_>;
+}
+
+/// What [`PositionSource::read`] returns.
+pub type PositionsRead<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<ShardReport>, String>> + Send + 'a>,
+>;
+
+/// The replication of one shard, as the app reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardReport {
+    /// The shard.
+    pub shard: u32,
+    /// The last log position that changed it here.
+    pub written: i64,
+    /// The position its standby confirmed.
+    pub acknowledged: i64,
+    /// The standby cell it replicates to.
+    pub standby: Option<String>,
 }
 
 impl std::fmt::Debug for Cell {
@@ -564,7 +606,8 @@ impl Cell {
                 .clone()
                 .renew(identity.clone(), status.clone(), shutdown.clone()),
         );
-        tokio::spawn(client.run(shutdown));
+        let reporter = client.reporter();
+        tokio::spawn(client.run(shutdown.clone()));
         Cell {
             identity,
             view,
@@ -572,7 +615,79 @@ impl Cell {
             lease,
             status,
             changed: receiver,
+            reporter,
+            positions_changed: Arc::new(tokio::sync::Notify::new()),
+            shutdown,
         }
+    }
+
+    /// Reports the app's replication positions on the config stream until
+    /// shutdown: read from `source` when [`Cell::positions_changed`] says
+    /// so (at most one report per 20 ms), when the view changes (a fence
+    /// is answered by a report read under it at once) and every second.
+    /// A switchover's sync gate waits for positions read under the fenced
+    /// shard map that show the standby caught up.
+    pub fn report_positions(&self, source: Arc<dyn PositionSource>) {
+        let view = self.view.clone();
+        let mut versions = self.changed.clone();
+        let wake = self.positions_changed.clone();
+        let reporter = self.reporter.clone();
+        let mut shutdown = self.shutdown.clone();
+        let service = self.identity.service.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(POSITIONS_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    () = wake.notified() => {
+                        tokio::select! {
+                            () = tokio::time::sleep(POSITIONS_COALESCE) => {}
+                            _ = shutdown.changed() => return,
+                        }
+                    }
+                    Ok(()) = versions.changed() => {}
+                    _ = every.tick() => {}
+                    _ = shutdown.changed() => return,
+                }
+                // The version first: the view read next is this one or a
+                // newer one, never older.
+                let version = *versions.borrow_and_update();
+                let Some(current) = view.load_full() else {
+                    continue;
+                };
+                match source.read(current).await {
+                    Ok(shards) => {
+                        failing = false;
+                        reporter.positions(atoll_api::config::Positions {
+                            applied_version: version,
+                            service: service.clone(),
+                            shards: shards
+                                .into_iter()
+                                .map(|s| atoll_api::config::ShardPositionReport {
+                                    shard: s.shard,
+                                    written: s.written,
+                                    acknowledged: s.acknowledged,
+                                    standby: s.standby.unwrap_or_default(),
+                                })
+                                .collect(),
+                        });
+                    }
+                    Err(reason) => {
+                        if !failing {
+                            tracing::warn!(%reason, "cannot read the replication positions to report them; the last report stands");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        });
+    }
+
+    /// The app's replication positions changed (a write, a standby's
+    /// confirmation): a report goes out within 20 ms.
+    pub fn positions_changed(&self) {
+        self.positions_changed.notify_one();
     }
 
     /// The identity.

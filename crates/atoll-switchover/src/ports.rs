@@ -74,11 +74,14 @@ pub trait Fleet: Send + Sync {
 
 /// The replication probes of the services on the map's shard rule.
 pub trait Probes: Send + Sync {
-    /// Positions of the moving shards at their source cells.
+    /// Positions of the moving shards at their source cells, read under
+    /// version `since` of the shard map or later (the fenced map's: no
+    /// write of a moving shard can follow them).
     fn positions(
         &self,
         map: &ShardMapSpec,
         moves: &[ShardMove],
+        since: u64,
     ) -> impl Future<Output = Result<Vec<ShardPosition>, ProbeProblem>> + Send;
 }
 
@@ -156,8 +159,9 @@ impl<T: Probes> Probes for Arc<T> {
         &self,
         map: &ShardMapSpec,
         moves: &[ShardMove],
+        since: u64,
     ) -> impl Future<Output = Result<Vec<ShardPosition>, ProbeProblem>> + Send {
-        T::positions(self, map, moves)
+        T::positions(self, map, moves, since)
     }
 }
 

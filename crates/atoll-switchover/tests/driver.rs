@@ -280,8 +280,9 @@ impl Probes for World {
         &self,
         _map: &ShardMapSpec,
         _moves: &[ShardMove],
+        since: u64,
     ) -> Result<Vec<ShardPosition>, ProbeProblem> {
-        self.note("positions".into());
+        self.note(format!("positions since v{since}"));
         let elapsed = self.elapsed();
         (self.positions.lock())(elapsed)
     }
@@ -534,6 +535,25 @@ async fn the_sync_gate_polls_the_probes_until_the_standby_caught_up() {
     assert_eq!(world.spec().phase, SwitchoverPhase::Completed);
     // Every 50 ms on the fake clock: at 0, 50, ... 300.
     assert_eq!(world.count("positions"), 7);
+    // Only positions read under the fenced map count: the version the fence
+    // barrier waited for.
+    let fenced = world
+        .log
+        .lock()
+        .iter()
+        .find_map(|l| {
+            l.strip_prefix("barrier v")
+                .filter(|rest| rest.contains(" fenceBarrier"))
+                .and_then(|rest| rest.split(' ').next())
+                .map(str::to_owned)
+        })
+        .expect("a fence barrier");
+    assert_eq!(
+        world.count(&format!("positions since v{fenced}")),
+        7,
+        "{:?}",
+        world.log.lock()
+    );
     let gate = world
         .spec()
         .timeline

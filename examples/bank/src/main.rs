@@ -189,6 +189,10 @@ async fn run() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {address}: {e}"))?;
+    // The sync gate of a switchover reads these on the config stream.
+    bank.cell.report_positions(Arc::new(replication::Positions {
+        db: bank.db.clone(),
+    }));
     tracing::info!(%address, cell = %identity.cell, instance = %identity.instance, replica, "atoll-bank serving");
     serve(listener, app, async move {
         terminated().await;
@@ -701,6 +705,7 @@ async fn execute(
         }
     };
     drop(permit);
+    bank.cell.positions_changed();
     // Synchronous replication: the answer waits until the shard's standby
     // holds everything written to the shard so far (this write included, or
     // the first answer to it, for a replay).

@@ -8,7 +8,10 @@
 //! are signed with the deployment's secret (see `internal`): a standby
 //! applies none it cannot verify. `GET /internal/replication/positions`
 //! reports, per shard, the last position written and the position the
-//! standby has acknowledged: what a switchover's sync gate compares.
+//! standby has acknowledged: what a switchover's sync gate compares. The
+//! same positions go to the control plane on the config stream
+//! ([`Positions`], through the SDK), which is where the sync gate reads
+//! them; the route serves people and older control planes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -143,6 +146,7 @@ pub(crate) async fn ship(bank: Arc<Bank>, mut stopped: watch::Receiver<bool>) {
                         let _ =
                             tokio::task::spawn_blocking(move || db.set_acks(&standby, &applied))
                                 .await;
+                        bank.cell.positions_changed();
                         busy |= up_to < position;
                     }
                     Err(e) => tracing::warn!(%standby, %address, "replication: {e}"),
@@ -322,4 +326,39 @@ pub(crate) async fn positions(State(bank): State<Arc<Bank>>) -> Response {
         "applied": applied,
     });
     (StatusCode::OK, axum::Json(body)).into_response()
+}
+
+/// The positions the SDK reports on the config stream.
+pub(crate) struct Positions {
+    pub(crate) db: Arc<crate::db::Db>,
+}
+
+impl atoll_sdk::PositionSource for Positions {
+    fn read(&self, view: Arc<atoll_sdk::View>) -> atoll_sdk::PositionsRead<'_> {
+        let db = self.db.clone();
+        Box::pin(async move {
+            let (written, acks) = tokio::task::spawn_blocking(move || {
+                Ok::<_, anyhow::Error>((db.written()?, db.acks()?))
+            })
+            .await
+            .map_err(|e| format!("positions task: {e}"))?
+            .map_err(|e| format!("cannot read the log: {e:#}"))?;
+            Ok(view
+                .owned_shards()
+                .into_iter()
+                .map(|shard| {
+                    let standby = view.standby(shard).map(str::to_owned);
+                    atoll_sdk::ShardReport {
+                        shard,
+                        written: written.get(&shard).copied().unwrap_or(0),
+                        acknowledged: standby
+                            .as_ref()
+                            .and_then(|s| acks.get(&(s.clone(), shard)).copied())
+                            .unwrap_or(0),
+                        standby,
+                    }
+                })
+                .collect())
+        })
+    }
 }

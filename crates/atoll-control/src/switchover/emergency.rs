@@ -63,13 +63,15 @@ impl Switchovers {
             let now = Instant::now();
             let mut lost: Vec<String> = Vec::new();
             for (cell, answer) in probes {
-                if let Some(positions) = answer {
-                    self.probed
-                        .lock()
-                        .insert(cell.to_owned(), (now, OffsetDateTime::now_utc(), positions));
+                if let Some(heard) = answer {
+                    let mut probed = self.probed.lock();
+                    if probed.get(cell).is_none_or(|before| before.0 <= heard.0) {
+                        probed.insert(cell.to_owned(), heard);
+                    }
                 }
-                // Alive: answered its probe (when a service declares one) or
-                // asked for a lease, lately.
+                // Alive: reported its positions or answered its probe (when
+                // a service declares replication), or asked for a lease,
+                // lately.
                 let last_probe = self.probed.lock().get(cell).map(|p| p.0);
                 let last_lease = self.leases.last_asked(cell);
                 let alive = [last_probe, last_lease, Some(self.leases.started())]

@@ -61,7 +61,7 @@ impl std::fmt::Debug for Switchovers {
 
 /// A cell's last answered probe: when (monotonic and wall clock), and the
 /// positions of its shards.
-type Probed = (Instant, OffsetDateTime, Vec<ShardPosition>);
+pub(super) type Probed = (Instant, OffsetDateTime, Vec<ShardPosition>);
 
 impl Switchovers {
     pub(crate) fn new(

@@ -143,7 +143,9 @@ impl Switchovers {
                 }),
             }
         }
-        let probes = self.positions(resources, map_spec, &moves).await;
+        // Any positions reported, whatever map they were read under: a
+        // plan shows the lag now.
+        let probes = self.positions(resources, map_spec, &moves, 0).await;
         let lag: i64 = probes
             .as_ref()
             .map(|p| p.iter().map(|s| (s.written - s.acknowledged).max(0)).sum())

@@ -161,11 +161,12 @@ impl Probes for Live {
         &self,
         map: &ShardMapSpec,
         moves: &[ShardMove],
+        since: u64,
     ) -> Result<Vec<ShardPosition>, ProbeProblem> {
-        // Where to probe comes from the config cache; the positions
-        // themselves are probed live.
+        // The services from the config cache; the positions from what the
+        // instances reported on their streams.
         let resources = self.0.writer.cache.current().resources();
-        self.0.positions(&resources, map, moves).await
+        self.0.positions(&resources, map, moves, since).await
     }
 }
 
