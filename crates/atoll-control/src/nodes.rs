@@ -1012,6 +1012,119 @@ mod tests {
         }
     }
 
+    fn positions_report(version: u64, shards: &[(u32, i64, i64)]) -> atoll_api::config::Positions {
+        atoll_api::config::Positions {
+            applied_version: version,
+            service: "bank".into(),
+            shards: shards
+                .iter()
+                .map(
+                    |&(shard, written, acknowledged)| atoll_api::config::ShardPositionReport {
+                        shard,
+                        written,
+                        acknowledged,
+                        standby: "rz02".into(),
+                    },
+                )
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn positions_are_kept_at_once_and_published_when_they_say_something_new() {
+        let registry = NodeRegistry::new();
+        registry
+            .publishing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let app = Identity {
+            cell: "rz01".into(),
+            ..identity("bank-rz01-0", "app")
+        };
+        let (connection, _) = registry.connect(app, 5, None, None);
+        let published = || std::mem::take(&mut *registry.dirty.lock()).len();
+        assert_eq!(published(), 1, "connecting publishes the node");
+
+        registry.positions(
+            "bank-rz01-0",
+            connection,
+            positions_report(5, &[(1, 10, 9)]),
+        );
+        assert_eq!(published(), 1, "the first report is news");
+        // Moved on, the same shards behind: kept, not published.
+        registry.positions(
+            "bank-rz01-0",
+            connection,
+            positions_report(5, &[(1, 12, 11)]),
+        );
+        assert_eq!(published(), 0);
+        let seen = registry.reported_positions("bank", "rz01");
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].shards[0].written, 12, "the latest is kept at once");
+        // Caught up: news.
+        registry.positions(
+            "bank-rz01-0",
+            connection,
+            positions_report(5, &[(1, 12, 12)]),
+        );
+        assert_eq!(published(), 1);
+        // Read under another version (a fence): news.
+        registry.positions(
+            "bank-rz01-0",
+            connection,
+            positions_report(6, &[(1, 12, 12)]),
+        );
+        assert_eq!(published(), 1);
+        // Once a second at the latest, news or not.
+        registry
+            .nodes
+            .lock()
+            .get_mut("bank-rz01-0")
+            .expect("record")
+            .positions_published = Instant::now().checked_sub(POSITIONS_PUBLISH_EVERY);
+        registry.positions(
+            "bank-rz01-0",
+            connection,
+            positions_report(6, &[(1, 13, 13)]),
+        );
+        assert_eq!(published(), 1);
+
+        // Only this service, only this cell; a stale stream's report is
+        // dropped, and a new stream keeps what was reported until it
+        // reports again.
+        assert!(registry.reported_positions("ledger", "rz01").is_empty());
+        assert!(registry.reported_positions("bank", "rz02").is_empty());
+        let app = Identity {
+            cell: "rz01".into(),
+            ..identity("bank-rz01-0", "app")
+        };
+        let (newer, _) = registry.connect(app, 6, None, None);
+        registry.positions(
+            "bank-rz01-0",
+            connection,
+            positions_report(9, &[(1, 99, 0)]),
+        );
+        let seen = registry.reported_positions("bank", "rz01");
+        assert_eq!(seen[0].applied_version, 6, "{seen:?}");
+        assert_eq!(seen[0].shards[0].written, 13);
+        registry.positions("bank-rz01-0", newer, positions_report(7, &[(1, 14, 14)]));
+        assert_eq!(
+            registry.reported_positions("bank", "rz01")[0].applied_version,
+            7
+        );
+        let listed = registry.list();
+        let info = listed
+            .iter()
+            .find(|n| n.name == "bank-rz01-0")
+            .expect("listed");
+        assert_eq!(
+            info.positions
+                .as_ref()
+                .map(|p| p.shards[0].standby.as_deref()),
+            Some(Some("rz02")),
+            "atoll nodes shows them"
+        );
+    }
+
     #[tokio::test]
     async fn a_barrier_waits_for_every_matching_node() {
         let registry = std::sync::Arc::new(NodeRegistry::new());

@@ -341,6 +341,177 @@ async fn the_replicated_sandbox_drills_its_leader_frozen_mid_switchover_and_kill
 /// The control-plane drill on a sandbox of one replica says what to start
 /// instead, and `--at` without a switchover is a usage error; neither
 /// starts a workload.
+/// Each replica in its own network namespace: the leader, cut off the
+/// network mid-switchover, runs on without reaching etcd or any node; it
+/// must stop acting on its own, a new leader carries the switchover on
+/// from what the instances reported on their config streams (a replica in
+/// a namespace cannot dial an app instance on the host's loopback: the
+/// control plane only answers connections), and the old leader comes back
+/// a follower that changed nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_replicated_sandbox_drills_its_leader_partitioned_mid_switchover() {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    if !root {
+        eprintln!(
+            "SKIPPED: partitioning a replica needs root (network namespaces); CI runs as root"
+        );
+        return;
+    }
+    let sandbox = crate::up::Sandbox::start_with(&["--control-replicas", "3", "--isolate-control"]);
+    let network = sandbox.up["isolatedControl"].clone();
+    let namespaces: Vec<String> = network["replicas"]
+        .as_array()
+        .expect("up.json names the replicas' namespaces")
+        .iter()
+        .map(|r| r["netns"].as_str().expect("netns").to_owned())
+        .collect();
+    assert_eq!(namespaces.len(), 3, "{network}");
+    let bridge = network["bridge"].as_str().expect("bridge").to_owned();
+
+    // Every app instance reports its replication positions on its stream.
+    let nodes = run_json(&sandbox, &["nodes", "-o", "json"]);
+    let apps: Vec<&Value> = nodes["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| n["role"] == "app")
+        .collect();
+    assert_eq!(apps.len(), 6, "{nodes}");
+    let reporting = || {
+        let nodes = run_json(&sandbox, &["nodes", "-o", "json"]);
+        nodes["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .filter(|n| n["role"] == "app" && n["positions"]["service"] == "bank")
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while reporting() < 6 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        reporting(),
+        6,
+        "{}",
+        run_json(&sandbox, &["nodes", "-o", "json"])
+    );
+
+    let hold = 8_000;
+    let report = crate::switchover::drill(
+        &sandbox,
+        &[
+            "control-plane",
+            "--fault",
+            "partition",
+            "--hold",
+            "8s",
+            "--shards",
+            "0-49",
+            "--at",
+            "fence-barrier",
+            "--rate",
+            "150",
+            "--duration",
+            "16s",
+            "--start-after",
+            "3s",
+        ],
+    );
+    assert_eq!(report["outcome"], "completed", "{report}");
+    assert!(report["clean"].as_bool() == Some(true), "{report}");
+    assert_eq!(report["lostAcknowledgedWrites"], 0, "{report}");
+    let change = &report["leaderChange"];
+    assert_eq!(change["fault"], "partition", "{report}");
+    assert_ne!(change["newLeader"], change["oldLeader"], "{report}");
+    assert!(
+        change["newTerm"].as_i64() > change["oldTerm"].as_i64(),
+        "{report}"
+    );
+    let leaderless = crate::switchover::ms(change, "leaderlessMs");
+    assert!(
+        leaderless < 6_000,
+        "no leader for {leaderless} ms: {report}"
+    );
+    let went_on = crate::switchover::ms(change, "wentOnMs");
+    assert!(went_on < hold, "went on after {went_on} ms: {report}");
+    assert_eq!(change["returnedRole"], "follower", "{report}");
+    // It stopped acting before its election lease could expire: nothing of
+    // its term reached the store to be refused, let alone accepted.
+    assert!(change["deposedWritesRefused"].is_u64(), "{report}");
+    let phases: Vec<String> = report["phases"]
+        .as_array()
+        .expect("phases")
+        .iter()
+        .filter_map(|p| p.as_str()?.split(' ').next().map(str::to_owned))
+        .collect();
+    for phase in ["fence", "syncGate", "flip", "flipBarrier", "completed"] {
+        assert_eq!(
+            phases.iter().filter(|p| *p == phase).count(),
+            1,
+            "{phase} in {phases:?}"
+        );
+    }
+    let switchover = crate::switchover::ms(&report, "switchoverMs");
+    assert!(
+        switchover < hold,
+        "the switchover took {switchover} ms: {report}"
+    );
+
+    // Stopping the sandbox removes the namespaces and the bridge.
+    drop(sandbox);
+    let listed = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for netns in &namespaces {
+        assert!(
+            !listed.contains(netns.as_str()),
+            "namespace {netns} left behind"
+        );
+    }
+    let links = std::process::Command::new("ip")
+        .args(["link", "show", &bridge])
+        .output()
+        .expect("ip link show");
+    assert!(!links.status.success(), "bridge {bridge} left behind");
+}
+
+#[test]
+fn isolating_the_control_plane_needs_replicas_and_a_partition_drill_needs_isolation() {
+    let up = std::process::Command::new(crate::harness::ATOLL)
+        .args(["up", "--isolate-control"])
+        .output()
+        .expect("run atoll up");
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert_eq!(up.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--control-replicas 3 or 5"), "{stderr}");
+
+    // A replicated sandbox without --isolate-control cannot cut its leader
+    // off: the drill says how to start one that can, before any workload.
+    let state = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        state.path().join("up.json"),
+        r#"{"control": "http://127.0.0.1:9,http://127.0.0.1:10", "controlReplicas": ["http://127.0.0.1:9", "http://127.0.0.1:10"], "processes": {}}"#,
+    )
+    .expect("up.json");
+    let drill = std::process::Command::new(crate::harness::ATOLL)
+        .args(["--control", "http://127.0.0.1:9", "drill", "control-plane"])
+        .args(["--fault", "partition", "--state-dir"])
+        .arg(state.path())
+        .env_remove("ATOLL_CONTROL")
+        .output()
+        .expect("run atoll drill");
+    let stderr = String::from_utf8_lossy(&drill.stderr);
+    assert_ne!(drill.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("--isolate-control"), "{stderr}");
+    assert!(!state.path().join("drills").exists(), "no workload started");
+}
+
 #[test]
 fn the_control_plane_drill_needs_replicas_and_a_switchover_for_at() {
     let state = tempfile::tempdir().expect("tempdir");
@@ -516,4 +687,21 @@ async fn the_replicated_sandbox_rides_out_the_loss_of_etcd_members() {
         "{}",
         String::from_utf8_lossy(&resumed.stderr)
     );
+}
+
+/// `atoll ARGS` against the sandbox, its stdout as JSON.
+fn run_json(sandbox: &crate::up::Sandbox, args: &[&str]) -> Value {
+    let output = std::process::Command::new(crate::harness::ATOLL)
+        .args(["--control", &sandbox.control()])
+        .args(args)
+        .env_remove("ATOLL_CONTROL")
+        .output()
+        .expect("run atoll");
+    serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "atoll {args:?} printed no JSON ({e}), exit {}:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })
 }
