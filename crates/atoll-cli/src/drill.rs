@@ -1538,6 +1538,22 @@ async fn control_plane(client: &Client, drill: ControlPlaneDrill) -> Result<u8, 
         );
         return Err(error);
     }
+    let network: Option<crate::netns::ControlNetwork> =
+        serde_json::from_value(up["isolatedControl"].clone()).ok();
+    if drill.fault == LeaderFault::Partition && network.is_none() {
+        let mut error = CliError::new(
+            exit::FAILURE,
+            format!(
+                "the control-plane replicas of the sandbox in {} share the host's network: a partition cannot cut one off",
+                place.state_dir.display()
+            ),
+        );
+        error.details.push(format!(
+            "start it with `atoll up --control-replicas {} --isolate-control` (each replica in its own network namespace; Linux, root)",
+            replicas.len()
+        ));
+        return Err(error);
+    }
     let moving = drill.from.is_some() || drill.shards.is_some();
     if !moving && (drill.at.is_some() || drill.to.is_some()) {
         return Err(CliError::new(
@@ -1557,22 +1573,6 @@ async fn control_plane(client: &Client, drill: ControlPlaneDrill) -> Result<u8, 
     let gateway = first_gateway(client).await?;
     let history = history_path(common, &place, "control-plane");
     let fault = drill.fault.name();
-    let network: Option<crate::netns::ControlNetwork> =
-        serde_json::from_value(up["isolatedControl"].clone()).ok();
-    if drill.fault == LeaderFault::Partition && network.is_none() {
-        let mut error = CliError::new(
-            exit::FAILURE,
-            format!(
-                "the control-plane replicas of the sandbox in {} share the host's network: a partition cannot cut one off",
-                place.state_dir.display()
-            ),
-        );
-        error.details.push(format!(
-            "start it with `atoll up --control-replicas {} --isolate-control` (each replica in its own network namespace; Linux, root)",
-            replicas.len()
-        ));
-        return Err(error);
-    }
     let mut report = Report {
         drill: match &moves {
             Some(moves) => {
