@@ -4,7 +4,8 @@
 //! control plane holds no credentials for the zone), works out which
 //! instances of which App resources belong in its zone, runs them through a
 //! [`Runtime`] driver, restarts them with backoff when they exit, checks
-//! their health, and reports them as the zone's Endpoints resources, which
+//! their health, and reports them as the zone's Endpoints resources (on the
+//! config stream's service, as the principal `agent/<zone>`), which
 //! the gateways route to. Its config stream is its heartbeat: the control
 //! plane marks the zone's cells unhealthy when the agent is gone.
 //!
@@ -19,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use atoll_api::rest::{ApplyRequest, ManifestFile, ResourceRef};
+use atoll_api::config::config_stream_client::ConfigStreamClient;
 use atoll_model::{
     AppSpec, EndpointsSpec, HealthCheck, Kind, Metadata, ReportedEndpoint, Resource, Spec,
 };
@@ -145,7 +146,6 @@ pub struct Agent<R: Runtime> {
     status: Arc<NodeStatus>,
     client: Option<NodeClient>,
     desired: watch::Receiver<Desired>,
-    http: reqwest::Client,
 }
 
 impl<R: Runtime> std::fmt::Debug for Agent<R> {
@@ -185,9 +185,6 @@ impl<R: Runtime> Agent<R> {
             status,
             client: Some(client),
             desired,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()?,
         })
     }
 
@@ -559,7 +556,7 @@ impl<R: Runtime> Agent<R> {
         if changed.is_empty() && gone.is_empty() {
             return Ok(());
         }
-        let mut manifests = Vec::new();
+        let mut endpoints = Vec::new();
         for (name, spec) in &changed {
             let resource = Resource {
                 metadata: Metadata {
@@ -573,9 +570,11 @@ impl<R: Runtime> Agent<R> {
                 },
                 spec: Spec::Endpoints((*spec).clone()),
             };
-            manifests.push(ManifestFile {
-                source: format!("agent {zone}: {name}"),
-                content: serde_json::to_string(&resource)?,
+            endpoints.push(atoll_api::config::Resource {
+                kind: Kind::Endpoints.as_str().to_owned(),
+                name: (*name).clone(),
+                resource_version: 0,
+                json: serde_json::to_vec(&resource)?.into(),
             });
         }
         let ready: usize = current
@@ -583,49 +582,43 @@ impl<R: Runtime> Agent<R> {
             .map(|s| s.endpoints.iter().filter(|e| e.ready).count())
             .sum();
         let total: usize = current.values().map(|s| s.endpoints.len()).sum();
-        let request = ApplyRequest {
-            manifests,
-            delete: gone
-                .iter()
-                .map(|name| ResourceRef {
-                    kind: Kind::Endpoints.as_str().to_owned(),
-                    name: name.clone(),
-                    resource_version: None,
-                })
-                .collect(),
-            dry_run: false,
-            message: Some(format!("agent {zone}: {ready} of {total} instances ready")),
+        let request = atoll_api::config::EndpointsReport {
+            node: Some(atoll_api::config::NodeIdentity {
+                name: format!("agent-{zone}"),
+                role: "agent".into(),
+                zone: zone.clone(),
+                cell: String::new(),
+            }),
+            endpoints,
+            gone: gone.clone(),
+            message: format!("agent {zone}: {ready} of {total} instances ready"),
         };
-        // Any replica takes it (a follower passes it on to the leader); one
+        // On the config stream's service, not the user's apply path: any
+        // replica takes it (a follower passes it on to the leader); one
         // that does not answer is left for the next.
         let urls =
             atoll_api::ControlUrls::parse(&self.options.control).map_err(anyhow::Error::msg)?;
         let mut attempt = 0;
-        let (url, response) = loop {
-            let url = format!("{}/v1/apply", urls.current());
-            match self
-                .http
-                .post(&url)
-                .header("x-atoll-user", format!("agent:{zone}"))
-                .json(&request)
-                .send()
-                .await
-            {
-                Ok(response) => break (url, response),
-                Err(e) => {
-                    urls.failed(urls.current().to_owned().as_str());
+        loop {
+            let url = urls.current().to_owned();
+            let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
+                .map_err(|e| anyhow::anyhow!("bad control plane URL {url}: {e}"))?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(10));
+            let mut client = ConfigStreamClient::new(endpoint.connect_lazy());
+            match client.report_endpoints(request.clone()).await {
+                Ok(_) => break,
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    urls.failed(&url);
                     attempt += 1;
                     if attempt >= urls.all().len() {
-                        anyhow::bail!("{url}: {e}");
+                        anyhow::bail!("{url}: {}", status.message());
                     }
                 }
+                Err(status) => {
+                    anyhow::bail!("{url} refused the report: {}", status.message())
+                }
             }
-        };
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            // Deleting what is already gone is fine; anything else is not.
-            anyhow::bail!("{url} answered {status}: {}", body.trim());
         }
         tracing::info!(ready, total, "reported endpoints");
         for (name, spec) in changed {

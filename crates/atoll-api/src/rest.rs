@@ -460,6 +460,9 @@ pub enum ErrorCode {
     Conflict,
     /// No such resource, revision or node.
     NotFound,
+    /// The caller may not make this change (an agent writing outside its
+    /// zone).
+    Forbidden,
     /// The request body is too large.
     TooLarge,
     /// The store is unreachable or failing.

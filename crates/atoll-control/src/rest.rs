@@ -82,6 +82,7 @@ impl From<ControlError> for ApiError {
             ControlError::Conflict(m) => Self::new(StatusCode::CONFLICT, ErrorCode::Conflict, m),
             ControlError::NotFound(m) => Self::not_found(m),
             ControlError::BadRequest(m) => Self::bad_request(m),
+            ControlError::Forbidden(m) => Self::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, m),
             ControlError::Unavailable(m) | ControlError::NotLeader(m) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, m)
             }

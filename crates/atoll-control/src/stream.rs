@@ -145,6 +145,84 @@ impl ConfigStream for ConfigStreamService {
         Ok(Response::new(grant))
     }
 
+    async fn report_endpoints(
+        &self,
+        request: Request<atoll_api::config::EndpointsReport>,
+    ) -> Result<Response<atoll_api::config::EndpointsAnswer>, Status> {
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let report = request.into_inner();
+        let node = report.node.clone().unwrap_or_default();
+        if let Some(problem) = identity_problem(&node.name) {
+            return Err(Status::invalid_argument(problem));
+        }
+        if node.role != "agent" || node.zone.is_empty() {
+            return Err(Status::permission_denied(format!(
+                "only a zone's agent reports Endpoints (node.role `agent` and its node.zone); {} says role `{}`, zone `{}`",
+                node.name, node.role, node.zone
+            )));
+        }
+        if let Err(not_leading) = self.control.leading() {
+            if forwarded {
+                return Err(Status::unavailable(not_leading.to_string()));
+            }
+            let (url, mut client) = self.leader_client(not_leading).await?;
+            let mut outgoing = Request::new(report);
+            outgoing.set_timeout(Duration::from_secs(5));
+            outgoing
+                .metadata_mut()
+                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            return client.report_endpoints(outgoing).await.map_err(|status| {
+                if status.code() == tonic::Code::Unavailable {
+                    Status::unavailable(format!(
+                        "this replica does not lead and the leader ({url}) did not take the report: {}",
+                        status.message()
+                    ))
+                } else {
+                    status
+                }
+            });
+        }
+        let zone = node.zone.clone();
+        let manifests: Vec<atoll_api::rest::ManifestFile> = report
+            .endpoints
+            .iter()
+            .map(|r| atoll_api::rest::ManifestFile {
+                source: format!("agent {zone}: {}", r.name),
+                content: String::from_utf8_lossy(&r.json).into_owned(),
+            })
+            .collect();
+        let mut set = tokio::task::spawn_blocking(move || crate::writer::Writer::parse(&manifests))
+            .await
+            .map_err(|e| Status::internal(format!("parsing the report: {e}")))?
+            .map_err(control_status)?;
+        // One already gone is fine: only what the store has is deleted.
+        let state = self.cache.current();
+        for name in &report.gone {
+            let key = atoll_model::ResourceKey::new(atoll_model::Kind::Endpoints, name.clone());
+            if state.resources.contains_key(&key) {
+                set.deletes.push((key, None));
+            }
+        }
+        if set.puts.is_empty() && set.deletes.is_empty() && set.issues.is_empty() {
+            return Ok(Response::new(atoll_api::config::EndpointsAnswer {
+                version: 0,
+            }));
+        }
+        let author = crate::writer::Author::agent(
+            &zone,
+            (!report.message.is_empty()).then(|| report.message.clone()),
+        );
+        let applied = self
+            .control
+            .writer
+            .apply(set, false, &author)
+            .await
+            .map_err(control_status)?;
+        Ok(Response::new(atoll_api::config::EndpointsAnswer {
+            version: applied.revision,
+        }))
+    }
+
     async fn subscribe(
         &self,
         request: Request<Streaming<NodeMessage>>,
@@ -204,14 +282,18 @@ impl ConfigStream for ConfigStreamService {
 }
 
 impl ConfigStreamService {
-    /// A renewal that reached a replica that does not lead (or cannot act
-    /// now): passed on to the leader, whose answer goes back as it is.
-    async fn forward_renewal(
+    /// A client of the leader, for what reached a replica that does not
+    /// lead (or cannot act now).
+    async fn leader_client(
         &self,
-        request: atoll_api::config::LeaseRequest,
-        node: atoll_api::config::NodeIdentity,
         not_leading: crate::writer::ControlError,
-    ) -> Result<Response<atoll_api::config::LeaseGrant>, Status> {
+    ) -> Result<
+        (
+            String,
+            atoll_api::config::config_stream_client::ConfigStreamClient<tonic::transport::Channel>,
+        ),
+        Status,
+    > {
         let leadership = &self.control.leadership;
         let mut view = leadership.view();
         if view.url.is_none() || view.url.as_deref() == Some(leadership.advertise()) {
@@ -225,7 +307,21 @@ impl ConfigStreamService {
             return Err(Status::unavailable(not_leading.to_string()));
         };
         let channel = self.leader.to(&url)?;
-        let mut client = atoll_api::config::config_stream_client::ConfigStreamClient::new(channel);
+        Ok((
+            url,
+            atoll_api::config::config_stream_client::ConfigStreamClient::new(channel),
+        ))
+    }
+
+    /// A renewal that reached a replica that does not lead (or cannot act
+    /// now): passed on to the leader, whose answer goes back as it is.
+    async fn forward_renewal(
+        &self,
+        request: atoll_api::config::LeaseRequest,
+        node: atoll_api::config::NodeIdentity,
+        not_leading: crate::writer::ControlError,
+    ) -> Result<Response<atoll_api::config::LeaseGrant>, Status> {
+        let (url, mut client) = self.leader_client(not_leading).await?;
         let forwarded = atoll_api::config::LeaseRequest {
             node: Some(node),
             ..request
@@ -461,5 +557,25 @@ pub(crate) fn build_update(
                 removed,
             }
         }
+    }
+}
+
+/// A control-plane error as a gRPC status a node can act on.
+fn control_status(error: crate::writer::ControlError) -> Status {
+    use crate::writer::ControlError;
+    match error {
+        ControlError::Invalid { message, issues } => Status::invalid_argument(format!(
+            "{message}: {}",
+            issues
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+        ControlError::BadRequest(m) => Status::invalid_argument(m),
+        ControlError::Forbidden(m) => Status::permission_denied(m),
+        ControlError::NotFound(m) => Status::not_found(m),
+        ControlError::Conflict(m) => Status::aborted(m),
+        ControlError::Unavailable(m) | ControlError::NotLeader(m) => Status::unavailable(m),
     }
 }

@@ -47,6 +47,9 @@ pub(crate) enum ControlError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    /// The principal may not make this change.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     Unavailable(String),
     /// This replica cannot act for the control plane (not the leader, or a
@@ -108,6 +111,45 @@ pub(crate) struct ChangeSet {
     pub(crate) pending: Vec<ResourceKey>,
 }
 
+/// An agent's change writes and deletes only Endpoints of its own zone
+/// (`agent/<zone>`), replacing only Endpoints of that zone.
+fn guard_agent(
+    set: &ChangeSet,
+    principal: &str,
+    stored: &BTreeMap<ResourceKey, &Resource>,
+) -> Result<(), ControlError> {
+    let zone = principal.strip_prefix("agent/").unwrap_or(principal);
+    let zone_of = |resource: &Resource| match &resource.spec {
+        Spec::Endpoints(e) => Some(e.zone.clone()),
+        _ => None,
+    };
+    for put in &set.puts {
+        let key = put.resource.key();
+        if zone_of(&put.resource).as_deref() != Some(zone) {
+            return Err(ControlError::Forbidden(format!(
+                "{principal} may write only Endpoints of zone {zone}, not {key}"
+            )));
+        }
+        if let Some(current) = stored.get(&key)
+            && zone_of(current).as_deref() != Some(zone)
+        {
+            return Err(ControlError::Forbidden(format!(
+                "{key} belongs to another zone or is not reported by agents: {principal} may not replace it"
+            )));
+        }
+    }
+    for (key, _) in &set.deletes {
+        if let Some(current) = stored.get(key)
+            && zone_of(current).as_deref() != Some(zone)
+        {
+            return Err(ControlError::Forbidden(format!(
+                "{principal} may delete only Endpoints of zone {zone}, not {key}"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A user's change may not write a Switchover (the control plane runs
 /// them), delete one still running, or change a shard map under one.
 fn guard_switchovers(set: &ChangeSet, stored: &[Resource]) -> Result<(), ControlError> {
@@ -157,13 +199,16 @@ pub(crate) enum Principal {
     /// `emergency-plan-MAP`): it may write Switchovers and the shard maps
     /// they run on.
     ControlPlane(String),
+    /// A zone's agent (`agent/<zone>`), reporting on the config stream: it
+    /// may write only the Endpoints of its zone.
+    Agent(String),
 }
 
 impl Principal {
     /// The name the audit log records.
     pub(crate) fn name(&self) -> &str {
         match self {
-            Principal::User(name) | Principal::ControlPlane(name) => name,
+            Principal::User(name) | Principal::ControlPlane(name) | Principal::Agent(name) => name,
         }
     }
 }
@@ -185,6 +230,13 @@ impl Author {
     }
 
     /// The control plane's own change.
+    pub(crate) fn agent(zone: &str, message: Option<String>) -> Self {
+        Self {
+            principal: Principal::Agent(format!("agent/{zone}")),
+            message,
+        }
+    }
+
     pub(crate) fn control_plane(name: String, message: Option<String>) -> Self {
         Self {
             principal: Principal::ControlPlane(name),
@@ -363,8 +415,10 @@ impl Writer {
         let snapshot = self.store.snapshot().await?;
         let stored: BTreeMap<ResourceKey, &Resource> =
             snapshot.resources.iter().map(|r| (r.key(), r)).collect();
-        if matches!(author.principal, Principal::User(_)) {
-            guard_switchovers(set, &snapshot.resources)?;
+        match &author.principal {
+            Principal::User(_) => guard_switchovers(set, &snapshot.resources)?,
+            Principal::Agent(name) => guard_agent(set, name, &stored)?,
+            Principal::ControlPlane(_) => {}
         }
         // One switchover at a time per map, decided against the state this
         // commit is based on (a planned start and the emergency plan may

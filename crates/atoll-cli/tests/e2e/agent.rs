@@ -199,7 +199,7 @@ fn an_agent_runs_scales_and_stops_its_zones_instances_and_reports_them() {
     );
     let audit = control.atoll(&["audit"]).success().stdout();
     assert!(
-        audit.contains("agent:hz-a"),
+        audit.contains("agent/hz-a"),
         "reports are audited with the agent as author: {audit}"
     );
     // The instance got its identity in the environment.
@@ -320,5 +320,139 @@ fn a_crashing_instance_is_restarted_with_backoff_and_its_cell_is_unhealthy() {
             .as_str()
             .is_some_and(|r| r.contains("no instance is ready")),
         "{cell}"
+    );
+}
+
+/// Reports on the config stream's service: an agent writes the Endpoints of
+/// its own zone, as `agent/<zone>`, and nothing else.
+#[tokio::test(flavor = "multi_thread")]
+async fn only_a_zones_agent_reports_the_zones_endpoints() {
+    use atoll_api::config::config_stream_client::ConfigStreamClient;
+    use atoll_api::config::{EndpointsReport, NodeIdentity, Resource};
+
+    let control = Control::start();
+    control
+        .atoll(&["apply", "-f", examples().to_str().unwrap()])
+        .success();
+    // Endpoints of sh-a that a person applied by hand.
+    control
+        .atoll_with_stdin(
+            &["apply", "-f", "-"],
+            Some(
+                "apiVersion: atoll/v1\nkind: Endpoints\nmetadata: {name: bank-sh-a}\nspec:\n  service: bank\n  zone: sh-a\n  endpoints: [{cell: rz03, address: '127.0.0.1:9', instance: by-hand, ready: true}]\n",
+            ),
+        )
+        .success();
+    let mut client = ConfigStreamClient::connect(control.url.clone())
+        .await
+        .expect("connect");
+    let agent = |role: &str, zone: &str| NodeIdentity {
+        name: format!("agent-{zone}"),
+        role: role.into(),
+        zone: zone.into(),
+        cell: String::new(),
+    };
+    let endpoints = |name: &str, zone: &str, cell: &str| {
+        Resource {
+        kind: "Endpoints".into(),
+        name: name.into(),
+        resource_version: 0,
+        json: serde_json::to_vec(&serde_json::json!({
+            "apiVersion": "atoll/v1",
+            "kind": "Endpoints",
+            "metadata": {"name": name},
+            "spec": {"service": "bank", "zone": zone, "endpoints": [
+                {"cell": cell, "address": "127.0.0.1:18080", "instance": format!("bank-{cell}-0"), "ready": true}
+            ]},
+        }))
+        .expect("json")
+        .into(),
+    }
+    };
+    let report =
+        |node: NodeIdentity, resources: Vec<Resource>, gone: Vec<String>| EndpointsReport {
+            node: Some(node),
+            endpoints: resources,
+            gone,
+            message: "1 of 1 instances ready".into(),
+        };
+
+    // Its own zone: committed, audited as the agent.
+    let answer = client
+        .report_endpoints(report(
+            agent("agent", "hz-a"),
+            vec![endpoints("bank-hz-a", "hz-a", "rz01")],
+            Vec::new(),
+        ))
+        .await
+        .expect("its own zone's endpoints")
+        .into_inner();
+    assert!(answer.version > 0, "{answer:?}");
+    let stored = control.json(&["get", "endpoints", "bank-hz-a"]);
+    assert_eq!(stored["spec"]["zone"], "hz-a", "{stored}");
+    let audit = control.atoll(&["audit"]).success().stdout();
+    assert!(audit.contains("agent/hz-a"), "{audit}");
+
+    // Another zone's, in a new resource or over one of that zone.
+    for (name, zone) in [("bank-sh-a-2", "sh-a"), ("bank-sh-a", "sh-a")] {
+        let refused = client
+            .report_endpoints(report(
+                agent("agent", "hz-a"),
+                vec![endpoints(name, zone, "rz03")],
+                Vec::new(),
+            ))
+            .await
+            .expect_err("another zone's endpoints");
+        assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+        assert!(
+            refused.message().contains("only Endpoints of zone hz-a"),
+            "{refused:?}"
+        );
+    }
+    // Deleting another zone's, or reporting as anything but an agent.
+    let refused = client
+        .report_endpoints(report(
+            agent("agent", "hz-a"),
+            Vec::new(),
+            vec!["bank-sh-a".into()],
+        ))
+        .await
+        .expect_err("deleting another zone's endpoints");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let refused = client
+        .report_endpoints(report(
+            agent("gateway", "hz-a"),
+            vec![endpoints("bank-hz-a", "hz-a", "rz01")],
+            Vec::new(),
+        ))
+        .await
+        .expect_err("a gateway reporting endpoints");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("only a zone's agent"),
+        "{refused:?}"
+    );
+    // Broken JSON says what is wrong; one already gone is fine.
+    let mut broken = endpoints("bank-hz-a", "hz-a", "rz01");
+    broken.json = b"{\"kind\": \"Endpoints\", ".to_vec().into();
+    let refused = client
+        .report_endpoints(report(agent("agent", "hz-a"), vec![broken], Vec::new()))
+        .await
+        .expect_err("broken json");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let answer = client
+        .report_endpoints(report(
+            agent("agent", "hz-a"),
+            Vec::new(),
+            vec!["bank-hz-b".into()],
+        ))
+        .await
+        .expect("deleting what is gone")
+        .into_inner();
+    assert_eq!(answer.version, 0);
+    let stored = control.json(&["get", "endpoints", "bank-sh-a"]);
+    assert_eq!(
+        stored["spec"]["endpoints"][0]["instance"], "by-hand",
+        "{stored}"
     );
 }
