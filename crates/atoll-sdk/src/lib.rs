@@ -509,8 +509,9 @@ pub struct Cell {
     shutdown: watch::Receiver<bool>,
 }
 
-/// How long position changes gather before one report goes out.
-const POSITIONS_COALESCE: Duration = Duration::from_millis(20);
+/// At most one read of the positions per this long on changes (a view
+/// change is read at once: the sync gate waits for it).
+const POSITIONS_MIN_INTERVAL: Duration = Duration::from_millis(50);
 /// A report goes out at least this often, changed or not.
 const POSITIONS_EVERY: Duration = Duration::from_secs(1);
 
@@ -623,7 +624,7 @@ impl Cell {
 
     /// Reports the app's replication positions on the config stream until
     /// shutdown: read from `source` when [`Cell::positions_changed`] says
-    /// so (at most one report per 20 ms), when the view changes (a fence
+    /// so (at most one read per 50 ms), when the view changes (a fence
     /// is answered by a report read under it at once) and every second.
     /// A switchover's sync gate waits for positions read under the fenced
     /// shard map that show the standby caught up.
@@ -638,11 +639,12 @@ impl Cell {
             let mut every = tokio::time::interval(POSITIONS_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
+            let mut last_read = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     () = wake.notified() => {
                         tokio::select! {
-                            () = tokio::time::sleep(POSITIONS_COALESCE) => {}
+                            () = tokio::time::sleep_until(last_read + POSITIONS_MIN_INTERVAL) => {}
                             _ = shutdown.changed() => return,
                         }
                     }
@@ -656,6 +658,7 @@ impl Cell {
                 let Some(current) = view.load_full() else {
                     continue;
                 };
+                last_read = tokio::time::Instant::now();
                 match source.read(current).await {
                     Ok(shards) => {
                         failing = false;
@@ -685,7 +688,7 @@ impl Cell {
     }
 
     /// The app's replication positions changed (a write, a standby's
-    /// confirmation): a report goes out within 20 ms.
+    /// confirmation): a report goes out within 50 ms.
     pub fn positions_changed(&self) {
         self.positions_changed.notify_one();
     }

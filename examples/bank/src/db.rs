@@ -808,6 +808,25 @@ impl Db {
         rows.collect::<Result<_, _>>().map_err(error)
     }
 
+    /// The last log position that changed each of `shards` (0 if none):
+    /// one lookup of the log's (shard, position) index each, where
+    /// [`Db::written`] reads the whole log.
+    pub(crate) fn written_of_shards(&self, shards: &[u32]) -> anyhow::Result<BTreeMap<u32, i64>> {
+        let connection = self.connection.lock();
+        let mut statement = connection
+            .prepare_cached("SELECT COALESCE(MAX(position), 0) FROM log WHERE shard = ?1")
+            .map_err(error)?;
+        shards
+            .iter()
+            .map(|&shard| {
+                statement
+                    .query_row([shard], |r| r.get(0))
+                    .map(|position| (shard, position))
+                    .map_err(error)
+            })
+            .collect()
+    }
+
     /// What each standby has acknowledged applying, per (standby, shard).
     /// The last log position that changed `shard` (0 if none).
     pub(crate) fn written_of(&self, shard: u32) -> anyhow::Result<i64> {

@@ -337,8 +337,9 @@ impl atoll_sdk::PositionSource for Positions {
     fn read(&self, view: Arc<atoll_sdk::View>) -> atoll_sdk::PositionsRead<'_> {
         let db = self.db.clone();
         Box::pin(async move {
+            let owned = view.owned_shards();
             let (written, acks) = tokio::task::spawn_blocking(move || {
-                Ok::<_, anyhow::Error>((db.written()?, db.acks()?))
+                Ok::<_, anyhow::Error>((db.written_of_shards(&owned)?, db.acks()?))
             })
             .await
             .map_err(|e| format!("positions task: {e}"))?
