@@ -967,7 +967,7 @@ async fn start(
 
     for (i, (zone, ..)) in ZONES.iter().enumerate() {
         let url = format!("http://127.0.0.1:{}/readyz", ports.gateway_admins[i]);
-        wait_for(sandbox, &format!("the gateway of {zone}"), deadline, || {
+        let waited = wait_for(sandbox, &format!("the gateway of {zone}"), deadline, || {
             let http = http.clone();
             let url = url.clone();
             async move {
@@ -977,7 +977,26 @@ async fn start(
                     .is_ok_and(|r| r.status().is_success())
             }
         })
-        .await?;
+        .await;
+        if let Err(mut error) = waited {
+            // What it says, and what it logged last: why it is not ready.
+            let said = match http.get(&url).send().await {
+                Ok(response) => format!(
+                    "{url} answers {}: {}",
+                    response.status(),
+                    response.text().await.unwrap_or_default().trim()
+                ),
+                Err(e) => format!("{url} does not answer: {e}"),
+            };
+            error.details.insert(0, said);
+            let log = logs.join(format!("gateway-{zone}.log"));
+            if let Some(tail) = last_lines(&log, 8) {
+                error
+                    .details
+                    .insert(1, format!("the end of {}:\n{tail}", log.display()));
+            }
+            return Err(error);
+        }
     }
     eprintln!("waiting for the bank in every cell...");
     wait_for(sandbox, "every cell to be healthy", deadline, || {
@@ -1150,6 +1169,16 @@ fn write_up_file(state_dir: &Path, up: &UpFile) -> Result<(), CliError> {
                 format!("cannot write {}: {e}", path.display()),
             )
         })
+}
+
+/// The last `count` lines of a file, if it has any.
+fn last_lines(path: &Path, count: usize) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.is_empty() {
+        return None;
+    }
+    Some(lines[lines.len().saturating_sub(count)..].join("\n"))
 }
 
 /// Polls `check` every 100 ms until it holds, a child dies, or `deadline`.
