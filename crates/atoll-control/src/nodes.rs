@@ -38,7 +38,7 @@ const PUBLISH_COALESCE: Duration = Duration::from_millis(5);
 /// Positions that only moved on (the same version, the same shards caught
 /// up) are published to the other replicas at most this often: an app
 /// reports them at its write rate, and the leader needs them at once only
-/// when they say something new (a fenced map read, a standby caught up).
+/// when they say something new (read under a new version, a standby caught up).
 const POSITIONS_PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// A replica's URL as a key segment.

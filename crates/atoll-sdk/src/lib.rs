@@ -624,10 +624,11 @@ impl Cell {
 
     /// Reports the app's replication positions on the config stream until
     /// shutdown: read from `source` when [`Cell::positions_changed`] says
-    /// so (at most one read per 50 ms), when the view changes (a fence
-    /// is answered by a report read under it at once) and every second.
-    /// A switchover's sync gate waits for positions read under the fenced
-    /// shard map that show the standby caught up.
+    /// so (at most one read per 50 ms), when the view changes (every new
+    /// config version is answered by a report read under it, at once) and
+    /// every second. A switchover's sync gate waits for positions read
+    /// under the version that began it (committed after its fence barrier)
+    /// that show the standby caught up.
     pub fn report_positions(&self, source: Arc<dyn PositionSource>) {
         let view = self.view.clone();
         let mut versions = self.changed.clone();

@@ -115,7 +115,11 @@ where
             ),
             Need::Positions => Observation::Positions(
                 self.world
-                    .positions(&loaded.map_spec, &loaded.spec.moves, loaded.map_version())
+                    .positions(
+                        &loaded.map_spec,
+                        &loaded.spec.moves,
+                        loaded.record_version(),
+                    )
                     .await,
             ),
             Need::LeaseExpiry => Observation::LeaseExpiry(self.world.expires_in(&loaded.sources())),

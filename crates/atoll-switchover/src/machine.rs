@@ -50,6 +50,14 @@ impl Loaded {
         self.map.metadata.resource_version.unwrap_or(0)
     }
 
+    /// The stored version of the Switchover record. In the sync gate it is
+    /// the commit that began the gate (or a later one), made after the
+    /// fence barrier: every node receives that version, so positions read
+    /// under it were read after every write of a moving shard ended.
+    pub fn record_version(&self) -> u64 {
+        self.switchover.metadata.resource_version.unwrap_or(0)
+    }
+
     /// The cells the shards move away from (the lost cells of a failover).
     pub fn sources(&self) -> Vec<String> {
         sources(&self.spec)

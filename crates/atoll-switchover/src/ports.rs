@@ -75,8 +75,11 @@ pub trait Fleet: Send + Sync {
 /// The replication probes of the services on the map's shard rule.
 pub trait Probes: Send + Sync {
     /// Positions of the moving shards at their source cells, read under
-    /// version `since` of the shard map or later (the fenced map's: no
-    /// write of a moving shard can follow them).
+    /// config version `since` or later: the sync gate's own record, which
+    /// was committed after the fence barrier, so that no write of a moving
+    /// shard can follow such a read. (The fenced map's version is not
+    /// enough: an instance may read it early, while another instance of
+    /// its cell still writes under the map before, until the barrier.)
     fn positions(
         &self,
         map: &ShardMapSpec,

@@ -535,9 +535,9 @@ async fn the_sync_gate_polls_the_probes_until_the_standby_caught_up() {
     assert_eq!(world.spec().phase, SwitchoverPhase::Completed);
     // Every 50 ms on the fake clock: at 0, 50, ... 300.
     assert_eq!(world.count("positions"), 7);
-    // Only positions read under the fenced map count: the version the fence
-    // barrier waited for.
-    let fenced = world
+    // Only positions read after the fence barrier count: under a version
+    // newer than the fenced map's (the gate's own record's).
+    let fenced: u64 = world
         .log
         .lock()
         .iter()
@@ -545,13 +545,19 @@ async fn the_sync_gate_polls_the_probes_until_the_standby_caught_up() {
             l.strip_prefix("barrier v")
                 .filter(|rest| rest.contains(" fenceBarrier"))
                 .and_then(|rest| rest.split(' ').next())
-                .map(str::to_owned)
+                .and_then(|v| v.parse().ok())
         })
         .expect("a fence barrier");
-    assert_eq!(
-        world.count(&format!("positions since v{fenced}")),
-        7,
-        "{:?}",
+    let since: Vec<u64> = world
+        .log
+        .lock()
+        .iter()
+        .filter_map(|l| l.strip_prefix("positions since v")?.parse().ok())
+        .collect();
+    assert_eq!(since.len(), 7);
+    assert!(
+        since.iter().all(|v| *v > fenced),
+        "positions since {since:?}, the fence barrier on {fenced}: {:?}",
         world.log.lock()
     );
     let gate = world

@@ -81,8 +81,9 @@ impl Switchovers {
 
     /// Replication positions of the moving shards at their source cells,
     /// for every service that declares replication on this map's rule,
-    /// read under shard-map version `since` or later (the fenced map's,
-    /// in a sync gate: no write of a moving shard can follow them).
+    /// read under config version `since` or later (in a sync gate, the
+    /// version of its own record, committed after the fence barrier: no
+    /// write of a moving shard can follow them).
     pub(super) async fn positions(
         &self,
         resources: &[Resource],
