@@ -623,10 +623,13 @@ impl Cell {
     }
 
     /// Reports the app's replication positions on the config stream until
-    /// shutdown: read from `source` when [`Cell::positions_changed`] says
-    /// so (at most one read per 50 ms), when the view changes (every new
-    /// config version is answered by a report read under it, at once) and
-    /// every second. A switchover's sync gate waits for positions read
+    /// shutdown: read from `source` when the view changes (every new
+    /// config version is answered by a report read under it, at once),
+    /// every second, and, while shards of this cell are fenced and the last
+    /// report had a standby behind, when [`Cell::positions_changed`] says
+    /// so (at most one read per 50 ms): a sync gate waiting for a standby
+    /// hears at once that it caught up, and a busy app is read once a
+    /// second. A switchover's sync gate waits for positions read
     /// under the version that began it (committed after its fence barrier)
     /// that show the standby caught up.
     pub fn report_positions(&self, source: Arc<dyn PositionSource>) {
@@ -640,10 +643,21 @@ impl Cell {
             let mut every = tokio::time::interval(POSITIONS_EVERY);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
+            // Whether the last report had a standby behind: only then, and
+            // only while shards of this cell are fenced, is a change worth
+            // a read before the next view or the next second.
+            let mut behind = true;
+            // Whether the view last read fences shards of this cell: only a
+            // sync gate waits for a standby to catch up, and only on those.
+            // Every view change is read, so this follows the view.
+            let mut gated = true;
             let mut last_read = tokio::time::Instant::now();
             loop {
                 tokio::select! {
                     () = wake.notified() => {
+                        if !(gated && (behind || failing)) {
+                            continue;
+                        }
                         tokio::select! {
                             () = tokio::time::sleep_until(last_read + POSITIONS_MIN_INTERVAL) => {}
                             _ = shutdown.changed() => return,
@@ -660,9 +674,16 @@ impl Cell {
                     continue;
                 };
                 last_read = tokio::time::Instant::now();
+                gated = current
+                    .owned_shards()
+                    .into_iter()
+                    .any(|shard| current.owner(shard).is_some_and(|(_, fenced)| fenced));
                 match source.read(current).await {
                     Ok(shards) => {
                         failing = false;
+                        behind = shards
+                            .iter()
+                            .any(|s| s.standby.is_some() && s.acknowledged < s.written);
                         reporter.positions(atoll_api::config::Positions {
                             applied_version: version,
                             service: service.clone(),
@@ -689,7 +710,8 @@ impl Cell {
     }
 
     /// The app's replication positions changed (a write, a standby's
-    /// confirmation): a report goes out within 50 ms.
+    /// confirmation): while shards of this cell are fenced and the last
+    /// report had a standby behind, a report goes out within 50 ms.
     pub fn positions_changed(&self) {
         self.positions_changed.notify_one();
     }
