@@ -467,6 +467,9 @@ pub enum ErrorCode {
     TooLarge,
     /// The store is unreachable or failing.
     Unavailable,
+    /// No replica may make changes right now (a leader is being elected,
+    /// or the store has no quorum); nothing was changed: retry.
+    NotLeader,
     /// A bug: please report it.
     Internal,
 }

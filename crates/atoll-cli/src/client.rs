@@ -365,7 +365,7 @@ impl Client {
                     ErrorCode::Invalid => exit::INVALID,
                     ErrorCode::Conflict => exit::CONFLICT,
                     ErrorCode::NotFound => exit::NOT_FOUND,
-                    ErrorCode::Unavailable => exit::UNREACHABLE,
+                    ErrorCode::Unavailable | ErrorCode::NotLeader => exit::UNREACHABLE,
                     _ => exit::FAILURE,
                 };
                 let mut error = CliError::new(code, body.message);

@@ -113,6 +113,13 @@ impl Leadership {
         })
     }
 
+    /// How long a change waits for an election before it is refused:
+    /// three TTLs (the old lease runs out within one, a new leader is
+    /// elected and starts its term).
+    pub(crate) fn election_wait(&self) -> Duration {
+        (self.ttl * 3).max(Duration::from_secs(3))
+    }
+
     /// This replica's advertised URL.
     pub(crate) fn advertise(&self) -> &str {
         &self.advertise
@@ -132,14 +139,14 @@ impl Leadership {
     /// date): for passing a change on, the view may be a moment old (a
     /// replica just thawed has not seen the election it slept through).
     pub(crate) async fn current_leader(&self) -> LeaderView {
-        match self.coordination.leader(ELECTION).await {
-            Ok(leader) => {
-                let view = LeaderView::of(leader);
-                self.view.send_replace(view.clone());
-                view
-            }
-            Err(_) => self.view(),
-        }
+        self.read_leader().await.unwrap_or_else(|_| self.view())
+    }
+
+    /// Who leads, read from the store now, or why the store cannot say.
+    pub(crate) async fn read_leader(&self) -> Result<LeaderView, StoreError> {
+        let view = LeaderView::of(self.coordination.leader(ELECTION).await?);
+        self.view.send_replace(view.clone());
+        Ok(view)
     }
 
     /// The fence to write with, while this replica leads and its acting

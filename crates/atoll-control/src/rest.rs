@@ -83,8 +83,11 @@ impl From<ControlError> for ApiError {
             ControlError::NotFound(m) => Self::not_found(m),
             ControlError::BadRequest(m) => Self::bad_request(m),
             ControlError::Forbidden(m) => Self::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, m),
-            ControlError::Unavailable(m) | ControlError::NotLeader(m) => {
+            ControlError::Unavailable(m) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, m)
+            }
+            ControlError::NotLeader(m) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::NotLeader, m)
             }
         }
     }
@@ -230,8 +233,14 @@ fn for_the_leader(method: &axum::http::Method, path: &str) -> bool {
 
 /// On a replica that does not lead, passes what the leader must answer on
 /// to the leader's advertised URL, headers and body as they came, and
-/// returns the leader's answer as it is. With no leader known, the request
-/// runs here and is refused with the reason (503).
+/// returns the leader's answer as it is.
+///
+/// An election is waited out, up to three election TTLs: while no
+/// leader is known, while the leader cannot be reached, and while the
+/// replica named leader answers `notLeader` (it lost its term, or has not
+/// started leading yet), the request is tried again every 200 ms. Each of
+/// those is an answer that nothing was changed, so a retry cannot apply a
+/// change twice. Past the wait, the reason is returned (503).
 async fn forward_to_leader(
     State(control): State<Shared>,
     request: Request,
@@ -244,32 +253,123 @@ async fn forward_to_leader(
     {
         return next.run(request).await;
     }
-    let Some(leader) = control
-        .leadership
-        .current_leader()
-        .await
-        .url
-        .filter(|url| url != control.leadership.advertise())
-    else {
-        return next.run(request).await;
+    let (parts, body) = request.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(body) => body,
+        Err(e) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::TooLarge,
+                format!("reading the request to pass it on to the leader: {e}"),
+            )
+            .into_response();
+        }
     };
-    match forward(&control.http, &leader, request).await {
-        Ok(response) => response,
-        Err(message) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Unavailable,
-            message,
-        )
-        .into_response(),
+    let deadline = Instant::now() + control.leadership.election_wait();
+    let mut last = None;
+    loop {
+        if control.leadership.acting() {
+            return next.run(Request::from_parts(parts, Body::from(body))).await;
+        }
+        let leader = match control.leadership.read_leader().await {
+            Ok(view) => view.url,
+            Err(error) => {
+                // The store cannot say who leads: its reason is the answer
+                // if the wait ends here.
+                last = Some(ApiError::from(error).into_response());
+                None
+            }
+        }
+        .filter(|url| url != control.leadership.advertise());
+        let answer = match &leader {
+            Some(leader) => Some(forward(&control.http, leader, &parts, body.clone()).await),
+            None => None,
+        };
+        let done = match &answer {
+            Some(Forwarded::Answer(response)) => !response.not_leader(),
+            Some(Forwarded::Unreachable(_)) | None => false,
+            Some(Forwarded::Failed(_)) => true,
+        };
+        if done || Instant::now() >= deadline {
+            return match (answer, last) {
+                (Some(Forwarded::Answer(response)), _) => response.into_response(leader.as_deref()),
+                (Some(Forwarded::Unreachable(m) | Forwarded::Failed(m)), _) => {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, m)
+                        .into_response()
+                }
+                // No leader now: the reason, from this replica (or the
+                // last leader's refusal).
+                (None, Some(response)) => response,
+                (None, None) => next.run(Request::from_parts(parts, Body::from(body))).await,
+            };
+        }
+        last = match answer {
+            Some(Forwarded::Answer(response)) => Some(response.into_response(leader.as_deref())),
+            Some(Forwarded::Unreachable(m)) => Some(
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, m)
+                    .into_response(),
+            ),
+            _ => last,
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What came of passing a request on.
+enum Forwarded {
+    /// The leader answered.
+    Answer(LeaderAnswer),
+    /// The leader could not be reached: nothing was sent.
+    Unreachable(String),
+    /// The request was sent but its answer was lost: not to be retried.
+    Failed(String),
+}
+
+struct LeaderAnswer {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    body: bytes::Bytes,
+}
+
+impl LeaderAnswer {
+    /// Whether the replica asked refused because it does not lead (nothing
+    /// was changed).
+    fn not_leader(&self) -> bool {
+        self.status == StatusCode::SERVICE_UNAVAILABLE
+            && serde_json::from_slice::<ErrorBody>(&self.body)
+                .is_ok_and(|body| body.error == ErrorCode::NotLeader)
+    }
+
+    fn into_response(self, leader: Option<&str>) -> Response {
+        let mut response = Response::builder().status(self.status);
+        for (name, value) in &self.headers {
+            if !matches!(
+                name.as_str(),
+                "connection" | "content-length" | "transfer-encoding" | "keep-alive"
+            ) {
+                response = response.header(name, value);
+            }
+        }
+        if let Some(leader) = leader {
+            response = response.header(SERVED_BY, leader);
+        }
+        response.body(Body::from(self.body)).unwrap_or_else(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::Internal,
+                format!("passing the leader's answer on: {e}"),
+            )
+            .into_response()
+        })
     }
 }
 
 async fn forward(
     http: &reqwest::Client,
     leader: &str,
-    request: Request,
-) -> Result<Response, String> {
-    let (parts, body) = request.into_parts();
+    parts: &axum::http::request::Parts,
+    body: bytes::Bytes,
+) -> Forwarded {
     let target = format!(
         "{}{}",
         leader.trim_end_matches('/'),
@@ -278,9 +378,6 @@ async fn forward(
             .path_and_query()
             .map_or("/", axum::http::uri::PathAndQuery::as_str)
     );
-    let body = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|e| format!("reading the request to pass it on to the leader: {e}"))?;
     let mut outgoing = http.request(parts.method.clone(), &target).body(body);
     for (name, value) in &parts.headers {
         if !matches!(
@@ -290,26 +387,28 @@ async fn forward(
             outgoing = outgoing.header(name, value);
         }
     }
-    let answer = outgoing.header(FORWARDED, "1").send().await.map_err(|e| {
-        format!("this replica does not lead, and the leader {leader} did not answer: {e}")
-    })?;
-    let mut response = Response::builder().status(answer.status());
-    for (name, value) in answer.headers() {
-        if !matches!(
-            name.as_str(),
-            "connection" | "content-length" | "transfer-encoding" | "keep-alive"
-        ) {
-            response = response.header(name, value);
+    let answer = match outgoing.header(FORWARDED, "1").send().await {
+        Ok(answer) => answer,
+        Err(e) => {
+            let message =
+                format!("this replica does not lead, and the leader {leader} did not answer: {e}");
+            return if e.is_connect() {
+                Forwarded::Unreachable(message)
+            } else {
+                Forwarded::Failed(message)
+            };
         }
+    };
+    let status = answer.status();
+    let headers = answer.headers().clone();
+    match answer.bytes().await {
+        Ok(body) => Forwarded::Answer(LeaderAnswer {
+            status,
+            headers,
+            body,
+        }),
+        Err(e) => Forwarded::Failed(format!("reading the leader's answer: {e}")),
     }
-    let response = response.header(SERVED_BY, leader);
-    let bytes = answer
-        .bytes()
-        .await
-        .map_err(|e| format!("reading the leader's answer: {e}"))?;
-    response
-        .body(Body::from(bytes))
-        .map_err(|e| format!("passing the leader's answer on: {e}"))
 }
 
 async fn fallback(request: Request) -> ApiError {

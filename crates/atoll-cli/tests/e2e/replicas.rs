@@ -110,10 +110,18 @@ fn three_replicas_elect_one_leader_and_replace_it_when_it_dies() {
     }
 
     // The leader dies: another replica leads within a few seconds, with a
-    // higher term, and takes writes.
+    // higher term, and takes writes. A change sent to a follower at once
+    // waits out the election (the dead leader cannot be reached, then no
+    // replica leads) and lands once, with the new leader.
     let killed = Instant::now();
     replicas[leader].kill();
     let alive = all_but(&replicas, leader);
+    alive[0]
+        .atoll_with_stdin(
+            &["apply", "-f", "-", "-m", "during the election"],
+            Some("apiVersion: atoll/v1\nkind: Region\nmetadata: {name: sz}\n"),
+        )
+        .success();
     let (next, next_term) = agreed_leader(&alive, Duration::from_secs(15));
     let took = killed.elapsed();
     assert!(next_term > term, "term {next_term} after {term}");
@@ -124,11 +132,18 @@ fn three_replicas_elect_one_leader_and_replace_it_when_it_dies() {
             Some("apiVersion: atoll/v1\nkind: Region\nmetadata: {name: bj}\n"),
         )
         .success();
+    let authors = audit_authors(alive[next]);
     assert!(
-        audit_authors(alive[next])
-            .iter()
-            .any(|m| m == "after the kill"),
+        authors.iter().any(|m| m == "after the kill"),
         "the write after the kill is in the audit log"
+    );
+    assert_eq!(
+        authors
+            .iter()
+            .filter(|m| *m == "during the election")
+            .count(),
+        1,
+        "the write sent during the election landed once: {authors:?}"
     );
 }
 
