@@ -55,6 +55,8 @@ pub struct AgentOptions {
     pub stop_grace: Duration,
     /// Where to serve `/healthz` and `/instances`, if anywhere.
     pub admin: Option<SocketAddr>,
+    /// How to reach the control plane (TLS material for `https://` URLs).
+    pub transport: atoll_transport::Transport,
 }
 
 /// What the zone should run, from one config version.
@@ -146,6 +148,8 @@ pub struct Agent<R: Runtime> {
     status: Arc<NodeStatus>,
     client: Option<NodeClient>,
     desired: watch::Receiver<Desired>,
+    /// Channels for endpoint reports, one per replica.
+    reports: atoll_transport::Channels,
 }
 
 impl<R: Runtime> std::fmt::Debug for Agent<R> {
@@ -170,6 +174,7 @@ impl<R: Runtime> Agent<R> {
                 zone: options.zone.clone(),
                 cell: String::new(),
                 cache: Some(options.state_dir.join("config-cache.json")),
+                transport: options.transport.clone(),
             },
             Arc::new(DesiredInstaller {
                 zone: options.zone.clone(),
@@ -178,7 +183,13 @@ impl<R: Runtime> Agent<R> {
         );
         client.set_heartbeat(AGENT_HEARTBEAT);
         let status = client.status();
+        let reports = options.transport.channels(atoll_transport::ChannelOptions {
+            connect_timeout: Some(Duration::from_secs(2)),
+            timeout: Some(Duration::from_secs(10)),
+            keepalive: None,
+        });
         Ok(Self {
+            reports,
             options,
             runtime: Arc::new(runtime),
             board: Arc::new(Board::default()),
@@ -596,16 +607,13 @@ impl<R: Runtime> Agent<R> {
         // On the config stream's service, not the user's apply path: any
         // replica takes it (a follower passes it on to the leader); one
         // that does not answer is left for the next.
-        let urls =
-            atoll_api::ControlUrls::parse(&self.options.control).map_err(anyhow::Error::msg)?;
+        let urls = atoll_transport::ControlUrls::parse(&self.options.control)
+            .map_err(anyhow::Error::msg)?;
         let mut attempt = 0;
         loop {
             let url = urls.current().to_owned();
-            let endpoint = tonic::transport::Endpoint::from_shared(url.clone())
-                .map_err(|e| anyhow::anyhow!("bad control plane URL {url}: {e}"))?
-                .connect_timeout(Duration::from_secs(2))
-                .timeout(Duration::from_secs(10));
-            let mut client = ConfigStreamClient::new(endpoint.connect_lazy());
+            let channel = self.reports.to(&url).map_err(anyhow::Error::msg)?;
+            let mut client = ConfigStreamClient::new(channel);
             match client.report_endpoints(request.clone()).await {
                 Ok(_) => break,
                 Err(status) if status.code() == tonic::Code::Unavailable => {

@@ -5,16 +5,12 @@
 //!   `proto/config.proto`; see `docs/config-stream.md`.
 //! - [`rest`]: the JSON bodies of the REST API; see `docs/api.md`.
 //! - [`discovery`]: how commands find a running control plane.
-//! - [`ControlUrls`]: the control-plane replicas a client may use.
 //!
 //! This crate holds types only: no servers, no clients beyond the generated
 //! gRPC stubs.
 
 pub mod discovery;
-mod replicas;
 pub mod rest;
-
-pub use replicas::ControlUrls;
 
 /// The largest config-stream message a node accepts: more than the largest
 /// configuration the control plane lets anyone apply

@@ -65,6 +65,7 @@ pub(crate) async fn run(args: AgentArgs, control: Endpoint) -> Result<u8, CliErr
         gateway: args.gateway_url.clone(),
         stop_grace: args.stop_grace,
         admin: args.admin,
+        transport: atoll_transport::Transport::plain(),
     };
     tracing::info!(zone = %options.zone, control = %control.url, from = %control.origin, state = %options.state_dir.display(), "starting agent {}", options.name);
     let agent = Agent::new(options, LocalRuntime)?;

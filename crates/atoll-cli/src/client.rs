@@ -8,7 +8,7 @@ use atoll_api::discovery::{
     CONTROL_ENV, DEFAULT_LISTEN, Discovery, STATE_DIR_ENV, SandboxEntry, discovery_path,
     sandboxes_dir,
 };
-use atoll_api::rest::{ErrorBody, ErrorCode};
+use atoll_api::rest::ErrorCode;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -229,10 +229,11 @@ pub(crate) fn resolve(flag: Option<&str>) -> Result<Endpoint, CliError> {
     }
 }
 
-/// A REST client for one control plane.
+/// A REST client for one control plane: the transport's, with its errors
+/// turned into exit codes and the CLI's words.
 #[derive(Debug, Clone)]
 pub(crate) struct Client {
-    http: reqwest::Client,
+    rest: atoll_transport::RestClient,
     endpoint: Endpoint,
     user: String,
 }
@@ -243,15 +244,14 @@ impl Client {
         user: String,
         timeout: Option<Duration>,
     ) -> Result<Self, CliError> {
-        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
-        if let Some(timeout) = timeout {
-            builder = builder.timeout(timeout);
-        }
-        let http = builder
-            .build()
-            .map_err(|e| CliError::new(exit::FAILURE, format!("building the HTTP client: {e}")))?;
+        let urls = atoll_transport::ControlUrls::parse_in_order(&endpoint.url)
+            .map_err(|e| CliError::new(exit::USAGE, format!("{e} (from {})", endpoint.origin)))?;
+        let rest = atoll_transport::Transport::plain()
+            .rest(urls, timeout)
+            .with_header(atoll_transport::USER_HEADER, &user)
+            .map_err(|e| CliError::new(exit::USAGE, format!("--as: {e}")))?;
         Ok(Self {
-            http,
+            rest,
             endpoint,
             user,
         })
@@ -259,11 +259,11 @@ impl Client {
 
     /// The replica asked first (of a comma-separated list, the first).
     pub(crate) fn url(&self) -> &str {
-        self.endpoint
-            .url
-            .split(',')
-            .next()
-            .unwrap_or(&self.endpoint.url)
+        self.rest
+            .urls()
+            .all()
+            .first()
+            .map_or(self.endpoint.url.as_str(), String::as_str)
     }
 
     /// Every replica given, comma-separated, as given.
@@ -284,83 +284,29 @@ impl Client {
         )
     }
 
-    /// The other replicas given, to try when the first cannot be reached.
-    fn others(&self) -> impl Iterator<Item = &str> {
-        self.endpoint.url.split(',').skip(1)
-    }
-
-    /// Sends `request`; a replica that cannot be reached is left for the
-    /// next of the list (any replica answers: followers pass writes on).
-    async fn send_to_any(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, reqwest::Error> {
-        let request = request.header("x-atoll-user", &self.user).build()?;
-        let spare = request.try_clone();
-        let first = self.http.execute(request).await;
-        let Err(error) = first else { return first };
-        let (Some(spare), true) = (spare, error.is_connect()) else {
-            return Err(error);
-        };
-        let path = spare.url().as_str()[self.url().len()..].to_owned();
-        let mut last = error;
-        for base in self.others() {
-            let Some(mut retry) = spare.try_clone() else {
-                break;
-            };
-            match reqwest::Url::parse(&format!("{base}{path}")) {
-                Ok(url) => *retry.url_mut() = url,
-                Err(_) => continue,
-            }
-            match self.http.execute(retry).await {
-                Err(e) if e.is_connect() => last = e,
-                other => return other,
-            }
-        }
-        Err(last)
-    }
-
-    fn unreachable(&self, error: &reqwest::Error) -> CliError {
-        let mut cause = error.to_string();
-        let mut source = std::error::Error::source(error);
-        while let Some(inner) = source {
-            cause = inner.to_string();
-            source = inner.source();
-        }
-        let mut e = CliError::new(
-            exit::UNREACHABLE,
-            format!(
-                "cannot reach the control plane at {} (from {}): {cause}",
-                self.endpoint.url, self.endpoint.origin
-            ),
-        );
-        e.details.push(format!(
-            "start one with `atoll control`, or point --control or ${CONTROL_ENV} at a running one"
-        ));
-        e
-    }
-
-    pub(crate) async fn send(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, CliError> {
-        let response = self.send_to_any(request).await.map_err(|e| {
-            if e.is_timeout() {
-                CliError::new(
+    /// A transport error in the CLI's words, with its exit code.
+    fn error(&self, error: atoll_transport::RestError) -> CliError {
+        use atoll_transport::RestError;
+        match error {
+            RestError::Unreachable { urls, cause } => {
+                let mut e = CliError::new(
                     exit::UNREACHABLE,
-                    format!("the control plane at {} did not answer in time", self.url()),
-                )
-            } else {
-                self.unreachable(&e)
+                    format!(
+                        "cannot reach the control plane at {urls} (from {}): {cause}",
+                        self.endpoint.origin
+                    ),
+                );
+                e.details.push(format!(
+                    "start one with `atoll control`, or point --control or ${CONTROL_ENV} at a running one"
+                ));
+                e
             }
-        })?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        Err(match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(body) => {
+            RestError::Timeout { url, .. } => CliError::new(
+                exit::UNREACHABLE,
+                format!("the control plane at {url} did not answer in time"),
+            ),
+            RestError::Broken { .. } => CliError::new(exit::UNREACHABLE, error.to_string()),
+            RestError::Api { body, .. } => {
                 let code = match body.error {
                     ErrorCode::Invalid => exit::INVALID,
                     ErrorCode::Conflict => exit::CONFLICT,
@@ -372,20 +318,18 @@ impl Client {
                 error.details = body.issues.iter().map(ToString::to_string).collect();
                 error
             }
-            Err(_) => CliError::new(
+            RestError::Unexpected { status, text, .. } => CliError::new(
                 exit::FAILURE,
-                format!("the control plane answered {status}: {}", text.trim()),
+                format!("the control plane answered {status}: {text}"),
             ),
-        })
-    }
-
-    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.url()))
+            RestError::Decode(_) | RestError::Invalid(_) => {
+                CliError::new(exit::FAILURE, error.to_string())
+            }
+        }
     }
 
     pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
-        let response = self.send(self.request(reqwest::Method::GET, path)).await?;
-        decode(response).await
+        self.rest.get(path).await.map_err(|e| self.error(e))
     }
 
     pub(crate) async fn post<B: Serialize, T: DeserializeOwned>(
@@ -393,24 +337,50 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, CliError> {
-        let response = self
-            .send(self.request(reqwest::Method::POST, path).json(body))
-            .await?;
-        decode(response).await
+        self.rest.post(path, body).await.map_err(|e| self.error(e))
+    }
+
+    /// `DELETE path`; the answer's body is not read.
+    pub(crate) async fn delete(&self, path: &str) -> Result<(), CliError> {
+        let answer = self
+            .rest
+            .send(reqwest::Method::DELETE, path, None)
+            .await
+            .map_err(|e| self.error(e))?;
+        if answer.status.is_success() {
+            Ok(())
+        } else {
+            Err(self.error(answer.error()))
+        }
+    }
+
+    /// `GET path`, read as it streams.
+    pub(crate) async fn stream(&self, path: &str) -> Result<Stream<'_>, CliError> {
+        let inner = self.rest.stream(path).await.map_err(|e| self.error(e))?;
+        Ok(Stream {
+            client: self,
+            inner,
+        })
     }
 }
 
-async fn decode<T: DeserializeOwned>(response: reqwest::Response) -> Result<T, CliError> {
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| CliError::new(exit::FAILURE, format!("reading the answer: {e}")))?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        CliError::new(
-            exit::FAILURE,
-            format!("unexpected answer from the control plane ({e}); are the CLI and server the same version?"),
-        )
-    })
+/// A streaming answer.
+#[derive(Debug)]
+pub(crate) struct Stream<'a> {
+    client: &'a Client,
+    inner: atoll_transport::RestStream,
+}
+
+impl Stream<'_> {
+    /// The next chunk; `None` when the control plane ended the body.
+    pub(crate) async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, CliError> {
+        self.inner.chunk().await.map_err(|e| {
+            CliError::new(
+                exit::UNREACHABLE,
+                format!("the watch broke: {}", self.client.error(e).message),
+            )
+        })
+    }
 }
 
 /// Percent-encodes one path segment.

@@ -570,10 +570,7 @@ enum NodesAction {
 pub(crate) async fn nodes(client: &Client, args: NodesArgs) -> Result<u8, CliError> {
     if let Some(NodesAction::Forget { name }) = args.action {
         client
-            .send(client.request(
-                reqwest::Method::DELETE,
-                &format!("/v1/nodes/{}", segment(&name)),
-            ))
+            .delete(&format!("/v1/nodes/{}", segment(&name)))
             .await?;
         println!("node {name} forgotten");
         return Ok(0);
@@ -829,15 +826,10 @@ pub(crate) async fn watch(client: &Client, args: WatchArgs) -> Result<u8, CliErr
         Some(after) => format!("/v1/watch?after={after}"),
         None => "/v1/watch".to_owned(),
     };
-    let mut response = client
-        .send(client.request(reqwest::Method::GET, &path))
-        .await?;
+    let mut response = client.stream(&path).await?;
     let mut buffer = Vec::new();
     loop {
-        let chunk = response
-            .chunk()
-            .await
-            .map_err(|e| CliError::new(exit::UNREACHABLE, format!("the watch broke: {e}")))?;
+        let chunk = response.chunk().await?;
         let Some(chunk) = chunk else {
             eprintln!("the control plane closed the watch");
             return Ok(0);

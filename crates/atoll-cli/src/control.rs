@@ -179,6 +179,7 @@ pub(crate) async fn run(args: ControlArgs) -> Result<u8, CliError> {
         lease_duration: args.lease_duration,
         advertise: args.advertise.clone(),
         election_ttl: args.election_ttl,
+        transport: atoll_transport::Transport::plain(),
     })
     .await?;
     let address = server.local_addr()?;

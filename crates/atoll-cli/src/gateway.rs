@@ -76,6 +76,7 @@ pub(crate) async fn run(args: GatewayArgs, control: Endpoint) -> Result<u8, CliE
             access_log,
             ..ProxySettings::default()
         },
+        transport: atoll_transport::Transport::plain(),
     };
     tracing::info!(workers = args.workers(), control = %control.url, from = %control.origin, "starting gateway {}", args.name);
     let gateway = Gateway::new(options)?;

@@ -42,7 +42,7 @@ pub(crate) struct Control {
     /// What the current term runs, while this replica leads.
     term: ArcSwapOption<TermServices>,
     /// For passing writes on to the leader.
-    pub(crate) http: reqwest::Client,
+    pub(crate) http: atoll_transport::HttpClient,
 }
 
 impl std::fmt::Debug for Control {
@@ -74,6 +74,7 @@ impl Control {
         node_expiry: Duration,
         lease_duration: Duration,
         leadership: Arc<Leadership>,
+        transport: &atoll_transport::Transport,
     ) -> Arc<Self> {
         Arc::new(Self {
             store: writer.store.clone(),
@@ -88,13 +89,7 @@ impl Control {
             node_expiry,
             lease_duration,
             term: ArcSwapOption::empty(),
-            http: reqwest::Client::builder()
-                .no_proxy()
-                .connect_timeout(Duration::from_secs(2))
-                // The longest request: a barrier of 10 minutes.
-                .timeout(Duration::from_secs(11 * 60))
-                .build()
-                .unwrap_or_default(),
+            http: transport.http(Duration::from_secs(2)),
         })
     }
 

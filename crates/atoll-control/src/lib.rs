@@ -104,6 +104,9 @@ pub struct ControlOptions {
     /// The TTL of the election lease: a leader that dies is replaced within
     /// about this long.
     pub election_ttl: Duration,
+    /// How this replica reaches the others (passing changes and lease
+    /// renewals on to the leader).
+    pub transport: atoll_transport::Transport,
 }
 
 /// A bound, not yet serving, control plane.
@@ -186,6 +189,7 @@ impl ControlServer {
             self.options.node_expiry,
             self.options.lease_duration,
             leadership.clone(),
+            &self.options.transport,
         );
         let elector = tokio::spawn(leadership.clone().run(stopping.clone()));
         let terms = tokio::spawn(control.clone().follow_leadership());
@@ -197,7 +201,7 @@ impl ControlServer {
             shutdown: stopping.clone(),
             heartbeat_timeout: self.options.heartbeat_timeout,
             control: control.clone(),
-            leader: Arc::new(stream::LeaderChannel::default()),
+            leader: Arc::new(stream::LeaderChannel::new(&self.options.transport)),
         };
         // gRPC shares the port: its paths are `/atoll.config.v1.ConfigStream/...`.
         let app = rest::router(control.clone()).route_service(
@@ -258,12 +262,8 @@ impl ControlServer {
             let _ = stop.send(true);
             let _ = drained_tx.send(());
         };
-        let server = axum::serve(
-            self.listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(graceful);
-        let server = tokio::spawn(async move { server.await });
+        let server = atoll_transport::serve(self.listener, app, None, graceful);
+        let server = tokio::spawn(server);
         let result = tokio::select! {
             result = server => result.context("server task")?.context("serving"),
             () = async {

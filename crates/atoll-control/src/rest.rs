@@ -327,7 +327,7 @@ enum Forwarded {
 
 struct LeaderAnswer {
     status: StatusCode,
-    headers: reqwest::header::HeaderMap,
+    headers: HeaderMap,
     body: bytes::Bytes,
 }
 
@@ -365,7 +365,7 @@ impl LeaderAnswer {
 }
 
 async fn forward(
-    http: &reqwest::Client,
+    http: &atoll_transport::HttpClient,
     leader: &str,
     parts: &axum::http::request::Parts,
     body: bytes::Bytes,
@@ -378,7 +378,9 @@ async fn forward(
             .path_and_query()
             .map_or("/", axum::http::uri::PathAndQuery::as_str)
     );
-    let mut outgoing = http.request(parts.method.clone(), &target).body(body);
+    let mut outgoing = axum::http::Request::builder()
+        .method(parts.method.clone())
+        .uri(&target);
     for (name, value) in &parts.headers {
         if !matches!(
             name.as_str(),
@@ -387,27 +389,32 @@ async fn forward(
             outgoing = outgoing.header(name, value);
         }
     }
-    let answer = match outgoing.header(FORWARDED, "1").send().await {
-        Ok(answer) => answer,
-        Err(e) => {
-            let message =
-                format!("this replica does not lead, and the leader {leader} did not answer: {e}");
-            return if e.is_connect() {
-                Forwarded::Unreachable(message)
-            } else {
-                Forwarded::Failed(message)
-            };
-        }
+    let outgoing = match outgoing
+        .header(FORWARDED, "1")
+        .body(http_body_util::Full::new(body))
+    {
+        Ok(outgoing) => outgoing,
+        Err(e) => return Forwarded::Failed(format!("cannot pass the request on to {target}: {e}")),
     };
-    let status = answer.status();
-    let headers = answer.headers().clone();
-    match answer.bytes().await {
-        Ok(body) => Forwarded::Answer(LeaderAnswer {
-            status,
-            headers,
-            body,
-        }),
-        Err(e) => Forwarded::Failed(format!("reading the leader's answer: {e}")),
+    // The longest request: a barrier of 10 minutes.
+    match http
+        .send(outgoing, Some(Duration::from_secs(11 * 60)))
+        .await
+    {
+        Ok(answer) => {
+            let (parts, body) = answer.into_parts();
+            Forwarded::Answer(LeaderAnswer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            })
+        }
+        Err(atoll_transport::HttpError::Connect(cause)) => Forwarded::Unreachable(format!(
+            "this replica does not lead, and the leader {leader} did not answer: {cause}"
+        )),
+        Err(error) => Forwarded::Failed(format!(
+            "this replica does not lead, and the leader {leader} did not finish answering: {error}"
+        )),
     }
 }
 

@@ -39,28 +39,27 @@ pub(crate) struct ConfigStreamService {
     pub(crate) leader: Arc<LeaderChannel>,
 }
 
-/// A gRPC channel to the current leader, made again when the leader
-/// changes.
-#[derive(Debug, Default)]
+/// gRPC channels to the current leader, one per replica that led.
+#[derive(Debug)]
 pub(crate) struct LeaderChannel {
-    channel: parking_lot::Mutex<Option<(String, tonic::transport::Channel)>>,
+    channels: atoll_transport::Channels,
 }
 
 impl LeaderChannel {
-    fn to(&self, url: &str) -> Result<tonic::transport::Channel, Status> {
-        let mut cached = self.channel.lock();
-        if let Some((known, channel)) = &*cached
-            && known == url
-        {
-            return Ok(channel.clone());
+    pub(crate) fn new(transport: &atoll_transport::Transport) -> Self {
+        Self {
+            channels: transport.channels(atoll_transport::ChannelOptions {
+                connect_timeout: Some(Duration::from_secs(1)),
+                timeout: Some(Duration::from_secs(2)),
+                keepalive: None,
+            }),
         }
-        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|e| Status::internal(format!("the leader's URL {url} is not valid: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(Duration::from_secs(2))
-            .connect_lazy();
-        *cached = Some((url.to_owned(), channel.clone()));
-        Ok(channel)
+    }
+
+    fn to(&self, url: &str) -> Result<tonic::transport::Channel, Status> {
+        self.channels
+            .to(url)
+            .map_err(|e| Status::internal(format!("the leader's URL {url} is not valid: {e}")))
     }
 }
 

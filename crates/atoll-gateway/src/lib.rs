@@ -37,6 +37,8 @@ pub struct GatewayOptions {
     pub drain_timeout: Duration,
     /// Data path tunables.
     pub proxy: ProxySettings,
+    /// How to reach the control plane (TLS material for `https://` URLs).
+    pub transport: atoll_transport::Transport,
 }
 
 /// One bound listener and the signal that stops it.
@@ -184,53 +186,27 @@ impl GatewayInstaller {
     }
 }
 
-/// Finds the zone of Gateway `name` from the control plane's REST API.
-async fn zone_from_control(control: &str, name: &str) -> Result<String, String> {
-    use http_body_util::BodyExt as _;
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http();
-    // Any replica answers a read: the first of the list that does.
-    let mut last = String::from("no control-plane URL given");
-    let mut answer = None;
-    for base in control.split(',').map(str::trim).filter(|u| !u.is_empty()) {
-        let uri = format!(
-            "{}/v1/resources/gateways/{name}",
-            base.trim_end_matches('/')
-        );
-        let uri: hyper::Uri = match uri.parse() {
-            Ok(uri) => uri,
-            Err(e) => {
-                last = format!("bad control plane URL {base}: {e}");
-                continue;
-            }
-        };
-        match tokio::time::timeout(Duration::from_secs(5), client.get(uri)).await {
-            Ok(Ok(response)) => {
-                answer = Some(response);
-                break;
-            }
-            Ok(Err(e)) => last = format!("cannot reach the control plane at {base}: {e}"),
-            Err(_) => last = format!("the control plane at {base} did not answer within 5s"),
+/// Finds the zone of Gateway `name` from the control plane's REST API (any
+/// replica answers a read: the first of the list that can be reached).
+async fn zone_from_control(
+    transport: &atoll_transport::Transport,
+    control: &str,
+    name: &str,
+) -> Result<String, String> {
+    let urls = atoll_transport::ControlUrls::parse_in_order(control)?;
+    let rest = transport.rest(urls, Some(Duration::from_secs(5)));
+    let path = format!("/v1/resources/gateways/{name}");
+    let value: serde_json::Value = match rest.get(&path).await {
+        Ok(value) => value,
+        Err(atoll_transport::RestError::Api { status, .. })
+            if status == hyper::StatusCode::NOT_FOUND =>
+        {
+            return Err(format!(
+                "Gateway `{name}` does not exist; apply a Gateway resource named {name} (see docs/manifests.md#gateway)"
+            ));
         }
-    }
-    let response = answer.ok_or(last)?;
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    if status == hyper::StatusCode::NOT_FOUND {
-        return Err(format!(
-            "Gateway `{name}` does not exist; apply a Gateway resource named {name} (see docs/manifests.md#gateway)"
-        ));
-    }
-    if !status.is_success() {
-        return Err(format!("the control plane answered {status}"));
-    }
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        Err(error) => return Err(error.to_string()),
+    };
     value["spec"]["zone"]
         .as_str()
         .map(str::to_owned)
@@ -292,6 +268,7 @@ impl Gateway {
                 zone: String::new(),
                 cell: String::new(),
                 cache: Some(cache),
+                transport: self.options.transport.clone(),
             },
             self.installer.clone(),
         );
@@ -325,7 +302,13 @@ impl Gateway {
                     .last_error()
                     .unwrap_or_else(|| "no config cache yet".into());
                 loop {
-                    match zone_from_control(&self.options.control, &self.options.name).await {
+                    match zone_from_control(
+                        &self.options.transport,
+                        &self.options.control,
+                        &self.options.name,
+                    )
+                    .await
+                    {
                         Ok(zone) => break zone,
                         Err(reason) => {
                             tracing::warn!(%reason, "waiting for the control plane to know this gateway");

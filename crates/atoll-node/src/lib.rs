@@ -106,6 +106,8 @@ pub struct NodeOptions {
     pub cell: String,
     /// Where the last installed version is kept; none disables the cache.
     pub cache: Option<PathBuf>,
+    /// How to reach the control plane (TLS material for `https://` URLs).
+    pub transport: atoll_transport::Transport,
 }
 
 /// What the node knows about its own state, for readiness and status pages.
@@ -175,7 +177,9 @@ pub struct NodeClient {
     /// said in the next Hello, so that `atoll nodes` shows it.
     problem: Mutex<Option<String>>,
     /// The replicas, and the one in use.
-    urls: Result<atoll_api::ControlUrls, String>,
+    urls: Result<atoll_transport::ControlUrls, String>,
+    /// Channels to the replicas.
+    channels: atoll_transport::Channels,
     /// The latest replication positions to report (app instances).
     positions: watch::Sender<Option<Positions>>,
 }
@@ -208,7 +212,7 @@ impl std::fmt::Debug for NodeClient {
 #[derive(Debug, thiserror::Error)]
 enum SessionError {
     #[error("cannot connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    Connect(String),
     #[error("{}", .0.message())]
     Status(#[from] tonic::Status),
     #[error("{0}")]
@@ -219,7 +223,12 @@ impl NodeClient {
     /// A client for `options` that installs versions with `installer`.
     pub fn new(options: NodeOptions, installer: Arc<dyn Installer>) -> Self {
         Self {
-            urls: atoll_api::ControlUrls::parse(&options.control),
+            urls: atoll_transport::ControlUrls::parse(&options.control),
+            channels: options.transport.channels(atoll_transport::ChannelOptions {
+                connect_timeout: Some(Duration::from_secs(3)),
+                timeout: None,
+                keepalive: Some((PING_EVERY, PING_TIMEOUT)),
+            }),
             options,
             installer,
             status: Arc::new(NodeStatus::default()),
@@ -366,14 +375,13 @@ impl NodeClient {
         if let Err(problem) = &self.urls {
             return Err(SessionError::Protocol(problem.clone()));
         }
-        let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|e| SessionError::Protocol(format!("bad control plane URL {url}: {e}")))?
-            .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(PING_EVERY)
-            .keep_alive_timeout(PING_TIMEOUT)
-            .connect()
-            .await?;
+        // A new channel per session: a stream that ended may have ended
+        // with its connection.
+        let channel = self
+            .channels
+            .connect(url)
+            .await
+            .map_err(SessionError::Connect)?;
         // Any configuration the control plane accepts fits in one message.
         let mut client = ConfigStreamClient::new(channel)
             .max_decoding_message_size(atoll_api::MAX_MESSAGE_BYTES);
@@ -640,6 +648,7 @@ mod tests {
             zone: "hz-a".into(),
             cell: String::new(),
             cache: Some(cache),
+            transport: atoll_transport::Transport::plain(),
         }
     }
 

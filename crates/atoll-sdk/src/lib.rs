@@ -46,6 +46,8 @@ pub struct Identity {
     pub service: String,
     /// Where to cache the last config (static stability).
     pub cache: Option<PathBuf>,
+    /// How to reach the control plane (TLS material for `https://` URLs).
+    pub transport: atoll_transport::Transport,
 }
 
 impl Identity {
@@ -68,6 +70,7 @@ impl Identity {
                     var("ATOLL_INSTANCE").unwrap_or_default()
                 ))
             }),
+            transport: atoll_transport::Transport::plain(),
         })
     }
 }
@@ -175,31 +178,30 @@ impl Lease {
         // Any replica takes a renewal (a follower passes it on to the
         // leader); when the one in use fails, every replica is asked at
         // once and the first to answer is used from then on.
-        let urls = match atoll_api::ControlUrls::parse(&identity.control) {
+        let urls = match atoll_transport::ControlUrls::parse(&identity.control) {
             Ok(urls) => urls,
             Err(problem) => {
                 *self.state.lock() = LeaseState::None(problem);
                 return;
             }
         };
+        // Short: a renewal stuck at a frozen replica is given up in time to
+        // reach another one.
+        let channels = identity
+            .transport
+            .channels(atoll_transport::ChannelOptions {
+                connect_timeout: Some(Duration::from_millis(500)),
+                timeout: Some(Duration::from_millis(500)),
+                keepalive: None,
+            });
         let mut clients = std::collections::HashMap::new();
         for url in urls.all() {
-            match tonic::transport::Endpoint::from_shared(url.clone()) {
-                Ok(endpoint) => {
-                    let endpoint = endpoint
-                        // Short: a renewal stuck at a frozen replica is
-                        // given up in time to reach another one.
-                        .connect_timeout(Duration::from_millis(500))
-                        .timeout(Duration::from_millis(500))
-                        .tcp_nodelay(true);
-                    clients.insert(
-                        url.clone(),
-                        ConfigStreamClient::new(endpoint.connect_lazy()),
-                    );
+            match channels.connect_lazy(url) {
+                Ok(channel) => {
+                    clients.insert(url.clone(), ConfigStreamClient::new(channel));
                 }
-                Err(e) => {
-                    *self.state.lock() =
-                        LeaseState::None(format!("bad control plane URL {url}: {e}"));
+                Err(problem) => {
+                    *self.state.lock() = LeaseState::None(problem);
                     return;
                 }
             }
@@ -585,6 +587,7 @@ impl Cell {
                 zone: identity.zone.clone(),
                 cell: identity.cell.clone(),
                 cache: identity.cache.clone(),
+                transport: identity.transport.clone(),
             },
             installer.clone(),
         );

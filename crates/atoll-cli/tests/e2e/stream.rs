@@ -484,6 +484,7 @@ async fn regression_a_config_past_grpcs_default_limit_reaches_nodes_and_one_that
             zone: "hz-a".into(),
             cell: String::new(),
             cache: None,
+            transport: atoll_transport::Transport::plain(),
         },
         recorder.clone(),
     );

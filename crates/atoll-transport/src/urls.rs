@@ -16,8 +16,20 @@ pub struct ControlUrls {
 
 impl ControlUrls {
     /// Parses `http://a:7400,http://b:7400`; each URL trimmed, trailing
-    /// `/` removed.
+    /// `/` removed. Clients of one list start at different replicas (by
+    /// process id), so that a fleet's load spreads.
     pub fn parse(text: &str) -> Result<Self, String> {
+        let urls = Self::parse_in_order(text)?;
+        urls.current.store(
+            std::process::id() as usize % urls.urls.len(),
+            Ordering::Relaxed,
+        );
+        Ok(urls)
+    }
+
+    /// Parses a list as [`parse`](Self::parse) does, starting at the first
+    /// replica (a person's command asks the one they named first).
+    pub fn parse_in_order(text: &str) -> Result<Self, String> {
         let urls: Vec<String> = text
             .split(',')
             .map(|u| u.trim().trim_end_matches('/').to_owned())
@@ -33,11 +45,9 @@ impl ControlUrls {
                 ));
             }
         }
-        // Clients of one list start at different replicas: the load spreads.
-        let start = std::process::id() as usize % urls.len();
         Ok(Self {
             urls: urls.into(),
-            current: Arc::new(AtomicUsize::new(start)),
+            current: Arc::new(AtomicUsize::new(0)),
         })
     }
 
