@@ -69,6 +69,7 @@ async fn run_node(url: String, index: usize, receipts: Arc<Receipts>) -> anyhow:
                     role: "bench".into(),
                     zone: "bench".into(),
                     cell: String::new(),
+                    ..NodeIdentity::default()
                 }),
                 applied_version: 0,
                 problem: String::new(),

@@ -43,6 +43,8 @@ pub struct AgentOptions {
     pub control: String,
     /// The zone it runs.
     pub zone: String,
+    /// The workspace whose apps it runs in the zone (empty: `default`).
+    pub workspace: String,
     /// Its node name (unique), `agent-<zone>` by default.
     pub name: String,
     /// Where instance data, logs and the config cache live.
@@ -173,6 +175,7 @@ impl<R: Runtime> Agent<R> {
                 role: "agent".into(),
                 zone: options.zone.clone(),
                 cell: String::new(),
+                workspace: options.workspace.clone(),
                 cache: Some(options.state_dir.join("config-cache.json")),
                 transport: options.transport.clone(),
             },
@@ -441,6 +444,9 @@ impl<R: Runtime> Agent<R> {
         set("ATOLL_SERVICE", spec.service.clone());
         set("ATOLL_CELL", cell.to_owned());
         set("ATOLL_ZONE", self.options.zone.clone());
+        if !self.options.workspace.is_empty() {
+            set("ATOLL_WORKSPACE", self.options.workspace.clone());
+        }
         set("ATOLL_REGION", region.to_owned());
         set("ATOLL_INSTANCE", name.clone());
         set("ATOLL_REPLICA", replica.to_string());
@@ -572,6 +578,8 @@ impl<R: Runtime> Agent<R> {
             let resource = Resource {
                 metadata: Metadata {
                     name: (*name).clone(),
+                    workspace: (!self.options.workspace.is_empty())
+                        .then(|| self.options.workspace.clone()),
                     labels: BTreeMap::from([(
                         "atoll.dev/reported-by".to_owned(),
                         format!("agent-{zone}"),
@@ -599,6 +607,7 @@ impl<R: Runtime> Agent<R> {
                 role: "agent".into(),
                 zone: zone.clone(),
                 cell: String::new(),
+                workspace: self.options.workspace.clone(),
             }),
             endpoints,
             gone: gone.clone(),

@@ -25,6 +25,10 @@ pub struct ResourceRef {
     pub kind: String,
     /// The resource name.
     pub name: String,
+    /// Its workspace (default: the request's, else `default`; ignored for
+    /// the fleet's kinds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
     /// Only if the resource is still at this revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_version: Option<u64>,
@@ -47,6 +51,10 @@ pub struct ApplyRequest {
     /// Why: kept in the audit log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The workspace of every manifest and delete that names none
+    /// (default: `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
 }
 
 /// What an apply did (or, for a dry run, would do) to one resource.

@@ -47,7 +47,11 @@ pub(crate) struct AgentArgs {
     log_format: LogFormat,
 }
 
-pub(crate) async fn run(args: AgentArgs, control: Endpoint) -> Result<u8, CliError> {
+pub(crate) async fn run(
+    args: AgentArgs,
+    control: Endpoint,
+    workspace: String,
+) -> Result<u8, CliError> {
     init_logging(args.log_format);
     let name = args
         .name
@@ -60,6 +64,7 @@ pub(crate) async fn run(args: AgentArgs, control: Endpoint) -> Result<u8, CliErr
             .clone()
             .unwrap_or_else(|| state_dir().join(format!("agent-{}", args.zone))),
         zone: args.zone.clone(),
+        workspace,
         name,
         host: args.host.clone(),
         gateway: args.gateway_url.clone(),

@@ -236,6 +236,7 @@ pub(crate) struct Client {
     rest: atoll_transport::RestClient,
     endpoint: Endpoint,
     user: String,
+    workspace: Option<String>,
 }
 
 impl Client {
@@ -254,7 +255,32 @@ impl Client {
             rest,
             endpoint,
             user,
+            workspace: None,
         })
+    }
+
+    /// The same client working in `workspace` (none: the default one):
+    /// every `/v1/resources` path asks for it, and applies put manifests
+    /// that name none there.
+    pub(crate) fn in_workspace(mut self, workspace: Option<String>) -> Self {
+        self.workspace = workspace.filter(|w| !w.is_empty());
+        self
+    }
+
+    /// The workspace given with `--workspace`, if any.
+    pub(crate) fn workspace(&self) -> Option<String> {
+        self.workspace.clone()
+    }
+
+    /// `path` with `workspace=` added for resource paths.
+    fn scoped(&self, path: &str) -> String {
+        match &self.workspace {
+            Some(workspace) if path.starts_with("/v1/resources") => {
+                let separator = if path.contains('?') { '&' } else { '?' };
+                format!("{path}{separator}workspace={}", segment(workspace))
+            }
+            _ => path.to_owned(),
+        }
     }
 
     /// The replica asked first (of a comma-separated list, the first).
@@ -282,6 +308,7 @@ impl Client {
             self.user.clone(),
             Some(timeout),
         )
+        .map(|c| c.in_workspace(self.workspace.clone()))
     }
 
     /// A transport error in the CLI's words, with its exit code.
@@ -329,7 +356,10 @@ impl Client {
     }
 
     pub(crate) async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
-        self.rest.get(path).await.map_err(|e| self.error(e))
+        self.rest
+            .get(&self.scoped(path))
+            .await
+            .map_err(|e| self.error(e))
     }
 
     pub(crate) async fn post<B: Serialize, T: DeserializeOwned>(
@@ -337,14 +367,17 @@ impl Client {
         path: &str,
         body: &B,
     ) -> Result<T, CliError> {
-        self.rest.post(path, body).await.map_err(|e| self.error(e))
+        self.rest
+            .post(&self.scoped(path), body)
+            .await
+            .map_err(|e| self.error(e))
     }
 
     /// `DELETE path`; the answer's body is not read.
     pub(crate) async fn delete(&self, path: &str) -> Result<(), CliError> {
         let answer = self
             .rest
-            .send(reqwest::Method::DELETE, path, None)
+            .send(reqwest::Method::DELETE, &self.scoped(path), None)
             .await
             .map_err(|e| self.error(e))?;
         if answer.status.is_success() {
@@ -356,7 +389,11 @@ impl Client {
 
     /// `GET path`, read as it streams.
     pub(crate) async fn stream(&self, path: &str) -> Result<Stream<'_>, CliError> {
-        let inner = self.rest.stream(path).await.map_err(|e| self.error(e))?;
+        let inner = self
+            .rest
+            .stream(&self.scoped(path))
+            .await
+            .map_err(|e| self.error(e))?;
         Ok(Stream {
             client: self,
             inner,

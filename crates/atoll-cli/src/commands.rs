@@ -200,6 +200,7 @@ pub(crate) async fn apply(client: &Client, args: ApplyArgs) -> Result<u8, CliErr
         delete: Vec::new(),
         dry_run: args.dry_run,
         message: args.message,
+        workspace: client.workspace(),
     };
     let response: ApplyResponse = client.post("/v1/apply", &request).await?;
     match args.output {
@@ -402,6 +403,7 @@ pub(crate) async fn delete(client: &Client, args: DeleteArgs) -> Result<u8, CliE
         vec![ResourceRef {
             kind: kind.as_str().into(),
             name,
+            workspace: None,
             resource_version: args.resource_version,
         }]
     } else {
@@ -412,6 +414,7 @@ pub(crate) async fn delete(client: &Client, args: DeleteArgs) -> Result<u8, CliE
                 Ok(found) => refs.extend(found.into_iter().map(|l| ResourceRef {
                     kind: l.resource.kind().as_str().into(),
                     name: l.resource.name().into(),
+                    workspace: l.resource.metadata.workspace.clone(),
                     resource_version: None,
                 })),
                 Err(found) => issues.extend(found.0.iter().map(ToString::to_string)),
@@ -432,6 +435,7 @@ pub(crate) async fn delete(client: &Client, args: DeleteArgs) -> Result<u8, CliE
         delete,
         dry_run: args.dry_run,
         message: args.message,
+        workspace: client.workspace(),
     };
     let response: ApplyResponse = client.post("/v1/apply", &request).await?;
     print_changes(&response);

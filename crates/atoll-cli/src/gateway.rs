@@ -55,7 +55,11 @@ impl GatewayArgs {
     }
 }
 
-pub(crate) async fn run(args: GatewayArgs, control: Endpoint) -> Result<u8, CliError> {
+pub(crate) async fn run(
+    args: GatewayArgs,
+    control: Endpoint,
+    workspace: String,
+) -> Result<u8, CliError> {
     init_logging(args.log_format);
     let access_log = match args.access_log.as_str() {
         "off" => None,
@@ -69,6 +73,7 @@ pub(crate) async fn run(args: GatewayArgs, control: Endpoint) -> Result<u8, CliE
             .clone()
             .unwrap_or_else(|| state_dir().join(format!("gateway-{}", args.name))),
         name: args.name.clone(),
+        workspace,
         admin: args.admin,
         drain_timeout: args.drain_timeout,
         proxy: ProxySettings {

@@ -41,6 +41,12 @@ struct Cli {
     #[arg(long = "as", global = true, value_name = "USER")]
     user: Option<String>,
 
+    /// The workspace to work in [default: `default`]: what `get`, `delete`
+    /// and `history` look at, and where manifests that name none go.
+    /// `--workspace '*'` lists every workspace.
+    #[arg(long, global = true, env = "ATOLL_WORKSPACE", value_name = "NAME")]
+    workspace: Option<String>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -147,20 +153,21 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             user.clone(),
             timeout,
         )
+        .map(|c| c.in_workspace(cli.workspace.clone()))
     };
     let default_timeout = Some(std::time::Duration::from_secs(60));
     match cli.command {
         Command::Control(args) => control::run(args).await,
         Command::Gateway(args) => {
             let endpoint = client::resolve(cli.control.as_deref())?;
-            gateway::run(args, endpoint).await
+            gateway::run(args, endpoint, cli.workspace.clone().unwrap_or_default()).await
         }
         Command::Up(args) => up::run(args).await,
         Command::Load(args) => load::run(&connect(default_timeout)?, args).await,
         Command::Check(args) => load::check(&args),
         Command::Agent(args) => {
             let endpoint = client::resolve(cli.control.as_deref())?;
-            agent::run(args, endpoint).await
+            agent::run(args, endpoint, cli.workspace.clone().unwrap_or_default()).await
         }
         Command::Apply(args) => commands::apply(&connect(default_timeout)?, args).await,
         Command::Get(args) => commands::get(&connect(default_timeout)?, args).await,

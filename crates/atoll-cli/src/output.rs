@@ -65,6 +65,20 @@ pub(crate) type Statuses = std::collections::BTreeMap<String, Value>;
 /// The table of resources of one kind.
 pub(crate) fn resource_table(kind: Kind, resources: &[Resource], status: &Statuses) -> String {
     let (header, rows): (Vec<&str>, Vec<Vec<String>>) = match kind {
+        Kind::Workspace => (
+            vec!["NAME", "DESCRIPTION", "REVISION"],
+            resources
+                .iter()
+                .map(|r| match &r.spec {
+                    Spec::Workspace(s) => vec![
+                        r.name().into(),
+                        s.description.clone().unwrap_or_default(),
+                        version(r),
+                    ],
+                    _ => vec![],
+                })
+                .collect(),
+        ),
         Kind::Region => (
             vec!["NAME", "DISPLAY NAME", "REVISION"],
             resources

@@ -524,10 +524,16 @@ async fn apply(
         .await
         .map_err(|e| ControlError::Unavailable(format!("parsing task failed: {e}")))??;
     drop(permit);
+    set.in_workspace(request.workspace.as_deref());
     for item in &request.delete {
         let kind = parse_kind(&item.kind)?;
+        let workspace = item
+            .workspace
+            .as_deref()
+            .or(request.workspace.as_deref())
+            .unwrap_or_default();
         set.deletes.push((
-            ResourceKey::new(kind, item.name.clone()),
+            ResourceKey::in_workspace(kind, workspace, item.name.clone()),
             item.resource_version,
         ));
     }
@@ -536,7 +542,40 @@ async fn apply(
     Ok(Json(response))
 }
 
-async fn list_items(control: &Control, kind: Option<Kind>) -> ApiResult<ListResponse> {
+/// `?workspace=`: which workspace a resource path is about.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WorkspaceQuery {
+    /// The workspace (default: `default`); in a list, `*` for every
+    /// workspace. The fleet's kinds (Workspace, Region, Zone) are listed
+    /// with every workspace.
+    workspace: Option<String>,
+}
+
+impl WorkspaceQuery {
+    fn name(&self) -> &str {
+        self.workspace.as_deref().unwrap_or_default()
+    }
+
+    /// Whether a list shows `resource`.
+    fn shows(&self, resource: &atoll_model::Resource) -> bool {
+        match self.workspace.as_deref() {
+            Some("*") => true,
+            Some(name) if !name.is_empty() => {
+                resource.kind().is_fleet() || resource.workspace() == name
+            }
+            _ => {
+                resource.kind().is_fleet() || resource.workspace() == atoll_model::DEFAULT_WORKSPACE
+            }
+        }
+    }
+}
+
+async fn list_items(
+    control: &Control,
+    kind: Option<Kind>,
+    workspace: &WorkspaceQuery,
+) -> ApiResult<ListResponse> {
     let snapshot = control.store.snapshot().await?;
     let status = kind
         .is_none_or(|k| k == Kind::Cell)
@@ -544,7 +583,7 @@ async fn list_items(control: &Control, kind: Option<Kind>) -> ApiResult<ListResp
     let items = snapshot
         .resources
         .iter()
-        .filter(|r| kind.is_none_or(|k| r.kind() == k))
+        .filter(|r| kind.is_none_or(|k| r.kind() == k) && workspace.shows(r))
         .filter_map(|r| {
             let mut value = serde_json::to_value(r).ok()?;
             with_status(&mut value, r, status.as_ref());
@@ -571,28 +610,39 @@ fn with_status(
     }
 }
 
-/// Every resource of every kind.
-#[utoipa::path(get, path = "/v1/resources", responses((status = 200, body = ListResponse)))]
-async fn list_all(State(control): State<Shared>) -> ApiResult<ListResponse> {
-    list_items(&control, None).await
+/// Every resource of every kind, of the fleet and one workspace.
+#[utoipa::path(get, path = "/v1/resources", params(WorkspaceQuery), responses((status = 200, body = ListResponse)))]
+async fn list_all(
+    State(control): State<Shared>,
+    query: Result<Query<WorkspaceQuery>, QueryRejection>,
+) -> ApiResult<ListResponse> {
+    let Query(query) = query?;
+    list_items(&control, None, &query).await
 }
 
 /// Every resource of one kind (`cells`, `cell`, `Cell`...).
-#[utoipa::path(get, path = "/v1/resources/{kind}", params(("kind" = String, Path, description = "Kind, any case, singular or plural")),
+#[utoipa::path(get, path = "/v1/resources/{kind}", params(("kind" = String, Path, description = "Kind, any case, singular or plural"), WorkspaceQuery),
     responses((status = 200, body = ListResponse), (status = 404, body = ErrorBody, description = "Unknown kind")))]
-async fn list(State(control): State<Shared>, Path(kind): Path<String>) -> ApiResult<ListResponse> {
+async fn list(
+    State(control): State<Shared>,
+    Path(kind): Path<String>,
+    query: Result<Query<WorkspaceQuery>, QueryRejection>,
+) -> ApiResult<ListResponse> {
+    let Query(query) = query?;
     let kind = parse_kind(&kind)?;
-    list_items(&control, Some(kind)).await
+    list_items(&control, Some(kind), &query).await
 }
 
 /// One resource, with `metadata.resourceVersion`.
-#[utoipa::path(get, path = "/v1/resources/{kind}/{name}", params(("kind" = String, Path), ("name" = String, Path)),
+#[utoipa::path(get, path = "/v1/resources/{kind}/{name}", params(("kind" = String, Path), ("name" = String, Path), WorkspaceQuery),
     responses((status = 200, description = "The resource", body = Object), (status = 404, body = ErrorBody)))]
 async fn get_one(
     State(control): State<Shared>,
     Path((kind, name)): Path<(String, String)>,
+    query: Result<Query<WorkspaceQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let key = ResourceKey::new(parse_kind(&kind)?, name);
+    let Query(query) = query?;
+    let key = ResourceKey::in_workspace(parse_kind(&kind)?, query.name(), name);
     if key.kind == Kind::Cell {
         let snapshot = control.store.snapshot().await?;
         let status = crate::health::cell_status(&snapshot.resources, &control.nodes.list());
@@ -614,6 +664,8 @@ async fn get_one(
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct DeleteQuery {
+    /// The workspace (default: `default`).
+    workspace: Option<String>,
     /// Only if the resource is at this revision.
     resource_version: Option<u64>,
     /// Validate and diff only.
@@ -634,7 +686,11 @@ async fn delete_one(
     query: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> ApiResult<ApplyResponse> {
     let Query(query) = query?;
-    let key = ResourceKey::new(parse_kind(&kind)?, name);
+    let key = ResourceKey::in_workspace(
+        parse_kind(&kind)?,
+        query.workspace.as_deref().unwrap_or_default(),
+        name,
+    );
     let author = author(&headers, query.message);
     let set = ChangeSet {
         deletes: vec![(key, query.resource_version)],
@@ -646,13 +702,15 @@ async fn delete_one(
 }
 
 /// Every change of a resource, oldest first, also after it was deleted.
-#[utoipa::path(get, path = "/v1/resources/{kind}/{name}/history", params(("kind" = String, Path), ("name" = String, Path)),
+#[utoipa::path(get, path = "/v1/resources/{kind}/{name}/history", params(("kind" = String, Path), ("name" = String, Path), WorkspaceQuery),
     responses((status = 200, body = HistoryResponse), (status = 404, body = ErrorBody)))]
 async fn history(
     State(control): State<Shared>,
     Path((kind, name)): Path<(String, String)>,
+    query: Result<Query<WorkspaceQuery>, QueryRejection>,
 ) -> ApiResult<HistoryResponse> {
-    let key = ResourceKey::new(parse_kind(&kind)?, name);
+    let Query(query) = query?;
+    let key = ResourceKey::in_workspace(parse_kind(&kind)?, query.name(), name);
     let entries = control.store.history(&key).await?;
     if entries.is_empty() {
         return Err(ApiError::not_found(format!("{key} has never existed")));
@@ -664,17 +722,19 @@ async fn history(
 }
 
 /// Restores a resource's content from a past revision, as a new revision.
-#[utoipa::path(post, path = "/v1/resources/{kind}/{name}/rollback", params(("kind" = String, Path), ("name" = String, Path)),
+#[utoipa::path(post, path = "/v1/resources/{kind}/{name}/rollback", params(("kind" = String, Path), ("name" = String, Path), WorkspaceQuery),
     request_body = RollbackRequest,
     responses((status = 200, body = ApplyResponse), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn rollback(
     State(control): State<Shared>,
     headers: HeaderMap,
     Path((kind, name)): Path<(String, String)>,
+    query: Result<Query<WorkspaceQuery>, QueryRejection>,
     body: Result<Json<RollbackRequest>, JsonRejection>,
 ) -> ApiResult<ApplyResponse> {
+    let Query(query) = query?;
     let Json(request) = body?;
-    let key = ResourceKey::new(parse_kind(&kind)?, name);
+    let key = ResourceKey::in_workspace(parse_kind(&kind)?, query.name(), name);
     let author = author(&headers, request.message);
     Ok(Json(
         control

@@ -110,14 +110,23 @@ impl ConfigStream for ConfigStreamService {
             .map(|(_, r)| r.resource_version)
             .max()
             .unwrap_or(0);
-        let known = node.cell.is_empty()
-            || state.resources.contains_key(&atoll_model::ResourceKey::new(
-                atoll_model::Kind::Cell,
-                node.cell.clone(),
-            ));
+        let cell = atoll_model::ResourceKey::in_workspace(
+            atoll_model::Kind::Cell,
+            &node.workspace,
+            node.cell.clone(),
+        );
+        let known = node.cell.is_empty() || state.resources.contains_key(&cell);
+        // A cell outside the default workspace holds its lease under its
+        // qualified name (`rz01@payments`): the same name in two
+        // workspaces is two cells.
+        let held = if cell.in_default() {
+            node.cell.clone()
+        } else {
+            format!("{}@{}", cell.name, cell.workspace)
+        };
         let renewal = if known {
             term.leases
-                .renew(&node.name, &node.cell, request.applied_version, current)
+                .renew(&node.name, &held, request.applied_version, current)
         } else {
             crate::leases::Renewal::Refused(format!("cell `{}` does not exist", node.cell))
         };
@@ -196,8 +205,13 @@ impl ConfigStream for ConfigStreamService {
             .map_err(control_status)?;
         // One already gone is fine: only what the store has is deleted.
         let state = self.cache.current();
+        set.in_workspace(Some(&node.workspace));
         for name in &report.gone {
-            let key = atoll_model::ResourceKey::new(atoll_model::Kind::Endpoints, name.clone());
+            let key = atoll_model::ResourceKey::in_workspace(
+                atoll_model::Kind::Endpoints,
+                &node.workspace,
+                name.clone(),
+            );
             if state.resources.contains_key(&key) {
                 set.deletes.push((key, None));
             }
@@ -269,6 +283,11 @@ impl ConfigStream for ConfigStreamService {
         let (sender, receiver) = mpsc::channel(4);
         let session = Session {
             service: self.clone(),
+            workspace: if node.workspace.is_empty() {
+                atoll_model::DEFAULT_WORKSPACE.to_owned()
+            } else {
+                node.workspace
+            },
             name: identity.name,
             connection,
             sender,
@@ -341,6 +360,9 @@ impl ConfigStreamService {
 
 struct Session {
     service: ConfigStreamService,
+    /// The node's workspace: it receives the fleet's resources and this
+    /// workspace's.
+    workspace: String,
     name: String,
     connection: u64,
     sender: mpsc::Sender<Result<ConfigUpdate, Status>>,
@@ -372,7 +394,12 @@ impl Session {
                     let current = config.borrow_and_update().clone();
                     sequence += 1;
                     let nonce = format!("{}-{sequence}", self.connection);
-                    let update = build_update(last_sent.as_deref(), &current, nonce.clone());
+                    let update = build_update(
+                        last_sent.as_deref(),
+                        &current,
+                        &self.workspace,
+                        nonce.clone(),
+                    );
                     let size = prost::Message::encoded_len(&update);
                     if size > atoll_api::MAX_MESSAGE_BYTES {
                         let problem = format!(
@@ -498,17 +525,21 @@ fn wire(resource: &crate::state::WireResource) -> Resource {
     }
 }
 
-/// Whether nodes receive this resource: not the control plane's own
-/// records (Switchovers), which only change what nodes run through the
-/// shard map.
-fn for_nodes(key: &atoll_model::ResourceKey) -> bool {
+/// Whether a node of `workspace` receives this resource: the fleet's and
+/// its workspace's, but not the control plane's own records (Switchovers),
+/// which only change what nodes run through the shard map.
+fn for_nodes(key: &atoll_model::ResourceKey, workspace: &str) -> bool {
     key.kind != atoll_model::Kind::Switchover
+        && (key.workspace.is_empty() || key.workspace == workspace)
 }
 
-/// A snapshot when nothing was sent yet, else the delta from `previous`.
+/// A snapshot when nothing was sent yet, else the delta from `previous`,
+/// of what a node of `workspace` receives. Every revision is sent, also
+/// one that changed nothing the node receives: barriers count versions.
 pub(crate) fn build_update(
     previous: Option<&ConfigState>,
     current: &ConfigState,
+    workspace: &str,
     nonce: String,
 ) -> ConfigUpdate {
     match previous {
@@ -520,7 +551,7 @@ pub(crate) fn build_update(
             resources: current
                 .resources
                 .values()
-                .filter(|r| for_nodes(&r.key))
+                .filter(|r| for_nodes(&r.key, workspace))
                 .map(|r| wire(r))
                 .collect(),
             removed: Vec::new(),
@@ -530,7 +561,7 @@ pub(crate) fn build_update(
                 .resources
                 .iter()
                 .filter(|(key, resource)| {
-                    for_nodes(key)
+                    for_nodes(key, workspace)
                         && previous
                             .resources
                             .get(*key)
@@ -541,7 +572,7 @@ pub(crate) fn build_update(
             let removed = previous
                 .resources
                 .keys()
-                .filter(|key| for_nodes(key) && !current.resources.contains_key(*key))
+                .filter(|key| for_nodes(key, workspace) && !current.resources.contains_key(*key))
                 .map(|key| ResourceKey {
                     kind: key.kind.as_str().to_owned(),
                     name: key.name.clone(),

@@ -19,8 +19,8 @@ use atoll_api::rest::{
 };
 use atoll_model::limits::{MAX_CONFIG_BYTES, MAX_RESOURCE_BYTES, human_bytes};
 use atoll_model::{
-    Issue, Kind, Located, Origin, ParseBudget, Resource, ResourceKey, Spec, assign_epoch, diff,
-    load_all_within, validate_with_pending,
+    DEFAULT_WORKSPACE, Issue, Kind, Located, Origin, ParseBudget, Resource, ResourceKey, Spec,
+    assign_epoch, diff, load_all_within, validate_with_pending,
 };
 use atoll_store::{Change, Commit, CommitRequest, HistoryEntry, Store, StoreError};
 
@@ -109,6 +109,37 @@ pub(crate) struct ChangeSet {
     pub(crate) issues: Vec<Issue>,
     /// Resources of the manifests that did not decode.
     pub(crate) pending: Vec<ResourceKey>,
+}
+
+impl ChangeSet {
+    /// Puts every resource of a workspace kind whose manifest names no
+    /// workspace into `workspace` (none or `default`: the default one).
+    pub(crate) fn in_workspace(&mut self, workspace: Option<&str>) {
+        let Some(workspace) = workspace.filter(|w| !w.is_empty() && *w != DEFAULT_WORKSPACE) else {
+            return;
+        };
+        for put in &mut self.puts {
+            let metadata = &mut put.resource.metadata;
+            if !put.resource.spec.kind().is_fleet() && metadata.workspace.is_none() {
+                metadata.workspace = Some(workspace.to_owned());
+            }
+        }
+    }
+
+    /// The default workspace is stored as no workspace, so that a manifest
+    /// that names it and one that does not are the same resource.
+    fn normalize(&mut self) {
+        for put in &mut self.puts {
+            let metadata = &mut put.resource.metadata;
+            if metadata
+                .workspace
+                .as_deref()
+                .is_some_and(|w| w.is_empty() || w == DEFAULT_WORKSPACE)
+            {
+                metadata.workspace = None;
+            }
+        }
+    }
 }
 
 /// An agent's change writes and deletes only Endpoints of its own zone
@@ -302,10 +333,11 @@ impl Writer {
     /// Applies a change set atomically (or, for a dry run, says what it would do).
     pub(crate) async fn apply(
         &self,
-        set: ChangeSet,
+        mut set: ChangeSet,
         dry_run: bool,
         author: &Author,
     ) -> Result<ApplyResponse, ControlError> {
+        set.normalize();
         if set.puts.is_empty() && set.deletes.is_empty() && set.issues.is_empty() {
             return Err(ControlError::BadRequest(
                 "nothing to apply: give at least one manifest or resource to delete".into(),

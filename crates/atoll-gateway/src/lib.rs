@@ -27,6 +27,8 @@ use tokio::sync::watch;
 pub struct GatewayOptions {
     /// The Gateway resource to run.
     pub name: String,
+    /// Its workspace (empty: `default`).
+    pub workspace: String,
     /// Base URL of the control plane.
     pub control: String,
     /// Where the gateway keeps its config cache.
@@ -191,11 +193,16 @@ impl GatewayInstaller {
 async fn zone_from_control(
     transport: &atoll_transport::Transport,
     control: &str,
+    workspace: &str,
     name: &str,
 ) -> Result<String, String> {
     let urls = atoll_transport::ControlUrls::parse_in_order(control)?;
     let rest = transport.rest(urls, Some(Duration::from_secs(5)));
-    let path = format!("/v1/resources/gateways/{name}");
+    let path = if workspace.is_empty() {
+        format!("/v1/resources/gateways/{name}")
+    } else {
+        format!("/v1/resources/gateways/{name}?workspace={workspace}")
+    };
     let value: serde_json::Value = match rest.get(&path).await {
         Ok(value) => value,
         Err(atoll_transport::RestError::Api { status, .. })
@@ -267,6 +274,7 @@ impl Gateway {
                 role: "gateway".into(),
                 zone: String::new(),
                 cell: String::new(),
+                workspace: self.options.workspace.clone(),
                 cache: Some(cache),
                 transport: self.options.transport.clone(),
             },
@@ -305,6 +313,7 @@ impl Gateway {
                     match zone_from_control(
                         &self.options.transport,
                         &self.options.control,
+                        &self.options.workspace,
                         &self.options.name,
                     )
                     .await

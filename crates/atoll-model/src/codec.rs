@@ -6,7 +6,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::resource::{API_VERSION, Kind, Metadata, RegionSpec, Resource, Spec};
+use crate::resource::{API_VERSION, Kind, Metadata, RegionSpec, Resource, Spec, WorkspaceSpec};
 
 /// A problem decoding one resource, at a field path.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,6 +138,7 @@ fn decode_spec(kind: Kind, value: Option<Value>) -> Result<Spec, DecodeError> {
     let Some(value) = value else {
         return match kind {
             Kind::Region => Ok(Spec::Region(RegionSpec::default())),
+            Kind::Workspace => Ok(Spec::Workspace(WorkspaceSpec::default())),
             _ => Err(error(
                 "spec",
                 format!("missing; a {kind} needs a spec (see docs/manifests.md#{kind})"),
@@ -145,6 +146,7 @@ fn decode_spec(kind: Kind, value: Option<Value>) -> Result<Spec, DecodeError> {
         };
     };
     Ok(match kind {
+        Kind::Workspace => Spec::Workspace(typed("spec", value)?),
         Kind::Region => Spec::Region(typed("spec", value)?),
         Kind::Zone => Spec::Zone(typed("spec", value)?),
         Kind::Cell => Spec::Cell(typed("spec", value)?),
@@ -200,6 +202,7 @@ fn humanize(message: &str) -> String {
 /// Encodes the spec of a resource as JSON.
 fn spec_value(spec: &Spec) -> Result<Value, serde_json::Error> {
     match spec {
+        Spec::Workspace(s) => serde_json::to_value(s),
         Spec::Region(s) => serde_json::to_value(s),
         Spec::Zone(s) => serde_json::to_value(s),
         Spec::Cell(s) => serde_json::to_value(s),

@@ -20,6 +20,9 @@ pub const API_VERSION: &str = "atoll/v1";
 /// reference.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Kind {
+    /// A group of cells, shard maps, services, apps and gateways that one
+    /// team owns; what roles are bound to.
+    Workspace,
     /// A geographic location, usually a city.
     Region,
     /// An availability zone (datacenter) in a region.
@@ -46,7 +49,8 @@ pub enum Kind {
 
 impl Kind {
     /// Every kind, in dependency order.
-    pub const ALL: [Kind; 11] = [
+    pub const ALL: [Kind; 12] = [
+        Kind::Workspace,
         Kind::Region,
         Kind::Zone,
         Kind::Cell,
@@ -63,6 +67,7 @@ impl Kind {
     /// The name as written in `kind:` (`ShardMap`).
     pub fn as_str(self) -> &'static str {
         match self {
+            Kind::Workspace => "Workspace",
             Kind::Region => "Region",
             Kind::Zone => "Zone",
             Kind::Cell => "Cell",
@@ -80,6 +85,7 @@ impl Kind {
     /// The lower-case plural used in API paths (`shardmaps`).
     pub fn plural(self) -> &'static str {
         match self {
+            Kind::Workspace => "workspaces",
             Kind::Region => "regions",
             Kind::Zone => "zones",
             Kind::Cell => "cells",
@@ -99,6 +105,7 @@ impl Kind {
     pub fn parse(text: &str) -> Option<Kind> {
         let lower = text.to_ascii_lowercase().replace(['-', '_'], "");
         let kind = match lower.as_str() {
+            "workspace" | "workspaces" | "ws" => Kind::Workspace,
             "region" | "regions" => Kind::Region,
             "zone" | "zones" => Kind::Zone,
             "cell" | "cells" => Kind::Cell,
@@ -117,7 +124,14 @@ impl Kind {
 
     /// The names `parse` accepts, for error messages.
     pub fn expected() -> &'static str {
-        "region, zone, cell, shardrule, shardmap, service, route, gateway, app, endpoints, switchover (singular or plural)"
+        "workspace, region, zone, cell, shardrule, shardmap, service, route, gateway, app, endpoints, switchover (singular or plural)"
+    }
+
+    /// Whether resources of this kind belong to the whole fleet (Workspace,
+    /// Region, Zone: the datacenters every workspace shares) rather than to
+    /// one workspace.
+    pub fn is_fleet(self) -> bool {
+        matches!(self, Kind::Workspace | Kind::Region | Kind::Zone)
     }
 }
 
@@ -127,28 +141,77 @@ impl fmt::Display for Kind {
     }
 }
 
-/// A resource's identity: its kind and name.
+/// The workspace of a resource whose manifest names none.
+pub const DEFAULT_WORKSPACE: &str = "default";
+
+/// A resource's identity: its kind, its workspace (none for the fleet's
+/// kinds) and its name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(from = "RawKey")]
 pub struct ResourceKey {
     /// The kind.
     pub kind: Kind,
+    /// The workspace: empty for the fleet's kinds ([`Kind::is_fleet`]),
+    /// never empty for the others.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub workspace: String,
     /// The name, a DNS label.
     pub name: String,
 }
 
-impl ResourceKey {
-    /// Builds a key.
-    pub fn new(kind: Kind, name: impl Into<String>) -> Self {
-        Self {
-            kind,
-            name: name.into(),
-        }
+/// A key as stored: records written before workspaces have none.
+#[derive(Deserialize)]
+struct RawKey {
+    kind: Kind,
+    #[serde(default)]
+    workspace: String,
+    name: String,
+}
+
+impl From<RawKey> for ResourceKey {
+    fn from(raw: RawKey) -> Self {
+        Self::in_workspace(raw.kind, &raw.workspace, raw.name)
     }
 }
 
+impl ResourceKey {
+    /// A key in the default workspace (or of the fleet, for its kinds).
+    pub fn new(kind: Kind, name: impl Into<String>) -> Self {
+        Self::in_workspace(kind, DEFAULT_WORKSPACE, name)
+    }
+
+    /// A key in `workspace` (empty: the default one); the fleet's kinds
+    /// have no workspace, whatever is given.
+    pub fn in_workspace(kind: Kind, workspace: &str, name: impl Into<String>) -> Self {
+        let workspace = if kind.is_fleet() {
+            String::new()
+        } else if workspace.is_empty() {
+            DEFAULT_WORKSPACE.to_owned()
+        } else {
+            workspace.to_owned()
+        };
+        Self {
+            kind,
+            workspace,
+            name: name.into(),
+        }
+    }
+
+    /// Whether the key is in the default workspace or of the fleet.
+    pub fn in_default(&self) -> bool {
+        self.workspace.is_empty() || self.workspace == DEFAULT_WORKSPACE
+    }
+}
+
+/// `Kind/name`, and `Kind/name@workspace` outside the default workspace;
+/// also the key's text in the store (a DNS label holds no `@`).
 impl fmt::Display for ResourceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.kind, self.name)
+        if self.in_default() {
+            write!(f, "{}/{}", self.kind, self.name)
+        } else {
+            write!(f, "{}/{}@{}", self.kind, self.name, self.workspace)
+        }
     }
 }
 
@@ -156,8 +219,13 @@ impl fmt::Display for ResourceKey {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Metadata {
-    /// Unique among resources of its kind; a DNS label (RFC 1123).
+    /// Unique among resources of its kind in its workspace; a DNS label
+    /// (RFC 1123).
     pub name: String,
+    /// The workspace, a DNS label; absent for the default workspace and
+    /// for the fleet's kinds (Workspace, Region, Zone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
     /// Free-form labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -227,9 +295,26 @@ impl Resource {
         &self.metadata.name
     }
 
-    /// Kind and name.
+    /// Kind, workspace and name.
     pub fn key(&self) -> ResourceKey {
-        ResourceKey::new(self.kind(), self.metadata.name.clone())
+        ResourceKey::in_workspace(
+            self.kind(),
+            self.metadata.workspace.as_deref().unwrap_or_default(),
+            self.metadata.name.clone(),
+        )
+    }
+
+    /// The workspace (empty for the fleet's kinds).
+    pub fn workspace(&self) -> &str {
+        if self.kind().is_fleet() {
+            ""
+        } else {
+            self.metadata
+                .workspace
+                .as_deref()
+                .filter(|w| !w.is_empty())
+                .unwrap_or(DEFAULT_WORKSPACE)
+        }
     }
 
     /// A copy without server-set metadata, for comparing content.
@@ -243,6 +328,8 @@ impl Resource {
 /// The kind-specific part of a resource.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Spec {
+    /// See [`WorkspaceSpec`].
+    Workspace(WorkspaceSpec),
     /// See [`RegionSpec`].
     Region(RegionSpec),
     /// See [`ZoneSpec`].
@@ -271,6 +358,7 @@ impl Spec {
     /// The kind of this spec.
     pub fn kind(&self) -> Kind {
         match self {
+            Spec::Workspace(_) => Kind::Workspace,
             Spec::Region(_) => Kind::Region,
             Spec::Zone(_) => Kind::Zone,
             Spec::Cell(_) => Kind::Cell,
@@ -284,6 +372,16 @@ impl Spec {
             Spec::Switchover(_) => Kind::Switchover,
         }
     }
+}
+
+/// A workspace: a team's cells, shard maps, services, apps and gateways.
+/// The default workspace exists without one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkspaceSpec {
+    /// What the workspace is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
 }
 
 /// A region has no required settings.

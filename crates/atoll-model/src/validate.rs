@@ -6,16 +6,16 @@
 //! touch (deleting a zone that cells still use) is refused too. Every problem
 //! is reported, not just the first.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::issue::{Issue, Issues};
 use crate::key::{MAX_SUFFIX_DIGITS, PathTemplate};
 use crate::manifest::Located;
 use crate::names::{address_problem, dns_label_problem, host_problem, is_token, method_problem};
 use crate::resource::{
-    AppSpec, CellSpec, CellType, EndpointsSpec, GatewaySpec, HeaderMatch, KeySource, Kind,
-    Protocol, ResourceKey, RouteSpec, ServiceKind, ServiceSpec, ShardMapSpec, ShardRuleSpec, Spec,
-    Transform, ZoneSpec,
+    AppSpec, CellSpec, CellType, DEFAULT_WORKSPACE, EndpointsSpec, GatewaySpec, HeaderMatch,
+    KeySource, Kind, Protocol, ResourceKey, RouteSpec, ServiceKind, ServiceSpec, ShardMapSpec,
+    ShardRuleSpec, Spec, Transform, ZoneSpec,
 };
 
 /// The most shards a rule may have.
@@ -33,18 +33,40 @@ pub fn validate(resources: &[Located]) -> Result<(), Issues> {
 /// not be decoded (their own problems are reported elsewhere): references to
 /// them are not reported as dangling.
 pub fn validate_with_pending(resources: &[Located], pending: &[ResourceKey]) -> Result<(), Issues> {
-    let mut validator = Validator::new(resources);
-    validator.pending = pending.iter().cloned().collect();
-    validator.run();
-    if validator.issues.is_empty() {
+    // Each workspace is checked on its own, with the fleet's resources
+    // (workspaces, regions, zones) it may refer to; the fleet's own
+    // resources are checked once, with the default workspace.
+    let mut workspaces: BTreeSet<&str> = resources
+        .iter()
+        .filter(|r| !r.resource.kind().is_fleet())
+        .map(|r| r.resource.workspace())
+        .collect();
+    workspaces.insert(DEFAULT_WORKSPACE);
+    let pending: HashSet<ResourceKey> = pending.iter().cloned().collect();
+    let mut issues = Vec::new();
+    for workspace in workspaces {
+        let group: Vec<&Located> = resources
+            .iter()
+            .filter(|r| r.resource.kind().is_fleet() || r.resource.workspace() == workspace)
+            .collect();
+        let mut validator = Validator::new(group, workspace);
+        validator.pending = pending.clone();
+        validator.run();
+        issues.extend(validator.issues);
+    }
+    if issues.is_empty() {
         Ok(())
     } else {
-        Err(Issues(validator.issues))
+        Err(Issues(issues))
     }
 }
 
 struct Validator<'a> {
-    resources: &'a [Located],
+    /// The fleet's resources and those of `workspace`.
+    resources: Vec<&'a Located>,
+    /// The workspace checked; the fleet's resources are checked with the
+    /// default one.
+    workspace: &'a str,
     by_key: HashMap<ResourceKey, &'a Located>,
     pending: HashSet<ResourceKey>,
     /// `names_of` results.
@@ -60,9 +82,10 @@ macro_rules! report {
 }
 
 impl<'a> Validator<'a> {
-    fn new(resources: &'a [Located]) -> Self {
+    fn new(resources: Vec<&'a Located>, workspace: &'a str) -> Self {
         Self {
             resources,
+            workspace,
             by_key: HashMap::new(),
             pending: HashSet::new(),
             known: HashMap::new(),
@@ -76,8 +99,15 @@ impl<'a> Validator<'a> {
             .push(located.origin.issue(Some(label), field, reason));
     }
 
+    /// Whether `located` is checked in this pass (the fleet's resources
+    /// only in the default workspace's).
+    fn checks(&self, located: &Located) -> bool {
+        !located.resource.kind().is_fleet() || self.workspace == DEFAULT_WORKSPACE
+    }
+
     fn run(&mut self) {
-        for located in self.resources {
+        let resources = self.resources.clone();
+        for located in resources.iter().copied() {
             let key = located.resource.key();
             if let Some(first) = self.by_key.get(&key) {
                 let first = first.origin.issue(None, "metadata.name", "");
@@ -96,12 +126,16 @@ impl<'a> Validator<'a> {
             }
             self.by_key.insert(key, located);
         }
-        for located in self.resources {
+        for located in resources.iter().copied() {
+            if !self.checks(located) {
+                continue;
+            }
             if let Some(problem) = dns_label_problem(located.resource.name()) {
                 self.report(located, "metadata.name", problem);
             }
+            self.workspace_of(located);
             match &located.resource.spec {
-                Spec::Region(_) => {}
+                Spec::Workspace(_) | Spec::Region(_) => {}
                 Spec::Zone(spec) => self.zone(located, spec),
                 Spec::Cell(spec) => self.cell(located, spec),
                 Spec::ShardRule(spec) => self.shard_rule(located, spec),
@@ -120,8 +154,50 @@ impl<'a> Validator<'a> {
         self.one_map_per_rule();
     }
 
+    /// A resource of `kind` named `name` that a resource of this workspace
+    /// may refer to: of the fleet, or of the same workspace.
     fn get(&self, kind: Kind, name: &str) -> Option<&'a Located> {
-        self.by_key.get(&ResourceKey::new(kind, name)).copied()
+        self.by_key.get(&self.key(kind, name)).copied()
+    }
+
+    fn key(&self, kind: Kind, name: &str) -> ResourceKey {
+        ResourceKey::in_workspace(kind, self.workspace, name)
+    }
+
+    /// `metadata.workspace`: absent on the fleet's kinds; elsewhere a DNS
+    /// label naming a Workspace that exists (the default one always does).
+    fn workspace_of(&mut self, located: &Located) {
+        let kind = located.resource.kind();
+        let Some(workspace) = located.resource.metadata.workspace.as_deref() else {
+            return;
+        };
+        if kind.is_fleet() {
+            report!(
+                self,
+                located,
+                "metadata.workspace",
+                "a {kind} belongs to the whole fleet, not to a workspace; remove metadata.workspace"
+            );
+            return;
+        }
+        if let Some(problem) = dns_label_problem(workspace) {
+            self.report(located, "metadata.workspace", problem);
+            return;
+        }
+        if workspace != DEFAULT_WORKSPACE
+            && self.get(Kind::Workspace, workspace).is_none()
+            && !self
+                .pending
+                .contains(&ResourceKey::new(Kind::Workspace, workspace))
+        {
+            let known = self.names_of(Kind::Workspace);
+            report!(
+                self,
+                located,
+                "metadata.workspace",
+                "Workspace `{workspace}` does not exist ({known}); apply a Workspace named {workspace} first (see docs/manifests.md#workspace)"
+            );
+        }
     }
 
     /// "known: a, b, c" for messages, computed once per kind and cut after
@@ -156,7 +232,7 @@ impl<'a> Validator<'a> {
         name: &str,
     ) -> Option<&'a Located> {
         let found = self.get(kind, name);
-        if found.is_none() && !self.pending.contains(&ResourceKey::new(kind, name)) {
+        if found.is_none() && !self.pending.contains(&self.key(kind, name)) {
             let known = self.names_of(kind);
             report!(
                 self,
@@ -187,6 +263,7 @@ impl<'a> Validator<'a> {
         let gzones: Vec<&Located> = self
             .resources
             .iter()
+            .copied()
             .filter(|r| matches!(&r.resource.spec, Spec::Cell(c) if c.cell_type == CellType::Gzone))
             .collect();
         if let Some((first, rest)) = gzones.split_first() {
@@ -441,7 +518,7 @@ impl<'a> Validator<'a> {
 
     fn one_map_per_rule(&mut self) {
         let mut seen: BTreeMap<&str, &Located> = BTreeMap::new();
-        for located in self.resources {
+        for located in self.resources.clone() {
             if let Spec::ShardMap(spec) = &located.resource.spec {
                 if let Some(first) = seen.get(spec.rule.as_str()) {
                     report!(

@@ -104,6 +104,9 @@ pub struct NodeOptions {
     pub zone: String,
     /// The node's cell, if any.
     pub cell: String,
+    /// The node's workspace (empty: `default`): it receives the fleet's
+    /// resources and this workspace's.
+    pub workspace: String,
     /// Where the last installed version is kept; none disables the cache.
     pub cache: Option<PathBuf>,
     /// How to reach the control plane (TLS material for `https://` URLs).
@@ -393,6 +396,7 @@ impl NodeClient {
                     role: self.options.role.clone(),
                     zone: self.options.zone.clone(),
                     cell: self.options.cell.clone(),
+                    workspace: self.options.workspace.clone(),
                 }),
                 applied_version: self.status.applied_version(),
                 problem: self.problem.lock().clone().unwrap_or_default(),
@@ -647,6 +651,7 @@ mod tests {
             role: "gateway".into(),
             zone: "hz-a".into(),
             cell: String::new(),
+            workspace: String::new(),
             cache: Some(cache),
             transport: atoll_transport::Transport::plain(),
         }

@@ -44,6 +44,8 @@ pub struct Identity {
     pub zone: String,
     /// The unitized service it implements.
     pub service: String,
+    /// Its workspace (`ATOLL_WORKSPACE`; empty: `default`).
+    pub workspace: String,
     /// Where to cache the last config (static stability).
     pub cache: Option<PathBuf>,
     /// How to reach the control plane (TLS material for `https://` URLs).
@@ -64,6 +66,7 @@ impl Identity {
             cell: var("ATOLL_CELL")?,
             zone: var("ATOLL_ZONE")?,
             service: var("ATOLL_SERVICE")?,
+            workspace: std::env::var("ATOLL_WORKSPACE").unwrap_or_default(),
             cache: std::env::var_os("ATOLL_DATA_DIR").map(|dir| {
                 PathBuf::from(dir).join(format!(
                     "atoll-config-{}.json",
@@ -218,6 +221,7 @@ impl Lease {
                     role: "app".into(),
                     zone: identity.zone.clone(),
                     cell: identity.cell.clone(),
+                    workspace: identity.workspace.clone(),
                 }),
                 applied_version: status.applied_version(),
             };
@@ -586,6 +590,7 @@ impl Cell {
                 role: "app".into(),
                 zone: identity.zone.clone(),
                 cell: identity.cell.clone(),
+                workspace: identity.workspace.clone(),
                 cache: identity.cache.clone(),
                 transport: identity.transport.clone(),
             },

@@ -5,8 +5,9 @@
 //! | key | value |
 //! |---|---|
 //! | `meta/revision` | the last revision, decimal |
-//! | `resources/{Kind}/{name}` | resource JSON |
-//! | `history/{Kind}/{name}/{revision:020}` | history entry JSON |
+//! | `resources/{Kind}/{name}` | resource JSON (the fleet's kinds and the default workspace) |
+//! | `resources/{Kind}/{name}@{workspace}` | resource JSON (another workspace) |
+//! | `history/{key}/{revision:020}` | history entry JSON (`{key}` as above) |
 //! | `commits/{revision:020}` | commit JSON (the audit log) |
 //! | `coord/{key}` | the coordination keyspace ([`Coordination`]) |
 //! | `coord/{election}/{lease:x}` | a candidacy in an election (etcd's election API) |

@@ -391,11 +391,16 @@ pub(crate) fn prepare(
 }
 
 /// `Kind/name`, the key used by both backends.
+/// `Kind/name` for the fleet's kinds and the default workspace,
+/// `Kind/name@workspace` for the others: the layout of stores written
+/// before workspaces stays as it was.
 pub(crate) fn key_text(key: &ResourceKey) -> String {
-    format!("{}/{}", key.kind.as_str(), key.name)
+    key.to_string()
 }
 
-/// Sorts resources by kind (dependency order) then name.
+/// Sorts resources by kind (dependency order), workspace, then name.
 pub(crate) fn sort_resources(resources: &mut [Resource]) {
-    resources.sort_by(|a, b| (a.kind(), a.name()).cmp(&(b.kind(), b.name())));
+    resources.sort_by(|a, b| {
+        (a.kind(), a.workspace(), a.name()).cmp(&(b.kind(), b.workspace(), b.name()))
+    });
 }

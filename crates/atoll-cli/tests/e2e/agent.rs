@@ -351,6 +351,7 @@ async fn only_a_zones_agent_reports_the_zones_endpoints() {
         role: role.into(),
         zone: zone.into(),
         cell: String::new(),
+        workspace: String::new(),
     };
     let endpoints = |name: &str, zone: &str, cell: &str| {
         Resource {

@@ -21,3 +21,4 @@ mod restart;
 mod stream;
 mod switchover;
 mod up;
+mod workspaces;

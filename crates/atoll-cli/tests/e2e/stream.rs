@@ -12,13 +12,24 @@ use tonic::Streaming;
 use crate::harness::{Control, examples};
 
 /// A test node: sends Hello, then whatever the test says.
-struct Node {
+pub(crate) struct Node {
     outbound: mpsc::Sender<NodeMessage>,
     inbound: Streaming<ConfigUpdate>,
 }
 
 impl Node {
     async fn connect(url: &str, name: &str, role: &str, applied: u64) -> Node {
+        Self::connect_in(url, name, role, "", applied).await
+    }
+
+    /// A node of `workspace` (empty: the default one).
+    pub(crate) async fn connect_in(
+        url: &str,
+        name: &str,
+        role: &str,
+        workspace: &str,
+        applied: u64,
+    ) -> Node {
         let mut client = ConfigStreamClient::connect(url.to_owned())
             .await
             .expect("connect");
@@ -31,6 +42,7 @@ impl Node {
                         role: role.into(),
                         zone: "hz-a".into(),
                         cell: String::new(),
+                        workspace: workspace.into(),
                     }),
                     applied_version: applied,
                     problem: String::new(),
@@ -46,7 +58,7 @@ impl Node {
         Node { outbound, inbound }
     }
 
-    async fn next(&mut self) -> ConfigUpdate {
+    pub(crate) async fn next(&mut self) -> ConfigUpdate {
         tokio::time::timeout(Duration::from_secs(10), self.inbound.message())
             .await
             .expect("an update within 10s")
@@ -483,6 +495,7 @@ async fn regression_a_config_past_grpcs_default_limit_reaches_nodes_and_one_that
             role: "gateway".into(),
             zone: "hz-a".into(),
             cell: String::new(),
+            workspace: String::new(),
             cache: None,
             transport: atoll_transport::Transport::plain(),
         },
@@ -523,6 +536,7 @@ async fn regression_a_config_past_grpcs_default_limit_reaches_nodes_and_one_that
                     role: "gateway".into(),
                     zone: "hz-a".into(),
                     cell: String::new(),
+                    workspace: String::new(),
                 }),
                 applied_version: 0,
                 problem: format!("cannot receive an update: {}", error.message()),

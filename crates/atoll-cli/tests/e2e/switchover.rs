@@ -347,6 +347,7 @@ fn a_manual_emergency_plan_waits_for_approval_and_switchovers_guard_their_map() 
                             role: "app".into(),
                             zone: "hz-b".into(),
                             cell: "rz02".into(),
+                            workspace: String::new(),
                         }),
                         applied_version: u64::MAX,
                     })
@@ -487,6 +488,7 @@ fn regression_a_vanished_node_does_not_hold_a_planned_switchover() {
                 role: role.into(),
                 zone: "hz-a".into(),
                 cell: cell.into(),
+                workspace: String::new(),
             };
             let (outbound, receiver) = tokio::sync::mpsc::channel(4);
             outbound

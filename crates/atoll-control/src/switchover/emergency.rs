@@ -44,6 +44,10 @@ impl Switchovers {
             let Spec::ShardMap(spec) = &map.spec else {
                 continue;
             };
+            // Failover runs in the default workspace (docs/manifests.md#workspace).
+            if !map.key().in_default() {
+                continue;
+            }
             let Some(policy) = &spec.failover else {
                 continue;
             };

@@ -285,3 +285,97 @@ fn gateways_check_listeners_and_cells() {
     assert!(reasons[1].contains("port 80 is used by another listener"));
     assert!(reasons[2].contains("cell `rz03` is in zone sh-a"));
 }
+
+/// The example's cells, shard rule and map again in workspace `payments`.
+fn payments(workspace_resource: bool) -> String {
+    let mut text = String::new();
+    if workspace_resource {
+        text.push_str("apiVersion: atoll/v1\nkind: Workspace\nmetadata: {name: payments}\nspec: {description: the payments team}\n---\n");
+    }
+    text.push_str(
+        "apiVersion: atoll/v1\nkind: Cell\nmetadata: {name: rz01, workspace: payments}\nspec: {zone: hz-a, type: rzone}\n---\n\
+         apiVersion: atoll/v1\nkind: Cell\nmetadata: {name: rz02, workspace: payments}\nspec: {zone: hz-b, type: rzone}\n---\n\
+         apiVersion: atoll/v1\nkind: ShardRule\nmetadata: {name: users, workspace: payments}\nspec:\n  shards: 10\n  key:\n    sources: [{header: x-user-id}]\n    transform: {decimalSuffix: 1}\n---\n\
+         apiVersion: atoll/v1\nkind: ShardMap\nmetadata: {name: users, workspace: payments}\nspec:\n  rule: users\n  assignments:\n    - {shards: \"0-4\", cell: rz01, standby: rz02}\n    - {shards: \"5-9\", cell: rz02, standby: rz01}\n",
+    );
+    text
+}
+
+#[test]
+fn a_workspace_reuses_names_and_resolves_references_inside_itself() {
+    let mut resources = example();
+    resources.extend(load("payments.yaml", &payments(true)).expect("parses"));
+    validate(&resources).expect("the same names in another workspace are valid");
+    let keys: std::collections::HashSet<ResourceKey> =
+        resources.iter().map(|r| r.resource.key()).collect();
+    assert!(keys.contains(&ResourceKey::new(Kind::Cell, "rz01")));
+    assert!(keys.contains(&ResourceKey::in_workspace(Kind::Cell, "payments", "rz01")));
+    assert_eq!(
+        ResourceKey::in_workspace(Kind::Cell, "payments", "rz01").to_string(),
+        "Cell/rz01@payments"
+    );
+    // Zones are the fleet's: a key of one ignores a workspace.
+    assert_eq!(
+        ResourceKey::in_workspace(Kind::Zone, "payments", "hz-a"),
+        ResourceKey::new(Kind::Zone, "hz-a")
+    );
+}
+
+#[test]
+fn a_reference_never_crosses_into_another_workspace() {
+    let mut resources = example();
+    let text = payments(true).replace("cell: rz02, standby: rz01", "cell: rz03, standby: rz01");
+    resources.extend(load("payments.yaml", &text).expect("parses"));
+    let found = issues(&resources);
+    // rz03 exists in the default workspace, not in payments.
+    assert!(
+        found
+            .iter()
+            .any(|i| i.resource.as_deref() == Some("ShardMap/users@payments")
+                && i.reason.contains("Cell `rz03` does not exist")),
+        "{found:?}"
+    );
+    assert!(
+        !found
+            .iter()
+            .any(|i| i.resource.as_deref() == Some("ShardMap/users")),
+        "the default workspace's map is untouched: {found:?}"
+    );
+}
+
+#[test]
+fn a_workspace_must_exist_and_the_fleets_kinds_have_none() {
+    let mut resources = example();
+    resources.extend(load("payments.yaml", &payments(false)).expect("parses"));
+    let found = issues(&resources);
+    assert!(
+        found
+            .iter()
+            .any(|i| i.field.as_deref() == Some("metadata.workspace")
+                && i.reason.contains("Workspace `payments` does not exist")),
+        "{found:?}"
+    );
+
+    let zone = "apiVersion: atoll/v1\nkind: Zone\nmetadata: {name: bj-a, workspace: payments}\nspec: {region: hz}\n";
+    let mut resources = example();
+    resources.extend(load("zone.yaml", zone).expect("parses"));
+    let found = issues(&resources);
+    assert!(
+        found
+            .iter()
+            .any(|i| i.field.as_deref() == Some("metadata.workspace")
+                && i.reason.contains("belongs to the whole fleet")),
+        "{found:?}"
+    );
+
+    let bad = payments(true).replace("workspace: payments}", "workspace: Pay_ments}");
+    let mut resources = example();
+    resources.extend(load("payments.yaml", &bad).expect("parses"));
+    let found = issues(&resources);
+    assert!(
+        found
+            .iter()
+            .any(|i| i.field.as_deref() == Some("metadata.workspace")),
+        "{found:?}"
+    );
+}

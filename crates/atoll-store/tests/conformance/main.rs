@@ -92,6 +92,7 @@ conformance!(
     suite::watch_replays_then_follows,
     suite::state_survives_reopening,
     suite::malformed_commits_are_refused,
+    suite::workspaces_keep_the_same_name_apart,
     coordination::keys_compare_and_swap,
     coordination::a_prefix_watch_sees_changes_in_order,
     coordination::a_lease_keeps_its_keys_only_while_kept_alive,

@@ -473,3 +473,72 @@ pub(crate) async fn malformed_commits_are_refused(backend: &impl Backend) {
     assert!(err.to_string().contains("Zone/z appears twice"), "{err}");
     assert_eq!(store.revision().await.expect("revision"), 0);
 }
+
+fn cell(name: &str, workspace: Option<&str>, zone: &str) -> Resource {
+    let mut metadata = json!({"name": name});
+    if let Some(workspace) = workspace {
+        metadata["workspace"] = json!(workspace);
+    }
+    decode_resource(json!({
+        "apiVersion": "atoll/v1", "kind": "Cell",
+        "metadata": metadata, "spec": {"zone": zone, "type": "rzone"}
+    }))
+    .expect("valid cell")
+}
+
+/// Two workspaces hold resources of the same kind and name apart: each
+/// has its own content, history and delete, and a key written before
+/// workspaces (no `workspace`) reads as the default one's.
+pub(crate) async fn workspaces_keep_the_same_name_apart(backend: &impl Backend) {
+    let store = backend.open().await;
+    store
+        .commit(request(vec![
+            Change::put(cell("rz01", None, "hz-a")),
+            Change::put(cell("rz01", Some("payments"), "hz-b")),
+        ]))
+        .await
+        .expect("both");
+    let default = ResourceKey::new(Kind::Cell, "rz01");
+    let payments = ResourceKey::in_workspace(Kind::Cell, "payments", "rz01");
+    let zone_of = |r: Resource| match r.spec {
+        atoll_model::Spec::Cell(c) => c.zone,
+        other => panic!("not a cell: {other:?}"),
+    };
+    assert_eq!(
+        zone_of(store.get(&default).await.expect("get").expect("exists")),
+        "hz-a"
+    );
+    assert_eq!(
+        zone_of(store.get(&payments).await.expect("get").expect("exists")),
+        "hz-b"
+    );
+    store
+        .commit(request(vec![Change::put(cell(
+            "rz01",
+            Some("payments"),
+            "sh-a",
+        ))]))
+        .await
+        .expect("change one");
+    assert_eq!(store.history(&default).await.expect("history").len(), 1);
+    assert_eq!(store.history(&payments).await.expect("history").len(), 2);
+    store
+        .commit(request(vec![Change::delete(payments.clone())]))
+        .await
+        .expect("delete one");
+    assert!(store.get(&payments).await.expect("get").is_none());
+    assert!(store.get(&default).await.expect("get").is_some());
+    let snapshot = store.snapshot().await.expect("snapshot");
+    let keys: Vec<String> = snapshot
+        .resources
+        .iter()
+        .map(|r| r.key().to_string())
+        .collect();
+    assert_eq!(keys, ["Cell/rz01"]);
+    let commits = store.commits(0, 10).await.expect("commits");
+    let deleted = &commits.last().expect("the delete").changes[0];
+    assert_eq!(deleted.key, payments, "the audit log names the workspace");
+    let old: ResourceKey =
+        serde_json::from_value(json!({"kind": "Cell", "name": "rz01"})).expect("old key");
+    assert_eq!(old, default);
+}
