@@ -5,6 +5,7 @@
 //! `atoll control` writes. `docs/cli.md` is the reference, including exit codes.
 
 mod agent;
+mod ca;
 mod client;
 mod commands;
 mod control;
@@ -67,6 +68,9 @@ enum Command {
     /// Check a history recorded by `atoll load --history` for lost or
     /// doubled writes, negative balances and money not conserved.
     Check(load::CheckArgs),
+    /// Atoll's own certificate authority: make it, rotate its intermediate,
+    /// issue a certificate by hand.
+    Ca(ca::CaArgs),
     /// Move shard ranges between cells without losing a write: plan, start,
     /// status, abort.
     Switchover(switchover::SwitchoverArgs),
@@ -165,6 +169,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Up(args) => up::run(args).await,
         Command::Load(args) => load::run(&connect(default_timeout)?, args).await,
         Command::Check(args) => load::check(&args),
+        Command::Ca(args) => ca::run(args),
         Command::Agent(args) => {
             let endpoint = client::resolve(cli.control.as_deref())?;
             agent::run(args, endpoint, cli.workspace.clone().unwrap_or_default()).await

@@ -158,3 +158,82 @@ fn metrics_openapi_and_health_are_served() {
         assert!(metrics.ends_with("# EOF\n"));
     });
 }
+
+#[test]
+fn atoll_ca_makes_a_ca_issues_from_it_rotates_it_and_refuses_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let ca = ca.to_str().unwrap();
+    let run = |args: &[&str]| Command::new(ATOLL).args(args).output().unwrap();
+    let init = run(&["ca", "init", "--dir", ca]);
+    assert!(init.status.success(), "{init:?}");
+    assert!(String::from_utf8_lossy(&init.stdout).contains("root.pem"));
+    let again = run(&["ca", "init", "--dir", ca]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a CA"));
+
+    let out = dir.path().join("replica-1");
+    let issue = run(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca,
+        "--id",
+        "atoll://default/control/-/replica-1",
+        "--host",
+        "127.0.0.1",
+        "--lifetime",
+        "2h",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(issue.status.success(), "{issue:?}");
+    let pem = std::fs::read_to_string(out.with_extension("pem")).unwrap();
+    assert_eq!(
+        pem.matches("BEGIN CERTIFICATE").count(),
+        2,
+        "leaf and intermediate"
+    );
+    let leaf: rustls_pki_types::CertificateDer<'static> =
+        rustls_pki_types::pem::PemObject::from_pem_slice(pem.as_bytes()).unwrap();
+    assert_eq!(
+        atoll_identity::id_of_certificate(&leaf)
+            .unwrap()
+            .to_string(),
+        "atoll://default/control/-/replica-1"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(out.with_extension("key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let bad = run(&[
+        "ca",
+        "issue",
+        "--dir",
+        ca,
+        "--id",
+        "atoll://default/king/-/x",
+        "--out",
+        "/tmp/never",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("the role must be"));
+    let before = std::fs::read_to_string(dir.path().join("ca/intermediate.pem")).unwrap();
+    let rotate = run(&["ca", "rotate", "--dir", ca]);
+    assert!(rotate.status.success(), "{rotate:?}");
+    let after = std::fs::read_to_string(dir.path().join("ca/intermediate.pem")).unwrap();
+    assert_ne!(before, after);
+    let show = run(&["ca", "show", "--dir", ca]);
+    assert!(String::from_utf8_lossy(&show.stdout).contains("intermediate ends"));
+    let missing = run(&[
+        "ca",
+        "show",
+        "--dir",
+        dir.path().join("none").to_str().unwrap(),
+    ]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("atoll ca init"));
+}

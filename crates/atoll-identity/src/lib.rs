@@ -1,0 +1,19 @@
+//! Who is who in Atoll.
+//!
+//! - [`AtollId`]: a node's identity, `atoll://<workspace>/<role>/<zone>/<name>`,
+//!   carried as the only URI SAN of its certificate ([`id_of_certificate`]).
+//! - [`Authority`]: Atoll's own CA (a root and an intermediate, or an
+//!   intermediate the user brings) issuing short-lived node certificates,
+//!   from a node's certificate signing request ([`key_and_request`]).
+//! - [`Token`]: bootstrap tokens (one use, to join) and API tokens, stored
+//!   only as hashes.
+//!
+//! Design: `docs/design/identity-and-access.md`.
+
+mod ca;
+mod id;
+mod token;
+
+pub use ca::{Authority, CaError, CaOptions, IssueRequest, Issued, KeySource, key_and_request};
+pub use id::{AtollId, IdError, NO_ZONE, Role, id_of_certificate};
+pub use token::{Token, TokenError, TokenKind};
