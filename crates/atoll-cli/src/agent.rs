@@ -51,6 +51,7 @@ pub(crate) async fn run(
     args: AgentArgs,
     control: Endpoint,
     workspace: String,
+    transport: atoll_transport::Transport,
 ) -> Result<u8, CliError> {
     init_logging(args.log_format);
     let name = args
@@ -70,7 +71,7 @@ pub(crate) async fn run(
         gateway: args.gateway_url.clone(),
         stop_grace: args.stop_grace,
         admin: args.admin,
-        transport: atoll_transport::Transport::plain(),
+        transport,
     };
     tracing::info!(zone = %options.zone, control = %control.url, from = %control.origin, state = %options.state_dir.display(), "starting agent {}", options.name);
     let agent = Agent::new(options, LocalRuntime)?;

@@ -237,6 +237,7 @@ pub(crate) struct Client {
     endpoint: Endpoint,
     user: String,
     workspace: Option<String>,
+    transport: atoll_transport::Transport,
 }
 
 impl Client {
@@ -244,10 +245,11 @@ impl Client {
         endpoint: Endpoint,
         user: String,
         timeout: Option<Duration>,
+        transport: &atoll_transport::Transport,
     ) -> Result<Self, CliError> {
         let urls = atoll_transport::ControlUrls::parse_in_order(&endpoint.url)
             .map_err(|e| CliError::new(exit::USAGE, format!("{e} (from {})", endpoint.origin)))?;
-        let rest = atoll_transport::Transport::plain()
+        let rest = transport
             .rest(urls, timeout)
             .with_header(atoll_transport::USER_HEADER, &user)
             .map_err(|e| CliError::new(exit::USAGE, format!("--as: {e}")))?;
@@ -256,6 +258,7 @@ impl Client {
             endpoint,
             user,
             workspace: None,
+            transport: transport.clone(),
         })
     }
 
@@ -307,6 +310,7 @@ impl Client {
             },
             self.user.clone(),
             Some(timeout),
+            &self.transport,
         )
         .map(|c| c.in_workspace(self.workspace.clone()))
     }

@@ -156,7 +156,7 @@ pub(crate) async fn shutdown_signal() {
     }
 }
 
-pub(crate) async fn run(args: ControlArgs) -> Result<u8, CliError> {
+pub(crate) async fn run(args: ControlArgs, tls: &crate::tls::TlsArgs) -> Result<u8, CliError> {
     init_logging(args.log_format);
     let state = state_dir();
     let store = match args.store {
@@ -170,6 +170,10 @@ pub(crate) async fn run(args: ControlArgs) -> Result<u8, CliError> {
         }
     };
     let description = store.describe();
+    let transport = tls.transport()?;
+    let serving = tls.server()?;
+    tls.follow(transport.tls().cloned(), serving.clone());
+    let scheme = if serving.is_some() { "https" } else { "http" };
     let server = ControlServer::bind(ControlOptions {
         listen: args.listen,
         store,
@@ -179,7 +183,8 @@ pub(crate) async fn run(args: ControlArgs) -> Result<u8, CliError> {
         lease_duration: args.lease_duration,
         advertise: args.advertise.clone(),
         election_ttl: args.election_ttl,
-        transport: atoll_transport::Transport::plain(),
+        transport,
+        tls: serving,
     })
     .await?;
     let address = server.local_addr()?;
@@ -190,7 +195,7 @@ pub(crate) async fn run(args: ControlArgs) -> Result<u8, CliError> {
     } else {
         address.ip().to_string()
     };
-    let url = format!("http://{host}:{}", address.port());
+    let url = format!("{scheme}://{host}:{}", address.port());
     let others: Vec<String> = crate::client::running()
         .into_iter()
         .filter(|r| r.url != url)

@@ -59,6 +59,7 @@ pub(crate) async fn run(
     args: GatewayArgs,
     control: Endpoint,
     workspace: String,
+    transport: atoll_transport::Transport,
 ) -> Result<u8, CliError> {
     init_logging(args.log_format);
     let access_log = match args.access_log.as_str() {
@@ -81,7 +82,7 @@ pub(crate) async fn run(
             access_log,
             ..ProxySettings::default()
         },
-        transport: atoll_transport::Transport::plain(),
+        transport,
     };
     tracing::info!(workers = args.workers(), control = %control.url, from = %control.origin, "starting gateway {}", args.name);
     let gateway = Gateway::new(options)?;

@@ -16,6 +16,7 @@ mod load;
 mod netns;
 mod output;
 mod switchover;
+mod tls;
 mod up;
 
 use std::process::ExitCode;
@@ -47,6 +48,9 @@ struct Cli {
     /// `--workspace '*'` lists every workspace.
     #[arg(long, global = true, env = "ATOLL_WORKSPACE", value_name = "NAME")]
     workspace: Option<String>,
+
+    #[command(flatten)]
+    tls: tls::TlsArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -151,20 +155,28 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         .user
         .or_else(|| std::env::var("USER").ok())
         .unwrap_or_else(|| "anonymous".into());
+    let transport = cli.tls.transport()?;
     let connect = |timeout| {
         client::Client::new(
             client::resolve(cli.control.as_deref())?,
             user.clone(),
             timeout,
+            &transport,
         )
         .map(|c| c.in_workspace(cli.workspace.clone()))
     };
     let default_timeout = Some(std::time::Duration::from_secs(60));
     match cli.command {
-        Command::Control(args) => control::run(args).await,
+        Command::Control(args) => control::run(args, &cli.tls).await,
         Command::Gateway(args) => {
             let endpoint = client::resolve(cli.control.as_deref())?;
-            gateway::run(args, endpoint, cli.workspace.clone().unwrap_or_default()).await
+            gateway::run(
+                args,
+                endpoint,
+                cli.workspace.clone().unwrap_or_default(),
+                transport.clone(),
+            )
+            .await
         }
         Command::Up(args) => up::run(args).await,
         Command::Load(args) => load::run(&connect(default_timeout)?, args).await,
@@ -172,7 +184,13 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Ca(args) => ca::run(args),
         Command::Agent(args) => {
             let endpoint = client::resolve(cli.control.as_deref())?;
-            agent::run(args, endpoint, cli.workspace.clone().unwrap_or_default()).await
+            agent::run(
+                args,
+                endpoint,
+                cli.workspace.clone().unwrap_or_default(),
+                transport.clone(),
+            )
+            .await
         }
         Command::Apply(args) => commands::apply(&connect(default_timeout)?, args).await,
         Command::Get(args) => commands::get(&connect(default_timeout)?, args).await,

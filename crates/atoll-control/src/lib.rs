@@ -107,6 +107,9 @@ pub struct ControlOptions {
     /// How this replica reaches the others (passing changes and lease
     /// renewals on to the leader).
     pub transport: atoll_transport::Transport,
+    /// TLS for every connection (the REST API and the config stream); the
+    /// peer's verified certificate reaches every handler. None: plain HTTP.
+    pub tls: Option<atoll_transport::ServerTls>,
 }
 
 /// A bound, not yet serving, control plane.
@@ -158,7 +161,12 @@ impl ControlServer {
                 std::net::IpAddr::V6(ip) => format!("[{ip}]"),
                 ip => ip.to_string(),
             };
-            format!("http://{host}:{}", address.port())
+            let scheme = if self.options.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{host}:{}", address.port())
         });
         let nodes = Arc::new(nodes::NodeRegistry::for_replica(advertise.clone()));
         // Only replicas share node records: the embedded store is one
@@ -262,7 +270,8 @@ impl ControlServer {
             let _ = stop.send(true);
             let _ = drained_tx.send(());
         };
-        let server = atoll_transport::serve(self.listener, app, None, graceful);
+        let tls = self.options.tls.clone();
+        let server = atoll_transport::serve(self.listener, app, tls, graceful);
         let server = tokio::spawn(server);
         let result = tokio::select! {
             result = server => result.context("server task")?.context("serving"),

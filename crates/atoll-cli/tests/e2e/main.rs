@@ -20,5 +20,6 @@ mod replicas;
 mod restart;
 mod stream;
 mod switchover;
+mod tls;
 mod up;
 mod workspaces;
