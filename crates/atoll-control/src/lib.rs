@@ -20,6 +20,7 @@ mod leases;
 mod metrics;
 mod nodes;
 mod openapi;
+mod peer;
 mod rest;
 mod state;
 mod stream;

@@ -63,6 +63,37 @@ impl LeaderChannel {
     }
 }
 
+/// Whether the call came over TLS: then who calls is known only from a
+/// client certificate.
+fn over_tls<T>(request: &Request<T>) -> bool {
+    request
+        .extensions()
+        .get::<atoll_transport::Peer>()
+        .is_some_and(|peer| peer.tls)
+}
+
+fn no_certificate(what: &str) -> Status {
+    Status::unauthenticated(format!(
+        "this control plane serves TLS and a node must present its certificate to {what}: give the node --cert and --key (a certificate from `atoll ca issue` or from joining)"
+    ))
+}
+
+/// Whether the call is marked as passed on by another replica, refused
+/// when the connection's certificate is not a replica's.
+fn passed_on<T>(request: &Request<T>) -> Result<bool, Status> {
+    if !request.metadata().contains_key(FORWARDED) {
+        return Ok(false);
+    }
+    let caller = crate::peer::certified(request)?;
+    if crate::peer::may_pass_on(request, caller.as_ref()) {
+        Ok(true)
+    } else {
+        Err(Status::permission_denied(
+            "only a control-plane replica passes calls on (x-atoll-forwarded); this connection's certificate is not a replica's",
+        ))
+    }
+}
+
 fn identity_problem(name: &str) -> Option<&'static str> {
     if name.is_empty() {
         Some("the first message must be Hello with node.name set")
@@ -81,9 +112,16 @@ impl ConfigStream for ConfigStreamService {
         &self,
         request: Request<atoll_api::config::LeaseRequest>,
     ) -> Result<Response<atoll_api::config::LeaseGrant>, Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED);
+        let forwarded = passed_on(&request)?;
+        let verified = over_tls(&request);
+        let caller = crate::peer::certified(&request)?;
         let request = request.into_inner();
-        let node = request.node.clone().unwrap_or_default();
+        let mut node = request.node.clone().unwrap_or_default();
+        if let Some(id) = caller.as_ref().filter(|_| !forwarded) {
+            node = crate::peer::check_claim(id, &node)?;
+        } else if verified && !forwarded {
+            return Err(no_certificate("renew a lease"));
+        }
         if node.name.is_empty() {
             return Err(Status::invalid_argument(
                 "a lease request names its node (node.name): the instance that will hold it",
@@ -115,7 +153,25 @@ impl ConfigStream for ConfigStreamService {
             &node.workspace,
             node.cell.clone(),
         );
-        let known = node.cell.is_empty() || state.resources.contains_key(&cell);
+        let placed = state
+            .resources
+            .get(&cell)
+            .and_then(|r| match &r.resource.spec {
+                atoll_model::Spec::Cell(spec) => Some(spec.zone.clone()),
+                _ => None,
+            });
+        let known = node.cell.is_empty() || placed.is_some();
+        // A node whose identity was verified renews only leases of cells
+        // in its own zone.
+        if verified
+            && let Some(zone) = &placed
+            && *zone != node.zone
+        {
+            return Err(Status::permission_denied(format!(
+                "{} is a node of zone `{}` and renews only leases of cells placed there; cell `{}` is in `{zone}`",
+                node.name, node.zone, node.cell
+            )));
+        }
         // A cell outside the default workspace holds its lease under its
         // qualified name (`rz01@payments`): the same name in two
         // workspaces is two cells.
@@ -157,9 +213,17 @@ impl ConfigStream for ConfigStreamService {
         &self,
         request: Request<atoll_api::config::EndpointsReport>,
     ) -> Result<Response<atoll_api::config::EndpointsAnswer>, Status> {
-        let forwarded = request.metadata().contains_key(FORWARDED);
-        let report = request.into_inner();
-        let node = report.node.clone().unwrap_or_default();
+        let forwarded = passed_on(&request)?;
+        let verified = over_tls(&request);
+        let caller = crate::peer::certified(&request)?;
+        let mut report = request.into_inner();
+        let mut node = report.node.clone().unwrap_or_default();
+        if let Some(id) = caller.as_ref().filter(|_| !forwarded) {
+            node = crate::peer::check_claim(id, &node)?;
+            report.node = Some(node.clone());
+        } else if verified && !forwarded {
+            return Err(no_certificate("report endpoints"));
+        }
         if let Some(problem) = identity_problem(&node.name) {
             return Err(Status::invalid_argument(problem));
         }
@@ -241,6 +305,8 @@ impl ConfigStream for ConfigStreamService {
         request: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let peer = request.remote_addr().map(|a| a.to_string());
+        let verified = over_tls(&request);
+        let caller = crate::peer::certified(&request)?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -253,7 +319,12 @@ impl ConfigStream for ConfigStreamService {
                 ));
             }
         };
-        let node = hello.node.unwrap_or_default();
+        let mut node = hello.node.unwrap_or_default();
+        match &caller {
+            Some(id) => node = crate::peer::check_claim(id, &node)?,
+            None if verified => return Err(no_certificate("follow the config stream")),
+            None => {}
+        }
         if let Some(problem) = identity_problem(&node.name) {
             return Err(Status::invalid_argument(problem));
         }

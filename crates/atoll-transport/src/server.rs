@@ -31,6 +31,8 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 pub struct Peer {
     /// The remote address.
     pub remote: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
     /// The client certificate chain (leaf first) the TLS handshake
     /// verified; `None` over plain HTTP or when the client sent none.
     pub certificates: Option<Arc<[CertificateDer<'static>]>>,
@@ -74,6 +76,7 @@ pub async fn serve(
                         app,
                         Peer {
                             remote,
+                            tls: false,
                             certificates: None,
                         },
                     );
@@ -109,6 +112,7 @@ pub async fn serve(
                         app,
                         Peer {
                             remote,
+                            tls: true,
                             certificates,
                         },
                     );

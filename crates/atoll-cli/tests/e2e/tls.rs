@@ -1,8 +1,9 @@
 //! The control plane over TLS with certificates from `atoll ca`: the CLI
 //! reaches it with the CA bundle and is refused, with what to do, without
 //! it or with another CA's; a node follows the config stream over mTLS with
-//! its own certificate. (What the control plane does with the certificate,
-//! identity instead of what Hello claims, is the next step.)
+//! its own certificate, and is who its certificate says: a claim that
+//! differs, a node without a certificate, a lease of another zone's cell and
+//! a forged "passed on by a replica" are refused.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -174,4 +175,184 @@ fn tls_flags_that_do_not_fit_together_are_refused_with_what_to_do() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+}
+
+/// A TLS client of the config stream's service with `identity`.
+async fn stream_client(
+    root: &Path,
+    cert: Option<&Path>,
+    url: &str,
+) -> atoll_api::config::config_stream_client::ConfigStreamClient<tonic::transport::Channel> {
+    let trust = atoll_transport::Trust::from_file(root).unwrap();
+    let identity = cert.map(|cert| {
+        atoll_transport::Identity::from_files(
+            &cert.with_extension("pem"),
+            &cert.with_extension("key"),
+        )
+        .unwrap()
+    });
+    let tls = atoll_transport::ClientTls::new(&trust, identity.as_ref()).unwrap();
+    let channel = atoll_transport::Transport::with_tls(tls)
+        .channels(atoll_transport::ChannelOptions::default())
+        .connect(url)
+        .await
+        .unwrap();
+    atoll_api::config::config_stream_client::ConfigStreamClient::new(channel)
+}
+
+fn lease(name: &str, zone: &str, cell: &str) -> atoll_api::config::LeaseRequest {
+    atoll_api::config::LeaseRequest {
+        node: Some(atoll_api::config::NodeIdentity {
+            name: name.into(),
+            role: "app".into(),
+            zone: zone.into(),
+            cell: cell.into(),
+            workspace: String::new(),
+        }),
+        applied_version: 1_000_000,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_who_its_certificate_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path(), "ca");
+    let root = ca_dir.join("root.pem");
+    let control_cert = dir.path().join("control");
+    issue(
+        &ca_dir,
+        "atoll://default/control/-/replica-1",
+        &control_cert,
+    );
+    let control = Control::start_with(vec![
+        format!("--ca={}", root.display()),
+        format!("--cert={}", control_cert.with_extension("pem").display()),
+        format!("--key={}", control_cert.with_extension("key").display()),
+    ]);
+    let ca_flag = format!("--ca={}", root.display());
+    control
+        .atoll(&[&ca_flag, "apply", "-f", examples().to_str().unwrap()])
+        .success();
+    let app = dir.path().join("bank");
+    issue(&ca_dir, "atoll://default/sdk/hz-a/bank-rz01-0", &app);
+
+    // Its own cell, in its zone: granted (at whatever version; the point
+    // is that it is not refused for who it is).
+    let mut client = stream_client(&root, Some(&app), &control.url).await;
+    let own = client
+        .renew_lease(lease("bank-rz01-0", "hz-a", "rz01"))
+        .await
+        .map(tonic::Response::into_inner);
+    assert!(own.is_ok(), "{own:?}");
+    // A cell of another zone: refused, naming both zones.
+    let other = client
+        .renew_lease(lease("bank-rz01-0", "hz-a", "rz03"))
+        .await
+        .expect_err("refused");
+    assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+    assert!(other.message().contains("sh-a"), "{}", other.message());
+    // Claiming another name or zone than the certificate's: refused.
+    for (name, zone) in [("bank-rz03-0", "hz-a"), ("bank-rz01-0", "sh-a")] {
+        let claimed = client
+            .renew_lease(lease(name, zone, "rz03"))
+            .await
+            .expect_err("refused");
+        assert_eq!(claimed.code(), tonic::Code::PermissionDenied, "{claimed:?}");
+        assert!(
+            claimed
+                .message()
+                .contains("a node is who its certificate says"),
+            "{}",
+            claimed.message()
+        );
+    }
+    // A forged "passed on by a replica" from a node's certificate.
+    let mut forged = tonic::Request::new(lease("bank-rz03-0", "sh-a", "rz03"));
+    forged.metadata_mut().insert(
+        "x-atoll-forwarded",
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    let error = client.renew_lease(forged).await.expect_err("refused");
+    assert_eq!(error.code(), tonic::Code::PermissionDenied, "{error:?}");
+    assert!(
+        error.message().contains("only a control-plane replica"),
+        "{}",
+        error.message()
+    );
+
+    // No certificate at all: refused with what to give.
+    let mut anonymous = stream_client(&root, None, &control.url).await;
+    let error = anonymous
+        .renew_lease(lease("bank-rz03-0", "sh-a", "rz03"))
+        .await
+        .expect_err("refused");
+    assert_eq!(error.code(), tonic::Code::Unauthenticated, "{error:?}");
+    assert!(error.message().contains("--cert"), "{}", error.message());
+
+    // An agent's certificate of hz-a reporting as the agent of sh-a.
+    let agent = dir.path().join("agent");
+    issue(&ca_dir, "atoll://default/agent/hz-a/agent-hz-a", &agent);
+    let mut client = stream_client(&root, Some(&agent), &control.url).await;
+    let error = client
+        .report_endpoints(atoll_api::config::EndpointsReport {
+            node: Some(atoll_api::config::NodeIdentity {
+                name: "agent-hz-a".into(),
+                role: "agent".into(),
+                zone: "sh-a".into(),
+                cell: String::new(),
+                workspace: String::new(),
+            }),
+            endpoints: Vec::new(),
+            gone: vec!["bank-sh-a".into()],
+            message: "claims sh-a".into(),
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(error.code(), tonic::Code::PermissionDenied, "{error:?}");
+
+    // A gateway that says it is another gateway cannot follow the stream.
+    let gateway = dir.path().join("gw");
+    issue(&ca_dir, "atoll://default/gateway/hz-a/gw-hz-a", &gateway);
+    let identity = atoll_transport::Identity::from_files(
+        &gateway.with_extension("pem"),
+        &gateway.with_extension("key"),
+    )
+    .unwrap();
+    let trust = atoll_transport::Trust::from_file(&root).unwrap();
+    let tls = atoll_transport::ClientTls::new(&trust, Some(&identity)).unwrap();
+    let installed = std::sync::Arc::new(Node(parking_lot::Mutex::new(0)));
+    let client = atoll_node::NodeClient::new(
+        atoll_node::NodeOptions {
+            control: control.url.clone(),
+            name: "gw-sh-a".into(),
+            role: "gateway".into(),
+            zone: "sh-a".into(),
+            cell: String::new(),
+            workspace: String::new(),
+            cache: None,
+            transport: atoll_transport::Transport::with_tls(tls),
+        },
+        installed.clone(),
+    );
+    let status = client.status();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let following = tokio::spawn(client.run(stopped));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if status
+            .last_error()
+            .is_some_and(|e| e.contains("a node is who its certificate says"))
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expected a refusal, got {:?}",
+            status.last_error()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(*installed.0.lock(), 0, "it received nothing");
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), following).await;
 }
