@@ -603,7 +603,8 @@ impl<R: Runtime> Agent<R> {
         let total: usize = current.values().map(|s| s.endpoints.len()).sum();
         let request = atoll_api::config::EndpointsReport {
             node: Some(atoll_api::config::NodeIdentity {
-                name: format!("agent-{zone}"),
+                // Its own name: over TLS, the name in its certificate.
+                name: self.options.name.clone(),
                 role: "agent".into(),
                 zone: zone.clone(),
                 cell: String::new(),
