@@ -95,9 +95,7 @@ impl Channels {
             return Ok((endpoint, None));
         }
         let Some(tls) = &self.tls else {
-            return Err(format!(
-                "{url} is an https:// URL, but no CA bundle was given to verify it (--ca, or the sandbox's state directory)"
-            ));
+            return Err(crate::http::no_ca_bundle(url));
         };
         let mut http = HttpConnector::new();
         http.set_nodelay(true);

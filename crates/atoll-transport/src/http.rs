@@ -121,9 +121,14 @@ impl HttpClient {
 }
 
 fn no_ca(uri: &http::Uri) -> HttpError {
-    HttpError::Invalid(format!(
-        "{uri} is an https:// URL, but no CA bundle was given to verify it (--ca, or the sandbox's state directory)"
-    ))
+    HttpError::Invalid(no_ca_bundle(&uri.to_string()))
+}
+
+/// Why an `https://` URL cannot be used without TLS material.
+pub(crate) fn no_ca_bundle(url: &str) -> String {
+    format!(
+        "{url} is an https:// URL, but no CA bundle was given to verify it (--ca, or the sandbox's state directory)"
+    )
 }
 
 /// The innermost cause of an error: "connection refused" rather than

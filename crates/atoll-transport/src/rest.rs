@@ -216,29 +216,47 @@ impl RestClient {
     /// for a body that streams (`/v1/watch`); an error status is returned
     /// as the error it stands for.
     pub async fn stream(&self, path: &str) -> Result<RestStream, RestError> {
+        let (url, answer) = self
+            .to_any(&Method::GET, path, None, |request| self.http.open(request))
+            .await?;
+        let (parts, body) = answer.into_parts();
+        let mut stream = RestStream { url, body };
+        if !parts.status.is_success() {
+            let mut bytes = Vec::new();
+            while let Ok(Some(chunk)) = stream.chunk().await {
+                bytes.extend_from_slice(&chunk);
+            }
+            return Err(RestResponse {
+                url: stream.url,
+                status: parts.status,
+                headers: parts.headers,
+                body: bytes.into(),
+            }
+            .error());
+        }
+        Ok(stream)
+    }
+
+    /// Makes the request for the replica in use and hands it to `call`,
+    /// moving on to the next replica while one cannot be reached (nothing
+    /// was sent); returns the replica that answered and its answer.
+    async fn to_any<R, F, Fut>(
+        &self,
+        method: &Method,
+        path: &str,
+        json: Option<&Bytes>,
+        call: F,
+    ) -> Result<(String, R), RestError>
+    where
+        F: Fn(crate::http::HttpRequest) -> Fut,
+        Fut: std::future::Future<Output = Result<R, HttpError>>,
+    {
         let mut last = None;
         for _ in 0..self.urls.all().len() {
             let base = self.urls.current().to_owned();
-            let request = self.request(&base, &Method::GET, path, None)?;
-            match self.http.open(request).await {
-                Ok(answer) => {
-                    let (parts, body) = answer.into_parts();
-                    let mut stream = RestStream { url: base, body };
-                    if !parts.status.is_success() {
-                        let mut bytes = Vec::new();
-                        while let Ok(Some(chunk)) = stream.chunk().await {
-                            bytes.extend_from_slice(&chunk);
-                        }
-                        return Err(RestResponse {
-                            url: stream.url,
-                            status: parts.status,
-                            headers: parts.headers,
-                            body: bytes.into(),
-                        }
-                        .error());
-                    }
-                    return Ok(stream);
-                }
+            let request = self.request(&base, method, path, json)?;
+            match call(request).await {
+                Ok(answer) => return Ok((base, answer)),
                 Err(HttpError::Connect(cause)) => {
                     self.urls.failed(&base);
                     last = Some(cause);
@@ -291,36 +309,17 @@ impl RestClient {
         path: &str,
         json: Option<Bytes>,
     ) -> Result<RestResponse, RestError> {
-        let mut last = None;
-        for _ in 0..self.urls.all().len() {
-            let base = self.urls.current().to_owned();
-            let request = self.request(&base, &method, path, json.as_ref())?;
-            match self.http.send(request, self.timeout).await {
-                Ok(answer) => {
-                    let (parts, body) = answer.into_parts();
-                    return Ok(RestResponse {
-                        url: base,
-                        status: parts.status,
-                        headers: parts.headers,
-                        body,
-                    });
-                }
-                Err(HttpError::Connect(cause)) => {
-                    self.urls.failed(&base);
-                    last = Some(cause);
-                }
-                Err(HttpError::Timeout(after)) => {
-                    return Err(RestError::Timeout { url: base, after });
-                }
-                Err(HttpError::Failed(cause)) => {
-                    return Err(RestError::Broken { url: base, cause });
-                }
-                Err(HttpError::Invalid(text)) => return Err(RestError::Invalid(text)),
-            }
-        }
-        Err(RestError::Unreachable {
-            urls: self.urls.joined(),
-            cause: last.unwrap_or_else(|| "no replica given".into()),
+        let (url, answer) = self
+            .to_any(&method, path, json.as_ref(), |request| {
+                self.http.send(request, self.timeout)
+            })
+            .await?;
+        let (parts, body) = answer.into_parts();
+        Ok(RestResponse {
+            url,
+            status: parts.status,
+            headers: parts.headers,
+            body,
         })
     }
 

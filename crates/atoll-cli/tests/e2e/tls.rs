@@ -30,17 +30,9 @@ fn issue(ca: &Path, id: &str, out: &Path) {
     assert!(status.status.success(), "{status:?}");
 }
 
-struct Node(parking_lot::Mutex<u64>);
-
-impl atoll_node::Installer for Node {
-    fn install(&self, config: &atoll_node::NodeConfig) -> Result<(), String> {
-        *self.0.lock() = config.version;
-        Ok(())
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_control_plane_serves_tls_and_a_node_follows_it_over_mtls() {
+/// A CA in a new directory and a control plane serving TLS with a
+/// replica's certificate from it: (directory, CA dir, root bundle, control).
+fn tls_control() -> (tempfile::TempDir, PathBuf, PathBuf, Control) {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = ca(dir.path(), "ca");
     let root = ca_dir.join("root.pem");
@@ -55,6 +47,21 @@ async fn the_control_plane_serves_tls_and_a_node_follows_it_over_mtls() {
         format!("--cert={}", control_cert.with_extension("pem").display()),
         format!("--key={}", control_cert.with_extension("key").display()),
     ]);
+    (dir, ca_dir, root, control)
+}
+
+struct Node(parking_lot::Mutex<u64>);
+
+impl atoll_node::Installer for Node {
+    fn install(&self, config: &atoll_node::NodeConfig) -> Result<(), String> {
+        *self.0.lock() = config.version;
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_serves_tls_and_a_node_follows_it_over_mtls() {
+    let (dir, ca_dir, root, control) = tls_control();
     assert!(control.url.starts_with("https://"), "{}", control.url);
     let ca_flag = format!("--ca={}", root.display());
 
@@ -215,20 +222,7 @@ fn lease(name: &str, zone: &str, cell: &str) -> atoll_api::config::LeaseRequest 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_is_who_its_certificate_says() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca_dir = ca(dir.path(), "ca");
-    let root = ca_dir.join("root.pem");
-    let control_cert = dir.path().join("control");
-    issue(
-        &ca_dir,
-        "atoll://default/control/-/replica-1",
-        &control_cert,
-    );
-    let control = Control::start_with(vec![
-        format!("--ca={}", root.display()),
-        format!("--cert={}", control_cert.with_extension("pem").display()),
-        format!("--key={}", control_cert.with_extension("key").display()),
-    ]);
+    let (dir, ca_dir, root, control) = tls_control();
     let ca_flag = format!("--ca={}", root.display());
     control
         .atoll(&[&ca_flag, "apply", "-f", examples().to_str().unwrap()])
