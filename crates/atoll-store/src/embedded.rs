@@ -31,6 +31,11 @@ const RESOURCES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("r
 const HISTORY: TableDefinition<'static, (&str, u64), &[u8]> = TableDefinition::new("history");
 /// revision → commit JSON (the audit log).
 const COMMITS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("commits");
+/// The coordination keyspace's keys without a lease → created and
+/// modified revisions (8 bytes each, big-endian), then the value.
+const KEYS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("keys");
+/// The name in [`META`] of the coordination keyspace's revision.
+const KEY_REVISION: &str = "key_revision";
 
 /// The embedded store. Cheap to clone.
 #[derive(Clone)]
@@ -101,23 +106,72 @@ impl EmbeddedStore {
             write
                 .open_table(COMMITS)
                 .map_err(|e| backend_error("commits table", e))?;
+            write
+                .open_table(KEYS)
+                .map_err(|e| backend_error("keys table", e))?;
         }
         write.commit().map_err(|e| backend_error("commit", e))?;
-        let revision = {
+        let (revision, keys, key_revision) = {
             let read = db
                 .begin_read()
                 .map_err(|e| backend_error("begin read", e))?;
-            read_revision(&read)?
+            let (keys, key_revision) = read_keys(&read)?;
+            (read_revision(&read)?, keys, key_revision)
         };
+        let keyspace = Keyspace::new();
+        keyspace.restore(keys, key_revision);
         let (sender, _) = watch::channel(revision);
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
                 path,
                 revision: sender,
-                keyspace: Keyspace::new(),
+                keyspace,
             }),
         })
+    }
+
+    /// Writes what durable keys of the coordination keyspace become, and
+    /// its revision, in one redb transaction (on disk when it returns).
+    fn persist_keys(
+        &self,
+        revision: i64,
+        keys: &[(String, Option<Entry>)],
+    ) -> Result<(), StoreError> {
+        let write = self
+            .inner
+            .db
+            .begin_write()
+            .map_err(|e| backend_error("begin", e))?;
+        {
+            let mut table = write
+                .open_table(KEYS)
+                .map_err(|e| backend_error("keys table", e))?;
+            for (key, entry) in keys {
+                match entry {
+                    Some(entry) => {
+                        let mut bytes = Vec::with_capacity(16 + entry.value.len());
+                        bytes.extend_from_slice(&entry.created.to_be_bytes());
+                        bytes.extend_from_slice(&entry.modified.to_be_bytes());
+                        bytes.extend_from_slice(&entry.value);
+                        table
+                            .insert(key.as_str(), bytes.as_slice())
+                            .map_err(|e| backend_error("writing key", e))?;
+                    }
+                    None => {
+                        table
+                            .remove(key.as_str())
+                            .map_err(|e| backend_error("deleting key", e))?;
+                    }
+                }
+            }
+            let mut meta = write
+                .open_table(META)
+                .map_err(|e| backend_error("meta table", e))?;
+            meta.insert(KEY_REVISION, u64::try_from(revision).unwrap_or(0))
+                .map_err(|e| backend_error("writing key revision", e))?;
+        }
+        write.commit().map_err(|e| backend_error("commit", e))
     }
 
     /// The database file.
@@ -146,6 +200,43 @@ fn read_revision(read: &ReadTransaction) -> Result<Revision, StoreError> {
         .map_err(|e| backend_error("reading revision", e))?
         .map(|v| v.value())
         .unwrap_or(0))
+}
+
+/// The durable keys of the coordination keyspace, and its revision.
+fn read_keys(read: &ReadTransaction) -> Result<(Vec<Entry>, i64), StoreError> {
+    let table = read
+        .open_table(KEYS)
+        .map_err(|e| backend_error("keys table", e))?;
+    let mut entries = Vec::new();
+    for item in table.iter().map_err(|e| backend_error("reading keys", e))? {
+        let (key, value) = item.map_err(|e| backend_error("reading keys", e))?;
+        let (key, bytes) = (key.value().to_owned(), value.value());
+        if bytes.len() < 16 {
+            return Err(corrupt(format!("key {key}"), "shorter than its header"));
+        }
+        let number = |at: usize| {
+            let mut buffer = [0u8; 8];
+            buffer.copy_from_slice(&bytes[at..at + 8]);
+            i64::from_be_bytes(buffer)
+        };
+        entries.push(Entry {
+            created: number(0),
+            modified: number(8),
+            value: bytes[16..].to_vec(),
+            key,
+            lease: None,
+        });
+    }
+    let meta = read
+        .open_table(META)
+        .map_err(|e| backend_error("meta table", e))?;
+    let revision = meta
+        .get(KEY_REVISION)
+        .map_err(|e| backend_error("reading key revision", e))?
+        .map_or(0, |v| v.value());
+    let revision = i64::try_from(revision).unwrap_or(i64::MAX);
+    let newest = entries.iter().map(|e| e.modified).max().unwrap_or(0);
+    Ok((entries, revision.max(newest)))
 }
 
 fn decode<T: serde::de::DeserializeOwned>(at: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -422,7 +513,27 @@ impl Coordination for EmbeddedStore {
         writes: Vec<Write>,
         fence: Option<&Fence>,
     ) -> Result<i64, StoreError> {
-        self.inner.keyspace.apply(writes, fence)
+        // A batch of leased keys only (node records, leases) stays in
+        // memory; one that may touch a durable key waits for the disk, on
+        // the blocking pool.
+        let durable = writes.iter().any(|w| w.lease.is_none());
+        let store = self.clone();
+        let apply = move |fence: Option<Fence>| {
+            store
+                .inner
+                .keyspace
+                .apply_durably(writes, fence.as_ref(), |revision, keys| {
+                    store.persist_keys(revision, keys)
+                })
+        };
+        let fence = fence.cloned();
+        if durable {
+            tokio::task::spawn_blocking(move || apply(fence))
+                .await
+                .map_err(|e| backend_error("store task", e))?
+        } else {
+            apply(fence)
+        }
     }
 
     async fn watch_keys(

@@ -2,8 +2,11 @@
 //! process that uses a redb file. It behaves as etcd does for what Atoll
 //! uses (versions, TTL leases, prefix watches, an election by oldest
 //! candidacy), so the control plane runs the same code on both backends.
-//! Nothing in it survives the process, as nothing under a lease survives
-//! the process that keeps the lease alive.
+//! Keys under a lease live in memory only: nothing under a lease survives
+//! the process that keeps the lease alive. Keys without a lease (tokens,
+//! the audit chain, settings) are also written through to the store's
+//! file by the embedded store, inside the same lock, and restored when it
+//! opens, as etcd keeps them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Weak};
@@ -235,10 +238,36 @@ impl Keyspace {
         })
     }
 
+    /// Restores durable keys read back from disk, and the revision the
+    /// keyspace had reached: revisions keep growing across restarts.
+    pub(crate) fn restore(&self, entries: Vec<Entry>, revision: i64) {
+        self.with(|state| {
+            state.revision = state.revision.max(revision);
+            state.compacted = state.revision;
+            for entry in entries {
+                state.entries.insert(entry.key.clone(), entry);
+            }
+        });
+    }
+
+    #[cfg(test)]
     pub(crate) fn apply(
         &self,
         writes: Vec<Write>,
         fence: Option<&Fence>,
+    ) -> Result<i64, StoreError> {
+        self.apply_durably(writes, fence, |_, _| Ok(()))
+    }
+
+    /// Applies a batch; once every check has passed and before anything
+    /// changes in memory, `persist` is given the batch's revision and what
+    /// each durable key becomes (`None`: deleted, or now under a lease), and
+    /// its error leaves everything as it was.
+    pub(crate) fn apply_durably(
+        &self,
+        writes: Vec<Write>,
+        fence: Option<&Fence>,
+        persist: impl FnOnce(i64, &[(String, Option<Entry>)]) -> Result<(), StoreError>,
     ) -> Result<i64, StoreError> {
         check_batch(&writes)?;
         self.with(|state| {
@@ -261,8 +290,32 @@ impl Keyspace {
                     return Err(StoreError::LeaseExpired(lease));
                 }
             }
-            state.revision += 1;
-            let revision = state.revision;
+            let revision = state.revision + 1;
+            let durable: Vec<(String, Option<Entry>)> = writes
+                .iter()
+                .filter_map(|write| {
+                    let before = state.entries.get(&write.key);
+                    let was_durable = before.is_some_and(|e| e.lease.is_none());
+                    match (&write.value, write.lease) {
+                        (Some(value), None) => Some((
+                            write.key.clone(),
+                            Some(Entry {
+                                key: write.key.clone(),
+                                value: value.clone(),
+                                created: before.map_or(revision, |e| e.created),
+                                modified: revision,
+                                lease: None,
+                            }),
+                        )),
+                        _ if was_durable => Some((write.key.clone(), None)),
+                        _ => None,
+                    }
+                })
+                .collect();
+            if !durable.is_empty() {
+                persist(revision, &durable)?;
+            }
+            state.revision = revision;
             for write in writes {
                 match write.value {
                     None => state.remove(&write.key, revision),

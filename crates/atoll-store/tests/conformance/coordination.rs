@@ -379,3 +379,56 @@ pub(crate) async fn one_leader_at_a_time_and_terms_grow(backend: &impl Backend) 
     assert!(matches!(after, StoreError::Fenced { .. }), "{after}");
     keep_second.abort();
 }
+
+/// Keys without a lease (tokens, the audit chain) are kept as etcd keeps
+/// them: after the store is opened again they are there with their
+/// revisions, a compare-and-swap on them still works, and new revisions
+/// are above the old ones. Keys under a lease go with the lease.
+pub(crate) async fn keys_without_a_lease_survive_reopening(backend: &impl Backend) {
+    let (created, leased_key) = {
+        let store = backend.open().await;
+        let lease = store.grant(TTL).await.expect("grant");
+        let created = store
+            .write_keys(
+                vec![
+                    Write::put("tokens/a", b"kept".to_vec()).expecting(Expect::Absent),
+                    Write::put("tokens/b", b"gone soon".to_vec()),
+                    Write::put("nodes/leased", b"lease".to_vec()).with_lease(lease),
+                ],
+                None,
+            )
+            .await
+            .expect("write");
+        store
+            .put_key(Write::delete("tokens/b"), None)
+            .await
+            .expect("delete");
+        store.revoke(lease).await.expect("revoke");
+        (created, "nodes/leased")
+    };
+    let store = backend.open().await;
+    let kept = store
+        .get_key("tokens/a")
+        .await
+        .expect("get")
+        .expect("a key without a lease is kept");
+    assert_eq!(
+        (
+            kept.value.as_slice(),
+            kept.created,
+            kept.modified,
+            kept.lease
+        ),
+        (&b"kept"[..], created, created, None)
+    );
+    assert_eq!(store.get_key("tokens/b").await.expect("get"), None);
+    assert_eq!(store.get_key(leased_key).await.expect("get"), None);
+    let next = store
+        .put_key(
+            Write::put("tokens/a", b"swapped".to_vec()).expecting(Expect::Modified(created)),
+            None,
+        )
+        .await
+        .expect("compare-and-swap on a restored key");
+    assert!(next > created, "{next} > {created}");
+}

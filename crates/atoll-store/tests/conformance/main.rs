@@ -97,4 +97,5 @@ conformance!(
     coordination::a_prefix_watch_sees_changes_in_order,
     coordination::a_lease_keeps_its_keys_only_while_kept_alive,
     coordination::one_leader_at_a_time_and_terms_grow,
+    coordination::keys_without_a_lease_survive_reopening,
 );
