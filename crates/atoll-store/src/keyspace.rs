@@ -250,15 +250,6 @@ impl Keyspace {
         });
     }
 
-    #[cfg(test)]
-    pub(crate) fn apply(
-        &self,
-        writes: Vec<Write>,
-        fence: Option<&Fence>,
-    ) -> Result<i64, StoreError> {
-        self.apply_durably(writes, fence, |_, _| Ok(()))
-    }
-
     /// Applies a batch; once every check has passed and before anything
     /// changes in memory, `persist` is given the batch's revision and what
     /// each durable key becomes (`None`: deleted, or now under a lease), and
