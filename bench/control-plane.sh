@@ -37,7 +37,7 @@ wait_ready() {
 start_control() { # $1 = label, rest = store flags
   local label=$1; shift
   local port; port=$(free_port)
-  "$BIN/atoll" control --no-discovery --listen "127.0.0.1:$port" "$@" >"$work/control-$label.log" 2>&1 &
+  "$BIN/atoll" control --insecure --no-discovery --listen "127.0.0.1:$port" "$@" >"$work/control-$label.log" 2>&1 &
   pids+=($!)
   CONTROL="http://127.0.0.1:$port"
   wait_ready "$CONTROL/readyz"
@@ -92,7 +92,7 @@ HA_ETCD=$(printf 'http://127.0.0.1:%s,' "${clients[@]}"); HA_ETCD=${HA_ETCD%,}
 for i in 0 1 2; do wait_ready "http://127.0.0.1:${clients[$i]}/health"; done
 ports=(); replica_pid=()
 start_replica() { # $1 = index
-  "$BIN/atoll" control --no-discovery --listen "127.0.0.1:${ports[$1]}" --store etcd --etcd-endpoints "$HA_ETCD" \
+  "$BIN/atoll" control --insecure --no-discovery --listen "127.0.0.1:${ports[$1]}" --store etcd --etcd-endpoints "$HA_ETCD" \
     --etcd-prefix /atoll-ha/ --election-ttl 2s --data-dir "$work/ha-$1" >>"$work/replica-$1.log" 2>&1 &
   replica_pid[$1]=$!
   wait_ready "http://127.0.0.1:${ports[$1]}/readyz"

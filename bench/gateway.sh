@@ -531,7 +531,7 @@ else
   CPORT=$(free_port)
   APORT=$(free_port)
   CONTROL=http://127.0.0.1:$CPORT
-  "${server_cmd[@]}" "$ATOLL" control --no-discovery --listen "127.0.0.1:$CPORT" --data-dir "$work/control" >"$work/control.log" 2>&1 &
+  "${server_cmd[@]}" "$ATOLL" control --insecure --no-discovery --listen "127.0.0.1:$CPORT" --data-dir "$work/control" >"$work/control.log" 2>&1 &
   pids+=($!)
   if ! wait_url "$CONTROL/readyz" 30; then
     tail -20 "$work/control.log" >&2

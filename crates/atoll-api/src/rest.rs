@@ -468,8 +468,11 @@ pub enum ErrorCode {
     Conflict,
     /// No such resource, revision or node.
     NotFound,
-    /// The caller may not make this change (an agent writing outside its
-    /// zone).
+    /// No credential, or one that is unknown, expired or revoked (401):
+    /// log in again (`atoll login`).
+    Unauthenticated,
+    /// The caller may not do this (403): the message names the role it
+    /// needs and where.
     Forbidden,
     /// The request body is too large.
     TooLarge,
@@ -576,4 +579,112 @@ pub struct SwitchoverPlan {
     pub expected_fence_window: String,
     /// True when it was only planned.
     pub dry_run: bool,
+}
+
+/// `POST /v1/tokens`: a new API token for a user, or a bootstrap token for
+/// a node to join.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenRequest {
+    /// For an API token: the user it acts as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// For an API token: the groups of its user (bound to roles in
+    /// Workspaces; `atoll:admins` and `atoll:viewers` span the fleet).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// For a bootstrap token: the role of the node that may join with it
+    /// (`gateway`, `agent`, `sidecar`, `sdk`, `control`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// For a bootstrap token: the zone of that node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// For a bootstrap token: the workspace of that node (default:
+    /// `default`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
+    /// How long it is valid, as `90s`, `1h`, `30d` (default: 1h for a
+    /// bootstrap token, 90d for an API token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+    /// What it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// A stored token, without its secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenInfo {
+    /// Its id (the part after `atk_` or `atb_`), safe to show.
+    pub id: String,
+    /// `api` or `bootstrap`.
+    pub kind: String,
+    /// An API token's user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// An API token's groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// A bootstrap token's node: `atoll://<workspace>/<role>/<zone>/*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// What it is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Who made it (verified identity).
+    pub created_by: String,
+    /// RFC 3339.
+    pub created: String,
+    /// RFC 3339.
+    pub expires: String,
+    /// RFC 3339, when revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<String>,
+    /// Who revoked it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_by: Option<String>,
+    /// RFC 3339, when a bootstrap token was used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<String>,
+}
+
+/// The answer to `POST /v1/tokens`: the whole token, shown once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenCreated {
+    /// The secret token (`atk_...` or `atb_...`): store it now, it cannot
+    /// be read again.
+    pub token: String,
+    /// What was stored.
+    pub info: TokenInfo,
+}
+
+/// `GET /v1/tokens`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenList {
+    /// Every token the caller may see, newest first.
+    pub tokens: Vec<TokenInfo>,
+}
+
+/// `GET /v1/whoami`: the caller as the control plane verified it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WhoAmI {
+    /// The name the audit log records.
+    pub name: String,
+    /// `user`, `node`, `unverified` (access control is off) or `anonymous`.
+    pub kind: String,
+    /// Its groups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// How it was verified: `token <id>`, `certificate <serial>`, `none`.
+    pub credential: String,
+    /// Its role in each workspace it has one in.
+    #[serde(default)]
+    pub roles: std::collections::BTreeMap<String, String>,
+    /// Whether the control plane enforces access control.
+    pub access_control: bool,
 }

@@ -194,7 +194,7 @@ pub(crate) fn run(args: CaArgs) -> Result<u8, CliError> {
 }
 
 /// Writes a secret file readable by its owner only.
-fn write_private(path: &Path, text: &str) -> Result<(), CliError> {
+pub(crate) fn write_private(path: &Path, text: &str) -> Result<(), CliError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let _ = std::fs::remove_file(path);

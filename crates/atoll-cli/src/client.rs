@@ -32,6 +32,10 @@ pub(crate) mod exit {
     pub(crate) const SWITCHOVER_ABORTED: u8 = 8;
     /// A drill did not complete, or the checker found an anomaly.
     pub(crate) const DRILL_FAILED: u8 = 10;
+    /// No credential, or an unknown, expired or revoked one (401).
+    pub(crate) const UNAUTHENTICATED: u8 = 11;
+    /// The credential's user may not do this (403).
+    pub(crate) const FORBIDDEN: u8 = 12;
 }
 
 /// An error to print, with the process exit code.
@@ -236,30 +240,55 @@ pub(crate) struct Client {
     rest: atoll_transport::RestClient,
     endpoint: Endpoint,
     user: String,
+    token: Option<String>,
     workspace: Option<String>,
     transport: atoll_transport::Transport,
 }
 
 impl Client {
+    /// A client of `endpoint`. `token` is sent as the bearer token; none:
+    /// the one `atoll login` saved for the endpoint's URL, if any.
     pub(crate) fn new(
         endpoint: Endpoint,
         user: String,
+        token: Option<String>,
         timeout: Option<Duration>,
         transport: &atoll_transport::Transport,
     ) -> Result<Self, CliError> {
         let urls = atoll_transport::ControlUrls::parse_in_order(&endpoint.url)
             .map_err(|e| CliError::new(exit::USAGE, format!("{e} (from {})", endpoint.origin)))?;
-        let rest = transport
+        let token = token
+            .filter(|t| !t.trim().is_empty())
+            .or_else(|| crate::auth::saved_token(&endpoint.url));
+        let mut rest = transport
             .rest(urls, timeout)
             .with_header(atoll_transport::USER_HEADER, &user)
             .map_err(|e| CliError::new(exit::USAGE, format!("--as: {e}")))?;
+        if let Some(token) = &token {
+            rest = rest
+                .with_token(token.trim())
+                .map_err(|e| CliError::new(exit::USAGE, format!("--token: {e}")))?;
+        }
         Ok(Self {
             rest,
             endpoint,
             user,
+            token,
             workspace: None,
             transport: transport.clone(),
         })
+    }
+
+    /// The same control plane, with `token` instead of this client's.
+    pub(crate) fn with_token(&self, token: &str) -> Result<Self, CliError> {
+        Self::new(
+            self.endpoint.clone(),
+            self.user.clone(),
+            Some(token.to_owned()),
+            None,
+            &self.transport,
+        )
+        .map(|c| c.in_workspace(self.workspace.clone()))
     }
 
     /// The same client working in `workspace` (none: the default one):
@@ -309,6 +338,7 @@ impl Client {
                 origin: "the replicas a drill left alone".into(),
             },
             self.user.clone(),
+            self.token.clone(),
             Some(timeout),
             &self.transport,
         )
@@ -343,6 +373,8 @@ impl Client {
                     ErrorCode::Conflict => exit::CONFLICT,
                     ErrorCode::NotFound => exit::NOT_FOUND,
                     ErrorCode::Unavailable | ErrorCode::NotLeader => exit::UNREACHABLE,
+                    ErrorCode::Unauthenticated => exit::UNAUTHENTICATED,
+                    ErrorCode::Forbidden => exit::FORBIDDEN,
                     _ => exit::FAILURE,
                 };
                 let mut error = CliError::new(code, body.message);
@@ -389,6 +421,14 @@ impl Client {
         } else {
             Err(self.error(answer.error()))
         }
+    }
+
+    /// `DELETE path`, its answer read as JSON.
+    pub(crate) async fn delete_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, CliError> {
+        self.rest
+            .delete(&self.scoped(path))
+            .await
+            .map_err(|e| self.error(e))
     }
 
     /// `GET path`, read as it streams.

@@ -18,7 +18,7 @@ use crate::output::{Format, Statuses, resource_table, table, yaml_documents};
 /// Usage errors exit 2, like clap's.
 const USAGE: u8 = 2;
 
-fn print_json(value: &impl serde::Serialize) {
+pub(crate) fn print_json(value: &impl serde::Serialize) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).unwrap_or_default()

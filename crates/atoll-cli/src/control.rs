@@ -93,6 +93,56 @@ pub(crate) struct ControlArgs {
     /// control plane without flags.
     #[arg(long)]
     no_discovery: bool,
+
+    /// Serve plain HTTP with access control off: anyone who reaches the
+    /// port may change everything, and the audit log records the name a
+    /// client claims (`--as`). For a trial on one machine only; without
+    /// it, `atoll control` needs --cert and --key (see docs/security.md).
+    #[arg(long)]
+    insecure: bool,
+
+    /// A file holding the fleet admin's API token (user `admin`, group
+    /// `atoll:admins`): the way in before any other token exists. Made
+    /// (mode 0600) with a new token when the file does not exist.
+    #[arg(long, env = "ATOLL_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+}
+
+/// Reads the admin token from `path`, or makes one there (0600).
+pub(crate) fn admin_token(path: &std::path::Path) -> Result<atoll_identity::Token, CliError> {
+    use atoll_identity::{Token, TokenKind};
+    match std::fs::read_to_string(path) {
+        Ok(text) => Token::parse(&text)
+            .map_err(|e| crate::client::CliError::new(crate::client::exit::USAGE, format!("--admin-token-file {}: {e}", path.display())))
+            .and_then(|token| {
+                if token.kind == TokenKind::Api {
+                    Ok(token)
+                } else {
+                    Err(crate::client::CliError::new(crate::client::exit::USAGE, format!(
+                        "--admin-token-file {}: holds a bootstrap token (atb_); it needs an API token (atk_)",
+                        path.display()
+                    )))
+                }
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = Token::generate(TokenKind::Api);
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    crate::client::CliError::new(
+                        crate::client::exit::FAILURE,
+                        format!("cannot make {}: {e}", parent.display()),
+                    )
+                })?;
+            }
+            crate::ca::write_private(path, &format!("{token}\n"))?;
+            tracing::info!(path = %path.display(), "made a new admin token");
+            Ok(token)
+        }
+        Err(e) => Err(crate::client::CliError::new(crate::client::exit::USAGE, format!(
+            "cannot read --admin-token-file {}: {e}",
+            path.display()
+        ))),
+    }
 }
 
 fn parse_heartbeat_timeout(text: &str) -> Result<Duration, String> {
@@ -174,6 +224,41 @@ pub(crate) async fn run(args: ControlArgs, tls: &crate::tls::TlsArgs) -> Result<
     let serving = tls.server()?;
     tls.follow(transport.tls().cloned(), serving.clone());
     let scheme = if serving.is_some() { "https" } else { "http" };
+    let access = match (&serving, args.insecure) {
+        (None, false) => {
+            return Err(crate::client::CliError::new(
+                crate::client::exit::USAGE,
+                "atoll control serves plain HTTP only with --insecure: anyone who reaches the port could then change everything. Give it --ca, --cert and --key (`atoll ca init`, then `atoll ca issue --role control`; docs/security.md), or pass --insecure for a trial on one machine",
+            ));
+        }
+        (Some(_), true) => {
+            return Err(crate::client::CliError::new(
+                crate::client::exit::USAGE,
+                "--insecure turns access control off and serves plain HTTP; it cannot be combined with --cert/--key. Drop one of them",
+            ));
+        }
+        (None, true) => {
+            tracing::warn!(
+                "--insecure: plain HTTP and no access control; anyone who reaches {} may change everything, and the audit log records unverified names",
+                args.listen
+            );
+            atoll_control::AccessOptions {
+                enforce: false,
+                admin_token: None,
+            }
+        }
+        (Some(_), false) => atoll_control::AccessOptions {
+            enforce: true,
+            admin_token: None,
+        },
+    };
+    let access = match &args.admin_token_file {
+        Some(path) => atoll_control::AccessOptions {
+            admin_token: Some(admin_token(path)?),
+            ..access
+        },
+        None => access,
+    };
     let server = ControlServer::bind(ControlOptions {
         listen: args.listen,
         store,
@@ -185,6 +270,7 @@ pub(crate) async fn run(args: ControlArgs, tls: &crate::tls::TlsArgs) -> Result<
         election_ttl: args.election_ttl,
         transport,
         tls: serving,
+        access,
     })
     .await?;
     let address = server.local_addr()?;

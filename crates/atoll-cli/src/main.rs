@@ -5,6 +5,7 @@
 //! `atoll control` writes. `docs/cli.md` is the reference, including exit codes.
 
 mod agent;
+mod auth;
 mod ca;
 mod client;
 mod commands;
@@ -30,7 +31,8 @@ use crate::output::Format;
 ///
 /// Exit codes: 0 success, 1 failure, 2 usage error, 3 invalid manifests,
 /// 4 conflict, 5 not found, 6 control plane unreachable, 7 barrier not reached,
-/// 8 switchover aborted, 9 the checker found an anomaly.
+/// 8 switchover aborted, 9 the checker found an anomaly, 10 a drill failed,
+/// 11 no or a bad credential, 12 not allowed.
 #[derive(Debug, Parser)]
 #[command(name = "atoll", version, max_term_width = 100)]
 struct Cli {
@@ -39,9 +41,22 @@ struct Cli {
     #[arg(long, global = true, env = "ATOLL_CONTROL", value_name = "URL")]
     control: Option<String>,
 
-    /// Who you are, for the audit log [default: $USER].
+    /// Who you are, for the audit log, on a control plane started
+    /// `--insecure` only (elsewhere your token or certificate says who you
+    /// are) [default: $USER].
     #[arg(long = "as", global = true, value_name = "USER")]
     user: Option<String>,
+
+    /// The API token to send [default: the one `atoll login` saved for
+    /// the control plane's URL].
+    #[arg(
+        long,
+        global = true,
+        env = "ATOLL_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
 
     /// The workspace to work in [default: `default`]: what `get`, `delete`
     /// and `history` look at, and where manifests that name none go.
@@ -104,6 +119,15 @@ enum Command {
     Watch(commands::WatchArgs),
     /// Show the control plane's version, store and revision.
     Status(OutputArgs),
+    /// Check an API token with the control plane and save it for its URL
+    /// (in ~/.config/atoll/credentials.json, mode 0600).
+    Login(auth::LoginArgs),
+    /// Forget the token saved for the control plane.
+    Logout,
+    /// Show who the control plane takes you for, and your roles.
+    Whoami(OutputArgs),
+    /// Make, list and revoke API tokens and bootstrap tokens.
+    Token(auth::TokenArgs),
 }
 
 /// `-o` for commands that print data.
@@ -160,6 +184,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         client::Client::new(
             client::resolve(cli.control.as_deref())?,
             user.clone(),
+            cli.token.clone(),
             timeout,
             &transport,
         )
@@ -204,6 +229,10 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Audit(args) => commands::audit(&connect(default_timeout)?, args).await,
         Command::Watch(args) => commands::watch(&connect(None)?, args).await,
         Command::Status(args) => commands::status(&connect(default_timeout)?, args.output).await,
+        Command::Login(args) => auth::login(&connect(default_timeout)?, args).await,
+        Command::Logout => auth::logout(&connect(default_timeout)?),
+        Command::Whoami(args) => auth::whoami(&connect(default_timeout)?, args.output).await,
+        Command::Token(args) => auth::token(&connect(default_timeout)?, args).await,
     }
 }
 

@@ -767,7 +767,12 @@ async fn start(
     }
     for (i, url) in replicas.iter().enumerate() {
         let listen = url.trim_start_matches("http://").to_owned();
-        let mut control_args: Vec<String> = vec!["control".into(), "--listen".into(), listen];
+        let mut control_args: Vec<String> = vec![
+            "control".into(),
+            "--insecure".into(),
+            "--listen".into(),
+            listen,
+        ];
         if etcd_urls.is_empty() {
             control_args.extend([
                 "--data-dir".into(),

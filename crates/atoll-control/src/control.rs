@@ -43,6 +43,8 @@ pub(crate) struct Control {
     term: ArcSwapOption<TermServices>,
     /// For passing writes on to the leader.
     pub(crate) http: atoll_transport::HttpClient,
+    /// Who may do what on the REST API.
+    pub(crate) access: crate::access::AccessOptions,
 }
 
 impl std::fmt::Debug for Control {
@@ -75,6 +77,7 @@ impl Control {
         lease_duration: Duration,
         leadership: Arc<Leadership>,
         transport: &atoll_transport::Transport,
+        access: crate::access::AccessOptions,
     ) -> Arc<Self> {
         Arc::new(Self {
             store: writer.store.clone(),
@@ -90,6 +93,7 @@ impl Control {
             lease_duration,
             term: ArcSwapOption::empty(),
             http: transport.http(Duration::from_secs(2)),
+            access,
         })
     }
 

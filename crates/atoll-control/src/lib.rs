@@ -13,6 +13,7 @@
 //! the store does not: node connections are soft state that nodes rebuild by
 //! reconnecting. It does not run workloads or route traffic.
 
+mod access;
 mod control;
 mod health;
 mod leadership;
@@ -25,6 +26,7 @@ mod rest;
 mod state;
 mod stream;
 mod switchover;
+mod tokens;
 mod writer;
 
 use std::net::SocketAddr;
@@ -37,6 +39,8 @@ use atoll_api::config::config_stream_server::ConfigStreamServer;
 use atoll_store::{Coordination, EmbeddedStore, EtcdOptions, EtcdStore, Store};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+pub use access::AccessOptions;
 
 /// Where the control plane keeps its state.
 #[derive(Clone, Debug)]
@@ -111,6 +115,8 @@ pub struct ControlOptions {
     /// TLS for every connection (the REST API and the config stream); the
     /// peer's verified certificate reaches every handler. None: plain HTTP.
     pub tls: Option<atoll_transport::ServerTls>,
+    /// Who may do what on the REST API (`docs/security.md`).
+    pub access: AccessOptions,
 }
 
 /// A bound, not yet serving, control plane.
@@ -199,6 +205,7 @@ impl ControlServer {
             self.options.lease_duration,
             leadership.clone(),
             &self.options.transport,
+            self.options.access.clone(),
         );
         let elector = tokio::spawn(leadership.clone().run(stopping.clone()));
         let terms = tokio::spawn(control.clone().follow_leadership());

@@ -58,6 +58,8 @@ pub(crate) struct Metrics {
     pub(crate) step_downs: Counter,
     /// Writes this replica made that were fenced: it had been deposed.
     pub(crate) fenced_writes: Counter,
+    /// REST calls refused: no or a bad credential, or no role for it.
+    pub(crate) refused: Counter,
 }
 
 impl Metrics {
@@ -153,6 +155,12 @@ impl Metrics {
             "Writes of this replica refused because another replica had been elected",
             fenced_writes.clone(),
         );
+        let refused = Counter::default();
+        registry.register(
+            "refused_requests",
+            "REST calls refused for a missing or bad credential, or a missing role",
+            refused.clone(),
+        );
         Self {
             registry,
             http_requests,
@@ -171,6 +179,7 @@ impl Metrics {
             elections,
             step_downs,
             fenced_writes,
+            refused,
         }
     }
 

@@ -5,7 +5,8 @@ use atoll_api::rest::{
     ChangeSummary, CommitChange, CommitRecord, ErrorBody, ErrorCode, HistoryItem, HistoryResponse,
     Laggard, LeaderResponse, ListResponse, ManifestFile, NackInfo, NodeInfo, NodeSelector,
     NodesResponse, PlanCheck, ReplicaInfo, ReportedPositions, ReportedShard, ResourceRef,
-    RollbackRequest, StatusResponse, SwitchoverPlan, SwitchoverRequest,
+    RollbackRequest, StatusResponse, SwitchoverPlan, SwitchoverRequest, TokenCreated, TokenInfo,
+    TokenList, TokenRequest, WhoAmI,
 };
 use atoll_model::Issue;
 use utoipa::OpenApi;
@@ -37,6 +38,10 @@ use utoipa::OpenApi;
         crate::rest::start_switchover,
         crate::rest::abort_switchover,
         crate::rest::approve_switchover,
+        crate::tokens::create_token,
+        crate::tokens::list_tokens,
+        crate::tokens::revoke_token,
+        crate::tokens::whoami,
     ),
     components(schemas(
         SwitchoverRequest,
@@ -69,6 +74,11 @@ use utoipa::OpenApi;
         ResourceRef,
         RollbackRequest,
         StatusResponse,
+        TokenRequest,
+        TokenCreated,
+        TokenInfo,
+        TokenList,
+        WhoAmI,
         Issue
     ))
 )]

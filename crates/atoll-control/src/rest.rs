@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use atoll_access::Action;
 use atoll_api::rest::{
     ApplyRequest, ApplyResponse, AuditResponse, BarrierRequest, BarrierResponse, ErrorBody,
     ErrorCode, HistoryResponse, LeaderResponse, ListResponse, NodesResponse, RollbackRequest,
@@ -12,7 +13,7 @@ use atoll_api::rest::{
 use atoll_model::{Kind, ResourceKey};
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -21,6 +22,7 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use serde::Deserialize;
 
+use crate::access::{Caller, FORWARDED_CALLER};
 use crate::control::Control;
 use crate::metrics::{HttpLabels, ResultLabels, RouteLabels};
 use crate::nodes::Forget;
@@ -40,7 +42,7 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, error: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, error: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             status,
             body: ErrorBody {
@@ -52,11 +54,11 @@ impl ApiError {
         }
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
     }
 
-    fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
     }
 }
@@ -126,8 +128,8 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
-type Shared = Arc<Control>;
-type ApiResult<T> = Result<Json<T>, ApiError>;
+pub(crate) type Shared = Arc<Control>;
+pub(crate) type ApiResult<T> = Result<Json<T>, ApiError>;
 
 fn parse_kind(text: &str) -> Result<Kind, ApiError> {
     Kind::parse(text).ok_or_else(|| {
@@ -138,15 +140,8 @@ fn parse_kind(text: &str) -> Result<Kind, ApiError> {
     })
 }
 
-fn author(headers: &HeaderMap, message: Option<String>) -> Author {
-    let name = headers
-        .get("x-atoll-user")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .map(|v| v.chars().take(128).collect())
-        .unwrap_or_else(|| "anonymous".to_owned());
-    Author::user(name, message)
+fn author(caller: &Caller, message: Option<String>) -> Author {
+    Author::user(caller.name(), message)
 }
 
 /// Builds the REST router.
@@ -175,11 +170,16 @@ pub(crate) fn router(control: Shared) -> Router {
         .route("/v1/switchovers", post(start_switchover))
         .route("/v1/switchovers/{name}/abort", post(abort_switchover))
         .route("/v1/switchovers/{name}/approve", post(approve_switchover))
+        .merge(crate::tokens::routes())
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
             control.clone(),
             forward_to_leader,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            control.clone(),
+            crate::access::authenticate,
         ))
         .layer(axum::middleware::from_fn_with_state(
             control.clone(),
@@ -381,13 +381,28 @@ async fn forward(
     let mut outgoing = axum::http::Request::builder()
         .method(parts.method.clone())
         .uri(&target);
+    // Over TLS the leader takes the caller this replica verified, from a
+    // replica's certificate; over plain HTTP it checks the credential again.
+    let tls = leader.starts_with("https://");
+    let caller = parts
+        .extensions
+        .get::<Caller>()
+        .and_then(Caller::to_header)
+        .filter(|_| tls);
     for (name, value) in &parts.headers {
-        if !matches!(
-            name.as_str(),
-            "host" | "connection" | "content-length" | "transfer-encoding" | "keep-alive"
-        ) {
+        let passed_on =
+            name == FORWARDED_CALLER || (caller.is_some() && name == header::AUTHORIZATION);
+        if !passed_on
+            && !matches!(
+                name.as_str(),
+                "host" | "connection" | "content-length" | "transfer-encoding" | "keep-alive"
+            )
+        {
             outgoing = outgoing.header(name, value);
         }
+    }
+    if let Some(caller) = caller {
+        outgoing = outgoing.header(FORWARDED_CALLER, caller);
     }
     let outgoing = match outgoing
         .header(FORWARDED, "1")
@@ -416,6 +431,15 @@ async fn forward(
             "this replica does not lead, and the leader {leader} did not finish answering: {error}"
         )),
     }
+}
+
+/// Reading one resource (or its history): its workspace's, or the fleet's.
+fn authorize_read(control: &Control, caller: &Caller, key: &ResourceKey) -> Result<(), ApiError> {
+    let workspace = (!key.kind.is_fleet()).then_some(match key.workspace.as_str() {
+        "" => atoll_model::DEFAULT_WORKSPACE,
+        name => name,
+    });
+    control.authorize(caller, Action::Read(workspace))
 }
 
 async fn fallback(request: Request) -> ApiError {
@@ -486,7 +510,11 @@ async fn openapi() -> Response {
 
 /// Version, store and revision.
 #[utoipa::path(get, path = "/v1/status", responses((status = 200, body = StatusResponse)))]
-async fn status(State(control): State<Shared>) -> ApiResult<StatusResponse> {
+async fn status(
+    State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<StatusResponse> {
+    control.authorize(&caller, Action::Read(None))?;
     Ok(Json(StatusResponse {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         store: control.store.backend().to_owned(),
@@ -503,12 +531,17 @@ async fn status(State(control): State<Shared>) -> ApiResult<StatusResponse> {
     (status = 400, body = ErrorBody), (status = 404, body = ErrorBody, description = "A resource to delete does not exist"),
     (status = 409, body = ErrorBody, description = "A resource changed since it was read"),
     (status = 422, body = ErrorBody, description = "Invalid manifests or resulting state; `issues` lists every problem")),
-    params(("x-atoll-user" = Option<String>, Header, description = "Who makes the change, for the audit log")))]
+    params(("x-atoll-user" = Option<String>, Header, description = "Only on a control plane started `--insecure`: who makes the change, for the audit log (marked unverified)")))]
 async fn apply(
     State(control): State<Shared>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<ApplyRequest>, JsonRejection>,
 ) -> ApiResult<ApplyResponse> {
+    // A caller with no role anywhere is refused before its manifests are
+    // parsed; each resource is checked once they are.
+    if !caller.principal.is_fleet_admin() {
+        control.authorize(&caller, Action::Observe)?;
+    }
     let Json(request) = body?;
     // Parsing is CPU work proportional to the input: off the async workers,
     // and a few at a time, so that many large requests at once cannot add
@@ -537,7 +570,16 @@ async fn apply(
             item.resource_version,
         ));
     }
-    let author = author(&headers, request.message);
+    for key in set
+        .puts
+        .iter()
+        .map(|l| l.resource.key())
+        .chain(set.pending.iter().cloned())
+        .chain(set.deletes.iter().map(|(key, _)| key.clone()))
+    {
+        control.authorize(&caller, Action::Write(&key))?;
+    }
+    let author = author(&caller, request.message);
     let response = control.writer.apply(set, request.dry_run, &author).await?;
     Ok(Json(response))
 }
@@ -573,9 +615,30 @@ impl WorkspaceQuery {
 
 async fn list_items(
     control: &Control,
+    caller: &Caller,
     kind: Option<Kind>,
     workspace: &WorkspaceQuery,
 ) -> ApiResult<ListResponse> {
+    // One workspace: refused if the caller may not read it; every
+    // workspace (`*`): those it may read.
+    match workspace.workspace.as_deref() {
+        Some("*") => control.authorize(caller, Action::Read(None))?,
+        _ if kind.is_some_and(Kind::is_fleet) => control.authorize(caller, Action::Read(None))?,
+        _ => control.authorize(
+            caller,
+            Action::Read(Some(match workspace.name() {
+                "" => atoll_model::DEFAULT_WORKSPACE,
+                name => name,
+            })),
+        )?,
+    }
+    let mut readable = std::collections::HashMap::new();
+    let mut may_read = |resource: &atoll_model::Resource| {
+        let scope = (!resource.kind().is_fleet()).then(|| resource.workspace().to_owned());
+        *readable
+            .entry(scope.clone())
+            .or_insert_with(|| control.may_read(caller, scope.as_deref()))
+    };
     let snapshot = control.store.snapshot().await?;
     let status = kind
         .is_none_or(|k| k == Kind::Cell)
@@ -584,6 +647,7 @@ async fn list_items(
         .resources
         .iter()
         .filter(|r| kind.is_none_or(|k| r.kind() == k) && workspace.shows(r))
+        .filter(|r| may_read(r))
         .filter_map(|r| {
             let mut value = serde_json::to_value(r).ok()?;
             with_status(&mut value, r, status.as_ref());
@@ -614,10 +678,11 @@ fn with_status(
 #[utoipa::path(get, path = "/v1/resources", params(WorkspaceQuery), responses((status = 200, body = ListResponse)))]
 async fn list_all(
     State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
     query: Result<Query<WorkspaceQuery>, QueryRejection>,
 ) -> ApiResult<ListResponse> {
     let Query(query) = query?;
-    list_items(&control, None, &query).await
+    list_items(&control, &caller, None, &query).await
 }
 
 /// Every resource of one kind (`cells`, `cell`, `Cell`...).
@@ -625,12 +690,13 @@ async fn list_all(
     responses((status = 200, body = ListResponse), (status = 404, body = ErrorBody, description = "Unknown kind")))]
 async fn list(
     State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
     Path(kind): Path<String>,
     query: Result<Query<WorkspaceQuery>, QueryRejection>,
 ) -> ApiResult<ListResponse> {
     let Query(query) = query?;
     let kind = parse_kind(&kind)?;
-    list_items(&control, Some(kind), &query).await
+    list_items(&control, &caller, Some(kind), &query).await
 }
 
 /// One resource, with `metadata.resourceVersion`.
@@ -638,11 +704,13 @@ async fn list(
     responses((status = 200, description = "The resource", body = Object), (status = 404, body = ErrorBody)))]
 async fn get_one(
     State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
     Path((kind, name)): Path<(String, String)>,
     query: Result<Query<WorkspaceQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(query) = query?;
     let key = ResourceKey::in_workspace(parse_kind(&kind)?, query.name(), name);
+    authorize_read(&control, &caller, &key)?;
     if key.kind == Kind::Cell {
         let snapshot = control.store.snapshot().await?;
         let status = crate::health::cell_status(&snapshot.resources, &control.nodes.list());
@@ -681,7 +749,7 @@ struct DeleteQuery {
     (status = 422, body = ErrorBody, description = "Other resources refer to it")))]
 async fn delete_one(
     State(control): State<Shared>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path((kind, name)): Path<(String, String)>,
     query: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> ApiResult<ApplyResponse> {
@@ -691,7 +759,8 @@ async fn delete_one(
         query.workspace.as_deref().unwrap_or_default(),
         name,
     );
-    let author = author(&headers, query.message);
+    control.authorize(&caller, Action::Write(&key))?;
+    let author = author(&caller, query.message);
     let set = ChangeSet {
         deletes: vec![(key, query.resource_version)],
         ..ChangeSet::default()
@@ -706,11 +775,13 @@ async fn delete_one(
     responses((status = 200, body = HistoryResponse), (status = 404, body = ErrorBody)))]
 async fn history(
     State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
     Path((kind, name)): Path<(String, String)>,
     query: Result<Query<WorkspaceQuery>, QueryRejection>,
 ) -> ApiResult<HistoryResponse> {
     let Query(query) = query?;
     let key = ResourceKey::in_workspace(parse_kind(&kind)?, query.name(), name);
+    authorize_read(&control, &caller, &key)?;
     let entries = control.store.history(&key).await?;
     if entries.is_empty() {
         return Err(ApiError::not_found(format!("{key} has never existed")));
@@ -727,7 +798,7 @@ async fn history(
     responses((status = 200, body = ApplyResponse), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 async fn rollback(
     State(control): State<Shared>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path((kind, name)): Path<(String, String)>,
     query: Result<Query<WorkspaceQuery>, QueryRejection>,
     body: Result<Json<RollbackRequest>, JsonRejection>,
@@ -735,7 +806,8 @@ async fn rollback(
     let Query(query) = query?;
     let Json(request) = body?;
     let key = ResourceKey::in_workspace(parse_kind(&kind)?, query.name(), name);
-    let author = author(&headers, request.message);
+    control.authorize(&caller, Action::Rollback(&key))?;
+    let author = author(&caller, request.message);
     Ok(Json(
         control
             .writer
@@ -758,8 +830,10 @@ struct AuditQuery {
 #[utoipa::path(get, path = "/v1/audit", params(AuditQuery), responses((status = 200, body = AuditResponse)))]
 async fn audit(
     State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
     query: Result<Query<AuditQuery>, QueryRejection>,
 ) -> ApiResult<AuditResponse> {
+    control.authorize(&caller, Action::ReadFleet)?;
     let Query(query) = query?;
     let limit = query.limit.unwrap_or(100).clamp(1, 1000);
     let commits = control.store.commits(query.after, limit).await?;
@@ -780,8 +854,10 @@ struct WatchQuery {
 #[utoipa::path(get, path = "/v1/watch", params(WatchQuery), responses((status = 200, description = "One CommitRecord per line", content_type = "application/x-ndjson")))]
 async fn watch(
     State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
     query: Result<Query<WatchQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    control.authorize(&caller, Action::ReadFleet)?;
     let Query(query) = query?;
     let after = match query.after {
         Some(after) => after,
@@ -808,7 +884,11 @@ async fn watch(
 
 /// Data-plane nodes: identity, connection, applied version, last NACK.
 #[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = NodesResponse)))]
-async fn nodes(State(control): State<Shared>) -> ApiResult<NodesResponse> {
+async fn nodes(
+    State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<NodesResponse> {
+    control.authorize(&caller, Action::ReadFleet)?;
     Ok(Json(NodesResponse {
         version: control.cache.current().revision,
         nodes: control.nodes.list(),
@@ -820,8 +900,10 @@ async fn nodes(State(control): State<Shared>) -> ApiResult<NodesResponse> {
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "The node is connected")))]
 async fn forget_node(
     State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    control.authorize(&caller, Action::AdministerFleet)?;
     let (forgotten, published) = control.nodes.forget(&name);
     if !published.is_empty() {
         let writes = published
@@ -855,11 +937,13 @@ fn switchovers(control: &Control) -> Result<Arc<crate::switchover::Switchovers>,
         (status = 409, body = ErrorBody, description = "A blocking check failed, or another switchover runs on the map")))]
 async fn start_switchover(
     State(control): State<Shared>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<SwitchoverRequest>, JsonRejection>,
 ) -> ApiResult<SwitchoverPlan> {
+    // Switchovers act on the default workspace's shard maps.
+    control.authorize(&caller, Action::Switchover(atoll_model::DEFAULT_WORKSPACE))?;
     let Json(request) = body?;
-    let author = author(&headers, request.reason.clone());
+    let author = author(&caller, request.reason.clone());
     let plan = switchovers(&control)?.start(request, &author).await?;
     Ok(Json(plan))
 }
@@ -871,10 +955,11 @@ async fn start_switchover(
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Finished, or past the flip")))]
 async fn abort_switchover(
     State(control): State<Shared>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let author = author(&headers, None);
+    control.authorize(&caller, Action::Switchover(atoll_model::DEFAULT_WORKSPACE))?;
+    let author = author(&caller, None);
     let resource = switchovers(&control)?.abort(&name, &author).await?;
     Ok(Json(serde_json::to_value(&resource).unwrap_or_default()))
 }
@@ -885,10 +970,11 @@ async fn abort_switchover(
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Not a failover waiting for approval")))]
 async fn approve_switchover(
     State(control): State<Shared>,
-    headers: HeaderMap,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let author = author(&headers, None);
+    control.authorize(&caller, Action::Approve(atoll_model::DEFAULT_WORKSPACE))?;
+    let author = author(&caller, None);
     let resource = switchovers(&control)?.approve(&name, &author).await?;
     Ok(Json(serde_json::to_value(&resource).unwrap_or_default()))
 }
@@ -899,8 +985,10 @@ async fn approve_switchover(
     responses((status = 200, body = BarrierResponse, description = "`reached` says whether every node got there in time"), (status = 400, body = ErrorBody)))]
 async fn barrier(
     State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<BarrierRequest>, JsonRejection>,
 ) -> ApiResult<BarrierResponse> {
+    control.authorize(&caller, Action::Observe)?;
     let Json(request) = body?;
     let timeout = match &request.timeout {
         None => Duration::from_secs(10),

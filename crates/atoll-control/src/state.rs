@@ -6,7 +6,7 @@
 //! slow node skips intermediate revisions instead of queueing them.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use atoll_model::{Resource, ResourceKey};
@@ -43,9 +43,24 @@ impl WireResource {
 pub(crate) struct ConfigState {
     pub(crate) revision: Revision,
     pub(crate) resources: BTreeMap<ResourceKey, Arc<WireResource>>,
+    /// Who may do what, from the Workspaces of this revision (made when
+    /// first asked).
+    policy: OnceLock<atoll_access::Policy>,
 }
 
 impl ConfigState {
+    /// The access policy of this revision's Workspaces.
+    pub(crate) fn policy(&self) -> &atoll_access::Policy {
+        self.policy.get_or_init(|| {
+            atoll_access::Policy::from_resources(
+                self.resources
+                    .iter()
+                    .filter(|(key, _)| key.kind == atoll_model::Kind::Workspace)
+                    .map(|(_, wire)| &wire.resource),
+            )
+        })
+    }
+
     /// Every resource, in key order (what `Store::snapshot` returns, without asking the store).
     pub(crate) fn resources(&self) -> Vec<Resource> {
         self.resources
@@ -74,6 +89,7 @@ impl ConfigCache {
                 .iter()
                 .map(|r| (r.key(), Arc::new(WireResource::new(r))))
                 .collect(),
+            policy: OnceLock::new(),
         };
         let (sender, _) = watch::channel(Arc::new(state));
         let cache = Self {
@@ -119,6 +135,7 @@ impl ConfigCache {
                         self.sender.send_replace(Arc::new(ConfigState {
                             revision: commit.revision,
                             resources,
+                            policy: OnceLock::new(),
                         }));
                     }
                     Err(error) => {

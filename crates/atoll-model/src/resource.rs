@@ -382,6 +382,79 @@ pub struct WorkspaceSpec {
     /// What the workspace is for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Who may do what in it: a role for users and groups. Nobody else
+    /// may (deny by default), except the fleet's admins and viewers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bindings: Vec<RoleBinding>,
+    /// Operations in it that a second person must approve.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<ApprovalRule>,
+}
+
+/// A role given to users and groups in a workspace.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoleBinding {
+    /// `viewer` (read), `operator` (apply, switch over, drill) or `admin`
+    /// (also bindings and bootstrap tokens).
+    pub role: AccessRole,
+    /// User names (an API token's user, a user certificate's name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// Group names (an API token's groups).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+}
+
+/// A role in a workspace; each includes the ones before it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AccessRole {
+    /// Reads everything in the workspace.
+    Viewer,
+    /// Also applies and deletes resources, rolls them back, starts, aborts
+    /// and approves switchovers.
+    Operator,
+    /// Also changes the workspace itself (its bindings) and creates
+    /// bootstrap tokens for its nodes.
+    Admin,
+}
+
+impl AccessRole {
+    /// The name used in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessRole::Viewer => "viewer",
+            AccessRole::Operator => "operator",
+            AccessRole::Admin => "admin",
+        }
+    }
+}
+
+/// An operation that needs a second person's approval in a workspace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ApprovalRule {
+    /// Starting a planned switchover.
+    Switchover,
+    /// Letting a failover that waits for approval run.
+    Failover,
+    /// Rolling a ShardMap back to a past revision.
+    ShardMapRollback,
+    /// Creating a bootstrap token.
+    Token,
+}
+
+impl ApprovalRule {
+    /// The name used in manifests.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalRule::Switchover => "switchover",
+            ApprovalRule::Failover => "failover",
+            ApprovalRule::ShardMapRollback => "shardMapRollback",
+            ApprovalRule::Token => "token",
+        }
+    }
 }
 
 /// A region has no required settings.

@@ -15,7 +15,7 @@ use crate::names::{address_problem, dns_label_problem, host_problem, is_token, m
 use crate::resource::{
     AppSpec, CellSpec, CellType, DEFAULT_WORKSPACE, EndpointsSpec, GatewaySpec, HeaderMatch,
     KeySource, Kind, Protocol, ResourceKey, RouteSpec, ServiceKind, ServiceSpec, ShardMapSpec,
-    ShardRuleSpec, Spec, Transform, ZoneSpec,
+    ShardRuleSpec, Spec, Transform, WorkspaceSpec, ZoneSpec,
 };
 
 /// The most shards a rule may have.
@@ -135,7 +135,8 @@ impl<'a> Validator<'a> {
             }
             self.workspace_of(located);
             match &located.resource.spec {
-                Spec::Workspace(_) | Spec::Region(_) => {}
+                Spec::Workspace(spec) => self.workspace(located, spec),
+                Spec::Region(_) => {}
                 Spec::Zone(spec) => self.zone(located, spec),
                 Spec::Cell(spec) => self.cell(located, spec),
                 Spec::ShardRule(spec) => self.shard_rule(located, spec),
@@ -248,6 +249,47 @@ impl<'a> Validator<'a> {
         match &self.get(Kind::Cell, name)?.resource.spec {
             Spec::Cell(spec) => Some(spec),
             _ => None,
+        }
+    }
+
+    fn workspace(&mut self, located: &Located, spec: &WorkspaceSpec) {
+        for (i, binding) in spec.bindings.iter().enumerate() {
+            if binding.users.is_empty() && binding.groups.is_empty() {
+                report!(
+                    self,
+                    located,
+                    &format!("spec.bindings[{i}]"),
+                    "binding {} to nobody; list `users`, `groups` or both",
+                    binding.role.as_str()
+                );
+            }
+            for (what, names) in [("users", &binding.users), ("groups", &binding.groups)] {
+                for (j, name) in names.iter().enumerate() {
+                    if name.trim().is_empty()
+                        || name.len() > 128
+                        || name.chars().any(char::is_control)
+                    {
+                        report!(
+                            self,
+                            located,
+                            &format!("spec.bindings[{i}].{what}[{j}]"),
+                            "`{name}` is not a name; use 1 to 128 printable characters"
+                        );
+                    }
+                }
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, rule) in spec.approvals.iter().enumerate() {
+            if !seen.insert(*rule) {
+                report!(
+                    self,
+                    located,
+                    &format!("spec.approvals[{i}]"),
+                    "{} is listed twice",
+                    rule.as_str()
+                );
+            }
         }
     }
 

@@ -61,7 +61,13 @@ fn a_busy_port_is_named_with_the_flag_to_change_it() {
     let control = Control::start();
     let address = control.url.trim_start_matches("http://").to_owned();
     let output = Command::new(ATOLL)
-        .args(["control", "--no-discovery", "--listen", &address])
+        .args([
+            "control",
+            "--insecure",
+            "--no-discovery",
+            "--listen",
+            &address,
+        ])
         .env("ATOLL_STATE_DIR", control.state.path().join("other"))
         .output()
         .unwrap();

@@ -41,11 +41,17 @@ pub(crate) fn examples() -> PathBuf {
 }
 
 /// A running `atoll control`, stopped (SIGTERM) on drop.
+///
+/// Without `--cert` it runs `--insecure`; with it, access control is on
+/// and the harness starts it with an admin token (`admin_token`), which
+/// `atoll` sends unless a test says otherwise.
 pub(crate) struct Control {
     child: Option<Child>,
     pub(crate) state: tempfile::TempDir,
     pub(crate) url: String,
     extra: Vec<String>,
+    /// The fleet admin's token, when access control is on.
+    pub(crate) admin_token: Option<String>,
 }
 
 impl Control {
@@ -62,6 +68,7 @@ impl Control {
             state,
             url: String::new(),
             extra,
+            admin_token: None,
         };
         control.launch();
         control
@@ -73,9 +80,19 @@ impl Control {
 
     fn launch(&mut self) {
         let log = std::fs::File::create(self.state.path().join("control.log")).expect("log file");
+        let secure = self.extra.iter().any(|a| a.starts_with("--cert"));
+        let access: Vec<String> = if secure {
+            vec![format!(
+                "--admin-token-file={}",
+                self.state.path().join("admin.token").display()
+            )]
+        } else {
+            vec!["--insecure".to_owned()]
+        };
         let child = Command::new(ATOLL)
             .arg("control")
             .arg("--listen=127.0.0.1:0")
+            .args(&access)
             .args(&self.extra)
             .env("ATOLL_STATE_DIR", self.state.path())
             .env_remove("ATOLL_CONTROL")
@@ -94,6 +111,11 @@ impl Control {
                 && value["pid"].as_u64() == Some(u64::from(pid))
             {
                 self.url = value["url"].as_str().expect("url").to_owned();
+                if secure {
+                    let token = std::fs::read_to_string(self.state.path().join("admin.token"))
+                        .expect("the admin token file");
+                    self.admin_token = Some(token.trim().to_owned());
+                }
                 return;
             }
             if let Some(status) = self
@@ -195,10 +217,21 @@ impl Control {
     }
 
     pub(crate) fn atoll_with_stdin(&self, args: &[&str], stdin: Option<&str>) -> Run {
+        self.atoll_as(self.admin_token.as_deref(), args, stdin)
+    }
+
+    /// Runs `atoll ARGS` sending `token` (none: no token, unless one was
+    /// saved with `atoll login` in this control plane's config directory).
+    pub(crate) fn atoll_as(&self, token: Option<&str>, args: &[&str], stdin: Option<&str>) -> Run {
         let mut command = Command::new(ATOLL);
+        match token {
+            Some(token) => command.env("ATOLL_TOKEN", token),
+            None => command.env_remove("ATOLL_TOKEN"),
+        };
         command
             .args(args)
             .env("ATOLL_STATE_DIR", self.state.path())
+            .env("ATOLL_CONFIG_DIR", self.state.path().join("config"))
             .env_remove("ATOLL_CONTROL")
             .env("USER", "tester")
             .stdin(if stdin.is_some() {

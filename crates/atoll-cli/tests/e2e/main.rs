@@ -9,6 +9,7 @@
 )]
 #![allow(unreachable_pub, reason = "test modules")]
 
+mod access;
 mod agent;
 mod cli;
 mod data_path;

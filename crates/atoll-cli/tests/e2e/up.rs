@@ -1213,7 +1213,13 @@ async fn regression_a_first_time_user_drills_without_flags_and_is_never_silently
     // ...until a second control plane runs: then commands ask which.
     let data = tempfile::tempdir().expect("data");
     let mut second = Command::new(ATOLL)
-        .args(["control", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "control",
+            "--insecure",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(data.path())
         .env("ATOLL_STATE_DIR", home.path())
         .env_remove("ATOLL_CONTROL")
