@@ -36,6 +36,9 @@ pub(crate) mod exit {
     pub(crate) const UNAUTHENTICATED: u8 = 11;
     /// The credential's user may not do this (403).
     pub(crate) const FORBIDDEN: u8 = 12;
+    /// The audit chain does not verify: an entry was removed, reordered
+    /// or edited.
+    pub(crate) const AUDIT_TAMPERED: u8 = 13;
 }
 
 /// An error to print, with the process exit code.

@@ -739,6 +739,8 @@ pub(crate) async fn barrier(client: &Client, args: BarrierArgs) -> Result<u8, Cl
 
 #[derive(Debug, Args)]
 pub(crate) struct AuditArgs {
+    #[command(subcommand)]
+    command: Option<crate::audit::AuditCommand>,
     /// Commits after this revision.
     #[arg(long, default_value_t = 0)]
     after: u64,
@@ -763,6 +765,9 @@ fn describe_changes(commit: &CommitRecord) -> String {
 }
 
 pub(crate) async fn audit(client: &Client, args: AuditArgs) -> Result<u8, CliError> {
+    if let Some(command) = args.command {
+        return crate::audit::run(client, command).await;
+    }
     let response: AuditResponse = client
         .get(&format!(
             "/v1/audit?after={}&limit={}",

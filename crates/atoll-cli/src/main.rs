@@ -5,6 +5,7 @@
 //! `atoll control` writes. `docs/cli.md` is the reference, including exit codes.
 
 mod agent;
+mod audit;
 mod auth;
 mod ca;
 mod client;
@@ -32,7 +33,8 @@ use crate::output::Format;
 /// Exit codes: 0 success, 1 failure, 2 usage error, 3 invalid manifests,
 /// 4 conflict, 5 not found, 6 control plane unreachable, 7 barrier not reached,
 /// 8 switchover aborted, 9 the checker found an anomaly, 10 a drill failed,
-/// 11 no or a bad credential, 12 not allowed.
+/// 11 no or a bad credential, 12 not allowed, 13 the audit chain does not
+/// verify.
 #[derive(Debug, Parser)]
 #[command(name = "atoll", version, max_term_width = 100)]
 struct Cli {
@@ -113,7 +115,9 @@ enum Command {
     Nodes(commands::NodesArgs),
     /// Wait until data-plane nodes have applied a config version.
     Barrier(commands::BarrierArgs),
-    /// Show the audit log: who changed what, and when.
+    /// Show the log of commits (who changed what, and when); `audit calls`
+    /// and `audit verify`: the hash-chained record of every call and
+    /// refusal, and its check.
     Audit(commands::AuditArgs),
     /// Print commits as they happen, one JSON object per line.
     Watch(commands::WatchArgs),

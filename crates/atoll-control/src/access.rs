@@ -267,10 +267,42 @@ pub(crate) async fn authenticate(
             control.metrics.refused.inc();
             tracing::info!(
                 path = %request.uri().path(),
-                remote = ?peer.map(|p| p.remote),
+                remote = ?peer.as_ref().map(|p| p.remote),
                 "refused a credential"
             );
-            error.into_response()
+            // Recorded here: the chain's own layer sees only callers that
+            // were identified.
+            let credential = match bearer(request.headers()) {
+                Ok(Some(text)) => match text.split('_').nth(1) {
+                    Some(id) if id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                        format!("token {id}")
+                    }
+                    _ => "a malformed token".to_owned(),
+                },
+                Ok(None) => "none".to_owned(),
+                Err(_) => "a malformed Authorization header".to_owned(),
+            };
+            let caller = Caller {
+                credential,
+                ..Caller::nobody(peer.as_ref().map(|p| p.remote))
+            };
+            let path = request.uri().path_and_query().map_or_else(
+                || request.uri().path().to_owned(),
+                |p| p.as_str().to_owned(),
+            );
+            let message = error.message().to_owned();
+            let response = error.into_response();
+            control
+                .record(crate::audit::Call {
+                    caller: &caller,
+                    method: request.method(),
+                    path: &path,
+                    status: response.status(),
+                    outcome: "unauthenticated".to_owned(),
+                    detail: message,
+                })
+                .await;
+            response
         }
     }
 }

@@ -45,6 +45,8 @@ pub(crate) struct Control {
     pub(crate) http: atoll_transport::HttpClient,
     /// Who may do what on the REST API.
     pub(crate) access: crate::access::AccessOptions,
+    /// The audit chain's head as this replica last saw it.
+    pub(crate) audit_head: crate::audit::ChainHead,
 }
 
 impl std::fmt::Debug for Control {
@@ -94,6 +96,7 @@ impl Control {
             term: ArcSwapOption::empty(),
             http: transport.http(Duration::from_secs(2)),
             access,
+            audit_head: crate::audit::ChainHead::default(),
         })
     }
 

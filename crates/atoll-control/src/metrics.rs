@@ -60,6 +60,8 @@ pub(crate) struct Metrics {
     pub(crate) fenced_writes: Counter,
     /// REST calls refused: no or a bad credential, or no role for it.
     pub(crate) refused: Counter,
+    /// Calls that could not be appended to the audit chain.
+    pub(crate) audit_failures: Counter,
 }
 
 impl Metrics {
@@ -161,6 +163,12 @@ impl Metrics {
             "REST calls refused for a missing or bad credential, or a missing role",
             refused.clone(),
         );
+        let audit_failures = Counter::default();
+        registry.register(
+            "audit_failures",
+            "Calls answered that could not be appended to the audit chain (the store refused or was unreachable)",
+            audit_failures.clone(),
+        );
         Self {
             registry,
             http_requests,
@@ -180,6 +188,7 @@ impl Metrics {
             step_downs,
             fenced_writes,
             refused,
+            audit_failures,
         }
     }
 

@@ -63,6 +63,13 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The sentence for the caller.
+    pub(crate) fn message(&self) -> &str {
+        &self.body.message
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(self.body)).into_response()
@@ -170,12 +177,17 @@ pub(crate) fn router(control: Shared) -> Router {
         .route("/v1/switchovers", post(start_switchover))
         .route("/v1/switchovers/{name}/abort", post(abort_switchover))
         .route("/v1/switchovers/{name}/approve", post(approve_switchover))
+        .route("/v1/audit/chain", get(crate::audit::chain))
         .merge(crate::tokens::routes())
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
             control.clone(),
             forward_to_leader,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            control.clone(),
+            crate::audit::record_calls,
         ))
         .layer(axum::middleware::from_fn_with_state(
             control.clone(),
@@ -219,7 +231,7 @@ async fn observe(State(control): State<Shared>, request: Request, next: Next) ->
 /// A request a follower passed on to the leader carries this header; the
 /// answer names the replica that served it.
 const FORWARDED: &str = "x-atoll-forwarded";
-const SERVED_BY: &str = "x-atoll-served-by";
+pub(crate) const SERVED_BY: &str = "x-atoll-served-by";
 
 /// Whether a request must be answered by the leader: every change. Reads,
 /// and barriers (every replica sees the whole fleet), are answered here.

@@ -383,3 +383,218 @@ async fn a_node_certificate_reads_its_workspace_and_nothing_more() {
         );
     }
 }
+
+/// The embedded store of a stopped control plane, for editing its audit
+/// chain as an attacker with the disk would.
+struct Disk(atoll_store::EmbeddedStore);
+
+impl Disk {
+    fn open(control: &Control) -> Disk {
+        Disk(atoll_store::EmbeddedStore::open(&control.state.path().join("control")).unwrap())
+    }
+
+    fn key(seq: u64) -> String {
+        format!("audit/entries/{seq:020}")
+    }
+
+    async fn get(&self, key: &str) -> Vec<u8> {
+        use atoll_store::Coordination as _;
+        self.0.get_key(key).await.unwrap().expect("the key").value
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) {
+        use atoll_store::Coordination as _;
+        self.0
+            .write_keys(vec![atoll_store::Write::put(key, value)], None)
+            .await
+            .unwrap();
+    }
+
+    async fn delete(&self, key: &str) {
+        use atoll_store::Coordination as _;
+        self.0
+            .write_keys(vec![atoll_store::Write::delete(key)], None)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_chain_records_calls_and_refusals_and_names_the_first_tampered_entry() {
+    let mut secure = secure_control();
+    let admin = secure.control.admin_token.clone().expect("an admin token");
+    secure
+        .run(Some(&admin), &["apply", "-f", examples().to_str().unwrap()])
+        .success();
+    let olga = secure.token(&["--user", "olga"]);
+    // A refusal (403), an unknown token (401), no credential (401), a dry run.
+    let shard_map = std::fs::read_to_string(examples().join("20-sharding.yaml")).unwrap();
+    secure.apply(&olga, &shard_map).fails(12, &["olga"]);
+    let stranger = format!("atk_{}_{}", "1".repeat(16), "b".repeat(64));
+    secure
+        .run(Some(&stranger), &["get", "cells"])
+        .fails(11, &[]);
+    secure.run(None, &["get", "cells"]).fails(11, &[]);
+    // A dry run that is invalid (other resources use the cell): recorded
+    // too, with its outcome.
+    secure
+        .run(Some(&admin), &["delete", "cell/cz01", "--dry-run"])
+        .fails(3, &[]);
+    // Reads that are allowed are not recorded.
+    secure.run(Some(&admin), &["get", "cells"]).success();
+
+    let calls: serde_json::Value = serde_json::from_str(
+        &secure
+            .run(Some(&admin), &["audit", "calls", "-o", "json"])
+            .success()
+            .stdout(),
+    )
+    .unwrap();
+    let calls = calls.as_array().unwrap().clone();
+    let summary: Vec<(String, u64, String)> = calls
+        .iter()
+        .map(|c| {
+            (
+                c["caller"].as_str().unwrap().to_owned(),
+                c["status"].as_u64().unwrap(),
+                c["path"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("admin".to_owned(), 200, "/v1/apply".to_owned()),
+            ("admin".to_owned(), 200, "/v1/tokens".to_owned()),
+            ("olga".to_owned(), 403, "/v1/apply".to_owned()),
+            (
+                "anonymous".to_owned(),
+                401,
+                "/v1/resources/cells".to_owned()
+            ),
+            (
+                "anonymous".to_owned(),
+                401,
+                "/v1/resources/cells".to_owned()
+            ),
+            ("admin".to_owned(), 422, "/v1/apply".to_owned()),
+        ],
+        "{calls:#?}"
+    );
+    assert!(
+        calls[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("created Cell/rz01"),
+        "{}",
+        calls[0]
+    );
+    assert!(calls[1]["detail"].as_str().unwrap().starts_with("token "));
+    assert!(
+        !calls[1]
+            .to_string()
+            .contains(olga.rsplit('_').next().unwrap()),
+        "the chain holds no secret"
+    );
+    assert_eq!(calls[3]["credential"], "token 1111111111111111");
+    assert_eq!(calls[4]["credential"], "none");
+    assert!(
+        calls[2]["remote"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
+    assert!(
+        calls[2]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("operator role")
+    );
+    let refused = secure
+        .run(Some(&admin), &["audit", "calls", "--refused"])
+        .success()
+        .stdout();
+    assert_eq!(refused.lines().count(), 4, "{refused}");
+
+    // Untouched: it verifies, and the head is an anchor.
+    let verified: serde_json::Value = serde_json::from_str(
+        &secure
+            .run(Some(&admin), &["audit", "verify", "-o", "json"])
+            .success()
+            .stdout(),
+    )
+    .unwrap();
+    assert_eq!(verified["checked"], 6, "{verified}");
+    let anchor = verified["head"].as_str().unwrap().to_owned();
+    assert!(anchor.starts_with("6:"), "{anchor}");
+    // Not for an operator.
+    secure
+        .run(Some(&olga), &["audit", "verify"])
+        .fails(12, &["atoll:viewers"]);
+
+    let tamper = |secure: &mut Secure| {
+        secure.control.stop();
+        Disk::open(&secure.control)
+    };
+    let verify_fails = |secure: &Secure, needles: &[&str]| {
+        secure
+            .run(Some(&admin), &["audit", "verify"])
+            .fails(13, needles);
+    };
+
+    // Edited: olga's refusal turned into a success.
+    let disk = tamper(&mut secure);
+    let original = disk.get(&Disk::key(3)).await;
+    let edited = String::from_utf8(original.clone())
+        .unwrap()
+        .replace("\"status\":403", "\"status\":200");
+    disk.put(&Disk::key(3), edited.into_bytes()).await;
+    drop(disk);
+    secure.control.restart_after_stop();
+    verify_fails(&secure, &["entry 3 edited", "hashes to"]);
+
+    // Removed.
+    let disk = tamper(&mut secure);
+    disk.put(&Disk::key(3), original.clone()).await;
+    disk.delete(&Disk::key(4)).await;
+    drop(disk);
+    secure.control.restart_after_stop();
+    verify_fails(
+        &secure,
+        &["entry 4 removed", "entry 3 is followed by entry 5"],
+    );
+
+    // Reordered: two entries swapped.
+    let disk = tamper(&mut secure);
+    disk.put(&Disk::key(4), serde_json::to_vec(&calls[3]).unwrap())
+        .await;
+    let second = disk.get(&Disk::key(2)).await;
+    let third = disk.get(&Disk::key(3)).await;
+    disk.put(&Disk::key(2), third.clone()).await;
+    disk.put(&Disk::key(3), second.clone()).await;
+    drop(disk);
+    secure.control.restart_after_stop();
+    verify_fails(&secure, &["entry 2 reordered", "entry 2 was moved"]);
+
+    // Put back, it verifies again.
+    let disk = tamper(&mut secure);
+    disk.put(&Disk::key(2), second).await;
+    disk.put(&Disk::key(3), third).await;
+    drop(disk);
+    secure.control.restart_after_stop();
+    secure.run(Some(&admin), &["audit", "verify"]).success();
+
+    // The end cut off and the head rewritten to match: whole on its own,
+    // caught by the anchor.
+    let disk = tamper(&mut secure);
+    disk.delete(&Disk::key(6)).await;
+    let head = serde_json::json!({"seq": 5, "hash": calls[4]["hash"]});
+    disk.put("audit/head", serde_json::to_vec(&head).unwrap())
+        .await;
+    drop(disk);
+    secure.control.restart_after_stop();
+    secure.run(Some(&admin), &["audit", "verify"]).success();
+    secure
+        .run(Some(&admin), &["audit", "verify", "--anchor", &anchor])
+        .fails(13, &["entry 6 removed", "anchored"]);
+}

@@ -201,6 +201,11 @@ impl Control {
         }
     }
 
+    /// Starts again after `stop`, on the same state directory.
+    pub(crate) fn restart_after_stop(&mut self) {
+        self.launch();
+    }
+
     /// Stops and starts again on the same state directory.
     pub(crate) fn restart(&mut self) {
         self.stop();

@@ -190,7 +190,7 @@ fn history_and_rollback() {
     let history = control.json(&["history", "shardmap/users"]);
     let entries = history["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 2);
-    assert_eq!(entries[1]["author"], "tester");
+    assert_eq!(entries[1]["author"], "tester (unverified)");
     assert_eq!(entries[1]["message"], "move shards");
     assert_eq!(entries[1]["action"], "updated");
     assert!(
@@ -227,7 +227,7 @@ fn history_and_rollback() {
     let audit = control.json(&["audit"]);
     let commits = audit["commits"].as_array().unwrap();
     assert_eq!(commits.len(), 3);
-    assert!(commits.iter().all(|c| c["author"] == "tester"));
+    assert!(commits.iter().all(|c| c["author"] == "tester (unverified)"));
 }
 
 #[test]
