@@ -688,3 +688,51 @@ pub struct WhoAmI {
     /// Whether the control plane enforces access control.
     pub access_control: bool,
 }
+
+/// `POST /v1/join`: a node's first certificate, against a bootstrap token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The bootstrap token (`atb_...`), used up by this join.
+    pub token: String,
+    /// The node's name (its certificate says
+    /// `atoll://<workspace>/<role>/<zone>/<name>`, the rest from the token).
+    pub name: String,
+    /// A certificate signing request (PEM) for the node's own key: only its
+    /// public key is used.
+    pub csr: String,
+    /// For a control-plane replica only: the host names and addresses it
+    /// serves at.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+}
+
+/// `POST /v1/renew`: a new certificate for the identity of the caller's
+/// certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RenewRequest {
+    /// A certificate signing request (PEM) for the key to use next (the
+    /// same key or a new one).
+    pub csr: String,
+    /// For a control-plane replica only: the host names and addresses it
+    /// serves at.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+}
+
+/// A certificate the control plane issued.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuedCertificate {
+    /// The identity in it.
+    pub identity: String,
+    /// The certificate then the intermediate, PEM.
+    pub chain: String,
+    /// The root to trust, PEM.
+    pub trust: String,
+    /// When it stops being valid (RFC 3339).
+    pub expires: String,
+    /// Its serial number, hex.
+    pub serial: String,
+}

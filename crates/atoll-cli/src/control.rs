@@ -106,6 +106,17 @@ pub(crate) struct ControlArgs {
     /// (mode 0600) with a new token when the file does not exist.
     #[arg(long, env = "ATOLL_ADMIN_TOKEN_FILE", value_name = "FILE")]
     admin_token_file: Option<PathBuf>,
+
+    /// Issue node certificates (`atoll join`, `atoll renew`) with the
+    /// intermediate of this CA directory (`atoll ca init`; root.key need
+    /// not be there). Read again for every certificate, so a rotation is
+    /// used at once.
+    #[arg(long, env = "ATOLL_CA_DIR", value_name = "DIR")]
+    ca_dir: Option<PathBuf>,
+
+    /// How long a node certificate it issues is valid.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    node_cert_lifetime: Duration,
 }
 
 /// Reads the admin token from `path`, or makes one there (0600).
@@ -252,6 +263,28 @@ pub(crate) async fn run(args: ControlArgs, tls: &crate::tls::TlsArgs) -> Result<
             admin_token: None,
         },
     };
+    let issuer = match &args.ca_dir {
+        Some(dir) => {
+            // Refuse at start what would fail every join later.
+            atoll_identity::Authority::load(dir).map_err(|e| {
+                crate::client::CliError::new(
+                    crate::client::exit::USAGE,
+                    format!("--ca-dir {}: {e}", dir.display()),
+                )
+            })?;
+            if serving.is_none() {
+                return Err(crate::client::CliError::new(
+                    crate::client::exit::USAGE,
+                    "--ca-dir issues certificates, which needs TLS (--ca, --cert, --key); a node's key would otherwise be signed for anyone who reaches the port",
+                ));
+            }
+            Some(atoll_control::IssuerOptions {
+                ca_dir: dir.clone(),
+                lifetime: args.node_cert_lifetime,
+            })
+        }
+        None => None,
+    };
     let access = match &args.admin_token_file {
         Some(path) => atoll_control::AccessOptions {
             admin_token: Some(admin_token(path)?),
@@ -271,6 +304,7 @@ pub(crate) async fn run(args: ControlArgs, tls: &crate::tls::TlsArgs) -> Result<
         transport,
         tls: serving,
         access,
+        issuer,
     })
     .await?;
     let address = server.local_addr()?;

@@ -4,6 +4,8 @@
 //! found by `--control`, `$ATOLL_CONTROL`, or the discovery file a local
 //! `atoll control` writes. `docs/cli.md` is the reference, including exit codes.
 
+use std::time::Duration;
+
 mod agent;
 mod audit;
 mod auth;
@@ -14,6 +16,7 @@ mod control;
 mod drill;
 mod etcd;
 mod gateway;
+mod join;
 mod load;
 mod netns;
 mod output;
@@ -132,6 +135,12 @@ enum Command {
     Whoami(OutputArgs),
     /// Make, list and revoke API tokens and bootstrap tokens.
     Token(auth::TokenArgs),
+    /// Get this node's certificate against a bootstrap token: the key is
+    /// made here and never leaves this machine.
+    Join(join::JoinArgs),
+    /// Get a new certificate for the identity of --cert (before it
+    /// expires), written over --cert and --key.
+    Renew(join::RenewArgs),
 }
 
 /// `-o` for commands that print data.
@@ -199,6 +208,11 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Control(args) => control::run(args, &cli.tls).await,
         Command::Gateway(args) => {
             let endpoint = client::resolve(cli.control.as_deref())?;
+            keep_certificate_fresh(
+                &cli.tls,
+                &transport,
+                connect(Some(Duration::from_secs(10)))?,
+            );
             gateway::run(
                 args,
                 endpoint,
@@ -213,6 +227,11 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Ca(args) => ca::run(args),
         Command::Agent(args) => {
             let endpoint = client::resolve(cli.control.as_deref())?;
+            keep_certificate_fresh(
+                &cli.tls,
+                &transport,
+                connect(Some(Duration::from_secs(10)))?,
+            );
             agent::run(
                 args,
                 endpoint,
@@ -237,6 +256,21 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Logout => auth::logout(&connect(default_timeout)?),
         Command::Whoami(args) => auth::whoami(&connect(default_timeout)?, args.output).await,
         Command::Token(args) => auth::token(&connect(default_timeout)?, args).await,
+        Command::Join(args) => join::join(&connect(default_timeout)?, args).await,
+        Command::Renew(args) => join::renew(&connect(default_timeout)?, &cli.tls, args).await,
+    }
+}
+
+/// For a long-running node: use renewed certificate files as they appear,
+/// and renew the certificate before it expires.
+fn keep_certificate_fresh(
+    tls: &tls::TlsArgs,
+    transport: &atoll_transport::Transport,
+    client: client::Client,
+) {
+    tls.follow(transport.tls().cloned(), None);
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        join::renew_in_background(client, cert.clone(), key.clone());
     }
 }
 

@@ -224,6 +224,10 @@ fn outcome_of(status: StatusCode, body: &[u8]) -> (String, String) {
     {
         parts.push(name.to_owned());
     }
+    // A certificate issued: whose, and its serial.
+    if let (Some(identity), Some(serial)) = (value["identity"].as_str(), value["serial"].as_str()) {
+        parts.push(format!("issued {identity} (serial {serial})"));
+    }
     // A token: its id only (the answer also holds its secret).
     if let Some(id) = value["info"]["id"].as_str().or_else(|| {
         value["kind"]

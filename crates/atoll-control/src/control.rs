@@ -47,6 +47,8 @@ pub(crate) struct Control {
     pub(crate) access: crate::access::AccessOptions,
     /// The audit chain's head as this replica last saw it.
     pub(crate) audit_head: crate::audit::ChainHead,
+    /// How node certificates are issued, if they are.
+    pub(crate) issuer: Option<crate::join::IssuerOptions>,
 }
 
 impl std::fmt::Debug for Control {
@@ -80,6 +82,7 @@ impl Control {
         leadership: Arc<Leadership>,
         transport: &atoll_transport::Transport,
         access: crate::access::AccessOptions,
+        issuer: Option<crate::join::IssuerOptions>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store: writer.store.clone(),
@@ -97,6 +100,7 @@ impl Control {
             http: transport.http(Duration::from_secs(2)),
             access,
             audit_head: crate::audit::ChainHead::default(),
+            issuer,
         })
     }
 

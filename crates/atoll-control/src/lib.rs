@@ -17,6 +17,7 @@ mod access;
 mod audit;
 mod control;
 mod health;
+mod join;
 mod leadership;
 mod leases;
 mod metrics;
@@ -42,6 +43,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub use access::AccessOptions;
+pub use join::IssuerOptions;
 
 /// Where the control plane keeps its state.
 #[derive(Clone, Debug)]
@@ -118,6 +120,8 @@ pub struct ControlOptions {
     pub tls: Option<atoll_transport::ServerTls>,
     /// Who may do what on the REST API (`docs/security.md`).
     pub access: AccessOptions,
+    /// Issue node certificates (`/v1/join`, `/v1/renew`) with this CA.
+    pub issuer: Option<IssuerOptions>,
 }
 
 /// A bound, not yet serving, control plane.
@@ -207,6 +211,7 @@ impl ControlServer {
             leadership.clone(),
             &self.options.transport,
             self.options.access.clone(),
+            self.options.issuer.clone(),
         );
         let elector = tokio::spawn(leadership.clone().run(stopping.clone()));
         let terms = tokio::spawn(control.clone().follow_leadership());

@@ -179,6 +179,7 @@ pub(crate) fn router(control: Shared) -> Router {
         .route("/v1/switchovers/{name}/approve", post(approve_switchover))
         .route("/v1/audit/chain", get(crate::audit::chain))
         .merge(crate::tokens::routes())
+        .merge(crate::join::routes())
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(

@@ -54,6 +54,25 @@ impl Default for CaOptions {
     }
 }
 
+/// How far back an issued certificate's validity starts, for clocks a
+/// little behind the CA's.
+pub const BACKDATE: time::Duration = time::Duration::minutes(5);
+
+/// When a certificate (the first of a PEM chain) was issued and when it
+/// ends: `(not_before + BACKDATE, not_after)`.
+pub fn validity_of_pem(pem: &str) -> Result<(OffsetDateTime, OffsetDateTime), CaError> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| CaError(format!("not a PEM certificate: {e}")))?;
+    let certificate = block
+        .parse_x509()
+        .map_err(|e| CaError(format!("the certificate cannot be read: {e}")))?;
+    let validity = certificate.validity();
+    Ok((
+        validity.not_before.to_datetime() + BACKDATE,
+        validity.not_after.to_datetime(),
+    ))
+}
+
 /// Where the key of an issued certificate comes from.
 #[derive(Clone, Copy, Debug)]
 pub enum KeySource<'a> {
@@ -390,7 +409,7 @@ impl Authority {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.not_before = now - time::Duration::minutes(5);
+        params.not_before = now - BACKDATE;
         params.not_after = not_after;
         let serial = random_serial();
         let serial_hex = serial

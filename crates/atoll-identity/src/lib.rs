@@ -14,6 +14,9 @@ mod ca;
 mod id;
 mod token;
 
-pub use ca::{Authority, CaError, CaOptions, IssueRequest, Issued, KeySource, key_and_request};
+pub use ca::{
+    Authority, BACKDATE, CaError, CaOptions, IssueRequest, Issued, KeySource, key_and_request,
+    validity_of_pem,
+};
 pub use id::{AtollId, IdError, NO_ZONE, Role, id_of_certificate};
 pub use token::{Token, TokenError, TokenKind};

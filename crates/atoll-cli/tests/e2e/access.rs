@@ -37,16 +37,23 @@ struct Secure {
 }
 
 fn secure_control() -> Secure {
+    secure_control_with(|_| Vec::new())
+}
+
+/// A secure control plane with more arguments, given the CA directory.
+fn secure_control_with(extra: impl FnOnce(&Path) -> Vec<String>) -> Secure {
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = ca(dir.path());
     let root = ca_dir.join("root.pem");
     let cert = dir.path().join("control");
     issue(&ca_dir, "atoll://default/control/-/replica-1", &cert);
-    let control = Control::start_with(vec![
+    let mut args = vec![
         format!("--ca={}", root.display()),
         format!("--cert={}", cert.with_extension("pem").display()),
         format!("--key={}", cert.with_extension("key").display()),
-    ]);
+    ];
+    args.extend(extra(&ca_dir));
+    let control = Control::start_with(args);
     Secure {
         ca_flag: format!("--ca={}", root.display()),
         dir,
@@ -597,4 +604,471 @@ async fn the_audit_chain_records_calls_and_refusals_and_names_the_first_tampered
     secure
         .run(Some(&admin), &["audit", "verify", "--anchor", &anchor])
         .fails(13, &["entry 6 removed", "anchored"]);
+}
+
+/// Two replicas on one etcd, both serving TLS with replica certificates.
+fn secure_replicas(etcd: &atoll_testing::EtcdServer) -> (Secure, Control) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let root = ca_dir.join("root.pem");
+    let start = |name: &str| {
+        let cert = dir.path().join(name);
+        issue(&ca_dir, &format!("atoll://default/control/-/{name}"), &cert);
+        Control::start_with(vec![
+            format!("--ca={}", root.display()),
+            format!("--cert={}", cert.with_extension("pem").display()),
+            format!("--key={}", cert.with_extension("key").display()),
+            "--store=etcd".into(),
+            format!("--etcd-endpoints={}", etcd.endpoint()),
+            "--election-ttl=2s".into(),
+        ])
+    };
+    let first = start("replica-1");
+    let second = start("replica-2");
+    (
+        Secure {
+            ca_flag: format!("--ca={}", root.display()),
+            dir,
+            ca_dir,
+            control: first,
+        },
+        second,
+    )
+}
+
+#[test]
+fn a_follower_passes_the_verified_caller_on_and_the_leader_records_it_once() {
+    let etcd = atoll_testing::EtcdServer::start();
+    let (secure, second) = secure_replicas(&etcd);
+    let admin = secure.control.admin_token.clone().expect("an admin token");
+    // Wait for a leader both agree on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let leader = loop {
+        let views: Vec<serde_json::Value> = [&secure.control, &second]
+            .iter()
+            .map(|c| c.json(&[&secure.ca_flag, "get", "controlplane"]))
+            .collect();
+        if let Some(leader) = views[0]["leader"].as_str()
+            && views[1]["leader"].as_str() == Some(leader)
+        {
+            break leader.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "no leader: {views:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (leading, following) = if leader == secure.control.url {
+        (&secure.control, &second)
+    } else {
+        (&second, &secure.control)
+    };
+    // Each replica has its own static admin token (--admin-token-file).
+    let follower_admin = following.admin_token.clone().expect("an admin token");
+    let leader_admin = leading.admin_token.clone().expect("an admin token");
+    let on = |control: &Control, token: &str, args: &[&str], stdin: Option<&str>| {
+        let token = if token == admin {
+            if std::ptr::eq(control, following) {
+                follower_admin.as_str()
+            } else {
+                leader_admin.as_str()
+            }
+        } else {
+            token
+        };
+        let mut all = vec![secure.ca_flag.as_str()];
+        all.extend(args);
+        control.atoll_as(Some(token), &all, stdin)
+    };
+    on(
+        following,
+        &admin,
+        &["apply", "-f", examples().to_str().unwrap()],
+        None,
+    )
+    .success();
+    on(following, &admin, &["apply", "-f", "-"], Some(BINDINGS)).success();
+    // A token made through the follower works on both.
+    let dora = on(
+        following,
+        &admin,
+        &["token", "create", "--user", "dora"],
+        None,
+    )
+    .success()
+    .stdout()
+    .trim()
+    .to_owned();
+    let ivan = on(
+        leading,
+        &admin,
+        &["token", "create", "--user", "ivan"],
+        None,
+    )
+    .success()
+    .stdout()
+    .trim()
+    .to_owned();
+    // The operator's change, through the follower: the leader commits it
+    // as dora, not as the replica that passed it on.
+    let shard_map = std::fs::read_to_string(examples().join("20-sharding.yaml")).unwrap();
+    on(
+        following,
+        &dora,
+        &["apply", "-f", "-", "-m", "through the follower"],
+        Some("apiVersion: atoll/v1\nkind: Cell\nmetadata: {name: rz09}\nspec: {zone: hz-a, type: rzone}\n"),
+    )
+    .success();
+    on(following, &ivan, &["apply", "-f", "-"], Some(&shard_map)).fails(12, &["ivan"]);
+    let history = leading.json(&[&secure.ca_flag, "audit"]);
+    let authors: Vec<&str> = history["commits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["author"].as_str())
+        .collect();
+    assert_eq!(authors.last(), Some(&"dora"), "{authors:?}");
+    assert!(
+        authors.iter().all(|a| *a == "admin" || *a == "dora"),
+        "{authors:?}"
+    );
+
+    // Each call is in the one chain once, recorded by the replica that
+    // answered: the leader, for what the follower passed on.
+    let calls: serde_json::Value = serde_json::from_str(
+        &on(following, &admin, &["audit", "calls", "-o", "json"], None)
+            .success()
+            .stdout(),
+    )
+    .unwrap();
+    let applies: Vec<(String, u64, String)> = calls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["path"] == "/v1/apply")
+        .map(|c| {
+            (
+                c["caller"].as_str().unwrap().to_owned(),
+                c["status"].as_u64().unwrap(),
+                c["replica"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        applies,
+        [
+            ("admin".to_owned(), 200, leader.clone()),
+            ("admin".to_owned(), 200, leader.clone()),
+            ("dora".to_owned(), 200, leader.clone()),
+            ("ivan".to_owned(), 403, leader.clone()),
+        ],
+        "{calls:#}"
+    );
+    on(leading, &admin, &["audit", "verify"], None).success();
+    on(following, &admin, &["audit", "verify"], None).success();
+}
+
+#[test]
+fn a_node_joins_with_a_one_use_bootstrap_token_and_renews_with_its_certificate() {
+    let secure = secure_control_with(|ca_dir| vec![format!("--ca-dir={}", ca_dir.display())]);
+    let admin = secure.control.admin_token.clone().expect("an admin token");
+    secure.apply(&admin, BINDINGS).success();
+    let bootstrap = |args: &[&str]| {
+        let mut all = vec!["token", "create"];
+        all.extend(args);
+        let out = secure.run(Some(&admin), &all).success().stdout();
+        let token = out.trim().to_owned();
+        assert!(token.starts_with("atb_"), "{token}");
+        token
+    };
+    let token = bootstrap(&["--role", "gateway", "--zone", "hz-a", "--ttl", "10m"]);
+    let out = secure.dir.path().join("nodes/gw-hz-a");
+    let out_flag = out.to_str().unwrap();
+    // No API token: the bootstrap token is the credential.
+    let joined = secure
+        .run(
+            None,
+            &[
+                "join",
+                "--bootstrap-token",
+                &token,
+                "--name",
+                "gw-hz-a",
+                "--out",
+                out_flag,
+            ],
+        )
+        .success();
+    assert!(
+        joined
+            .stdout()
+            .contains("joined as atoll://default/gateway/hz-a/gw-hz-a"),
+        "{}",
+        joined.stdout()
+    );
+    let key = out.with_extension("key");
+    let certificate = out.with_extension("pem");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        std::fs::read_to_string(secure.dir.path().join("nodes/gw-hz-a-ca.pem"))
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+    let cert_flag = format!("--cert={}", certificate.display());
+    let key_flag = format!("--key={}", key.display());
+    let me = secure
+        .run(None, &[&cert_flag, &key_flag, "whoami"])
+        .success()
+        .stdout();
+    assert!(
+        me.starts_with("atoll://default/gateway/hz-a/gw-hz-a (node"),
+        "{me}"
+    );
+
+    // One use.
+    let again = secure.dir.path().join("nodes/again");
+    secure
+        .run(
+            None,
+            &[
+                "join",
+                "--bootstrap-token",
+                &token,
+                "--name",
+                "gw-2",
+                "--out",
+                again.to_str().unwrap(),
+            ],
+        )
+        .fails(11, &["already used"]);
+    // Not an API token, not an expired one, no hosts for a gateway.
+    secure
+        .run(
+            None,
+            &[
+                "join",
+                "--bootstrap-token",
+                &admin,
+                "--name",
+                "x",
+                "--out",
+                again.to_str().unwrap(),
+            ],
+        )
+        .fails(11, &["is an API token"]);
+    let brief = bootstrap(&["--role", "agent", "--zone", "hz-a", "--ttl", "1s"]);
+    std::thread::sleep(Duration::from_millis(2100));
+    secure
+        .run(
+            None,
+            &[
+                "join",
+                "--bootstrap-token",
+                &brief,
+                "--name",
+                "agent-1",
+                "--out",
+                again.to_str().unwrap(),
+            ],
+        )
+        .fails(11, &["expired at"]);
+    let hosted = bootstrap(&["--role", "gateway", "--zone", "hz-b"]);
+    secure
+        .run(
+            None,
+            &[
+                "join",
+                "--bootstrap-token",
+                &hosted,
+                "--name",
+                "gw-hz-b",
+                "--host",
+                "10.0.0.1",
+                "--out",
+                again.to_str().unwrap(),
+            ],
+        )
+        .fails(
+            1,
+            &["only a control-plane replica's certificate names hosts"],
+        );
+    // A bootstrap token is the workspace admin's to make; a role for a
+    // replica, the fleet's.
+    let ivan = secure.token(&["--user", "ivan", "--group", "auditors"]);
+    secure
+        .run(
+            Some(&ivan),
+            &["token", "create", "--role", "gateway", "--zone", "hz-a"],
+        )
+        .fails(12, &["admin role in workspace default"]);
+    secure
+        .run(Some(&admin), &["token", "create", "--role", "gateway"])
+        .fails(1, &["needs `zone`"]);
+
+    // Renewal: a new certificate for the same identity, over the files.
+    let before = std::fs::read_to_string(&certificate).unwrap();
+    let renewed = secure
+        .run(None, &[&cert_flag, &key_flag, "renew"])
+        .success()
+        .stdout();
+    assert!(
+        renewed.contains("renewed atoll://default/gateway/hz-a/gw-hz-a"),
+        "{renewed}"
+    );
+    assert_ne!(std::fs::read_to_string(&certificate).unwrap(), before);
+    let me = secure
+        .run(None, &[&cert_flag, &key_flag, "whoami"])
+        .success()
+        .stdout();
+    assert!(
+        me.starts_with("atoll://default/gateway/hz-a/gw-hz-a"),
+        "{me}"
+    );
+    // Only a node's certificate renews.
+    secure
+        .run(Some(&admin), &["renew", &cert_flag, &key_flag])
+        .fails(12, &["needs a node's certificate"]);
+
+    // Both are in the audit chain, with whom they issued.
+    let calls = secure
+        .run(Some(&admin), &["audit", "calls", "-o", "json"])
+        .success()
+        .stdout();
+    assert!(
+        calls.contains("issued atoll://default/gateway/hz-a/gw-hz-a"),
+        "{calls}"
+    );
+    assert!(
+        !calls.contains(token.rsplit('_').next().unwrap()),
+        "no secret in the chain"
+    );
+}
+
+#[test]
+fn a_control_plane_without_tls_issues_no_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let out = Command::new(ATOLL)
+        .args([
+            "control",
+            "--insecure",
+            "--no-discovery",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg(format!("--ca-dir={}", ca_dir.display()))
+        .env("ATOLL_STATE_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("--ca-dir issues certificates, which needs TLS"),
+        "{out:?}"
+    );
+    let out = Command::new(ATOLL)
+        .args(["control", "--no-discovery", "--listen", "127.0.0.1:0"])
+        .env("ATOLL_STATE_DIR", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("only with --insecure"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_gateway_renews_its_certificate_by_itself_and_stays_connected() {
+    let secure = secure_control_with(|ca_dir| {
+        vec![
+            format!("--ca-dir={}", ca_dir.display()),
+            "--node-cert-lifetime=9s".to_owned(),
+        ]
+    });
+    let admin = secure.control.admin_token.clone().expect("an admin token");
+    let places = std::fs::read_to_string(examples().join("00-places.yaml")).unwrap();
+    secure.apply(&admin, &places).success();
+    let port = atoll_testing::free_port();
+    secure
+        .apply(
+            &admin,
+            &format!(
+                "apiVersion: atoll/v1\nkind: Gateway\nmetadata: {{name: gw-hz-a}}\nspec:\n  zone: hz-a\n  listeners: [{{port: {port}, protocol: http}}]\n"
+            ),
+        )
+        .success();
+    let token = secure
+        .run(
+            Some(&admin),
+            &["token", "create", "--role", "gateway", "--zone", "hz-a"],
+        )
+        .success()
+        .stdout()
+        .trim()
+        .to_owned();
+    let out = secure.dir.path().join("gw-hz-a");
+    secure
+        .run(
+            None,
+            &[
+                "join",
+                "--bootstrap-token",
+                &token,
+                "--name",
+                "gw-hz-a",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        )
+        .success();
+    let joined_at = std::time::Instant::now();
+    let certificate = out.with_extension("pem");
+    let first = std::fs::read_to_string(&certificate).unwrap();
+    let gateway = crate::harness::GatewayProcess::start_with(
+        &secure.control.url,
+        "gw-hz-a",
+        &secure.dir.path().join("gw-state"),
+        true,
+        &[
+            secure.ca_flag.clone(),
+            format!("--cert={}", certificate.display()),
+            format!("--key={}", out.with_extension("key").display()),
+        ],
+    );
+    // Renewed with a third of its 9 s left, by the gateway itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&certificate).unwrap_or_default() == first
+        || !gateway.log().contains("renewed the certificate")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not renew its certificate:\n{}",
+            gateway.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Past the first certificate's end: still connected, still ready.
+    let past = Duration::from_secs(11).saturating_sub(joined_at.elapsed());
+    std::thread::sleep(past);
+    let nodes = secure.control.json(&[&secure.ca_flag, "nodes"]);
+    let node = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "gw-hz-a")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(node["connected"], true, "{nodes}\n{}", gateway.log());
+    assert_eq!(
+        crate::harness::http_get(&gateway.admin, "/readyz").map(|(s, _)| s),
+        Some(200),
+        "{}",
+        gateway.log()
+    );
+    assert!(
+        gateway.log().contains("using the renewed certificate"),
+        "{}",
+        gateway.log()
+    );
 }

@@ -353,6 +353,17 @@ impl GatewayProcess {
         state: &Path,
         expect_ready: bool,
     ) -> GatewayProcess {
+        Self::start_with(control_url, name, state, expect_ready, &[])
+    }
+
+    /// The same, with more `atoll` arguments (TLS files).
+    pub(crate) fn start_with(
+        control_url: &str,
+        name: &str,
+        state: &Path,
+        expect_ready: bool,
+        extra: &[String],
+    ) -> GatewayProcess {
         std::fs::create_dir_all(state).expect("state dir");
         let admin_port = atoll_testing::free_port();
         let log = state.join(format!("{name}.log"));
@@ -369,6 +380,7 @@ impl GatewayProcess {
             .arg(format!("--admin=127.0.0.1:{admin_port}"))
             .arg(format!("--state-dir={}", state.display()))
             .arg(format!("--control={control_url}"))
+            .args(extra)
             .arg(format!(
                 "--access-log={}",
                 state.join("access.log").display()

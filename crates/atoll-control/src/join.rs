@@ -1,0 +1,201 @@
+//! Certificates for nodes: `POST /v1/join` issues a node its first
+//! certificate against a one-use bootstrap token (the token decides the
+//! workspace, role and zone; the node only names itself and sends the public
+//! key of a key it made), and `POST /v1/renew` issues a new one for the
+//! identity of the certificate the caller connected with.
+//!
+//! The replica signs with the intermediate of its `--ca-dir`, read again for
+//! every certificate, so a rotated intermediate is used at once.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use atoll_access::Principal;
+use atoll_api::rest::{ErrorCode, IssuedCertificate, JoinRequest, RenewRequest};
+use atoll_identity::{AtollId, Authority, IssueRequest, KeySource, Role, Token, TokenKind};
+use atoll_store::{Expect, StoreError, Write};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Extension, State};
+use axum::http::StatusCode;
+use axum::{Json, Router};
+use time::OffsetDateTime;
+
+use crate::access::Caller;
+use crate::rest::{ApiError, ApiResult, Shared};
+use crate::tokens::{TokenRecord, token_key};
+
+/// How a replica issues node certificates.
+#[derive(Clone, Debug)]
+pub struct IssuerOptions {
+    /// The CA directory (`atoll ca init`): `root.pem`, `intermediate.pem`,
+    /// `intermediate.key`.
+    pub ca_dir: PathBuf,
+    /// How long a node certificate is valid.
+    pub lifetime: Duration,
+}
+
+pub(crate) fn routes() -> Router<Shared> {
+    Router::new()
+        .route("/v1/join", axum::routing::post(join))
+        .route("/v1/renew", axum::routing::post(renew))
+}
+
+fn unavailable_issuer() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_IMPLEMENTED,
+        ErrorCode::Unavailable,
+        "this control plane does not issue certificates: start it with --ca-dir (the directory of `atoll ca init`, holding the intermediate's key)",
+    )
+}
+
+fn unauthenticated(message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        ErrorCode::Unauthenticated,
+        message,
+    )
+}
+
+async fn issue(
+    issuer: &IssuerOptions,
+    id: AtollId,
+    csr: String,
+    hosts: Vec<String>,
+) -> Result<IssuedCertificate, ApiError> {
+    if !hosts.is_empty() && id.role != Role::Control {
+        return Err(ApiError::bad_request(format!(
+            "only a control-plane replica's certificate names hosts; {id} is a {} (remove `hosts`)",
+            id.role
+        )));
+    }
+    let issuer = issuer.clone();
+    tokio::task::spawn_blocking(move || {
+        let authority = Authority::load(&issuer.ca_dir).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                format!("cannot load the CA to issue with: {e}"),
+            )
+        })?;
+        let issued = authority
+            .issue(&IssueRequest {
+                id: &id,
+                key: KeySource::Csr(&csr),
+                lifetime: issuer.lifetime,
+                hosts: &hosts,
+            })
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok(IssuedCertificate {
+            identity: id.to_string(),
+            chain: issued.chain_pem,
+            trust: authority.trust_pem().to_owned(),
+            expires: crate::nodes::rfc3339(issued.not_after),
+            serial: issued.serial,
+        })
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            format!("issuing failed: {e}"),
+        )
+    })?
+}
+
+/// A node's first certificate, against a bootstrap token (used up).
+#[utoipa::path(post, path = "/v1/join", request_body = JoinRequest,
+    responses((status = 200, body = IssuedCertificate), (status = 400, body = atoll_api::rest::ErrorBody),
+        (status = 401, body = atoll_api::rest::ErrorBody, description = "The bootstrap token is unknown, used, expired or revoked")))]
+pub(crate) async fn join(
+    State(control): State<Shared>,
+    body: Result<Json<JoinRequest>, JsonRejection>,
+) -> ApiResult<IssuedCertificate> {
+    let Json(request) = body?;
+    let issuer = control.issuer.as_ref().ok_or_else(unavailable_issuer)?;
+    let token = Token::parse(&request.token).map_err(|e| unauthenticated(e.to_string()))?;
+    if token.kind != TokenKind::Bootstrap {
+        return Err(unauthenticated(format!(
+            "token {} is an API token; joining takes a bootstrap token (`atoll token create --role R --zone Z`)",
+            token.id
+        )));
+    }
+    let key = token_key(&token.id);
+    let entry = control.coordination.get_key(&key).await?.ok_or_else(|| {
+        unauthenticated(format!("bootstrap token {} is not known here", token.id))
+    })?;
+    let mut record = TokenRecord::decode(&entry.value).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            format!("the record of token {} does not parse: {e}", token.id),
+        )
+    })?;
+    let now = OffsetDateTime::now_utc();
+    record.usable_by(&token, now).map_err(unauthenticated)?;
+    let scope = record
+        .node
+        .clone()
+        .ok_or_else(|| unauthenticated(format!("token {} is not a bootstrap token", token.id)))?;
+    let role = Role::parse(&scope.role).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            format!("token {} names an unknown role `{}`", token.id, scope.role),
+        )
+    })?;
+    let id = AtollId::new(&scope.workspace, role, &scope.zone, &request.name)
+        .map_err(|e| ApiError::bad_request(format!("name `{}`: {e}", request.name)))?;
+    // Used up before the certificate is made: two joins with one token
+    // cannot both get one.
+    record.used = Some(now.unix_timestamp());
+    let used = control
+        .coordination
+        .write_keys(
+            vec![
+                Write::put(key, serde_json::to_vec(&record).unwrap_or_default())
+                    .expecting(Expect::Modified(entry.modified)),
+            ],
+            None,
+        )
+        .await;
+    match used {
+        Ok(_) => {}
+        Err(StoreError::KeyConflict { .. }) => {
+            return Err(unauthenticated(format!(
+                "bootstrap token {} was used by another join just now; each joins one node",
+                token.id
+            )));
+        }
+        Err(error) => return Err(error.into()),
+    }
+    let issued = issue(issuer, id, request.csr, request.hosts).await?;
+    tracing::info!(identity = %issued.identity, token = %token.id, "a node joined");
+    Ok(Json(issued))
+}
+
+/// A new certificate for the identity the caller's certificate has.
+#[utoipa::path(post, path = "/v1/renew", request_body = RenewRequest,
+    responses((status = 200, body = IssuedCertificate), (status = 401, body = atoll_api::rest::ErrorBody),
+        (status = 403, body = atoll_api::rest::ErrorBody)))]
+pub(crate) async fn renew(
+    State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<RenewRequest>, JsonRejection>,
+) -> ApiResult<IssuedCertificate> {
+    let Json(request) = body?;
+    let issuer = control.issuer.as_ref().ok_or_else(unavailable_issuer)?;
+    let Principal::Node(id) = &caller.principal else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            format!(
+                "renewing needs a node's certificate on the connection, and {} is not one; a node without a certificate joins with a bootstrap token (POST /v1/join)",
+                caller.principal
+            ),
+        ));
+    };
+    let issued = issue(issuer, id.clone(), request.csr, request.hosts).await?;
+    tracing::info!(identity = %issued.identity, "a node renewed its certificate");
+    Ok(Json(issued))
+}
