@@ -11,23 +11,10 @@ use std::time::Duration;
 use crate::harness::{ATOLL, Control, examples};
 
 fn ca(dir: &Path) -> PathBuf {
-    let ca = dir.join("ca");
-    let out = Command::new(ATOLL)
-        .args(["ca", "init", "--dir", ca.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    ca
+    crate::tls::ca(dir, "ca")
 }
 
-fn issue(ca: &Path, id: &str, out: &Path) {
-    let status = Command::new(ATOLL)
-        .args(["ca", "issue", "--dir", ca.to_str().unwrap(), "--id", id])
-        .args(["--host", "127.0.0.1", "--out", out.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(status.status.success(), "{status:?}");
-}
+use crate::tls::issue;
 
 struct Secure {
     dir: tempfile::TempDir,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::harness::{ATOLL, Control, examples};
 
-fn ca(dir: &Path, name: &str) -> PathBuf {
+pub(crate) fn ca(dir: &Path, name: &str) -> PathBuf {
     let ca = dir.join(name);
     let status = Command::new(ATOLL)
         .args(["ca", "init", "--dir", ca.to_str().unwrap()])
@@ -21,7 +21,7 @@ fn ca(dir: &Path, name: &str) -> PathBuf {
     ca
 }
 
-fn issue(ca: &Path, id: &str, out: &Path) {
+pub(crate) fn issue(ca: &Path, id: &str, out: &Path) {
     let status = Command::new(ATOLL)
         .args(["ca", "issue", "--dir", ca.to_str().unwrap(), "--id", id])
         .args(["--host", "127.0.0.1", "--out", out.to_str().unwrap()])
