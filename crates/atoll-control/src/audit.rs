@@ -18,7 +18,7 @@ use axum::body::Body;
 use axum::extract::{Query, Request, State};
 use axum::http::{Method, StatusCode};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use parking_lot::Mutex;
 use serde::Deserialize;
@@ -30,8 +30,9 @@ use crate::rest::{ApiError, ApiResult, Shared};
 const ENTRIES: &str = "audit/entries/";
 const HEAD: &str = "audit/head";
 
-/// How long an answer's body may be for its detail to be read (the answers
-/// of changes are small; a larger one is recorded without detail).
+/// How long an answer's body may be for its detail to be read. Longer
+/// answers (an apply of many megabytes answers with every change) are
+/// passed on whole and recorded by their status alone.
 const MAX_READ: usize = 1024 * 1024;
 
 /// The longest detail kept in an entry.
@@ -263,19 +264,29 @@ pub(crate) async fn record_calls(
         return response;
     }
     let (parts, body) = response.into_parts();
-    let (body, (outcome, detail)) = match axum::body::to_bytes(body, MAX_READ).await {
-        Ok(bytes) => {
-            let outcome = outcome_of(status, &bytes);
-            (Body::from(bytes), outcome)
+    // The answer is already in memory (a JSON body): reading it whole costs
+    // nothing more, and it must reach the caller whole whatever its length.
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            tracing::error!(%error, %path, "could not read an answer to record it");
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                atoll_api::rest::ErrorCode::Internal,
+                format!("the answer could not be read: {error}"),
+            )
+            .into_response();
         }
-        Err(_) => (
-            Body::empty(),
-            (
-                status.as_u16().to_string(),
-                "(answer too large to read)".to_owned(),
-            ),
-        ),
     };
+    let (outcome, detail) = if bytes.len() <= MAX_READ {
+        outcome_of(status, &bytes)
+    } else {
+        (
+            status.as_u16().to_string(),
+            format!("(answer of {} bytes, not read)", bytes.len()),
+        )
+    };
+    let body = Body::from(bytes);
     control
         .record(Call {
             caller: &caller,
