@@ -11,6 +11,7 @@
 //!
 //! `docs/agent.md` is the user's guide; `docs/design/cells.md` the design.
 
+mod credentials;
 pub mod runtime;
 mod supervisor;
 
@@ -152,6 +153,8 @@ pub struct Agent<R: Runtime> {
     desired: watch::Receiver<Desired>,
     /// Channels for endpoint reports, one per replica.
     reports: atoll_transport::Channels,
+    /// Certificates of the instances, when the agent has one itself.
+    credentials: Option<Arc<credentials::Credentials>>,
 }
 
 impl<R: Runtime> std::fmt::Debug for Agent<R> {
@@ -191,8 +194,10 @@ impl<R: Runtime> Agent<R> {
             timeout: Some(Duration::from_secs(10)),
             keepalive: None,
         });
+        let credentials = credentials::Credentials::new(&options).map(Arc::new);
         Ok(Self {
             reports,
+            credentials,
             options,
             runtime: Arc::new(runtime),
             board: Arc::new(Board::default()),
@@ -225,6 +230,26 @@ impl<R: Runtime> Agent<R> {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await;
+            });
+        }
+        // Instance certificates are renewed with a third of their life left,
+        // whether the instance runs or waits to start again.
+        if let Some(credentials) = self.credentials.clone() {
+            let board = self.board.clone();
+            let mut stop = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let names: Vec<String> = board.states.lock().keys().cloned().collect();
+                    for name in names {
+                        if let Err(error) = credentials.ensure(&name).await {
+                            tracing::warn!(instance = %name, %error, "cannot renew the instance's certificate yet");
+                        }
+                    }
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.wait_for(|s| *s) => return,
+                    }
+                }
             });
         }
         // Instances survive a control plane outage: the cached config runs
@@ -359,6 +384,9 @@ impl<R: Runtime> Agent<R> {
             stopping.remove(&name);
             if !wanted.contains_key(&name) && !running.contains_key(&name) {
                 self.board.states.lock().remove(&name);
+                if let Some(credentials) = &self.credentials {
+                    credentials.forget(&name);
+                }
                 self.board.changed.notify_one();
             }
         }
@@ -409,7 +437,24 @@ impl<R: Runtime> Agent<R> {
                 self.options.stop_grace,
             );
             let board = self.board.clone();
+            let credentials = self.credentials.clone();
+            let mut waiting = stop.subscribe();
+            let spec_name = spec.name.clone();
             let task = tokio::spawn(async move {
+                // An instance of a TLS control plane starts with its
+                // certificate, or not at all (it could not renew its lease).
+                if let Some(credentials) = credentials {
+                    let mut backoff = Duration::from_millis(200);
+                    while let Err(error) = credentials.ensure(&spec_name).await {
+                        tracing::error!(instance = %spec_name, %error, "cannot start the instance without its certificate; trying again");
+                        board.update(&spec_name, |s| s.last_exit = Some(error.clone()));
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            _ = waiting.wait_for(|s| *s) => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
                 supervised.await;
                 board.changed.notify_one();
             });
@@ -452,6 +497,18 @@ impl<R: Runtime> Agent<R> {
         set("ATOLL_REPLICA", replica.to_string());
         set("ATOLL_HOST", self.options.host.clone());
         set("ATOLL_CONTROL", self.options.control.clone());
+        if let Some(credentials) = &self.credentials {
+            let files = credentials.files(&name);
+            for (key, path) in [
+                ("ATOLL_CA", files.ca),
+                ("ATOLL_CERT", files.cert),
+                ("ATOLL_KEY", files.key),
+            ] {
+                if let Some(path) = path {
+                    set(key, path.display().to_string());
+                }
+            }
+        }
         set("ATOLL_DATA_DIR", data_dir.display().to_string());
         if let Some(gateway) = &self.options.gateway {
             set("ATOLL_GATEWAY_URL", gateway.clone());

@@ -126,6 +126,11 @@ impl Runtime for LocalRuntime {
             .try_clone()
             .map_err(|e| format!("cannot share the log: {e}"))?;
         let mut command = tokio::process::Command::new(program);
+        // The agent's own credentials are not the instance's: an App's
+        // command never sees them (its own come in `spec.env`).
+        for inherited in NOT_INHERITED {
+            command.env_remove(inherited);
+        }
         command
             .args(args)
             .envs(&spec.env)
@@ -142,6 +147,15 @@ impl Runtime for LocalRuntime {
         Ok(LocalInstance { child, pid })
     }
 }
+
+/// Variables of the agent's environment an instance does not inherit.
+const NOT_INHERITED: [&str; 5] = [
+    "ATOLL_TOKEN",
+    "ATOLL_BOOTSTRAP_TOKEN",
+    "ATOLL_CA",
+    "ATOLL_CERT",
+    "ATOLL_KEY",
+];
 
 impl Instance for LocalInstance {
     fn describe(&self) -> String {

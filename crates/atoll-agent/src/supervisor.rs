@@ -57,7 +57,7 @@ pub(crate) struct Board {
 }
 
 impl Board {
-    fn update(&self, name: &str, change: impl FnOnce(&mut InstanceState)) {
+    pub(crate) fn update(&self, name: &str, change: impl FnOnce(&mut InstanceState)) {
         let mut states = self.states.lock();
         if let Some(state) = states.get_mut(name) {
             let before = (state.running, state.ready, state.restarts);

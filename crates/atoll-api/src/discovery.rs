@@ -51,6 +51,13 @@ pub struct SandboxEntry {
     pub control: String,
     /// The sandbox's state directory (its `up.json`, logs, drill files).
     pub state_dir: String,
+    /// The CA bundle its control plane's certificate chains to (none: it
+    /// runs `--insecure`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// The file of its admin token, used by commands given no other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
 }
 
 /// The folder of sandbox entries inside `state_dir`.

@@ -721,6 +721,18 @@ pub struct RenewRequest {
     pub hosts: Vec<String>,
 }
 
+/// `POST /v1/instance-certificates`: an agent asks a certificate for an
+/// instance it runs (`atoll://<workspace>/sdk/<the agent's zone>/<name>`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstanceCertificateRequest {
+    /// The instance's name (`ATOLL_INSTANCE`).
+    pub name: String,
+    /// A certificate signing request (PEM) for the instance's key: only its
+    /// public key is used.
+    pub csr: String,
+}
+
 /// A certificate the control plane issued.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

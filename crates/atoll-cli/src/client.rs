@@ -151,6 +151,28 @@ pub(crate) fn sandboxes(state: &std::path::Path) -> Vec<(SandboxEntry, PathBuf)>
     found
 }
 
+/// The running sandbox (`atoll up`) whose control plane `url` is (one of its
+/// replicas will do): commands given no CA or token use the sandbox's.
+pub(crate) fn sandbox_serving(url: &str) -> Option<SandboxEntry> {
+    let wanted = normalize(url);
+    let wanted: Vec<&str> = wanted.split(',').collect();
+    sandboxes(&state_dir())
+        .into_iter()
+        .map(|(sandbox, _)| sandbox)
+        .find(|sandbox| {
+            normalize(&sandbox.control)
+                .split(',')
+                .any(|replica| wanted.contains(&replica))
+        })
+}
+
+/// The admin token of the sandbox serving `url`, if it has one.
+fn sandbox_token(url: &str) -> Option<String> {
+    let file = sandbox_serving(url)?.token_file?;
+    let token = std::fs::read_to_string(file).ok()?;
+    Some(token.trim().to_owned()).filter(|t| !t.is_empty())
+}
+
 /// Every control plane this machine's state directory knows to be running:
 /// a standalone `atoll control` (its discovery file) and the sandboxes of
 /// `atoll up`, one entry per URL.
@@ -250,7 +272,8 @@ pub(crate) struct Client {
 
 impl Client {
     /// A client of `endpoint`. `token` is sent as the bearer token; none:
-    /// the one `atoll login` saved for the endpoint's URL, if any.
+    /// the one `atoll login` saved for the endpoint's URL, else the admin
+    /// token of the sandbox (`atoll up`) serving it, if any.
     pub(crate) fn new(
         endpoint: Endpoint,
         user: String,
@@ -262,7 +285,8 @@ impl Client {
             .map_err(|e| CliError::new(exit::USAGE, format!("{e} (from {})", endpoint.origin)))?;
         let token = token
             .filter(|t| !t.trim().is_empty())
-            .or_else(|| crate::auth::saved_token(&endpoint.url));
+            .or_else(|| crate::auth::saved_token(&endpoint.url))
+            .or_else(|| sandbox_token(&endpoint.url));
         let mut rest = transport
             .rest(urls, timeout)
             .with_header(atoll_transport::USER_HEADER, &user)
@@ -346,6 +370,21 @@ impl Client {
             &self.transport,
         )
         .map(|c| c.in_workspace(self.workspace.clone()))
+    }
+
+    /// The text `GET path` answers at one replica `url` (its metrics), with
+    /// this client's credentials; none when it does not answer 200 in time.
+    pub(crate) async fn text_at(&self, url: &str, path: &str, timeout: Duration) -> Option<String> {
+        let urls = atoll_transport::ControlUrls::parse(url).ok()?;
+        let mut rest = self.transport.rest(urls, Some(timeout));
+        if let Some(token) = &self.token {
+            rest = rest.with_token(token.trim()).ok()?;
+        }
+        let answer = rest.send(reqwest::Method::GET, path, None).await.ok()?;
+        answer
+            .status
+            .is_success()
+            .then(|| String::from_utf8_lossy(&answer.body).into_owned())
     }
 
     /// A transport error in the CLI's words, with its exit code.

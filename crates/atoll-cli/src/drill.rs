@@ -1788,15 +1788,9 @@ async fn control_plane(client: &Client, drill: ControlPlaneDrill) -> Result<u8, 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     if drill.fault != LeaderFault::Kill
-        && let Ok(response) = reqwest::Client::builder()
-            .timeout(Duration::from_secs(2))
-            .no_proxy()
-            .build()
-            .unwrap_or_default()
-            .get(format!("{old}/metrics"))
-            .send()
+        && let Some(text) = client
+            .text_at(&old, "/metrics", Duration::from_secs(2))
             .await
-        && let Ok(text) = response.text().await
     {
         change.deposed_writes_refused = counter(&text, "atoll_control_fenced_writes_total");
     }

@@ -194,8 +194,25 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         .unwrap_or_else(|| "anonymous".into());
     let transport = cli.tls.transport()?;
     let connect = |timeout| {
+        let endpoint = client::resolve(cli.control.as_deref())?;
+        // A sandbox's control plane is trusted with the sandbox's CA when
+        // no --ca is given.
+        let sandbox_ca = cli
+            .tls
+            .ca
+            .is_none()
+            .then(|| client::sandbox_serving(&endpoint.url).and_then(|s| s.ca))
+            .flatten();
+        let transport = match sandbox_ca {
+            Some(ca) => tls::TlsArgs {
+                ca: Some(ca.into()),
+                ..cli.tls.clone()
+            }
+            .transport()?,
+            None => transport.clone(),
+        };
         client::Client::new(
-            client::resolve(cli.control.as_deref())?,
+            endpoint,
             user.clone(),
             cli.token.clone(),
             timeout,

@@ -2,19 +2,16 @@
 //! command. A client trusts servers that chain to `--ca` and presents
 //! `--cert` when asked; `atoll control` serves with `--cert` and verifies
 //! client certificates against `--ca`. The certificate and key files are
-//! read again when they change, so a renewed certificate is used without a
-//! restart (connections already open keep theirs).
+//! read again when they change (`atoll_transport::TlsFiles`), so a renewed
+//! certificate is used without a restart (connections already open keep
+//! theirs).
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::path::PathBuf;
 
 use atoll_transport::{ClientTls, Identity, ServerTls, Transport, Trust};
 use clap::Args;
 
 use crate::client::{CliError, exit};
-
-/// How often the files are checked for a change.
-const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 #[derive(Clone, Debug, Default, Args)]
 pub(crate) struct TlsArgs {
@@ -34,10 +31,6 @@ pub(crate) struct TlsArgs {
 
 fn usage(message: impl Into<String>) -> CliError {
     CliError::new(exit::USAGE, message)
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 impl TlsArgs {
@@ -89,64 +82,18 @@ impl TlsArgs {
             .map_err(|e| usage(e.to_string()))
     }
 
-    /// Reads the certificate, key and CA again whenever one of the files
-    /// changes, and swaps them into `client` and `server`. A file that does
-    /// not read (half written) is tried again at the next check.
-    pub(crate) fn follow(&self, client: Option<ClientTls>, server: Option<ServerTls>) {
-        if client.is_none() && server.is_none() {
-            return;
+    /// The files, for what follows them.
+    pub(crate) fn files(&self) -> atoll_transport::TlsFiles {
+        atoll_transport::TlsFiles {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
         }
-        let args = self.clone();
-        tokio::spawn(async move {
-            let files: Vec<PathBuf> = [&args.cert, &args.key, &args.ca]
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect();
-            let mut seen: Vec<Option<SystemTime>> = files.iter().map(|f| modified(f)).collect();
-            loop {
-                tokio::time::sleep(RELOAD_EVERY).await;
-                let now: Vec<Option<SystemTime>> = files.iter().map(|f| modified(f)).collect();
-                if now == seen {
-                    continue;
-                }
-                let identity = match args.identity() {
-                    Ok(identity) => identity,
-                    Err(error) => {
-                        tracing::warn!(error = %error.message, "cannot read the new certificate yet; keeping the current one");
-                        continue;
-                    }
-                };
-                let trust = match args.trust() {
-                    Ok(trust) => trust,
-                    Err(error) => {
-                        tracing::warn!(error = %error.message, "cannot read the new CA bundle yet; keeping the current one");
-                        continue;
-                    }
-                };
-                if let Some((identity, cert, _)) = &identity {
-                    if let Some(client) = &client {
-                        client.set_identity(identity);
-                    }
-                    if let Some(server) = &server {
-                        server.set_identity(identity);
-                    }
-                    tracing::info!(certificate = %cert.display(), "using the renewed certificate for new connections");
-                }
-                if let Some(trust) = &trust {
-                    if let Some(client) = &client
-                        && let Err(error) = client.set_trust(trust)
-                    {
-                        tracing::warn!(%error, "cannot use the new CA bundle");
-                    }
-                    if let Some(server) = &server
-                        && let Err(error) = server.set_client_trust(trust)
-                    {
-                        tracing::warn!(%error, "cannot use the new CA bundle");
-                    }
-                }
-                seen = now;
-            }
-        });
+    }
+
+    /// Reads the certificate, key and CA again whenever one of the files
+    /// changes, and swaps them into `client` and `server`.
+    pub(crate) fn follow(&self, client: Option<ClientTls>, server: Option<ServerTls>) {
+        self.files().follow(client, server);
     }
 }

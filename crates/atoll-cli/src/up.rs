@@ -82,6 +82,19 @@ pub(crate) struct UpArgs {
     /// the bridge's address instead of 127.0.0.1.
     #[arg(long, conflicts_with = "isolate_zone")]
     isolate_control: bool,
+
+    /// Plain HTTP between the sandbox's parts and no access control, as
+    /// before Atoll had a CA. By default the sandbox makes a CA, an admin
+    /// token and a certificate for every part in its state directory, and
+    /// every control connection is mutual TLS.
+    #[arg(long)]
+    insecure: bool,
+
+    /// How long the certificates of the sandbox's parts are valid; each
+    /// renews its own with a third of it left (a short one shows
+    /// rotation under load).
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, value_name = "DURATION")]
+    node_cert_lifetime: Duration,
 }
 
 fn parse_control_replicas(text: &str) -> Result<usize, String> {
@@ -137,6 +150,121 @@ struct UpFile {
     /// With --isolate-control: the replicas' network namespaces.
     #[serde(skip_serializing_if = "Option::is_none")]
     isolated_control: Option<crate::netns::ControlNetwork>,
+    /// The CA bundle to trust the control plane with (none: --insecure).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ca: Option<String>,
+    /// The file of the admin token (none: --insecure).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_token_file: Option<String>,
+}
+
+/// The sandbox's own CA (`<state>/pki`, 0700), the certificates it issues
+/// its parts from it, and its admin token (`<state>/admin.token`, 0600):
+/// what makes the sandbox secure by default.
+struct Pki {
+    dir: PathBuf,
+    admin_token_file: PathBuf,
+    admin_token: String,
+    lifetime: Duration,
+}
+
+impl Pki {
+    fn create(state_dir: &Path, lifetime: Duration) -> Result<Self, CliError> {
+        let dir = state_dir.join("pki");
+        let failed = |e: atoll_identity::CaError| {
+            CliError::new(
+                exit::FAILURE,
+                format!("the sandbox's CA in {}: {e}", dir.display()),
+            )
+        };
+        if !dir.join("root.pem").exists() {
+            atoll_identity::Authority::init(&dir, &atoll_identity::CaOptions::default())
+                .map_err(failed)?;
+        }
+        let admin_token_file = state_dir.join("admin.token");
+        let admin_token = crate::control::admin_token(&admin_token_file)?.to_string();
+        Ok(Self {
+            dir,
+            admin_token_file,
+            admin_token,
+            lifetime,
+        })
+    }
+
+    /// The root every part trusts.
+    fn ca(&self) -> PathBuf {
+        self.dir.join("root.pem")
+    }
+
+    /// A certificate and key for `id`; the flags that give them to a part.
+    fn issue(
+        &self,
+        id: &atoll_identity::AtollId,
+        hosts: &[String],
+    ) -> Result<Vec<String>, CliError> {
+        let failed = |e: atoll_identity::CaError| {
+            CliError::new(
+                exit::FAILURE,
+                format!("issuing the certificate of {id}: {e}"),
+            )
+        };
+        let authority = atoll_identity::Authority::load(&self.dir).map_err(failed)?;
+        // Replicas do not renew their own certificates yet: theirs last a
+        // day at least, whatever --node-cert-lifetime says.
+        let lifetime = if id.role == atoll_identity::Role::Control {
+            self.lifetime.max(Duration::from_secs(24 * 3600))
+        } else {
+            self.lifetime
+        };
+        let issued = authority
+            .issue(&atoll_identity::IssueRequest {
+                id,
+                key: atoll_identity::KeySource::Generate,
+                lifetime,
+                hosts,
+            })
+            .map_err(failed)?;
+        let base = self.dir.join(format!("{}-{}", id.role, id.name));
+        let cert = base.with_extension("pem");
+        let key = base.with_extension("key");
+        crate::ca::write_private(&key, issued.key_pem.as_deref().unwrap_or_default())?;
+        std::fs::write(&cert, &issued.chain_pem).map_err(|e| {
+            CliError::new(
+                exit::FAILURE,
+                format!("cannot write {}: {e}", cert.display()),
+            )
+        })?;
+        Ok(vec![
+            "--ca".into(),
+            self.ca().display().to_string(),
+            "--cert".into(),
+            cert.display().to_string(),
+            "--key".into(),
+            key.display().to_string(),
+        ])
+    }
+
+    /// How `atoll up` itself reaches the control plane: trusting the root.
+    fn transport(&self) -> Result<atoll_transport::Transport, CliError> {
+        let tls = atoll_transport::TlsFiles {
+            ca: Some(self.ca()),
+            ..atoll_transport::TlsFiles::default()
+        }
+        .client()
+        .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))?
+        .ok_or_else(|| CliError::new(exit::FAILURE, "the sandbox's CA has no root"))?;
+        Ok(atoll_transport::Transport::with_tls(tls))
+    }
+}
+
+/// An identity of the sandbox's default workspace.
+fn sandbox_id(
+    role: atoll_identity::Role,
+    zone: &str,
+    name: &str,
+) -> Result<atoll_identity::AtollId, CliError> {
+    atoll_identity::AtollId::new(atoll_model::DEFAULT_WORKSPACE, role, zone, name)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("the identity of {name}: {e}")))
 }
 
 fn free(port: u16) -> bool {
@@ -575,6 +703,18 @@ pub(crate) async fn run(args: UpArgs) -> Result<u8, CliError> {
         )
     })?;
     let state_dir = std::fs::canonicalize(&state_dir).unwrap_or(state_dir);
+    // It holds the sandbox's CA key, admin token and certificates' keys.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |e| {
+                CliError::new(
+                    exit::FAILURE,
+                    format!("cannot make {} private (0700): {e}", state_dir.display()),
+                )
+            },
+        )?;
+    }
     let logs = state_dir.join("logs");
     let _ = std::fs::remove_file(state_dir.join("up.json"));
     let isolation = match &args.isolate_zone {
@@ -701,7 +841,35 @@ async fn start(
             .and_then(|n| n.replicas.get(i))
             .map_or_else(|| host.clone(), |r| r.address.clone())
     };
-    let control = format!("http://{}:{}", replica_host(0), ports.control);
+    // Secure by default: a CA, an admin token and a certificate for every
+    // part; with --insecure plain HTTP as before.
+    let pki = if args.insecure {
+        None
+    } else {
+        eprintln!(
+            "making the sandbox's CA, admin token and certificates ({})...",
+            state_dir.join("pki").display()
+        );
+        Some(Pki::create(state_dir, args.node_cert_lifetime)?)
+    };
+    let scheme = if pki.is_some() { "https" } else { "http" };
+    let transport = match &pki {
+        Some(pki) => pki.transport()?,
+        None => atoll_transport::Transport::plain(),
+    };
+    // A REST client of the control plane as the sandbox's admin (or, with
+    // --insecure, as `atoll-up`).
+    let control_rest = |urls: &str| -> Result<atoll_transport::RestClient, CliError> {
+        let urls = atoll_transport::ControlUrls::parse_in_order(urls)
+            .map_err(|e| CliError::new(exit::FAILURE, e))?;
+        let rest = transport.rest(urls, Some(Duration::from_secs(5)));
+        match &pki {
+            Some(pki) => rest.with_token(pki.admin_token.trim()),
+            None => rest.with_header(atoll_transport::USER_HEADER, "atoll-up"),
+        }
+        .map_err(|e| CliError::new(exit::FAILURE, e.to_string()))
+    };
+    let control = format!("{scheme}://{}:{}", replica_host(0), ports.control);
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -720,7 +888,7 @@ async fn start(
     let replicas: Vec<String> = std::iter::once(ports.control)
         .chain(ports.more_controls.iter().copied())
         .enumerate()
-        .map(|(i, port)| format!("http://{}:{port}", replica_host(i)))
+        .map(|(i, port)| format!("{scheme}://{}:{port}", replica_host(i)))
         .collect();
     let mut etcd_urls = Vec::new();
     if args.control_replicas > 1 {
@@ -766,13 +934,37 @@ async fn start(
         }
     }
     for (i, url) in replicas.iter().enumerate() {
-        let listen = url.trim_start_matches("http://").to_owned();
-        let mut control_args: Vec<String> = vec![
-            "control".into(),
-            "--insecure".into(),
-            "--listen".into(),
-            listen,
-        ];
+        let listen = url
+            .split_once("://")
+            .map_or(url.as_str(), |(_, address)| address)
+            .to_owned();
+        let mut control_args: Vec<String> = vec!["control".into(), "--listen".into(), listen];
+        match &pki {
+            Some(pki) => {
+                let mut hosts = vec![
+                    replica_host(i),
+                    host.clone(),
+                    "127.0.0.1".to_owned(),
+                    "localhost".to_owned(),
+                ];
+                hosts.dedup();
+                let id = sandbox_id(
+                    atoll_identity::Role::Control,
+                    atoll_identity::NO_ZONE,
+                    &format!("control-{}", i + 1),
+                )?;
+                control_args.extend(pki.issue(&id, &hosts)?);
+                control_args.extend([
+                    "--admin-token-file".into(),
+                    pki.admin_token_file.display().to_string(),
+                    "--ca-dir".into(),
+                    pki.dir.display().to_string(),
+                    "--node-cert-lifetime".into(),
+                    humantime::format_duration(pki.lifetime).to_string(),
+                ]);
+            }
+            None => control_args.push("--insecure".into()),
+        }
         if etcd_urls.is_empty() {
             control_args.extend([
                 "--data-dir".into(),
@@ -831,13 +1023,15 @@ async fn start(
             &format!("the control plane at {url}"),
             deadline,
             || {
-                let http = http.clone();
-                let url = format!("{url}/readyz");
+                let rest = control_rest(url);
                 async move {
-                    http.get(&url)
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success())
+                    match rest {
+                        Ok(rest) => rest
+                            .send(reqwest::Method::GET, "/readyz", None)
+                            .await
+                            .is_ok_and(|r| r.status.is_success()),
+                        Err(_) => false,
+                    }
                 }
             },
         )
@@ -875,20 +1069,15 @@ async fn start(
         message: Some("atoll up: the sandbox topology".into()),
         ..ApplyRequest::default()
     };
-    let response = http
-        .post(format!("{control}/v1/apply"))
-        .header("x-atoll-user", "atoll-up")
-        .json(&request)
-        .send()
+    control_rest(&control)?
+        .post::<_, serde_json::Value>("/v1/apply", &request)
         .await
-        .map_err(|e| CliError::new(exit::FAILURE, format!("cannot load the topology: {e}")))?;
-    if !response.status().is_success() {
-        let body = response.text().await.unwrap_or_default();
-        return Err(CliError::new(
-            exit::FAILURE,
-            format!("the control plane refused the topology: {body}"),
-        ));
-    }
+        .map_err(|e| {
+            CliError::new(
+                exit::FAILURE,
+                format!("the control plane did not take the topology: {e}"),
+            )
+        })?;
 
     let global = |args: &mut Vec<String>| {
         args.insert(0, control_list.clone());
@@ -912,6 +1101,10 @@ async fn start(
             "--stop-grace".into(),
             "5s".into(),
         ];
+        if let Some(pki) = &pki {
+            let id = sandbox_id(atoll_identity::Role::Agent, zone, &format!("agent-{zone}"))?;
+            agent_args.extend(pki.issue(&id, &[])?);
+        }
         global(&mut agent_args);
         // An isolated zone's agent (and so its instances) runs in the
         // zone's namespace: `ip netns exec` execs it, keeping its pid.
@@ -956,6 +1149,10 @@ async fn start(
             "--state-dir".into(),
             state_dir.join("gateways").join(zone).display().to_string(),
         ];
+        if let Some(pki) = &pki {
+            let id = sandbox_id(atoll_identity::Role::Gateway, zone, &format!("gw-{zone}"))?;
+            gateway_args.extend(pki.issue(&id, &[])?);
+        }
         global(&mut gateway_args);
         eprintln!(
             "starting the gateway of {zone} on {host}:{}...",
@@ -1005,13 +1202,12 @@ async fn start(
     }
     eprintln!("waiting for the bank in every cell...");
     wait_for(sandbox, "every cell to be healthy", deadline, || {
-        let http = http.clone();
-        let url = format!("{control}/v1/resources/cells");
+        let rest = control_rest(&control);
         async move {
-            let Ok(response) = http.get(&url).send().await else {
+            let Ok(rest) = rest else {
                 return false;
             };
-            let Ok(body) = response.json::<serde_json::Value>().await else {
+            let Ok(body) = rest.get::<serde_json::Value>("/v1/resources/cells").await else {
                 return false;
             };
             body["items"].as_array().is_some_and(|items| {
@@ -1098,6 +1294,10 @@ async fn start(
         processes: processes(sandbox),
         isolated: isolation.clone(),
         isolated_control: control_network.clone(),
+        ca: pki.as_ref().map(|p| p.ca().display().to_string()),
+        admin_token_file: pki
+            .as_ref()
+            .map(|p| p.admin_token_file.display().to_string()),
     };
     write_up_file(state_dir, &up)?;
     Ok(up)
@@ -1133,6 +1333,8 @@ fn register(up: &UpFile) -> Option<PathBuf> {
         pid: up.pid,
         control: up.control.clone(),
         state_dir: up.state_dir.clone(),
+        ca: up.ca.clone(),
+        token_file: up.admin_token_file.clone(),
     };
     let text = serde_json::to_string_pretty(&entry).unwrap_or_default();
     let temporary = path.with_extension("json.tmp");

@@ -3,6 +3,10 @@
 //! workspace, role and zone; the node only names itself and sends the public
 //! key of a key it made), and `POST /v1/renew` issues a new one for the
 //! identity of the certificate the caller connected with.
+//! `POST /v1/instance-certificates` issues an agent's instances theirs
+//! (`atoll://<workspace>/sdk/<zone>/<instance>`, in the agent's own zone
+//! and workspace: an agent vouches for what it starts, as a SPIRE agent
+//! does for its workloads).
 //!
 //! The replica signs with the intermediate of its `--ca-dir`, read again for
 //! every certificate, so a rotated intermediate is used at once.
@@ -11,7 +15,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use atoll_access::Principal;
-use atoll_api::rest::{ErrorCode, IssuedCertificate, JoinRequest, RenewRequest};
+use atoll_api::rest::{
+    ErrorCode, InstanceCertificateRequest, IssuedCertificate, JoinRequest, RenewRequest,
+};
 use atoll_identity::{AtollId, Authority, IssueRequest, KeySource, Role, Token, TokenKind};
 use atoll_store::{Expect, StoreError, Write};
 use axum::extract::rejection::JsonRejection;
@@ -38,6 +44,10 @@ pub(crate) fn routes() -> Router<Shared> {
     Router::new()
         .route("/v1/join", axum::routing::post(join))
         .route("/v1/renew", axum::routing::post(renew))
+        .route(
+            "/v1/instance-certificates",
+            axum::routing::post(instance_certificate),
+        )
 }
 
 fn unavailable_issuer() -> ApiError {
@@ -197,5 +207,36 @@ pub(crate) async fn renew(
     };
     let issued = issue(issuer, id.clone(), request.csr, request.hosts).await?;
     tracing::info!(identity = %issued.identity, "a node renewed its certificate");
+    Ok(Json(issued))
+}
+
+/// A certificate for an instance an agent runs: in the agent's workspace
+/// and zone, with the role `sdk`, named as the agent says.
+#[utoipa::path(post, path = "/v1/instance-certificates", request_body = InstanceCertificateRequest,
+    responses((status = 200, body = IssuedCertificate), (status = 400, body = atoll_api::rest::ErrorBody),
+        (status = 403, body = atoll_api::rest::ErrorBody, description = "The caller is not an agent's certificate")))]
+pub(crate) async fn instance_certificate(
+    State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<InstanceCertificateRequest>, JsonRejection>,
+) -> ApiResult<IssuedCertificate> {
+    let Json(request) = body?;
+    let issuer = control.issuer.as_ref().ok_or_else(unavailable_issuer)?;
+    let agent = match &caller.principal {
+        Principal::Node(id) if id.role == Role::Agent => id,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Forbidden,
+                format!(
+                    "only an agent's certificate asks certificates for instances, and {other} is not one"
+                ),
+            ));
+        }
+    };
+    let id = AtollId::new(&agent.workspace, Role::Sdk, &agent.zone, &request.name)
+        .map_err(|e| ApiError::bad_request(format!("name `{}`: {e}", request.name)))?;
+    let issued = issue(issuer, id, request.csr, Vec::new()).await?;
+    tracing::info!(identity = %issued.identity, agent = %agent, "an agent's instance got a certificate");
     Ok(Json(issued))
 }

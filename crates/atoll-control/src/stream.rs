@@ -354,10 +354,14 @@ impl ConfigStream for ConfigStreamService {
         let (sender, receiver) = mpsc::channel(4);
         let session = Session {
             service: self.clone(),
-            workspace: if node.workspace.is_empty() {
-                atoll_model::DEFAULT_WORKSPACE.to_owned()
-            } else {
-                node.workspace
+            audience: Audience {
+                workspace: if node.workspace.is_empty() {
+                    atoll_model::DEFAULT_WORKSPACE.to_owned()
+                } else {
+                    node.workspace
+                },
+                role: identity.role.clone(),
+                zone: identity.zone.clone(),
             },
             name: identity.name,
             connection,
@@ -431,9 +435,8 @@ impl ConfigStreamService {
 
 struct Session {
     service: ConfigStreamService,
-    /// The node's workspace: it receives the fleet's resources and this
-    /// workspace's.
-    workspace: String,
+    /// What the node receives.
+    audience: Audience,
     name: String,
     connection: u64,
     sender: mpsc::Sender<Result<ConfigUpdate, Status>>,
@@ -468,7 +471,7 @@ impl Session {
                     let update = build_update(
                         last_sent.as_deref(),
                         &current,
-                        &self.workspace,
+                        &self.audience,
                         nonce.clone(),
                     );
                     let size = prost::Message::encoded_len(&update);
@@ -596,21 +599,62 @@ fn wire(resource: &crate::state::WireResource) -> Resource {
     }
 }
 
-/// Whether a node of `workspace` receives this resource: the fleet's and
-/// its workspace's, but not the control plane's own records (Switchovers),
-/// which only change what nodes run through the shard map.
-fn for_nodes(key: &atoll_model::ResourceKey, workspace: &str) -> bool {
-    key.kind != atoll_model::Kind::Switchover
-        && (key.workspace.is_empty() || key.workspace == workspace)
+/// Who receives a stream's updates: a node of a workspace, role and zone
+/// (from its certificate when it has one). It receives what its work needs
+/// and no more: the fleet's resources and its workspace's, without the
+/// control plane's own records (Switchovers, which change what nodes run
+/// only through the shard map) and without Apps (their commands and
+/// environments) unless it is the agent of a zone the App runs in.
+#[derive(Clone, Debug)]
+pub(crate) struct Audience {
+    pub(crate) workspace: String,
+    pub(crate) role: String,
+    pub(crate) zone: String,
+}
+
+impl Audience {
+    /// Whether the node receives `key` as `state` has it (not at all when
+    /// `state` has no such resource).
+    fn receives(&self, state: &ConfigState, key: &atoll_model::ResourceKey) -> bool {
+        let Some(resource) = state.resources.get(key) else {
+            return false;
+        };
+        if key.kind == atoll_model::Kind::Switchover
+            || !(key.workspace.is_empty() || key.workspace == self.workspace)
+        {
+            return false;
+        }
+        if key.kind != atoll_model::Kind::App {
+            return true;
+        }
+        if self.role != "agent" || self.zone.is_empty() {
+            return false;
+        }
+        let atoll_model::Spec::App(app) = &resource.resource.spec else {
+            return false;
+        };
+        app.cells.iter().any(|cell| {
+            let cell = atoll_model::ResourceKey {
+                kind: atoll_model::Kind::Cell,
+                workspace: key.workspace.clone(),
+                name: cell.clone(),
+            };
+            state.resources.get(&cell).is_some_and(
+                |r| matches!(&r.resource.spec, atoll_model::Spec::Cell(c) if c.zone == self.zone),
+            )
+        })
+    }
 }
 
 /// A snapshot when nothing was sent yet, else the delta from `previous`,
-/// of what a node of `workspace` receives. Every revision is sent, also
-/// one that changed nothing the node receives: barriers count versions.
+/// of what `audience` receives. Every revision is sent, also one that
+/// changed nothing the node receives: barriers count versions. A resource
+/// the node stops receiving (an App whose cells left its zone) is removed
+/// from it, one it starts receiving is sent whole.
 pub(crate) fn build_update(
     previous: Option<&ConfigState>,
     current: &ConfigState,
-    workspace: &str,
+    audience: &Audience,
     nonce: String,
 ) -> ConfigUpdate {
     match previous {
@@ -622,7 +666,7 @@ pub(crate) fn build_update(
             resources: current
                 .resources
                 .values()
-                .filter(|r| for_nodes(&r.key, workspace))
+                .filter(|r| audience.receives(current, &r.key))
                 .map(|r| wire(r))
                 .collect(),
             removed: Vec::new(),
@@ -632,18 +676,18 @@ pub(crate) fn build_update(
                 .resources
                 .iter()
                 .filter(|(key, resource)| {
-                    for_nodes(key, workspace)
-                        && previous
-                            .resources
-                            .get(*key)
-                            .is_none_or(|old| old.resource_version != resource.resource_version)
+                    audience.receives(current, key)
+                        && (!audience.receives(previous, key)
+                            || previous.resources.get(*key).is_none_or(|old| {
+                                old.resource_version != resource.resource_version
+                            }))
                 })
                 .map(|(_, r)| wire(r))
                 .collect();
             let removed = previous
                 .resources
                 .keys()
-                .filter(|key| for_nodes(key, workspace) && !current.resources.contains_key(*key))
+                .filter(|key| audience.receives(previous, key) && !audience.receives(current, key))
                 .map(|key| ResourceKey {
                     kind: key.kind.as_str().to_owned(),
                     name: key.name.clone(),

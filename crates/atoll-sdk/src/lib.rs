@@ -50,15 +50,37 @@ pub struct Identity {
     pub cache: Option<PathBuf>,
     /// How to reach the control plane (TLS material for `https://` URLs).
     pub transport: atoll_transport::Transport,
+    /// The files `transport`'s TLS material came from, followed while the
+    /// instance runs (its agent renews the certificate in them).
+    pub tls_files: atoll_transport::TlsFiles,
 }
 
 impl Identity {
     /// Reads `ATOLL_CONTROL`, `ATOLL_INSTANCE`, `ATOLL_CELL`, `ATOLL_ZONE`,
-    /// `ATOLL_SERVICE` and `ATOLL_DATA_DIR` (for the cache).
+    /// `ATOLL_SERVICE`, `ATOLL_DATA_DIR` (for the cache) and, for a control
+    /// plane that serves TLS, `ATOLL_CA`, `ATOLL_CERT` and `ATOLL_KEY` (the
+    /// files the agent wrote for this instance).
     pub fn from_env() -> Result<Self, String> {
         let var = |name: &str| {
             std::env::var(name)
                 .map_err(|_| format!("{name} is not set; run this under an Atoll agent or set it"))
+        };
+        let file = |name: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        let tls_files = atoll_transport::TlsFiles {
+            ca: file("ATOLL_CA"),
+            cert: file("ATOLL_CERT"),
+            key: file("ATOLL_KEY"),
+        };
+        let transport = match tls_files
+            .client()
+            .map_err(|e| format!("ATOLL_CA, ATOLL_CERT, ATOLL_KEY: {e}"))?
+        {
+            Some(tls) => atoll_transport::Transport::with_tls(tls),
+            None => atoll_transport::Transport::plain(),
         };
         Ok(Self {
             control: var("ATOLL_CONTROL")?,
@@ -73,7 +95,8 @@ impl Identity {
                     var("ATOLL_INSTANCE").unwrap_or_default()
                 ))
             }),
-            transport: atoll_transport::Transport::plain(),
+            transport,
+            tls_files,
         })
     }
 }
@@ -571,6 +594,9 @@ impl Cell {
         shutdown: watch::Receiver<bool>,
         ownership: Arc<dyn Ownership>,
     ) -> Cell {
+        identity
+            .tls_files
+            .follow(identity.transport.tls().cloned(), None);
         let view = Arc::new(ArcSwapOption::empty());
         let gate = Arc::new(RwLock::new(()));
         let (changed, receiver) = watch::channel(0);

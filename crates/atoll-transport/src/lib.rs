@@ -14,6 +14,7 @@
 //! A client is set up with a [`Transport`]: the TLS material (if any) and
 //! the connection timeouts, shared by its REST client and its channels.
 
+mod files;
 mod grpc;
 mod http;
 mod rest;
@@ -23,6 +24,7 @@ mod urls;
 
 use std::time::Duration;
 
+pub use files::TlsFiles;
 pub use grpc::{ChannelOptions, Channels};
 pub use http::{HttpClient, HttpError, HttpRequest, HttpResponse};
 pub use rest::{RestClient, RestError, RestResponse, RestStream, USER_HEADER};

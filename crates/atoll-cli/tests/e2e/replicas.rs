@@ -533,8 +533,9 @@ async fn deposit(http: &reqwest::Client, gateway: &str, key: &str) -> (u16, Stri
 }
 
 fn apply_region(sandbox: &crate::up::Sandbox, name: &str) -> std::process::Output {
-    std::process::Command::new(crate::harness::ATOLL)
-        .args(["--control", &sandbox.control(), "apply", "-f", "-"])
+    sandbox
+        .cli()
+        .args(["apply", "-f", "-"])
         .env_remove("ATOLL_CONTROL")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -633,8 +634,8 @@ async fn the_replicated_sandbox_rides_out_the_loss_of_etcd_members() {
 
 /// `atoll ARGS` against the sandbox, its stdout as JSON.
 fn run_json(sandbox: &crate::up::Sandbox, args: &[&str]) -> Value {
-    let output = std::process::Command::new(crate::harness::ATOLL)
-        .args(["--control", &sandbox.control()])
+    let output = sandbox
+        .cli()
         .args(args)
         .env_remove("ATOLL_CONTROL")
         .output()

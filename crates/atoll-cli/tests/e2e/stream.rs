@@ -22,11 +22,23 @@ impl Node {
         Self::connect_in(url, name, role, "", applied).await
     }
 
-    /// A node of `workspace` (empty: the default one).
+    /// A node of `workspace` (empty: the default one) in hz-a.
     pub(crate) async fn connect_in(
         url: &str,
         name: &str,
         role: &str,
+        workspace: &str,
+        applied: u64,
+    ) -> Node {
+        Self::connect_as(url, name, role, "hz-a", workspace, applied).await
+    }
+
+    /// A node of a role in a zone and a workspace.
+    pub(crate) async fn connect_as(
+        url: &str,
+        name: &str,
+        role: &str,
+        zone: &str,
         workspace: &str,
         applied: u64,
     ) -> Node {
@@ -40,7 +52,7 @@ impl Node {
                     node: Some(NodeIdentity {
                         name: name.into(),
                         role: role.into(),
-                        zone: "hz-a".into(),
+                        zone: zone.into(),
                         cell: String::new(),
                         workspace: workspace.into(),
                     }),
@@ -559,4 +571,79 @@ async fn regression_a_config_past_grpcs_default_limit_reaches_nodes_and_one_that
     );
     let _ = stop.send(true);
     let _ = following.await;
+}
+
+/// The Apps in an update, by name.
+fn apps(update: &ConfigUpdate) -> Vec<String> {
+    update
+        .resources
+        .iter()
+        .filter(|r| r.kind == "App")
+        .map(|r| r.name.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_node_receives_what_its_role_and_zone_need_and_no_app_it_does_not_run() {
+    let control = Control::start();
+    atoll(&control, &["apply", "-f", examples().to_str().unwrap()])
+        .await
+        .success();
+    let app = |name: &str, cell: &str| {
+        format!(
+            "apiVersion: atoll/v1\nkind: App\nmetadata: {{name: {name}}}\nspec: {{service: bank, cells: [{cell}], command: [/bin/echo, secret-of-{name}], env: {{TOKEN: t-{name}}}}}\n"
+        )
+    };
+    let both = format!(
+        "{}---\n{}",
+        app("ledger-a", "rz01"),
+        app("ledger-sh", "rz03")
+    );
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(&both))
+        .success();
+
+    // The agent of hz-a receives the App it runs (rz01 is in hz-a), not the
+    // one of sh-a; a gateway of hz-a and one of sh-a receive no App at all,
+    // and everything routing needs.
+    let mut agent = Node::connect_as(&control.url, "agent-hz-a", "agent", "hz-a", "", 0).await;
+    let snapshot = agent.next().await;
+    assert_eq!(apps(&snapshot), vec!["ledger-a".to_owned()]);
+    for (name, zone) in [("gw-hz-a", "hz-a"), ("gw-sh-a", "sh-a")] {
+        let mut gateway = Node::connect_as(&control.url, name, "gateway", zone, "", 0).await;
+        let snapshot = gateway.next().await;
+        assert!(apps(&snapshot).is_empty(), "{name}: {:?}", apps(&snapshot));
+        let kinds: std::collections::BTreeSet<&str> =
+            snapshot.resources.iter().map(|r| r.kind.as_str()).collect();
+        for needed in ["ShardMap", "Service", "Cell", "Zone", "Gateway"] {
+            assert!(kinds.contains(needed), "{name} lacks {needed}: {kinds:?}");
+        }
+        assert!(
+            !snapshot
+                .resources
+                .iter()
+                .any(|r| String::from_utf8_lossy(&r.json).contains("secret-of-")),
+            "{name} received an App's command"
+        );
+    }
+
+    // An App that moves into hz-a reaches its agent whole; one that moves out
+    // is removed from it.
+    let moved = format!(
+        "{}---\n{}",
+        app("ledger-a", "rz03"),
+        app("ledger-sh", "rz01")
+    );
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(&moved))
+        .success();
+    let update = agent.next().await;
+    assert!(!update.snapshot);
+    assert_eq!(apps(&update), vec!["ledger-sh".to_owned()]);
+    let removed: Vec<(&str, &str)> = update
+        .removed
+        .iter()
+        .map(|r| (r.kind.as_str(), r.name.as_str()))
+        .collect();
+    assert_eq!(removed, vec![("App", "ledger-a")]);
 }

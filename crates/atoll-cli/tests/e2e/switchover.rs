@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::ATOLL;
 use crate::up::Sandbox;
 
 /// Runs `atoll drill ARGS -o json` against the sandbox; its report.
 pub(crate) fn drill(sandbox: &Sandbox, args: &[&str]) -> Value {
-    let output = Command::new(ATOLL)
-        .args(["--control", &sandbox.control(), "drill"])
+    let output = sandbox
+        .cli()
+        .arg("drill")
         .args(args)
         .arg("--state-dir")
         .arg(sandbox.state.path())

@@ -131,7 +131,64 @@ impl Sandbox {
         self.up["control"].as_str().expect("control").to_owned()
     }
 
+    /// The sandbox's CA bundle and admin token (none: `--insecure`).
+    pub(crate) fn credentials(&self) -> Option<(String, String)> {
+        let ca = self.up["ca"].as_str()?.to_owned();
+        let token = std::fs::read_to_string(self.up["adminTokenFile"].as_str()?)
+            .expect("the sandbox's admin token");
+        Some((ca, token.trim().to_owned()))
+    }
+
+    /// `atoll --control <the sandbox> ...` with the sandbox's CA and admin
+    /// token, as a user given them would run it.
+    pub(crate) fn cli(&self) -> Command {
+        let mut command = Command::new(ATOLL);
+        command.args(["--control", &self.control()]);
+        command.env_remove("ATOLL_CA").env_remove("ATOLL_TOKEN");
+        if let Some((ca, token)) = self.credentials() {
+            command.env("ATOLL_CA", ca).env("ATOLL_TOKEN", token);
+        }
+        command
+    }
+
+    /// [`Sandbox::cli`] for tokio.
+    pub(crate) fn cli_async(&self) -> tokio::process::Command {
+        tokio::process::Command::from(self.cli())
+    }
+
+    /// A REST client of the sandbox's control plane as its admin.
+    pub(crate) fn control_client(&self) -> atoll_transport::RestClient {
+        let urls = atoll_transport::ControlUrls::parse(&self.control()).expect("control URLs");
+        match self.credentials() {
+            Some((ca, token)) => {
+                let tls = atoll_transport::TlsFiles {
+                    ca: Some(ca.into()),
+                    ..atoll_transport::TlsFiles::default()
+                }
+                .client()
+                .expect("the sandbox's CA")
+                .expect("TLS");
+                atoll_transport::Transport::with_tls(tls)
+                    .rest(urls, Some(Duration::from_secs(10)))
+                    .with_token(&token)
+                    .expect("token")
+            }
+            None => atoll_transport::Transport::plain().rest(urls, Some(Duration::from_secs(10))),
+        }
+    }
+
     async fn get(&self, url: &str) -> (u16, Value) {
+        if let Some(path) = url.strip_prefix(&self.control()) {
+            let answer = self
+                .control_client()
+                .send(reqwest::Method::GET, path, None)
+                .await
+                .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+            return (
+                answer.status.as_u16(),
+                serde_json::from_slice(&answer.body).unwrap_or(Value::Null),
+            );
+        }
         let response = self
             .http
             .get(url)
@@ -372,8 +429,9 @@ async fn the_sandbox_serves_users_in_their_cells_heals_and_stops_cleanly() {
     for cell in cells["items"].as_array().expect("cells") {
         assert_eq!(cell["status"]["health"], json!("Healthy"), "{cell}");
     }
-    let table = Command::new(ATOLL)
-        .args(["--control", &sandbox.control(), "get", "cells"])
+    let table = sandbox
+        .cli()
+        .args(["get", "cells"])
         .output()
         .expect("atoll get cells");
     let table = String::from_utf8_lossy(&table.stdout);
@@ -745,10 +803,9 @@ async fn the_sandbox_serves_users_in_their_cells_heals_and_stops_cleanly() {
 async fn money_is_conserved_over_a_sixty_second_mixed_workload() {
     let sandbox = Sandbox::start();
     let history = sandbox.state.path().join("history.jsonl");
-    let output = tokio::process::Command::new(ATOLL)
+    let output = sandbox
+        .cli_async()
         .args([
-            "--control",
-            &sandbox.control(),
             "load",
             "--duration",
             "60s",

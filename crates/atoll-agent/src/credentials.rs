@@ -1,0 +1,158 @@
+//! Certificates for the instances an agent runs, when the control plane
+//! serves TLS: the agent makes each instance a key, asks the control plane
+//! to certify it (`POST /v1/instance-certificates`, with the agent's own
+//! certificate on the connection, so the identity is
+//! `atoll://<workspace>/sdk/<the agent's zone>/<instance>`), and writes the
+//! key (0600), the chain and the CA into the instance's own folder, named
+//! by `ATOLL_KEY`, `ATOLL_CERT` and `ATOLL_CA`. It renews them with a third
+//! of their life left; the instance (the SDK) rereads the files, so it
+//! keeps running and keeps its connections.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+
+use atoll_api::rest::{InstanceCertificateRequest, IssuedCertificate};
+use atoll_identity::{AtollId, Role};
+use parking_lot::Mutex;
+use time::OffsetDateTime;
+
+/// The certificates of one agent's instances.
+#[derive(Debug)]
+pub(crate) struct Credentials {
+    rest: atoll_transport::RestClient,
+    dir: PathBuf,
+    /// When each instance's certificate began and ends (read from its file
+    /// once, then kept).
+    validity: Mutex<HashMap<String, (OffsetDateTime, OffsetDateTime)>>,
+}
+
+/// Whether a certificate valid from `from` to `until` is due for renewal:
+/// a third of its life or less is left.
+pub(crate) fn due(from: OffsetDateTime, until: OffsetDateTime, now: OffsetDateTime) -> bool {
+    now >= until - (until - from) / 3
+}
+
+fn write(path: &Path, text: &str, private: bool) -> Result<(), String> {
+    let temporary = path.with_extension("new");
+    let _ = std::fs::remove_file(&temporary);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    if private {
+        options.mode(0o600);
+    }
+    options
+        .open(&temporary)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .and_then(|()| std::fs::rename(&temporary, path))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+impl Credentials {
+    /// Credentials for instances, if the agent itself connects with a
+    /// certificate (else instances connect as the agent does: plain, or
+    /// TLS without a certificate, which a TLS control plane refuses).
+    pub(crate) fn new(options: &crate::AgentOptions) -> Option<Self> {
+        if !options
+            .transport
+            .tls()
+            .is_some_and(atoll_transport::ClientTls::has_identity)
+        {
+            return None;
+        }
+        let urls = atoll_transport::ControlUrls::parse(&options.control).ok()?;
+        Some(Self {
+            rest: options
+                .transport
+                .rest(urls, Some(std::time::Duration::from_secs(10))),
+            dir: options.state_dir.join("credentials"),
+            validity: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The files of `instance`, as its environment names them.
+    pub(crate) fn files(&self, instance: &str) -> atoll_transport::TlsFiles {
+        let dir = self.dir.join(instance);
+        atoll_transport::TlsFiles {
+            ca: Some(dir.join("ca.pem")),
+            cert: Some(dir.join("cert.pem")),
+            key: Some(dir.join("key.pem")),
+        }
+    }
+
+    /// Makes sure `instance` has a certificate with more than a third of its
+    /// life left: issues one when it has none or it is due.
+    pub(crate) async fn ensure(&self, instance: &str) -> Result<(), String> {
+        let files = self.files(instance);
+        let (Some(cert), Some(key), Some(ca)) = (&files.cert, &files.key, &files.ca) else {
+            return Ok(());
+        };
+        let now = OffsetDateTime::now_utc();
+        let known = self.validity.lock().get(instance).copied();
+        let validity = match known {
+            Some(validity) => Some(validity),
+            None => std::fs::read_to_string(cert)
+                .ok()
+                .filter(|_| key.exists() && ca.exists())
+                .and_then(|pem| atoll_identity::validity_of_pem(&pem).ok()),
+        };
+        if let Some((from, until)) = validity
+            && !due(from, until, now)
+        {
+            self.validity
+                .lock()
+                .insert(instance.to_owned(), (from, until));
+            return Ok(());
+        }
+        // The request's subject is not used (the control plane names the
+        // instance from the agent's certificate and `name`).
+        let placeholder = AtollId::new("default", Role::Sdk, atoll_identity::NO_ZONE, instance)
+            .map_err(|e| format!("instance name `{instance}`: {e}"))?;
+        let (key_pem, csr) =
+            atoll_identity::key_and_request(&placeholder).map_err(|e| e.to_string())?;
+        let issued: IssuedCertificate = self
+            .rest
+            .post(
+                "/v1/instance-certificates",
+                &InstanceCertificateRequest {
+                    name: instance.to_owned(),
+                    csr,
+                },
+            )
+            .await
+            .map_err(|e| format!("the control plane did not certify {instance}: {e}"))?;
+        let dir = self.dir.join(instance);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        // The key first: a crash between leaves a new key beside the old
+        // certificate, refused at once, not a certificate without its key.
+        write(key, &key_pem, true)?;
+        write(cert, &issued.chain, false)?;
+        write(ca, &issued.trust, false)?;
+        let validity = atoll_identity::validity_of_pem(&issued.chain).map_err(|e| e.to_string())?;
+        self.validity.lock().insert(instance.to_owned(), validity);
+        tracing::info!(instance, identity = %issued.identity, expires = %issued.expires, "instance certificate issued");
+        Ok(())
+    }
+
+    /// Forgets an instance that is no longer run, with its files.
+    pub(crate) fn forget(&self, instance: &str) {
+        self.validity.lock().remove(instance);
+        let _ = std::fs::remove_dir_all(self.dir.join(instance));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificate_is_due_with_a_third_of_its_life_left() {
+        let from = OffsetDateTime::UNIX_EPOCH;
+        let until = from + time::Duration::hours(24);
+        assert!(!due(from, until, from + time::Duration::hours(15)));
+        assert!(due(from, until, from + time::Duration::hours(16)));
+        assert!(due(from, until, until + time::Duration::hours(1)));
+    }
+}
