@@ -29,9 +29,11 @@ pub(crate) struct Credentials {
 }
 
 /// Whether a certificate valid from `from` to `until` is due for renewal:
-/// a third of its life or less is left.
+/// a third of its life or less is left, or 2 s (the instance rereads its
+/// files every second; a certificate of a few seconds is for drills).
 pub(crate) fn due(from: OffsetDateTime, until: OffsetDateTime, now: OffsetDateTime) -> bool {
-    now >= until - (until - from) / 3
+    let margin: time::Duration = (until - from) / 3_i32;
+    now >= until - margin.max(time::Duration::seconds(2))
 }
 
 fn write(path: &Path, text: &str, private: bool) -> Result<(), String> {
@@ -154,5 +156,8 @@ mod tests {
         assert!(!due(from, until, from + time::Duration::hours(15)));
         assert!(due(from, until, from + time::Duration::hours(16)));
         assert!(due(from, until, until + time::Duration::hours(1)));
+        let short = from + time::Duration::seconds(4);
+        assert!(!due(from, short, from + time::Duration::milliseconds(1900)));
+        assert!(due(from, short, from + time::Duration::seconds(2)));
     }
 }

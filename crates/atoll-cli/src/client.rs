@@ -326,6 +326,11 @@ impl Client {
         self
     }
 
+    /// How this client reaches the control plane.
+    pub(crate) fn transport(&self) -> &atoll_transport::Transport {
+        &self.transport
+    }
+
     /// The workspace given with `--workspace`, if any.
     pub(crate) fn workspace(&self) -> Option<String> {
         self.workspace.clone()

@@ -58,7 +58,7 @@ pub(crate) fn key_and_csr(name: &str) -> Result<(String, String), CliError> {
 }
 
 /// Writes a file by a rename, so that a process reading it (every node
-/// rereads its certificate every 2 s) never sees half of it.
+/// rereads its certificate every second) never sees half of it.
 fn replace(path: &Path, text: &str, private: bool) -> Result<(), CliError> {
     let temporary = path.with_extension("new");
     if private {
@@ -214,14 +214,26 @@ pub(crate) fn renew_in_background(client: Client, cert: PathBuf, key: PathBuf) {
                     )
                     .await?;
                 write_issued(&key, &cert, None, &key_pem, &renewed)?;
+                // Used at once for new connections, not at the files' next
+                // check: a short-lived certificate has little time left.
+                if let Some(tls) = client.transport().tls() {
+                    match atoll_transport::Identity::from_pem(
+                        renewed.chain.as_bytes(),
+                        key_pem.as_bytes(),
+                        "the renewed certificate",
+                    ) {
+                        Ok(identity) => tls.set_identity(&identity),
+                        Err(error) => tracing::warn!(%error, "cannot use the renewed certificate"),
+                    }
+                }
                 Ok::<_, CliError>(renewed)
             }
             .await;
             match result {
                 Ok(renewed) => {
                     tracing::info!(identity = %renewed.identity, expires = %renewed.expires, "renewed the certificate");
-                    // Let the transport pick the files up before looking again.
-                    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+                    // A moment before looking again (the files are read back).
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 }
                 Err(error) if error.message.contains("does not issue certificates") => {
                     tracing::warn!(error = %error.message, expires = %expires, "the control plane does not renew certificates; renew this one by hand (`atoll renew`) before it expires");

@@ -104,11 +104,109 @@ fn identity_problem(name: &str) -> Option<&'static str> {
     }
 }
 
+/// The service's paths, as the audit chain records them.
+const RENEW_LEASE: &str = "/atoll.config.v1.ConfigStream/RenewLease";
+const REPORT_ENDPOINTS: &str = "/atoll.config.v1.ConfigStream/ReportEndpoints";
+const SUBSCRIBE: &str = "/atoll.config.v1.ConfigStream/Subscribe";
+
+/// Who called, for the audit chain: the certificate's identity, or nobody.
+/// None for a call another replica passed on: that replica records it.
+fn caller_of<T>(request: &Request<T>) -> Option<crate::access::Caller> {
+    if request.metadata().contains_key(FORWARDED) {
+        return None;
+    }
+    let remote = request
+        .extensions()
+        .get::<atoll_transport::Peer>()
+        .map(|peer| peer.remote)
+        .or_else(|| request.remote_addr());
+    Some(match crate::peer::certified(request).ok().flatten() {
+        Some(id) => crate::access::Caller {
+            credential: format!("certificate {id}"),
+            principal: atoll_access::Principal::Node(id),
+            remote,
+        },
+        None => crate::access::Caller {
+            principal: atoll_access::Principal::Anonymous,
+            credential: "none".to_owned(),
+            remote,
+        },
+    })
+}
+
+/// Every call of the service goes through the checks below; a refusal
+/// (unauthenticated, permission denied) is recorded in the audit chain, as
+/// the REST API's 401s and 403s are.
 #[tonic::async_trait]
 impl ConfigStream for ConfigStreamService {
     type SubscribeStream = ReceiverStream<Result<ConfigUpdate, Status>>;
 
     async fn renew_lease(
+        &self,
+        request: Request<atoll_api::config::LeaseRequest>,
+    ) -> Result<Response<atoll_api::config::LeaseGrant>, Status> {
+        let caller = caller_of(&request);
+        let answer = self.answer_renew_lease(request).await;
+        self.record_refusal(caller.as_ref(), RENEW_LEASE, answer.as_ref().err())
+            .await;
+        answer
+    }
+
+    async fn report_endpoints(
+        &self,
+        request: Request<atoll_api::config::EndpointsReport>,
+    ) -> Result<Response<atoll_api::config::EndpointsAnswer>, Status> {
+        let caller = caller_of(&request);
+        let answer = self.answer_report_endpoints(request).await;
+        self.record_refusal(caller.as_ref(), REPORT_ENDPOINTS, answer.as_ref().err())
+            .await;
+        answer
+    }
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<NodeMessage>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = caller_of(&request);
+        let answer = self.answer_subscribe(request).await;
+        self.record_refusal(caller.as_ref(), SUBSCRIBE, answer.as_ref().err())
+            .await;
+        answer
+    }
+}
+
+impl ConfigStreamService {
+    /// Records a refusal in the audit chain; other outcomes are not (lease
+    /// renewals come every few hundred milliseconds from every instance).
+    async fn record_refusal(
+        &self,
+        caller: Option<&crate::access::Caller>,
+        path: &str,
+        error: Option<&Status>,
+    ) {
+        let (Some(caller), Some(error)) = (caller, error) else {
+            return;
+        };
+        let (status, outcome) = match error.code() {
+            tonic::Code::Unauthenticated => {
+                (axum::http::StatusCode::UNAUTHORIZED, "unauthenticated")
+            }
+            tonic::Code::PermissionDenied => (axum::http::StatusCode::FORBIDDEN, "forbidden"),
+            _ => return,
+        };
+        self.control
+            .record(crate::audit::Call {
+                caller,
+                method: &axum::http::Method::POST,
+                path,
+                status,
+                outcome: outcome.to_owned(),
+                detail: error.message().to_owned(),
+            })
+            .await;
+    }
+
+    async fn answer_renew_lease(
         &self,
         request: Request<atoll_api::config::LeaseRequest>,
     ) -> Result<Response<atoll_api::config::LeaseGrant>, Status> {
@@ -209,7 +307,7 @@ impl ConfigStream for ConfigStreamService {
         Ok(Response::new(grant))
     }
 
-    async fn report_endpoints(
+    async fn answer_report_endpoints(
         &self,
         request: Request<atoll_api::config::EndpointsReport>,
     ) -> Result<Response<atoll_api::config::EndpointsAnswer>, Status> {
@@ -300,11 +398,16 @@ impl ConfigStream for ConfigStreamService {
         }))
     }
 
-    async fn subscribe(
+    async fn answer_subscribe(
         &self,
         request: Request<Streaming<NodeMessage>>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
-        let peer = request.remote_addr().map(|a| a.to_string());
+    ) -> Result<Response<ReceiverStream<Result<ConfigUpdate, Status>>>, Status> {
+        let peer = request
+            .extensions()
+            .get::<atoll_transport::Peer>()
+            .map(|peer| peer.remote)
+            .or_else(|| request.remote_addr())
+            .map(|a| a.to_string());
         let verified = over_tls(&request);
         let caller = crate::peer::certified(&request)?;
         let mut inbound = request.into_inner();

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use crate::tls::{ClientTls, Identity, ServerTls, TlsError, Trust};
 
 /// How often the files are checked for a change.
-const RELOAD_EVERY: Duration = Duration::from_secs(2);
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 /// The files of one process's TLS material.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

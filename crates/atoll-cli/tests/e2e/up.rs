@@ -1318,3 +1318,273 @@ async fn regression_a_first_time_user_drills_without_flags_and_is_never_silently
         String::from_utf8_lossy(&again.stderr)
     );
 }
+
+/// How many lines of a sandbox log contain every one of `words`.
+fn lines_with(sandbox: &Sandbox, log: &str, words: &[&str]) -> usize {
+    std::fs::read_to_string(sandbox.state.path().join("logs").join(log))
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| words.iter().all(|w| line.contains(w)))
+        .count()
+}
+
+/// Issue 11, "Certificate rotation under load": with 4-second certificates
+/// a gateway and an agent renew theirs 20 times and more during a 60 s
+/// `atoll load` run (the bank's instances theirs too, from their agent),
+/// and no request fails and no config stream drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_renewed_twenty_times_under_load_fail_no_request_and_drop_no_stream() {
+    let sandbox = Sandbox::start_with(&["--node-cert-lifetime", "4s"]);
+    let output = sandbox
+        .cli_async()
+        .args([
+            "load",
+            "--duration",
+            "60s",
+            "--concurrency",
+            "4",
+            "--users",
+            "200",
+            "-o",
+            "json",
+        ])
+        .env_remove("ATOLL_CONTROL")
+        .output()
+        .await
+        .expect("atoll load");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let summary: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("summary is JSON ({e}): {stderr}"));
+    assert!(output.status.success(), "{summary}\n{stderr}");
+    assert_eq!(summary["failed"], json!(0), "{summary}");
+    assert!(
+        summary["requests"].as_u64().expect("requests") > 1000,
+        "{summary}"
+    );
+    for (log, node) in [
+        ("gateway-hz-a.log", "gw-hz-a"),
+        ("agent-hz-a.log", "agent-hz-a"),
+    ] {
+        let renewed = lines_with(&sandbox, log, &["renewed the certificate"]);
+        eprintln!("{node}: renewed {renewed} times in {}", summary["seconds"]);
+        assert!(renewed >= 20, "{node} renewed {renewed} times");
+        let connected = lines_with(
+            &sandbox,
+            "control.log",
+            &["node connected", &format!("node={node} ")],
+        );
+        assert_eq!(
+            connected, 1,
+            "{node}'s config stream connected {connected} times"
+        );
+    }
+    // The agent renewed its instances' certificates as well, and they kept
+    // their streams too.
+    let issued = lines_with(&sandbox, "agent-hz-a.log", &["instance certificate issued"]);
+    eprintln!(
+        "hz-a instance certificates issued: {issued}; {} requests, {} failed",
+        summary["requests"], summary["failed"]
+    );
+    assert!(
+        issued >= 20,
+        "instance certificates issued in hz-a: {issued}"
+    );
+    let instance = lines_with(
+        &sandbox,
+        "control.log",
+        &["node connected", "node=bank-rz01-0 "],
+    );
+    assert_eq!(instance, 1, "bank-rz01-0 connected {instance} times");
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Issue 11, "What an adversarial run did on 2026-12-02 with no
+/// credentials": against the sandbox as `atoll up` starts it, applying an
+/// App (whose command an agent would run), replacing a Service's
+/// endpoints, renewing a cell's lease from a made-up node and following
+/// the config stream as a gateway of another zone are each refused, and
+/// each refusal is in the audit chain; nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_refuses_and_audits_what_an_attacker_without_credentials_did() {
+    let sandbox = Sandbox::start();
+    let state = sandbox.state.path();
+    // Its secrets are its own.
+    assert_eq!(mode(state), 0o700);
+    assert_eq!(mode(&state.join("admin.token")), 0o600);
+    assert_eq!(mode(&state.join("pki")), 0o700);
+    assert_eq!(mode(&state.join("pki/root.key")), 0o600);
+    assert_eq!(mode(&state.join("pki/gateway-gw-hz-a.key")), 0o600);
+    assert_eq!(
+        mode(&state.join("agents/hz-a/credentials/bank-rz01-0/key.pem")),
+        0o600
+    );
+    let (ca, _) = sandbox.credentials().expect("secure by default");
+    let control = sandbox.control();
+    assert!(control.starts_with("https://"), "{control}");
+    let (_, before) = sandbox.get(&format!("{control}/v1/status")).await;
+
+    // Plain HTTP is not served on the control plane's port.
+    let plain = control.replacen("https://", "http://", 1);
+    let answer = reqwest::Client::new()
+        .get(format!("{plain}/v1/resources/cells"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(
+        answer.as_ref().map_or(true, |r| !r.status().is_success()),
+        "{answer:?}"
+    );
+
+    // Trusting the CA, but with no credential at all.
+    let tls = atoll_transport::TlsFiles {
+        ca: Some(ca.clone().into()),
+        ..atoll_transport::TlsFiles::default()
+    }
+    .client()
+    .expect("CA")
+    .expect("TLS");
+    let transport = atoll_transport::Transport::with_tls(tls);
+    let anonymous = transport.rest(
+        atoll_transport::ControlUrls::parse(&control).expect("url"),
+        Some(Duration::from_secs(10)),
+    );
+    let apply = |manifest: &str| atoll_api::rest::ApplyRequest {
+        manifests: vec![atoll_api::rest::ManifestFile {
+            source: "attacker.yaml".into(),
+            content: manifest.into(),
+        }],
+        ..atoll_api::rest::ApplyRequest::default()
+    };
+    let app = "apiVersion: atoll/v1\nkind: App\nmetadata: {name: pwn}\nspec: {service: bank, cells: [rz01], command: [/bin/sh, -c, 'id > /tmp/atoll-pwned']}\n";
+    let endpoints = "apiVersion: atoll/v1\nkind: Endpoints\nmetadata: {name: bank-hz-a}\nspec: {service: bank, zone: hz-a, endpoints: [{address: '203.0.113.9:80', cell: rz01}]}\n";
+    for manifest in [app, endpoints] {
+        let body = serde_json::to_vec(&apply(manifest)).expect("json");
+        let answer = anonymous
+            .send(reqwest::Method::POST, "/v1/apply", Some(body.into()))
+            .await
+            .expect("an answer");
+        assert_eq!(answer.status.as_u16(), 401, "{manifest}");
+        let text = String::from_utf8_lossy(&answer.body);
+        assert!(text.contains("token"), "says what to send: {text}");
+    }
+
+    // The config stream's service, with no certificate: a lease renewal for
+    // sh-a's cell from a made-up node, and a gateway of another zone.
+    let channel = transport
+        .channels(atoll_transport::ChannelOptions::default())
+        .connect(&control)
+        .await
+        .expect("channel");
+    let mut client = atoll_api::config::config_stream_client::ConfigStreamClient::new(channel);
+    let renewal = client
+        .renew_lease(atoll_api::config::LeaseRequest {
+            node: Some(atoll_api::config::NodeIdentity {
+                name: "made-up".into(),
+                role: "app".into(),
+                zone: "sh-a".into(),
+                cell: "rz03".into(),
+                workspace: String::new(),
+            }),
+            applied_version: 1_000_000,
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(renewal.code(), tonic::Code::Unauthenticated, "{renewal:?}");
+    let (hello, receiver) = tokio::sync::mpsc::channel(1);
+    hello
+        .send(atoll_api::config::NodeMessage {
+            message: Some(atoll_api::config::node_message::Message::Hello(
+                atoll_api::config::Hello {
+                    node: Some(atoll_api::config::NodeIdentity {
+                        name: "gw-sh-a".into(),
+                        role: "gateway".into(),
+                        zone: "sh-a".into(),
+                        cell: String::new(),
+                        workspace: String::new(),
+                    }),
+                    applied_version: 0,
+                    problem: String::new(),
+                },
+            )),
+        })
+        .await
+        .expect("hello");
+    let followed = client
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        followed.code(),
+        tonic::Code::Unauthenticated,
+        "{followed:?}"
+    );
+
+    // Nothing changed, and each refusal is in the audit chain, as nobody,
+    // with where it came from.
+    let (_, after) = sandbox.get(&format!("{control}/v1/status")).await;
+    assert_eq!(before["revision"], after["revision"], "{before} {after}");
+    assert!(!std::path::Path::new("/tmp/atoll-pwned").exists());
+    let refused = sandbox
+        .cli()
+        .args(["audit", "calls", "--refused", "-o", "json"])
+        .output()
+        .expect("atoll audit calls");
+    assert!(
+        refused.status.success(),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let entries: Value = serde_json::from_slice(&refused.stdout).expect("json");
+    let seen: Vec<(String, u64, String)> = entries
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| {
+            assert!(
+                e["remote"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("127.0.0.1:")),
+                "{e}"
+            );
+            (
+                e["path"].as_str().unwrap_or_default().to_owned(),
+                e["status"].as_u64().unwrap_or_default(),
+                e["caller"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    for path in [
+        "/v1/apply",
+        "/atoll.config.v1.ConfigStream/RenewLease",
+        "/atoll.config.v1.ConfigStream/Subscribe",
+    ] {
+        assert!(
+            seen.iter()
+                .any(|(p, status, _)| p == path && *status == 401),
+            "{path} refused and recorded: {seen:?}"
+        );
+    }
+    assert_eq!(
+        seen.iter().filter(|(p, ..)| p == "/v1/apply").count(),
+        2,
+        "{seen:?}"
+    );
+    let verify = sandbox
+        .cli()
+        .args(["audit", "verify"])
+        .output()
+        .expect("atoll audit verify");
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
+}
