@@ -26,6 +26,8 @@ pub(crate) struct Credentials {
     /// When each instance's certificate began and ends (read from its file
     /// once, then kept).
     validity: Mutex<HashMap<String, (OffsetDateTime, OffsetDateTime)>>,
+    /// Whom each instance's files belong to (uid, gid), when not the agent.
+    owners: Mutex<HashMap<String, Option<(u32, u32)>>>,
 }
 
 /// Whether a certificate valid from `from` to `until` is due for renewal:
@@ -36,7 +38,10 @@ pub(crate) fn due(from: OffsetDateTime, until: OffsetDateTime, now: OffsetDateTi
     now >= until - margin.max(time::Duration::seconds(2))
 }
 
-fn write(path: &Path, text: &str, private: bool) -> Result<(), String> {
+/// Writes a file whole (a temporary file renamed over it), owned by
+/// `owner` (uid, gid) when the instance runs as another user than the
+/// agent.
+fn write(path: &Path, text: &str, private: bool, owner: Option<(u32, u32)>) -> Result<(), String> {
     let temporary = path.with_extension("new");
     let _ = std::fs::remove_file(&temporary);
     let mut options = std::fs::OpenOptions::new();
@@ -47,6 +52,10 @@ fn write(path: &Path, text: &str, private: bool) -> Result<(), String> {
     options
         .open(&temporary)
         .and_then(|mut file| file.write_all(text.as_bytes()))
+        .and_then(|()| match owner {
+            Some((uid, gid)) => std::os::unix::fs::chown(&temporary, Some(uid), Some(gid)),
+            None => Ok(()),
+        })
         .and_then(|()| std::fs::rename(&temporary, path))
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
@@ -70,6 +79,7 @@ impl Credentials {
                 .rest(urls, Some(std::time::Duration::from_secs(10))),
             dir: options.state_dir.join("credentials"),
             validity: Mutex::new(HashMap::new()),
+            owners: Mutex::new(HashMap::new()),
         })
     }
 
@@ -125,21 +135,50 @@ impl Credentials {
             .await
             .map_err(|e| format!("the control plane did not certify {instance}: {e}"))?;
         let dir = self.dir.join(instance);
+        let owner = self.owners.lock().get(instance).copied().flatten();
         std::fs::create_dir_all(&dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt as _;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .and_then(|()| match owner {
+                Some((uid, gid)) => std::os::unix::fs::chown(&dir, Some(uid), Some(gid)),
+                None => Ok(()),
+            })
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         // The key first: a crash between leaves a new key beside the old
         // certificate, refused at once, not a certificate without its key.
-        write(key, &key_pem, true)?;
-        write(cert, &issued.chain, false)?;
-        write(ca, &issued.trust, false)?;
+        write(key, &key_pem, true, owner)?;
+        write(cert, &issued.chain, false, owner)?;
+        write(ca, &issued.trust, false, owner)?;
         let validity = atoll_identity::validity_of_pem(&issued.chain).map_err(|e| e.to_string())?;
         self.validity.lock().insert(instance.to_owned(), validity);
         tracing::info!(instance, identity = %issued.identity, expires = %issued.expires, "instance certificate issued");
         Ok(())
     }
 
+    /// Sets whom `instance`'s files belong to (uid, gid; none: the agent),
+    /// handing over those it has already.
+    pub(crate) fn own(&self, instance: &str, owner: Option<(u32, u32)>) {
+        self.owners.lock().insert(instance.to_owned(), owner);
+        if let Some((uid, gid)) = owner {
+            let dir = self.dir.join(instance);
+            let files = self.files(instance);
+            for path in [Some(dir), files.ca, files.cert, files.key]
+                .into_iter()
+                .flatten()
+                .filter(|p| p.exists())
+            {
+                if let Err(error) = std::os::unix::fs::chown(&path, Some(uid), Some(gid)) {
+                    tracing::warn!(instance, path = %path.display(), %error, "cannot hand the instance its credentials");
+                }
+            }
+        }
+    }
+
     /// Forgets an instance that is no longer run, with its files.
     pub(crate) fn forget(&self, instance: &str) {
+        self.owners.lock().remove(instance);
         self.validity.lock().remove(instance);
         let _ = std::fs::remove_dir_all(self.dir.join(instance));
     }

@@ -60,6 +60,9 @@ pub struct AgentOptions {
     pub admin: Option<SocketAddr>,
     /// How to reach the control plane (TLS material for `https://` URLs).
     pub transport: atoll_transport::Transport,
+    /// Whether instances may run as root (a zone's `runAs: root`, or none
+    /// named while the agent runs as root); logged at every such start.
+    pub allow_root_instances: bool,
 }
 
 /// What the zone should run, from one config version.
@@ -68,6 +71,8 @@ struct Desired {
     version: u64,
     /// The zone's region; none when the zone does not exist (yet).
     region: Option<String>,
+    /// The zone's `runAs`.
+    run_as: Option<String>,
     /// App name -> (spec, cells of this zone it runs in).
     apps: BTreeMap<String, (AppSpec, Vec<String>)>,
     /// Endpoints resources this zone reported before.
@@ -90,7 +95,8 @@ impl Installer for DesiredInstaller {
         for resource in &config.resources {
             match &resource.spec {
                 Spec::Zone(zone) if resource.name() == self.zone => {
-                    desired.region = Some(zone.region.clone())
+                    desired.region = Some(zone.region.clone());
+                    desired.run_as.clone_from(&zone.run_as);
                 }
                 Spec::Cell(cell) if cell.zone == self.zone => {
                     cells.insert(resource.name().to_owned());
@@ -344,6 +350,11 @@ impl<R: Runtime> Agent<R> {
             port
         };
         let mut wanted: BTreeMap<String, (InstanceSpec, Option<HealthCheck>)> = BTreeMap::new();
+        let run_as = runtime::RunAs::of_zone(
+            &self.options.zone,
+            plan.run_as.as_deref(),
+            self.options.allow_root_instances,
+        );
         if let Some(region) = &plan.region {
             for (app, (spec, cells)) in &plan.apps {
                 for cell in cells {
@@ -367,8 +378,9 @@ impl<R: Runtime> Agent<R> {
                             let port = &spec.ports[assigned.len()];
                             assigned.push((port.name.clone(), port.port.unwrap_or_else(&mut pick)));
                         }
-                        let instance =
+                        let mut instance =
                             self.instance_spec(app, spec, cell, region, replica, assigned.clone());
+                        instance.run_as = run_as.clone();
                         wanted.insert(name, (instance, spec.health_check.clone()));
                     }
                 }
@@ -440,10 +452,15 @@ impl<R: Runtime> Agent<R> {
             let credentials = self.credentials.clone();
             let mut waiting = stop.subscribe();
             let spec_name = spec.name.clone();
+            let owner = match &spec.run_as {
+                runtime::RunAs::User(user) => Some((user.uid, user.gid)),
+                _ => None,
+            };
             let task = tokio::spawn(async move {
                 // An instance of a TLS control plane starts with its
                 // certificate, or not at all (it could not renew its lease).
                 if let Some(credentials) = credentials {
+                    credentials.own(&spec_name, owner);
                     let mut backoff = Duration::from_millis(200);
                     while let Err(error) = credentials.ensure(&spec_name).await {
                         tracing::error!(instance = %spec_name, %error, "cannot start the instance without its certificate; trying again");
@@ -546,7 +563,14 @@ impl<R: Runtime> Agent<R> {
             env,
             ports,
             host: self.options.host.clone(),
+            passage: vec![
+                self.options.state_dir.clone(),
+                self.options.state_dir.join("cells"),
+                self.options.state_dir.join("cells").join(cell),
+                self.options.state_dir.join("credentials"),
+            ],
             data_dir,
+            run_as: runtime::RunAs::Agent,
         }
     }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -40,6 +40,215 @@ pub struct InstanceSpec {
     pub data_dir: PathBuf,
     /// Where stdout and stderr go.
     pub log: PathBuf,
+    /// Whom it runs as.
+    pub run_as: RunAs,
+    /// Directories of the agent's the instance's user passes through to
+    /// reach its data and credentials: the agent gives them to the user's
+    /// group with search permission only (0710), so nothing in them can be
+    /// listed or read that is not the instance's own.
+    pub passage: Vec<PathBuf>,
+}
+
+/// Whom an instance runs as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunAs {
+    /// As the agent's own user: an agent not running as root, or root by
+    /// `--allow-root-instances`.
+    Agent,
+    /// As this user (the agent runs as root and switches to it).
+    User(User),
+    /// Not at all, for this reason.
+    Refused(String),
+}
+
+/// A user of the agent's host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    /// Its name (the uid when it has none).
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+    /// Its primary gid, the instance's only group.
+    pub gid: u32,
+}
+
+impl RunAs {
+    /// Whom a zone's instances run as, from its `runAs`, the agent's own
+    /// user and whether root was allowed (`--allow-root-instances`).
+    pub fn of_zone(zone: &str, run_as: Option<&str>, allow_root: bool) -> RunAs {
+        let agent = nix::unistd::geteuid().as_raw();
+        let user = match run_as.map(|r| lookup(zone, r)).transpose() {
+            Ok(user) => user,
+            Err(why) => return RunAs::Refused(why),
+        };
+        match (agent, user) {
+            (0, None) if allow_root => RunAs::Agent,
+            (0, None) => RunAs::Refused(format!(
+                "Zone/{zone} names no spec.runAs and this agent runs as root: it runs no App's command as root unless started with --allow-root-instances; set `runAs: nobody` (or another unprivileged user) on Zone/{zone}"
+            )),
+            (0, Some(user)) if user.uid == 0 && !allow_root => RunAs::Refused(format!(
+                "Zone/{zone} runs instances as `{}` (uid 0), which this agent does only when started with --allow-root-instances; name an unprivileged user in spec.runAs",
+                user.name
+            )),
+            (0, Some(user)) if user.uid == 0 => RunAs::Agent,
+            (0, Some(user)) => RunAs::User(user),
+            (_, None) => RunAs::Agent,
+            (agent, Some(user)) if user.uid == agent => RunAs::Agent,
+            (agent, Some(user)) => RunAs::Refused(format!(
+                "Zone/{zone} runs instances as `{}` (uid {}), but this agent runs as uid {agent} and cannot switch users; run the agent as root or as that user, or remove spec.runAs",
+                user.name, user.uid
+            )),
+        }
+    }
+}
+
+/// Looks a zone's `runAs` up on this host.
+fn lookup(zone: &str, run_as: &str) -> Result<User, String> {
+    use atoll_model::UserRef;
+    use nix::unistd::{Uid, User as Passwd};
+    let reference = atoll_model::parse_run_as(run_as)
+        .map_err(|why| format!("Zone/{zone} spec.runAs: {why}"))?;
+    let failed = |e: nix::Error| format!("cannot look up user `{run_as}` of Zone/{zone}: {e}");
+    Ok(match reference {
+        UserRef::Name(name) => {
+            let Some(found) = Passwd::from_name(&name).map_err(failed)? else {
+                return Err(format!(
+                    "Zone/{zone} runs instances as `{name}`, a user this host does not have; create it (e.g. `useradd --system --no-create-home {name}`) or name another in spec.runAs"
+                ));
+            };
+            User {
+                name,
+                uid: found.uid.as_raw(),
+                gid: found.gid.as_raw(),
+            }
+        }
+        UserRef::Uid(uid) => {
+            let found = Passwd::from_uid(Uid::from_raw(uid)).map_err(failed)?;
+            User {
+                name: found
+                    .as_ref()
+                    .map_or_else(|| uid.to_string(), |u| u.name.clone()),
+                uid,
+                gid: found.map_or(uid, |u| u.gid.as_raw()),
+            }
+        }
+        UserRef::UidGid(uid, gid) => User {
+            name: Passwd::from_uid(Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map_or_else(|| uid.to_string(), |u| u.name),
+            uid,
+            gid,
+        },
+    })
+}
+
+/// Whether `user` may search (or, for the last, execute) every directory
+/// down to `path`; else the first that stops it, with what to do.
+pub fn reachable(user: &User, path: &Path, execute: bool) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut walked = PathBuf::new();
+    let parts: Vec<_> = path.components().collect();
+    for (i, part) in parts.iter().enumerate() {
+        walked.push(part);
+        let last = i + 1 == parts.len();
+        if last && !execute {
+            break;
+        }
+        let Ok(meta) = std::fs::metadata(&walked) else {
+            return Ok(()); // what is missing is reported when used
+        };
+        let mode = meta.mode();
+        let bits = if meta.uid() == user.uid {
+            mode >> 6
+        } else if meta.gid() == user.gid {
+            mode >> 3
+        } else {
+            mode
+        };
+        if bits & 0o1 == 0 {
+            let what = if last && !meta.is_dir() {
+                "run"
+            } else {
+                "pass through"
+            };
+            return Err(format!(
+                "user `{}` (uid {}, gid {}) cannot {what} {} (mode {:04o}, owner {}:{}) to reach {}; let it (e.g. `chgrp {} {}` and `chmod g+x {}`), or move the program or the agent's --state-dir where it can",
+                user.name,
+                user.uid,
+                user.gid,
+                walked.display(),
+                mode & 0o7777,
+                meta.uid(),
+                meta.gid(),
+                path.display(),
+                user.gid,
+                walked.display(),
+                walked.display(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Takes group and others' permissions off what `dir` holds, but for the
+/// entries named in `except` (shared on purpose): a directory that becomes
+/// passable by the instances' group must not show them what an earlier run
+/// left readable. Only the top level: a private directory hides its tree.
+pub fn keep_private(dir: &Path, except: &[&str]) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        if except.iter().any(|e| entry.file_name() == **e) {
+            continue;
+        }
+        let path = entry.path();
+        // Not through symbolic links: their targets are not ours.
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let mode = meta.permissions().mode();
+        if meta.file_type().is_symlink() || mode & 0o077 == 0 {
+            continue;
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7700))
+            .map_err(|e| format!("cannot make {} private: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Gives `user` what its instance needs of the agent's files: the passage
+/// searchable by its group, its data directory its own (0700).
+fn prepare(spec: &InstanceSpec, user: &User) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    for dir in spec.passage.iter().chain([&spec.data_dir]) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let set = |dir: &Path, owner: Option<u32>, mode: u32| {
+        std::os::unix::fs::chown(dir, owner, Some(user.gid))
+            .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)))
+            .map_err(|e| {
+                format!(
+                    "cannot give {} to user `{}` ({}:{}): {e}",
+                    dir.display(),
+                    user.name,
+                    user.uid,
+                    user.gid
+                )
+            })
+    };
+    for dir in &spec.passage {
+        set(dir, None, 0o710)?;
+    }
+    if let Some(state) = spec.passage.first() {
+        keep_private(state, &["cells", "credentials"])?;
+    }
+    set(&spec.data_dir, Some(user.uid), 0o700)?;
+    reachable(user, &spec.data_dir, true)?;
+    Ok(())
 }
 
 impl InstanceSpec {
@@ -102,8 +311,21 @@ impl Runtime for LocalRuntime {
                 spec.image.as_deref().unwrap_or("none")
             ));
         };
-        std::fs::create_dir_all(&spec.data_dir)
-            .map_err(|e| format!("cannot create {}: {e}", spec.data_dir.display()))?;
+        let user = match &spec.run_as {
+            RunAs::Refused(why) => return Err(why.clone()),
+            RunAs::Agent => None,
+            RunAs::User(user) => Some(user),
+        };
+        match user {
+            Some(user) => {
+                prepare(spec, user)?;
+                if program.contains('/') {
+                    reachable(user, Path::new(program), true)?;
+                }
+            }
+            None => std::fs::create_dir_all(&spec.data_dir)
+                .map_err(|e| format!("cannot create {}: {e}", spec.data_dir.display()))?,
+        }
         if let Some(dir) = spec.log.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -134,15 +356,35 @@ impl Runtime for LocalRuntime {
         command
             .args(args)
             .envs(&spec.env)
-            .current_dir(&spec.data_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(stderr))
             .kill_on_drop(true);
+        match user {
+            Some(user) => {
+                command
+                    .env("HOME", &spec.data_dir)
+                    .env("USER", &user.name)
+                    .env("LOGNAME", &user.name);
+                // Before dies_with_parent: a change of user clears the
+                // parent-death signal.
+                become_user(command.as_std_mut(), user, &spec.data_dir)?;
+            }
+            None => {
+                if nix::unistd::geteuid().is_root() {
+                    tracing::warn!(instance = %spec.name, "running the instance as root: this agent was started with --allow-root-instances");
+                }
+                command.current_dir(&spec.data_dir);
+            }
+        }
         dies_with_parent(command.as_std_mut());
-        let child = command
-            .spawn()
-            .map_err(|e| format!("cannot start `{program}` for {}: {e}", spec.name))?;
+        let child = command.spawn().map_err(|e| match user {
+            Some(user) => format!(
+                "cannot start `{program}` for {} as user `{}` (uid {}, gid {}): {e}",
+                spec.name, user.name, user.uid, user.gid
+            ),
+            None => format!("cannot start `{program}` for {}: {e}", spec.name),
+        })?;
         let pid = child.id().unwrap_or(0);
         Ok(LocalInstance { child, pid })
     }
@@ -215,6 +457,38 @@ pub fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
+/// Has the child drop to `user` (its primary group only) and enter `dir` as
+/// that user, so that what the user may not reach, it does not start in.
+fn become_user(command: &mut std::process::Command, user: &User, dir: &Path) -> Result<(), String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::process::CommandExt;
+    let dir = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| format!("{} holds a NUL byte", dir.display()))?;
+    let (uid, gid) = (user.uid, user.gid);
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the child between fork and exec; it calls
+    // only setgroups(2), setgid(2), setuid(2) and chdir(2), which are
+    // async-signal-safe, on values prepared before the fork; errors are raw
+    // OS errors, which allocate nothing.
+    unsafe {
+        command.pre_exec(move || {
+            let check = |result: nix::libc::c_int| {
+                if result == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            };
+            check(nix::libc::setgroups(1, &gid))?;
+            check(nix::libc::setgid(gid))?;
+            check(nix::libc::setuid(uid))?;
+            check(nix::libc::chdir(dir.as_ptr()))?;
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Makes a child its own process group (so a terminal's Ctrl-C reaches only
 /// its supervisor, which stops it in order) and has the kernel send it
 /// SIGTERM when the process that started it dies, even by SIGKILL, so no
@@ -262,7 +536,133 @@ mod tests {
             host: "127.0.0.1".into(),
             data_dir: dir.join("data"),
             log: dir.join("logs/demo-c1-0.log"),
+            run_as: RunAs::Agent,
+            passage: Vec::new(),
         }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(path)
+            .expect("metadata")
+            .permissions()
+            .mode()
+            & 0o7777
+    }
+
+    /// The user the tests run instances as, when they run as root.
+    fn nobody() -> Option<User> {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("not root: an agent cannot switch users; skipped");
+            return None;
+        }
+        match RunAs::of_zone("z1", Some("nobody"), false) {
+            RunAs::User(user) => Some(user),
+            other => panic!("nobody: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_running_as_root_runs_instances_as_the_zones_user() {
+        let Some(user) = nobody() else { return };
+        let dir = tempfile::tempdir().expect("dir");
+        // The test's own directory is as private as an agent's parent.
+        std::os::unix::fs::chown(dir.path(), None, Some(user.gid)).expect("chgrp");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o710),
+        )
+        .expect("chmod");
+        let state = dir.path().join("agent");
+        let mut spec = spec(
+            &state,
+            &[
+                "sh",
+                "-c",
+                "echo uid=$(id -u) gid=$(id -g) groups=$(id -G) home=$HOME; touch $PWD/written; exit 0",
+            ],
+        );
+        spec.passage = vec![state.clone()];
+        spec.run_as = RunAs::User(user.clone());
+        let mut instance = LocalRuntime.start(&spec).await.expect("start");
+        assert_eq!(instance.exited().await, "exited with status 0");
+        let log = std::fs::read_to_string(&spec.log).expect("log");
+        let expected = format!(
+            "uid={} gid={} groups={} home={}",
+            user.uid,
+            user.gid,
+            user.gid,
+            spec.data_dir.display()
+        );
+        assert!(log.contains(&expected), "{expected} in {log}");
+        // Its data directory is its own; the passage only searchable.
+        use std::os::unix::fs::MetadataExt as _;
+        let data = std::fs::metadata(&spec.data_dir).expect("data");
+        assert_eq!(
+            (data.uid(), data.gid(), mode(&spec.data_dir)),
+            (user.uid, user.gid, 0o700)
+        );
+        assert_eq!(mode(&state), 0o710);
+        assert_eq!(std::fs::metadata(&state).expect("state").gid(), user.gid);
+        assert_eq!(
+            std::fs::metadata(spec.data_dir.join("written"))
+                .expect("written")
+                .uid(),
+            user.uid
+        );
+    }
+
+    #[tokio::test]
+    async fn an_instance_whose_user_cannot_reach_its_directory_is_refused_with_the_directory() {
+        let Some(user) = nobody() else { return };
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .expect("chmod");
+        let mut spec = spec(dir.path(), &["sh", "-c", "exit 0"]);
+        spec.run_as = RunAs::User(user);
+        let error = LocalRuntime.start(&spec).await.expect_err("unreachable");
+        assert!(
+            error.contains(&format!(
+                "user `nobody` (uid 65534, gid 65534) cannot pass through {} (mode 0700",
+                dir.path().display()
+            )) && error.contains("--state-dir"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn root_needs_the_agents_opt_in() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let refused = |run_as: Option<&str>| match RunAs::of_zone("hz-a", run_as, false) {
+            RunAs::Refused(why) => why,
+            other => panic!("{run_as:?}: {other:?}"),
+        };
+        assert!(
+            refused(None).contains("Zone/hz-a names no spec.runAs and this agent runs as root")
+        );
+        assert!(refused(Some("root")).contains("--allow-root-instances"));
+        assert!(refused(Some("0")).contains("(uid 0)"));
+        assert!(refused(Some("0:0")).contains("(uid 0)"));
+        assert!(
+            refused(Some("no-such-user-here"))
+                .contains("a user this host does not have; create it")
+        );
+        assert!(refused(Some("Bad User")).contains("is neither a user name"));
+        assert_eq!(RunAs::of_zone("hz-a", None, true), RunAs::Agent);
+        assert_eq!(RunAs::of_zone("hz-a", Some("root"), true), RunAs::Agent);
+        assert_eq!(
+            RunAs::of_zone("hz-a", Some("1234:5678"), false),
+            RunAs::User(User {
+                name: "1234".into(),
+                uid: 1234,
+                gid: 5678
+            })
+        );
     }
 
     #[tokio::test]

@@ -42,6 +42,13 @@ pub(crate) struct AgentArgs {
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
 
+    /// Let instances run as root: of a zone whose spec.runAs is `root`
+    /// (or uid 0), or names no user while the agent runs as root. Without
+    /// it such instances are refused; with it, every start is logged as a
+    /// warning.
+    #[arg(long)]
+    allow_root_instances: bool,
+
     /// Log format (the level comes from $RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -72,7 +79,15 @@ pub(crate) async fn run(
         stop_grace: args.stop_grace,
         admin: args.admin,
         transport,
+        allow_root_instances: args.allow_root_instances,
     };
+    // What the agent writes is its own (0600, 0700): its state directory
+    // is passable by the instances' group, so nothing in it may be readable
+    // by others. Instances inherit the mask; they can set their own.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    if args.allow_root_instances {
+        tracing::warn!(zone = %args.zone, "--allow-root-instances: instances of zones whose runAs is root, or names no user, run as root");
+    }
     tracing::info!(zone = %options.zone, control = %control.url, from = %control.origin, state = %options.state_dir.display(), "starting agent {}", options.name);
     let agent = Agent::new(options, LocalRuntime)?;
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -95,6 +95,12 @@ pub(crate) struct UpArgs {
     /// rotation under load).
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration, value_name = "DURATION")]
     node_cert_lifetime: Duration,
+
+    /// The user the bank's instances run as (every Zone's spec.runAs)
+    /// [default: `nobody` when run as root, else the user running this].
+    /// `root` starts the agents with --allow-root-instances.
+    #[arg(long, value_name = "USER")]
+    run_as: Option<String>,
 }
 
 fn parse_control_replicas(text: &str) -> Result<usize, String> {
@@ -156,6 +162,9 @@ struct UpFile {
     /// The file of the admin token (none: --insecure).
     #[serde(skip_serializing_if = "Option::is_none")]
     admin_token_file: Option<String>,
+    /// The user the bank's instances run as (none: the agents' own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_as: Option<String>,
 }
 
 /// The sandbox's own CA (`<state>/pki`, 0700), the certificates it issues
@@ -414,7 +423,13 @@ fn find_bank(flag: Option<PathBuf>) -> Result<PathBuf, CliError> {
 }
 
 /// The sandbox topology as manifest files.
-fn topology(ports: &Ports, bank: &Path, replicas: u32, host: &str) -> Vec<(String, String)> {
+fn topology(
+    ports: &Ports,
+    bank: &Path,
+    replicas: u32,
+    host: &str,
+    run_as: Option<&str>,
+) -> Vec<(String, String)> {
     let mut places =
         String::from("# Two regions: two zones in Hangzhou (same city), one in Shanghai.\n");
     let mut regions = Vec::new();
@@ -427,10 +442,17 @@ fn topology(ports: &Ports, bank: &Path, replicas: u32, host: &str) -> Vec<(Strin
             );
         }
     }
+    if let Some(user) = run_as {
+        let _ = writeln!(
+            places,
+            "# Each zone's agent runs its instances as `{user}`."
+        );
+    }
     for (zone, region, ..) in ZONES {
+        let run_as = run_as.map_or_else(String::new, |user| format!(", runAs: {user}"));
         let _ = write!(
             places,
-            "---\napiVersion: atoll/v1\nkind: Zone\nmetadata: {{name: {zone}}}\nspec: {{region: {region}}}\n"
+            "---\napiVersion: atoll/v1\nkind: Zone\nmetadata: {{name: {zone}}}\nspec: {{region: {region}{run_as}}}\n"
         );
     }
     let mut cells = String::from("# One rzone per zone: each owns a third of the users.\n");
@@ -507,6 +529,111 @@ fn bank_secret(state_dir: &Path) -> Result<PathBuf, CliError> {
         .map_err(failed)?;
     std::io::Write::write_all(&mut file, text.as_bytes()).map_err(failed)?;
     Ok(path)
+}
+
+/// Whom the bank's instances run as, and what they are given to run.
+struct Instances {
+    /// Every Zone's `runAs` (none: the agents' own user, not root).
+    run_as: Option<String>,
+    /// Root, by `--run-as root`: the agents allow it.
+    root: bool,
+    /// The bank program as the instances reach it.
+    bank: PathBuf,
+}
+
+impl Instances {
+    /// Works out the instances' user (`nobody` when run as root) and, when
+    /// the agents switch to it, lets it reach what an instance needs and
+    /// nothing else: the state directory and `agents/` become searchable
+    /// (0710) by its group, not listable; the bank's secret readable by it
+    /// (0640); the bank program copied to `bin/` (the checkout it was built
+    /// in may sit in a home directory it cannot enter). The CA's keys, the
+    /// admin token, the store and the other parts' files stay 0700/0600.
+    fn prepare(
+        run_as: Option<&str>,
+        state_dir: &Path,
+        bank: &Path,
+        secret: &Path,
+    ) -> Result<Instances, CliError> {
+        use atoll_agent::runtime::RunAs;
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = nix::unistd::geteuid().is_root();
+        let run_as = match run_as {
+            Some(user) => Some(user.to_owned()),
+            None if root => Some("nobody".to_owned()),
+            None => None,
+        };
+        let user = match RunAs::of_zone(
+            "(every zone)",
+            run_as.as_deref(),
+            run_as.as_deref() == Some("root"),
+        ) {
+            RunAs::Refused(why) => {
+                return Err(CliError::new(exit::USAGE, format!("--run-as: {why}")));
+            }
+            RunAs::Agent => None,
+            RunAs::User(user) => Some(user),
+        };
+        let as_root = root && user.is_none();
+        if as_root {
+            eprintln!(
+                "warning: the bank's instances run as root (--run-as root); the agents start with --allow-root-instances"
+            );
+        }
+        let Some(user) = user else {
+            return Ok(Instances {
+                run_as: run_as.filter(|_| root),
+                root: as_root,
+                bank: bank.to_owned(),
+            });
+        };
+        let failed = |path: &Path, e: std::io::Error| {
+            CliError::new(
+                exit::FAILURE,
+                format!(
+                    "cannot share {} with user `{}` ({}:{}), whom the instances run as: {e}",
+                    path.display(),
+                    user.name,
+                    user.uid,
+                    user.gid
+                ),
+            )
+        };
+        let share = |path: &Path, mode: u32| {
+            std::os::unix::fs::chown(path, None, Some(user.gid))
+                .and_then(|()| {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                })
+                .map_err(|e| failed(path, e))
+        };
+        let agents = state_dir.join("agents");
+        let bin = state_dir.join("bin");
+        for dir in [&agents, &bin] {
+            std::fs::create_dir_all(dir).map_err(|e| failed(dir, e))?;
+        }
+        atoll_agent::runtime::keep_private(state_dir, &["agents", "bin", "bank-secret"])
+            .map_err(|why| CliError::new(exit::FAILURE, why))?;
+        share(state_dir, 0o710)?;
+        share(&agents, 0o710)?;
+        share(&bin, 0o710)?;
+        share(secret, 0o640)?;
+        let copy = bin.join("atoll-bank");
+        let temporary = bin.join("atoll-bank.new");
+        std::fs::copy(bank, &temporary).map_err(|e| failed(bank, e))?;
+        share(&temporary, 0o750)?;
+        std::fs::rename(&temporary, &copy).map_err(|e| failed(&copy, e))?;
+        atoll_agent::runtime::reachable(&user, &copy, true).map_err(|why| {
+            CliError::new(
+                exit::FAILURE,
+                format!("the bank's instances could not start: {why}; or pick another user with --run-as"),
+            )
+        })?;
+        Ok(Instances {
+            run_as,
+            root: false,
+            bank: copy,
+        })
+    }
 }
 
 /// A child process of the sandbox.
@@ -696,6 +823,10 @@ pub(crate) async fn run(args: UpArgs) -> Result<u8, CliError> {
         ),
     };
     let logs = state_dir.join("logs");
+    // It holds the sandbox's CA key, admin token and certificates' keys:
+    // what this and its parts write is private unless shared on purpose
+    // (`Instances::prepare`).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     std::fs::create_dir_all(&logs).map_err(|e| {
         CliError::new(
             exit::FAILURE,
@@ -703,7 +834,6 @@ pub(crate) async fn run(args: UpArgs) -> Result<u8, CliError> {
         )
     })?;
     let state_dir = std::fs::canonicalize(&state_dir).unwrap_or(state_dir);
-    // It holds the sandbox's CA key, admin token and certificates' keys.
     {
         use std::os::unix::fs::PermissionsExt as _;
         std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).map_err(
@@ -880,6 +1010,7 @@ async fn start(
     // replication) with a secret of this sandbox; they inherit it from
     // their agents.
     let secret = bank_secret(state_dir)?;
+    let instances = Instances::prepare(args.run_as.as_deref(), state_dir, bank, &secret)?;
     let agent_env = [
         ("ATOLL_STATE_DIR", state_dir.display().to_string()),
         ("BANK_SECRET_FILE", secret.display().to_string()),
@@ -1040,7 +1171,13 @@ async fn start(
     // Everything else takes every replica and moves on when one dies.
     let control_list = replicas.join(",");
 
-    let files = topology(ports, bank, args.replicas, &host);
+    let files = topology(
+        ports,
+        &instances.bank,
+        args.replicas,
+        &host,
+        instances.run_as.as_deref(),
+    );
     let topology_dir = state_dir.join("topology");
     std::fs::create_dir_all(&topology_dir).map_err(|e| {
         CliError::new(
@@ -1101,6 +1238,9 @@ async fn start(
             "--stop-grace".into(),
             "5s".into(),
         ];
+        if instances.root {
+            agent_args.push("--allow-root-instances".into());
+        }
         if let Some(pki) = &pki {
             let id = sandbox_id(atoll_identity::Role::Agent, zone, &format!("agent-{zone}"))?;
             agent_args.extend(pki.issue(&id, &[])?);
@@ -1298,6 +1438,7 @@ async fn start(
         admin_token_file: pki
             .as_ref()
             .map(|p| p.admin_token_file.display().to_string()),
+        run_as: instances.run_as.clone(),
     };
     write_up_file(state_dir, &up)?;
     Ok(up)
@@ -1488,8 +1629,11 @@ fn print_summary(
     );
     let _ = writeln!(
         out,
-        "  bank           {replicas} instances per cell of {}",
-        bank.display()
+        "  bank           {replicas} instances per cell of {}{}",
+        bank.display(),
+        up.run_as
+            .as_ref()
+            .map_or_else(String::new, |user| format!(", run as {user}"))
     );
     let _ = writeln!(
         out,
@@ -1543,7 +1687,13 @@ mod tests {
     #[test]
     fn the_sandbox_topology_is_valid() {
         let ports = pick_ports(0, 1).expect("ports");
-        let files = topology(&ports, Path::new("/opt/atoll/atoll-bank"), 2, "127.0.0.1");
+        let files = topology(
+            &ports,
+            Path::new("/opt/atoll/atoll-bank"),
+            2,
+            "127.0.0.1",
+            Some("nobody"),
+        );
         let mut located = Vec::new();
         for (name, content) in &files {
             let parsed = atoll_model::load(name, content).expect("parses");

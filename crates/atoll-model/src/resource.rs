@@ -475,6 +475,12 @@ pub struct ZoneSpec {
     /// Relative share of `local` traffic this zone takes among its peers.
     #[serde(default = "default_weight", skip_serializing_if = "is_default_weight")]
     pub weight: u32,
+    /// The user the zone's agent runs instances as: a user name, a uid or
+    /// `uid:gid`. An agent running as root refuses instances of a zone
+    /// without one, and runs them as root (`root`, `0`) only when started
+    /// with `--allow-root-instances`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
 }
 
 /// The type of a cell.
@@ -1249,6 +1255,51 @@ impl<'de> Deserialize<'de> for DurationValue {
                 ))
             })
     }
+}
+
+/// Who a zone's `runAs` names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserRef {
+    /// A user by name, looked up on the agent's host.
+    Name(String),
+    /// A uid, with its primary group from the host when there is one.
+    Uid(u32),
+    /// A uid and a gid.
+    UidGid(u32, u32),
+}
+
+/// Parses a zone's `runAs`: a user name (`[a-z_][a-z0-9_.-]*`, at most 32
+/// characters, as `useradd` takes them), a uid, or `uid:gid`.
+pub fn parse_run_as(text: &str) -> Result<UserRef, String> {
+    let number = |part: &str| -> Result<u32, String> {
+        part.parse::<u32>()
+            .ok()
+            .filter(|n| *n != u32::MAX)
+            .ok_or_else(|| {
+                format!(
+                    "`{part}` in runAs `{text}` is not a uid or gid (a number below 4294967295)"
+                )
+            })
+    };
+    if let Some((uid, gid)) = text.split_once(':') {
+        return Ok(UserRef::UidGid(number(uid)?, number(gid)?));
+    }
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return Ok(UserRef::Uid(number(text)?));
+    }
+    let mut bytes = text.bytes();
+    let first_ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
+    if !first_ok
+        || text.len() > 32
+        || !bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b))
+    {
+        return Err(format!(
+            "runAs `{text}` is neither a user name (lowercase letters, digits, `_`, `.`, `-`, starting with a letter or `_`, at most 32), a uid nor `uid:gid`; e.g. `nobody` or `1000:1000`"
+        ));
+    }
+    Ok(UserRef::Name(text.to_owned()))
 }
 
 fn default_weight() -> u32 {

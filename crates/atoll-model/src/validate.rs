@@ -295,6 +295,11 @@ impl<'a> Validator<'a> {
 
     fn zone(&mut self, located: &Located, spec: &ZoneSpec) {
         self.reference(located, "spec.region", Kind::Region, &spec.region);
+        if let Some(user) = &spec.run_as {
+            if let Err(why) = crate::resource::parse_run_as(user) {
+                report!(self, located, "spec.runAs", "{why}");
+            }
+        }
     }
 
     fn cell(&mut self, located: &Located, spec: &CellSpec) {

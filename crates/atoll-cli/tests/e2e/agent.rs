@@ -19,6 +19,12 @@ struct AgentProcess {
 
 impl AgentProcess {
     fn start(control: &str, zone: &str, state: &Path) -> AgentProcess {
+        // The zones of these tests name no runAs; their instances run as
+        // the agent (the run-as test starts its agent without the opt-in).
+        Self::start_with(control, zone, state, &["--allow-root-instances"])
+    }
+
+    fn start_with(control: &str, zone: &str, state: &Path, extra: &[&str]) -> AgentProcess {
         std::fs::create_dir_all(state).expect("state dir");
         let admin = format!("127.0.0.1:{}", atoll_testing::free_port());
         let log = state.join("agent.log");
@@ -38,6 +44,7 @@ impl AgentProcess {
                 "--admin",
                 &admin,
             ])
+            .args(extra)
             .arg("--state-dir")
             .arg(state)
             .env_remove("ATOLL_CONTROL")
@@ -272,6 +279,121 @@ fn an_agent_runs_scales_and_stops_its_zones_instances_and_reports_them() {
         list.len() == 1 && list[0]["running"] == true
     });
     drop(agent);
+}
+
+/// Issue 11: "applying an App whose command an agent then ran as root".
+/// An agent running as root runs a zone's instances as the user its
+/// `runAs` names; a zone that names none, or names root, gets no instance
+/// (with the reason in its status) unless the agent was started with
+/// --allow-root-instances.
+#[test]
+fn an_agent_runs_instances_as_the_zones_user_and_as_root_only_by_opt_in() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: an agent cannot switch users; skipped");
+        return;
+    }
+    let control = Control::start();
+    control
+        .atoll(&["apply", "-f", examples().to_str().unwrap()])
+        .success();
+    let apply = |name: &str, yaml: &str| {
+        let path = control.state.path().join(name);
+        std::fs::write(&path, yaml).expect("write");
+        control
+            .atoll(&["apply", "-f", path.to_str().unwrap()])
+            .success();
+    };
+    apply(
+        "app.yaml",
+        "apiVersion: atoll/v1\nkind: App\nmetadata: {name: who}\nspec:\n  service: web\n  cells: [rz01]\n  command: [sh, -c, 'echo uid=$(id -u) gid=$(id -g) groups=$(id -G); exec sleep 60']\n",
+    );
+    let state = control.state.path().join("agent-hz-a");
+    let agent = AgentProcess::start_with(&control.url, "hz-a", &state, &[]);
+    let refused = |why: &'static str| {
+        move |list: &[Value]| {
+            list.first().is_some_and(|i| {
+                i["running"] == false && i["lastExit"].as_str().is_some_and(|e| e.contains(why))
+            })
+        }
+    };
+    agent.wait(
+        "no runAs: refused",
+        refused("Zone/hz-a names no spec.runAs and this agent runs as root"),
+    );
+    let log = state.join("logs/who-rz01-0.log");
+    assert!(!log.exists(), "nothing was started");
+
+    apply(
+        "zone.yaml",
+        "apiVersion: atoll/v1\nkind: Zone\nmetadata: {name: hz-a}\nspec: {region: hz, runAs: root}\n",
+    );
+    agent.wait(
+        "runAs root: refused",
+        refused("only when started with --allow-root-instances"),
+    );
+    assert!(!log.exists(), "nothing was started");
+
+    apply(
+        "zone.yaml",
+        "apiVersion: atoll/v1\nkind: Zone\nmetadata: {name: hz-a}\nspec: {region: hz, runAs: nobody}\n",
+    );
+    let instances = agent.wait("runs as nobody", |list| {
+        list.first().is_some_and(|i| i["running"] == true)
+    });
+    let pid = pid_of(&instances[0]);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let ids = |field: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert_eq!(ids("Uid:"), "65534 65534 65534 65534", "{status}");
+    assert_eq!(ids("Gid:"), "65534 65534 65534 65534", "{status}");
+    assert_eq!(
+        ids("Groups:"),
+        "65534",
+        "no supplementary group of the agent's"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("uid=65534 gid=65534 groups=65534")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            std::fs::read_to_string(&log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Root's instances by opt-in: the start is logged as a warning.
+    drop(agent);
+    apply(
+        "zone.yaml",
+        "apiVersion: atoll/v1\nkind: Zone\nmetadata: {name: hz-a}\nspec: {region: hz, runAs: root}\n",
+    );
+    let agent = AgentProcess::start(&control.url, "hz-a", &state);
+    let instances = agent.wait("runs as root by opt-in", |list| {
+        list.first().is_some_and(|i| i["running"] == true)
+    });
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", pid_of(&instances[0]))).expect("status");
+    assert!(
+        status.lines().any(|l| l.starts_with("Uid:\t0\t")),
+        "{status}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.log().contains("running the instance as root") {
+        assert!(Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        agent
+            .log()
+            .contains("--allow-root-instances: instances of zones")
+    );
 }
 
 #[test]

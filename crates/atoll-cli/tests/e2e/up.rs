@@ -1416,8 +1416,76 @@ fn mode(path: &std::path::Path) -> u32 {
 async fn the_sandbox_refuses_and_audits_what_an_attacker_without_credentials_did() {
     let sandbox = Sandbox::start();
     let state = sandbox.state.path();
-    // Its secrets are its own.
-    assert_eq!(mode(state), 0o700);
+    // Its secrets are its own. Run as root, the bank's instances run as
+    // `nobody`, who may pass through the state directory (not list it) to
+    // its instance's data and credentials, and read nothing else there.
+    let root = nix::unistd::geteuid().is_root();
+    assert_eq!(mode(state), if root { 0o710 } else { 0o700 });
+    if root {
+        let bank = state.join("bin/atoll-bank");
+        let mut banks = 0;
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            if std::fs::read_link(entry.path().join("exe")).ok().as_deref() == Some(bank.as_path())
+            {
+                let status =
+                    std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+                let uid = status
+                    .lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .unwrap_or_default();
+                assert_eq!(
+                    uid.split_whitespace().nth(1),
+                    Some("65534"),
+                    "a bank instance runs as nobody: {uid}"
+                );
+                banks += 1;
+            }
+        }
+        assert_eq!(banks, 6, "two bank instances per cell, all as nobody");
+        let as_nobody = |args: &[&str]| {
+            use std::os::unix::process::CommandExt as _;
+            std::process::Command::new(args[0])
+                .args(&args[1..])
+                .uid(65534)
+                .gid(65534)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("run as nobody")
+                .success()
+        };
+        let at = |rest: &str| state.join(rest).display().to_string();
+        assert!(
+            as_nobody(&["cat", &at("bank-secret")]),
+            "the bank's secret is its instances'"
+        );
+        assert!(
+            as_nobody(&["cat", &at("agents/hz-a/credentials/bank-rz01-0/key.pem")]),
+            "an instance's key is its own"
+        );
+        for private in [
+            "admin.token",
+            "pki/root.key",
+            "pki/gateway-gw-hz-a.key",
+            "agents/hz-a/config-cache.json",
+            "up.json",
+        ] {
+            assert!(!as_nobody(&["cat", &at(private)]), "nobody reads {private}");
+        }
+        for unlisted in [
+            ".",
+            "agents",
+            "agents/hz-a",
+            "agents/hz-a/credentials",
+            "control",
+            "logs",
+        ] {
+            assert!(
+                !as_nobody(&["ls", &at(unlisted)]),
+                "nobody lists {unlisted}"
+            );
+        }
+    }
     assert_eq!(mode(&state.join("admin.token")), 0o600);
     assert_eq!(mode(&state.join("pki")), 0o700);
     assert_eq!(mode(&state.join("pki/root.key")), 0o600);
