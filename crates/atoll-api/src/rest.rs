@@ -541,6 +541,28 @@ pub struct SwitchoverRequest {
     /// Only plan.
     #[serde(default)]
     pub dry_run: bool,
+    /// Where switchovers need a second person's approval: ask for it now
+    /// and start later, with `approval` (a change window, a drill).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
+    /// An approval held for this very switchover (same map, cells and
+    /// shards), approved by a second person: start it now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
+}
+
+impl SwitchoverRequest {
+    /// Whether `other` asks for the same moves (what an approval covers):
+    /// the map, the cells, the shards and the kind; names, reasons,
+    /// timeouts and the approval itself aside.
+    pub fn same_moves(&self, other: &SwitchoverRequest) -> bool {
+        self.shard_map == other.shard_map
+            && self.from == other.from
+            && self.shards == other.shards
+            && self.to == other.to
+            && self.failover == other.failover
+            && self.skip_sync_gate == other.skip_sync_gate
+    }
 }
 
 /// One check of a plan.
@@ -579,6 +601,86 @@ pub struct SwitchoverPlan {
     pub expected_fence_window: String,
     /// True when it was only planned.
     pub dry_run: bool,
+    /// Set when starting it needs a second person's approval in its
+    /// workspace (and the request names no approved one): the rule, e.g.
+    /// `switchover`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs_approval: Option<String>,
+}
+
+/// An operation waiting for (or decided by) a second person.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalInfo {
+    /// Its id, `apr-` and 12 hex digits.
+    pub id: String,
+    /// The workspace whose rule asks for it.
+    pub workspace: String,
+    /// The rule: `switchover`, `failover`, `shardMapRollback` or `token`.
+    pub operation: String,
+    /// What it does, in one line.
+    pub summary: String,
+    /// Who asked (verified identity); they cannot approve it.
+    pub requested_by: String,
+    /// Why, as the requester said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// RFC 3339.
+    pub created: String,
+    /// RFC 3339: a pending request past it is `expired`.
+    pub expires: String,
+    /// `pending`, `approved` (and run, or held for the requester),
+    /// `rejected`, `expired` or `failed` (approved, but the operation
+    /// failed when it ran).
+    pub state: String,
+    /// Held: on approval it does not run, the requester starts it later
+    /// naming this approval, once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hold: bool,
+    /// Who approved or rejected it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided: Option<String>,
+    /// The approver's or rejecter's comment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+    /// What happened when it ran (or, held, when it was used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+}
+
+/// The answer (202) to a call that needs a second person's approval: it
+/// did not act; it is stored as an approval request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalPending {
+    /// What to do next, in one sentence.
+    pub message: String,
+    /// The request.
+    pub approval: ApprovalInfo,
+    /// For a token under approval: the token, shown once, unusable until
+    /// the request is approved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// `GET /v1/approvals`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalList {
+    /// Newest first.
+    pub approvals: Vec<ApprovalInfo>,
+}
+
+/// `POST /v1/approvals/{id}/approve` and `/reject`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ApprovalDecision {
+    /// Why (kept in the request and the audit log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
 }
 
 /// `POST /v1/tokens`: a new API token for a user, or a bootstrap token for
@@ -648,6 +750,10 @@ pub struct TokenInfo {
     /// RFC 3339, when a bootstrap token was used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub used: Option<String>,
+    /// The approval request a second person must approve before the token
+    /// may be used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting_approval: Option<String>,
 }
 
 /// The answer to `POST /v1/tokens`: the whole token, shown once.

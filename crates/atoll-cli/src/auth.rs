@@ -287,7 +287,31 @@ pub(crate) async fn token(client: &Client, args: TokenArgs) -> Result<u8, CliErr
                 ttl: args.ttl,
                 description: args.description,
             };
-            let created: TokenCreated = client.post("/v1/tokens", &request).await?;
+            let created: TokenCreated =
+                match client.post_or_pending("/v1/tokens", &request).await? {
+                    crate::client::Outcome::Done(created) => created,
+                    crate::client::Outcome::Pending(pending) => {
+                        match args.output {
+                            Format::Json => print_json(&pending),
+                            Format::Yaml => print!(
+                                "{}",
+                                atoll_model::to_yaml(
+                                    &serde_json::to_value(&pending).unwrap_or_default()
+                                )
+                            ),
+                            Format::Table => {
+                                if let Some(token) = &pending.token {
+                                    println!("{token}");
+                                }
+                                eprintln!(
+                                    "the token is shown only now and works once approved: {}",
+                                    pending.message
+                                );
+                            }
+                        }
+                        return Ok(exit::AWAITING_APPROVAL);
+                    }
+                };
             match args.output {
                 Format::Json => print_json(&created),
                 Format::Yaml => print!(
@@ -350,6 +374,8 @@ fn token_table(tokens: &[TokenInfo]) -> String {
         .map(|t| {
             let state = if t.revoked.is_some() {
                 "revoked".to_owned()
+            } else if let Some(approval) = &t.awaiting_approval {
+                format!("awaiting {approval}")
             } else if t.used.is_some() {
                 "used".to_owned()
             } else {

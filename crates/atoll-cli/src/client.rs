@@ -39,6 +39,9 @@ pub(crate) mod exit {
     /// The audit chain does not verify: an entry was removed, reordered
     /// or edited.
     pub(crate) const AUDIT_TAMPERED: u8 = 13;
+    /// The operation needs a second person's approval: it did not act and
+    /// waits as an approval request (or was rejected, or expired).
+    pub(crate) const AWAITING_APPROVAL: u8 = 14;
 }
 
 /// An error to print, with the process exit code.
@@ -435,6 +438,24 @@ impl Client {
             RestError::Decode(_) | RestError::Invalid(_) => {
                 CliError::new(exit::FAILURE, error.to_string())
             }
+            RestError::AwaitingApproval(pending) => {
+                CliError::new(exit::AWAITING_APPROVAL, pending.message)
+            }
+        }
+    }
+
+    /// `POST path`: done, or stored for a second person's approval (202).
+    pub(crate) async fn post_or_pending<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<Outcome<T>, CliError> {
+        match self.rest.post(&self.scoped(path), body).await {
+            Ok(done) => Ok(Outcome::Done(done)),
+            Err(atoll_transport::RestError::AwaitingApproval(pending)) => {
+                Ok(Outcome::Pending(pending))
+            }
+            Err(error) => Err(self.error(error)),
         }
     }
 
@@ -490,6 +511,15 @@ impl Client {
             inner,
         })
     }
+}
+
+/// What a call that may need a second person's approval did.
+#[derive(Debug)]
+pub(crate) enum Outcome<T> {
+    /// It acted.
+    Done(T),
+    /// It is stored as an approval request.
+    Pending(Box<atoll_api::rest::ApprovalPending>),
 }
 
 /// A streaming answer.

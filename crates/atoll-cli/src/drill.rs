@@ -95,6 +95,11 @@ struct SwitchoverDrill {
     /// sandbox starts it again and it must resume.
     #[arg(long)]
     kill_control_plane: bool,
+    /// Where switchovers need a second person's approval: a held approval
+    /// of these very moves (`atoll switchover start --hold`, approved by
+    /// someone else), used when the switchover starts.
+    #[arg(long, value_name = "ID")]
+    approval: Option<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -752,9 +757,11 @@ async fn switchover(client: &Client, drill: SwitchoverDrill) -> Result<u8, CliEr
         shards: drill.shards.clone(),
         to: drill.to.clone(),
         reason: Some("atoll drill".into()),
+        approval: drill.approval.clone(),
         ..SwitchoverRequest::default()
     };
-    // The plan first: a drill that cannot start should not load anything.
+    // The plan first: a drill that cannot start should not load anything
+    // (a held approval is checked here, and used when it starts).
     let plan: SwitchoverPlan = client
         .post(
             "/v1/switchovers",
@@ -764,6 +771,25 @@ async fn switchover(client: &Client, drill: SwitchoverDrill) -> Result<u8, CliEr
             },
         )
         .await?;
+    if let Some(rule) = &plan.needs_approval {
+        let mut flags = Vec::new();
+        for (flag, value) in [
+            ("--from", &drill.from),
+            ("--shards", &drill.shards),
+            ("--to", &drill.to),
+        ] {
+            if let Some(value) = value {
+                flags.push(format!("{flag} {value}"));
+            }
+        }
+        return Err(CliError::new(
+            exit::AWAITING_APPROVAL,
+            format!(
+                "{rule}s need a second person's approval here, and a drill cannot wait for one mid-run: ask for it first with `atoll switchover start --hold {}`, have someone else approve it (`atoll approval approve ID`), then run the drill with --approval ID",
+                flags.join(" ")
+            ),
+        ));
+    }
     let first = &plan.moves[0];
     let shard: u32 = first["shards"]
         .as_str()

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 mod agent;
+mod approval;
 mod audit;
 mod auth;
 mod ca;
@@ -135,6 +136,8 @@ enum Command {
     Whoami(OutputArgs),
     /// Make, list and revoke API tokens and bootstrap tokens.
     Token(auth::TokenArgs),
+    /// List, approve and reject operations waiting for a second person.
+    Approval(approval::ApprovalArgs),
     /// Get this node's certificate against a bootstrap token: the key is
     /// made here and never leaves this machine.
     Join(join::JoinArgs),
@@ -273,6 +276,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Logout => auth::logout(&connect(default_timeout)?),
         Command::Whoami(args) => auth::whoami(&connect(default_timeout)?, args.output).await,
         Command::Token(args) => auth::token(&connect(default_timeout)?, args).await,
+        Command::Approval(args) => approval::run(&connect(default_timeout)?, args).await,
         Command::Join(args) => join::join(&connect(default_timeout)?, args).await,
         Command::Renew(args) => join::renew(&connect(default_timeout)?, &cli.tls, args).await,
     }

@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use atoll_api::rest::{SwitchoverPlan, SwitchoverRequest};
+use atoll_api::rest::{ApprovalInfo, SwitchoverPlan, SwitchoverRequest};
 use atoll_model::{Resource, Spec, SwitchoverSpec, decode_resource};
 use clap::{Args, Subcommand};
 
-use crate::client::{CliError, Client, exit, segment};
+use crate::client::{CliError, Client, Outcome, exit, segment};
 use crate::output::Format;
 
 #[derive(Debug, Args)]
@@ -86,6 +86,8 @@ impl MoveArgs {
             skip_sync_gate: self.skip_sync_gate,
             failover: self.failover,
             dry_run,
+            hold: false,
+            approval: None,
         }
     }
 }
@@ -100,9 +102,18 @@ struct StartArgs {
     /// Why (kept in the Switchover and the audit log).
     #[arg(long, short = 'm')]
     reason: Option<String>,
-    /// Return once it started instead of following it.
+    /// Return once it started instead of following it (or, where it needs
+    /// a second person's approval, once that is asked for).
     #[arg(long)]
     no_wait: bool,
+    /// Where switchovers need a second person's approval: ask for it now,
+    /// to start later with --approval (a change window, a drill).
+    #[arg(long, conflicts_with = "approval")]
+    hold: bool,
+    /// Start it with this held approval (approved by a second person, for
+    /// these very moves).
+    #[arg(long, value_name = "ID")]
+    approval: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -133,11 +144,29 @@ pub(crate) async fn run(client: &Client, args: SwitchoverArgs) -> Result<u8, Cli
             Ok(0)
         }
         SwitchoverCommand::Start(start) => {
-            let request = start
+            let mut request = start
                 .moves
                 .request(false, start.name.clone(), start.reason.clone());
-            let plan: SwitchoverPlan = client.post("/v1/switchovers", &request).await?;
-            if start.moves.output == Format::Table {
+            request.hold = start.hold;
+            request.approval = start.approval.clone();
+            let table = start.moves.output == Format::Table;
+            let plan: SwitchoverPlan =
+                match client.post_or_pending("/v1/switchovers", &request).await? {
+                    Outcome::Done(plan) => plan,
+                    Outcome::Pending(pending) if start.hold => {
+                        println!("{}", pending.message);
+                        return Ok(0);
+                    }
+                    Outcome::Pending(pending) if start.no_wait => {
+                        eprintln!("{}", pending.message);
+                        return Ok(exit::AWAITING_APPROVAL);
+                    }
+                    Outcome::Pending(pending) => {
+                        let info = crate::approval::wait_for_decision(client, &pending).await?;
+                        return follow_approved(client, &info, table).await;
+                    }
+                };
+            if table {
                 println!(
                     "switchover/{} started: {} shards of shardmap/{} ({})",
                     plan.name,
@@ -179,16 +208,58 @@ pub(crate) async fn run(client: &Client, args: SwitchoverArgs) -> Result<u8, Cli
             follow(client, &abort.name, true).await
         }
         SwitchoverCommand::Approve(approve) => {
-            let _: serde_json::Value = client
-                .post(
+            let answer: serde_json::Value = match client
+                .post_or_pending(
                     &format!("/v1/switchovers/{}/approve", segment(&approve.name)),
                     &serde_json::json!({}),
                 )
-                .await?;
-            println!("switchover/{}: approved", approve.name);
+                .await?
+            {
+                Outcome::Done(answer) => answer,
+                // Failovers need two people here: this was the first.
+                Outcome::Pending(pending) => {
+                    eprintln!("{}", pending.message);
+                    return Ok(exit::AWAITING_APPROVAL);
+                }
+            };
+            match serde_json::from_value::<ApprovalInfo>(answer) {
+                Ok(info) => println!(
+                    "approval {} approved: {} ({})",
+                    info.id,
+                    info.summary,
+                    info.result.as_deref().unwrap_or("?")
+                ),
+                Err(_) => println!("switchover/{}: approved", approve.name),
+            }
             follow(client, &approve.name, true).await
         }
     }
+}
+
+/// Follows the switchover an approval started, or says why it did not.
+async fn follow_approved(
+    client: &Client,
+    info: &ApprovalInfo,
+    table: bool,
+) -> Result<u8, CliError> {
+    if info.state != "approved" {
+        return Err(crate::approval::not_approved(info));
+    }
+    let name = info
+        .result
+        .as_deref()
+        .and_then(|r| r.strip_prefix("started switchover/"))
+        .unwrap_or_default()
+        .to_owned();
+    println!(
+        "approval {} approved by {}: switchover/{name} started",
+        info.id,
+        info.decided_by.as_deref().unwrap_or("?")
+    );
+    if name.is_empty() {
+        return Ok(0);
+    }
+    follow(client, &name, table).await
 }
 
 /// 0 when completed, `SWITCHOVER_ABORTED` when aborted, 0 while running.
@@ -370,6 +441,11 @@ fn print_plan(plan: &SwitchoverPlan, format: Format) -> Result<(), CliError> {
             );
             println!("shard map after the flip (the moved shards unfence last):");
             print!("{}", plan.diff);
+            if let Some(rule) = &plan.needs_approval {
+                println!(
+                    "approval: {rule}s need a second person's approval here: `atoll switchover start` asks for it and runs once approved (--hold: start later with --approval)"
+                );
+            }
             if plan.dry_run {
                 println!(
                     "(dry run: nothing changed; `atoll switchover start` with the same flags runs it)"

@@ -186,6 +186,33 @@ fn outcome_of(status: StatusCode, body: &[u8]) -> (String, String) {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
         return ("ok".to_owned(), String::new());
     };
+    // Stored for a second person's approval (202), or an approval decided.
+    if status == StatusCode::ACCEPTED
+        && let Some(id) = value["approval"]["id"].as_str()
+    {
+        return (
+            "awaiting approval".to_owned(),
+            format!(
+                "approval {id}: {}",
+                value["approval"]["summary"].as_str().unwrap_or_default()
+            ),
+        );
+    }
+    if let (Some(id), Some(state)) = (value["id"].as_str(), value["state"].as_str())
+        && id.starts_with("apr-")
+    {
+        return (
+            "ok".to_owned(),
+            format!(
+                "approval {id} {state}: {}{}",
+                value["summary"].as_str().unwrap_or_default(),
+                value["result"]
+                    .as_str()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            ),
+        );
+    }
     let mut parts = Vec::new();
     if value["dryRun"].as_bool() == Some(true) {
         parts.push("dry run".to_owned());

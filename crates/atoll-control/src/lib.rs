@@ -14,6 +14,7 @@
 //! reconnecting. It does not run workloads or route traffic.
 
 mod access;
+mod approvals;
 mod audit;
 mod control;
 mod health;

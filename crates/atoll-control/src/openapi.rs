@@ -46,6 +46,10 @@ use utoipa::OpenApi;
         crate::tokens::list_tokens,
         crate::tokens::revoke_token,
         crate::tokens::whoami,
+        crate::approvals::list_approvals,
+        crate::approvals::get_approval,
+        crate::approvals::approve_approval,
+        crate::approvals::reject_approval,
     ),
     components(schemas(
         SwitchoverRequest,
@@ -90,6 +94,10 @@ use utoipa::OpenApi;
         TokenInfo,
         TokenList,
         WhoAmI,
+        atoll_api::rest::ApprovalInfo,
+        atoll_api::rest::ApprovalPending,
+        atoll_api::rest::ApprovalList,
+        atoll_api::rest::ApprovalDecision,
         Issue
     ))
 )]

@@ -10,7 +10,7 @@ use atoll_api::rest::{
     ErrorCode, HistoryResponse, LeaderResponse, ListResponse, NodesResponse, RollbackRequest,
     StatusResponse, SwitchoverPlan, SwitchoverRequest,
 };
-use atoll_model::{Kind, ResourceKey};
+use atoll_model::{ApprovalRule, Kind, ResourceKey};
 use axum::body::Body;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Extension, MatchedPath, Path, Query, Request, State};
@@ -67,6 +67,16 @@ impl ApiError {
     /// The sentence for the caller.
     pub(crate) fn message(&self) -> &str {
         &self.body.message
+    }
+
+    /// The HTTP status.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The kind of error.
+    pub(crate) fn code(&self) -> ErrorCode {
+        self.body.error
     }
 }
 
@@ -179,6 +189,7 @@ pub(crate) fn router(control: Shared) -> Router {
         .route("/v1/switchovers/{name}/approve", post(approve_switchover))
         .route("/v1/audit/chain", get(crate::audit::chain))
         .merge(crate::tokens::routes())
+        .merge(crate::approvals::routes())
         .merge(crate::join::routes())
         .fallback(fallback)
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -815,18 +826,58 @@ async fn rollback(
     Path((kind, name)): Path<(String, String)>,
     query: Result<Query<WorkspaceQuery>, QueryRejection>,
     body: Result<Json<RollbackRequest>, JsonRejection>,
-) -> ApiResult<ApplyResponse> {
+) -> Result<Response, ApiError> {
     let Query(query) = query?;
     let Json(request) = body?;
     let key = ResourceKey::in_workspace(parse_kind(&kind)?, query.name(), name);
     control.authorize(&caller, Action::Rollback(&key))?;
-    let author = author(&caller, request.message);
-    Ok(Json(
-        control
-            .writer
-            .rollback(&key, request.revision, request.dry_run, &author)
-            .await?,
-    ))
+    let author = author(&caller, request.message.clone());
+    let guarded = key.kind == Kind::ShardMap
+        && !request.dry_run
+        && control.needs_approval(&key.workspace, ApprovalRule::ShardMapRollback);
+    if !guarded {
+        return Ok(Json(
+            control
+                .writer
+                .rollback(&key, request.revision, request.dry_run, &author)
+                .await?,
+        )
+        .into_response());
+    }
+    // Checked as if it would act (the revision exists, the content is
+    // valid today), then asked for.
+    let dry = control
+        .writer
+        .rollback(&key, request.revision, true, &author)
+        .await?;
+    let changed = dry
+        .changes
+        .iter()
+        .any(|c| c.action != atoll_api::rest::ChangeAction::Unchanged);
+    if !changed {
+        return Ok(Json(dry).into_response());
+    }
+    control
+        .ask_approval(
+            &caller,
+            crate::approvals::Ask {
+                workspace: key.workspace.clone(),
+                rule: ApprovalRule::ShardMapRollback,
+                summary: format!(
+                    "rolling {key} back to the content of revision {}",
+                    request.revision
+                ),
+                reason: request.message.clone(),
+                hold: false,
+                operation: crate::approvals::Operation::Rollback {
+                    key: key.clone(),
+                    revision: request.revision,
+                    message: request.message,
+                },
+            },
+            None,
+        )
+        .await
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -946,19 +997,105 @@ fn switchovers(control: &Control) -> Result<Arc<crate::switchover::Switchovers>,
 /// `/v1/resources/switchovers/{name}`.
 #[utoipa::path(post, path = "/v1/switchovers", request_body = SwitchoverRequest,
     responses((status = 200, body = SwitchoverPlan, description = "Planned (dry run) or started"),
+        (status = 202, body = atoll_api::rest::ApprovalPending, description = "Needs a second person's approval: stored as an approval request"),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "A blocking check failed, or another switchover runs on the map")))]
 async fn start_switchover(
     State(control): State<Shared>,
     Extension(caller): Extension<Caller>,
     body: Result<Json<SwitchoverRequest>, JsonRejection>,
-) -> ApiResult<SwitchoverPlan> {
+) -> Result<Response, ApiError> {
     // Switchovers act on the default workspace's shard maps.
-    control.authorize(&caller, Action::Switchover(atoll_model::DEFAULT_WORKSPACE))?;
+    let workspace = atoll_model::DEFAULT_WORKSPACE;
+    control.authorize(&caller, Action::Switchover(workspace))?;
     let Json(request) = body?;
     let author = author(&caller, request.reason.clone());
-    let plan = switchovers(&control)?.start(request, &author).await?;
-    Ok(Json(plan))
+    let switchovers = switchovers(&control)?;
+    let rule = if request.failover {
+        ApprovalRule::Failover
+    } else {
+        ApprovalRule::Switchover
+    };
+    let guarded = control.needs_approval(workspace, rule);
+    if let Some(id) = &request.approval {
+        control
+            .use_held(&caller, id, &request, !request.dry_run)
+            .await?;
+        let started = switchovers.start(request.clone(), &author).await;
+        if started.is_err() && !request.dry_run {
+            control.release_held(id).await;
+        }
+        return Ok(Json(started?).into_response());
+    }
+    if request.hold && !guarded {
+        return Err(ApiError::bad_request(format!(
+            "`hold` asks for a second person's approval to use later, and {}s need none in workspace {workspace}: start it without `hold`",
+            rule.as_str()
+        )));
+    }
+    if !guarded {
+        return Ok(Json(switchovers.start(request, &author).await?).into_response());
+    }
+    // Checked as if it would start (the plan and its blocking checks),
+    // then asked for.
+    let dry = SwitchoverRequest {
+        dry_run: true,
+        ..request.clone()
+    };
+    let mut plan = switchovers.start(dry, &author).await?;
+    let blocking: Vec<String> = plan
+        .checks
+        .iter()
+        .filter(|c| c.result == "blocking")
+        .map(|c| format!("{}: {}", c.check, c.detail))
+        .collect();
+    if !blocking.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            ErrorCode::Conflict,
+            format!("the switchover cannot start: {}", blocking.join("; ")),
+        ));
+    }
+    if request.dry_run {
+        plan.needs_approval = Some(rule.as_str().to_owned());
+        return Ok(Json(plan).into_response());
+    }
+    let moves: Vec<String> = plan
+        .moves
+        .iter()
+        .map(|m| {
+            format!(
+                "shards {} {} → {}",
+                m["shards"].as_str().unwrap_or("?"),
+                m["from"].as_str().unwrap_or("?"),
+                m["to"].as_str().unwrap_or("?")
+            )
+        })
+        .collect();
+    let summary = format!(
+        "{} of ShardMap {} ({})",
+        if request.failover {
+            "a failover"
+        } else {
+            "a switchover"
+        },
+        plan.shard_map,
+        moves.join(", ")
+    );
+    control
+        .ask_approval(
+            &caller,
+            crate::approvals::Ask {
+                workspace: workspace.to_owned(),
+                rule,
+                summary,
+                reason: request.reason.clone(),
+                hold: request.hold,
+                operation: crate::approvals::Operation::StartSwitchover { request },
+            },
+            None,
+        )
+        .await
 }
 
 /// Stops a switchover before its flip: the moving shards serve at their old
@@ -979,17 +1116,40 @@ async fn abort_switchover(
 
 /// Lets a failover that waits for approval run.
 #[utoipa::path(post, path = "/v1/switchovers/{name}/approve", params(("name" = String, Path)),
-    responses((status = 200, description = "Approved: the Switchover", content_type = "application/json"),
+    responses((status = 200, description = "Approved: the Switchover (or, where failovers need two people, the approval request it approved)", content_type = "application/json"),
+        (status = 202, body = atoll_api::rest::ApprovalPending, description = "Where failovers need two people: the first approval, stored as an approval request"),
         (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Not a failover waiting for approval")))]
 async fn approve_switchover(
     State(control): State<Shared>,
     Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    control.authorize(&caller, Action::Approve(atoll_model::DEFAULT_WORKSPACE))?;
+) -> Result<Response, ApiError> {
+    let workspace = atoll_model::DEFAULT_WORKSPACE;
+    control.authorize(&caller, Action::Approve(workspace))?;
+    let switchovers = switchovers(&control)?;
+    if control.needs_approval(workspace, ApprovalRule::Failover) {
+        // Two people: the first asks, the second approves that request.
+        let summary = switchovers.approvable(&name).await?;
+        return control
+            .approve_failover_by_two(
+                &caller,
+                &name,
+                crate::approvals::Ask {
+                    workspace: workspace.to_owned(),
+                    rule: ApprovalRule::Failover,
+                    summary,
+                    operation: crate::approvals::Operation::ApproveFailover {
+                        switchover: name.clone(),
+                    },
+                    reason: None,
+                    hold: false,
+                },
+            )
+            .await;
+    }
     let author = author(&caller, None);
-    let resource = switchovers(&control)?.approve(&name, &author).await?;
-    Ok(Json(serde_json::to_value(&resource).unwrap_or_default()))
+    let resource = switchovers.approve(&name, &author).await?;
+    Ok(Json(serde_json::to_value(&resource).unwrap_or_default()).into_response())
 }
 
 /// Waits until every matching node has applied at least `version`; on

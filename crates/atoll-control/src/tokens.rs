@@ -20,6 +20,7 @@ use atoll_store::{Expect, Write};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -72,6 +73,10 @@ pub(crate) struct TokenRecord {
     pub(crate) revoked_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) used: Option<i64>,
+    /// Made where tokens need a second person: the approval request that
+    /// must be approved before it may be used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) awaiting: Option<String>,
 }
 
 /// The node a bootstrap token lets join.
@@ -122,6 +127,12 @@ impl TokenRecord {
                 time_text(self.expires)
             ));
         }
+        if let Some(approval) = &self.awaiting {
+            return Err(format!(
+                "token {} awaits a second person's approval ({approval}); it works once someone else runs `atoll approval approve {approval}`",
+                self.id
+            ));
+        }
         if self.used.is_some() {
             return Err(format!(
                 "bootstrap token {} was already used; each joins one node",
@@ -148,6 +159,7 @@ impl TokenRecord {
             revoked: self.revoked.map(time_text),
             revoked_by: self.revoked_by.clone(),
             used: self.used.map(time_text),
+            awaiting_approval: self.awaiting.clone(),
         }
     }
 }
@@ -204,12 +216,20 @@ enum Made {
     Bootstrap(NodeScope),
 }
 
-/// Checks a request and the caller's right to it.
+/// Which approval rule guards a token: of the fleet's admins (checked
+/// against `default`'s rule) or of a workspace's.
+struct Guard {
+    fleet: bool,
+    workspace: String,
+}
+
+/// Checks a request and the caller's right to it; the guard is `None` for
+/// a token for oneself with no more than one's own groups.
 fn check_request(
     control: &crate::control::Control,
     caller: &Caller,
     request: &TokenRequest,
-) -> Result<(Made, Duration), ApiError> {
+) -> Result<(Made, Duration, Option<Guard>), ApiError> {
     let node = request.role.is_some() || request.zone.is_some() || request.workspace.is_some();
     if node && (request.user.is_some() || !request.groups.is_empty()) {
         return Err(bad(
@@ -243,12 +263,17 @@ fn check_request(
         };
         // The identity it will be issued must be a valid one.
         AtollId::new(&workspace, role, &zone, "node").map_err(|e| bad(e.to_string()))?;
-        if role == Role::Control {
+        let fleet = role == Role::Control;
+        if fleet {
             control.authorize(caller, Action::AdministerFleet)?;
         } else {
             control.authorize(caller, Action::BootstrapToken(&workspace))?;
         }
         let ttl = ttl_of(request, BOOTSTRAP_TTL, (BOOTSTRAP_MAX_TTL, "7d"))?;
+        let guard = Guard {
+            fleet,
+            workspace: crate::approvals::token_workspace(fleet, Some(&workspace)),
+        };
         return Ok((
             Made::Bootstrap(NodeScope {
                 workspace,
@@ -256,6 +281,7 @@ fn check_request(
                 zone,
             }),
             ttl,
+            Some(guard),
         ));
     }
     let own = caller.principal.user().map(str::to_owned);
@@ -287,7 +313,11 @@ fn check_request(
     let mut groups = request.groups.clone();
     groups.sort();
     groups.dedup();
-    Ok((Made::Api { user, groups }, ttl))
+    let guard = (!for_self).then(|| Guard {
+        fleet: true,
+        workspace: crate::approvals::token_workspace(true, None),
+    });
+    Ok((Made::Api { user, groups }, ttl, guard))
 }
 
 /// Makes an API token for a user, or a bootstrap token for a node to join.
@@ -299,9 +329,12 @@ pub(crate) async fn create_token(
     State(control): State<Shared>,
     Extension(caller): Extension<Caller>,
     body: Result<Json<TokenRequest>, JsonRejection>,
-) -> ApiResult<TokenCreated> {
+) -> Result<Response, ApiError> {
     let Json(request) = body?;
-    let (made, ttl) = check_request(&control, &caller, &request)?;
+    let (made, ttl, guard) = check_request(&control, &caller, &request)?;
+    let guard = guard.filter(|g| {
+        control.needs_approval(&g.workspace, atoll_model::ApprovalRule::Token)
+    });
     if let Some(description) = &request.description
         && (description.len() > 512 || description.chars().any(char::is_control))
     {
@@ -338,7 +371,11 @@ pub(crate) async fn create_token(
         revoked: None,
         revoked_by: None,
         used: None,
+        awaiting: None,
     };
+    if let Some(guard) = guard {
+        return ask_for(&control, &caller, record, token, guard, &request).await;
+    }
     let fence = control.leadership.fence()?;
     control
         .coordination
@@ -358,7 +395,127 @@ pub(crate) async fn create_token(
     Ok(Json(TokenCreated {
         token: token.to_string(),
         info: record.info(),
-    }))
+    })
+    .into_response())
+}
+
+/// Stores a token that needs a second person, unusable, with its approval
+/// request, in one batch; the 202 answer holds the token.
+async fn ask_for(
+    control: &crate::control::Control,
+    caller: &Caller,
+    mut record: TokenRecord,
+    token: Token,
+    guard: Guard,
+    request: &TokenRequest,
+) -> Result<Response, ApiError> {
+    let summary = match &record.node {
+        Some(n) => format!(
+            "a bootstrap token {} for a {} of zone {} (workspace {})",
+            record.id, n.role, n.zone, n.workspace
+        ),
+        None => format!(
+            "an API token {} for {}{}",
+            record.id,
+            record.user.as_deref().unwrap_or("?"),
+            if record.groups.is_empty() {
+                String::new()
+            } else {
+                format!(" (groups {})", record.groups.join(", "))
+            }
+        ),
+    };
+    let approval = control.new_request(
+        caller,
+        crate::approvals::Ask {
+            workspace: guard.workspace,
+            rule: atoll_model::ApprovalRule::Token,
+            summary,
+            operation: crate::approvals::Operation::Token {
+                id: record.id.clone(),
+                fleet: guard.fleet,
+            },
+            reason: request.description.clone(),
+            hold: false,
+        },
+    )?;
+    record.awaiting = Some(approval.id().to_owned());
+    let fence = control.leadership.fence()?;
+    control
+        .coordination
+        .write_keys(
+            vec![
+                Write::put(token_key(&token.id), record.encode()).expecting(Expect::Absent),
+                approval.creation(),
+            ],
+            Some(&fence),
+        )
+        .await
+        .map_err(|e| control.leadership.check(&fence, e))
+        .map_err(ApiError::from)?;
+    tracing::info!(id = %token.id, approval = %approval.id(), by = %caller.name(), "token created, awaiting approval");
+    Ok(crate::approvals::pending_answer(
+        &approval,
+        Some(token.to_string()),
+    ))
+}
+
+impl crate::control::Control {
+    async fn token_record(&self, id: &str) -> Result<(TokenRecord, i64), ApiError> {
+        let entry = self
+            .coordination
+            .get_key(&token_key(id))
+            .await
+            .map_err(ApiError::from)?
+            .ok_or_else(|| ApiError::not_found(format!("token {id} no longer exists")))?;
+        let record = TokenRecord::decode(&entry.value).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                format!("the record of token {id} does not parse: {e}"),
+            )
+        })?;
+        Ok((record, entry.modified))
+    }
+
+    async fn put_token(&self, record: &TokenRecord, modified: i64) -> Result<(), ApiError> {
+        let fence = self.leadership.fence()?;
+        self.coordination
+            .put_key(
+                Write::put(token_key(&record.id), record.encode())
+                    .expecting(Expect::Modified(modified)),
+                Some(&fence),
+            )
+            .await
+            .map_err(|e| self.leadership.check(&fence, e))
+            .map_err(ApiError::from)?;
+        Ok(())
+    }
+
+    /// Makes a token approved by a second person usable.
+    pub(crate) async fn activate_token(&self, id: &str) -> Result<(), ApiError> {
+        let (mut record, modified) = self.token_record(id).await?;
+        if record.revoked.is_some() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                ErrorCode::Conflict,
+                format!("token {id} was revoked meanwhile; make a new one"),
+            ));
+        }
+        record.awaiting = None;
+        self.put_token(&record, modified).await
+    }
+
+    /// Revokes a token whose approval was rejected.
+    pub(crate) async fn revoke_unapproved(&self, id: &str, by: &str) -> Result<(), ApiError> {
+        let (mut record, modified) = self.token_record(id).await?;
+        if record.revoked.is_some() {
+            return Ok(());
+        }
+        record.revoked = Some(OffsetDateTime::now_utc().unix_timestamp());
+        record.revoked_by = Some(format!("{by} (approval rejected)"));
+        self.put_token(&record, modified).await
+    }
 }
 
 async fn records(control: &crate::control::Control) -> Result<Vec<(TokenRecord, i64)>, ApiError> {
@@ -515,6 +672,7 @@ mod tests {
             revoked: None,
             revoked_by: None,
             used: None,
+            awaiting: None,
         }
     }
 

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use atoll_api::rest::ErrorBody;
+use atoll_api::rest::{ApprovalPending, ErrorBody};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body_util::Full;
@@ -69,6 +69,10 @@ pub enum RestError {
         /// The start of the body.
         text: String,
     },
+    /// The call needs a second person's approval (202): it did not act;
+    /// it is stored as an approval request.
+    #[error("{}", .0.message)]
+    AwaitingApproval(Box<ApprovalPending>),
     /// A successful answer whose body is not what was expected.
     #[error(
         "unexpected answer from the control plane ({0}); are the client and the server the same version?"
@@ -99,6 +103,11 @@ impl RestResponse {
     pub fn json<T: DeserializeOwned>(self) -> Result<T, RestError> {
         if !self.status.is_success() {
             return Err(self.error());
+        }
+        if self.status == StatusCode::ACCEPTED
+            && let Ok(pending) = serde_json::from_slice::<ApprovalPending>(&self.body)
+        {
+            return Err(RestError::AwaitingApproval(Box::new(pending)));
         }
         serde_json::from_slice(&self.body).map_err(|e| RestError::Decode(e.to_string()))
     }

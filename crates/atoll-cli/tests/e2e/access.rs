@@ -16,14 +16,14 @@ fn ca(dir: &Path) -> PathBuf {
 
 use crate::tls::issue;
 
-struct Secure {
+pub(crate) struct Secure {
     dir: tempfile::TempDir,
     ca_dir: PathBuf,
-    ca_flag: String,
-    control: Control,
+    pub(crate) ca_flag: String,
+    pub(crate) control: Control,
 }
 
-fn secure_control() -> Secure {
+pub(crate) fn secure_control() -> Secure {
     secure_control_with(|_| Vec::new())
 }
 
@@ -51,7 +51,7 @@ fn secure_control_with(extra: impl FnOnce(&Path) -> Vec<String>) -> Secure {
 
 impl Secure {
     /// A new API token made by the admin: `atoll token create ARGS`.
-    fn token(&self, args: &[&str]) -> String {
+    pub(crate) fn token(&self, args: &[&str]) -> String {
         let mut all = vec![self.ca_flag.as_str(), "token", "create"];
         all.extend(args);
         let run = self.control.atoll(&all).success();
@@ -60,13 +60,13 @@ impl Secure {
         token
     }
 
-    fn run(&self, token: Option<&str>, args: &[&str]) -> crate::harness::Run {
+    pub(crate) fn run(&self, token: Option<&str>, args: &[&str]) -> crate::harness::Run {
         let mut all = vec![self.ca_flag.as_str()];
         all.extend(args);
         self.control.atoll_as(token, &all, None)
     }
 
-    fn apply(&self, token: &str, manifest: &str) -> crate::harness::Run {
+    pub(crate) fn apply(&self, token: &str, manifest: &str) -> crate::harness::Run {
         self.control.atoll_as(
             Some(token),
             &[self.ca_flag.as_str(), "apply", "-f", "-"],

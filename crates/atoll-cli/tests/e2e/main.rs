@@ -11,6 +11,7 @@
 
 mod access;
 mod agent;
+mod approvals;
 mod cli;
 mod data_path;
 mod gateway;

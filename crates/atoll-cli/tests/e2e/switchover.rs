@@ -391,9 +391,28 @@ fn a_manual_emergency_plan_waits_for_approval_and_switchovers_guard_their_map() 
         .atoll_with_stdin(&["apply", "-f", "-"], Some(forged))
         .fails(1, &["written by the control plane"]);
 
-    // Approved: it runs to completion (no node to wait for; the lease of a
-    // control plane that started 1 s ago has expired).
-    let approved = control.atoll(&["switchover", "approve", &name]).success();
+    // Where failovers need two people, the first approval only asks; the
+    // same person cannot be the second.
+    control
+        .atoll_with_stdin(
+            &["apply", "-f", "-"],
+            Some("apiVersion: atoll/v1\nkind: Workspace\nmetadata: {name: default}\nspec:\n  approvals: [failover]\n"),
+        )
+        .success();
+    control
+        .atoll(&["--as", "olga", "switchover", "approve", &name])
+        .fails(14, &["needs a second person's approval", "approval apr-"]);
+    control
+        .atoll(&["--as", "olga", "switchover", "approve", &name])
+        .fails(12, &["olga asked for approval", "cannot approve it"]);
+    let waiting = control.json(&["get", "switchover", &name]);
+    assert_eq!(waiting["spec"]["phase"], "awaitingApproval", "{waiting}");
+
+    // Approved by a second person: it runs to completion (no node to wait
+    // for; the lease of a control plane that started 1 s ago has expired).
+    let approved = control
+        .atoll(&["--as", "dora", "switchover", "approve", &name])
+        .success();
     assert!(
         approved.stdout().contains("completed"),
         "{}",

@@ -136,6 +136,40 @@ impl Switchovers {
         .await
     }
 
+    /// What approving failover `name` would let run, if it waits for
+    /// approval (else why not: 409).
+    pub(crate) async fn approvable(&self, name: &str) -> Result<String, ControlError> {
+        let resource = self
+            .writer
+            .store
+            .get(&ResourceKey::new(Kind::Switchover, name))
+            .await?
+            .ok_or_else(|| ControlError::NotFound(format!("switchover/{name} does not exist")))?;
+        let Spec::Switchover(spec) = &resource.spec else {
+            return Err(ControlError::Unavailable(
+                "a Switchover without its spec".into(),
+            ));
+        };
+        if spec.mode != SwitchoverMode::Failover {
+            return Err(ControlError::Conflict(format!(
+                "switchover/{name} is planned: it needs no approval"
+            )));
+        }
+        if spec.approved || spec.phase.is_final() {
+            return Err(ControlError::Conflict(format!(
+                "switchover/{name} is {} and needs no approval",
+                spec.phase
+            )));
+        }
+        let cells: std::collections::BTreeSet<&str> =
+            spec.moves.iter().map(|m| m.from.as_str()).collect();
+        Ok(format!(
+            "letting failover switchover/{name} of {} (ShardMap {}) run",
+            cells.into_iter().collect::<Vec<_>>().join(", "),
+            spec.shard_map
+        ))
+    }
+
     /// Resumes every unfinished switchover (after a restart).
     pub(crate) async fn resume(self: &Arc<Self>) -> Result<(), ControlError> {
         let snapshot = self.writer.store.snapshot().await?;

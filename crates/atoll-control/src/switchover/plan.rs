@@ -208,6 +208,7 @@ impl Switchovers {
             shard_count,
             diff: diff(&map.key().to_string(), Some(map), Some(&after)),
             checks,
+            needs_approval: None,
             expected_fence_window: format!(
                 "two barriers over {} nodes (milliseconds each when every node is connected) plus the sync gate: {lag} log positions to replicate now; the sync gate gives up after {}",
                 self.nodes.list().len(),
