@@ -131,7 +131,7 @@ fn invalid_changes_are_refused_with_clear_errors_and_change_nothing() {
         "unknown.yaml",
         "apiVersion: atoll/v1\nkind: Zone\nmetadata: {name: hz-c}\nspec: {region: hz, wieght: 3}\n",
         &[
-            "unknown.yaml:4:20: Zone/hz-c spec.wieght: unknown field `wieght`, expected `region` or `weight`",
+            "unknown.yaml:4:20: Zone/hz-c spec.wieght: unknown field `wieght`, expected one of `region`, `weight`, `runAs`",
         ],
     );
     // Every problem of a batch at once, across files.
