@@ -205,8 +205,7 @@ pub(crate) async fn wait_for_decision(
     );
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let info: ApprovalInfo = match client.get(&format!("/v1/approvals/{}", segment(id))).await
-        {
+        let info: ApprovalInfo = match client.get(&format!("/v1/approvals/{}", segment(id))).await {
             Ok(info) => info,
             // A replica going away is waited out like the decision.
             Err(error) if error.code == exit::UNREACHABLE => continue,

@@ -287,31 +287,31 @@ pub(crate) async fn token(client: &Client, args: TokenArgs) -> Result<u8, CliErr
                 ttl: args.ttl,
                 description: args.description,
             };
-            let created: TokenCreated =
-                match client.post_or_pending("/v1/tokens", &request).await? {
-                    crate::client::Outcome::Done(created) => created,
-                    crate::client::Outcome::Pending(pending) => {
-                        match args.output {
-                            Format::Json => print_json(&pending),
-                            Format::Yaml => print!(
-                                "{}",
-                                atoll_model::to_yaml(
-                                    &serde_json::to_value(&pending).unwrap_or_default()
-                                )
-                            ),
-                            Format::Table => {
-                                if let Some(token) = &pending.token {
-                                    println!("{token}");
-                                }
-                                eprintln!(
-                                    "the token is shown only now and works once approved: {}",
-                                    pending.message
-                                );
+            let created: TokenCreated = match client.post_or_pending("/v1/tokens", &request).await?
+            {
+                crate::client::Outcome::Done(created) => created,
+                crate::client::Outcome::Pending(pending) => {
+                    match args.output {
+                        Format::Json => print_json(&pending),
+                        Format::Yaml => print!(
+                            "{}",
+                            atoll_model::to_yaml(
+                                &serde_json::to_value(&pending).unwrap_or_default()
+                            )
+                        ),
+                        Format::Table => {
+                            if let Some(token) = &pending.token {
+                                println!("{token}");
                             }
+                            eprintln!(
+                                "the token is shown only now and works once approved: {}",
+                                pending.message
+                            );
                         }
-                        return Ok(exit::AWAITING_APPROVAL);
                     }
-                };
+                    return Ok(exit::AWAITING_APPROVAL);
+                }
+            };
             match args.output {
                 Format::Json => print_json(&created),
                 Format::Yaml => print!(

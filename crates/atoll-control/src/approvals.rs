@@ -298,7 +298,11 @@ impl Control {
     }
 
     /// The record of a new request (not stored yet).
-    pub(crate) fn new_request(&self, caller: &Caller, ask: Ask) -> Result<ApprovalRecord, ApiError> {
+    pub(crate) fn new_request(
+        &self,
+        caller: &Caller,
+        ask: Ask,
+    ) -> Result<ApprovalRecord, ApiError> {
         let requester = Requester::of(&caller.principal).ok_or_else(|| {
             forbidden(format!(
                 "{} may not ask for approvals; a person or a program with an API token does",
@@ -656,7 +660,10 @@ impl Control {
         if !record.hold {
             return Err(ApiError::bad_request(format!(
                 "approval {id} is not a held one: it ran when it was approved ({})",
-                record.result.as_deref().unwrap_or("see `atoll approval show`")
+                record
+                    .result
+                    .as_deref()
+                    .unwrap_or("see `atoll approval show`")
             )));
         }
         if !record.requester.is(&caller.principal) {
@@ -815,7 +822,9 @@ pub(crate) async fn get_approval(
     Ok(Json(record.info()))
 }
 
-fn decision(body: Result<Json<ApprovalDecision>, JsonRejection>) -> Result<Option<String>, ApiError> {
+fn decision(
+    body: Result<Json<ApprovalDecision>, JsonRejection>,
+) -> Result<Option<String>, ApiError> {
     // An empty body is a decision without a comment.
     let comment = match body {
         Ok(Json(decision)) => decision.comment,
@@ -912,7 +921,10 @@ mod tests {
         assert_eq!(pending.state_at(2_000), "expired");
         assert!(!pending.pending_at(2_000));
         // Decided requests keep their state.
-        assert_eq!(record(Decision::Approved, 2_000).state_at(5_000), "approved");
+        assert_eq!(
+            record(Decision::Approved, 2_000).state_at(5_000),
+            "approved"
+        );
     }
 
     #[test]
@@ -930,7 +942,11 @@ mod tests {
         assert!(!asked.requester.is(&other));
         assert!(!asked.requester.is(&Principal::Anonymous));
         // Unverified names (no access control) are compared as claimed.
-        assert!(asked.requester.is(&Principal::Unverified("alice".to_owned())));
+        assert!(
+            asked
+                .requester
+                .is(&Principal::Unverified("alice".to_owned()))
+        );
     }
 
     #[test]

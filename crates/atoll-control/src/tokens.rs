@@ -332,9 +332,8 @@ pub(crate) async fn create_token(
 ) -> Result<Response, ApiError> {
     let Json(request) = body?;
     let (made, ttl, guard) = check_request(&control, &caller, &request)?;
-    let guard = guard.filter(|g| {
-        control.needs_approval(&g.workspace, atoll_model::ApprovalRule::Token)
-    });
+    let guard =
+        guard.filter(|g| control.needs_approval(&g.workspace, atoll_model::ApprovalRule::Token));
     if let Some(description) = &request.description
         && (description.len() > 512 || description.chars().any(char::is_control))
     {

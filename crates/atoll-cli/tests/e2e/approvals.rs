@@ -37,12 +37,7 @@ fn show(secure: &Secure, token: &str, id: &str) -> Value {
     serde_json::from_str(&out).unwrap()
 }
 
-fn switchover(
-    secure: &Secure,
-    token: &str,
-    verb: &str,
-    more: &[&str],
-) -> crate::harness::Run {
+fn switchover(secure: &Secure, token: &str, verb: &str, more: &[&str]) -> crate::harness::Run {
     let mut args = vec!["switchover", verb, "--to", "rz02", "--skip-sync-gate"];
     if !more.contains(&"--shards") {
         args.extend(["--shards", "0-4"]);
@@ -75,7 +70,10 @@ fn two_person_approvals_guard_switchovers_rollbacks_and_tokens() {
         .fails(11, &["awaits a second person's approval"]);
     // Withdrawn by its requester: the token stays unusable, revoked.
     secure
-        .run(Some(&admin), &["approval", "reject", &approval_id(&eve.stderr())])
+        .run(
+            Some(&admin),
+            &["approval", "reject", &approval_id(&eve.stderr())],
+        )
         .success();
     secure
         .run(Some(&eve_token), &["whoami"])
@@ -116,7 +114,10 @@ fn two_person_approvals_guard_switchovers_rollbacks_and_tokens() {
         .fails(14, &["rolling ShardMap/users back", "approval apr-"]);
     let rollback_id = approval_id(&rollback.stderr());
     let done = secure
-        .run(Some(&dora), &["approval", "reject", &rollback_id, "-m", "not now"])
+        .run(
+            Some(&dora),
+            &["approval", "reject", &rollback_id, "-m", "not now"],
+        )
         .success();
     assert!(done.stdout().contains("rejected"), "{}", done.stdout());
     secure
@@ -132,7 +133,10 @@ fn two_person_approvals_guard_switchovers_rollbacks_and_tokens() {
         .run(Some(&olga_again), &["approval", "approve", &held_id])
         .fails(12, &["olga asked for approval", "cannot approve it"]);
     let granted = secure
-        .run(Some(&dora), &["approval", "approve", &held_id, "-m", "CAB ok"])
+        .run(
+            Some(&dora),
+            &["approval", "approve", &held_id, "-m", "CAB ok"],
+        )
         .success();
     assert!(
         granted.stdout().contains("approved by dora") && granted.stdout().contains("held for olga"),
@@ -157,16 +161,18 @@ fn two_person_approvals_guard_switchovers_rollbacks_and_tokens() {
             ],
         )
         .fails(1, &["covers"]);
-    let started = switchover(&secure, &olga, "start", &["--approval", &held_id, "--no-wait"])
-        .success();
-    assert!(
-        started.stdout().contains("started"),
-        "{}",
-        started.stdout()
-    );
-    switchover(&secure, &olga, "start", &["--approval", &held_id])
-        .fails(4, &["was used at"]);
-    let list = secure.control.json(&[&secure.ca_flag, "get", "switchovers"]);
+    let started = switchover(
+        &secure,
+        &olga,
+        "start",
+        &["--approval", &held_id, "--no-wait"],
+    )
+    .success();
+    assert!(started.stdout().contains("started"), "{}", started.stdout());
+    switchover(&secure, &olga, "start", &["--approval", &held_id]).fails(4, &["was used at"]);
+    let list = secure
+        .control
+        .json(&[&secure.ca_flag, "get", "switchovers"]);
     let name = list["items"][0]["metadata"]["name"]
         .as_str()
         .expect("a switchover")
@@ -181,7 +187,9 @@ fn two_person_approvals_guard_switchovers_rollbacks_and_tokens() {
     let asked = switchover(&secure, &olga, "start", &["--shards", "5-9", "--no-wait"])
         .fails(14, &["approval apr-"]);
     let id = approval_id(&asked.stderr());
-    let before = secure.control.json(&[&secure.ca_flag, "get", "switchovers"]);
+    let before = secure
+        .control
+        .json(&[&secure.ca_flag, "get", "switchovers"]);
     assert_eq!(before["items"].as_array().unwrap().len(), 1, "{before}");
     secure
         .run(Some(&olga), &["approval", "approve", &id])
@@ -232,9 +240,19 @@ fn two_person_approvals_guard_switchovers_rollbacks_and_tokens() {
         Some(&ada),
         &["token", "create", "--role", "gateway", "--zone", "hz-a"],
     );
-    let bootstrap_id = made.stdout().trim().split('_').nth(1).unwrap_or_default().to_owned();
+    let bootstrap_id = made
+        .stdout()
+        .trim()
+        .split('_')
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
     assert_eq!(made.code(), 14, "{}", made.stderr());
-    assert!(made.stdout().trim().starts_with("atb_"), "{}", made.stdout());
+    assert!(
+        made.stdout().trim().starts_with("atb_"),
+        "{}",
+        made.stdout()
+    );
     let token_approval = approval_id(&made.stderr());
     let listed = secure
         .run(Some(&admin), &["token", "list"])
@@ -262,7 +280,10 @@ fn two_person_approvals_guard_switchovers_rollbacks_and_tokens() {
         .lines()
         .find(|l| l.starts_with(&bootstrap_id))
         .expect("the bootstrap token listed");
-    assert!(line.contains("valid") && !line.contains("awaiting"), "{listed}");
+    assert!(
+        line.contains("valid") && !line.contains("awaiting"),
+        "{listed}"
+    );
 
     // The refusals are in the audit chain with the verified caller.
     let calls: Value = serde_json::from_str(
@@ -284,9 +305,13 @@ fn two_person_approvals_guard_switchovers_rollbacks_and_tokens() {
         .count();
     assert_eq!(own, 1, "{calls:#}");
     assert!(
-        calls.as_array().unwrap().iter().any(|c| c["caller"] == "olga"
-            && c["status"] == 202
-            && c["outcome"] == "awaiting approval"),
+        calls
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["caller"] == "olga"
+                && c["status"] == 202
+                && c["outcome"] == "awaiting approval"),
         "{calls:#}"
     );
 }
