@@ -239,7 +239,7 @@ pub(crate) async fn run(args: ControlArgs, tls: &crate::tls::TlsArgs) -> Result<
         (None, false) => {
             return Err(crate::client::CliError::new(
                 crate::client::exit::USAGE,
-                "atoll control serves plain HTTP only with --insecure: anyone who reaches the port could then change everything. Give it --ca, --cert and --key (`atoll ca init`, then `atoll ca issue --role control`; docs/security.md), or pass --insecure for a trial on one machine",
+                "atoll control serves plain HTTP only with --insecure: anyone who reaches the port could then change everything. Give it --ca, --cert and --key (`atoll ca init`, then `atoll ca issue --id atoll://default/control/-/NAME --host ADDRESS --out FILE`; docs/security.md#getting-in), or pass --insecure for a trial on one machine",
             ));
         }
         (Some(_), true) => {

@@ -441,7 +441,8 @@ pub enum ApprovalRule {
     Failover,
     /// Rolling a ShardMap back to a past revision.
     ShardMapRollback,
-    /// Creating a bootstrap token.
+    /// Creating a bootstrap token, or (in the default workspace) an API
+    /// token for someone else.
     Token,
 }
 

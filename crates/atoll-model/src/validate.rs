@@ -295,10 +295,10 @@ impl<'a> Validator<'a> {
 
     fn zone(&mut self, located: &Located, spec: &ZoneSpec) {
         self.reference(located, "spec.region", Kind::Region, &spec.region);
-        if let Some(user) = &spec.run_as {
-            if let Err(why) = crate::resource::parse_run_as(user) {
-                report!(self, located, "spec.runAs", "{why}");
-            }
+        if let Some(user) = &spec.run_as
+            && let Err(why) = crate::resource::parse_run_as(user)
+        {
+            report!(self, located, "spec.runAs", "{why}");
         }
     }
 
