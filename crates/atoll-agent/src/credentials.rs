@@ -23,11 +23,33 @@ use time::OffsetDateTime;
 pub(crate) struct Credentials {
     rest: atoll_transport::RestClient,
     dir: PathBuf,
-    /// When each instance's certificate began and ends (read from its file
-    /// once, then kept).
-    validity: Mutex<HashMap<String, (OffsetDateTime, OffsetDateTime)>>,
+    /// When each instance's certificate began and ends, and the
+    /// intermediate that signed it (read from its file once, then kept).
+    validity: Mutex<HashMap<String, Held>>,
+    /// The intermediate the control plane issues with now, and when it was
+    /// last asked.
+    current: tokio::sync::Mutex<Option<(Option<String>, std::time::Instant)>>,
     /// Whom each instance's files belong to (uid, gid), when not the agent.
     owners: Mutex<HashMap<String, Option<(u32, u32)>>>,
+}
+
+/// What is known of an instance's certificate.
+#[derive(Clone, Debug)]
+struct Held {
+    from: OffsetDateTime,
+    until: OffsetDateTime,
+    intermediate: Option<String>,
+}
+
+impl Held {
+    fn of(chain: &str) -> Option<Held> {
+        let (from, until) = atoll_identity::validity_of_pem(chain).ok()?;
+        Some(Held {
+            from,
+            until,
+            intermediate: atoll_identity::intermediate_of_chain(chain),
+        })
+    }
 }
 
 /// Whether a certificate valid from `from` to `until` is due for renewal:
@@ -79,6 +101,7 @@ impl Credentials {
                 .rest(urls, Some(std::time::Duration::from_secs(10))),
             dir: options.state_dir.join("credentials"),
             validity: Mutex::new(HashMap::new()),
+            current: tokio::sync::Mutex::new(None),
             owners: Mutex::new(HashMap::new()),
         })
     }
@@ -93,29 +116,58 @@ impl Credentials {
         }
     }
 
+    /// The fingerprint of the intermediate the control plane issues with
+    /// now, asked at most every `CA_CHECK_INTERVAL` (None: it cannot say).
+    async fn current_intermediate(&self) -> Option<String> {
+        let mut current = self.current.lock().await;
+        if let Some((fingerprint, asked)) = &*current
+            && asked.elapsed() < atoll_api::rest::CA_CHECK_INTERVAL
+        {
+            return fingerprint.clone();
+        }
+        let fingerprint = match self.rest.get::<atoll_api::rest::CaInfo>("/v1/ca").await {
+            Ok(info) => Some(info.intermediate_fingerprint).filter(|f| !f.is_empty()),
+            Err(error) => {
+                tracing::debug!(%error, "cannot ask the control plane for its intermediate");
+                None
+            }
+        };
+        *current = Some((fingerprint.clone(), std::time::Instant::now()));
+        fingerprint
+    }
+
     /// Makes sure `instance` has a certificate with more than a third of its
-    /// life left: issues one when it has none or it is due.
+    /// life left, from the intermediate the control plane issues with now:
+    /// issues one when it has none, it is due, or the intermediate was
+    /// rotated.
     pub(crate) async fn ensure(&self, instance: &str) -> Result<(), String> {
         let files = self.files(instance);
         let (Some(cert), Some(key), Some(ca)) = (&files.cert, &files.key, &files.ca) else {
             return Ok(());
         };
         let now = OffsetDateTime::now_utc();
-        let known = self.validity.lock().get(instance).copied();
-        let validity = match known {
-            Some(validity) => Some(validity),
+        let known = self.validity.lock().get(instance).cloned();
+        let held = match known {
+            Some(held) => Some(held),
             None => std::fs::read_to_string(cert)
                 .ok()
                 .filter(|_| key.exists() && ca.exists())
-                .and_then(|pem| atoll_identity::validity_of_pem(&pem).ok()),
+                .and_then(|pem| Held::of(&pem)),
         };
-        if let Some((from, until)) = validity
-            && !due(from, until, now)
+        if let Some(held) = held
+            && !due(held.from, held.until, now)
         {
-            self.validity
-                .lock()
-                .insert(instance.to_owned(), (from, until));
-            return Ok(());
+            let current = self.current_intermediate().await;
+            let rotated =
+                matches!((&current, &held.intermediate), (Some(now), Some(ours)) if now != ours);
+            if !rotated {
+                self.validity.lock().insert(instance.to_owned(), held);
+                return Ok(());
+            }
+            tracing::info!(
+                instance,
+                "the CA's intermediate was rotated; renewing the instance's certificate now"
+            );
         }
         // The request's subject is not used (the control plane names the
         // instance from the agent's certificate and `name`).
@@ -151,8 +203,9 @@ impl Credentials {
         write(key, &key_pem, true, owner)?;
         write(cert, &issued.chain, false, owner)?;
         write(ca, &issued.trust, false, owner)?;
-        let validity = atoll_identity::validity_of_pem(&issued.chain).map_err(|e| e.to_string())?;
-        self.validity.lock().insert(instance.to_owned(), validity);
+        let held = Held::of(&issued.chain)
+            .ok_or_else(|| format!("the certificate issued for {instance} cannot be read"))?;
+        self.validity.lock().insert(instance.to_owned(), held);
         tracing::info!(instance, identity = %issued.identity, expires = %issued.expires, "instance certificate issued");
         Ok(())
     }

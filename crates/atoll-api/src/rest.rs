@@ -839,6 +839,26 @@ pub struct InstanceCertificateRequest {
     pub csr: String,
 }
 
+/// How often a node asks `GET /v1/ca` whether the intermediate was rotated
+/// (one small read per node: 50 a second for a fleet of 1,000 nodes).
+pub const CA_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// `GET /v1/ca`: what the control plane issues certificates with now.
+/// Nodes compare `intermediateFingerprint` with the intermediate of their
+/// own chain and renew at once when it changed (`atoll ca rotate`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaInfo {
+    /// The root to trust, PEM.
+    pub trust: String,
+    /// The intermediate new certificates are signed by, PEM.
+    pub intermediate: String,
+    /// The SHA-256 of the intermediate's DER, hex.
+    pub intermediate_fingerprint: String,
+    /// When the intermediate ends (RFC 3339).
+    pub intermediate_expires: String,
+}
+
 /// A certificate the control plane issued.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -170,6 +170,27 @@ fn renew_at(issued: time::OffsetDateTime, expires: time::OffsetDateTime) -> time
     expires - (expires - issued) / 3
 }
 
+/// The fingerprint of the intermediate the control plane issues with now,
+/// when it is not the one that signed `chain` (`atoll ca rotate`). None
+/// when they are the same, or the control plane cannot say (it issues no
+/// certificates, or cannot be reached: the next look will tell).
+async fn rotated(client: &Client, chain: &str) -> Option<String> {
+    let ours = atoll_identity::intermediate_of_chain(chain)?;
+    match client.get::<atoll_api::rest::CaInfo>("/v1/ca").await {
+        Ok(info)
+            if !info.intermediate_fingerprint.is_empty()
+                && info.intermediate_fingerprint != ours =>
+        {
+            Some(info.intermediate_fingerprint)
+        }
+        Ok(_) => None,
+        Err(error) => {
+            tracing::debug!(error = %error.message, "cannot ask the control plane for its intermediate");
+            None
+        }
+    }
+}
+
 /// Renews the certificate of `--cert`/`--key` by itself, with a third of
 /// its life left, over the connection that certificate opens; the files are
 /// replaced by renames and the transport picks them up (`TlsArgs::follow`),
@@ -196,11 +217,19 @@ pub(crate) fn renew_in_background(client: Client, cert: PathBuf, key: PathBuf) {
             let now = time::OffsetDateTime::now_utc();
             let due = renew_at(issued, expires);
             if now < due {
-                // Look again at least every minute: someone may renew the
-                // files by hand meanwhile.
-                let wait = (due - now).min(time::Duration::minutes(1));
-                tokio::time::sleep(wait.try_into().unwrap_or_default()).await;
-                continue;
+                if let Some(current) = rotated(&client, &pem).await {
+                    // Renewed at once, so that the old intermediate can be
+                    // retired without waiting out every node's certificate.
+                    tracing::info!(intermediate = %current, "the CA's intermediate was rotated; renewing the certificate now");
+                } else {
+                    // Look again soon: the intermediate may be rotated, or
+                    // someone renew the files by hand.
+                    let wait = std::time::Duration::try_from(due - now)
+                        .unwrap_or_default()
+                        .min(atoll_api::rest::CA_CHECK_INTERVAL);
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
             }
             let result = async {
                 let (key_pem, csr) = key_and_csr("renewal")?;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use atoll_access::Principal;
 use atoll_api::rest::{
-    ErrorCode, InstanceCertificateRequest, IssuedCertificate, JoinRequest, RenewRequest,
+    CaInfo, ErrorCode, InstanceCertificateRequest, IssuedCertificate, JoinRequest, RenewRequest,
 };
 use atoll_identity::{AtollId, Authority, IssueRequest, KeySource, Role, Token, TokenKind};
 use atoll_store::{Expect, StoreError, Write};
@@ -42,6 +42,7 @@ pub struct IssuerOptions {
 
 pub(crate) fn routes() -> Router<Shared> {
     Router::new()
+        .route("/v1/ca", axum::routing::get(ca))
         .route("/v1/join", axum::routing::post(join))
         .route("/v1/renew", axum::routing::post(renew))
         .route(
@@ -80,13 +81,7 @@ async fn issue(
     }
     let issuer = issuer.clone();
     tokio::task::spawn_blocking(move || {
-        let authority = Authority::load(&issuer.ca_dir).map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                format!("cannot load the CA to issue with: {e}"),
-            )
-        })?;
+        let authority = load_authority(&issuer)?;
         let issued = authority
             .issue(&IssueRequest {
                 id: &id,
@@ -111,6 +106,85 @@ async fn issue(
             format!("issuing failed: {e}"),
         )
     })?
+}
+
+/// The CA of `--ca-dir` as it is on disk now. Read for every certificate,
+/// so `atoll ca rotate` takes effect at once; a read caught between the
+/// rotation's two writes is tried again.
+fn load_authority(issuer: &IssuerOptions) -> Result<Authority, ApiError> {
+    let mut tries = 0;
+    loop {
+        match Authority::load(&issuer.ca_dir) {
+            Ok(authority) => return Ok(authority),
+            Err(e) if tries < 5 && e.to_string().contains("is not the key of") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Internal,
+                    format!("cannot load the CA to issue with: {e}"),
+                ));
+            }
+        }
+    }
+}
+
+/// The root and the intermediate this replica issues with now: certificates
+/// are public, so anyone may ask. Nodes ask it to learn that the
+/// intermediate was rotated, and renew then.
+#[utoipa::path(get, path = "/v1/ca",
+    responses((status = 200, body = CaInfo),
+        (status = 501, body = atoll_api::rest::ErrorBody, description = "This replica does not issue certificates (no --ca-dir)")))]
+pub(crate) async fn ca(State(control): State<Shared>) -> ApiResult<CaInfo> {
+    let issuer = control
+        .issuer
+        .as_ref()
+        .ok_or_else(unavailable_issuer)?
+        .clone();
+    // Every node asks every `CA_CHECK_INTERVAL`: the answer is kept until
+    // the intermediate's file changes.
+    type Cached = Option<(PathBuf, std::time::SystemTime, u64, CaInfo)>;
+    static CACHE: parking_lot::Mutex<Cached> = parking_lot::Mutex::new(None);
+    let file = issuer.ca_dir.join("intermediate.pem");
+    let stamp = std::fs::metadata(&file)
+        .ok()
+        .and_then(|m| Some((m.modified().ok()?, m.len())));
+    if let (Some((modified, len)), Some((path, at, size, info))) = (stamp, &*CACHE.lock())
+        && *path == file
+        && *at == modified
+        && *size == len
+    {
+        return Ok(Json(info.clone()));
+    }
+    tokio::task::spawn_blocking(move || {
+        let authority = load_authority(&issuer)?;
+        let intermediate = authority.intermediate_pem().to_owned();
+        let intermediate_fingerprint = atoll_identity::fingerprints_of_pem(&intermediate)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        let info = CaInfo {
+            trust: authority.trust_pem().to_owned(),
+            intermediate,
+            intermediate_fingerprint,
+            intermediate_expires: crate::nodes::rfc3339(authority.intermediate_not_after()),
+        };
+        if let Some((modified, len)) = stamp {
+            *CACHE.lock() = Some((file, modified, len, info.clone()));
+        }
+        Ok(info)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            format!("reading the CA failed: {e}"),
+        )
+    })?
+    .map(Json)
 }
 
 /// A node's first certificate, against a bootstrap token (used up).

@@ -73,6 +73,32 @@ pub fn validity_of_pem(pem: &str) -> Result<(OffsetDateTime, OffsetDateTime), Ca
     ))
 }
 
+/// The SHA-256 of a certificate's DER, in hex: how nodes tell one
+/// intermediate from another.
+pub fn fingerprint(der: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, der)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The fingerprints of every certificate of a PEM bundle, in order: for a
+/// node's chain, its own certificate then the intermediate that signed it.
+pub fn fingerprints_of_pem(pem: &str) -> Vec<String> {
+    x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .map_while(Result::ok)
+        .filter(|block| block.label == "CERTIFICATE")
+        .map(|block| fingerprint(&block.contents))
+        .collect()
+}
+
+/// The fingerprint of the intermediate in a node's chain (leaf then
+/// intermediate), if it has one.
+pub fn intermediate_of_chain(pem: &str) -> Option<String> {
+    fingerprints_of_pem(pem).into_iter().nth(1)
+}
+
 /// Where the key of an issued certificate comes from.
 #[derive(Clone, Copy, Debug)]
 pub enum KeySource<'a> {
@@ -339,6 +365,20 @@ impl Authority {
             ))
         })?;
         let intermediate_not_after = not_after_of(&intermediate_pem, "intermediate.pem")?;
+        // `atoll ca rotate` writes the key, then the certificate: a load in
+        // between would sign with a key the certificate does not name.
+        let (_, block) = x509_parser::pem::parse_x509_pem(intermediate_pem.as_bytes())
+            .map_err(|e| CaError(format!("intermediate.pem is not a PEM certificate: {e}")))?;
+        let parsed = block
+            .parse_x509()
+            .map_err(|e| CaError(format!("intermediate.pem cannot be read: {e}")))?;
+        if parsed.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err(CaError(format!(
+                "{} is not the key of {} (an intermediate being rotated? try again in a moment; else restore the pair)",
+                dir.join("intermediate.key").display(),
+                dir.join("intermediate.pem").display()
+            )));
+        }
         let issuer = Issuer::from_ca_cert_pem(&intermediate_pem, key).map_err(|e| {
             CaError(format!(
                 "{} cannot be read: {e}",

@@ -158,6 +158,31 @@ async fn a_rotated_intermediate_keeps_the_root_so_old_and_new_certificates_both_
     // The CA on disk is the new one.
     let loaded = Authority::load(&ca_dir).expect("load");
     assert_eq!(loaded.intermediate_pem(), after.intermediate_pem());
+    // A node tells which intermediate signed its chain.
+    let issued = after
+        .issue(&IssueRequest {
+            id: &node,
+            key: KeySource::Generate,
+            lifetime: Duration::from_secs(3600),
+            hosts: &[],
+        })
+        .expect("issued");
+    let new = atoll_identity::fingerprints_of_pem(after.intermediate_pem());
+    assert_eq!(new.len(), 1);
+    assert_eq!(
+        atoll_identity::intermediate_of_chain(&issued.chain_pem).as_ref(),
+        Some(&new[0])
+    );
+    assert_ne!(
+        atoll_identity::fingerprints_of_pem(before.intermediate_pem()),
+        new
+    );
+    // Caught between rotate's two writes (the new key beside the old
+    // certificate), the CA refuses to sign rather than sign with a key
+    // its certificate does not name.
+    std::fs::write(ca_dir.join("intermediate.pem"), before.intermediate_pem()).expect("write");
+    let error = Authority::load(&ca_dir).expect_err("a mismatched pair");
+    assert!(error.to_string().contains("is not the key of"), "{error}");
 }
 
 #[tokio::test]
