@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Control-plane benchmarks, measured in one run on loopback:
 #  - propagation: 200 nodes on the config stream; time from an apply returning
-#    to every node holding the change (p50, p99, max);
+#    to every node holding the change (p50, p99, max); then the same over
+#    mutual TLS (a control plane serving TLS with Atoll's CA, a certificate per
+#    node, applies with the admin token), with the ratio to the plain run;
 #  - replicated: 3 etcd members and 3 control-plane replicas: propagation to
 #    the nodes spread over the replicas, and leader failover (SIGKILL of the
 #    leader to a new leader committing a change), over KILLS (10) kills;
@@ -61,6 +63,27 @@ echo "== propagation: $NODES nodes, $CHANGES changes (embedded store)"
 start_control propagation --data-dir "$work/propagation"
 "$BIN/propagation" --preload examples/topology --control "$CONTROL" --nodes "$NODES" --changes "$CHANGES" | tee -a "$results"
 stop_control
+
+echo "== propagation over mutual TLS: $NODES nodes, each with its own certificate, $CHANGES changes (embedded store)"
+ca="$work/ca"
+"$BIN/atoll" ca init --dir "$ca" >/dev/null
+"$BIN/atoll" ca issue --dir "$ca" --id atoll://default/control/-/bench --host 127.0.0.1 --out "$ca/control" >/dev/null
+tls_port=$(free_port)
+"$BIN/atoll" --ca "$ca/root.pem" --cert "$ca/control.pem" --key "$ca/control.key" control --no-discovery \
+  --listen "127.0.0.1:$tls_port" --data-dir "$work/propagation-tls" --admin-token-file "$work/admin.token" >"$work/control-tls.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 300); do
+  curl -fsS --cacert "$ca/root.pem" "https://127.0.0.1:$tls_port/readyz" >/dev/null 2>&1 && break
+  sleep 0.05
+done
+"$BIN/propagation" --preload examples/topology --control "https://127.0.0.1:$tls_port" --ca-dir "$ca" --token-file "$work/admin.token" \
+  --nodes "$NODES" --changes "$CHANGES" | sed 's/^RESULT propagation/RESULT propagation-mtls/' | tee -a "$results"
+stop_control
+awk '/^RESULT propagation(-mtls)? / { for (i = 3; i <= NF; i++) { split($i, kv, "="); v[$2 "/" kv[1]] = kv[2] } }
+  function ratio(a, b) { return b + 0 == 0 ? "n/a" : sprintf("%.2fx", a / b) }
+  END { printf "propagation mtls/plain: p50 %s (%s vs %s ms), p99 %s (%s vs %s ms)\n",
+    ratio(v["propagation-mtls/p50_ms"], v["propagation/p50_ms"]), v["propagation-mtls/p50_ms"], v["propagation/p50_ms"],
+    ratio(v["propagation-mtls/p99_ms"], v["propagation/p99_ms"]), v["propagation-mtls/p99_ms"], v["propagation/p99_ms"] }' "$results"
 
 for concurrency in 1 8; do
   echo "== apply throughput, concurrency $concurrency: embedded"

@@ -181,6 +181,9 @@ function init(args)
   for i = 1, count do
     local digits = { tostring(math.random(1, 9)) }
     for d = 2, 16 do digits[d] = tostring(math.random(0, 9)) end
+    -- "low": shards 0-4999 only, "high": 5000-9999 (the forwarding targets)
+    if args[1] == "low" then digits[13] = tostring(tonumber(digits[13]) % 5) end
+    if args[1] == "high" then digits[13] = tostring(tonumber(digits[13]) % 5 + 5) end
     requests[i] = wrk.format("GET", "/api/balance",
       { ["Host"] = "bank.example", ["x-user-id"] = table.concat(digits) })
   end
@@ -400,13 +403,15 @@ rows="$work/rows" # target, proto, round, rps, p50_ms, p99_ms, errors, note (tab
 : >"$rows"
 add_row() { printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$@" >>"$rows"; }
 
+declare -A wrk_script_args # label -> the request script's argument (low, high)
 run_wrk() { # $1 = target label, $2 = url, $3 = round
-  local label=$1 url=$2 round=$3 out="$work/wrk-$1-$3.txt"
+  local label=$1 url=$2 round=$3 out="$work/wrk-$1-$3.txt" extra=()
+  if [[ -n ${wrk_script_args[$label]:-} ]]; then extra=(-- "${wrk_script_args[$label]}"); fi
   if ((WARMUP > 0)); then
-    timeout -k 5 "$RUN_BOUND" "${loadgen_cmd[@]}" wrk -t1 -c64 "-d${WARMUP}s" -s "$work/requests.lua" "$url" >/dev/null 2>&1 || true
+    timeout -k 5 "$RUN_BOUND" "${loadgen_cmd[@]}" wrk -t1 -c64 "-d${WARMUP}s" -s "$work/requests.lua" "$url" "${extra[@]}" >/dev/null 2>&1 || true
   fi
   echo "  -- $label, HTTP/1.1, round $round/$ROUNDS"
-  if ! timeout -k 5 "$RUN_BOUND" "${loadgen_cmd[@]}" wrk "${WRK_ARGS[@]}" -s "$work/requests.lua" "$url" >"$out" 2>&1; then
+  if ! timeout -k 5 "$RUN_BOUND" "${loadgen_cmd[@]}" wrk "${WRK_ARGS[@]}" -s "$work/requests.lua" "$url" "${extra[@]}" >"$out" 2>&1; then
     add_row "$label" http1.1 "$round" NA NA NA NA "wrk failed or timed out: $(tail -1 "$out")"
     return
   fi
@@ -557,10 +562,95 @@ else
   fi
 fi
 
+# Forwarding between gateways: an entry gateway (zone bench-e, no cells of its own)
+# forwards every request to the gateway of the owning cell's zone: cells c000-c049
+# are in bench-p, whose gateway takes forwarded requests on its public listener
+# (plain HTTP), c050-c099 in bench-t, whose gateway takes them on its peer listener
+# (mutual TLS, certificates of Atoll's CA checked both ways). The same requests, for
+# their shard half (low/high); every gateway --workers 1 on the server CPU. A control
+# plane of its own, serving TLS: gateways with certificates need one.
+fwd_topology() { # $1 entry port, $2 plain owner port, $3 tls owner public port, $4 tls owner peer port
+  printf 'apiVersion: atoll/v1\nkind: Region\nmetadata: {name: bench}\n'
+  local zone c
+  for zone in bench-e bench-p bench-t; do
+    printf -- '---\napiVersion: atoll/v1\nkind: Zone\nmetadata: {name: %s}\nspec: {region: bench}\n' "$zone"
+  done
+  for ((c = 0; c < CELLS; c++)); do
+    zone=bench-p; ((c >= CELLS / 2)) && zone=bench-t
+    printf -- '---\napiVersion: atoll/v1\nkind: Cell\nmetadata: {name: c%03d}\nspec: {zone: %s, type: rzone}\n' "$c" "$zone"
+  done
+  # The shard rule, map, service and route of the main topology, as they are.
+  gen_topology 1 | awk '/^kind: ShardRule/ { on = 1 } /^kind: Gateway/ { on = 0 } on { print }' |
+    awk 'BEGIN { print "---"; print "apiVersion: atoll/v1" } { print }' | sed '$d' | sed '$d'
+  printf -- '---\napiVersion: atoll/v1\nkind: Gateway\nmetadata: {name: gw-entry}\nspec:\n  zone: bench-e\n  listeners: [{port: %s, protocol: http, address: 127.0.0.1}]\n' "$1"
+  printf -- '---\napiVersion: atoll/v1\nkind: Gateway\nmetadata: {name: gw-plain}\nspec:\n  zone: bench-p\n  listeners: [{port: %s, protocol: http, address: 127.0.0.1}]\n  advertise: "127.0.0.1:%s"\n' "$2" "$2"
+  printf -- '---\napiVersion: atoll/v1\nkind: Gateway\nmetadata: {name: gw-tls}\nspec:\n  zone: bench-t\n  listeners: [{port: %s, protocol: http, address: 127.0.0.1}]\n  peer: {port: %s, address: 127.0.0.1}\n  advertise: "127.0.0.1:%s"\n' "$3" "$4" "$4"
+}
+if [[ $gateway_state == present ]]; then
+  echo "== forwarding between gateways: gw-entry -> gw-plain (plain HTTP) or gw-tls (mutual TLS on its peer listener), each --workers 1"
+  FWD_ENTRY=$(free_port); FWD_PLAIN=$(free_port); FWD_TLS=$(free_port); FWD_PEER=$(free_port); FWD_CPORT=$(free_port)
+  fwd_topology "$FWD_ENTRY" "$FWD_PLAIN" "$FWD_TLS" "$FWD_PEER" >"$work/fwd-topology.yaml"
+  ca="$work/fwd-ca"
+  fwd_failed=""
+  {
+    "$ATOLL" ca init --dir "$ca" &&
+      "$ATOLL" ca issue --dir "$ca" --id atoll://default/control/-/bench --host 127.0.0.1 --out "$ca/control" &&
+      "$ATOLL" ca issue --dir "$ca" --id atoll://default/gateway/bench-e/gw-entry --out "$ca/gw-entry" &&
+      "$ATOLL" ca issue --dir "$ca" --id atoll://default/gateway/bench-p/gw-plain --out "$ca/gw-plain" &&
+      "$ATOLL" ca issue --dir "$ca" --id atoll://default/gateway/bench-t/gw-tls --out "$ca/gw-tls"
+  } >"$work/fwd-ca.log" 2>&1 || fwd_failed="atoll ca failed: $(tail -1 "$work/fwd-ca.log")"
+  FWD_CONTROL=https://127.0.0.1:$FWD_CPORT
+  if [[ -z $fwd_failed ]]; then
+    "${server_cmd[@]}" "$ATOLL" --ca "$ca/root.pem" --cert "$ca/control.pem" --key "$ca/control.key" control --no-discovery \
+      --listen "127.0.0.1:$FWD_CPORT" --data-dir "$work/fwd-control" --admin-token-file "$work/fwd-admin.token" >"$work/fwd-control.log" 2>&1 &
+    pids+=($!)
+    deadline=$((SECONDS + 30))
+    until curl -fsS -m 2 --cacert "$ca/root.pem" -o /dev/null "$FWD_CONTROL/readyz" 2>/dev/null; do
+      if ((SECONDS > deadline)); then fwd_failed="the TLS control plane did not become ready: $(tail -1 "$work/fwd-control.log")"; break; fi
+      sleep 0.1
+    done
+  fi
+  if [[ -z $fwd_failed ]] && ! ATOLL_TOKEN=$(cat "$work/fwd-admin.token") timeout 60 "$ATOLL" --ca "$ca/root.pem" --control "$FWD_CONTROL" apply -f "$work/fwd-topology.yaml" >"$work/fwd-apply.log" 2>&1; then
+    fwd_failed="atoll apply refused the forwarding topology: $(tail -3 "$work/fwd-apply.log" | tr '\n' ' ')"
+  fi
+  if [[ -z $fwd_failed ]]; then
+    for gw in gw-entry gw-plain gw-tls; do
+      admin=$(free_port)
+      "${server_cmd[@]}" "$ATOLL" --ca "$ca/root.pem" --cert "$ca/$gw.pem" --key "$ca/$gw.key" --control "$FWD_CONTROL" gateway \
+        --name "$gw" --workers 1 --admin "127.0.0.1:$admin" --state-dir "$work/$gw" >"$work/$gw.log" 2>&1 &
+      pids+=($!)
+      if ! wait_url "http://127.0.0.1:$admin/readyz" 30; then fwd_failed="$gw did not become ready: $(tail -1 "$work/$gw.log")"; break; fi
+    done
+  fi
+  labels+=(fwd-plain fwd-mtls)
+  wrk_script_args[fwd-plain]=low
+  wrk_script_args[fwd-mtls]=high
+  if [[ -n $fwd_failed ]]; then
+    echo "forwarding: $fwd_failed"
+    target_failed fwd-plain "$fwd_failed"
+    target_failed fwd-mtls "$fwd_failed"
+  elif check_target "http://127.0.0.1:$FWD_ENTRY" &&
+    curl -fsS -m 5 -H 'Host: bank.example' -H 'x-user-id: 1000000000009042' "http://127.0.0.1:$FWD_ENTRY/api/balance" >/dev/null; then
+    # Both halves answer through the entry gateway (shards 42 and 9042).
+    h1_url[fwd-plain]=http://127.0.0.1:$FWD_ENTRY
+    h1_url[fwd-mtls]=http://127.0.0.1:$FWD_ENTRY
+    h2_url[fwd-plain]=""
+    h2_url[fwd-mtls]=""
+    add_row fwd-plain h2c - NA NA NA NA "forwarding is measured over HTTP/1.1 only"
+    add_row fwd-mtls h2c - NA NA NA NA "forwarding is measured over HTTP/1.1 only"
+  else
+    why="the entry gateway does not answer both shard halves: $CHECK_ERR $(tail -2 "$work/gw-entry.log" | tr '\n' ' ')"
+    echo "forwarding: $why"
+    target_failed fwd-plain "$why"
+    target_failed fwd-mtls "$why"
+  fi
+fi
+
 # h2c with prior knowledge: probed once per target; where it does not work the row
 # says so (nothing is measured in its place).
 for label in "${labels[@]}"; do
   [[ -n ${h1_url[$label]:-} ]] || continue
+  [[ $label == fwd-* ]] && continue
   if ! h2_probe "${h2_url[$label]}/api/balance"; then
     add_row "$label" h2c - NA NA NA NA "h2c with prior knowledge does not work: $(grep -m1 -iE 'error|fail|refused|status codes' "$work/h2probe.txt" || tail -1 "$work/h2probe.txt")"
     h2_url[$label]=""
@@ -651,6 +741,7 @@ awk -F'\t' '
       g = "atoll-gateway/" protos[p]; x = others[o] "/" protos[p]
       printf "gateway/%-8s %-8s req/s %-7s p99 %s\n", others[o], protos[p], ratio(rps[g], rps[x]), ratio(p99[g], p99[x])
     }
+    printf "forwarding mtls/plain http1.1  req/s %-7s p99 %s\n", ratio(rps["fwd-mtls/http1.1"], rps["fwd-plain/http1.1"]), ratio(p99["fwd-mtls/http1.1"], p99["fwd-plain/http1.1"])
   }' "$summary"
 echo
 echo "== command: $COMMAND_LINE"

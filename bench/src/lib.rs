@@ -1,4 +1,5 @@
-//! Shared pieces of Atoll's benchmarks: percentiles and a REST client.
+//! Shared pieces of Atoll's benchmarks: percentiles and applies through
+//! the REST API (with Atoll's own transport: TLS and tokens when asked).
 
 use std::time::Duration;
 
@@ -50,17 +51,11 @@ pub fn zone_manifest(name: &str, weight: u32) -> String {
     )
 }
 
-/// Applies `content` through the REST API; returns the new revision.
-pub async fn apply(http: &reqwest::Client, url: &str, content: &str) -> anyhow::Result<u64> {
+/// Applies `content` with a transport client (TLS and a token when the
+/// control plane asks for them); returns the new revision.
+pub async fn apply(rest: &atoll_transport::RestClient, content: &str) -> anyhow::Result<u64> {
     let body = serde_json::json!({"manifests": [{"source": "bench.yaml", "content": content}]});
-    let response = http
-        .post(format!("{url}/v1/apply"))
-        .json(&body)
-        .send()
-        .await?;
-    let status = response.status();
-    let value: serde_json::Value = response.json().await?;
-    anyhow::ensure!(status.is_success(), "apply failed: {status} {value}");
+    let value: serde_json::Value = rest.post("/v1/apply", &body).await?;
     value["revision"]
         .as_u64()
         .ok_or_else(|| anyhow::anyhow!("no revision in {value}"))
@@ -69,8 +64,7 @@ pub async fn apply(http: &reqwest::Client, url: &str, content: &str) -> anyhow::
 /// Applies every manifest of a directory (e.g. `examples/topology`) so that
 /// benchmarks run against a realistic store rather than an empty one.
 pub async fn preload(
-    http: &reqwest::Client,
-    url: &str,
+    rest: &atoll_transport::RestClient,
     dir: &std::path::Path,
 ) -> anyhow::Result<()> {
     let mut paths: Vec<_> = std::fs::read_dir(dir)?
@@ -82,15 +76,8 @@ pub async fn preload(
     for path in paths {
         manifests.push(serde_json::json!({"source": path.display().to_string(), "content": std::fs::read_to_string(&path)?}));
     }
-    let response = http
-        .post(format!("{url}/v1/apply"))
-        .json(&serde_json::json!({"manifests": manifests}))
-        .send()
+    let _: serde_json::Value = rest
+        .post("/v1/apply", &serde_json::json!({"manifests": manifests}))
         .await?;
-    anyhow::ensure!(
-        response.status().is_success(),
-        "preload failed: {}",
-        response.text().await?
-    );
     Ok(())
 }

@@ -82,9 +82,13 @@ async fn main() -> anyhow::Result<()> {
     match args.target {
         Target::Api { control } => {
             label = "api";
-            let http = reqwest::Client::new();
+            let rest = atoll_transport::Transport::plain().rest(
+                atoll_transport::ControlUrls::parse_in_order(&control)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?,
+                Some(std::time::Duration::from_secs(30)),
+            );
             if let Some(dir) = &args.preload {
-                atoll_bench::preload(&http, &control, dir).await?;
+                atoll_bench::preload(&rest, dir).await?;
             }
             let mut setup =
                 "apiVersion: atoll/v1\nkind: Region\nmetadata: {name: bench}\n".to_owned();
@@ -92,22 +96,16 @@ async fn main() -> anyhow::Result<()> {
                 setup += "---\n";
                 setup += &zone_manifest(&format!("tp-{client}"), 1);
             }
-            apply(&http, &control, &setup).await?;
+            apply(&rest, &setup).await?;
             started = Instant::now();
             let mut tasks = Vec::new();
             for client in 0..args.concurrency {
-                let http = http.clone();
-                let control = control.clone();
+                let rest = rest.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut latencies = Vec::with_capacity(per_client);
                     for i in 0..per_client {
                         let t = Instant::now();
-                        apply(
-                            &http,
-                            &control,
-                            &zone_manifest(&format!("tp-{client}"), 2 + i as u32),
-                        )
-                        .await?;
+                        apply(&rest, &zone_manifest(&format!("tp-{client}"), 2 + i as u32)).await?;
                         latencies.push(t.elapsed());
                     }
                     Ok::<_, anyhow::Error>(latencies)

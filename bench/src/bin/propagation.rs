@@ -2,6 +2,10 @@
 //! loopback; time from an apply returning to each node holding the change.
 //!
 //! Usage: propagation --control http://127.0.0.1:7400 --nodes 200 --changes 50
+//!
+//! With `--ca-dir DIR --token-file F` against a control plane serving TLS:
+//! every node follows the stream over mutual TLS with a certificate of its
+//! own (issued from the CA of DIR), and applies carry the admin token.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +36,47 @@ struct Args {
     /// replica i mod N (applies still go to --control).
     #[arg(long)]
     spread: Option<String>,
+    /// The CA (`atoll ca init`) to issue the nodes' certificates from: the
+    /// control plane serves TLS and nodes connect with mutual TLS.
+    #[arg(long)]
+    ca_dir: Option<std::path::PathBuf>,
+    /// The admin token for applies (with --ca-dir).
+    #[arg(long)]
+    token_file: Option<std::path::PathBuf>,
+}
+
+/// How nodes and applies reach the control plane: plain, or TLS with a
+/// certificate per node.
+struct Access {
+    authority: Option<atoll_identity::Authority>,
+    trust: Option<atoll_transport::Trust>,
+}
+
+impl Access {
+    /// The channels node `index` connects with.
+    fn channels(&self, index: usize) -> anyhow::Result<atoll_transport::Channels> {
+        let options = atoll_transport::ChannelOptions::default();
+        let (Some(authority), Some(trust)) = (&self.authority, &self.trust) else {
+            return Ok(atoll_transport::Transport::plain().channels(options));
+        };
+        let id: atoll_identity::AtollId =
+            format!("atoll://default/gateway/bench-zone/bench-node-{index}")
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let issued = authority.issue(&atoll_identity::IssueRequest {
+            id: &id,
+            key: atoll_identity::KeySource::Generate,
+            lifetime: Duration::from_secs(3600),
+            hosts: &[],
+        })?;
+        let identity = atoll_transport::Identity::from_pem(
+            issued.chain_pem.as_bytes(),
+            issued.key_pem.unwrap_or_default().as_bytes(),
+            "a bench node",
+        )?;
+        let tls = atoll_transport::ClientTls::new(trust, Some(&identity))?;
+        Ok(atoll_transport::Transport::with_tls(tls).channels(options))
+    }
 }
 
 /// When each node received each version.
@@ -55,10 +100,16 @@ impl Receipts {
     }
 }
 
-async fn run_node(url: String, index: usize, receipts: Arc<Receipts>) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(url)?
-        .connect()
-        .await?;
+async fn run_node(
+    url: String,
+    index: usize,
+    channels: atoll_transport::Channels,
+    receipts: Arc<Receipts>,
+) -> anyhow::Result<()> {
+    let channel = channels
+        .connect(&url)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut client = ConfigStreamClient::new(channel);
     let (outbound, receiver) = mpsc::channel(8);
     outbound
@@ -66,8 +117,8 @@ async fn run_node(url: String, index: usize, receipts: Arc<Receipts>) -> anyhow:
             message: Some(node_message::Message::Hello(Hello {
                 node: Some(NodeIdentity {
                     name: format!("bench-node-{index}"),
-                    role: "bench".into(),
-                    zone: "bench".into(),
+                    role: "gateway".into(),
+                    zone: "bench-zone".into(),
                     cell: String::new(),
                     ..NodeIdentity::default()
                 }),
@@ -114,14 +165,37 @@ async fn wait_all(receipts: &Receipts, version: u64) -> Vec<Instant> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let http = reqwest::Client::new();
+    let access = match &args.ca_dir {
+        Some(dir) => Access {
+            authority: Some(atoll_identity::Authority::load(dir)?),
+            trust: Some(atoll_transport::Trust::from_file(&dir.join("root.pem"))?),
+        },
+        None => Access {
+            authority: None,
+            trust: None,
+        },
+    };
+    let transport = match &access.trust {
+        Some(trust) => {
+            atoll_transport::Transport::with_tls(atoll_transport::ClientTls::new(trust, None)?)
+        }
+        None => atoll_transport::Transport::plain(),
+    };
+    let mut rest = transport.rest(
+        atoll_transport::ControlUrls::parse_in_order(&args.control)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        Some(Duration::from_secs(30)),
+    );
+    if let Some(file) = &args.token_file {
+        rest = rest.with_token(std::fs::read_to_string(file)?.trim())?;
+    }
     if let Some(dir) = &args.preload {
-        atoll_bench::preload(&http, &args.control, dir).await?;
+        atoll_bench::preload(&rest, dir).await?;
     }
     let setup = "apiVersion: atoll/v1\nkind: Region\nmetadata: {name: bench}\n".to_owned()
         + "---\n"
         + &zone_manifest("bench-zone", 1);
-    apply(&http, &args.control, &setup).await?;
+    apply(&rest, &setup).await?;
 
     let receipts = Arc::new(Receipts {
         nodes: (0..args.nodes).map(|_| Mutex::new(Vec::new())).collect(),
@@ -130,6 +204,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     for index in 0..args.nodes {
         let receipts = receipts.clone();
+        let channels = access.channels(index)?;
         let url = match &args.spread {
             Some(list) => {
                 let replicas: Vec<&str> = list.split(',').collect();
@@ -138,7 +213,7 @@ async fn main() -> anyhow::Result<()> {
             None => args.control.clone(),
         };
         tokio::spawn(async move {
-            if let Err(error) = run_node(url, index, receipts).await {
+            if let Err(error) = run_node(url, index, channels, receipts).await {
                 eprintln!("node {index}: {error}");
             }
         });
@@ -157,12 +232,7 @@ async fn main() -> anyhow::Result<()> {
     let mut early = 0usize;
     for change in 0..args.changes {
         let sent = Instant::now();
-        let version = apply(
-            &http,
-            &args.control,
-            &zone_manifest("bench-zone", 2 + change),
-        )
-        .await?;
+        let version = apply(&rest, &zone_manifest("bench-zone", 2 + change)).await?;
         let returned = Instant::now();
         apply_latency.push(returned - sent);
         for at in wait_all(&receipts, version).await {
@@ -196,12 +266,11 @@ async fn main() -> anyhow::Result<()> {
         ms(apply_latency.percentile(99.0))
     );
     // The barrier sees every ACK.
-    let barrier: serde_json::Value = http
-        .post(format!("{}/v1/barrier", args.control))
-        .json(&serde_json::json!({"selector": {"role": "bench"}, "timeout": "10s", "minNodes": args.nodes}))
-        .send()
-        .await?
-        .json()
+    let barrier: serde_json::Value = rest
+        .post(
+            "/v1/barrier",
+            &serde_json::json!({"selector": {"role": "gateway", "zone": "bench-zone"}, "timeout": "10s", "minNodes": args.nodes}),
+        )
         .await?;
     println!(
         "barrier on the last version: reached={} matched={} waited {} ms",

@@ -60,6 +60,7 @@ pub(crate) async fn run(
     control: Endpoint,
     workspace: String,
     transport: atoll_transport::Transport,
+    peer_tls: Option<atoll_transport::ServerTls>,
 ) -> Result<u8, CliError> {
     init_logging(args.log_format);
     let access_log = match args.access_log.as_str() {
@@ -83,6 +84,7 @@ pub(crate) async fn run(
             ..ProxySettings::default()
         },
         transport,
+        peer_tls,
     };
     tracing::info!(workers = args.workers(), control = %control.url, from = %control.origin, "starting gateway {}", args.name);
     let gateway = Gateway::new(options)?;

@@ -228,9 +228,11 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::Control(args) => control::run(args, &cli.tls).await,
         Command::Gateway(args) => {
             let endpoint = client::resolve(cli.control.as_deref())?;
+            let peer_tls = cli.tls.peer_server()?;
             keep_certificate_fresh(
                 &cli.tls,
                 &transport,
+                peer_tls.clone(),
                 connect(Some(Duration::from_secs(10)))?,
             );
             gateway::run(
@@ -238,6 +240,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 endpoint,
                 cli.workspace.clone().unwrap_or_default(),
                 transport.clone(),
+                peer_tls,
             )
             .await
         }
@@ -250,6 +253,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
             keep_certificate_fresh(
                 &cli.tls,
                 &transport,
+                None,
                 connect(Some(Duration::from_secs(10)))?,
             );
             agent::run(
@@ -287,9 +291,10 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
 fn keep_certificate_fresh(
     tls: &tls::TlsArgs,
     transport: &atoll_transport::Transport,
+    server: Option<atoll_transport::ServerTls>,
     client: client::Client,
 ) {
-    tls.follow(transport.tls().cloned(), None);
+    tls.follow(transport.tls().cloned(), server);
     if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
         join::renew_in_background(client, cert.clone(), key.clone());
     }

@@ -82,6 +82,20 @@ impl TlsArgs {
             .map_err(|e| usage(e.to_string()))
     }
 
+    /// A gateway's peer listener: its node certificate, client
+    /// certificates of `--ca` required. None without `--cert`.
+    pub(crate) fn peer_server(&self) -> Result<Option<ServerTls>, CliError> {
+        let Some((identity, _, _)) = self.identity()? else {
+            return Ok(None);
+        };
+        let Some(trust) = self.trust()? else {
+            return Ok(None);
+        };
+        ServerTls::mutual(&identity, &trust)
+            .map(Some)
+            .map_err(|e| usage(e.to_string()))
+    }
+
     /// The files, for what follows them.
     pub(crate) fn files(&self) -> atoll_transport::TlsFiles {
         atoll_transport::TlsFiles {

@@ -117,6 +117,9 @@ struct Ports {
     control: u16,
     gateways: [u16; 3],
     gateway_admins: [u16; 3],
+    /// The gateways' peer listeners (mutual TLS, for what other gateways
+    /// forward; not used with --insecure).
+    gateway_peers: [u16; 3],
     agent_admins: [u16; 3],
     /// The replicas after the first (with --control-replicas).
     more_controls: Vec<u16>,
@@ -297,6 +300,7 @@ fn pick_ports(base: u16, replicas: usize) -> Result<Ports, CliError> {
             control: next()?,
             gateways: [next()?, next()?, next()?],
             gateway_admins: [next()?, next()?, next()?],
+            gateway_peers: [next()?, next()?, next()?],
             agent_admins: [next()?, next()?, next()?],
             more_controls: (1..extra.max(1))
                 .map(|_| next())
@@ -322,6 +326,7 @@ fn pick_ports(base: u16, replicas: usize) -> Result<Ports, CliError> {
         control: at(0)?,
         gateways: [at(1)?, at(2)?, at(3)?],
         gateway_admins: [at(11)?, at(12)?, at(13)?],
+        gateway_peers: [at(14)?, at(15)?, at(16)?],
         agent_admins: [at(21)?, at(22)?, at(23)?],
         more_controls: offsets(31, extra.saturating_sub(1))?,
         etcd_clients: offsets(41, extra)?,
@@ -340,6 +345,10 @@ fn pick_ports(base: u16, replicas: usize) -> Result<Ports, CliError> {
         named.push((
             ports.gateway_admins[i],
             format!("the admin API of the gateway of {zone}"),
+        ));
+        named.push((
+            ports.gateway_peers[i],
+            format!("the peer listener of the gateway of {zone}"),
         ));
         named.push((
             ports.agent_admins[i],
@@ -429,6 +438,7 @@ fn topology(
     replicas: u32,
     host: &str,
     run_as: Option<&str>,
+    secure: bool,
 ) -> Vec<(String, String)> {
     let mut places =
         String::from("# Two regions: two zones in Hangzhou (same city), one in Shanghai.\n");
@@ -484,9 +494,17 @@ fn topology(
     let mut gateways = String::from("# One gateway per zone; a request may enter any of them.\n");
     for (i, (zone, ..)) in ZONES.iter().enumerate() {
         let port = ports.gateways[i];
+        // Secure, gateways forward to each other over mutual TLS on a
+        // listener of their own; else to the public listener.
+        let forwarding = if secure {
+            let peer = ports.gateway_peers[i];
+            format!("  peer: {{port: {peer}, address: {host}}}\n  advertise: \"{host}:{peer}\"\n")
+        } else {
+            format!("  advertise: \"{host}:{port}\"\n")
+        };
         let _ = write!(
             gateways,
-            "---\napiVersion: atoll/v1\nkind: Gateway\nmetadata: {{name: gw-{zone}}}\nspec:\n  zone: {zone}\n  listeners: [{{port: {port}, protocol: http, address: {host}}}]\n  advertise: \"{host}:{port}\"\n"
+            "---\napiVersion: atoll/v1\nkind: Gateway\nmetadata: {{name: gw-{zone}}}\nspec:\n  zone: {zone}\n  listeners: [{{port: {port}, protocol: http, address: {host}}}]\n{forwarding}"
         );
     }
     vec![
@@ -1177,6 +1195,7 @@ async fn start(
         args.replicas,
         &host,
         instances.run_as.as_deref(),
+        pki.is_some(),
     );
     let topology_dir = state_dir.join("topology");
     std::fs::create_dir_all(&topology_dir).map_err(|e| {
@@ -1693,6 +1712,7 @@ mod tests {
             2,
             "127.0.0.1",
             Some("nobody"),
+            true,
         );
         let mut located = Vec::new();
         for (name, content) in &files {

@@ -41,6 +41,11 @@ pub struct GatewayOptions {
     pub proxy: ProxySettings,
     /// How to reach the control plane (TLS material for `https://` URLs).
     pub transport: atoll_transport::Transport,
+    /// The peer listener's TLS (the node's certificate, client
+    /// certificates of the CA required), when the gateway has a
+    /// certificate: it then serves a Gateway's `peer` listener and forwards
+    /// to other gateways' over mutual TLS.
+    pub peer_tls: Option<atoll_transport::ServerTls>,
 }
 
 /// One bound listener and the signal that stops it.
@@ -49,16 +54,19 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
-/// What a listener is: its address and TLS files.
+/// What a listener is: its address and TLS files, or the peer listener.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct ListenerKey {
     address: SocketAddr,
     tls: Option<(String, String)>,
+    peer: bool,
 }
 
 /// Installs versions: validate, compile, bind listeners, swap.
 struct GatewayInstaller {
     name: String,
+    workspace: String,
+    peer_tls: Option<atoll_transport::ServerTls>,
     proxy: Arc<Proxy>,
     drain: Duration,
     listeners: Mutex<HashMap<ListenerKey, Running>>,
@@ -97,7 +105,32 @@ impl GatewayInstaller {
             keys.push(ListenerKey {
                 address: SocketAddr::new(ip, listener.port),
                 tls,
+                peer: false,
             });
+        }
+        if let Some(peer) = &spec.peer {
+            let ip: IpAddr = match &peer.address {
+                Some(text) => text
+                    .parse()
+                    .map_err(|_| format!("peer listener address `{text}` is not an IP address"))?,
+                None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            };
+            if self.peer_tls.is_some() {
+                keys.push(ListenerKey {
+                    address: SocketAddr::new(ip, peer.port),
+                    tls: None,
+                    peer: true,
+                });
+            } else {
+                // Other gateways reach it over mutual TLS only, and this one
+                // has no certificate to serve it with: they go to the
+                // cells' endpoints instead.
+                tracing::error!(
+                    port = peer.port,
+                    "Gateway {} has a peer listener, but this gateway runs without a certificate (a control plane run --insecure?); not serving it",
+                    self.name
+                );
+            }
         }
         Ok((spec.zone.clone(), keys))
     }
@@ -124,6 +157,7 @@ impl GatewayInstaller {
             &Scope {
                 zone: zone.clone(),
                 gateway: Some(self.name.clone()),
+                peer_tls: self.proxy.has_peer_tls(),
             },
         )?;
 
@@ -134,11 +168,12 @@ impl GatewayInstaller {
             if listeners.contains_key(key) {
                 continue;
             }
-            let tls = match &key.tls {
-                Some((certificate, private_key)) => {
+            let tls = match (&key.tls, &self.peer_tls) {
+                (Some((certificate, private_key)), _) => {
                     Some(Tls::from_files(certificate.as_ref(), private_key.as_ref())?)
                 }
-                None => None,
+                (None, Some(server)) if key.peer => Some(Tls::peer(server, &self.workspace)),
+                _ => None,
             };
             let socket = std::net::TcpListener::bind(key.address)
                 .map_err(|e| format!("cannot listen on {}: {e}", key.address))?;
@@ -152,7 +187,7 @@ impl GatewayInstaller {
         self.proxy.install(table)?;
         for (key, listener) in bound {
             let (stop, stopped) = watch::channel(false);
-            tracing::info!(address = %key.address, tls = key.tls.is_some(), "listening");
+            tracing::info!(address = %key.address, tls = key.tls.is_some(), peer = key.peer, "listening");
             let task = tokio::spawn(atoll_proxy::serve(
                 self.proxy.clone(),
                 listener,
@@ -241,8 +276,23 @@ impl Gateway {
         let metrics = Arc::new(ProxyMetrics::new("atoll_gateway"));
         let proxy = Proxy::new(&options.name, options.proxy.clone(), metrics)
             .context("starting the data path")?;
+        if let (Some(client), Some(_)) = (
+            options
+                .transport
+                .tls()
+                .filter(|tls| tls.has_identity())
+                .cloned(),
+            &options.peer_tls,
+        ) {
+            proxy.set_peer_tls(atoll_proxy::PeerTls {
+                client,
+                workspace: options.workspace.clone(),
+            });
+        }
         let installer = Arc::new(GatewayInstaller {
             name: options.name.clone(),
+            workspace: options.workspace.clone(),
+            peer_tls: options.peer_tls.clone(),
             proxy: proxy.clone(),
             drain: options.drain_timeout,
             listeners: Mutex::new(HashMap::new()),

@@ -1083,9 +1083,14 @@ pub struct GatewaySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cells: Vec<String>,
     /// `host:port` where gateways of other zones reach this one to forward
-    /// misrouted requests.
+    /// misrouted requests (its `peer` listener when it has one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
+    /// A listener only for requests other gateways forward: mutual TLS
+    /// with the gateway's node certificate, open to gateways of the same
+    /// workspace only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<PeerListener>,
     /// Where a request for a cell of another zone goes.
     #[serde(default, skip_serializing_if = "Misroute::is_default")]
     pub misroute: Misroute,
@@ -1111,6 +1116,17 @@ impl Misroute {
     fn is_default(&self) -> bool {
         *self == Misroute::default()
     }
+}
+
+/// A gateway's listener for other gateways (mutual TLS).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerListener {
+    /// TCP port.
+    pub port: u16,
+    /// Address to bind; default `0.0.0.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 /// One listener of a gateway.

@@ -1237,6 +1237,43 @@ impl<'a> Validator<'a> {
         {
             self.report(located, "spec.advertise", problem);
         }
+        if let Some(peer) = &spec.peer {
+            if peer.port == 0 {
+                report!(
+                    self,
+                    located,
+                    "spec.peer.port",
+                    "port must be between 1 and 65535"
+                );
+            } else if !ports.insert(peer.port) {
+                report!(
+                    self,
+                    located,
+                    "spec.peer.port",
+                    "port {} is used by a listener of this gateway; the peer listener needs its own",
+                    peer.port
+                );
+            }
+            if let Some(address) = &peer.address
+                && address.parse::<std::net::IpAddr>().is_err()
+            {
+                report!(
+                    self,
+                    located,
+                    "spec.peer.address",
+                    "`{address}` is not an IP address to bind, e.g. 0.0.0.0 or 127.0.0.1"
+                );
+            }
+            if spec.advertise.is_none() {
+                report!(
+                    self,
+                    located,
+                    "spec.peer",
+                    "a peer listener is reached at `advertise`: add `advertise: HOST:{}` (where other gateways reach this port)",
+                    peer.port
+                );
+            }
+        }
     }
 }
 

@@ -515,6 +515,12 @@ async fn one(
         }
     };
 
+    // A gateway reached over mutual TLS: the hyper path has the TLS
+    // clients (forwarded requests are the exception, not the fast case).
+    if snapshot.over_peer_tls(target_decision.endpoint) {
+        return Next::Handoff;
+    }
+
     // Write the upstream head.
     let cell = &table.cells[usize::from(target_decision.cell)];
     out.clear();

@@ -32,6 +32,9 @@ const BODY_BUFFER_LIMIT: Duration = Duration::from_secs(60);
 pub(crate) struct Connection {
     pub(crate) remote: SocketAddr,
     pub(crate) tls: bool,
+    /// On a peer listener: the client is a gateway of this workspace (its
+    /// certificate said so).
+    pub(crate) peer: bool,
 }
 
 /// The routing result, owned so that the request can be changed after.
@@ -368,7 +371,8 @@ impl Proxy {
             &mut parts.headers,
             connection.remote.ip(),
             connection.tls,
-            snapshot.trusted_hop(forwarded, connection.remote.ip()),
+            (forwarded && connection.peer)
+                || snapshot.trusted_hop(forwarded, connection.remote.ip()),
         );
         if !parts.headers.contains_key(HOST)
             && let Some(authority) = parts.uri.authority()
@@ -436,8 +440,18 @@ impl Proxy {
             let (Some(this_body), Some(this_headers)) = (this_body, this_headers) else {
                 break;
             };
+            // A gateway with a peer listener is reached over mutual TLS.
+            let peer = snapshot.table.endpoints[endpoint as usize].peer.as_ref();
+            let peer_client = match peer.map(|p| self.peer_client(&upstream.address, p)) {
+                None => None,
+                Some(Ok(client)) => Some(client),
+                Some(Err(why)) => {
+                    last_error = (StatusCode::BAD_GATEWAY, "upstreamUnavailable", why);
+                    break;
+                }
+            };
             let uri = match Uri::builder()
-                .scheme("http")
+                .scheme(if peer.is_some() { "https" } else { "http" })
                 .authority(upstream.authority.clone())
                 .path_and_query(path_and_query.as_str())
                 .build()
@@ -465,7 +479,10 @@ impl Proxy {
                 (None, Some(d)) => Some(d.saturating_duration_since(Instant::now())),
                 (None, None) => None,
             };
-            let sent = self.client.request(upstream_request);
+            let sent = match &peer_client {
+                Some(client) => client.request(upstream_request),
+                None => self.client.request(upstream_request),
+            };
             let result = match limit {
                 Some(limit) => tokio::time::timeout(limit, sent).await.map_err(|_| ()),
                 None => Ok(sent.await),

@@ -86,8 +86,11 @@ pub struct Snapshot {
     /// One per table endpoint, same order.
     pub upstreams: Vec<Arc<Upstream>>,
     pub(crate) metrics: TableMetrics,
-    /// The addresses of the deployment's gateways (those that advertise
-    /// one): a request they forward keeps the `X-Forwarded-Proto` they set.
+    /// The addresses of the deployment's gateways that take forwarded
+    /// requests on a public listener (they advertise one and have no
+    /// `peer` listener): a request they forward keeps the
+    /// `X-Forwarded-Proto` they set. Those with a `peer` listener forward
+    /// over mutual TLS and are believed on the peer listener only.
     peers: Vec<std::net::IpAddr>,
 }
 
@@ -96,6 +99,15 @@ impl Snapshot {
     /// comes from the address of one.
     pub(crate) fn trusted_hop(&self, hop: bool, remote: std::net::IpAddr) -> bool {
         hop && self.peers.contains(&remote)
+    }
+
+    /// Whether the upstream of `endpoint` is a gateway reached over mutual
+    /// TLS.
+    pub(crate) fn over_peer_tls(&self, endpoint: EndpointId) -> bool {
+        self.table
+            .endpoints
+            .get(endpoint as usize)
+            .is_some_and(|e| e.peer.is_some())
     }
 
     /// Whether ejecting `endpoint` (serving `service`, for `cell`) keeps the
@@ -172,6 +184,20 @@ impl Health for Snapshot {
     }
 }
 
+/// How a gateway reaches and accepts other gateways: its node certificate
+/// and the roots (a client for forwarding), and its workspace (the peers'
+/// certificates must be gateways of it).
+#[derive(Clone, Debug)]
+pub struct PeerTls {
+    /// The node's certificate and the roots, as it reaches the control
+    /// plane with them (renewed under it).
+    pub client: atoll_transport::ClientTls,
+    /// The node's workspace (`default` when empty).
+    pub workspace: String,
+}
+
+type PeerClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, RequestBody>;
+
 /// The data path of one node.
 pub struct Proxy {
     name: String,
@@ -180,6 +206,12 @@ pub struct Proxy {
     registry: Registry,
     health_checks: HealthChecks,
     client: Client<HttpConnector, RequestBody>,
+    /// Mutual TLS to other gateways, when the node has a certificate.
+    peer_tls: ArcSwapOption<PeerTls>,
+    /// One client per gateway reached over TLS: its certificate must name
+    /// that gateway (address, zone, name).
+    peer_clients:
+        parking_lot::Mutex<std::collections::HashMap<(String, String, String), PeerClient>>,
     metrics: Arc<ProxyMetrics>,
     settings: ProxySettings,
     mirrors: Arc<Semaphore>,
@@ -228,6 +260,8 @@ impl Proxy {
             registry: Registry::default(),
             health_checks: HealthChecks::default(),
             client,
+            peer_tls: ArcSwapOption::empty(),
+            peer_clients: parking_lot::Mutex::new(std::collections::HashMap::new()),
             mirrors: Arc::new(Semaphore::new(settings.mirror_concurrency)),
             metrics,
             settings,
@@ -256,6 +290,7 @@ impl Proxy {
             .zones
             .iter()
             .flat_map(|z| &z.gateways)
+            .filter(|e| table.endpoints[**e as usize].peer.is_none())
             .filter_map(|e| {
                 table.endpoints[*e as usize]
                     .address
@@ -278,6 +313,71 @@ impl Proxy {
             .set(i64::try_from(version).unwrap_or(i64::MAX));
         self.versions.send_replace(version);
         Ok(())
+    }
+
+    /// Forward to gateways with a `peer` listener over mutual TLS with
+    /// this material (set once the node knows its certificate).
+    pub fn set_peer_tls(&self, peer: PeerTls) {
+        self.peer_clients.lock().clear();
+        self.peer_tls.store(Some(Arc::new(peer)));
+    }
+
+    /// Whether the node forwards over mutual TLS.
+    pub fn has_peer_tls(&self) -> bool {
+        self.peer_tls.load().is_some()
+    }
+
+    /// The client for the gateway `peer` at `address`: TLS with this node's
+    /// certificate, and the other side's must be
+    /// `atoll://<workspace>/gateway/<peer.zone>/<peer.name>`.
+    pub(crate) fn peer_client(
+        &self,
+        address: &str,
+        peer: &atoll_routing::Peer,
+    ) -> Result<PeerClient, String> {
+        let key = (address.to_owned(), peer.zone.clone(), peer.name.clone());
+        if let Some(client) = self.peer_clients.lock().get(&key) {
+            return Ok(client.clone());
+        }
+        let tls = self.peer_tls.load_full().ok_or_else(|| {
+            format!(
+                "gateway {} takes forwarded requests over mutual TLS only, and this node has no certificate",
+                peer.name
+            )
+        })?;
+        let workspace = if tls.workspace.is_empty() {
+            atoll_model::DEFAULT_WORKSPACE.to_owned()
+        } else {
+            tls.workspace.clone()
+        };
+        let expected = format!("atoll://{workspace}/gateway/{}/{}", peer.zone, peer.name);
+        let check: atoll_transport::PeerCheck = Arc::new(move |der| {
+            let id = atoll_identity::id_of_certificate(der)?;
+            if id.to_string() == expected {
+                Ok(())
+            } else {
+                Err(format!("the gateway's certificate is {id}, not {expected}"))
+            }
+        });
+        let config = tls.client.peer_config(check);
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(self.settings.connect_timeout));
+        http.set_keepalive(Some(Duration::from_secs(30)));
+        http.enforce_http(false);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http);
+        let client: PeerClient = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(self.settings.upstream_idle_timeout)
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        self.peer_clients.lock().insert(key, client.clone());
+        Ok(client)
     }
 
     /// The snapshot being served, if any.

@@ -26,6 +26,8 @@ use crate::rewind::Rewind;
 #[derive(Clone)]
 pub struct Tls {
     acceptor: TlsAcceptor,
+    /// For a peer listener: the workspace whose gateways may connect.
+    peer: Option<String>,
 }
 
 impl std::fmt::Debug for Tls {
@@ -68,8 +70,45 @@ impl Tls {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
+            peer: None,
         })
     }
+
+    /// A peer listener's TLS: `server` presents the node's certificate and
+    /// requires a client certificate of the CA; after the handshake only a
+    /// `gateway` of `workspace` is served.
+    pub fn peer(server: &atoll_transport::ServerTls, workspace: &str) -> Self {
+        let workspace = if workspace.is_empty() {
+            atoll_model::DEFAULT_WORKSPACE
+        } else {
+            workspace
+        };
+        Self {
+            acceptor: TlsAcceptor::from(server.config()),
+            peer: Some(workspace.to_owned()),
+        }
+    }
+}
+
+/// Whether a peer listener's client is a gateway of `workspace`, by the
+/// certificate it presented (its chain was verified at the handshake).
+fn peer_allowed(
+    stream: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    workspace: &str,
+) -> Result<(), String> {
+    let certificate = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .ok_or("it presented no certificate")?;
+    let id = atoll_identity::id_of_certificate(certificate)?;
+    if id.role != atoll_identity::Role::Gateway || id.workspace != workspace {
+        return Err(format!(
+            "{id} is not a gateway of workspace {workspace}; only gateways forward here"
+        ));
+    }
+    Ok(())
 }
 
 /// A bound listener.
@@ -153,6 +192,7 @@ pub async fn serve(
             let connection = Connection {
                 remote,
                 tls: tls.is_some(),
+                peer: tls.as_ref().is_some_and(|t| t.peer.is_some()),
             };
             proxy.metrics.connections.inc();
             let handler = proxy.clone();
@@ -182,12 +222,26 @@ pub async fn serve(
                         .await
                     {
                         Ok(Ok(stream)) => {
+                            if let Some(workspace) = &tls.peer
+                                && let Err(why) = peer_allowed(&stream, workspace)
+                            {
+                                tracing::warn!(%remote, reason = %why, "refused a connection on the peer listener");
+                                proxy.metrics.peer_refused.inc();
+                                proxy.metrics.connections.dec();
+                                return;
+                            }
                             let conn = builder
                                 .serve_connection_with_upgrades(TokioIo::new(stream), service);
                             watcher.watch(conn.into_owned()).await
                         }
                         Ok(Err(error)) => {
-                            tracing::debug!(%remote, %error, "TLS handshake failed");
+                            if tls.peer.is_some() {
+                                // Someone without a certificate of the CA.
+                                tracing::warn!(%remote, %error, "refused a connection on the peer listener: the TLS handshake failed");
+                                proxy.metrics.peer_refused.inc();
+                            } else {
+                                tracing::debug!(%remote, %error, "TLS handshake failed");
+                            }
                             Ok(())
                         }
                         Err(_) => Ok(()),

@@ -131,6 +131,7 @@ pub struct ProxyMetrics {
     pub(crate) table_version: Gauge,
     pub(crate) installs: Family<ReasonLabels, Counter>,
     pub(crate) connections: Gauge,
+    pub(crate) peer_refused: Counter,
 }
 
 impl ProxyMetrics {
@@ -221,6 +222,12 @@ impl ProxyMetrics {
             "Open client connections",
             connections.clone(),
         );
+        let peer_refused = Counter::default();
+        registry.register(
+            "peer_connections_refused",
+            "Connections to the peer listener refused: no certificate of the CA, or not a gateway of this workspace",
+            peer_refused.clone(),
+        );
         Self {
             registry,
             responses,
@@ -237,6 +244,7 @@ impl ProxyMetrics {
             table_version,
             installs,
             connections,
+            peer_refused,
         }
     }
 

@@ -46,6 +46,7 @@ fn table() -> RoutingTable {
         &Scope {
             zone: "z".into(),
             gateway: Some("gw".into()),
+            peer_tls: false,
         },
     )
     .unwrap_or_else(|e| panic!("{e}"))

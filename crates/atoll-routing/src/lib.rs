@@ -17,7 +17,7 @@ mod table;
 pub use decide::{AllAvailable, Decision, HeaderSource, Health, Refusal, RequestInfo, Target, Via};
 pub use matcher::host_without_port;
 pub use path::{PathError, normalize_path};
-pub use table::{Cell, Endpoint, Route, RoutingTable, Scope, Service, Zone};
+pub use table::{Cell, Endpoint, Peer, Route, RoutingTable, Scope, Service, Zone};
 
 /// Index of a cell in a table.
 pub type CellId = u16;

@@ -23,6 +23,10 @@ pub struct Scope {
     /// The Gateway resource the node runs, if it is a gateway: its settings
     /// apply and it is never its own forwarding target.
     pub gateway: Option<String>,
+    /// Whether the node can forward over mutual TLS (it has a node
+    /// certificate): without, gateways that take forwarded requests only
+    /// on a `peer` listener are not forwarding targets.
+    pub peer_tls: bool,
 }
 
 /// A cell as the table knows it.
@@ -66,6 +70,19 @@ pub struct Endpoint {
     pub service: Option<ServiceId>,
     /// Its labels.
     pub labels: BTreeMap<String, String>,
+    /// For a gateway reached on its `peer` listener: who must answer there
+    /// (mutual TLS).
+    pub peer: Option<Peer>,
+}
+
+/// A gateway reached over mutual TLS: the identity its certificate must
+/// carry is `atoll://<the node's workspace>/gateway/<zone>/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The Gateway's zone.
+    pub zone: String,
+    /// The Gateway's name.
+    pub name: String,
 }
 
 /// The endpoints of one service in one cell.
@@ -377,6 +394,7 @@ impl RoutingTable {
                     cell: Some(cell),
                     service: Some(service_id as ServiceId),
                     labels: labels.clone(),
+                    peer: None,
                 });
                 let group = &mut groups[usize::from(cell)];
                 group.endpoints.push(id);
@@ -421,6 +439,9 @@ impl RoutingTable {
             let Some(address) = &spec.advertise else {
                 continue;
             };
+            if spec.peer.is_some() && !scope.peer_tls {
+                continue;
+            }
             let z = index(&zone_ids, &spec.zone, "zone")?;
             let id = endpoints.len() as EndpointId;
             endpoints.push(Endpoint {
@@ -428,6 +449,10 @@ impl RoutingTable {
                 cell: None,
                 service: None,
                 labels: BTreeMap::new(),
+                peer: spec.peer.as_ref().map(|_| Peer {
+                    zone: spec.zone.clone(),
+                    name: resource.name().to_owned(),
+                }),
             });
             zones[usize::from(z)].gateways.push(id);
         }

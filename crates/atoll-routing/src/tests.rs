@@ -71,6 +71,7 @@ fn compile(text: &str, zone: &str, gateway: &str) -> RoutingTable {
         &Scope {
             zone: zone.into(),
             gateway: Some(gateway.into()),
+            peer_tls: false,
         },
     )
     .unwrap_or_else(|e| panic!("{e}"))
@@ -539,6 +540,7 @@ fn a_missing_gateway_does_not_compile() {
         &Scope {
             zone: "hz-a".into(),
             gateway: Some("gw-nope".into()),
+            peer_tls: false,
         },
     )
     .expect_err("unknown gateway");

@@ -467,6 +467,7 @@ impl Installer for ViewInstaller {
             &Scope {
                 zone: self.identity.zone.clone(),
                 gateway: None,
+                peer_tls: false,
             },
         )?;
         let service = table

@@ -29,7 +29,7 @@ pub use grpc::{ChannelOptions, Channels};
 pub use http::{HttpClient, HttpError, HttpRequest, HttpResponse};
 pub use rest::{RestClient, RestError, RestResponse, RestStream, USER_HEADER};
 pub use server::{Peer, serve};
-pub use tls::{ClientTls, Identity, ServerTls, TlsError, Trust};
+pub use tls::{ClientTls, Identity, PeerCheck, ServerTls, TlsError, Trust};
 pub use urls::ControlUrls;
 
 /// A process's way of reaching the control plane: its TLS material, if it

@@ -154,7 +154,14 @@ pub struct ClientTls {
 struct ClientState {
     identity: ArcSwapOption<CertifiedKey>,
     verifier: ArcSwap<WebPkiServerVerifier>,
+    /// The same roots, for peers checked by identity instead of by name.
+    roots: ArcSwap<RootCertStore>,
 }
+
+/// Decides whether a peer's certificate (its chain already verified to the
+/// roots) is the one expected there: by its identity, since nodes'
+/// certificates name no hosts.
+pub type PeerCheck = Arc<dyn Fn(&CertificateDer<'_>) -> Result<(), String> + Send + Sync>;
 
 impl ClientTls {
     /// Trusts servers that chain to `trust`, presenting `identity` when a
@@ -164,6 +171,7 @@ impl ClientTls {
             state: Arc::new(ClientState {
                 identity: ArcSwapOption::new(identity.map(|i| i.key.clone())),
                 verifier: ArcSwap::new(trust.server_verifier()?),
+                roots: ArcSwap::new(trust.roots.clone()),
             }),
         })
     }
@@ -177,6 +185,7 @@ impl ClientTls {
     /// From now on, servers must chain to `trust`.
     pub fn set_trust(&self, trust: &Trust) -> Result<(), TlsError> {
         self.state.verifier.store(trust.server_verifier()?);
+        self.state.roots.store(trust.roots.clone());
         Ok(())
     }
 
@@ -194,6 +203,92 @@ impl ClientTls {
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(CurrentServerVerifier(self.state.clone())))
             .with_client_cert_resolver(Arc::new(CurrentClientCert(self.state.clone())))
+    }
+
+    /// A rustls configuration for another node rather than the control
+    /// plane (a gateway forwarding to a gateway): the server's chain must
+    /// reach the trusted roots for server use, its name is not checked
+    /// (nodes' certificates name no hosts), and `check` decides on its
+    /// identity. Presents this client's current certificate.
+    pub fn peer_config(&self, check: PeerCheck) -> rustls::ClientConfig {
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap_or_else(|_| unreachable!("ring supports the default protocol versions"))
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PeerServerVerifier {
+                state: self.state.clone(),
+                check,
+            }))
+            .with_client_cert_resolver(Arc::new(CurrentClientCert(self.state.clone())))
+    }
+}
+
+/// Verifies a peer node's server certificate: chain and usage by WebPKI,
+/// identity by the caller's check.
+struct PeerServerVerifier {
+    state: Arc<ClientState>,
+    check: PeerCheck,
+}
+
+impl fmt::Debug for PeerServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PeerServerVerifier")
+    }
+}
+
+impl ServerCertVerifier for PeerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.state.roots.load(),
+            intermediates,
+            now,
+            provider().signature_verification_algorithms.all,
+        )?;
+        (self.check)(end_entity).map_err(rustls::Error::General)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &provider().signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        provider()
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -277,6 +372,8 @@ pub struct ServerTls {
 struct ServerState {
     identity: ArcSwap<CertifiedKey>,
     clients: ArcSwapOption<ClientVerifier>,
+    /// Whether a client without a certificate is refused at the handshake.
+    mandatory: bool,
 }
 
 #[derive(Debug)]
@@ -294,6 +391,22 @@ impl ServerTls {
             state: Arc::new(ServerState {
                 identity: ArcSwap::new(identity.key.clone()),
                 clients: ArcSwapOption::new(clients),
+                mandatory: false,
+            }),
+        })
+    }
+
+    /// Presents `identity` and refuses, at the handshake, every client
+    /// without a certificate that chains to `clients` (a listener for
+    /// other nodes only).
+    pub fn mutual(identity: &Identity, clients: &Trust) -> Result<Self, TlsError> {
+        Ok(Self {
+            state: Arc::new(ServerState {
+                identity: ArcSwap::new(identity.key.clone()),
+                clients: ArcSwapOption::new(Some(Arc::new(ClientVerifier(
+                    clients.client_verifier()?,
+                )))),
+                mandatory: true,
             }),
         })
     }
@@ -361,7 +474,7 @@ impl ClientCertVerifier for CurrentClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        false
+        self.0.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {

@@ -328,3 +328,127 @@ async fn a_grpc_channel_speaks_http2_over_tls_with_the_client_certificate() {
     assert_eq!(value["id"], "atoll://default/sdk/hz-a/bank-1");
     server.stop().await;
 }
+
+/// A TLS handshake (and one HTTP/1.1 request) to `url`'s port with a peer
+/// configuration that expects `expected` on the other side.
+async fn peer_call(
+    client: &ClientTls,
+    port: u16,
+    expected: &'static str,
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let check: atoll_transport::PeerCheck = std::sync::Arc::new(move |der| {
+        let (_, certificate) =
+            x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+        let names = certificate
+            .subject_alternative_name()
+            .map_err(|e| e.to_string())?
+            .ok_or("no SAN")?;
+        let found = names.value.general_names.iter().any(
+            |n| matches!(n, x509_parser::extensions::GeneralName::URI(uri) if *uri == expected),
+        );
+        if found {
+            Ok(())
+        } else {
+            Err(format!("not {expected}"))
+        }
+    });
+    let connector =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(client.peer_config(check)));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"GET /whoami HTTP/1.1\r\nhost: peer\r\nconnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(answer)
+}
+
+#[tokio::test]
+async fn peers_check_each_other_by_identity_and_a_mutual_server_refuses_a_client_without_a_certificate()
+ {
+    let ca = Ca::new("atoll test root");
+    let other = Ca::new("somebody else");
+    // A node's certificate names no host: only its identity.
+    let gateway_b = ca.client("atoll://default/gateway/hz-b/gw-hz-b");
+    let server = Server::start(Some(
+        ServerTls::mutual(&gateway_b, &ca.trust()).expect("server tls"),
+    ))
+    .await;
+    let port: u16 = server
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("port");
+
+    let gateway_a = ClientTls::new(
+        &ca.trust(),
+        Some(&ca.client("atoll://default/gateway/hz-a/gw-hz-a")),
+    )
+    .expect("client tls");
+    // The expected peer answers, and saw who called.
+    let answer = peer_call(&gateway_a, port, "atoll://default/gateway/hz-b/gw-hz-b")
+        .await
+        .expect("served");
+    assert!(
+        answer.contains("atoll://default/gateway/hz-a/gw-hz-a"),
+        "{answer}"
+    );
+    // Another identity than the one expected there: refused by the client.
+    let error = peer_call(&gateway_a, port, "atoll://default/gateway/hz-b/gw-other")
+        .await
+        .expect_err("another gateway");
+    assert!(
+        error.contains("not atoll://default/gateway/hz-b/gw-other"),
+        "{error}"
+    );
+    // A client without a certificate, or with another CA's: refused by the
+    // server at the handshake.
+    let anonymous = ClientTls::new(&ca.trust(), None).expect("client tls");
+    let error = peer_call(&anonymous, port, "atoll://default/gateway/hz-b/gw-hz-b")
+        .await
+        .expect_err("no certificate");
+    assert!(!error.is_empty());
+    let stranger = ClientTls::new(
+        &ca.trust(),
+        Some(&other.client("atoll://default/gateway/hz-a/gw-hz-a")),
+    )
+    .expect("client tls");
+    peer_call(&stranger, port, "atoll://default/gateway/hz-b/gw-hz-b")
+        .await
+        .expect_err("another CA");
+    // A server of another CA is not a peer, whatever it is called.
+    let impostor = Server::start(Some(
+        ServerTls::mutual(
+            &other.client("atoll://default/gateway/hz-b/gw-hz-b"),
+            &ca.trust(),
+        )
+        .expect("server tls"),
+    ))
+    .await;
+    let impostor_port: u16 = impostor
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .expect("port");
+    peer_call(
+        &gateway_a,
+        impostor_port,
+        "atoll://default/gateway/hz-b/gw-hz-b",
+    )
+    .await
+    .expect_err("another CA's server");
+    impostor.stop().await;
+    server.stop().await;
+}

@@ -1397,6 +1397,158 @@ async fn certificates_renewed_twenty_times_under_load_fail_no_request_and_drop_n
     assert_eq!(instance, 1, "bank-rz01-0 connected {instance} times");
 }
 
+/// One HTTP/1.1 GET over TLS to `address`, presenting the certificate of
+/// `cert` (none: no certificate) and accepting any server of the sandbox's
+/// CA: the answer's head and body, or why the connection failed.
+async fn peer_get(
+    sandbox: &Sandbox,
+    address: &str,
+    cert: Option<&str>,
+    path: &str,
+) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pki = sandbox.state.path().join("pki");
+    let trust = atoll_transport::Trust::from_file(&pki.join("root.pem")).expect("root");
+    let identity = cert.map(|name| {
+        atoll_transport::Identity::from_files(
+            &pki.join(format!("{name}.pem")),
+            &pki.join(format!("{name}.key")),
+        )
+        .expect("identity")
+    });
+    let tls = atoll_transport::ClientTls::new(&trust, identity.as_ref()).expect("tls");
+    let config = tls.peer_config(std::sync::Arc::new(|_| Ok(())));
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let mut stream = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nhost: bank\r\nx-atoll-hop: 1\r\nconnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    if answer.is_empty() {
+        return Err("closed without an answer".into());
+    }
+    Ok(answer)
+}
+
+/// A counter of a gateway's admin `/metrics`, summed over its labels.
+async fn gateway_counter(sandbox: &Sandbox, zone: &str, name: &str) -> f64 {
+    let url = format!(
+        "{}/metrics",
+        sandbox.up["gatewayAdmins"][zone].as_str().expect("admin")
+    );
+    let text = reqwest::get(&url)
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Issue 11, "gateway-to-gateway forwarding is mTLS": in the secure
+/// sandbox a request entering the gateway of another zone is forwarded to
+/// the owning zone's gateway on its peer listener, over mutual TLS; that
+/// listener serves a gateway's certificate and refuses a client without a
+/// certificate and an agent's certificate (counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_forward_to_each_other_over_mutual_tls_only() {
+    let sandbox = Sandbox::start();
+    let gateway: Value = sandbox
+        .control_client()
+        .get("/v1/resources/gateways/gw-hz-a")
+        .await
+        .expect("Gateway gw-hz-a");
+    let peer = gateway["spec"]["advertise"]
+        .as_str()
+        .expect("advertise")
+        .to_owned();
+    assert_eq!(
+        gateway["spec"]["peer"]["port"].as_u64(),
+        peer.rsplit(':').next().and_then(|p| p.parse().ok()),
+        "{gateway}"
+    );
+    // User 1001 lives in rz01 (hz-a); it enters through hz-b's gateway.
+    let before = gateway_counter(&sandbox, "hz-b", "atoll_gateway_misroutes_total").await;
+    for i in 0..5 {
+        let (status, cell, _, body) = sandbox
+            .post(
+                1,
+                "/accounts/1001/deposit",
+                &format!("peer-{i}"),
+                json!({"amount": 1}),
+            )
+            .await;
+        assert_eq!((status, cell.as_str()), (200, "rz01"), "{body}");
+    }
+    let after = gateway_counter(&sandbox, "hz-b", "atoll_gateway_misroutes_total").await;
+    assert!(after >= before + 5.0, "forwarded: {before} -> {after}");
+
+    // The peer listener serves a gateway of the sandbox ...
+    let answer = peer_get(&sandbox, &peer, Some("gateway-gw-hz-b"), "/accounts/1001")
+        .await
+        .expect("a gateway is served");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("x-bank-cell: rz01"),
+        "{answer}"
+    );
+    // ... and no one else: no certificate, or an agent's.
+    let refused = gateway_counter(
+        &sandbox,
+        "hz-a",
+        "atoll_gateway_peer_connections_refused_total",
+    )
+    .await;
+    let error = peer_get(&sandbox, &peer, None, "/accounts/1001")
+        .await
+        .expect_err("no certificate");
+    eprintln!("without a certificate: {error}");
+    let error = peer_get(&sandbox, &peer, Some("agent-agent-hz-a"), "/accounts/1001")
+        .await
+        .expect_err("an agent's certificate");
+    eprintln!("with an agent's certificate: {error}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = gateway_counter(
+            &sandbox,
+            "hz-a",
+            "atoll_gateway_peer_connections_refused_total",
+        )
+        .await;
+        if now >= refused + 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "refusals counted: {refused} -> {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(sandbox.state.path().join("logs/gateway-hz-a.log"))
+        .unwrap_or_default();
+    assert!(
+        log.contains("is not a gateway of workspace default"),
+        "the refusal names who: {log}"
+    );
+}
+
 /// The fingerprint of the intermediate that signed the chain in `path`.
 fn intermediate_of(path: &std::path::Path) -> Option<String> {
     atoll_identity::intermediate_of_chain(&std::fs::read_to_string(path).ok()?)

@@ -379,3 +379,21 @@ fn a_workspace_must_exist_and_the_fleets_kinds_have_none() {
         "{found:?}"
     );
 }
+
+#[test]
+fn a_peer_listener_needs_a_port_of_its_own_and_an_address_to_be_reached_at() {
+    let text = "apiVersion: atoll/v1\nkind: Gateway\nmetadata: {name: gw-x}\nspec:\n  zone: hz-a\n  listeners: [{port: 80, protocol: http}]\n  peer: {port: 80, address: nowhere}\n";
+    let mut resources = example();
+    resources.extend(load("gw.yaml", text).expect("parses"));
+    let found = issues(&resources);
+    let reasons: Vec<&str> = found.iter().map(|i| i.reason.as_str()).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons[0].contains("port 80 is used by a listener of this gateway"));
+    assert!(reasons[1].contains("`nowhere` is not an IP address"));
+    assert!(reasons[2].contains("add `advertise: HOST:80`"));
+    assert_eq!(found[2].field.as_deref(), Some("spec.peer"));
+    let good = "apiVersion: atoll/v1\nkind: Gateway\nmetadata: {name: gw-x}\nspec:\n  zone: hz-a\n  listeners: [{port: 80, protocol: http}]\n  peer: {port: 7441}\n  advertise: \"10.0.0.1:7441\"\n";
+    let mut resources = example();
+    resources.extend(load("gw.yaml", good).expect("parses"));
+    validate(&resources).expect("a peer listener with its address is valid");
+}
