@@ -661,11 +661,7 @@ async fn first_gateway(client: &Client) -> Result<String, CliError> {
     let list: ListResponse = client.get("/v1/resources/gateways").await?;
     list.items
         .iter()
-        .find_map(|g| {
-            g["spec"]["advertise"]
-                .as_str()
-                .map(|a| format!("http://{a}"))
-        })
+        .find_map(crate::load::client_url)
         .ok_or_else(|| {
             CliError::new(
                 exit::FAILURE,

@@ -23,7 +23,8 @@ use crate::output::Format;
 #[derive(Debug, Args)]
 pub(crate) struct LoadArgs {
     /// Gateway URL to send to; repeat for several [default: the advertised
-    /// address of every Gateway resource].
+    /// address of every Gateway resource, its public listener when it
+    /// advertises its peer listener].
     #[arg(long = "gateway", value_name = "URL")]
     gateways: Vec<String>,
 
@@ -765,6 +766,29 @@ async fn drain(
     }
 }
 
+/// Where clients reach a Gateway resource (its JSON): its advertised
+/// address, or, when that is its peer listener (for other gateways, mutual
+/// TLS), the same host at its first public listener.
+pub(crate) fn client_url(gateway: &serde_json::Value) -> Option<String> {
+    let advertise = gateway.pointer("/spec/advertise")?.as_str()?;
+    if gateway
+        .pointer("/spec/peer")
+        .is_none_or(serde_json::Value::is_null)
+    {
+        return Some(format!("http://{advertise}"));
+    }
+    let listener = gateway.pointer("/spec/listeners/0")?;
+    let port = listener.get("port")?.as_u64()?;
+    let scheme = match listener.get("protocol")?.as_str()? {
+        "https" => "https",
+        _ => "http",
+    };
+    let host = advertise
+        .rsplit_once(':')
+        .map_or(advertise, |(host, _)| host);
+    Some(format!("{scheme}://{host}:{port}"))
+}
+
 /// The gateways to use: given, or every advertised one.
 async fn gateways(client: &Client, given: &[String]) -> Result<Vec<String>, CliError> {
     let normalize = |url: &str| {
@@ -779,15 +803,7 @@ async fn gateways(client: &Client, given: &[String]) -> Result<Vec<String>, CliE
         return Ok(given.iter().map(|g| normalize(g)).collect());
     }
     let list: ListResponse = client.get("/v1/resources/gateways").await?;
-    let found: Vec<String> = list
-        .items
-        .iter()
-        .filter_map(|g| {
-            g.pointer("/spec/advertise")
-                .and_then(|a| a.as_str())
-                .map(normalize)
-        })
-        .collect();
+    let found: Vec<String> = list.items.iter().filter_map(client_url).collect();
     if found.is_empty() {
         let mut error = CliError::new(exit::FAILURE, "no Gateway resource advertises an address");
         error.details.push(

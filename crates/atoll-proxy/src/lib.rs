@@ -301,6 +301,15 @@ impl Proxy {
             .collect();
         peers.sort();
         peers.dedup();
+        // TLS clients of gateways the new table no longer forwards to go.
+        self.peer_clients.lock().retain(|(address, zone, name), _| {
+            table.endpoints.iter().any(|e| {
+                e.address == *address
+                    && e.peer
+                        .as_ref()
+                        .is_some_and(|p| p.zone == *zone && p.name == *name)
+            })
+        });
         self.snapshot.store(Some(Arc::new(Snapshot {
             table,
             upstreams,
