@@ -284,12 +284,33 @@ impl Client {
         timeout: Option<Duration>,
         transport: &atoll_transport::Transport,
     ) -> Result<Self, CliError> {
-        let urls = atoll_transport::ControlUrls::parse_in_order(&endpoint.url)
-            .map_err(|e| CliError::new(exit::USAGE, format!("{e} (from {})", endpoint.origin)))?;
         let token = token
             .filter(|t| !t.trim().is_empty())
             .or_else(|| crate::auth::saved_token(&endpoint.url))
             .or_else(|| sandbox_token(&endpoint.url));
+        Self::with_credential(endpoint, user, token, timeout, transport)
+    }
+
+    /// A client that speaks for a node by its certificate alone: no token,
+    /// not even one saved or the sandbox's (a token would make the call
+    /// the token's user's).
+    pub(crate) fn for_node(
+        endpoint: Endpoint,
+        timeout: Option<Duration>,
+        transport: &atoll_transport::Transport,
+    ) -> Result<Self, CliError> {
+        Self::with_credential(endpoint, "node".into(), None, timeout, transport)
+    }
+
+    fn with_credential(
+        endpoint: Endpoint,
+        user: String,
+        token: Option<String>,
+        timeout: Option<Duration>,
+        transport: &atoll_transport::Transport,
+    ) -> Result<Self, CliError> {
+        let urls = atoll_transport::ControlUrls::parse_in_order(&endpoint.url)
+            .map_err(|e| CliError::new(exit::USAGE, format!("{e} (from {})", endpoint.origin)))?;
         let mut rest = transport
             .rest(urls, timeout)
             .with_header(atoll_transport::USER_HEADER, &user)

@@ -302,7 +302,7 @@ pub(crate) async fn run(args: ControlArgs, tls: &crate::tls::TlsArgs) -> Result<
         advertise: args.advertise.clone(),
         election_ttl: args.election_ttl,
         transport,
-        tls: serving,
+        tls: serving.clone(),
         access,
         issuer,
     })
@@ -316,6 +316,21 @@ pub(crate) async fn run(args: ControlArgs, tls: &crate::tls::TlsArgs) -> Result<
         address.ip().to_string()
     };
     let url = format!("{scheme}://{host}:{}", address.port());
+    // A replica renews its own certificate as nodes do, through its own
+    // port (the replica that issues may be another): with a third of its
+    // life left, or at once after the intermediate was rotated.
+    if let (Some(cert), Some(key), Some(_)) = (&tls.cert, &tls.key, &serving) {
+        let own = args.advertise.clone().unwrap_or_else(|| url.clone());
+        let client = crate::client::Client::for_node(
+            crate::client::Endpoint {
+                url: own,
+                origin: "this replica".into(),
+            },
+            Some(std::time::Duration::from_secs(10)),
+            &tls.transport()?,
+        )?;
+        crate::join::renew_in_background(client, cert.clone(), key.clone());
+    }
     let others: Vec<String> = crate::client::running()
         .into_iter()
         .filter(|r| r.url != url)

@@ -233,12 +233,13 @@ pub(crate) fn renew_in_background(client: Client, cert: PathBuf, key: PathBuf) {
             }
             let result = async {
                 let (key_pem, csr) = key_and_csr("renewal")?;
+                // A replica keeps the names it is reached by; a node has none.
                 let renewed: IssuedCertificate = client
                     .post(
                         "/v1/renew",
                         &RenewRequest {
                             csr,
-                            hosts: Vec::new(),
+                            hosts: atoll_identity::hosts_of_pem(&pem),
                         },
                     )
                     .await?;

@@ -233,7 +233,11 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 &cli.tls,
                 &transport,
                 peer_tls.clone(),
-                connect(Some(Duration::from_secs(10)))?,
+                client::Client::for_node(
+                    endpoint.clone(),
+                    Some(Duration::from_secs(10)),
+                    &transport,
+                )?,
             );
             gateway::run(
                 args,
@@ -254,7 +258,11 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 &cli.tls,
                 &transport,
                 None,
-                connect(Some(Duration::from_secs(10)))?,
+                client::Client::for_node(
+                    endpoint.clone(),
+                    Some(Duration::from_secs(10)),
+                    &transport,
+                )?,
             );
             agent::run(
                 args,

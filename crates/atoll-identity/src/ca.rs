@@ -93,6 +93,38 @@ pub fn fingerprints_of_pem(pem: &str) -> Vec<String> {
         .collect()
 }
 
+/// The host names and addresses (DNS and IP SANs) of the first certificate
+/// of a PEM chain: a replica's, which it keeps when it renews.
+pub fn hosts_of_pem(pem: &str) -> Vec<String> {
+    let Ok((_, block)) = x509_parser::pem::parse_x509_pem(pem.as_bytes()) else {
+        return Vec::new();
+    };
+    let Ok(certificate) = block.parse_x509() else {
+        return Vec::new();
+    };
+    let Ok(Some(names)) = certificate.subject_alternative_name() else {
+        return Vec::new();
+    };
+    names
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+            x509_parser::extensions::GeneralName::IPAddress(bytes) => match bytes.len() {
+                4 => <[u8; 4]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| IpAddr::from(b).to_string()),
+                16 => <[u8; 16]>::try_from(*bytes)
+                    .ok()
+                    .map(|b| IpAddr::from(b).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
 /// The fingerprint of the intermediate in a node's chain (leaf then
 /// intermediate), if it has one.
 pub fn intermediate_of_chain(pem: &str) -> Option<String> {

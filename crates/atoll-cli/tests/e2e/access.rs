@@ -1059,3 +1059,69 @@ fn a_gateway_renews_its_certificate_by_itself_and_stays_connected() {
         gateway.log()
     );
 }
+
+/// A control-plane replica renews its own certificate by itself (a third of
+/// its life left), keeps the host names clients verify it by, and serves
+/// the new one: calls still verify after the first has expired.
+#[test]
+fn a_replica_renews_its_own_certificate_and_keeps_its_host_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = ca(dir.path());
+    let root = ca_dir.join("root.pem");
+    let cert = dir.path().join("control");
+    let issued = std::process::Command::new(crate::harness::ATOLL)
+        .args(["ca", "issue", "--dir", ca_dir.to_str().unwrap()])
+        .args(["--id", "atoll://default/control/-/replica-1"])
+        .args(["--host", "127.0.0.1", "--host", "localhost"])
+        .args(["--lifetime", "9s", "--out", cert.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(issued.status.success(), "{issued:?}");
+    let started = std::time::Instant::now();
+    let pem = cert.with_extension("pem");
+    let first = std::fs::read_to_string(&pem).unwrap();
+    let control = Control::start_with(vec![
+        format!("--ca={}", root.display()),
+        format!("--cert={}", pem.display()),
+        format!("--key={}", cert.with_extension("key").display()),
+        format!("--ca-dir={}", ca_dir.display()),
+        "--node-cert-lifetime=1h".to_owned(),
+    ]);
+    let deadline = started + Duration::from_secs(20);
+    while std::fs::read_to_string(&pem).unwrap_or_default() == first {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica did not renew its certificate:\n{}",
+            control.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let renewed = std::fs::read_to_string(&pem).unwrap();
+    let (from, until) = atoll_identity::validity_of_pem(&renewed).unwrap();
+    assert!(
+        until - from > time::Duration::minutes(50),
+        "{from} .. {until}"
+    );
+    assert_eq!(
+        atoll_identity::hosts_of_pem(&renewed),
+        ["127.0.0.1", "localhost"],
+        "the renewed certificate keeps the replica's names"
+    );
+    // Past the first certificate's end, the replica serves the new one.
+    std::thread::sleep(
+        (started + Duration::from_secs(11)).saturating_duration_since(std::time::Instant::now()),
+    );
+    let admin = control.admin_token.clone().expect("an admin token");
+    control
+        .atoll_as(
+            Some(&admin),
+            &[&format!("--ca={}", root.display()), "get", "zones"],
+            None,
+        )
+        .success();
+    assert!(
+        control.log().contains("renewed the certificate"),
+        "{}",
+        control.log()
+    );
+}
