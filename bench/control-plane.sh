@@ -76,6 +76,8 @@ for _ in $(seq 1 300); do
   curl -fsS --cacert "$ca/root.pem" "https://127.0.0.1:$tls_port/readyz" >/dev/null 2>&1 && break
   sleep 0.05
 done
+curl -fsS --cacert "$ca/root.pem" "https://127.0.0.1:$tls_port/readyz" >/dev/null ||
+  { echo "the TLS control plane did not become ready:" >&2; tail -5 "$work/control-tls.log" >&2; exit 1; }
 "$BIN/propagation" --preload examples/topology --control "https://127.0.0.1:$tls_port" --ca-dir "$ca" --token-file "$work/admin.token" \
   --nodes "$NODES" --changes "$CHANGES" | sed 's/^RESULT propagation/RESULT propagation-mtls/' | tee -a "$results"
 stop_control

@@ -234,6 +234,8 @@ pub(crate) async fn run(args: ControlArgs, tls: &crate::tls::TlsArgs) -> Result<
     let transport = tls.transport()?;
     let serving = tls.server()?;
     tls.follow(transport.tls().cloned(), serving.clone());
+    // Its own renewals use the same (followed) material.
+    let renewal_transport = transport.clone();
     let scheme = if serving.is_some() { "https" } else { "http" };
     let access = match (&serving, args.insecure) {
         (None, false) => {
@@ -319,7 +321,20 @@ pub(crate) async fn run(args: ControlArgs, tls: &crate::tls::TlsArgs) -> Result<
     // A replica renews its own certificate as nodes do, through its own
     // port (the replica that issues may be another): with a third of its
     // life left, or at once after the intermediate was rotated.
-    if let (Some(cert), Some(key), Some(_)) = (&tls.cert, &tls.key, &serving) {
+    let replica_certificate = tls
+        .cert
+        .as_ref()
+        .and_then(|c| std::fs::read_to_string(c).ok())
+        .and_then(|pem| atoll_identity::id_of_pem(&pem).ok())
+        .is_some_and(|id| id.role == atoll_identity::Role::Control);
+    if !replica_certificate && serving.is_some() {
+        tracing::info!(
+            "the serving certificate is not an Atoll replica's (atoll://WORKSPACE/control/-/NAME); renew it yourself"
+        );
+    }
+    if let (Some(cert), Some(key), Some(_), true) =
+        (&tls.cert, &tls.key, &serving, replica_certificate)
+    {
         let own = args.advertise.clone().unwrap_or_else(|| url.clone());
         let client = crate::client::Client::for_node(
             crate::client::Endpoint {
@@ -327,7 +342,7 @@ pub(crate) async fn run(args: ControlArgs, tls: &crate::tls::TlsArgs) -> Result<
                 origin: "this replica".into(),
             },
             Some(std::time::Duration::from_secs(10)),
-            &tls.transport()?,
+            &renewal_transport,
         )?;
         crate::join::renew_in_background(client, cert.clone(), key.clone());
     }

@@ -198,6 +198,10 @@ async fn rotated(client: &Client, chain: &str) -> Option<String> {
 /// every tenth of what is left, at least every 5 s, and logged.
 pub(crate) fn renew_in_background(client: Client, cert: PathBuf, key: PathBuf) {
     tokio::spawn(async move {
+        // The intermediate a rotation renewal was for: if the certificate
+        // that came back is still of another (the replica that issued has
+        // not got the new one yet), wait before asking again.
+        let mut renewed_for: Option<String> = None;
         loop {
             let pem = match std::fs::read_to_string(&cert) {
                 Ok(pem) => pem,
@@ -217,11 +221,19 @@ pub(crate) fn renew_in_background(client: Client, cert: PathBuf, key: PathBuf) {
             let now = time::OffsetDateTime::now_utc();
             let due = renew_at(issued, expires);
             if now < due {
-                if let Some(current) = rotated(&client, &pem).await {
+                let rotation = rotated(&client, &pem).await;
+                if let Some(current) = rotation
+                    .as_ref()
+                    .filter(|c| renewed_for.as_ref() != Some(*c))
+                {
                     // Renewed at once, so that the old intermediate can be
                     // retired without waiting out every node's certificate.
                     tracing::info!(intermediate = %current, "the CA's intermediate was rotated; renewing the certificate now");
+                    renewed_for = Some(current.clone());
                 } else {
+                    if rotation.is_none() {
+                        renewed_for = None;
+                    }
                     // Look again soon: the intermediate may be rotated, or
                     // someone renew the files by hand.
                     let wait = std::time::Duration::try_from(due - now)

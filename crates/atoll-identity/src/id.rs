@@ -164,6 +164,13 @@ impl FromStr for AtollId {
     }
 }
 
+/// The identity in the first certificate of a PEM chain.
+pub fn id_of_pem(pem: &str) -> Result<AtollId, String> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| format!("not a PEM certificate: {e}"))?;
+    id_of_certificate(&block.contents)
+}
+
 /// The identity in a certificate (DER): its `atoll://` URI SAN.
 pub fn id_of_certificate(der: &[u8]) -> Result<AtollId, String> {
     let (_, certificate) = x509_parser::parse_x509_certificate(der)

@@ -18,5 +18,5 @@ pub use ca::{
     Authority, BACKDATE, CaError, CaOptions, IssueRequest, Issued, KeySource, fingerprint,
     fingerprints_of_pem, hosts_of_pem, intermediate_of_chain, key_and_request, validity_of_pem,
 };
-pub use id::{AtollId, IdError, NO_ZONE, Role, id_of_certificate};
+pub use id::{AtollId, IdError, NO_ZONE, Role, id_of_certificate, id_of_pem};
 pub use token::{Token, TokenError, TokenKind};

@@ -969,8 +969,11 @@ async fn relay(
                         }
                         drop(in_flight);
                         attempts_left -= 1;
+                        // Never to a gateway's peer listener: that one speaks
+                        // mutual TLS, which the hyper path does.
                         if attempts_left > 0
                             && let Some(next) = table.retry_endpoint(&target, endpoint, snapshot)
+                            && !snapshot.over_peer_tls(next)
                         {
                             proxy.metrics.retries.inc();
                             endpoint = next;

@@ -236,8 +236,10 @@ pub async fn serve(
                         }
                         Ok(Err(error)) => {
                             if tls.peer.is_some() {
-                                // Someone without a certificate of the CA.
-                                tracing::warn!(%remote, %error, "refused a connection on the peer listener: the TLS handshake failed");
+                                // Someone without a certificate of the CA:
+                                // counted; logged at debug, since anyone who
+                                // reaches the port can cause it.
+                                tracing::debug!(%remote, %error, "refused a connection on the peer listener: the TLS handshake failed");
                                 proxy.metrics.peer_refused.inc();
                             } else {
                                 tracing::debug!(%remote, %error, "TLS handshake failed");
