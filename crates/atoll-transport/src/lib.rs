@@ -27,7 +27,7 @@ use std::time::Duration;
 pub use files::TlsFiles;
 pub use grpc::{ChannelOptions, Channels};
 pub use http::{HttpClient, HttpError, HttpRequest, HttpResponse};
-pub use rest::{RestClient, RestError, RestResponse, RestStream, USER_HEADER};
+pub use rest::{NOT_LEADER_WAIT, RestClient, RestError, RestResponse, RestStream, USER_HEADER};
 pub use server::{Peer, serve};
 pub use tls::{ClientTls, Identity, PeerCheck, ServerTls, TlsError, Trust};
 pub use urls::ControlUrls;

@@ -16,6 +16,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::http::{HttpClient, HttpError};
+
+/// How long a call answered `notLeader` is asked again: three election
+/// TTLs of the default 2 s, as a follower waits out an election.
+pub const NOT_LEADER_WAIT: Duration = Duration::from_secs(6);
 use crate::urls::ControlUrls;
 
 /// The header that names the person or program making a change, until API
@@ -312,24 +316,40 @@ impl RestClient {
     /// Sends `method path` (path and query, e.g. `/v1/resources?kind=Cell`)
     /// with an optional JSON body, to the replica in use, moving on to the
     /// next replica while one cannot be reached. Any status is returned.
+    ///
+    /// A `503 notLeader` (the replica that took the call stopped leading
+    /// as it did; nothing was changed) is asked again every 200 ms for up to
+    /// [`NOT_LEADER_WAIT`], while an election ends.
     pub async fn send(
         &self,
         method: Method,
         path: &str,
         json: Option<Bytes>,
     ) -> Result<RestResponse, RestError> {
-        let (url, answer) = self
-            .to_any(&method, path, json.as_ref(), |request| {
-                self.http.send(request, self.timeout)
-            })
-            .await?;
-        let (parts, body) = answer.into_parts();
-        Ok(RestResponse {
-            url,
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        let deadline = std::time::Instant::now() + NOT_LEADER_WAIT;
+        loop {
+            let (url, answer) = self
+                .to_any(&method, path, json.as_ref(), |request| {
+                    self.http.send(request, self.timeout)
+                })
+                .await?;
+            let (parts, body) = answer.into_parts();
+            let response = RestResponse {
+                url,
+                status: parts.status,
+                headers: parts.headers,
+                body,
+            };
+            if response.status == StatusCode::SERVICE_UNAVAILABLE
+                && std::time::Instant::now() < deadline
+                && serde_json::from_slice::<ErrorBody>(&response.body)
+                    .is_ok_and(|e| e.error == atoll_api::rest::ErrorCode::NotLeader)
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            return Ok(response);
+        }
     }
 
     /// `GET path`, the answer as `T`.
