@@ -125,13 +125,7 @@ impl Credentials {
         {
             return fingerprint.clone();
         }
-        let fingerprint = match self.rest.get::<atoll_api::rest::CaInfo>("/v1/ca").await {
-            Ok(info) => Some(info.intermediate_fingerprint).filter(|f| !f.is_empty()),
-            Err(error) => {
-                tracing::debug!(%error, "cannot ask the control plane for its intermediate");
-                None
-            }
-        };
+        let fingerprint = self.rest.issuing_intermediate().await;
         *current = Some((fingerprint.clone(), std::time::Instant::now()));
         fingerprint
     }

@@ -350,6 +350,11 @@ impl Client {
         self
     }
 
+    /// The REST client underneath (its credentials set).
+    pub(crate) fn rest(&self) -> &atoll_transport::RestClient {
+        &self.rest
+    }
+
     /// How this client reaches the control plane.
     pub(crate) fn transport(&self) -> &atoll_transport::Transport {
         &self.transport

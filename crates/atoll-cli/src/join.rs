@@ -176,19 +176,11 @@ fn renew_at(issued: time::OffsetDateTime, expires: time::OffsetDateTime) -> time
 /// certificates, or cannot be reached: the next look will tell).
 async fn rotated(client: &Client, chain: &str) -> Option<String> {
     let ours = atoll_identity::intermediate_of_chain(chain)?;
-    match client.get::<atoll_api::rest::CaInfo>("/v1/ca").await {
-        Ok(info)
-            if !info.intermediate_fingerprint.is_empty()
-                && info.intermediate_fingerprint != ours =>
-        {
-            Some(info.intermediate_fingerprint)
-        }
-        Ok(_) => None,
-        Err(error) => {
-            tracing::debug!(error = %error.message, "cannot ask the control plane for its intermediate");
-            None
-        }
-    }
+    client
+        .rest()
+        .issuing_intermediate()
+        .await
+        .filter(|current| *current != ours)
 }
 
 /// Renews the certificate of `--cert`/`--key` by itself, with a third of

@@ -352,6 +352,19 @@ impl RestClient {
         }
     }
 
+    /// The fingerprint of the intermediate the control plane issues
+    /// certificates with now (`GET /v1/ca`); None when it cannot say (it
+    /// issues none, or cannot be reached: the next look will tell).
+    pub async fn issuing_intermediate(&self) -> Option<String> {
+        match self.get::<atoll_api::rest::CaInfo>("/v1/ca").await {
+            Ok(info) => Some(info.intermediate_fingerprint).filter(|f| !f.is_empty()),
+            Err(error) => {
+                tracing::debug!(%error, "cannot ask the control plane for its intermediate");
+                None
+            }
+        }
+    }
+
     /// `GET path`, the answer as `T`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, RestError> {
         self.send(Method::GET, path, None).await?.json()

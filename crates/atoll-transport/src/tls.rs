@@ -224,7 +224,8 @@ impl ClientTls {
 }
 
 /// Verifies a peer node's server certificate: chain and usage by WebPKI,
-/// identity by the caller's check.
+/// identity by the caller's check; signatures as the current verifier
+/// does.
 struct PeerServerVerifier {
     state: Arc<ClientState>,
     check: PeerCheck,
@@ -251,7 +252,9 @@ impl ServerCertVerifier for PeerServerVerifier {
             &self.state.roots.load(),
             intermediates,
             now,
-            provider().signature_verification_algorithms.all,
+            rustls::crypto::ring::default_provider()
+                .signature_verification_algorithms
+                .all,
         )?;
         (self.check)(end_entity).map_err(rustls::Error::General)?;
         Ok(ServerCertVerified::assertion())
@@ -263,12 +266,10 @@ impl ServerCertVerifier for PeerServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        self.state
+            .verifier
+            .load()
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -277,18 +278,14 @@ impl ServerCertVerifier for PeerServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &provider().signature_verification_algorithms,
-        )
+        self.state
+            .verifier
+            .load()
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        provider()
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.state.verifier.load().supported_verify_schemes()
     }
 }
 

@@ -128,6 +128,15 @@ impl Server {
         }
     }
 
+    /// The port it listens on.
+    fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port")
+    }
+
     async fn stop(mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -384,12 +393,7 @@ async fn peers_check_each_other_by_identity_and_a_mutual_server_refuses_a_client
         ServerTls::mutual(&gateway_b, &ca.trust()).expect("server tls"),
     ))
     .await;
-    let port: u16 = server
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .expect("port");
+    let port = server.port();
 
     let gateway_a = ClientTls::new(
         &ca.trust(),
@@ -436,12 +440,7 @@ async fn peers_check_each_other_by_identity_and_a_mutual_server_refuses_a_client
         .expect("server tls"),
     ))
     .await;
-    let impostor_port: u16 = impostor
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .expect("port");
+    let impostor_port = impostor.port();
     peer_call(
         &gateway_a,
         impostor_port,

@@ -429,13 +429,7 @@ async fn the_sandbox_serves_users_in_their_cells_heals_and_stops_cleanly() {
     for cell in cells["items"].as_array().expect("cells") {
         assert_eq!(cell["status"]["health"], json!("Healthy"), "{cell}");
     }
-    let table = sandbox
-        .cli()
-        .args(["get", "cells"])
-        .output()
-        .expect("atoll get cells");
-    let table = String::from_utf8_lossy(&table.stdout);
-    assert_eq!(table.matches("Healthy").count(), 3, "{table}");
+    assert_every_cell_healthy(&sandbox);
 
     // 1,000 users, each served by the cell that owns it, whichever gateway
     // the request enters.
@@ -1319,6 +1313,30 @@ async fn regression_a_first_time_user_drills_without_flags_and_is_never_silently
     );
 }
 
+/// `atoll get cells` shows the sandbox's three cells healthy.
+fn assert_every_cell_healthy(sandbox: &Sandbox) {
+    let table = sandbox
+        .cli()
+        .args(["get", "cells"])
+        .output()
+        .expect("atoll get cells");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert_eq!(table.matches("Healthy").count(), 3, "{table}");
+}
+
+/// The node's config stream connected once in the whole run.
+fn assert_connected_once(sandbox: &Sandbox, node: &str) {
+    let connected = lines_with(
+        sandbox,
+        "control.log",
+        &["node connected", &format!("node={node} ")],
+    );
+    assert_eq!(
+        connected, 1,
+        "{node}'s config stream connected {connected} times"
+    );
+}
+
 /// How many lines of a sandbox log contain every one of `words`.
 fn lines_with(sandbox: &Sandbox, log: &str, words: &[&str]) -> usize {
     std::fs::read_to_string(sandbox.state.path().join("logs").join(log))
@@ -1368,15 +1386,7 @@ async fn certificates_renewed_twenty_times_under_load_fail_no_request_and_drop_n
         let renewed = lines_with(&sandbox, log, &["renewed the certificate"]);
         eprintln!("{node}: renewed {renewed} times in {}", summary["seconds"]);
         assert!(renewed >= 20, "{node} renewed {renewed} times");
-        let connected = lines_with(
-            &sandbox,
-            "control.log",
-            &["node connected", &format!("node={node} ")],
-        );
-        assert_eq!(
-            connected, 1,
-            "{node}'s config stream connected {connected} times"
-        );
+        assert_connected_once(&sandbox, node);
     }
     // The agent renewed its instances' certificates as well, and they kept
     // their streams too.
@@ -1389,12 +1399,7 @@ async fn certificates_renewed_twenty_times_under_load_fail_no_request_and_drop_n
         issued >= 20,
         "instance certificates issued in hz-a: {issued}"
     );
-    let instance = lines_with(
-        &sandbox,
-        "control.log",
-        &["node connected", "node=bank-rz01-0 "],
-    );
-    assert_eq!(instance, 1, "bank-rz01-0 connected {instance} times");
+    assert_connected_once(&sandbox, "bank-rz01-0");
 }
 
 /// One HTTP/1.1 GET over TLS to `address`, presenting the certificate of
@@ -1598,8 +1603,17 @@ async fn nodes_move_to_a_rotated_intermediate_without_a_restart() {
         ])
         .env_remove("ATOLL_CONTROL")
         .output();
+    let served = gateway_counter(&sandbox, "hz-a", "atoll_gateway_responses_total").await;
     let rotate_and_watch = async {
-        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        // Rotate once the load is under way.
+        let started = std::time::Instant::now();
+        while gateway_counter(&sandbox, "hz-a", "atoll_gateway_responses_total").await <= served {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(15),
+                "the load did not start"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         let rotated = sandbox
             .cli_async()
             .args(["ca", "rotate", "--dir", pki.to_str().unwrap()])
@@ -1641,25 +1655,11 @@ async fn nodes_move_to_a_rotated_intermediate_without_a_restart() {
     assert_eq!(summary["failed"], json!(0), "{summary}");
     assert_eq!(sandbox.pids().await, pids, "nothing restarted");
     for node in ["gw-hz-a", "agent-hz-a", "bank-rz01-0"] {
-        let connected = lines_with(
-            &sandbox,
-            "control.log",
-            &["node connected", &format!("node={node} ")],
-        );
-        assert_eq!(
-            connected, 1,
-            "{node}'s config stream connected {connected} times"
-        );
+        assert_connected_once(&sandbox, node);
     }
     // The control plane reads the new intermediate, and what it still
     // serves with (its own certificate from the old one) keeps working.
-    let table = sandbox
-        .cli()
-        .args(["get", "cells"])
-        .output()
-        .expect("atoll get cells");
-    let table = String::from_utf8_lossy(&table.stdout);
-    assert_eq!(table.matches("Healthy").count(), 3, "{table}");
+    assert_every_cell_healthy(&sandbox);
 }
 
 fn mode(path: &std::path::Path) -> u32 {
