@@ -1051,16 +1051,17 @@ async fn kill_control_plane(client: &Client, place: &Place, report: &mut Report)
             report
                 .notes
                 .push(format!("killed {what} (pid {pid}) right after the start"));
-            let Some(old) = leader.and_then(|l| l.leader) else {
+            let Some(old_term) = leader.and_then(|l| l.leader.and(l.term)) else {
                 return;
             };
-            // Another replica leads once one says so and it is not the
-            // one killed (the client moves past the dead replica).
+            // A leader of a later term leads (the client moves past the
+            // dead replica). It may be the one killed, started again by
+            // `atoll up` and elected: a URL says nothing, a term does.
             while killed.elapsed() < Duration::from_secs(30) {
                 if let Ok(view) = client
                     .get::<atoll_api::rest::LeaderResponse>("/v1/leader")
                     .await
-                    && view.leader.as_ref().is_some_and(|l| *l != old)
+                    && new_leader(&view, old_term).is_some()
                 {
                     let took = u64::try_from(killed.elapsed().as_millis()).unwrap_or(u64::MAX);
                     report.leaderless_ms = Some(took);
@@ -1081,6 +1082,15 @@ async fn kill_control_plane(client: &Client, place: &Place, report: &mut Report)
             .notes
             .push(format!("could not kill the control plane: {}", e.message)),
     }
+}
+
+/// The leader `view` names when its term is later than `old_term`: a new
+/// election was won, by whichever replica (a replica killed and started
+/// again keeps its URL; a term is never reused).
+fn new_leader(view: &atoll_api::rest::LeaderResponse, old_term: i64) -> Option<String> {
+    view.leader
+        .clone()
+        .filter(|_| view.term.is_some_and(|term| term > old_term))
 }
 
 fn up_file(place: &Place) -> Result<Value, CliError> {
@@ -1721,12 +1731,13 @@ async fn control_plane(client: &Client, drill: ControlPlaneDrill) -> Result<u8, 
             .await
             .map(|s| s.phase.to_string());
     }
-    // Another replica leads once one of those left says so.
+    // Another replica leads once one of those left says a later term
+    // began (killed, the old one may win it, started again by `atoll up`).
     while faulted.elapsed() < Duration::from_secs(30) {
         if let Ok(view) = elsewhere
             .get::<atoll_api::rest::LeaderResponse>("/v1/leader")
             .await
-            && let Some(leader) = view.leader.filter(|l| *l != old)
+            && let Some(leader) = new_leader(&view, old_term)
         {
             change.leaderless_ms = Some(elapsed_ms(faulted));
             set_phase(
