@@ -1,4 +1,4 @@
-//! Generates the config-stream protocol code. `protoc` comes from the PROTOC that
+//! Generates the config-stream and registry protocol code. `protoc` comes from the PROTOC that
 //! `.cargo/config.toml` sets (see `tools/protoc`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -7,7 +7,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Resource JSON is shared by every stream: `Bytes` clones without copying.
         .bytes(".atoll.config.v1.Resource.json")
-        .compile_protos(&["proto/config.proto"], &["proto"])?;
+        .compile_protos(&["proto/config.proto", "proto/registry.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto/config.proto");
+    println!("cargo:rerun-if-changed=proto/registry.proto");
     Ok(())
 }

@@ -1,0 +1,563 @@
+//! The registry's clients: a [`Registrar`] keeps instances registered
+//! (heartbeats, registering again after a session ran out), a [`Watcher`]
+//! keeps the instances of the services a process calls. Both move to the
+//! next control-plane replica when one cannot be reached.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use atoll_api::registry::registry_client::RegistryClient;
+use atoll_api::registry::{
+    DeregisterRequest, HeartbeatRequest, Instance, InstanceKey, RegisterRequest, Registrant,
+    WatchRequest,
+};
+use atoll_transport::{Channels, ControlUrls};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+
+/// (service, zone, name): an instance of a registrar or a view.
+pub type InstanceId = (String, String, String);
+
+fn id_of(instance: &Instance) -> InstanceId {
+    (
+        instance.service.clone(),
+        instance.zone.clone(),
+        instance.name.clone(),
+    )
+}
+
+fn channel_of(
+    channels: &Channels,
+    urls: &ControlUrls,
+) -> Result<(String, RegistryClient<tonic::transport::Channel>), tonic::Status> {
+    let url = urls.current().to_owned();
+    let channel = channels.to(&url).map_err(tonic::Status::invalid_argument)?;
+    Ok((
+        url,
+        RegistryClient::new(channel).max_decoding_message_size(atoll_api::MAX_MESSAGE_BYTES),
+    ))
+}
+
+/// Whether a status means "this replica cannot be used now; try another".
+fn try_elsewhere(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+    )
+}
+
+// === impl Registrar ===
+
+/// Keeps a set of instances registered under one session for as long as it
+/// lives; dropping it (or [`Registrar::close`]) ends the session.
+#[derive(Debug)]
+pub struct Registrar {
+    desired: watch::Sender<BTreeMap<InstanceId, Instance>>,
+    state: watch::Receiver<RegistrarState>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    closing: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// What a [`Registrar`] has achieved.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegistrarState {
+    /// The session, once made.
+    pub session: i64,
+    /// How many times the registrar has had to make a new session (the
+    /// first included).
+    pub sessions: u64,
+    /// The instances registered as the control plane last confirmed.
+    pub registered: usize,
+    /// The last error, cleared by the next success.
+    pub problem: Option<String>,
+}
+
+impl Registrar {
+    /// Starts registering for `registrant` with sessions of `ttl`, on the
+    /// replicas of `urls`. Nothing is registered until [`Registrar::put`].
+    pub fn start(
+        channels: Channels,
+        urls: ControlUrls,
+        registrant: Registrant,
+        ttl: Duration,
+    ) -> Self {
+        let (desired, wanted) = watch::channel(BTreeMap::new());
+        let (report, state) = watch::channel(RegistrarState::default());
+        let (closing, closed) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(
+            Run {
+                channels,
+                urls,
+                registrant,
+                ttl,
+                session: 0,
+                registered: BTreeMap::new(),
+                report,
+            }
+            .run(wanted, closed),
+        );
+        Self {
+            desired,
+            state,
+            task: Some(task),
+            closing: Some(closing),
+        }
+    }
+
+    /// Registers `instance` (or replaces it).
+    pub fn put(&self, instance: Instance) {
+        self.desired.send_modify(|d| {
+            d.insert(id_of(&instance), instance);
+        });
+    }
+
+    /// Replaces every instance of the registrar with `instances`.
+    pub fn set(&self, instances: Vec<Instance>) {
+        let next: BTreeMap<InstanceId, Instance> =
+            instances.into_iter().map(|i| (id_of(&i), i)).collect();
+        self.desired.send_if_modified(|d| {
+            if *d == next {
+                return false;
+            }
+            *d = next;
+            true
+        });
+    }
+
+    /// Deregisters the instance `name` of `service` in `zone`.
+    pub fn remove(&self, service: &str, zone: &str, name: &str) {
+        self.desired.send_modify(|d| {
+            d.remove(&(service.to_owned(), zone.to_owned(), name.to_owned()));
+        });
+    }
+
+    /// What it has achieved.
+    pub fn state(&self) -> RegistrarState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits until the control plane confirmed what was asked last.
+    pub async fn settled(&self, within: Duration) -> Result<RegistrarState, String> {
+        let want = self.desired.borrow().len();
+        let mut state = self.state.clone();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            {
+                let now = state.borrow_and_update();
+                if now.session != 0 && now.registered == want && now.problem.is_none() {
+                    return Ok(now.clone());
+                }
+            }
+            if tokio::time::timeout_at(deadline, state.changed())
+                .await
+                .is_err()
+            {
+                return Err(format!(
+                    "not registered within {within:?}: {}",
+                    state
+                        .borrow()
+                        .problem
+                        .clone()
+                        .unwrap_or_else(|| "no answer".into())
+                ));
+            }
+        }
+    }
+
+    /// Ends the session: every instance of it is deregistered now.
+    pub async fn close(mut self) {
+        if let Some(closing) = self.closing.take() {
+            let _ = closing.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        }
+    }
+}
+
+impl Drop for Registrar {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+struct Run {
+    channels: Channels,
+    urls: ControlUrls,
+    registrant: Registrant,
+    ttl: Duration,
+    session: i64,
+    registered: BTreeMap<InstanceId, Instance>,
+    report: watch::Sender<RegistrarState>,
+}
+
+impl Run {
+    async fn run(
+        mut self,
+        mut wanted: watch::Receiver<BTreeMap<InstanceId, Instance>>,
+        mut closed: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let beat = self.ttl / 3;
+        let mut next_beat = tokio::time::Instant::now() + beat;
+        loop {
+            let desired = wanted.borrow_and_update().clone();
+            let outcome = if self.session == 0 || desired != self.registered {
+                self.sync(&desired).await
+            } else if tokio::time::Instant::now() >= next_beat {
+                self.heartbeat().await
+            } else {
+                Ok(())
+            };
+            let wait = match outcome {
+                Ok(()) => {
+                    if tokio::time::Instant::now() >= next_beat {
+                        next_beat = tokio::time::Instant::now() + beat;
+                    }
+                    self.report.send_modify(|s| {
+                        s.problem = None;
+                        s.registered = self.registered.len();
+                        s.session = self.session;
+                    });
+                    next_beat.saturating_duration_since(tokio::time::Instant::now())
+                }
+                Err(status) => {
+                    let problem = format!("{}: {}", self.urls.current(), status.message());
+                    tracing::warn!(%problem, "cannot keep the registration; trying again");
+                    self.report.send_modify(|s| s.problem = Some(problem));
+                    if try_elsewhere(&status) {
+                        let url = self.urls.current().to_owned();
+                        self.urls.failed(&url);
+                    }
+                    Duration::from_millis(300)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                changed = wanted.changed() => {
+                    if changed.is_err() { return; }
+                }
+                _ = &mut closed => {
+                    self.end().await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Registers what is wanted and deregisters what is not any more; a
+    /// session that ran out is made again, with everything in it.
+    async fn sync(
+        &mut self,
+        desired: &BTreeMap<InstanceId, Instance>,
+    ) -> Result<(), tonic::Status> {
+        let (_, mut client) = channel_of(&self.channels, &self.urls)?;
+        let changed: Vec<Instance> = desired
+            .iter()
+            .filter(|(id, i)| self.session == 0 || self.registered.get(*id) != Some(*i))
+            .map(|(_, i)| i.clone())
+            .collect();
+        let gone: Vec<InstanceKey> = self
+            .registered
+            .keys()
+            .filter(|id| !desired.contains_key(*id))
+            .map(|(service, zone, name)| InstanceKey {
+                service: service.clone(),
+                zone: zone.clone(),
+                name: name.clone(),
+            })
+            .collect();
+        if self.session != 0 && !gone.is_empty() {
+            client
+                .deregister(DeregisterRequest {
+                    registrant: Some(self.registrant.clone()),
+                    session: self.session,
+                    instances: gone,
+                })
+                .await?;
+            self.registered.retain(|id, _| desired.contains_key(id));
+        }
+        if self.session == 0 || !changed.is_empty() {
+            for chunk in chunks(changed) {
+                let answer = client
+                    .register(RegisterRequest {
+                        registrant: Some(self.registrant.clone()),
+                        session: self.session,
+                        ttl_ms: u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX),
+                        instances: chunk,
+                    })
+                    .await;
+                let answer = match answer {
+                    Ok(answer) => answer.into_inner(),
+                    Err(status) if status.code() == tonic::Code::NotFound => {
+                        // The session ran out: everything again, in a new one.
+                        self.session = 0;
+                        self.registered.clear();
+                        return Err(status);
+                    }
+                    Err(status) => return Err(status),
+                };
+                if self.session != answer.session {
+                    self.session = answer.session;
+                    self.report.send_modify(|s| s.sessions += 1);
+                }
+            }
+            self.registered = desired.clone();
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self) -> Result<(), tonic::Status> {
+        let (_, mut client) = channel_of(&self.channels, &self.urls)?;
+        match client
+            .heartbeat(HeartbeatRequest {
+                registrant: Some(self.registrant.clone()),
+                session: self.session,
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                tracing::warn!(
+                    session = self.session,
+                    "the registry session ran out; registering again"
+                );
+                self.session = 0;
+                self.registered.clear();
+                Err(status)
+            }
+            Err(status) => Err(status),
+        }
+    }
+
+    async fn end(&mut self) {
+        if self.session == 0 {
+            return;
+        }
+        for _ in 0..self.urls.all().len() {
+            let Ok((url, mut client)) = channel_of(&self.channels, &self.urls) else {
+                return;
+            };
+            match client
+                .deregister(DeregisterRequest {
+                    registrant: Some(self.registrant.clone()),
+                    session: self.session,
+                    instances: Vec::new(),
+                })
+                .await
+            {
+                Ok(_) => return,
+                Err(status) if try_elsewhere(&status) => self.urls.failed(&url),
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+fn chunks(mut instances: Vec<Instance>) -> Vec<Vec<Instance>> {
+    if instances.is_empty() {
+        return vec![Vec::new()];
+    }
+    let mut out = Vec::new();
+    while !instances.is_empty() {
+        let rest = instances.split_off(instances.len().min(crate::MAX_INSTANCES_PER_CALL));
+        out.push(std::mem::replace(&mut instances, rest));
+    }
+    out
+}
+
+// === impl Watcher ===
+
+/// The instances of the services a process calls, kept current.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct View {
+    /// Service -> (zone, name) -> instance.
+    pub services: HashMap<String, BTreeMap<(String, String), Instance>>,
+    /// The revision of the newest update applied.
+    pub revision: i64,
+    /// Updates applied since the watcher started.
+    pub updates: u64,
+    /// Bytes of updates received (their encoded size).
+    pub bytes: u64,
+}
+
+impl View {
+    /// The instances of `service`, in (zone, name) order.
+    pub fn instances(&self, service: &str) -> Vec<&Instance> {
+        self.services
+            .get(service)
+            .map(|s| s.values().collect())
+            .unwrap_or_default()
+    }
+
+    fn apply(&mut self, update: atoll_api::registry::RegistryUpdate) {
+        self.bytes += prost::Message::encoded_len(&update) as u64;
+        self.updates += 1;
+        self.revision = self.revision.max(update.revision);
+        let service = self.services.entry(update.service).or_default();
+        if update.snapshot {
+            service.clear();
+        }
+        for key in update.removed {
+            service.remove(&(key.zone, key.name));
+        }
+        for instance in update.instances {
+            service.insert((instance.zone.clone(), instance.name.clone()), instance);
+        }
+    }
+}
+
+/// Watches services of the registry from whichever replica answers.
+#[derive(Debug)]
+pub struct Watcher {
+    view: watch::Receiver<Arc<View>>,
+    services: watch::Sender<BTreeSet<String>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    /// Starts watching `services` for `subscriber`.
+    pub fn start(
+        channels: Channels,
+        urls: ControlUrls,
+        subscriber: Registrant,
+        services: impl IntoIterator<Item = String>,
+    ) -> Self {
+        let (services, wanted) = watch::channel(services.into_iter().collect());
+        let (publish, view) = watch::channel(Arc::new(View::default()));
+        let task = tokio::spawn(watch_loop(channels, urls, subscriber, wanted, publish));
+        Self {
+            view,
+            services,
+            task,
+        }
+    }
+
+    /// What it holds now.
+    pub fn view(&self) -> Arc<View> {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver woken on every update.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<View>> {
+        self.view.clone()
+    }
+
+    /// Watches `service` too.
+    pub fn add(&self, service: &str) {
+        self.services
+            .send_if_modified(|s| s.insert(service.to_owned()));
+    }
+
+    /// Stops watching `service`.
+    pub fn remove(&self, service: &str) {
+        self.services.send_if_modified(|s| s.remove(service));
+    }
+
+    /// Waits until `test` holds for the view, or `within` passes.
+    pub async fn wait_for(
+        &self,
+        within: Duration,
+        mut test: impl FnMut(&View) -> bool,
+    ) -> Result<Arc<View>, Arc<View>> {
+        let mut view = self.view.clone();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let now = view.borrow_and_update().clone();
+            if test(&now) {
+                return Ok(now);
+            }
+            if tokio::time::timeout_at(deadline, view.changed())
+                .await
+                .is_err()
+            {
+                return Err(self.view());
+            }
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn watch_loop(
+    channels: Channels,
+    urls: ControlUrls,
+    subscriber: Registrant,
+    mut wanted: watch::Receiver<BTreeSet<String>>,
+    publish: watch::Sender<Arc<View>>,
+) {
+    loop {
+        let result = watch_once(&channels, &urls, &subscriber, &mut wanted, &publish).await;
+        if wanted.has_changed().is_err() {
+            return;
+        }
+        if let Err(status) = result {
+            tracing::warn!(
+                control = urls.current(),
+                error = status.message(),
+                "registry watch ended; watching again"
+            );
+            if try_elsewhere(&status) {
+                let url = urls.current().to_owned();
+                urls.failed(&url);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn watch_once(
+    channels: &Channels,
+    urls: &ControlUrls,
+    subscriber: &Registrant,
+    wanted: &mut watch::Receiver<BTreeSet<String>>,
+    publish: &watch::Sender<Arc<View>>,
+) -> Result<(), tonic::Status> {
+    let (_, mut client) = channel_of(channels, urls)?;
+    let (requests, outgoing) = mpsc::channel::<WatchRequest>(16);
+    let mut watching = wanted.borrow_and_update().clone();
+    let _ = requests
+        .send(WatchRequest {
+            subscriber: Some(subscriber.clone()),
+            add: watching.iter().cloned().collect(),
+            remove: Vec::new(),
+        })
+        .await;
+    let mut updates = client
+        .watch(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+        .await?
+        .into_inner();
+    loop {
+        tokio::select! {
+            update = updates.next() => {
+                let Some(update) = update else {
+                    return Err(tonic::Status::unavailable("the replica ended the watch"));
+                };
+                let update = update?;
+                publish.send_modify(|view| Arc::make_mut(view).apply(update));
+            }
+            changed = wanted.changed() => {
+                if changed.is_err() { return Ok(()); }
+                let next = wanted.borrow_and_update().clone();
+                let add: Vec<String> = next.difference(&watching).cloned().collect();
+                let remove: Vec<String> = watching.difference(&next).cloned().collect();
+                publish.send_modify(|view| {
+                    let view = Arc::make_mut(view);
+                    for service in &remove {
+                        view.services.remove(service);
+                    }
+                });
+                watching = next;
+                if requests.send(WatchRequest { subscriber: None, add, remove }).await.is_err() {
+                    return Err(tonic::Status::unavailable("the watch's request stream closed"));
+                }
+            }
+        }
+    }
+}
