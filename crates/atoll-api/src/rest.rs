@@ -296,6 +296,54 @@ pub struct ReportedShard {
     pub standby: Option<String>,
 }
 
+/// `GET /v1/registry`: registered instances, as this replica's index of
+/// the service registry holds them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegistryResponse {
+    /// The coordination keyspace revision the index reflects.
+    pub revision: i64,
+    /// The instances, by service, zone and name.
+    pub instances: Vec<RegisteredInstance>,
+}
+
+/// One registered instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisteredInstance {
+    /// The workspace.
+    pub workspace: String,
+    /// The Service it serves.
+    pub service: String,
+    /// Its name, unique in its zone.
+    pub name: String,
+    /// The region of its zone.
+    pub region: String,
+    /// The zone it runs in.
+    pub zone: String,
+    /// The cell it serves.
+    pub cell: String,
+    /// `host:port` callers connect to.
+    pub address: String,
+    /// `http`, `http2`, `grpc` or `bolt`.
+    pub protocol: String,
+    /// The version it runs.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub version: String,
+    /// Relative share of its cell's traffic.
+    pub weight: u32,
+    /// `sidecar`, `sdk`, or empty (direct).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mode: String,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Who registered it: `<role>/<zone>/<name>`.
+    pub registered_by: String,
+    /// The session it lives under (hexadecimal).
+    pub session: String,
+}
+
 /// `GET /v1/nodes`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -571,6 +571,123 @@ enum NodesAction {
     },
 }
 
+#[derive(Debug, Args)]
+pub(crate) struct RegistryArgs {
+    #[command(subcommand)]
+    action: RegistryAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistryAction {
+    /// List registered instances: of every service, or of SERVICE.
+    List {
+        /// Only this Service's instances.
+        service: Option<String>,
+        /// Only instances in this zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Only instances serving this cell.
+        #[arg(long)]
+        cell: Option<String>,
+        /// The workspace (default: `default`).
+        #[arg(long, short = 'w')]
+        workspace: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+}
+
+pub(crate) async fn registry(client: &Client, args: RegistryArgs) -> Result<u8, CliError> {
+    let RegistryAction::List {
+        service,
+        zone,
+        cell,
+        workspace,
+        output,
+    } = args.action;
+    let mut query: Vec<String> = Vec::new();
+    for (name, value) in [
+        ("service", &service),
+        ("zone", &zone),
+        ("cell", &cell),
+        ("workspace", &workspace),
+    ] {
+        if let Some(value) = value {
+            query.push(format!("{name}={}", segment(value)));
+        }
+    }
+    let path = if query.is_empty() {
+        "/v1/registry".to_owned()
+    } else {
+        format!("/v1/registry?{}", query.join("&"))
+    };
+    let response: atoll_api::rest::RegistryResponse = client.get(&path).await?;
+    match output {
+        Format::Json => print_json(&response),
+        Format::Yaml => print!(
+            "{}",
+            atoll_model::to_yaml(&serde_json::to_value(&response).unwrap_or_default())
+        ),
+        Format::Table => {
+            let dash = |s: &str| {
+                if s.is_empty() {
+                    "-".to_owned()
+                } else {
+                    s.to_owned()
+                }
+            };
+            let rows: Vec<Vec<String>> = response
+                .instances
+                .iter()
+                .map(|i| {
+                    vec![
+                        i.service.clone(),
+                        i.name.clone(),
+                        i.zone.clone(),
+                        i.cell.clone(),
+                        i.address.clone(),
+                        i.protocol.clone(),
+                        dash(&i.version),
+                        i.weight.to_string(),
+                        dash(&i.mode),
+                        i.registered_by.clone(),
+                    ]
+                })
+                .collect();
+            if rows.is_empty() {
+                eprintln!(
+                    "no instances registered{}",
+                    match &service {
+                        Some(service) => format!(" for {service}"),
+                        None => String::new(),
+                    }
+                );
+            } else {
+                print!(
+                    "{}",
+                    table(
+                        &[
+                            "SERVICE",
+                            "NAME",
+                            "ZONE",
+                            "CELL",
+                            "ADDRESS",
+                            "PROTOCOL",
+                            "VERSION",
+                            "WEIGHT",
+                            "MODE",
+                            "REGISTERED BY"
+                        ],
+                        &rows
+                    )
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
 pub(crate) async fn nodes(client: &Client, args: NodesArgs) -> Result<u8, CliError> {
     if let Some(NodesAction::Forget { name }) = args.action {
         client

@@ -117,6 +117,9 @@ enum Command {
     Rollback(commands::RollbackArgs),
     /// List data-plane nodes and their applied config versions.
     Nodes(commands::NodesArgs),
+    /// Show the service registry: which instances of which service run
+    /// where, registered by agents, sidecars and SDK processes.
+    Registry(commands::RegistryArgs),
     /// Wait until data-plane nodes have applied a config version.
     Barrier(commands::BarrierArgs),
     /// Show the log of commits (who changed what, and when); `audit calls`
@@ -278,6 +281,7 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
         Command::History(args) => commands::history(&connect(default_timeout)?, args).await,
         Command::Rollback(args) => commands::rollback(&connect(default_timeout)?, args).await,
         Command::Nodes(args) => commands::nodes(&connect(default_timeout)?, args).await,
+        Command::Registry(args) => commands::registry(&connect(default_timeout)?, args).await,
         Command::Barrier(args) => commands::barrier(&connect(None)?, args).await,
         Command::Switchover(args) => switchover::run(&connect(default_timeout)?, args).await,
         Command::Drill(args) => drill::run(&connect(default_timeout)?, args).await,

@@ -49,6 +49,8 @@ pub(crate) struct Control {
     pub(crate) audit_head: crate::audit::ChainHead,
     /// How node certificates are issued, if they are.
     pub(crate) issuer: Option<crate::join::IssuerOptions>,
+    /// The service registry as this replica follows it.
+    pub(crate) registry: atoll_registry::Hub,
 }
 
 impl std::fmt::Debug for Control {
@@ -101,6 +103,7 @@ impl Control {
             access,
             audit_head: crate::audit::ChainHead::default(),
             issuer,
+            registry: atoll_registry::Hub::new(),
         })
     }
 

@@ -25,6 +25,7 @@ mod metrics;
 mod nodes;
 mod openapi;
 mod peer;
+mod registry;
 mod rest;
 mod state;
 mod stream;
@@ -39,6 +40,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use atoll_api::config::config_stream_server::ConfigStreamServer;
+use atoll_api::registry::registry_server::RegistryServer;
 use atoll_store::{Coordination, EmbeddedStore, EtcdOptions, EtcdStore, Store};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -227,11 +229,38 @@ impl ControlServer {
             leader: Arc::new(stream::LeaderChannel::new(&self.options.transport)),
         };
         // gRPC shares the port: its paths are `/atoll.config.v1.ConfigStream/...`.
-        let app = rest::router(control.clone()).route_service(
-            "/atoll.config.v1.ConfigStream/{*method}",
-            ConfigStreamServer::new(config_stream)
-                .max_encoding_message_size(atoll_api::MAX_MESSAGE_BYTES),
-        );
+        let registry_follower = tokio::spawn(atoll_registry::follow(
+            control.registry.clone(),
+            control.coordination.clone(),
+        ));
+        let registry_gauge = {
+            let control = control.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    let counts = control.registry.counts();
+                    control
+                        .metrics
+                        .registry_instances
+                        .set(i64::try_from(counts.instances).unwrap_or(i64::MAX));
+                }
+            })
+        };
+        let registry_service = registry::RegistryService {
+            control: control.clone(),
+        };
+        let app = rest::router(control.clone())
+            .route_service(
+                "/atoll.config.v1.ConfigStream/{*method}",
+                ConfigStreamServer::new(config_stream)
+                    .max_encoding_message_size(atoll_api::MAX_MESSAGE_BYTES),
+            )
+            .route_service(
+                "/atoll.registry.v1.Registry/{*method}",
+                RegistryServer::new(registry_service)
+                    .max_encoding_message_size(atoll_api::MAX_MESSAGE_BYTES),
+            );
 
         let expiry = self.options.node_expiry;
         let expiring = control.coordination.clone();
@@ -299,6 +328,8 @@ impl ControlServer {
             }
         };
         expirer.abort();
+        registry_follower.abort();
+        registry_gauge.abort();
         follower.abort();
         if let Some(fleet) = fleet {
             fleet.abort();

@@ -62,6 +62,21 @@ pub(crate) struct Metrics {
     pub(crate) refused: Counter,
     /// Calls that could not be appended to the audit chain.
     pub(crate) audit_failures: Counter,
+    /// Registry calls by call and result.
+    pub(crate) registry_calls: Family<RegistryCallLabels, Counter>,
+    /// Registry updates sent to subscribers, and their bytes.
+    pub(crate) registry_updates: Counter,
+    pub(crate) registry_update_bytes: Counter,
+    /// Registry subscribers on this replica.
+    pub(crate) registry_subscribers: Gauge,
+    /// Instances in the registry, as this replica's index holds them.
+    pub(crate) registry_instances: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RegistryCallLabels {
+    pub(crate) call: String,
+    pub(crate) result: String,
 }
 
 impl Metrics {
@@ -169,6 +184,36 @@ impl Metrics {
             "Calls answered that could not be appended to the audit chain (the store refused or was unreachable)",
             audit_failures.clone(),
         );
+        let registry_calls = Family::<RegistryCallLabels, Counter>::default();
+        registry.register(
+            "registry_calls",
+            "Service registry calls by call (register, heartbeat, deregister, watch) and result (ok, or the gRPC code)",
+            registry_calls.clone(),
+        );
+        let registry_updates = Counter::default();
+        registry.register(
+            "registry_updates_sent",
+            "Service registry updates sent to subscribers (one per service changed)",
+            registry_updates.clone(),
+        );
+        let registry_update_bytes = Counter::default();
+        registry.register(
+            "registry_update_bytes_sent",
+            "Encoded bytes of the service registry updates sent to subscribers",
+            registry_update_bytes.clone(),
+        );
+        let registry_subscribers = Gauge::default();
+        registry.register(
+            "registry_subscribers",
+            "Service registry subscribers connected to this replica",
+            registry_subscribers.clone(),
+        );
+        let registry_instances = Gauge::default();
+        registry.register(
+            "registry_instances",
+            "Instances in the service registry, as this replica's index holds them",
+            registry_instances.clone(),
+        );
         Self {
             registry,
             http_requests,
@@ -189,6 +234,11 @@ impl Metrics {
             fenced_writes,
             refused,
             audit_failures,
+            registry_calls,
+            registry_updates,
+            registry_update_bytes,
+            registry_subscribers,
+            registry_instances,
         }
     }
 

@@ -4,9 +4,9 @@ use atoll_api::rest::{
     ApplyRequest, ApplyResponse, AuditResponse, BarrierRequest, BarrierResponse, ChangeAction,
     ChangeSummary, CommitChange, CommitRecord, ErrorBody, ErrorCode, HistoryItem, HistoryResponse,
     Laggard, LeaderResponse, ListResponse, ManifestFile, NackInfo, NodeInfo, NodeSelector,
-    NodesResponse, PlanCheck, ReplicaInfo, ReportedPositions, ReportedShard, ResourceRef,
-    RollbackRequest, StatusResponse, SwitchoverPlan, SwitchoverRequest, TokenCreated, TokenInfo,
-    TokenList, TokenRequest, WhoAmI,
+    NodesResponse, PlanCheck, RegisteredInstance, RegistryResponse, ReplicaInfo, ReportedPositions,
+    ReportedShard, ResourceRef, RollbackRequest, StatusResponse, SwitchoverPlan, SwitchoverRequest,
+    TokenCreated, TokenInfo, TokenList, TokenRequest, WhoAmI,
 };
 use atoll_model::Issue;
 use utoipa::OpenApi;
@@ -34,6 +34,7 @@ use utoipa::OpenApi;
         crate::rest::watch,
         crate::rest::nodes,
         crate::rest::forget_node,
+        crate::rest::registry,
         crate::rest::barrier,
         crate::rest::start_switchover,
         crate::rest::abort_switchover,
@@ -78,6 +79,8 @@ use utoipa::OpenApi;
         NodeInfo,
         NodeSelector,
         NodesResponse,
+        RegistryResponse,
+        RegisteredInstance,
         ReportedPositions,
         ReportedShard,
         ResourceRef,

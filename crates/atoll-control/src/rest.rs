@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use atoll_access::Action;
 use atoll_api::rest::{
     ApplyRequest, ApplyResponse, AuditResponse, BarrierRequest, BarrierResponse, ErrorBody,
-    ErrorCode, HistoryResponse, LeaderResponse, ListResponse, NodesResponse, RollbackRequest,
-    StatusResponse, SwitchoverPlan, SwitchoverRequest,
+    ErrorCode, HistoryResponse, LeaderResponse, ListResponse, NodesResponse, RegistryResponse,
+    RollbackRequest, StatusResponse, SwitchoverPlan, SwitchoverRequest,
 };
 use atoll_model::{ApprovalRule, Kind, ResourceKey};
 use axum::body::Body;
@@ -182,6 +182,7 @@ pub(crate) fn router(control: Shared) -> Router {
         .route("/v1/audit", get(audit))
         .route("/v1/watch", get(watch))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/registry", get(registry))
         .route("/v1/nodes/{name}", delete(forget_node))
         .route("/v1/barrier", post(barrier))
         .route("/v1/switchovers", post(start_switchover))
@@ -956,6 +957,70 @@ async fn nodes(
     Ok(Json(NodesResponse {
         version: control.cache.current().revision,
         nodes: control.nodes.list(),
+    }))
+}
+
+/// `?service=&zone=&cell=&workspace=`: which registered instances to list.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RegistryQuery {
+    /// Only this Service's instances.
+    service: Option<String>,
+    /// Only instances in this zone.
+    zone: Option<String>,
+    /// Only instances serving this cell.
+    cell: Option<String>,
+    /// The workspace (default: `default`).
+    workspace: Option<String>,
+}
+
+/// The service registry's instances, as this replica follows them.
+#[utoipa::path(get, path = "/v1/registry", params(RegistryQuery), responses((status = 200, body = RegistryResponse)))]
+async fn registry(
+    State(control): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<RegistryQuery>, QueryRejection>,
+) -> ApiResult<RegistryResponse> {
+    let Query(query) = query?;
+    let workspace = match query.workspace.as_deref() {
+        None | Some("") => atoll_model::DEFAULT_WORKSPACE,
+        Some(name) => name,
+    };
+    control.authorize(&caller, Action::Read(Some(workspace)))?;
+    let keep = |field: &Option<String>, value: &str| field.as_deref().is_none_or(|f| f == value);
+    let instances = control
+        .registry
+        .instances(|service, instance| {
+            service.workspace == workspace
+                && keep(&query.service, &service.service)
+                && keep(&query.zone, &instance.zone)
+                && keep(&query.cell, &instance.cell)
+        })
+        .into_iter()
+        .map(|(service, i)| atoll_api::rest::RegisteredInstance {
+            workspace: service.workspace,
+            service: service.service,
+            address: if i.address.contains(':') {
+                format!("[{}]:{}", i.address, i.port)
+            } else {
+                format!("{}:{}", i.address, i.port)
+            },
+            name: i.name,
+            region: i.region,
+            zone: i.zone,
+            cell: i.cell,
+            protocol: i.protocol,
+            version: i.version,
+            weight: i.weight,
+            mode: i.mode,
+            labels: i.labels.into_iter().collect(),
+            registered_by: i.registered_by,
+            session: format!("{:x}", i.session),
+        })
+        .collect();
+    Ok(Json(atoll_api::rest::RegistryResponse {
+        revision: control.registry.counts().revision,
+        instances,
     }))
 }
 

@@ -46,6 +46,9 @@ pub(crate) struct ConfigState {
     /// Who may do what, from the Workspaces of this revision (made when
     /// first asked).
     policy: OnceLock<atoll_access::Policy>,
+    /// What registry registrations are checked against (made when first
+    /// asked).
+    topology: OnceLock<atoll_registry::check::Topology>,
 }
 
 impl ConfigState {
@@ -56,6 +59,25 @@ impl ConfigState {
                 self.resources
                     .iter()
                     .filter(|(key, _)| key.kind == atoll_model::Kind::Workspace)
+                    .map(|(_, wire)| &wire.resource),
+            )
+        })
+    }
+
+    /// The zones, cells and Services of this revision, for the registry.
+    pub(crate) fn topology(&self) -> &atoll_registry::check::Topology {
+        self.topology.get_or_init(|| {
+            atoll_registry::check::Topology::from_resources(
+                self.resources
+                    .iter()
+                    .filter(|(key, _)| {
+                        matches!(
+                            key.kind,
+                            atoll_model::Kind::Zone
+                                | atoll_model::Kind::Cell
+                                | atoll_model::Kind::Service
+                        )
+                    })
                     .map(|(_, wire)| &wire.resource),
             )
         })
@@ -90,6 +112,7 @@ impl ConfigCache {
                 .map(|r| (r.key(), Arc::new(WireResource::new(r))))
                 .collect(),
             policy: OnceLock::new(),
+            topology: OnceLock::new(),
         };
         let (sender, _) = watch::channel(Arc::new(state));
         let cache = Self {
@@ -136,6 +159,7 @@ impl ConfigCache {
                             revision: commit.revision,
                             resources,
                             policy: OnceLock::new(),
+                            topology: OnceLock::new(),
                         }));
                     }
                     Err(error) => {

@@ -17,6 +17,7 @@ mod data_path;
 mod gateway;
 mod harness;
 mod manifests;
+mod registry;
 mod regressions;
 mod replicas;
 mod restart;

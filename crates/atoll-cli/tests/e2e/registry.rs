@@ -1,0 +1,267 @@
+//! The service registry of a real `atoll control`: registrants register
+//! under sessions with heartbeats, subscribers get per-instance deltas for
+//! the services they call, a registrant that dies disappears within its
+//! session's TTL, and what a registrant may register is checked.
+
+use std::time::{Duration, Instant};
+
+use atoll_api::registry::registry_client::RegistryClient;
+use atoll_api::registry::{HeartbeatRequest, Instance, RegisterRequest, Registrant};
+use atoll_registry::client::{Registrar, Watcher};
+
+use crate::harness::{Control, examples};
+
+fn registrant(role: &str, zone: &str, name: &str) -> Registrant {
+    Registrant {
+        name: name.into(),
+        role: role.into(),
+        zone: zone.into(),
+        workspace: String::new(),
+    }
+}
+
+fn instance(service: &str, zone: &str, cell: &str, name: &str, port: u32) -> Instance {
+    Instance {
+        service: service.into(),
+        name: name.into(),
+        zone: zone.into(),
+        cell: cell.into(),
+        address: "127.0.0.1".into(),
+        port,
+        protocol: "http".into(),
+        version: "v1".into(),
+        ..Instance::default()
+    }
+}
+
+fn clients(control: &Control) -> (atoll_transport::Channels, atoll_transport::ControlUrls) {
+    (
+        atoll_transport::Transport::plain().channels(atoll_transport::ChannelOptions::default()),
+        atoll_transport::ControlUrls::parse(&control.url).expect("url"),
+    )
+}
+
+fn started() -> Control {
+    let control = Control::start();
+    control
+        .atoll(&["apply", "-f", examples().to_str().expect("utf-8 path")])
+        .success();
+    control
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instances_registered_reach_watchers_as_deltas_and_go_when_their_registrant_dies() {
+    let control = started();
+    let (channels, urls) = clients(&control);
+    let agent = Registrar::start(
+        channels.clone(),
+        urls.clone(),
+        registrant("agent", "hz-a", "hz-a"),
+        Duration::from_secs(3),
+    );
+    agent.put(instance("web", "hz-a", "rz01", "web-rz01-0", 7001));
+    agent.put(instance("web", "hz-a", "rz01", "web-rz01-1", 7002));
+    agent
+        .settled(Duration::from_secs(10))
+        .await
+        .expect("the agent registers");
+
+    let watcher = Watcher::start(
+        channels.clone(),
+        urls.clone(),
+        registrant("sidecar", "hz-b", "bank-rz02-0"),
+        ["web".to_owned()],
+    );
+    let view = watcher
+        .wait_for(Duration::from_secs(10), |v| v.instances("web").len() == 2)
+        .await
+        .expect("the watcher sees both instances");
+    let first = view.instances("web")[0].clone();
+    assert_eq!(first.region, "hz", "the registry fills the region in");
+    assert_eq!(first.registered_by, "agent/hz-a/hz-a");
+    assert_eq!(first.weight, 100);
+
+    // A sidecar registers itself; it is killed (no deregistration): its
+    // instance goes when its session runs out, within the TTL.
+    let bytes_before_add = watcher.view().bytes;
+    let sidecar = Registrar::start(
+        channels.clone(),
+        urls.clone(),
+        registrant("sidecar", "hz-b", "web-rz02-0"),
+        Duration::from_secs(3),
+    );
+    let mut own = instance("web", "hz-b", "rz02", "web-rz02-0", 7003);
+    own.protocol = "grpc".into();
+    sidecar.put(own);
+    sidecar
+        .settled(Duration::from_secs(10))
+        .await
+        .expect("the sidecar registers");
+    let view = watcher
+        .wait_for(Duration::from_secs(5), |v| v.instances("web").len() == 3)
+        .await
+        .expect("the watcher sees the sidecar's instance");
+    let before = view.bytes;
+    let from_sidecar = view
+        .instances("web")
+        .into_iter()
+        .find(|i| i.name == "web-rz02-0")
+        .cloned()
+        .expect("there");
+    assert_eq!(from_sidecar.mode, "sidecar");
+    assert_eq!(from_sidecar.protocol, "grpc");
+    // One instance added cost one instance on the wire, not the service.
+    let added = view.bytes - bytes_before_add;
+    let one = prost::Message::encoded_len(&from_sidecar) as u64;
+    assert!(
+        added <= one + 40,
+        "adding one instance ({one} bytes) sent {added}"
+    );
+
+    drop(sidecar);
+    let killed = Instant::now();
+    watcher
+        .wait_for(Duration::from_secs(8), |v| v.instances("web").len() == 2)
+        .await
+        .expect("the killed sidecar's instance expires");
+    let gone_after = killed.elapsed();
+    assert!(
+        gone_after >= Duration::from_millis(1500) && gone_after < Duration::from_secs(5),
+        "expired after {gone_after:?} with a 3 s TTL"
+    );
+
+    // The agent's instances stayed: its heartbeats kept its session.
+    assert_eq!(watcher.view().instances("web").len(), 2);
+
+    // An instance deregistered goes at once.
+    let removing = Instant::now();
+    agent.remove("web", "hz-a", "web-rz01-1");
+    let view = watcher
+        .wait_for(Duration::from_secs(3), |v| v.instances("web").len() == 1)
+        .await
+        .expect("the deregistered instance goes");
+    assert!(
+        removing.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        removing.elapsed()
+    );
+    // A removal is a key on the wire, not the service.
+    let removal_bytes = view.bytes - before;
+    assert!(
+        removal_bytes < 200,
+        "a removal and an expiry cost {removal_bytes} bytes"
+    );
+
+    // What this replica sent is counted.
+    let (_, metrics) =
+        crate::harness::http_get(control.url.trim_start_matches("http://"), "/metrics")
+            .expect("metrics");
+    assert!(
+        metrics.contains("atoll_control_registry_update_bytes_sent_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("atoll_control_registry_subscribers 1"),
+        "{metrics}"
+    );
+
+    // Ending the agent's session removes everything it registered.
+    agent.close().await;
+    watcher
+        .wait_for(Duration::from_secs(3), |v| v.instances("web").is_empty())
+        .await
+        .expect("a closed session's instances go");
+
+    // `atoll registry list` reads the same.
+    let listed = control.json(&["registry", "list"]);
+    assert_eq!(
+        listed["instances"].as_array().map(Vec::len),
+        Some(0),
+        "{listed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registrant_registers_only_what_it_may_and_bad_instances_say_why() {
+    let control = started();
+    let mut client = RegistryClient::connect(control.url.clone())
+        .await
+        .expect("connect");
+    let register = |who: Registrant, instances: Vec<Instance>| RegisterRequest {
+        registrant: Some(who),
+        session: 0,
+        ttl_ms: 0,
+        instances,
+    };
+    let refused = client
+        .register(register(
+            registrant("sidecar", "hz-a", "web-rz01-0"),
+            vec![instance("web", "hz-a", "rz01", "web-rz01-9", 1)],
+        ))
+        .await
+        .expect_err("another instance");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(
+        refused.message().contains("only its own instance"),
+        "{refused:?}"
+    );
+
+    let refused = client
+        .register(register(
+            registrant("agent", "hz-a", "hz-a"),
+            vec![instance("web", "hz-a", "rz02", "web-x", 1)],
+        ))
+        .await
+        .expect_err("a cell of another zone");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused
+            .message()
+            .contains("instances[0] (web/hz-a/web-x): cell `rz02` is in zone `hz-b`"),
+        "{refused:?}"
+    );
+
+    let refused = client
+        .register(RegisterRequest {
+            ttl_ms: 100,
+            ..register(registrant("agent", "hz-a", "hz-a"), Vec::new())
+        })
+        .await
+        .expect_err("a TTL too short");
+    assert!(refused.message().contains("ttlMs 100"), "{refused:?}");
+
+    // A session is its maker's: another registrant cannot keep or use it.
+    let made = client
+        .register(register(
+            registrant("agent", "hz-a", "hz-a"),
+            vec![instance("web", "hz-a", "rz01", "web-a", 1)],
+        ))
+        .await
+        .expect("registers")
+        .into_inner();
+    let refused = client
+        .heartbeat(HeartbeatRequest {
+            registrant: Some(registrant("agent", "hz-b", "hz-b")),
+            session: made.session,
+        })
+        .await
+        .expect_err("not its session");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let refused = client
+        .heartbeat(HeartbeatRequest {
+            registrant: Some(registrant("agent", "hz-a", "hz-a")),
+            session: 0x7777_7777,
+        })
+        .await
+        .expect_err("no such session");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    assert!(
+        refused.message().contains("register them again"),
+        "{refused:?}"
+    );
+
+    // The control plane still serves, and lists the one instance.
+    let listed = control.json(&["registry", "list", "web"]);
+    assert_eq!(listed["instances"][0]["name"], "web-a", "{listed}");
+    assert_eq!(listed["instances"][0]["cell"], "rz01", "{listed}");
+}
