@@ -265,3 +265,68 @@ async fn a_registrant_registers_only_what_it_may_and_bad_instances_say_why() {
     assert_eq!(listed["instances"][0]["name"], "web-a", "{listed}");
     assert_eq!(listed["instances"][0]["cell"], "rz01", "{listed}");
 }
+
+/// Two replicas on one real etcd: a registrant's session lives in etcd,
+/// so when the replica it registered through is killed it carries on
+/// through the other with the same session and nothing flaps; a watcher
+/// of the surviving replica sees every instance the whole time.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_registry_outlives_the_replica_a_registrant_used() {
+    let etcd = atoll_testing::EtcdServer::start();
+    let replica = |etcd: &atoll_testing::EtcdServer| {
+        Control::start_with(vec![
+            "--store=etcd".into(),
+            format!("--etcd-endpoints={}", etcd.endpoint()),
+            "--election-ttl=2s".into(),
+        ])
+    };
+    let mut first = replica(&etcd);
+    let second = replica(&etcd);
+    first
+        .atoll(&["apply", "-f", examples().to_str().expect("utf-8 path")])
+        .success();
+    let channels =
+        atoll_transport::Transport::plain().channels(atoll_transport::ChannelOptions::default());
+    // The registrant uses the first replica first, the watcher the second.
+    let both = atoll_transport::ControlUrls::parse_in_order(&format!("{},{}", first.url, second.url))
+        .expect("urls");
+    let agent = Registrar::start(
+        channels.clone(),
+        both,
+        registrant("agent", "hz-a", "hz-a"),
+        Duration::from_secs(3),
+    );
+    agent.put(instance("web", "hz-a", "rz01", "web-rz01-0", 7001));
+    let registered = agent
+        .settled(Duration::from_secs(15))
+        .await
+        .expect("registered through the first replica");
+    let watcher = Watcher::start(
+        channels.clone(),
+        atoll_transport::ControlUrls::parse(&second.url).expect("url"),
+        registrant("sidecar", "hz-b", "bank-rz02-0"),
+        ["web".to_owned()],
+    );
+    watcher
+        .wait_for(Duration::from_secs(10), |v| v.instances("web").len() == 1)
+        .await
+        .expect("the second replica's watcher sees it");
+
+    first.kill();
+    // Three TTLs later the session is the same one, kept through the
+    // second replica, and the instance never left.
+    let mut gone = false;
+    let mut view = watcher.subscribe();
+    let until = Instant::now() + Duration::from_secs(9);
+    while Instant::now() < until {
+        if view.borrow_and_update().instances("web").is_empty() {
+            gone = true;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(100), view.changed()).await;
+    }
+    assert!(!gone, "the instance left the registry while its registrant lived");
+    let now = agent.state();
+    assert_eq!(now.session, registered.session, "{now:?}");
+    assert_eq!(now.sessions, 1, "{now:?}");
+    assert!(now.problem.is_none(), "{now:?}");
+}
