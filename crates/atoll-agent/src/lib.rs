@@ -161,6 +161,9 @@ pub struct Agent<R: Runtime> {
     reports: atoll_transport::Channels,
     /// Certificates of the instances, when the agent has one itself.
     credentials: Option<Arc<credentials::Credentials>>,
+    /// Keeps the zone's ready instances in the service registry (started
+    /// by `run`).
+    registrar: Option<atoll_registry::client::Registrar>,
 }
 
 impl<R: Runtime> std::fmt::Debug for Agent<R> {
@@ -204,6 +207,7 @@ impl<R: Runtime> Agent<R> {
         Ok(Self {
             reports,
             credentials,
+            registrar: None,
             options,
             runtime: Arc::new(runtime),
             board: Arc::new(Board::default()),
@@ -263,6 +267,24 @@ impl<R: Runtime> Agent<R> {
         if let Some(client) = self.client.take() {
             client.load_cache();
             tokio::spawn(client.run(shutdown.clone()));
+        }
+        match atoll_transport::ControlUrls::parse(&self.options.control) {
+            Ok(urls) => {
+                self.registrar = Some(atoll_registry::client::Registrar::start(
+                    self.reports.clone(),
+                    urls,
+                    atoll_api::registry::Registrant {
+                        name: self.options.name.clone(),
+                        role: "agent".into(),
+                        zone: self.options.zone.clone(),
+                        workspace: self.options.workspace.clone(),
+                    },
+                    atoll_registry::DEFAULT_TTL,
+                ));
+            }
+            Err(error) => {
+                tracing::warn!(%error, "not registering instances in the service registry")
+            }
         }
         let mut running: BTreeMap<String, Running> = BTreeMap::new();
         let mut stopping: BTreeMap<String, JoinHandle<()>> = BTreeMap::new();
@@ -328,6 +350,9 @@ impl<R: Runtime> Agent<R> {
             Ok(Ok(())) => tracing::info!("reported this zone's instances stopped"),
             Ok(Err(e)) => tracing::warn!("cannot report this zone's instances stopped: {e:#}"),
             Err(_) => tracing::warn!("the control plane did not take the final report in 3s"),
+        }
+        if let Some(registrar) = self.registrar.take() {
+            registrar.close().await;
         }
         Ok(())
     }
@@ -635,6 +660,7 @@ impl<R: Runtime> Agent<R> {
                 }
             }
         }
+        self.register(&current, running);
         let changed: Vec<(&String, &EndpointsSpec)> = current
             .iter()
             .filter(|(name, spec)| reported.get(*name) != Some(*spec))
@@ -727,6 +753,41 @@ impl<R: Runtime> Agent<R> {
             reported.remove(&name);
         }
         Ok(())
+    }
+}
+
+impl<R: Runtime> Agent<R> {
+    /// Keeps the ready instances of `current` in the service registry; the
+    /// others (starting, failing their check, draining, stopped) out.
+    fn register(
+        &self,
+        current: &BTreeMap<String, EndpointsSpec>,
+        running: &BTreeMap<String, Running>,
+    ) {
+        let Some(registrar) = &self.registrar else {
+            return;
+        };
+        let mut instances = Vec::new();
+        for spec in current.values() {
+            for endpoint in spec.endpoints.iter().filter(|e| e.ready) {
+                let Some(instance) = running.get(&endpoint.instance) else {
+                    continue;
+                };
+                instances.push(atoll_api::registry::Instance {
+                    service: spec.service.clone(),
+                    name: endpoint.instance.clone(),
+                    zone: spec.zone.clone(),
+                    cell: endpoint.cell.clone(),
+                    address: instance.spec.host.clone(),
+                    port: u32::from(instance.spec.ports.first().map_or(0, |p| p.1)),
+                    protocol: "http".into(),
+                    version: endpoint.labels.get("version").cloned().unwrap_or_default(),
+                    labels: endpoint.labels.clone().into_iter().collect(),
+                    ..atoll_api::registry::Instance::default()
+                });
+            }
+        }
+        registrar.set(instances);
     }
 }
 

@@ -202,6 +202,7 @@ impl Run {
     ) {
         let beat = self.ttl / 3;
         let mut next_beat = tokio::time::Instant::now() + beat;
+        let mut failures: u32 = 0;
         loop {
             let desired = wanted.borrow_and_update().clone();
             let outcome = if self.session == 0 || desired != self.registered {
@@ -213,6 +214,7 @@ impl Run {
             };
             let wait = match outcome {
                 Ok(()) => {
+                    failures = 0;
                     if tokio::time::Instant::now() >= next_beat {
                         next_beat = tokio::time::Instant::now() + beat;
                     }
@@ -225,13 +227,20 @@ impl Run {
                 }
                 Err(status) => {
                     let problem = format!("{}: {}", self.urls.current(), status.message());
-                    tracing::warn!(%problem, "cannot keep the registration; trying again");
+                    // Said once per problem: a refused registration (a
+                    // Service not applied yet) is retried until it is.
+                    if self.report.borrow().problem.as_deref() != Some(problem.as_str()) {
+                        tracing::warn!(%problem, "cannot keep the registration; trying again");
+                    }
                     self.report.send_modify(|s| s.problem = Some(problem));
                     if try_elsewhere(&status) {
                         let url = self.urls.current().to_owned();
                         self.urls.failed(&url);
                     }
-                    Duration::from_millis(300)
+                    failures += 1;
+                    // 200 ms, doubling, at most a third of the TTL: a
+                    // session is not lost to the backoff.
+                    (Duration::from_millis(100) * 2u32.saturating_pow(failures.min(8))).min(beat)
                 }
             };
             tokio::select! {

@@ -169,6 +169,20 @@ fn wait_reported(
     }
 }
 
+/// Waits until the registry lists `count` instances of the bank.
+fn wait_registered(control: &Control, count: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = control.json(&["registry", "list", "bank"]);
+        let instances = listed["instances"].as_array().cloned().unwrap_or_default();
+        if instances.len() == count {
+            return instances;
+        }
+        assert!(Instant::now() < deadline, "{count} registered: {listed}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn an_agent_runs_scales_and_stops_its_zones_instances_and_reports_them() {
     let bank = bank_program();
@@ -246,6 +260,21 @@ fn an_agent_runs_scales_and_stops_its_zones_instances_and_reports_them() {
     wait_reported(&control, "two reported ready", |e| {
         e.is_some_and(|e| ready_count(e) == 2)
     });
+    // The agent keeps its ready instances in the service registry too.
+    let registered = wait_registered(&control, 2);
+    assert_eq!(registered[0]["cell"], "rz01", "{registered:?}");
+    assert_eq!(registered[0]["region"], "hz", "{registered:?}");
+    assert_eq!(registered[0]["version"], "v1", "{registered:?}");
+    assert_eq!(
+        registered[0]["address"], instances[0]["address"],
+        "{registered:?}"
+    );
+    assert!(
+        registered[0]["registeredBy"]
+            .as_str()
+            .is_some_and(|by| by.starts_with("agent/hz-a/")),
+        "{registered:?}"
+    );
 
     // Scale down: the second stops.
     std::fs::write(control.state.path().join("app.yaml"), app(1, &bank)).expect("write");
@@ -263,6 +292,7 @@ fn an_agent_runs_scales_and_stops_its_zones_instances_and_reports_them() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(alive(first));
+    wait_registered(&control, 1);
 
     // Static stability: the control plane goes away and the agent restarts;
     // it runs its instances from its disk cache.

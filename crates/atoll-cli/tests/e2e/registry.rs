@@ -288,8 +288,9 @@ async fn the_registry_outlives_the_replica_a_registrant_used() {
     let channels =
         atoll_transport::Transport::plain().channels(atoll_transport::ChannelOptions::default());
     // The registrant uses the first replica first, the watcher the second.
-    let both = atoll_transport::ControlUrls::parse_in_order(&format!("{},{}", first.url, second.url))
-        .expect("urls");
+    let both =
+        atoll_transport::ControlUrls::parse_in_order(&format!("{},{}", first.url, second.url))
+            .expect("urls");
     let agent = Registrar::start(
         channels.clone(),
         both,
@@ -324,9 +325,122 @@ async fn the_registry_outlives_the_replica_a_registrant_used() {
         }
         let _ = tokio::time::timeout(Duration::from_millis(100), view.changed()).await;
     }
-    assert!(!gone, "the instance left the registry while its registrant lived");
+    assert!(
+        !gone,
+        "the instance left the registry while its registrant lived"
+    );
     let now = agent.state();
     assert_eq!(now.session, registered.session, "{now:?}");
     assert_eq!(now.sessions, 1, "{now:?}");
     assert!(now.problem.is_none(), "{now:?}");
+}
+
+/// Over TLS a registrant is who its certificate says: an SDK process
+/// registers its own instance, claiming another name is refused, and no
+/// certificate is refused with what to give.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_tls_a_registrant_is_who_its_certificate_says() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca_dir = crate::tls::ca(dir.path(), "ca");
+    let root = ca_dir.join("root.pem");
+    let replica_cert = dir.path().join("control");
+    crate::tls::issue(
+        &ca_dir,
+        "atoll://default/control/-/replica-1",
+        &replica_cert,
+    );
+    let control = Control::start_with(vec![
+        format!("--ca={}", root.display()),
+        format!("--cert={}", replica_cert.with_extension("pem").display()),
+        format!("--key={}", replica_cert.with_extension("key").display()),
+    ]);
+    let ca_flag = format!("--ca={}", root.display());
+    control
+        .atoll(&[&ca_flag, "apply", "-f", examples().to_str().expect("utf-8")])
+        .success();
+    let transport = |cert: Option<&std::path::Path>| {
+        let trust = atoll_transport::Trust::from_file(&root).expect("root");
+        let identity = cert.map(|cert| {
+            atoll_transport::Identity::from_files(
+                &cert.with_extension("pem"),
+                &cert.with_extension("key"),
+            )
+            .expect("identity")
+        });
+        atoll_transport::Transport::with_tls(
+            atoll_transport::ClientTls::new(&trust, identity.as_ref()).expect("tls"),
+        )
+        .channels(atoll_transport::ChannelOptions::default())
+    };
+    let urls = atoll_transport::ControlUrls::parse(&control.url).expect("url");
+    let sdk = dir.path().join("sdk");
+    crate::tls::issue(&ca_dir, "atoll://default/sdk/hz-a/web-rz01-0", &sdk);
+
+    let registrar = Registrar::start(
+        transport(Some(&sdk)),
+        urls.clone(),
+        registrant("sdk", "hz-a", "web-rz01-0"),
+        Duration::from_secs(5),
+    );
+    registrar.put(instance("web", "hz-a", "rz01", "web-rz01-0", 7100));
+    registrar
+        .settled(Duration::from_secs(10))
+        .await
+        .expect("registers its own instance");
+    let gateway = dir.path().join("gateway");
+    crate::tls::issue(&ca_dir, "atoll://default/gateway/hz-b/gw-1", &gateway);
+    let watcher = Watcher::start(
+        transport(Some(&gateway)),
+        urls.clone(),
+        registrant("gateway", "hz-b", "gw-1"),
+        ["web".to_owned()],
+    );
+    let view = watcher
+        .wait_for(Duration::from_secs(10), |v| v.instances("web").len() == 1)
+        .await
+        .expect("a gateway watches it");
+    assert_eq!(
+        view.instances("web")[0].registered_by,
+        "sdk/hz-a/web-rz01-0"
+    );
+    assert_eq!(view.instances("web")[0].mode, "sdk");
+
+    let channel = transport(Some(&sdk))
+        .connect(&control.url)
+        .await
+        .expect("connect");
+    let mut client = RegistryClient::new(channel);
+    let claimed = client
+        .register(RegisterRequest {
+            registrant: Some(registrant("sdk", "hz-a", "web-rz01-1")),
+            session: 0,
+            ttl_ms: 0,
+            instances: vec![instance("web", "hz-a", "rz01", "web-rz01-1", 7101)],
+        })
+        .await
+        .expect_err("another name than its certificate's");
+    assert_eq!(claimed.code(), tonic::Code::PermissionDenied, "{claimed:?}");
+    assert!(
+        claimed
+            .message()
+            .contains("a node is who its certificate says"),
+        "{claimed:?}"
+    );
+
+    let channel = transport(None)
+        .connect(&control.url)
+        .await
+        .expect("connect");
+    let mut anonymous = RegistryClient::new(channel);
+    let refused = anonymous
+        .register(RegisterRequest {
+            registrant: Some(registrant("agent", "hz-a", "agent-hz-a")),
+            session: 0,
+            ttl_ms: 0,
+            instances: Vec::new(),
+        })
+        .await
+        .expect_err("no certificate");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(refused.message().contains("--cert"), "{refused:?}");
 }
