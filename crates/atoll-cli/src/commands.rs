@@ -589,9 +589,6 @@ enum RegistryAction {
         /// Only instances serving this cell.
         #[arg(long)]
         cell: Option<String>,
-        /// The workspace (default: `default`).
-        #[arg(long, short = 'w')]
-        workspace: Option<String>,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Format::Table)]
         output: Format,
@@ -603,9 +600,9 @@ pub(crate) async fn registry(client: &Client, args: RegistryArgs) -> Result<u8, 
         service,
         zone,
         cell,
-        workspace,
         output,
     } = args.action;
+    let workspace = client.workspace();
     let mut query: Vec<String> = Vec::new();
     for (name, value) in [
         ("service", &service),
