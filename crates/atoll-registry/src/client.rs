@@ -383,7 +383,7 @@ fn chunks(mut instances: Vec<Instance>) -> Vec<Vec<Instance>> {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct View {
     /// Service -> (zone, name) -> instance.
-    pub services: HashMap<String, BTreeMap<(String, String), Instance>>,
+    pub services: HashMap<String, BTreeMap<(String, String), Arc<Instance>>>,
     /// The revision of the newest update applied.
     pub revision: i64,
     /// Updates applied since the watcher started.
@@ -397,8 +397,13 @@ impl View {
     pub fn instances(&self, service: &str) -> Vec<&Instance> {
         self.services
             .get(service)
-            .map(|s| s.values().collect())
+            .map(|s| s.values().map(AsRef::as_ref).collect())
             .unwrap_or_default()
+    }
+
+    /// How many instances `service` has.
+    pub fn count(&self, service: &str) -> usize {
+        self.services.get(service).map_or(0, BTreeMap::len)
     }
 
     fn apply(&mut self, update: atoll_api::registry::RegistryUpdate) {
@@ -413,15 +418,22 @@ impl View {
             service.remove(&(key.zone, key.name));
         }
         for instance in update.instances {
-            service.insert((instance.zone.clone(), instance.name.clone()), instance);
+            service.insert(
+                (instance.zone.clone(), instance.name.clone()),
+                Arc::new(instance),
+            );
         }
     }
 }
 
 /// Watches services of the registry from whichever replica answers.
+///
+/// Its view is changed in place under a lock held only to apply an update
+/// or to read: a reader never makes an update copy the view.
 #[derive(Debug)]
 pub struct Watcher {
-    view: watch::Receiver<Arc<View>>,
+    view: Arc<parking_lot::Mutex<View>>,
+    changed: watch::Receiver<u64>,
     services: watch::Sender<BTreeSet<String>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -435,29 +447,44 @@ impl Watcher {
         services: impl IntoIterator<Item = String>,
     ) -> Self {
         let (services, wanted) = watch::channel(services.into_iter().collect());
-        let (publish, view) = watch::channel(Arc::new(View::default()));
-        let task = tokio::spawn(watch_loop(channels, urls, subscriber, wanted, publish));
+        let (publish, changed) = watch::channel(0);
+        let view = Arc::new(parking_lot::Mutex::new(View::default()));
+        let task = tokio::spawn(watch_loop(
+            channels,
+            urls,
+            subscriber,
+            wanted,
+            Published {
+                view: view.clone(),
+                changed: publish,
+            },
+        ));
         Self {
             view,
+            changed,
             services,
             task,
         }
     }
 
-    /// What it holds now.
-    pub fn view(&self) -> Arc<View> {
-        self.view.borrow().clone()
+    /// Reads the view.
+    pub fn read<T>(&self, f: impl FnOnce(&View) -> T) -> T {
+        f(&self.view.lock())
     }
 
-    /// A receiver woken on every update.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<View>> {
-        self.view.clone()
+    /// A copy of the view.
+    pub fn view(&self) -> View {
+        self.view.lock().clone()
+    }
+
+    /// A receiver woken after every update (its value counts them).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.clone()
     }
 
     /// Watches `service` too.
     pub fn add(&self, service: &str) {
-        self.services
-            .send_if_modified(|s| s.insert(service.to_owned()));
+        self.services.send_if_modified(|s| s.insert(service.to_owned()));
     }
 
     /// Stops watching `service`.
@@ -465,25 +492,35 @@ impl Watcher {
         self.services.send_if_modified(|s| s.remove(service));
     }
 
-    /// Waits until `test` holds for the view, or `within` passes.
-    pub async fn wait_for(
-        &self,
-        within: Duration,
-        mut test: impl FnMut(&View) -> bool,
-    ) -> Result<Arc<View>, Arc<View>> {
-        let mut view = self.view.clone();
+    /// Waits until `test` holds for the view (run under its lock), or
+    /// `within` passes.
+    pub async fn wait_until(&self, within: Duration, mut test: impl FnMut(&View) -> bool) -> Result<(), ()> {
+        let mut changed = self.changed.clone();
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let now = view.borrow_and_update().clone();
-            if test(&now) {
-                return Ok(now);
+            changed.borrow_and_update();
+            if test(&self.view.lock()) {
+                return Ok(());
             }
-            if tokio::time::timeout_at(deadline, view.changed())
+            if tokio::time::timeout_at(deadline, changed.changed())
                 .await
                 .is_err()
             {
-                return Err(self.view());
+                return Err(());
             }
+        }
+    }
+
+    /// [`Watcher::wait_until`], then a copy of the view (or of the view at
+    /// the deadline, as the error).
+    pub async fn wait_for(
+        &self,
+        within: Duration,
+        test: impl FnMut(&View) -> bool,
+    ) -> Result<View, View> {
+        match self.wait_until(within, test).await {
+            Ok(()) => Ok(self.view()),
+            Err(()) => Err(self.view()),
         }
     }
 }
@@ -494,12 +531,24 @@ impl Drop for Watcher {
     }
 }
 
+struct Published {
+    view: Arc<parking_lot::Mutex<View>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Published {
+    fn update(&self, f: impl FnOnce(&mut View)) {
+        f(&mut self.view.lock());
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
 async fn watch_loop(
     channels: Channels,
     urls: ControlUrls,
     subscriber: Registrant,
     mut wanted: watch::Receiver<BTreeSet<String>>,
-    publish: watch::Sender<Arc<View>>,
+    publish: Published,
 ) {
     loop {
         let result = watch_once(&channels, &urls, &subscriber, &mut wanted, &publish).await;
@@ -507,11 +556,7 @@ async fn watch_loop(
             return;
         }
         if let Err(status) = result {
-            tracing::warn!(
-                control = urls.current(),
-                error = status.message(),
-                "registry watch ended; watching again"
-            );
+            tracing::warn!(control = urls.current(), error = status.message(), "registry watch ended; watching again");
             if try_elsewhere(&status) {
                 let url = urls.current().to_owned();
                 urls.failed(&url);
@@ -526,7 +571,7 @@ async fn watch_once(
     urls: &ControlUrls,
     subscriber: &Registrant,
     wanted: &mut watch::Receiver<BTreeSet<String>>,
-    publish: &watch::Sender<Arc<View>>,
+    publish: &Published,
 ) -> Result<(), tonic::Status> {
     let (_, mut client) = channel_of(channels, urls)?;
     let (requests, outgoing) = mpsc::channel::<WatchRequest>(16);
@@ -549,15 +594,14 @@ async fn watch_once(
                     return Err(tonic::Status::unavailable("the replica ended the watch"));
                 };
                 let update = update?;
-                publish.send_modify(|view| Arc::make_mut(view).apply(update));
+                publish.update(|view| view.apply(update));
             }
             changed = wanted.changed() => {
                 if changed.is_err() { return Ok(()); }
                 let next = wanted.borrow_and_update().clone();
                 let add: Vec<String> = next.difference(&watching).cloned().collect();
                 let remove: Vec<String> = watching.difference(&next).cloned().collect();
-                publish.send_modify(|view| {
-                    let view = Arc::make_mut(view);
+                publish.update(|view| {
                     for service in &remove {
                         view.services.remove(service);
                     }

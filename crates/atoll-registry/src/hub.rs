@@ -346,48 +346,57 @@ impl Subscription {
             return Vec::new();
         }
         let watched = self.services.lock().clone();
+        // Under the lock only pointers are taken: the copies for the wire
+        // are made after, so that a snapshot of a large service does not
+        // hold up the registry's changes or other subscribers.
+        let mut taken: Vec<(ServiceKey, bool, Vec<Arc<Instance>>, Vec<Slot>)> = Vec::with_capacity(dirty.len());
         let state = self.hub.inner.state.lock();
         let revision = state.revision;
-        let mut updates = Vec::with_capacity(dirty.len());
         for (service, what) in dirty {
             if !watched.contains(&service) {
                 continue;
             }
             let entry = state.services.get(&service);
-            let mut update = RegistryUpdate {
-                service: service.service.clone(),
-                revision,
-                ..RegistryUpdate::default()
-            };
             match what {
                 Dirty::Snapshot => {
-                    update.snapshot = true;
-                    if let Some(entry) = entry {
-                        update.instances = entry
-                            .instances
-                            .values()
-                            .map(|i| i.as_ref().clone())
-                            .collect();
-                    }
+                    let all = entry
+                        .map(|e| e.instances.values().cloned().collect())
+                        .unwrap_or_default();
+                    taken.push((service, true, all, Vec::new()));
                 }
                 Dirty::Instances(slots) => {
+                    let mut present = Vec::new();
+                    let mut gone = Vec::new();
                     let mut slots: Vec<Slot> = slots.into_iter().collect();
                     slots.sort();
                     for slot in slots {
                         match entry.and_then(|e| e.instances.get(&slot)) {
-                            Some(instance) => update.instances.push(instance.as_ref().clone()),
-                            None => update.removed.push(InstanceKey {
-                                service: service.service.clone(),
-                                zone: slot.0,
-                                name: slot.1,
-                            }),
+                            Some(instance) => present.push(instance.clone()),
+                            None => gone.push(slot),
                         }
                     }
+                    taken.push((service, false, present, gone));
                 }
             }
-            updates.push(update);
         }
         drop(state);
+        let mut updates: Vec<Update> = taken
+            .into_iter()
+            .map(|(service, snapshot, present, gone)| RegistryUpdate {
+                removed: gone
+                    .into_iter()
+                    .map(|(zone, name)| InstanceKey {
+                        service: service.service.clone(),
+                        zone,
+                        name,
+                    })
+                    .collect(),
+                service: service.service,
+                snapshot,
+                instances: present.iter().map(|i| i.as_ref().clone()).collect(),
+                revision,
+            })
+            .collect();
         updates.sort_by(|a, b| a.service.cmp(&b.service));
         updates
     }

@@ -83,7 +83,7 @@ async fn instances_registered_reach_watchers_as_deltas_and_go_when_their_registr
 
     // A sidecar registers itself; it is killed (no deregistration): its
     // instance goes when its session runs out, within the TTL.
-    let bytes_before_add = watcher.view().bytes;
+    let bytes_before_add = watcher.read(|v| v.bytes);
     let sidecar = Registrar::start(
         channels.clone(),
         urls.clone(),
@@ -131,7 +131,7 @@ async fn instances_registered_reach_watchers_as_deltas_and_go_when_their_registr
     );
 
     // The agent's instances stayed: its heartbeats kept its session.
-    assert_eq!(watcher.view().instances("web").len(), 2);
+    assert_eq!(watcher.read(|v| v.count("web")), 2);
 
     // An instance deregistered goes at once.
     let removing = Instant::now();
@@ -317,13 +317,14 @@ async fn the_registry_outlives_the_replica_a_registrant_used() {
     // Three TTLs later the session is the same one, kept through the
     // second replica, and the instance never left.
     let mut gone = false;
-    let mut view = watcher.subscribe();
+    let mut changes = watcher.subscribe();
     let until = Instant::now() + Duration::from_secs(9);
     while Instant::now() < until {
-        if view.borrow_and_update().instances("web").is_empty() {
+        changes.borrow_and_update();
+        if watcher.read(|v| v.count("web")) == 0 {
             gone = true;
         }
-        let _ = tokio::time::timeout(Duration::from_millis(100), view.changed()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(100), changes.changed()).await;
     }
     assert!(
         !gone,
