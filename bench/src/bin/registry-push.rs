@@ -102,7 +102,9 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     for watcher in &watchers {
         watcher
-            .wait_until(Duration::from_secs(120), |v| v.count("web") == args.instances)
+            .wait_until(Duration::from_secs(120), |v| {
+                v.count("web") == args.instances
+            })
             .await
             .map_err(|_| anyhow::anyhow!("a watcher did not get the snapshot in 120 s"))?;
     }
@@ -148,7 +150,9 @@ async fn main() -> anyhow::Result<()> {
         v.services
             .get("web")
             .and_then(|s| s.get(&("hz-a".to_owned(), "probe-0".to_owned())))
-            .map_or(one_instance_bytes, |i| prost::Message::encoded_len(i.as_ref()))
+            .map_or(one_instance_bytes, |i| {
+                prost::Message::encoded_len(i.as_ref())
+            })
     });
     samples.sort_by(f64::total_cmp);
     let per_change = (bytes_after - bytes_before) as f64 / (args.changes * args.subscribers) as f64;

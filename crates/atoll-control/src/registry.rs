@@ -305,7 +305,7 @@ impl RegistryService {
         let mut shutdown = self.control.shutdown.clone();
         let subscription = hub.subscribe();
         apply_watch_request(&subscription, &workspace, &first)?;
-        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<RegistryUpdate, Status>>(64);
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Result<RegistryUpdate, Status>>(1);
         metrics.registry_subscribers.inc();
         tokio::spawn(async move {
             let _gauge = Gauge(metrics.clone());
@@ -320,8 +320,13 @@ impl RegistryService {
                         }
                         Some(Err(_)) | None => return,
                     },
-                    updates = subscription.next() => {
-                        for update in updates {
+                    pending = subscription.next() => {
+                        // Part by part: each is copied for the wire only
+                        // when the stream has room for it.
+                        for update in pending
+                            .into_iter()
+                            .flat_map(|p| p.into_updates(atoll_registry::UPDATE_PART))
+                        {
                             metrics.registry_updates.inc();
                             metrics.registry_update_bytes.inc_by(update.encoded_len() as u64);
                             if sender.send(Ok(update)).await.is_err() {

@@ -484,7 +484,8 @@ impl Watcher {
 
     /// Watches `service` too.
     pub fn add(&self, service: &str) {
-        self.services.send_if_modified(|s| s.insert(service.to_owned()));
+        self.services
+            .send_if_modified(|s| s.insert(service.to_owned()));
     }
 
     /// Stops watching `service`.
@@ -494,7 +495,11 @@ impl Watcher {
 
     /// Waits until `test` holds for the view (run under its lock), or
     /// `within` passes.
-    pub async fn wait_until(&self, within: Duration, mut test: impl FnMut(&View) -> bool) -> Result<(), ()> {
+    pub async fn wait_until(
+        &self,
+        within: Duration,
+        mut test: impl FnMut(&View) -> bool,
+    ) -> Result<(), ()> {
         let mut changed = self.changed.clone();
         let deadline = tokio::time::Instant::now() + within;
         loop {
@@ -556,7 +561,11 @@ async fn watch_loop(
             return;
         }
         if let Err(status) = result {
-            tracing::warn!(control = urls.current(), error = status.message(), "registry watch ended; watching again");
+            tracing::warn!(
+                control = urls.current(),
+                error = status.message(),
+                "registry watch ended; watching again"
+            );
             if try_elsewhere(&status) {
                 let url = urls.current().to_owned();
                 urls.failed(&url);
@@ -587,6 +596,7 @@ async fn watch_once(
         .watch(tokio_stream::wrappers::ReceiverStream::new(outgoing))
         .await?
         .into_inner();
+    let mut parts: HashMap<String, Vec<atoll_api::registry::RegistryUpdate>> = HashMap::new();
     loop {
         tokio::select! {
             update = updates.next() => {
@@ -594,7 +604,24 @@ async fn watch_once(
                     return Err(tonic::Status::unavailable("the replica ended the watch"));
                 };
                 let update = update?;
-                publish.update(|view| view.apply(update));
+                // The parts of a snapshot are applied together: a view
+                // never holds half a service.
+                if update.more || parts.contains_key(&update.service) {
+                    let more = update.more;
+                    let service = update.service.clone();
+                    parts.entry(service.clone()).or_default().push(update);
+                    if more {
+                        continue;
+                    }
+                    let whole = parts.remove(&service).unwrap_or_default();
+                    publish.update(|view| {
+                        for part in whole {
+                            view.apply(part);
+                        }
+                    });
+                } else {
+                    publish.update(|view| view.apply(update));
+                }
             }
             changed = wanted.changed() => {
                 if changed.is_err() { return Ok(()); }

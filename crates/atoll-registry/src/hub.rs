@@ -285,6 +285,70 @@ pub struct Subscription {
 /// One update of a subscription.
 pub type Update = RegistryUpdate;
 
+/// The instances of some service to send to one subscriber, as pointers
+/// into the index: made into updates part by part as they are sent.
+#[derive(Debug)]
+pub struct Pending {
+    service: String,
+    snapshot: bool,
+    present: Vec<Arc<Instance>>,
+    gone: Vec<Slot>,
+    revision: i64,
+}
+
+/// The most instances in one update: a large service's snapshot is sent in
+/// parts of this size.
+pub const UPDATE_PART: usize = 500;
+
+impl Pending {
+    /// The service.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The updates, each of at most `part` instances and removals; every
+    /// one but the last of a snapshot says `more`.
+    pub fn into_updates(self, part: usize) -> impl Iterator<Item = Update> {
+        let part = part.max(1);
+        let Pending {
+            service,
+            snapshot,
+            present,
+            gone,
+            revision,
+        } = self;
+        let mut removed: Vec<InstanceKey> = gone
+            .into_iter()
+            .map(|(zone, name)| InstanceKey {
+                service: service.clone(),
+                zone,
+                name,
+            })
+            .collect();
+        let parts = present
+            .len()
+            .div_ceil(part)
+            .max(removed.len().div_ceil(part))
+            .max(1);
+        let mut present = present.into_iter();
+        (0..parts).map(move |index| {
+            let take_removed = removed.len().min(part);
+            RegistryUpdate {
+                service: service.clone(),
+                snapshot: snapshot && index == 0,
+                instances: present
+                    .by_ref()
+                    .take(part)
+                    .map(|i| i.as_ref().clone())
+                    .collect(),
+                removed: removed.drain(..take_removed).collect(),
+                revision,
+                more: snapshot && index + 1 < parts,
+            }
+        })
+    }
+}
+
 impl Subscription {
     /// Starts watching `service`: its snapshot is sent next.
     pub fn add(&self, service: ServiceKey) {
@@ -324,32 +388,33 @@ impl Subscription {
     }
 
     /// Waits until something changed for a watched service (and the
-    /// registry was listed), then returns the updates to send: one per
-    /// service that changed, with the latest state of each instance that
-    /// did.
-    pub async fn next(&self) -> Vec<Update> {
+    /// registry was listed), then returns what to send: one [`Pending`]
+    /// per service that changed, holding the latest state of each instance
+    /// that did.
+    pub async fn next(&self) -> Vec<Pending> {
         self.hub.ready().await;
         loop {
             let notified = self.shared.notify.notified();
-            let updates = self.take();
-            if !updates.is_empty() {
-                return updates;
+            let pending = self.take();
+            if !pending.is_empty() {
+                return pending;
             }
             notified.await;
         }
     }
 
     /// What is to be sent now, if anything, without waiting.
-    pub fn take(&self) -> Vec<Update> {
+    pub fn take(&self) -> Vec<Pending> {
         let dirty = std::mem::take(&mut *self.shared.dirty.lock());
         if dirty.is_empty() {
             return Vec::new();
         }
         let watched = self.services.lock().clone();
         // Under the lock only pointers are taken: the copies for the wire
-        // are made after, so that a snapshot of a large service does not
-        // hold up the registry's changes or other subscribers.
-        let mut taken: Vec<(ServiceKey, bool, Vec<Arc<Instance>>, Vec<Slot>)> = Vec::with_capacity(dirty.len());
+        // are made as each part is sent, so that a snapshot of a large
+        // service neither holds up the registry's changes nor sits in
+        // memory whole.
+        let mut taken: Vec<Pending> = Vec::with_capacity(dirty.len());
         let state = self.hub.inner.state.lock();
         let revision = state.revision;
         for (service, what) in dirty {
@@ -357,48 +422,44 @@ impl Subscription {
                 continue;
             }
             let entry = state.services.get(&service);
+            let mut pending = Pending {
+                service: service.service,
+                snapshot: false,
+                present: Vec::new(),
+                gone: Vec::new(),
+                revision,
+            };
             match what {
                 Dirty::Snapshot => {
-                    let all = entry
+                    pending.snapshot = true;
+                    pending.present = entry
                         .map(|e| e.instances.values().cloned().collect())
                         .unwrap_or_default();
-                    taken.push((service, true, all, Vec::new()));
                 }
                 Dirty::Instances(slots) => {
-                    let mut present = Vec::new();
-                    let mut gone = Vec::new();
                     let mut slots: Vec<Slot> = slots.into_iter().collect();
                     slots.sort();
                     for slot in slots {
                         match entry.and_then(|e| e.instances.get(&slot)) {
-                            Some(instance) => present.push(instance.clone()),
-                            None => gone.push(slot),
+                            Some(instance) => pending.present.push(instance.clone()),
+                            None => pending.gone.push(slot),
                         }
                     }
-                    taken.push((service, false, present, gone));
                 }
             }
+            taken.push(pending);
         }
         drop(state);
-        let mut updates: Vec<Update> = taken
+        taken.sort_by(|a, b| a.service.cmp(&b.service));
+        taken
+    }
+
+    /// [`Subscription::take`] as updates of at most `part` instances each.
+    pub fn take_updates(&self, part: usize) -> Vec<Update> {
+        self.take()
             .into_iter()
-            .map(|(service, snapshot, present, gone)| RegistryUpdate {
-                removed: gone
-                    .into_iter()
-                    .map(|(zone, name)| InstanceKey {
-                        service: service.service.clone(),
-                        zone,
-                        name,
-                    })
-                    .collect(),
-                service: service.service,
-                snapshot,
-                instances: present.iter().map(|i| i.as_ref().clone()).collect(),
-                revision,
-            })
-            .collect();
-        updates.sort_by(|a, b| a.service.cmp(&b.service));
-        updates
+            .flat_map(|pending| pending.into_updates(part))
+            .collect()
     }
 
     /// The encoded size of `updates` on the wire, for metrics and tests.

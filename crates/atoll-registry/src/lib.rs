@@ -21,7 +21,7 @@ mod hub;
 pub mod keys;
 
 pub use follow::follow;
-pub use hub::{Hub, Subscription, Update};
+pub use hub::{Hub, HubCounts, Pending, Subscription, UPDATE_PART, Update};
 
 pub use atoll_api::registry::{Instance, InstanceKey, Registrant, RegistryUpdate};
 

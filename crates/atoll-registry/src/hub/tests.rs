@@ -33,6 +33,15 @@ fn entry(instance: &Instance, revision: i64) -> Entry {
     }
 }
 
+/// The next updates of `sub`, whole (no parts).
+async fn next(sub: &Subscription) -> Vec<Update> {
+    sub.next()
+        .await
+        .into_iter()
+        .flat_map(|p| p.into_updates(usize::MAX))
+        .collect()
+}
+
 fn bank() -> ServiceKey {
     ServiceKey::new("default", "bank")
 }
@@ -44,14 +53,14 @@ async fn a_subscriber_gets_a_snapshot_then_only_what_changed() {
     hub.reset(&[entry(&a, 1)], 1);
     let sub = hub.subscribe();
     sub.add(bank());
-    let first = sub.next().await;
+    let first = next(&sub).await;
     assert_eq!(first.len(), 1);
     assert!(first[0].snapshot);
     assert_eq!(first[0].instances, vec![a.clone()]);
 
     let b = instance("bank", "hz-a", "b");
     hub.apply(&put(&b, 2));
-    let second = sub.next().await;
+    let second = next(&sub).await;
     assert!(!second[0].snapshot);
     assert_eq!(second[0].instances, vec![b]);
     assert_eq!(second[0].revision, 2);
@@ -60,7 +69,7 @@ async fn a_subscriber_gets_a_snapshot_then_only_what_changed() {
         key: crate::keys::instance_key("default", &a),
         revision: 3,
     });
-    let third = sub.next().await;
+    let third = next(&sub).await;
     assert!(third[0].instances.is_empty());
     assert_eq!(third[0].removed.len(), 1);
     assert_eq!(third[0].removed[0].name, "a");
@@ -73,9 +82,9 @@ async fn a_subscriber_is_sent_nothing_about_services_it_does_not_call() {
     hub.reset(&[], 0);
     let sub = hub.subscribe();
     sub.add(bank());
-    assert!(sub.next().await[0].snapshot);
+    assert!(next(&sub).await[0].snapshot);
     hub.apply(&put(&instance("risk", "hz-a", "r"), 2));
-    assert!(sub.take().is_empty());
+    assert!(sub.take_updates(usize::MAX).is_empty());
     // Another workspace's service of the same name is another service.
     let mut other = instance("bank", "hz-a", "x");
     other.name = "x".into();
@@ -83,7 +92,7 @@ async fn a_subscriber_is_sent_nothing_about_services_it_does_not_call() {
         key: crate::keys::instance_key("payments", &other),
         ..entry(&other, 3)
     }));
-    assert!(sub.take().is_empty());
+    assert!(sub.take_updates(usize::MAX).is_empty());
 }
 
 #[tokio::test]
@@ -92,13 +101,13 @@ async fn a_slow_subscriber_gets_the_latest_state_once_not_every_step() {
     hub.reset(&[], 0);
     let sub = hub.subscribe();
     sub.add(bank());
-    sub.next().await;
+    next(&sub).await;
     let mut a = instance("bank", "hz-a", "a");
     for revision in 1..=100 {
         a.weight = u32::try_from(revision).expect("small");
         hub.apply(&put(&a, revision));
     }
-    let updates = sub.take();
+    let updates = sub.take_updates(usize::MAX);
     assert_eq!(updates.len(), 1);
     assert_eq!(updates[0].instances.len(), 1);
     assert_eq!(updates[0].instances[0].weight, 100);
@@ -116,7 +125,7 @@ async fn nothing_is_sent_before_the_registry_was_listed() {
         "a snapshot before the listing would say `no instances`"
     );
     hub.reset(&[entry(&instance("bank", "hz-a", "a"), 5)], 5);
-    let updates = sub.next().await;
+    let updates = next(&sub).await;
     assert_eq!(updates[0].instances.len(), 1);
 }
 
@@ -128,12 +137,12 @@ async fn a_listing_again_sends_only_what_differs() {
     hub.reset(&[entry(&a, 1), entry(&b, 2)], 2);
     let sub = hub.subscribe();
     sub.add(bank());
-    sub.next().await;
+    next(&sub).await;
     let mut b2 = b.clone();
     b2.port = 9090;
     let c = instance("bank", "hz-b", "c");
     hub.reset(&[entry(&a, 1), entry(&b2, 7), entry(&c, 8)], 8);
-    let updates = sub.take();
+    let updates = sub.take_updates(usize::MAX);
     assert_eq!(updates.len(), 1);
     let names: Vec<&str> = updates[0]
         .instances
@@ -142,7 +151,7 @@ async fn a_listing_again_sends_only_what_differs() {
         .collect();
     assert_eq!(names, ["b", "c"]);
     hub.reset(&[entry(&c, 8)], 9);
-    let updates = sub.take();
+    let updates = sub.take_updates(usize::MAX);
     let removed: Vec<&str> = updates[0].removed.iter().map(|k| k.name.as_str()).collect();
     assert_eq!(removed, ["a", "b"]);
 }
@@ -166,16 +175,16 @@ async fn bytes_per_change_grow_with_the_change_not_the_registry() {
     for sub in &subs {
         sub.add(bank());
     }
-    let snapshot = Subscription::wire_bytes(&subs[0].next().await);
+    let snapshot = Subscription::wire_bytes(&next(&subs[0]).await);
     for sub in &subs[1..] {
-        sub.take();
+        sub.take_updates(usize::MAX);
     }
     let mut changed = instance("bank", "z3", "i3");
     changed.port = 9;
     hub.apply(&put(&changed, 2));
     let mut delta = 0;
     for sub in &subs {
-        let updates = sub.take();
+        let updates = sub.take_updates(usize::MAX);
         assert_eq!(updates[0].instances.len(), 1);
         delta = delta.max(Subscription::wire_bytes(&updates));
     }
@@ -193,13 +202,45 @@ async fn removing_a_service_or_dropping_a_subscriber_stops_its_updates() {
     hub.reset(&[], 0);
     let sub = hub.subscribe();
     sub.add(bank());
-    sub.next().await;
+    next(&sub).await;
     sub.remove(&bank());
     hub.apply(&put(&instance("bank", "hz-a", "a"), 1));
-    assert!(sub.take().is_empty());
+    assert!(sub.take_updates(usize::MAX).is_empty());
     let other = hub.subscribe();
     other.add(ServiceKey::new("default", "risk"));
     drop(other);
     // The service entry of a dropped watcher with no instances is gone.
     assert_eq!(hub.counts().services, 1);
+}
+
+#[tokio::test]
+async fn a_large_snapshot_is_sent_in_parts_applied_together() {
+    let hub = Hub::new();
+    let entries: Vec<Entry> = (0..1_201)
+        .map(|i| entry(&instance("bank", "hz-a", &format!("i{i:04}")), 1))
+        .collect();
+    hub.reset(&entries, 1);
+    let sub = hub.subscribe();
+    sub.add(bank());
+    let parts: Vec<Update> = sub
+        .next()
+        .await
+        .into_iter()
+        .flat_map(|p| p.into_updates(crate::UPDATE_PART))
+        .collect();
+    let sizes: Vec<usize> = parts.iter().map(|u| u.instances.len()).collect();
+    assert_eq!(sizes, [500, 500, 201]);
+    let flags: Vec<(bool, bool)> = parts.iter().map(|u| (u.snapshot, u.more)).collect();
+    assert_eq!(flags, [(true, true), (false, true), (false, false)]);
+    // An empty service's snapshot is one update that says so.
+    let empty = hub.subscribe();
+    empty.add(ServiceKey::new("default", "risk"));
+    let parts: Vec<Update> = empty
+        .next()
+        .await
+        .into_iter()
+        .flat_map(|p| p.into_updates(crate::UPDATE_PART))
+        .collect();
+    assert_eq!(parts.len(), 1);
+    assert!(parts[0].snapshot && !parts[0].more && parts[0].instances.is_empty());
 }
