@@ -405,8 +405,15 @@ fn an_agent_runs_instances_as_the_zones_user_and_as_root_only_by_opt_in() {
         "apiVersion: atoll/v1\nkind: Zone\nmetadata: {name: hz-a}\nspec: {region: hz, runAs: root}\n",
     );
     let agent = AgentProcess::start(&control.url, "hz-a", &state);
+    // The agent starts from its disk cache (the Zone as `nobody`) before
+    // the stream brings `root`: wait for the instance of the new Zone.
+    let as_root = |instance: &Value| {
+        std::fs::read_to_string(format!("/proc/{}/status", pid_of(instance)))
+            .is_ok_and(|status| status.lines().any(|l| l.starts_with("Uid:\t0\t")))
+    };
     let instances = agent.wait("runs as root by opt-in", |list| {
-        list.first().is_some_and(|i| i["running"] == true)
+        list.first()
+            .is_some_and(|i| i["running"] == true && as_root(i))
     });
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", pid_of(&instances[0]))).expect("status");
