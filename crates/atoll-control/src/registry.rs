@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::control::Control;
 use crate::metrics::RegistryCallLabels;
+use crate::stream::{no_certificate, over_tls};
 
 /// Where a session's owner is recorded, under the session's own lease: only
 /// the registrant that made a session may renew, use or end it.
@@ -282,15 +283,7 @@ impl RegistryService {
         };
         let claimed = first.subscriber.clone().unwrap_or_default();
         let subscriber = match &certified {
-            Some(id) => {
-                let node = crate::peer::check_claim(id, &node_of(&claimed))?;
-                Registrant {
-                    name: node.name,
-                    role: node.role,
-                    zone: node.zone,
-                    workspace: node.workspace,
-                }
-            }
+            Some(id) => as_certified(id, &claimed)?,
             None if tls => return Err(no_certificate("watch the registry")),
             None => claimed,
         };
@@ -384,14 +377,25 @@ fn apply_watch_request(
     Ok(())
 }
 
-fn node_of(registrant: &Registrant) -> atoll_api::config::NodeIdentity {
-    atoll_api::config::NodeIdentity {
-        name: registrant.name.clone(),
-        role: registrant.role.clone(),
-        zone: registrant.zone.clone(),
-        cell: String::new(),
-        workspace: registrant.workspace.clone(),
-    }
+/// What `claimed` is as the certificate `id` says (refused when the claim
+/// differs), by the same rule as the config stream's.
+fn as_certified(id: &atoll_identity::AtollId, claimed: &Registrant) -> Result<Registrant, Status> {
+    let node = crate::peer::check_claim(
+        id,
+        &atoll_api::config::NodeIdentity {
+            name: claimed.name.clone(),
+            role: claimed.role.clone(),
+            zone: claimed.zone.clone(),
+            cell: String::new(),
+            workspace: claimed.workspace.clone(),
+        },
+    )?;
+    Ok(Registrant {
+        name: node.name,
+        role: node.role,
+        zone: node.zone,
+        workspace: node.workspace,
+    })
 }
 
 /// The registrant of a call: the certificate's identity when the
@@ -400,15 +404,7 @@ fn node_of(registrant: &Registrant) -> atoll_api::config::NodeIdentity {
 fn verified<T: HasRegistrant>(request: &Request<T>, what: &str) -> Result<Registrant, Status> {
     let claimed = request.get_ref().registrant().clone();
     match crate::peer::certified(request)? {
-        Some(id) => {
-            let node = crate::peer::check_claim(&id, &node_of(&claimed))?;
-            Ok(Registrant {
-                name: node.name,
-                role: node.role,
-                zone: node.zone,
-                workspace: node.workspace,
-            })
-        }
+        Some(id) => as_certified(&id, &claimed),
         None if over_tls(request) => Err(no_certificate(what)),
         None => {
             if claimed.name.is_empty() || claimed.role.is_empty() {
@@ -437,19 +433,6 @@ macro_rules! has_registrant {
     )*};
 }
 has_registrant!(RegisterRequest, HeartbeatRequest, DeregisterRequest);
-
-fn over_tls<T>(request: &Request<T>) -> bool {
-    request
-        .extensions()
-        .get::<atoll_transport::Peer>()
-        .is_some_and(|peer| peer.tls)
-}
-
-fn no_certificate(what: &str) -> Status {
-    Status::unauthenticated(format!(
-        "this control plane serves TLS and a node must present its certificate to {what}: give it --cert and --key (a certificate from `atoll ca issue` or from joining)"
-    ))
-}
 
 fn invalid(error: CheckError) -> Status {
     Status::invalid_argument(error.to_string())

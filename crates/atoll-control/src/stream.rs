@@ -65,14 +65,14 @@ impl LeaderChannel {
 
 /// Whether the call came over TLS: then who calls is known only from a
 /// client certificate.
-fn over_tls<T>(request: &Request<T>) -> bool {
+pub(crate) fn over_tls<T>(request: &Request<T>) -> bool {
     request
         .extensions()
         .get::<atoll_transport::Peer>()
         .is_some_and(|peer| peer.tls)
 }
 
-fn no_certificate(what: &str) -> Status {
+pub(crate) fn no_certificate(what: &str) -> Status {
     Status::unauthenticated(format!(
         "this control plane serves TLS and a node must present its certificate to {what}: give the node --cert and --key (a certificate from `atoll ca issue` or from joining)"
     ))
