@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use atoll_api::registry::registry_server::Registry;
 use atoll_api::registry::{
-    DeregisterAnswer, DeregisterRequest, HeartbeatAnswer, HeartbeatRequest, RegisterAnswer,
-    RegisterRequest, Registrant, RegistryUpdate, WatchRequest,
+    DeregisterAnswer, DeregisterRequest, HeartbeatAnswer, HeartbeatRequest, InstanceKey, Refusal,
+    RegisterAnswer, RegisterRequest, Registrant, RegistryUpdate, WatchRequest,
 };
 use atoll_registry::check::{self, CheckError};
 use atoll_registry::keys::{self, ServiceKey, workspace_or_default};
@@ -30,6 +30,12 @@ const SESSIONS: &str = "registry-sessions/";
 fn session_key(session: i64) -> String {
     format!("{SESSIONS}{session:x}")
 }
+
+/// How long a new watch waits for this replica's index (a replica just
+/// started lists the registry first).
+const WAIT_FOR_INDEX: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a new watch may take to name its subscriber.
+const FIRST_MESSAGE_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The service of one replica.
 #[derive(Clone, Debug)]
@@ -109,6 +115,44 @@ impl RegistryService {
                 atoll_registry::MAX_INSTANCES_PER_CALL
             )));
         }
+        check::may_register(&registrant).map_err(|e| Status::permission_denied(e.to_string()))?;
+        // Checked before a session is made: a call refused whole leaves
+        // no lease behind. Each bad instance is refused alone.
+        let topology = self.control.cache.current().topology().clone();
+        let mut stored = Vec::with_capacity(request.instances.len());
+        let mut refused = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (index, instance) in request.instances.iter().enumerate() {
+            let key = InstanceKey {
+                service: instance.service.clone(),
+                zone: instance.zone.clone(),
+                name: instance.name.clone(),
+            };
+            // The session is filled in once known.
+            let checked =
+                check::instance(&topology, &registrant, 0, index, instance).and_then(|i| {
+                    if seen.insert((i.service.clone(), i.zone.clone(), i.name.clone())) {
+                        Ok(i)
+                    } else {
+                        Err(CheckError::Invalid(format!(
+                            "instances[{index}] ({}/{}/{}) appears twice in one call",
+                            i.service, i.zone, i.name
+                        )))
+                    }
+                });
+            match checked {
+                Ok(instance) => stored.push(instance),
+                Err(error) => refused.push(Refusal {
+                    instance: Some(key),
+                    code: match error {
+                        CheckError::Invalid(_) => "invalid",
+                        CheckError::Forbidden(_) => "forbidden",
+                    }
+                    .to_owned(),
+                    reason: error.to_string(),
+                }),
+            }
+        }
         let coordination = &self.control.coordination;
         let (session, ttl, new) = if request.session == 0 {
             let ttl = check::session_ttl(request.ttl_ms).map_err(invalid)?;
@@ -121,33 +165,15 @@ impl RegistryService {
                 .map_err(|e| session_gone(request.session, e))?;
             (request.session, ttl, false)
         };
-        let topology = self.control.cache.current().topology().clone();
-        let mut stored = Vec::with_capacity(request.instances.len());
-        let mut seen = std::collections::HashSet::new();
-        for (index, instance) in request.instances.iter().enumerate() {
-            let instance = check::instance(&topology, &registrant, session, index, instance)
-                .map_err(|e| match e {
-                    CheckError::Invalid(text) => Status::invalid_argument(text),
-                    CheckError::Forbidden(text) => Status::permission_denied(text),
-                })?;
-            if !seen.insert((
-                instance.service.clone(),
-                instance.zone.clone(),
-                instance.name.clone(),
-            )) {
-                return Err(Status::invalid_argument(format!(
-                    "instances[{index}] ({}/{}/{}) appears twice in one call",
-                    instance.service, instance.zone, instance.name
-                )));
-            }
-            stored.push(instance);
+        for instance in &mut stored {
+            instance.session = session;
         }
         let mut writes: Vec<Write> = Vec::with_capacity(stored.len() + 1);
         if new {
             writes.push(
                 Write::put(
                     session_key(session),
-                    check::registrant_name(&registrant).into_bytes(),
+                    check::session_owner(&registrant).into_bytes(),
                 )
                 .expecting(Expect::Absent)
                 .with_lease(session),
@@ -176,10 +202,19 @@ impl RegistryService {
                 "registry session made"
             );
         }
+        if let Some(first) = refused.first() {
+            tracing::info!(
+                registrant = %check::registrant_name(&registrant),
+                refused = refused.len(),
+                first = %first.reason,
+                "registry instances refused"
+            );
+        }
         Ok(RegisterAnswer {
             session,
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
             revision,
+            refused,
         })
     }
 
@@ -207,6 +242,13 @@ impl RegistryService {
     ) -> Result<DeregisterAnswer, Status> {
         let registrant = verified(&request, "deregister instances")?;
         let request = request.into_inner();
+        if request.instances.len() > atoll_registry::MAX_INSTANCES_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "{} instances in one call; deregister at most {} per call",
+                request.instances.len(),
+                atoll_registry::MAX_INSTANCES_PER_CALL
+            )));
+        }
         self.own_session(&registrant, request.session).await?;
         let coordination = &self.control.coordination;
         if request.instances.is_empty() {
@@ -254,14 +296,11 @@ impl RegistryService {
             .get_key(&session_key(session))
             .await
             .map_err(store)?;
+        // Another's session is answered as a missing one: a registrant
+        // learns nothing of sessions it did not make.
         match owner {
-            None => Err(session_gone(session, StoreError::LeaseExpired(session))),
-            Some(entry) if entry.value == check::registrant_name(registrant).as_bytes() => Ok(()),
-            Some(entry) => Err(Status::permission_denied(format!(
-                "session {session:x} is {}'s, not {}'s: a registrant uses only the sessions it made",
-                String::from_utf8_lossy(&entry.value),
-                check::registrant_name(registrant)
-            ))),
+            Some(entry) if entry.value == check::session_owner(registrant).as_bytes() => Ok(()),
+            _ => Err(session_gone(session, StoreError::LeaseExpired(session))),
         }
     }
 
@@ -270,21 +309,38 @@ impl RegistryService {
         request: Request<Streaming<WatchRequest>>,
     ) -> Result<UpdateStream, Status> {
         let certified = crate::peer::certified(&request)?;
-        let tls = over_tls(&request);
+        if certified.is_none() && over_tls(&request) {
+            return Err(no_certificate("watch the registry"));
+        }
+        let hub = self.control.registry.clone();
+        // A replica that cannot follow the registry sends its subscribers
+        // to one that can, rather than serve them a view that never moves.
+        if tokio::time::timeout(WAIT_FOR_INDEX, hub.ready())
+            .await
+            .is_err()
+        {
+            return Err(Status::unavailable(
+                "this replica cannot read the registry from its keyspace now; watch another replica",
+            ));
+        }
         let mut incoming = request.into_inner();
-        let first = match incoming.next().await {
-            Some(Ok(first)) => first,
-            Some(Err(status)) => return Err(status),
-            None => {
+        let first = match tokio::time::timeout(FIRST_MESSAGE_WITHIN, incoming.next()).await {
+            Ok(Some(Ok(first))) => first,
+            Ok(Some(Err(status))) => return Err(status),
+            Ok(None) => {
                 return Err(Status::invalid_argument(
                     "the watch ended before its first message",
                 ));
+            }
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "no first watch message within {FIRST_MESSAGE_WITHIN:?}: send the subscriber and its services first"
+                )));
             }
         };
         let claimed = first.subscriber.clone().unwrap_or_default();
         let subscriber = match &certified {
             Some(id) => as_certified(id, &claimed)?,
-            None if tls => return Err(no_certificate("watch the registry")),
             None => claimed,
         };
         if subscriber.name.is_empty() {
@@ -293,7 +349,6 @@ impl RegistryService {
             ));
         }
         let workspace = workspace_or_default(&subscriber.workspace).to_owned();
-        let hub = self.control.registry.clone();
         let metrics = self.control.metrics.clone();
         let mut shutdown = self.control.shutdown.clone();
         let subscription = hub.subscribe();
@@ -326,6 +381,14 @@ impl RegistryService {
                                 return;
                             }
                         }
+                    }
+                    () = hub.until_lost() => {
+                        let _ = sender
+                            .send(Err(Status::unavailable(
+                                "this replica lost its keyspace and cannot follow the registry; watch another",
+                            )))
+                            .await;
+                        return;
                     }
                     () = async { let _ = shutdown.wait_for(|stopping| *stopping).await; } => {
                         let _ = sender
@@ -448,6 +511,9 @@ fn session_gone(session: i64, error: StoreError) -> Status {
 }
 
 fn store(error: StoreError) -> Status {
+    if let StoreError::LeaseExpired(session) = error {
+        return session_gone(session, error);
+    }
     match &error {
         StoreError::Backend { .. } => Status::unavailable(error.to_string()),
         StoreError::KeyConflict { .. } => Status::aborted(error.to_string()),

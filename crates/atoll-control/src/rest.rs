@@ -975,7 +975,8 @@ struct RegistryQuery {
 }
 
 /// The service registry's instances, as this replica follows them.
-#[utoipa::path(get, path = "/v1/registry", params(RegistryQuery), responses((status = 200, body = RegistryResponse)))]
+#[utoipa::path(get, path = "/v1/registry", params(RegistryQuery), responses((status = 200, body = RegistryResponse),
+    (status = 503, body = ErrorBody, description = "This replica cannot read the registry now")))]
 async fn registry(
     State(control): State<Shared>,
     Extension(caller): Extension<Caller>,
@@ -987,6 +988,13 @@ async fn registry(
         Some(name) => name,
     };
     control.authorize(&caller, Action::Read(Some(workspace)))?;
+    if !control.registry.is_ready() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "this replica has not read the registry from its keyspace (starting, or the keyspace cannot be reached); try again or ask another replica",
+        ));
+    }
     let keep = |field: &Option<String>, value: &str| field.as_deref().is_none_or(|f| f == value);
     let instances = control
         .registry

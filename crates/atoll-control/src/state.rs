@@ -64,7 +64,7 @@ impl ConfigState {
         })
     }
 
-    /// The zones, cells and Services of this revision, for the registry.
+    /// The zones, cells, Services and Apps of this revision, for the registry.
     pub(crate) fn topology(&self) -> &atoll_registry::check::Topology {
         self.topology.get_or_init(|| {
             atoll_registry::check::Topology::from_resources(
@@ -76,6 +76,7 @@ impl ConfigState {
                             atoll_model::Kind::Zone
                                 | atoll_model::Kind::Cell
                                 | atoll_model::Kind::Service
+                                | atoll_model::Kind::App
                         )
                     })
                     .map(|(_, wire)| &wire.resource),

@@ -29,6 +29,10 @@ pub struct Topology {
     cells: HashMap<(String, String), String>,
     /// The Services of every workspace.
     services: HashSet<ServiceKey>,
+    /// (workspace, instance name) -> (service, cell): the instances the
+    /// Apps of each workspace run, named `<app>-<cell>-<replica>` as the
+    /// agents name them. A sidecar or SDK process registers only its own.
+    app_instances: HashMap<(String, String), (String, String)>,
 }
 
 impl Topology {
@@ -47,6 +51,19 @@ impl Topology {
                         (resource.workspace().to_owned(), resource.name().to_owned()),
                         cell.zone.clone(),
                     );
+                }
+                Spec::App(app) => {
+                    for cell in &app.cells {
+                        for replica in 0..app.replicas.min(1_000) {
+                            topology.app_instances.insert(
+                                (
+                                    resource.workspace().to_owned(),
+                                    format!("{}-{cell}-{replica}", resource.name()),
+                                ),
+                                (app.service.clone(), cell.clone()),
+                            );
+                        }
+                    }
                 }
                 _ if resource.kind() == Kind::Service => {
                     topology
@@ -89,6 +106,27 @@ pub fn registrant_name(registrant: &Registrant) -> String {
         "{}/{}/{}",
         registrant.role, registrant.zone, registrant.name
     )
+}
+
+/// Who owns a session: `<workspace>/<role>/<zone>/<name>`, so that the
+/// same node name in another workspace is another owner.
+pub fn session_owner(registrant: &Registrant) -> String {
+    format!(
+        "{}/{}",
+        workspace_or_default(&registrant.workspace),
+        registrant_name(registrant)
+    )
+}
+
+/// Whether `registrant`'s role registers instances at all (checked before
+/// a session is made for it).
+pub fn may_register(registrant: &Registrant) -> Result<(), CheckError> {
+    match registrant.role.as_str() {
+        "agent" | "sidecar" | "sdk" => Ok(()),
+        other => Err(CheckError::Forbidden(format!(
+            "a `{other}` cannot register instances: agents, sidecars and SDK processes do"
+        ))),
+    }
 }
 
 /// Checks `instance` (number `index` of its call) as registered by
@@ -134,12 +172,29 @@ pub fn instance(
                     registrant.role, registrant.name, registrant.zone
                 )));
             }
+            // Its instance is an App's, and serves that App's Service in
+            // that App's cell: a certificate for one instance is no
+            // licence to serve another Service.
+            match topology
+                .app_instances
+                .get(&(workspace.to_owned(), instance.name.clone()))
+            {
+                None => {
+                    return Err(CheckError::Forbidden(format!(
+                        "{at}: no App of workspace `{workspace}` runs an instance named `{}`; a {} registers the instance of an App (`<app>-<cell>-<replica>`)",
+                        instance.name, registrant.role
+                    )));
+                }
+                Some((service, cell)) if *service != instance.service || *cell != instance.cell => {
+                    return Err(CheckError::Forbidden(format!(
+                        "{at}: instance `{}` is App instance of Service `{service}` in cell `{cell}`; it registers as that, not as `{}` in `{}`",
+                        instance.name, instance.service, instance.cell
+                    )));
+                }
+                Some(_) => {}
+            }
         }
-        other => {
-            return Err(CheckError::Forbidden(format!(
-                "a `{other}` cannot register instances: agents, sidecars and SDK processes do"
-            )));
-        }
+        _ => may_register(registrant)?,
     }
     let Some(region) = topology.zones.get(&instance.zone) else {
         return Err(invalid(format!(

@@ -43,14 +43,34 @@ fn channel_of(
 fn try_elsewhere(status: &tonic::Status) -> bool {
     matches!(
         status.code(),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
     )
+}
+
+/// Runs one call with a deadline of our own: a replica that hangs (stopped,
+/// or its host unreachable) answers nothing, and a session must not run
+/// out waiting for it.
+async fn within<T>(
+    deadline: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(answer) => answer.map(tonic::Response::into_inner),
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {deadline:?}"
+        ))),
+    }
 }
 
 // === impl Registrar ===
 
 /// Keeps a set of instances registered under one session for as long as it
-/// lives; dropping it (or [`Registrar::close`]) ends the session.
+/// lives. [`Registrar::close`] ends the session (its instances go at once);
+/// dropping it only stops heartbeating, and the instances go when the
+/// session runs out.
 #[derive(Debug)]
 pub struct Registrar {
     desired: watch::Sender<BTreeMap<InstanceId, Instance>>,
@@ -69,8 +89,12 @@ pub struct RegistrarState {
     pub sessions: u64,
     /// The instances registered as the control plane last confirmed.
     pub registered: usize,
-    /// The last error, cleared by the next success.
+    /// The last error, cleared by the next success; or, when the control
+    /// plane refused some instances, what it said of the first.
     pub problem: Option<String>,
+    /// Instances the control plane refused, with why (tried again every
+    /// heartbeat: a Service applied later lets them in).
+    pub refused: BTreeMap<String, String>,
 }
 
 impl Registrar {
@@ -93,6 +117,7 @@ impl Registrar {
                 ttl,
                 session: 0,
                 registered: BTreeMap::new(),
+                refused: BTreeMap::new(),
                 report,
             }
             .run(wanted, closed),
@@ -191,6 +216,9 @@ struct Run {
     ttl: Duration,
     session: i64,
     registered: BTreeMap<InstanceId, Instance>,
+    /// Refused as they are now: not sent again until they change or the
+    /// next heartbeat.
+    refused: BTreeMap<InstanceId, (Instance, String)>,
     report: watch::Sender<RegistrarState>,
 }
 
@@ -205,21 +233,43 @@ impl Run {
         let mut failures: u32 = 0;
         loop {
             let desired = wanted.borrow_and_update().clone();
-            let outcome = if self.session == 0 || desired != self.registered {
+            if tokio::time::Instant::now() >= next_beat {
+                // Refused instances are tried again with each heartbeat.
+                self.refused.clear();
+            }
+            // Ok(true): the session was renewed by this round.
+            let outcome = if self.session == 0 || self.out_of_date(&desired) {
                 self.sync(&desired).await
             } else if tokio::time::Instant::now() >= next_beat {
-                self.heartbeat().await
+                self.heartbeat().await.map(|()| true)
             } else {
-                Ok(())
+                Ok(false)
             };
             let wait = match outcome {
-                Ok(()) => {
+                Ok(renewed) => {
                     failures = 0;
-                    if tokio::time::Instant::now() >= next_beat {
+                    if renewed {
                         next_beat = tokio::time::Instant::now() + beat;
                     }
+                    let refused: BTreeMap<String, String> = self
+                        .refused
+                        .iter()
+                        .map(|((service, zone, name), (_, why))| {
+                            (format!("{service}/{zone}/{name}"), why.clone())
+                        })
+                        .collect();
+                    let problem = refused.values().next().map(|why| {
+                        format!("{} instance(s) refused; the first: {why}", refused.len())
+                    });
+                    if problem.is_some() && self.report.borrow().refused != refused {
+                        tracing::warn!(
+                            problem = problem.as_deref(),
+                            "the registry refused instances; they are tried again every heartbeat"
+                        );
+                    }
                     self.report.send_modify(|s| {
-                        s.problem = None;
+                        s.problem = problem;
+                        s.refused = refused;
                         s.registered = self.registered.len();
                         s.session = self.session;
                     });
@@ -227,8 +277,7 @@ impl Run {
                 }
                 Err(status) => {
                     let problem = format!("{}: {}", self.urls.current(), status.message());
-                    // Said once per problem: a refused registration (a
-                    // Service not applied yet) is retried until it is.
+                    // Said once per problem.
                     if self.report.borrow().problem.as_deref() != Some(problem.as_str()) {
                         tracing::warn!(%problem, "cannot keep the registration; trying again");
                     }
@@ -256,16 +305,43 @@ impl Run {
         }
     }
 
+    /// Whether `desired` differs from what is registered (or was refused
+    /// as it is).
+    fn out_of_date(&self, desired: &BTreeMap<InstanceId, Instance>) -> bool {
+        desired.iter().any(|(id, i)| {
+            self.registered.get(id) != Some(i) && self.refused.get(id).map(|(r, _)| r) != Some(i)
+        }) || self.registered.keys().any(|id| !desired.contains_key(id))
+    }
+
+    /// The deadline of one call: well inside a heartbeat interval.
+    fn call_deadline(&self) -> Duration {
+        (self.ttl / 4).max(Duration::from_millis(500))
+    }
+
+    /// A session that ran out (or is not ours): everything again, in a new
+    /// one.
+    fn forget_session(&mut self) {
+        self.session = 0;
+        self.registered.clear();
+        self.refused.clear();
+    }
+
     /// Registers what is wanted and deregisters what is not any more; a
-    /// session that ran out is made again, with everything in it.
+    /// session that ran out is made again, with everything in it. `true`
+    /// when the session was renewed (a registration renews it).
     async fn sync(
         &mut self,
         desired: &BTreeMap<InstanceId, Instance>,
-    ) -> Result<(), tonic::Status> {
+    ) -> Result<bool, tonic::Status> {
         let (_, mut client) = channel_of(&self.channels, &self.urls)?;
+        let deadline = self.call_deadline();
         let changed: Vec<Instance> = desired
             .iter()
-            .filter(|(id, i)| self.session == 0 || self.registered.get(*id) != Some(*i))
+            .filter(|(id, i)| {
+                self.session == 0
+                    || (self.registered.get(*id) != Some(*i)
+                        && self.refused.get(*id).map(|(r, _)| r) != Some(*i))
+            })
             .map(|(_, i)| i.clone())
             .collect();
         let gone: Vec<InstanceKey> = self
@@ -278,54 +354,89 @@ impl Run {
                 name: name.clone(),
             })
             .collect();
+        self.refused.retain(|id, _| desired.contains_key(id));
         if self.session != 0 && !gone.is_empty() {
-            client
-                .deregister(DeregisterRequest {
-                    registrant: Some(self.registrant.clone()),
-                    session: self.session,
-                    instances: gone,
-                })
-                .await?;
-            self.registered.retain(|id, _| desired.contains_key(id));
-        }
-        if self.session == 0 || !changed.is_empty() {
-            for chunk in chunks(changed) {
-                let answer = client
-                    .register(RegisterRequest {
+            for chunk in gone.chunks(crate::MAX_INSTANCES_PER_CALL) {
+                let answer = within(
+                    deadline,
+                    client.deregister(DeregisterRequest {
                         registrant: Some(self.registrant.clone()),
                         session: self.session,
-                        ttl_ms: u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX),
-                        instances: chunk,
-                    })
-                    .await;
-                let answer = match answer {
-                    Ok(answer) => answer.into_inner(),
-                    Err(status) if status.code() == tonic::Code::NotFound => {
-                        // The session ran out: everything again, in a new one.
-                        self.session = 0;
-                        self.registered.clear();
-                        return Err(status);
+                        instances: chunk.to_vec(),
+                    }),
+                )
+                .await;
+                if let Err(status) = answer {
+                    if status.code() == tonic::Code::NotFound {
+                        self.forget_session();
                     }
-                    Err(status) => return Err(status),
-                };
-                if self.session != answer.session {
-                    self.session = answer.session;
-                    self.report.send_modify(|s| s.sessions += 1);
+                    return Err(status);
                 }
             }
-            self.registered = desired.clone();
+            self.registered.retain(|id, _| desired.contains_key(id));
         }
-        Ok(())
+        if self.session != 0 && changed.is_empty() {
+            return Ok(false);
+        }
+        for chunk in chunks(changed) {
+            let answer = within(
+                deadline,
+                client.register(RegisterRequest {
+                    registrant: Some(self.registrant.clone()),
+                    session: self.session,
+                    ttl_ms: u64::try_from(self.ttl.as_millis()).unwrap_or(u64::MAX),
+                    instances: chunk.clone(),
+                }),
+            )
+            .await;
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(status) => {
+                    if status.code() == tonic::Code::NotFound {
+                        self.forget_session();
+                    }
+                    return Err(status);
+                }
+            };
+            if self.session != answer.session {
+                self.session = answer.session;
+                self.report.send_modify(|s| s.sessions += 1);
+            }
+            let refused: HashMap<InstanceId, String> = answer
+                .refused
+                .into_iter()
+                .filter_map(|r| {
+                    let key = r.instance?;
+                    Some(((key.service, key.zone, key.name), r.reason))
+                })
+                .collect();
+            for instance in chunk {
+                let id = id_of(&instance);
+                match refused.get(&id) {
+                    Some(why) => {
+                        self.registered.remove(&id);
+                        self.refused.insert(id, (instance, why.clone()));
+                    }
+                    None => {
+                        self.refused.remove(&id);
+                        self.registered.insert(id, instance);
+                    }
+                }
+            }
+        }
+        Ok(true)
     }
 
     async fn heartbeat(&mut self) -> Result<(), tonic::Status> {
         let (_, mut client) = channel_of(&self.channels, &self.urls)?;
-        match client
-            .heartbeat(HeartbeatRequest {
+        match within(
+            self.call_deadline(),
+            client.heartbeat(HeartbeatRequest {
                 registrant: Some(self.registrant.clone()),
                 session: self.session,
-            })
-            .await
+            }),
+        )
+        .await
         {
             Ok(_) => Ok(()),
             Err(status) if status.code() == tonic::Code::NotFound => {
@@ -333,8 +444,7 @@ impl Run {
                     session = self.session,
                     "the registry session ran out; registering again"
                 );
-                self.session = 0;
-                self.registered.clear();
+                self.forget_session();
                 Err(status)
             }
             Err(status) => Err(status),
@@ -349,13 +459,15 @@ impl Run {
             let Ok((url, mut client)) = channel_of(&self.channels, &self.urls) else {
                 return;
             };
-            match client
-                .deregister(DeregisterRequest {
+            match within(
+                self.call_deadline(),
+                client.deregister(DeregisterRequest {
                     registrant: Some(self.registrant.clone()),
                     session: self.session,
                     instances: Vec::new(),
-                })
-                .await
+                }),
+            )
+            .await
             {
                 Ok(_) => return,
                 Err(status) if try_elsewhere(&status) => self.urls.failed(&url),
@@ -555,23 +667,42 @@ async fn watch_loop(
     mut wanted: watch::Receiver<BTreeSet<String>>,
     publish: Published,
 ) {
+    let mut said: Option<String> = None;
+    let mut failures: u32 = 0;
     loop {
         let result = watch_once(&channels, &urls, &subscriber, &mut wanted, &publish).await;
         if wanted.has_changed().is_err() {
             return;
         }
-        if let Err(status) = result {
-            tracing::warn!(
-                control = urls.current(),
-                error = status.message(),
-                "registry watch ended; watching again"
-            );
-            if try_elsewhere(&status) {
-                let url = urls.current().to_owned();
-                urls.failed(&url);
+        match result {
+            Ok(()) => failures = 0,
+            Err(status) => {
+                // Said once per problem: a refusal that lasts (a bad
+                // subscriber name) is not a warning every 200 ms.
+                let problem = status.message().to_owned();
+                if said.as_deref() != Some(problem.as_str()) {
+                    tracing::warn!(
+                        control = urls.current(),
+                        error = %problem,
+                        "registry watch ended; watching again"
+                    );
+                    said = Some(problem);
+                }
+                if try_elsewhere(&status) {
+                    let url = urls.current().to_owned();
+                    urls.failed(&url);
+                    failures = 0;
+                } else {
+                    failures += 1;
+                }
             }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // 200 ms; doubling up to 5 s for a refusal that stays.
+        tokio::time::sleep(
+            (Duration::from_millis(200) * 2u32.saturating_pow(failures.min(5)))
+                .min(Duration::from_secs(5)),
+        )
+        .await;
     }
 }
 
@@ -585,6 +716,11 @@ async fn watch_once(
     let (_, mut client) = channel_of(channels, urls)?;
     let (requests, outgoing) = mpsc::channel::<WatchRequest>(16);
     let mut watching = wanted.borrow_and_update().clone();
+    // A service dropped while no replica was watched leaves the view now.
+    publish.update(|view| {
+        view.services
+            .retain(|service, _| watching.contains(service))
+    });
     let _ = requests
         .send(WatchRequest {
             subscriber: Some(subscriber.clone()),
@@ -604,6 +740,11 @@ async fn watch_once(
                     return Err(tonic::Status::unavailable("the replica ended the watch"));
                 };
                 let update = update?;
+                // A late update of a service no longer watched (it was in
+                // flight when the removal was sent) does not bring it back.
+                if !watching.contains(&update.service) {
+                    continue;
+                }
                 // The parts of a snapshot are applied together: a view
                 // never holds half a service.
                 if update.more || parts.contains_key(&update.service) {
@@ -633,6 +774,9 @@ async fn watch_once(
                         view.services.remove(service);
                     }
                 });
+                for service in &remove {
+                    parts.remove(service);
+                }
                 watching = next;
                 if requests.send(WatchRequest { subscriber: None, add, remove }).await.is_err() {
                     return Err(tonic::Status::unavailable("the watch's request stream closed"));

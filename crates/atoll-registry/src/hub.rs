@@ -124,6 +124,23 @@ impl Hub {
         *self.inner.ready.borrow()
     }
 
+    /// Marks the index as no longer followed (the keyspace cannot be
+    /// reached): subscriptions should end, so that their subscribers watch
+    /// a replica that can, rather than be served a frozen view. The next
+    /// [`Hub::reset`] makes it ready again.
+    pub fn lost(&self) {
+        self.inner
+            .ready
+            .send_if_modified(|ready| std::mem::replace(ready, false));
+    }
+
+    /// Waits until the index is not ready (never listed, or
+    /// [`Hub::lost`]).
+    pub async fn until_lost(&self) {
+        let mut ready = self.inner.ready.subscribe();
+        let _ = ready.wait_for(|ready| !*ready).await;
+    }
+
     /// Waits until the registry was listed once.
     pub async fn ready(&self) {
         let mut ready = self.inner.ready.subscribe();

@@ -20,7 +20,7 @@ mod follow;
 mod hub;
 pub mod keys;
 
-pub use follow::follow;
+pub use follow::{LOST_AFTER, follow};
 pub use hub::{Hub, HubCounts, Pending, Subscription, UPDATE_PART, Update};
 
 pub use atoll_api::registry::{Instance, InstanceKey, Registrant, RegistryUpdate};

@@ -41,10 +41,22 @@ fn clients(control: &Control) -> (atoll_transport::Channels, atoll_transport::Co
     )
 }
 
+/// Apps whose instances sidecars and SDK processes of these tests are
+/// (a sidecar registers only its App's instance). No agent runs them.
+const APPS: &str = r#"
+apiVersion: atoll/v1
+kind: App
+metadata: {name: web}
+spec: {service: web, cells: [rz01, rz02], replicas: 2, command: [web]}
+"#;
+
 fn started() -> Control {
     let control = Control::start();
     control
         .atoll(&["apply", "-f", examples().to_str().expect("utf-8 path")])
+        .success();
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(APPS))
         .success();
     control
 }
@@ -193,33 +205,95 @@ async fn a_registrant_registers_only_what_it_may_and_bad_instances_say_why() {
         ttl_ms: 0,
         instances,
     };
-    let refused = client
-        .register(register(
-            registrant("sidecar", "hz-a", "web-rz01-0"),
-            vec![instance("web", "hz-a", "rz01", "web-rz01-9", 1)],
-        ))
-        .await
-        .expect_err("another instance");
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
-    assert!(
-        refused.message().contains("only its own instance"),
-        "{refused:?}"
-    );
-
-    let refused = client
+    // Each bad instance is refused alone, with why; its neighbours in
+    // the call are registered.
+    let answer = client
         .register(register(
             registrant("agent", "hz-a", "hz-a"),
-            vec![instance("web", "hz-a", "rz02", "web-x", 1)],
+            vec![
+                instance("web", "hz-a", "rz02", "web-x", 1),
+                instance("web", "hz-a", "rz01", "web-ok", 2),
+                Instance {
+                    version: "v".repeat(64),
+                    ..instance("web", "hz-a", "rz01", "web-long", 3)
+                },
+            ],
         ))
         .await
-        .expect_err("a cell of another zone");
-    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        .expect("the good instance is registered")
+        .into_inner();
+    let reasons: Vec<(&str, &str, &str)> = answer
+        .refused
+        .iter()
+        .map(|r| {
+            (
+                r.instance.as_ref().map_or("", |k| k.name.as_str()),
+                r.code.as_str(),
+                r.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert_eq!(reasons[0].0, "web-x");
+    assert_eq!(reasons[0].1, "invalid");
     assert!(
-        refused
-            .message()
+        reasons[0]
+            .2
             .contains("instances[0] (web/hz-a/web-x): cell `rz02` is in zone `hz-b`"),
-        "{refused:?}"
+        "{reasons:?}"
     );
+    assert_eq!(reasons[1].0, "web-long");
+    assert!(reasons[1].2.contains("version: at most 63"), "{reasons:?}");
+    let listed = control.json(&["registry", "list", "web"]);
+    assert_eq!(
+        listed["instances"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+    assert_eq!(listed["instances"][0]["name"], "web-ok", "{listed}");
+    client
+        .deregister(atoll_api::registry::DeregisterRequest {
+            registrant: Some(registrant("agent", "hz-a", "hz-a")),
+            session: answer.session,
+            instances: Vec::new(),
+        })
+        .await
+        .expect("ends its session");
+
+    // A sidecar registers only its own instance, as its App's Service.
+    let answer = client
+        .register(register(
+            registrant("sidecar", "hz-a", "web-rz01-0"),
+            vec![
+                instance("web", "hz-a", "rz01", "web-rz01-9", 1),
+                instance("bank", "hz-a", "rz01", "web-rz01-0", 1),
+            ],
+        ))
+        .await
+        .expect("answers")
+        .into_inner();
+    assert_eq!(answer.refused.len(), 2, "{answer:?}");
+    assert_eq!(answer.refused[0].code, "forbidden");
+    assert!(
+        answer.refused[0].reason.contains("only its own instance"),
+        "{answer:?}"
+    );
+    assert!(
+        answer.refused[1]
+            .reason
+            .contains("App instance of Service `web`"),
+        "{answer:?}"
+    );
+    // A role that registers nothing is refused whole, and no session is
+    // made for it.
+    let refused = client
+        .register(register(
+            registrant("gateway", "hz-a", "gw-1"),
+            vec![instance("web", "hz-a", "rz01", "gw-1", 1)],
+        ))
+        .await
+        .expect_err("gateways do not register");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 
     let refused = client
         .register(RegisterRequest {
@@ -246,7 +320,20 @@ async fn a_registrant_registers_only_what_it_may_and_bad_instances_say_why() {
         })
         .await
         .expect_err("not its session");
-    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // Answered as a missing session: nothing is told of another's.
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
+    assert!(!refused.message().contains("hz-a"), "{refused:?}");
+    let refused = client
+        .heartbeat(HeartbeatRequest {
+            registrant: Some(Registrant {
+                workspace: "payments".into(),
+                ..registrant("agent", "hz-a", "hz-a")
+            }),
+            session: made.session,
+        })
+        .await
+        .expect_err("the same name in another workspace is another owner");
+    assert_eq!(refused.code(), tonic::Code::NotFound, "{refused:?}");
     let refused = client
         .heartbeat(HeartbeatRequest {
             registrant: Some(registrant("agent", "hz-a", "hz-a")),
@@ -267,9 +354,10 @@ async fn a_registrant_registers_only_what_it_may_and_bad_instances_say_why() {
 }
 
 /// Two replicas on one real etcd: a registrant's session lives in etcd,
-/// so when the replica it registered through is killed it carries on
-/// through the other with the same session and nothing flaps; a watcher
-/// of the surviving replica sees every instance the whole time.
+/// so when the replica it registered through hangs (SIGSTOP: it answers
+/// nothing, and refuses nothing either) it carries on through the other
+/// with the same session and nothing flaps; a watcher of the other
+/// replica sees every instance the whole time.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_registry_outlives_the_replica_a_registrant_used() {
     let etcd = atoll_testing::EtcdServer::start();
@@ -280,7 +368,7 @@ async fn the_registry_outlives_the_replica_a_registrant_used() {
             "--election-ttl=2s".into(),
         ])
     };
-    let mut first = replica(&etcd);
+    let first = replica(&etcd);
     let second = replica(&etcd);
     first
         .atoll(&["apply", "-f", examples().to_str().expect("utf-8 path")])
@@ -313,7 +401,7 @@ async fn the_registry_outlives_the_replica_a_registrant_used() {
         .await
         .expect("the second replica's watcher sees it");
 
-    first.kill();
+    first.signal("STOP");
     // Three TTLs later the session is the same one, kept through the
     // second replica, and the instance never left.
     let mut gone = false;
@@ -334,6 +422,7 @@ async fn the_registry_outlives_the_replica_a_registrant_used() {
     assert_eq!(now.session, registered.session, "{now:?}");
     assert_eq!(now.sessions, 1, "{now:?}");
     assert!(now.problem.is_none(), "{now:?}");
+    first.signal("CONT");
 }
 
 /// Over TLS a registrant is who its certificate says: an SDK process
@@ -358,6 +447,9 @@ async fn over_tls_a_registrant_is_who_its_certificate_says() {
     let ca_flag = format!("--ca={}", root.display());
     control
         .atoll(&[&ca_flag, "apply", "-f", examples().to_str().expect("utf-8")])
+        .success();
+    control
+        .atoll_with_stdin(&[&ca_flag, "apply", "-f", "-"], Some(APPS))
         .success();
     let transport = |cert: Option<&std::path::Path>| {
         let trust = atoll_transport::Trust::from_file(&root).expect("root");

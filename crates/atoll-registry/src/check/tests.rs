@@ -31,6 +31,16 @@ apiVersion: atoll/v1
 kind: Service
 metadata: {name: risk}
 spec: {kind: local}
+---
+apiVersion: atoll/v1
+kind: Service
+metadata: {name: audit}
+spec: {kind: local}
+---
+apiVersion: atoll/v1
+kind: App
+metadata: {name: risk}
+spec: {service: risk, cells: [rz01, rz02], replicas: 2, command: [risk]}
 "#;
 
 fn topology() -> Topology {
@@ -63,36 +73,51 @@ fn risk(zone: &str, cell: &str, name: &str) -> Instance {
 fn a_registration_is_completed_from_the_topology() {
     let stored = instance(
         &topology(),
-        &registrant("sidecar", "hz-a", "risk-0"),
+        &registrant("sidecar", "hz-a", "risk-rz01-0"),
         7,
         0,
-        &risk("hz-a", "rz01", "risk-0"),
+        &risk("hz-a", "rz01", "risk-rz01-0"),
     )
     .expect("allowed");
     assert_eq!(stored.region, "hz");
     assert_eq!(stored.protocol, "http");
     assert_eq!(stored.weight, crate::DEFAULT_WEIGHT);
     assert_eq!(stored.mode, "sidecar");
-    assert_eq!(stored.registered_by, "sidecar/hz-a/risk-0");
+    assert_eq!(stored.registered_by, "sidecar/hz-a/risk-rz01-0");
     assert_eq!(stored.session, 7);
 }
 
 #[test]
 fn a_sidecar_registers_only_itself_and_an_agent_only_its_zone() {
     let t = topology();
-    let error = instance(
-        &t,
-        &registrant("sidecar", "hz-a", "risk-0"),
-        1,
-        0,
-        &risk("hz-a", "rz01", "risk-1"),
-    )
-    .expect_err("another instance");
+    let sidecar = registrant("sidecar", "hz-a", "risk-rz01-0");
+    let error = instance(&t, &sidecar, 1, 0, &risk("hz-a", "rz01", "risk-rz01-1"))
+        .expect_err("another instance");
     assert!(matches!(error, CheckError::Forbidden(_)), "{error}");
     assert!(
         error.to_string().contains("only its own instance"),
         "{error}"
     );
+    // Its own name, but as another Service: a certificate for one
+    // instance is no licence to serve another Service.
+    let error = instance(
+        &t,
+        &sidecar,
+        1,
+        0,
+        &Instance {
+            service: "audit".into(),
+            ..risk("hz-a", "rz01", "risk-rz01-0")
+        },
+    )
+    .expect_err("another Service");
+    assert!(matches!(error, CheckError::Forbidden(_)), "{error}");
+    assert!(error.to_string().contains("Service `risk`"), "{error}");
+    // A name no App runs.
+    let stray = registrant("sdk", "hz-a", "stray-rz01-0");
+    let error = instance(&t, &stray, 1, 0, &risk("hz-a", "rz01", "stray-rz01-0"))
+        .expect_err("not an App's instance");
+    assert!(error.to_string().contains("no App"), "{error}");
     let error = instance(
         &t,
         &registrant("agent", "hz-a", "hz-a"),
