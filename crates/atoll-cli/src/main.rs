@@ -21,6 +21,7 @@ mod join;
 mod load;
 mod netns;
 mod output;
+mod sidecar;
 mod switchover;
 mod tls;
 mod up;
@@ -105,6 +106,9 @@ enum Command {
     /// Run the agent of a zone: run the zone's App instances, restart them,
     /// report their endpoints.
     Agent(agent::AgentArgs),
+    /// Run the east-west sidecar beside one app instance: outbound calls
+    /// routed to the owning cell, inbound calls re-checked (docs/mesh.md).
+    Sidecar(sidecar::SidecarArgs),
     /// Create or replace resources from manifest files or directories.
     Apply(commands::ApplyArgs),
     /// Show resources of a kind (`cells`, `shardmap`...), or `all`.
@@ -271,6 +275,17 @@ async fn run(cli: Cli) -> Result<u8, CliError> {
                 args,
                 endpoint,
                 cli.workspace.clone().unwrap_or_default(),
+                transport.clone(),
+            )
+            .await
+        }
+        Command::Sidecar(args) => {
+            let endpoint = client::resolve(cli.control.as_deref())?;
+            sidecar::run(
+                args,
+                endpoint,
+                cli.workspace.clone().unwrap_or_default(),
+                &cli.tls,
                 transport.clone(),
             )
             .await

@@ -47,6 +47,12 @@ pub struct Upstream {
 const MAX_IDLE: usize = 1024;
 
 impl Upstream {
+    /// The state of a new upstream at `address` (`host:port`), for a data
+    /// path of its own (the sidecar) that keeps upstreams by address.
+    pub fn shared(address: &str) -> Result<Arc<Self>, String> {
+        Self::new(address).map(Arc::new)
+    }
+
     fn new(address: &str) -> Result<Self, String> {
         let authority: Authority = address
             .parse()
@@ -146,7 +152,8 @@ impl Upstream {
         InFlightRef(self)
     }
 
-    pub(crate) fn start(self: &Arc<Self>) -> InFlight {
+    /// Counts a request in flight while the returned guard lives.
+    pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
@@ -154,7 +161,7 @@ impl Upstream {
     /// Records the outcome of a request for outlier detection. Returns true
     /// when this failure ejected the endpoint. `may_eject` says whether the
     /// endpoint's group can lose one more member.
-    pub(crate) fn record(
+    pub fn record(
         &self,
         success: bool,
         policy: &OutlierDetection,
@@ -191,7 +198,7 @@ impl Upstream {
 
 /// Counts a request in flight until dropped.
 #[derive(Debug)]
-pub(crate) struct InFlight(Arc<Upstream>);
+pub struct InFlight(Arc<Upstream>);
 
 /// Like [`InFlight`], borrowing the upstream.
 #[derive(Debug)]

@@ -502,6 +502,9 @@ pub struct View {
     pub updates: u64,
     /// Bytes of updates received (their encoded size).
     pub bytes: u64,
+    /// Per service, how many updates changed it: a holder of endpoint
+    /// sets rebuilds only the services whose count moved.
+    pub changes: HashMap<String, u64>,
 }
 
 impl View {
@@ -522,6 +525,7 @@ impl View {
         self.bytes += prost::Message::encoded_len(&update) as u64;
         self.updates += 1;
         self.revision = self.revision.max(update.revision);
+        *self.changes.entry(update.service.clone()).or_default() += 1;
         let service = self.services.entry(update.service).or_default();
         if update.snapshot {
             service.clear();
@@ -719,7 +723,8 @@ async fn watch_once(
     // A service dropped while no replica was watched leaves the view now.
     publish.update(|view| {
         view.services
-            .retain(|service, _| watching.contains(service))
+            .retain(|service, _| watching.contains(service));
+        view.changes.retain(|service, _| watching.contains(service));
     });
     let _ = requests
         .send(WatchRequest {
@@ -772,6 +777,7 @@ async fn watch_once(
                 publish.update(|view| {
                     for service in &remove {
                         view.services.remove(service);
+                        view.changes.remove(service);
                     }
                 });
                 for service in &remove {

@@ -284,10 +284,10 @@ pub enum Decision<'a> {
 }
 
 /// The cell a service kind chose, before the zone check.
-struct Choice<'a> {
-    cell: CellId,
-    key: Option<Cow<'a, str>>,
-    shard: Option<u32>,
+pub(crate) struct Choice<'a> {
+    pub(crate) cell: CellId,
+    pub(crate) key: Option<Cow<'a, str>>,
+    pub(crate) shard: Option<u32>,
 }
 
 impl RoutingTable {
@@ -367,16 +367,30 @@ impl RoutingTable {
         write: bool,
         health: &impl Health,
     ) -> Result<Choice<'a>, Refusal> {
+        let serves = |cell: CellId| self.has_available(service, cell, health);
+        self.choose_cell_by(service_id, service, request, write, None, &serves)
+    }
+
+    /// The cell for a request to `service`, given which cells have an
+    /// endpoint in rotation (`serves`) and, for local services, the
+    /// caller's own cell to prefer.
+    pub(crate) fn choose_cell_by<'a, H: HeaderSource + ?Sized>(
+        &self,
+        service_id: ServiceId,
+        service: &Service,
+        request: &'a RequestInfo<'a, H>,
+        write: bool,
+        nearest: Option<CellId>,
+        serves: &impl Fn(CellId) -> bool,
+    ) -> Result<Choice<'a>, Refusal> {
         let bare = |cell| Choice {
             cell,
             key: None,
             shard: None,
         };
         match service.kind {
-            ServiceKind::Global => self
-                .global_cell(service_id, service, write, health)
-                .map(bare),
-            ServiceKind::Local => self.local_cell(service_id, service, health).map(bare),
+            ServiceKind::Global => self.global_cell(service_id, write, serves).map(bare),
+            ServiceKind::Local => self.local_cell(service_id, nearest, serves).map(bare),
             ServiceKind::Unitized => {
                 let Some(unit) = &service.unit else {
                     return Err(Refusal::NoEndpoint {
@@ -404,11 +418,11 @@ impl RoutingTable {
                     KeyOutcome::Missing(OnMissing::Reject) => Err(Refusal::MissingKey {
                         service: service_id,
                     }),
-                    KeyOutcome::Missing(OnMissing::Global) => self
-                        .global_cell(service_id, service, write, health)
-                        .map(bare),
+                    KeyOutcome::Missing(OnMissing::Global) => {
+                        self.global_cell(service_id, write, serves).map(bare)
+                    }
                     KeyOutcome::Missing(OnMissing::Local) => {
-                        self.local_cell(service_id, service, health).map(bare)
+                        self.local_cell(service_id, nearest, serves).map(bare)
                     }
                     KeyOutcome::Invalid(error) => Err(Refusal::InvalidKey(error)),
                 }
@@ -425,21 +439,18 @@ impl RoutingTable {
 
     /// Writes go to the gzone; reads to a czone of this region with an
     /// endpoint in rotation, if any, else the gzone.
-    fn global_cell(
+    pub(crate) fn global_cell(
         &self,
         service_id: ServiceId,
-        service: &Service,
         write: bool,
-        health: &impl Health,
+        serves: &impl Fn(CellId) -> bool,
     ) -> Result<CellId, Refusal> {
         let gzone = self.gzone.ok_or(Refusal::NoGzone {
             service: service_id,
         })?;
         if !write {
             let czones = self.cells.iter().enumerate().filter(|(id, c)| {
-                c.cell_type == CellType::Czone
-                    && c.region == self.region
-                    && self.has_available(service, *id as CellId, health)
+                c.cell_type == CellType::Czone && c.region == self.region && serves(*id as CellId)
             });
             if let Some(cell) =
                 weighted(czones.map(|(id, c)| (id as CellId, c.weight, c.zone == self.zone)))
@@ -453,17 +464,27 @@ impl RoutingTable {
     /// Cells of this zone, else of this region, else anywhere; weighted
     /// within the first tier that has a cell with an endpoint in rotation and
     /// a non-zero weight.
-    fn local_cell(
+    pub(crate) fn local_cell(
         &self,
         service_id: ServiceId,
-        service: &Service,
-        health: &impl Health,
+        nearest: Option<CellId>,
+        serves: &impl Fn(CellId) -> bool,
     ) -> Result<CellId, Refusal> {
+        // A caller's own cell first (a sidecar or SDK client knows it).
+        if let Some(own) = nearest
+            && self
+                .cells
+                .get(usize::from(own))
+                .is_some_and(|c| c.weight > 0)
+            && serves(own)
+        {
+            return Ok(own);
+        }
         let candidates = || {
             self.cells
                 .iter()
                 .enumerate()
-                .filter(|(id, _)| self.has_available(service, *id as CellId, health))
+                .filter(|(id, _)| serves(*id as CellId))
         };
         let tiers: [&dyn Fn(&crate::table::Cell) -> bool; 3] = [
             &|c| c.zone == self.zone,
@@ -608,6 +629,7 @@ impl RoutingTable {
             return None;
         }
         let service = self.services.get(mirror.service as usize)?;
+        let serves = |cell: CellId| self.has_available(service, cell, health);
         let cell = match service.kind {
             ServiceKind::Unitized => {
                 let unit = service.unit.as_ref()?;
@@ -617,9 +639,9 @@ impl RoutingTable {
                 }
             }
             ServiceKind::Global => self
-                .global_cell(mirror.service, service, target.write, health)
+                .global_cell(mirror.service, target.write, &serves)
                 .ok()?,
-            ServiceKind::Local => self.local_cell(mirror.service, service, health).ok()?,
+            ServiceKind::Local => self.local_cell(mirror.service, None, &serves).ok()?,
         };
         self.pick(service, cell, None, None, health)
     }

@@ -9,11 +9,13 @@
 //! array, round robin) does not allocate. `docs/design/gateway.md` explains
 //! the rules.
 
+mod call;
 mod decide;
 mod matcher;
 mod path;
 mod table;
 
+pub use call::Call;
 pub use decide::{AllAvailable, Decision, HeaderSource, Health, Refusal, RequestInfo, Target, Via};
 pub use matcher::host_without_port;
 pub use path::{PathError, normalize_path};

@@ -53,6 +53,9 @@ pub struct Identity {
     /// The files `transport`'s TLS material came from, followed while the
     /// instance runs (its agent renews the certificate in them).
     pub tls_files: atoll_transport::TlsFiles,
+    /// The role it follows the config stream as: `app` for an app with the
+    /// SDK, `sidecar` for the sidecar beside one.
+    pub role: String,
 }
 
 impl Identity {
@@ -97,6 +100,7 @@ impl Identity {
             }),
             transport,
             tls_files,
+            role: "app".into(),
         })
     }
 }
@@ -614,7 +618,7 @@ impl Cell {
             NodeOptions {
                 control: identity.control.clone(),
                 name: identity.instance.clone(),
-                role: "app".into(),
+                role: identity.role.clone(),
                 zone: identity.zone.clone(),
                 cell: identity.cell.clone(),
                 workspace: identity.workspace.clone(),
@@ -796,6 +800,12 @@ impl Cell {
             lease_until,
             _shared: shared,
         })
+    }
+
+    /// Whether the cell's ownership lease is held now (or the control plane
+    /// runs without leases), and until when; why not, when it is not.
+    pub fn lease(&self) -> Result<Option<Instant>, Refused> {
+        self.lease.check(&self.identity.cell)
     }
 
     /// Whether this instance may accept a write for `shard` routed at

@@ -21,6 +21,7 @@ mod registry;
 mod regressions;
 mod replicas;
 mod restart;
+mod sidecar;
 mod stream;
 mod switchover;
 mod tls;

@@ -1,0 +1,425 @@
+//! `atoll sidecar` processes against a real control plane: an app's calls
+//! through its sidecar land in the cell that owns the user (by the call's
+//! key, or the key propagated from its inbound request), a local service
+//! is served by the caller's own cell, and the provider's sidecar refuses
+//! what its cell does not own, what is fenced and what was routed by a
+//! stale map, with errors the caller sees and metrics that count them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use atoll_testing::backend::Backend;
+use serde_json::Value;
+
+use crate::harness::{ATOLL, Control, examples, http_get};
+
+/// Apps whose instances the sidecars are beside (no agent runs them: the
+/// test starts the apps and the sidecars itself).
+const APPS: &str = r#"
+apiVersion: atoll/v1
+kind: App
+metadata: {name: bank}
+spec: {service: bank, cells: [rz01, rz02], replicas: 1, command: [bank]}
+---
+apiVersion: atoll/v1
+kind: App
+metadata: {name: web}
+spec: {service: web, cells: [rz01, rz02], replicas: 1, command: [web]}
+"#;
+
+/// One `atoll sidecar`, killed on drop.
+struct Sidecar {
+    child: Option<Child>,
+    inbound: String,
+    outbound: String,
+    admin: String,
+    log: PathBuf,
+}
+
+impl Sidecar {
+    fn start(
+        control: &Control,
+        dir: &Path,
+        instance: &str,
+        (service, cell, zone): (&str, &str, &str),
+        app: std::net::SocketAddr,
+    ) -> Sidecar {
+        let port = atoll_testing::free_port;
+        let inbound = format!("127.0.0.1:{}", port());
+        let outbound = format!("127.0.0.1:{}", port());
+        let admin = format!("127.0.0.1:{}", port());
+        let log = dir.join(format!("{instance}.log"));
+        let child = Command::new(ATOLL)
+            .arg("sidecar")
+            .args(["--instance", instance, "--cell", cell, "--zone", zone])
+            .args(["--service", service])
+            .arg(format!("--app={app}"))
+            .arg(format!("--inbound={inbound}"))
+            .arg(format!("--outbound={outbound}"))
+            .arg(format!("--admin={admin}"))
+            .args(["--session-ttl=3s", "--drain=200ms"])
+            .arg(format!("--data-dir={}", dir.display()))
+            .arg(format!("--control={}", control.url))
+            .env("RUST_LOG", "info,atoll_sidecar=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
+            .spawn()
+            .expect("spawn atoll sidecar");
+        let mut sidecar = Sidecar {
+            child: Some(child),
+            inbound,
+            outbound,
+            admin,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(http_get(&sidecar.admin, "/healthz"), Some((200, _))) {
+            if let Some(status) = sidecar
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "sidecar {instance} exited with {status}:\n{}",
+                    sidecar.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sidecar {instance} not ready:\n{}",
+                sidecar.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sidecar
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn metrics(&self) -> String {
+        http_get(&self.admin, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One HTTP/1.1 call: (status, headers in lower case, body).
+fn call(
+    address: &str,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Vec<(String, String)>, String) {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if method == "POST" {
+        head.push_str("Content-Length: 2\r\n\r\n{}");
+    } else {
+        head.push_str("\r\n");
+    }
+    stream.write_all(head.as_bytes()).expect("write");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+fn json(body: &str) -> Value {
+    // A chunked body has its size lines around the JSON.
+    let start = body.find('{').unwrap_or(0);
+    let end = body.rfind('}').map_or(body.len(), |e| e + 1);
+    serde_json::from_str(&body[start..end]).unwrap_or(Value::Null)
+}
+
+/// Waits until `test` holds, or panics with `what`.
+fn eventually(within: Duration, what: &str, mut test: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !test() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn calls_through_sidecars_land_in_the_owning_cell_and_providers_refuse_what_they_do_not_own()
+{
+    let control = Control::start();
+    control
+        .atoll(&["apply", "-f", examples().to_str().expect("utf-8 path")])
+        .success();
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(APPS))
+        .success();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bank1 = Backend::start("bank-rz01-0", "rz01", "127.0.0.1").await;
+    let bank2 = Backend::start("bank-rz02-0", "rz02", "127.0.0.1").await;
+    let web1 = Backend::start("web-rz01-0", "rz01", "127.0.0.1").await;
+    let web2 = Backend::start("web-rz02-0", "rz02", "127.0.0.1").await;
+    let provider1 = Sidecar::start(
+        &control,
+        dir.path(),
+        "bank-rz01-0",
+        ("bank", "rz01", "hz-a"),
+        bank1.address(),
+    );
+    let mut provider2 = Sidecar::start(
+        &control,
+        dir.path(),
+        "bank-rz02-0",
+        ("bank", "rz02", "hz-b"),
+        bank2.address(),
+    );
+    let caller = Sidecar::start(
+        &control,
+        dir.path(),
+        "web-rz01-0",
+        ("web", "rz01", "hz-a"),
+        web1.address(),
+    );
+    let _web2_sidecar = Sidecar::start(
+        &control,
+        dir.path(),
+        "web-rz02-0",
+        ("web", "rz02", "hz-b"),
+        web2.address(),
+    );
+    eventually(
+        Duration::from_secs(15),
+        "the sidecars register their instances",
+        || {
+            let listed = control.json(&["registry", "list"]);
+            listed["instances"].as_array().map_or(0, Vec::len) == 4
+        },
+    );
+    let listed = control.json(&["registry", "list", "bank", "--cell", "rz01"]);
+    assert_eq!(listed["instances"][0]["mode"], "sidecar", "{listed}");
+    assert_eq!(
+        listed["instances"][0]["address"],
+        provider1.inbound.as_str(),
+        "{listed}"
+    );
+
+    // By the call's own key (the bank's rule reads x-user-id): user 7 is
+    // shard 7 (rz01), user 30 shard 30 (rz02).
+    for (user, backend, cell) in [("7", &bank1, "rz01"), ("30", &bank2, "rz02")] {
+        let before = backend.requests();
+        let (status, _, body) = call(
+            &caller.outbound,
+            "GET",
+            "bank",
+            "/api/balance",
+            &[("x-user-id", user)],
+        );
+        assert_eq!(status, 200, "{body}\n{}", caller.log());
+        assert_eq!(json(&body)["cell"], cell, "{body}");
+        assert_eq!(backend.requests(), before + 1);
+        let seen = backend.last().expect("a request");
+        assert_eq!(seen["headers"]["x-atoll-cell"], cell, "{seen}");
+        assert_eq!(seen["headers"]["x-atoll-shard"], user, "{seen}");
+        assert_eq!(seen["headers"]["x-atoll-key"], user, "{seen}");
+        assert!(seen["headers"]["x-atoll-epoch"].is_string(), "{seen}");
+    }
+    // By the key propagated from the app's inbound request: the app passes
+    // the gateway's baggage on, as it passes trace context on.
+    let (status, _, body) = call(
+        &caller.outbound,
+        "POST",
+        "bank",
+        "/api/credit",
+        &[("baggage", "atoll.key=30")],
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["cell"], "rz02", "{body}");
+
+    // A local service: the caller's own cell first.
+    for _ in 0..5 {
+        let (status, _, body) = call(&caller.outbound, "GET", "web", "/", &[]);
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(json(&body)["cell"], "rz01", "{body}");
+    }
+
+    // Bad calls are refused by the caller's sidecar, saying why.
+    let (status, _, body) = call(&caller.outbound, "GET", "bank", "/api/balance", &[]);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(json(&body)["code"], "missingKey", "{body}");
+    let (status, _, body) = call(&caller.outbound, "GET", "nosuch", "/", &[]);
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(json(&body)["code"], "unknownService", "{body}");
+
+    // The provider re-checks. A caller with a wrong (or stale) map sends
+    // user 30 to rz01: refused, not served.
+    let before = bank1.requests();
+    let (status, headers, body) = call(
+        &provider1.inbound,
+        "GET",
+        "bank",
+        "/api/balance",
+        &[("x-user-id", "30")],
+    );
+    assert_eq!(status, 421, "{body}");
+    assert_eq!(json(&body)["code"], "notOwner", "{body}");
+    assert!(
+        headers.contains(&("x-atoll-refused-by".into(), "sidecar".into())),
+        "{headers:?}"
+    );
+    let (status, _, body) = call(
+        &provider1.inbound,
+        "POST",
+        "bank",
+        "/api/credit",
+        &[("x-user-id", "30")],
+    );
+    assert_eq!(status, 421, "{body}");
+    // A write routed at another epoch than the provider's.
+    let (status, _, body) = call(
+        &provider1.inbound,
+        "POST",
+        "bank",
+        "/api/credit",
+        &[("x-user-id", "7"), ("x-atoll-epoch", "999")],
+    );
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(json(&body)["code"], "staleEpoch", "{body}");
+    assert_eq!(bank1.requests(), before, "a refused call reached the app");
+    let metrics = provider1.metrics();
+    assert!(
+        metrics.contains(
+            r#"atoll_sidecar_refused_total{direction="inbound",service="bank",reason="notOwner"} 2"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            r#"atoll_sidecar_refused_total{direction="inbound",service="bank",reason="staleEpoch"} 1"#
+        ),
+        "{metrics}"
+    );
+
+    // Shards 0-24 fenced: a write is refused by the caller's sidecar and,
+    // sent anyway, by the provider's.
+    let fenced = r#"
+apiVersion: atoll/v1
+kind: ShardMap
+metadata: {name: users}
+spec:
+  rule: users
+  epoch: 2
+  assignments:
+    - {shards: "0-24", cell: rz01, standby: rz02, state: fenced}
+    - {shards: "25-49", cell: rz02, standby: rz01}
+    - {shards: "50-74", cell: rz03, standby: rz04}
+    - {shards: "75-99", cell: rz04, standby: rz03}
+"#;
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(fenced))
+        .success();
+    eventually(
+        Duration::from_secs(10),
+        "the fence reaches the sidecars",
+        || {
+            let (status, _, _) = call(
+                &provider1.inbound,
+                "POST",
+                "bank",
+                "/api/credit",
+                &[("x-user-id", "7")],
+            );
+            status == 503
+        },
+    );
+    let (status, headers, body) = call(
+        &caller.outbound,
+        "POST",
+        "bank",
+        "/api/credit",
+        &[("x-user-id", "7")],
+    );
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(json(&body)["code"], "shardFenced", "{body}");
+    assert!(
+        headers.contains(&("retry-after".into(), "1".into())),
+        "{headers:?}"
+    );
+    // Reads still go.
+    let (status, _, body) = call(
+        &caller.outbound,
+        "GET",
+        "bank",
+        "/api/balance",
+        &[("x-user-id", "7")],
+    );
+    assert_eq!(status, 200, "{body}");
+
+    // A provider killed (no deregistration) leaves every caller within its
+    // session's TTL: user 30 then has no instance to go to.
+    assert!(
+        caller.metrics().contains("atoll_sidecar_endpoints 4"),
+        "{}",
+        caller.metrics()
+    );
+    provider2.kill();
+    let killed = Instant::now();
+    eventually(
+        Duration::from_secs(8),
+        "the killed provider's session runs out and the caller forgets it",
+        || caller.metrics().contains("atoll_sidecar_endpoints 3"),
+    );
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        killed.elapsed()
+    );
+    eventually(
+        Duration::from_secs(8),
+        "the killed provider leaves the caller's endpoint sets",
+        || {
+            let (status, _, body) = call(
+                &caller.outbound,
+                "GET",
+                "bank",
+                "/api/balance",
+                &[("x-user-id", "30")],
+            );
+            status == 503 && json(&body)["code"] == "noEndpoint"
+        },
+    );
+    let metrics = caller.metrics();
+    assert!(
+        metrics.contains(r#"atoll_sidecar_calls_total{direction="outbound",service="bank",cell="rz01",result="2xx"}"#),
+        "{metrics}"
+    );
+}
