@@ -164,6 +164,9 @@ pub struct Agent<R: Runtime> {
     /// Keeps the zone's ready instances in the service registry (started
     /// by `run`).
     registrar: Option<atoll_registry::client::Registrar>,
+    /// The program run as `<program> sidecar` beside instances of Apps
+    /// with `mesh: sidecar`: the agent's own `atoll`.
+    sidecar_program: PathBuf,
 }
 
 impl<R: Runtime> std::fmt::Debug for Agent<R> {
@@ -208,6 +211,7 @@ impl<R: Runtime> Agent<R> {
             reports,
             credentials,
             registrar: None,
+            sidecar_program: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("atoll")),
             options,
             runtime: Arc::new(runtime),
             board: Arc::new(Board::default()),
@@ -385,12 +389,11 @@ impl<R: Runtime> Agent<R> {
                 for cell in cells {
                     for replica in 0..spec.replicas {
                         let name = format!("{app}-{cell}-{replica}");
-                        let assigned = ports.entry(name.clone()).or_insert_with(|| {
-                            spec.ports
-                                .iter()
-                                .map(|p| (p.name.clone(), p.port.unwrap_or_else(&mut pick)))
-                                .collect()
-                        });
+                        // The App's ports, then the sidecar's (inbound,
+                        // outbound, admin) when it has one.
+                        let sidecar = spec.mesh == Some(atoll_model::MeshMode::Sidecar);
+                        let wanted_ports = spec.ports.len() + if sidecar { 3 } else { 0 };
+                        let assigned = ports.entry(name.clone()).or_default();
                         // A port that became fixed (or changed) in the App wins.
                         for (slot, port) in assigned.iter_mut().zip(&spec.ports) {
                             if let Some(fixed) = port.port {
@@ -398,13 +401,43 @@ impl<R: Runtime> Agent<R> {
                             }
                             slot.0.clone_from(&port.name);
                         }
-                        assigned.truncate(spec.ports.len());
-                        while assigned.len() < spec.ports.len() {
-                            let port = &spec.ports[assigned.len()];
-                            assigned.push((port.name.clone(), port.port.unwrap_or_else(&mut pick)));
+                        assigned.truncate(wanted_ports);
+                        while assigned.len() < wanted_ports {
+                            let next = assigned.len();
+                            let slot = match spec.ports.get(next) {
+                                Some(port) => (port.name.clone(), port.port.unwrap_or_else(&mut pick)),
+                                None => (
+                                    ["sidecar-inbound", "sidecar-outbound", "sidecar-admin"]
+                                        [next - spec.ports.len()]
+                                        .to_owned(),
+                                    pick(),
+                                ),
+                            };
+                            assigned.push(slot);
                         }
+                        let mut app_ports = assigned.clone();
+                        let sidecar_ports = app_ports.split_off(spec.ports.len());
                         let mut instance =
-                            self.instance_spec(app, spec, cell, region, replica, assigned.clone());
+                            self.instance_spec(app, spec, cell, region, replica, app_ports);
+                        if let [(_, inbound), (_, outbound), (_, admin)] = sidecar_ports[..] {
+                            instance.env.insert(
+                                "ATOLL_SIDECAR_URL".into(),
+                                format!("http://127.0.0.1:{outbound}"),
+                            );
+                            instance.sidecar = Some(runtime::SidecarSpec {
+                                program: self.sidecar_program.clone(),
+                                inbound,
+                                outbound,
+                                admin,
+                                protocol: spec.protocol.as_str().to_owned(),
+                                calls: Vec::new(),
+                                log: self
+                                    .options
+                                    .state_dir
+                                    .join("logs")
+                                    .join(format!("{name}.sidecar.log")),
+                            });
+                        }
                         instance.run_as = run_as.clone();
                         wanted.insert(name, (instance, spec.health_check.clone()));
                     }
@@ -596,6 +629,8 @@ impl<R: Runtime> Agent<R> {
             ],
             data_dir,
             run_as: runtime::RunAs::Agent,
+            protocol: spec.protocol.as_str().to_owned(),
+            sidecar: None,
         }
     }
 
@@ -617,7 +652,7 @@ impl<R: Runtime> Agent<R> {
                 .filter(|r| r.spec.app == *app)
                 .map(|r| ReportedEndpoint {
                     cell: r.spec.cell.clone(),
-                    address: r.spec.address(),
+                    address: r.spec.served_at(),
                     instance: r.spec.name.clone(),
                     ready: states.get(&r.spec.name).is_some_and(|s| s.ready),
                     labels: spec
@@ -773,6 +808,11 @@ impl<R: Runtime> Agent<R> {
                 let Some(instance) = running.get(&endpoint.instance) else {
                     continue;
                 };
+                // A sidecar registers its instance itself (at its inbound
+                // address, once it can serve).
+                if instance.spec.sidecar.is_some() {
+                    continue;
+                }
                 instances.push(atoll_api::registry::Instance {
                     service: spec.service.clone(),
                     name: endpoint.instance.clone(),
@@ -780,7 +820,7 @@ impl<R: Runtime> Agent<R> {
                     cell: endpoint.cell.clone(),
                     address: instance.spec.host.clone(),
                     port: u32::from(instance.spec.ports.first().map_or(0, |p| p.1)),
-                    protocol: "http".into(),
+                    protocol: instance.spec.protocol.clone(),
                     version: endpoint.labels.get("version").cloned().unwrap_or_default(),
                     labels: endpoint.labels.clone().into_iter().collect(),
                     ..atoll_api::registry::Instance::default()

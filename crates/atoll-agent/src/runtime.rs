@@ -47,6 +47,31 @@ pub struct InstanceSpec {
     /// group with search permission only (0710), so nothing in them can be
     /// listed or read that is not the instance's own.
     pub passage: Vec<PathBuf>,
+    /// What it speaks on its first port (`http`, `http2`, `grpc`).
+    pub protocol: String,
+    /// The sidecar run beside it, for an App with `mesh: sidecar`.
+    pub sidecar: Option<SidecarSpec>,
+}
+
+/// `atoll sidecar` beside an instance: started before the app, stopped
+/// before it (so callers leave it first), and the instance ends with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SidecarSpec {
+    /// The `atoll` program (the agent's own).
+    pub program: PathBuf,
+    /// Where callers reach the app through it (registered, and reported
+    /// as the instance's endpoint).
+    pub inbound: u16,
+    /// Where the app's calls go out (`ATOLL_SIDECAR_URL`).
+    pub outbound: u16,
+    /// Its admin address's port (`/metrics`).
+    pub admin: u16,
+    /// What the app speaks.
+    pub protocol: String,
+    /// Services the app calls, watched from the start.
+    pub calls: Vec<String>,
+    /// Its log.
+    pub log: PathBuf,
 }
 
 /// Whom an instance runs as.
@@ -256,6 +281,14 @@ impl InstanceSpec {
     pub fn address(&self) -> String {
         format!("{}:{}", self.host, self.ports.first().map_or(0, |p| p.1))
     }
+
+    /// Where callers reach it: through its sidecar when it has one.
+    pub fn served_at(&self) -> String {
+        match &self.sidecar {
+            Some(sidecar) => format!("{}:{}", self.host, sidecar.inbound),
+            None => self.address(),
+        }
+    }
 }
 
 /// A runtime driver.
@@ -289,11 +322,12 @@ pub trait Instance: Send + 'static {
 #[derive(Debug, Default)]
 pub struct LocalRuntime;
 
-/// A child process.
+/// A child process (and its sidecar's, if it has one).
 #[derive(Debug)]
 pub struct LocalInstance {
     child: tokio::process::Child,
     pid: u32,
+    sidecar: Option<(tokio::process::Child, u32)>,
 }
 
 impl Runtime for LocalRuntime {
@@ -347,6 +381,10 @@ impl Runtime for LocalRuntime {
         let stderr = log
             .try_clone()
             .map_err(|e| format!("cannot share the log: {e}"))?;
+        let sidecar = match &spec.sidecar {
+            Some(sidecar) => Some(start_sidecar(spec, sidecar, user)?),
+            None => None,
+        };
         let mut command = tokio::process::Command::new(program);
         // The agent's own credentials are not the instance's: an App's
         // command never sees them (its own come in `spec.env`).
@@ -386,8 +424,71 @@ impl Runtime for LocalRuntime {
             None => format!("cannot start `{program}` for {}: {e}", spec.name),
         })?;
         let pid = child.id().unwrap_or(0);
-        Ok(LocalInstance { child, pid })
+        Ok(LocalInstance {
+            child,
+            pid,
+            sidecar,
+        })
     }
+}
+
+/// Starts the sidecar of `spec` (as the instance's user, with its
+/// environment and the sidecar's addresses).
+fn start_sidecar(
+    spec: &InstanceSpec,
+    sidecar: &SidecarSpec,
+    user: Option<&User>,
+) -> Result<(tokio::process::Child, u32), String> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&sidecar.log)
+        .map_err(|e| format!("cannot open the sidecar's log {}: {e}", sidecar.log.display()))?;
+    let stderr = log
+        .try_clone()
+        .map_err(|e| format!("cannot share the log: {e}"))?;
+    let mut command = tokio::process::Command::new(&sidecar.program);
+    for inherited in NOT_INHERITED {
+        command.env_remove(inherited);
+    }
+    command
+        .arg("sidecar")
+        .envs(&spec.env)
+        .env("ATOLL_SIDECAR_APP", spec.address())
+        .env("ATOLL_SIDECAR_APP_PROTOCOL", &sidecar.protocol)
+        .env(
+            "ATOLL_SIDECAR_INBOUND",
+            format!("{}:{}", spec.host, sidecar.inbound),
+        )
+        .env(
+            "ATOLL_SIDECAR_OUTBOUND",
+            format!("127.0.0.1:{}", sidecar.outbound),
+        )
+        .env(
+            "ATOLL_SIDECAR_ADMIN",
+            format!("127.0.0.1:{}", sidecar.admin),
+        )
+        .env("ATOLL_SIDECAR_CALLS", sidecar.calls.join(","))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(stderr))
+        .kill_on_drop(true);
+    match user {
+        Some(user) => become_user(command.as_std_mut(), user, &spec.data_dir)?,
+        None => {
+            command.current_dir(&spec.data_dir);
+        }
+    }
+    dies_with_parent(command.as_std_mut());
+    let child = command.spawn().map_err(|e| {
+        format!(
+            "cannot start the sidecar `{}` of {}: {e}",
+            sidecar.program.display(),
+            spec.name
+        )
+    })?;
+    let pid = child.id().unwrap_or(0);
+    Ok((child, pid))
 }
 
 /// Variables of the agent's environment an instance does not inherit.
@@ -405,16 +506,45 @@ impl Instance for LocalInstance {
     }
 
     async fn exited(&mut self) -> String {
-        let how = match self.child.wait().await {
-            Ok(status) => describe_exit(status),
-            Err(e) => format!("cannot wait for it: {e}"),
+        let how = match &mut self.sidecar {
+            Some((sidecar, _)) => tokio::select! {
+                status = self.child.wait() => match status {
+                    Ok(status) => describe_exit(status),
+                    Err(e) => format!("cannot wait for it: {e}"),
+                },
+                status = sidecar.wait() => match status {
+                    Ok(status) => format!("its sidecar {}", describe_exit(status)),
+                    Err(e) => format!("cannot wait for its sidecar: {e}"),
+                },
+            },
+            None => match self.child.wait().await {
+                Ok(status) => describe_exit(status),
+                Err(e) => format!("cannot wait for it: {e}"),
+            },
         };
-        // Whatever it started goes with it (it would hold its port).
+        // Whatever it started goes with it (it would hold its port), and
+        // an instance and its sidecar go together.
         signal_group(self.pid, nix::sys::signal::Signal::SIGKILL);
+        if let Some((sidecar, pid)) = &mut self.sidecar {
+            signal_group(*pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = sidecar.wait().await;
+        }
+        let _ = self.child.wait().await;
         how
     }
 
     async fn stop(&mut self, grace: Duration) {
+        // The sidecar first: it deregisters, keeps serving while callers
+        // learn it, and lets calls in flight finish; then the app.
+        if let Some((sidecar, pid)) = &mut self.sidecar
+            && !matches!(sidecar.try_wait(), Ok(Some(_)))
+        {
+            signal_group(*pid, nix::sys::signal::Signal::SIGTERM);
+            if tokio::time::timeout(grace, sidecar.wait()).await.is_err() {
+                signal_group(*pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = sidecar.wait().await;
+            }
+        }
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }

@@ -53,7 +53,7 @@ pub(crate) struct SidecarArgs {
     admin: Option<SocketAddr>,
     /// Services the app calls, watched from the start (comma-separated;
     /// others are watched from their first call).
-    #[arg(long, value_delimiter = ',', value_name = "SERVICE")]
+    #[arg(long, env = "ATOLL_SIDECAR_CALLS", value_delimiter = ',', value_name = "SERVICE")]
     calls: Vec<String>,
     /// The version the instance runs (registered).
     #[arg(long, env = "ATOLL_VERSION", default_value = "")]
@@ -115,7 +115,7 @@ pub(crate) async fn run(
             .unwrap_or_else(|| args.inbound.ip().to_string()),
         outbound: args.outbound,
         admin: args.admin,
-        calls: args.calls,
+        calls: args.calls.into_iter().filter(|c| !c.is_empty()).collect(),
         version: args.version,
         session_ttl: args.session_ttl,
         connect_timeout: Duration::from_secs(2),

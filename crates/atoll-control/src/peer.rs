@@ -32,7 +32,8 @@ fn claims(role: Role) -> &'static [&'static str] {
         Role::Gateway => &["gateway"],
         Role::Agent => &["agent"],
         Role::Sidecar => &["sidecar"],
-        Role::Sdk => &["app", "sdk"],
+        // An instance's certificate covers the app and the sidecar beside it.
+        Role::Sdk => &["app", "sdk", "sidecar"],
         Role::Control => &["control"],
         Role::User => &[],
     }

@@ -1195,6 +1195,55 @@ pub struct AppSpec {
     /// The version being run; reported endpoints carry it as the label `version`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// How the instances take part in east-west calls: `sidecar` (the
+    /// agent runs `atoll sidecar` beside each instance; callers reach it
+    /// through the sidecar, and its calls go out through it) or `sdk` (the
+    /// app links the SDK and registers itself). Absent: the agent
+    /// registers the instance as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshMode>,
+    /// What the instances speak on their first port: `http` (default),
+    /// `http2` or `grpc`.
+    #[serde(default, skip_serializing_if = "AppProtocol::is_default")]
+    pub protocol: AppProtocol,
+}
+
+/// An App's east-west mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum MeshMode {
+    /// A sidecar beside each instance.
+    Sidecar,
+    /// The app links the SDK.
+    Sdk,
+}
+
+/// The protocol of an App's first port.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AppProtocol {
+    /// HTTP/1.1.
+    #[default]
+    Http,
+    /// HTTP/2 (cleartext, prior knowledge).
+    Http2,
+    /// gRPC (over HTTP/2).
+    Grpc,
+}
+
+impl AppProtocol {
+    fn is_default(&self) -> bool {
+        *self == AppProtocol::default()
+    }
+
+    /// Its name in the registry.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AppProtocol::Http => "http",
+            AppProtocol::Http2 => "http2",
+            AppProtocol::Grpc => "grpc",
+        }
+    }
 }
 
 /// A named port of an app.

@@ -115,7 +115,10 @@ async fn serve(state: &State, request: Request<Incoming>) -> Response<Body> {
             .and_then(|v| v.parse::<u32>().ok());
         let (shard, write) = match decided {
             Ok(call) => (call.shard.or(from_header), call.write),
-            Err(atoll_routing::Refusal::MissingKey { .. }) if from_header.is_some() => {
+            // No key: nothing to re-check (health checks, calls the app
+            // itself answers or refuses); a caller that sent only the
+            // shard is checked by it.
+            Err(atoll_routing::Refusal::MissingKey { .. }) => {
                 (from_header, table.is_write(service, &parts.method))
             }
             Err(refusal) => {

@@ -616,3 +616,76 @@ async fn only_a_zones_agent_reports_the_zones_endpoints() {
         "{stored}"
     );
 }
+
+/// An App with `mesh: sidecar`: the agent runs `atoll sidecar` beside each
+/// instance, which registers the instance at its own inbound address (and
+/// the agent reports that address as the endpoint), re-checks calls, and
+/// goes with the instance.
+#[test]
+fn an_app_with_a_sidecar_is_reached_through_it_and_registered_by_it() {
+    let bank = bank_program();
+    let mut control = Control::start();
+    control
+        .atoll(&["apply", "-f", examples().to_str().unwrap()])
+        .success();
+    let state = control.state.path().join("agent-hz-a");
+    let manifest = format!(
+        "apiVersion: atoll/v1\nkind: App\nmetadata: {{name: bank}}\nspec:\n  service: bank\n  cells: [rz01]\n  replicas: 1\n  command: [{}]\n  healthCheck: {{path: /healthz, interval: 1s}}\n  version: v1\n  mesh: sidecar\n",
+        serde_json::to_string(&bank.display().to_string()).expect("path")
+    );
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(&manifest))
+        .success();
+    let mut agent = AgentProcess::start(&control.url, "hz-a", &state);
+    let registered = wait_registered(&control, 1);
+    assert_eq!(registered[0]["mode"], "sidecar", "{registered:?}");
+    assert_eq!(
+        registered[0]["registeredBy"], "sidecar/hz-a/bank-rz01-0",
+        "{registered:?}"
+    );
+    let inbound = registered[0]["address"].as_str().expect("address").to_owned();
+    let instances = agent.wait("the instance is ready", |list| {
+        list.iter().any(|i| i["ready"] == true)
+    });
+    let app_address = instances[0]["address"].as_str().expect("address").to_owned();
+    assert_ne!(inbound, app_address, "callers reach the app through the sidecar");
+    let endpoints = wait_reported(&control, "the endpoint is reported", |e| {
+        e.is_some_and(|e| ready_count(e) == 1)
+    })
+    .expect("reported");
+    assert_eq!(
+        endpoints["spec"]["endpoints"][0]["address"], inbound.as_str(),
+        "{endpoints}"
+    );
+    // Through the sidecar: the app answers what it owns; the sidecar
+    // refuses a user of another cell (shard 30 is rz02's).
+    let (status, _) = crate::harness::http_get(&inbound, "/healthz").expect("answers");
+    assert_eq!(status, 200);
+    let refused = {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(&inbound).expect("connect");
+        write!(
+            stream,
+            "GET /api/balance HTTP/1.0\r\nHost: bank\r\nx-user-id: 30\r\n\r\n"
+        )
+        .expect("write");
+        let mut text = String::new();
+        let _ = stream.read_to_string(&mut text);
+        text
+    };
+    assert!(refused.starts_with("HTTP/1.0 421"), "{refused}");
+    assert!(refused.contains("notOwner"), "{refused}");
+    let log = std::fs::read_to_string(state.join("logs").join("bank-rz01-0.sidecar.log"))
+        .unwrap_or_default();
+    assert!(log.contains("sidecar started"), "{log}");
+
+    // The App goes: so do the sidecar and the registration.
+    control.atoll(&["delete", "app", "bank"]).success();
+    wait_registered(&control, 0);
+    agent.wait("the instance stopped", |list| list.is_empty());
+    assert!(
+        crate::harness::http_get(&inbound, "/healthz").is_none(),
+        "the sidecar stopped with its instance"
+    );
+    agent.stop();
+}

@@ -272,6 +272,10 @@ async fn calls_through_sidecars_land_in_the_owning_cell_and_providers_refuse_wha
         assert_eq!(json(&body)["cell"], "rz01", "{body}");
     }
 
+    // A call without a key is the app's to answer (a health check).
+    let (status, _, body) = call(&provider1.inbound, "GET", "bank", "/healthz", &[]);
+    assert_eq!(status, 200, "{body}");
+
     // Bad calls are refused by the caller's sidecar, saying why.
     let (status, _, body) = call(&caller.outbound, "GET", "bank", "/api/balance", &[]);
     assert_eq!(status, 400, "{body}");
