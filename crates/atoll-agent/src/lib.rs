@@ -392,7 +392,7 @@ impl<R: Runtime> Agent<R> {
                         // The App's ports, then the sidecar's (inbound,
                         // outbound, admin) when it has one.
                         let sidecar = spec.mesh == Some(atoll_model::MeshMode::Sidecar);
-                        let wanted_ports = spec.ports.len() + if sidecar { 3 } else { 0 };
+                        let wanted_ports = spec.ports.len() + if sidecar { 4 } else { 0 };
                         let assigned = ports.entry(name.clone()).or_default();
                         // A port that became fixed (or changed) in the App wins.
                         for (slot, port) in assigned.iter_mut().zip(&spec.ports) {
@@ -405,11 +405,17 @@ impl<R: Runtime> Agent<R> {
                         while assigned.len() < wanted_ports {
                             let next = assigned.len();
                             let slot = match spec.ports.get(next) {
-                                Some(port) => (port.name.clone(), port.port.unwrap_or_else(&mut pick)),
+                                Some(port) => {
+                                    (port.name.clone(), port.port.unwrap_or_else(&mut pick))
+                                }
                                 None => (
-                                    ["sidecar-inbound", "sidecar-outbound", "sidecar-admin"]
-                                        [next - spec.ports.len()]
-                                        .to_owned(),
+                                    [
+                                        "sidecar-inbound",
+                                        "sidecar-outbound",
+                                        "sidecar-admin",
+                                        "sidecar-outbound-bolt",
+                                    ][next - spec.ports.len()]
+                                    .to_owned(),
                                     pick(),
                                 ),
                             };
@@ -419,16 +425,22 @@ impl<R: Runtime> Agent<R> {
                         let sidecar_ports = app_ports.split_off(spec.ports.len());
                         let mut instance =
                             self.instance_spec(app, spec, cell, region, replica, app_ports);
-                        if let [(_, inbound), (_, outbound), (_, admin)] = sidecar_ports[..] {
+                        if let [(_, inbound), (_, outbound), (_, admin), (_, bolt)] =
+                            sidecar_ports[..]
+                        {
                             instance.env.insert(
                                 "ATOLL_SIDECAR_URL".into(),
                                 format!("http://127.0.0.1:{outbound}"),
                             );
+                            instance
+                                .env
+                                .insert("ATOLL_SIDECAR_BOLT".into(), format!("127.0.0.1:{bolt}"));
                             instance.sidecar = Some(runtime::SidecarSpec {
                                 program: self.sidecar_program.clone(),
                                 inbound,
                                 outbound,
                                 admin,
+                                outbound_bolt: bolt,
                                 protocol: spec.protocol.as_str().to_owned(),
                                 calls: Vec::new(),
                                 log: self

@@ -66,6 +66,8 @@ pub struct SidecarSpec {
     pub outbound: u16,
     /// Its admin address's port (`/metrics`).
     pub admin: u16,
+    /// Where the app's Bolt calls go out (`ATOLL_SIDECAR_BOLT`).
+    pub outbound_bolt: u16,
     /// What the app speaks.
     pub protocol: String,
     /// Services the app calls, watched from the start.
@@ -443,7 +445,12 @@ fn start_sidecar(
         .create(true)
         .append(true)
         .open(&sidecar.log)
-        .map_err(|e| format!("cannot open the sidecar's log {}: {e}", sidecar.log.display()))?;
+        .map_err(|e| {
+            format!(
+                "cannot open the sidecar's log {}: {e}",
+                sidecar.log.display()
+            )
+        })?;
     let stderr = log
         .try_clone()
         .map_err(|e| format!("cannot share the log: {e}"))?;
@@ -469,6 +476,10 @@ fn start_sidecar(
             format!("127.0.0.1:{}", sidecar.admin),
         )
         .env("ATOLL_SIDECAR_CALLS", sidecar.calls.join(","))
+        .env(
+            "ATOLL_SIDECAR_OUTBOUND_BOLT",
+            format!("127.0.0.1:{}", sidecar.outbound_bolt),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(stderr))
@@ -668,6 +679,8 @@ mod tests {
             log: dir.join("logs/demo-c1-0.log"),
             run_as: RunAs::Agent,
             passage: Vec::new(),
+            protocol: "http".into(),
+            sidecar: None,
         }
     }
 

@@ -131,13 +131,17 @@ pub struct Frame {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BoltError {
     /// The first byte is not Bolt v1's protocol code.
-    #[error("byte 0 is {0:#04x}, not Bolt v1's protocol code 0x01 (Bolt v2 and other protocols are not spoken here)")]
+    #[error(
+        "byte 0 is {0:#04x}, not Bolt v1's protocol code 0x01 (Bolt v2 and other protocols are not spoken here)"
+    )]
     Protocol(u8),
     /// An unknown `type`.
     #[error("byte 1 (type) is {0}: 0 (response), 1 (request) or 2 (one-way request)")]
     Type(u8),
     /// An unknown `cmdcode` for the type.
-    #[error("bytes 2-3 (cmdcode) are {code} for a {kind:?}: 0 (heartbeat), 1 (request) or 2 (response)")]
+    #[error(
+        "bytes 2-3 (cmdcode) are {code} for a {kind:?}: 0 (heartbeat), 1 (request) or 2 (response)"
+    )]
     CmdCode {
         /// The code found.
         code: u16,
@@ -374,7 +378,13 @@ fn parse_header(bytes: &[u8], max_entries: usize) -> Result<Headers, BoltError> 
     let string = |at: &mut usize| -> Result<String, BoltError> {
         let rest = &bytes[*at..];
         if rest.len() < 4 {
-            return Err(error(*at, format!("{} bytes left where a 4-byte length was expected", rest.len())));
+            return Err(error(
+                *at,
+                format!(
+                    "{} bytes left where a 4-byte length was expected",
+                    rest.len()
+                ),
+            ));
         }
         let length = i32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]);
         // SOFARPC writes -1 for a null string: read as empty.

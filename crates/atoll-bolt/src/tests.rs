@@ -44,7 +44,11 @@ fn a_frame_cut_anywhere_waits_for_the_rest_and_consumes_nothing() {
     request().encode(&mut whole).expect("encodes");
     for cut in 0..whole.len() {
         let mut part = BytesMut::from(&whole[..cut]);
-        assert_eq!(decode(&mut part, &Limits::default()), Ok(None), "cut at {cut}");
+        assert_eq!(
+            decode(&mut part, &Limits::default()),
+            Ok(None),
+            "cut at {cut}"
+        );
         assert_eq!(part.len(), cut);
     }
 }
@@ -84,7 +88,10 @@ fn bad_bytes_say_what_is_wrong() {
         max_content: 1024,
         ..Limits::default()
     };
-    assert_eq!(decode(&mut big, &small), Err(BoltError::TooLarge(2048, 1024)));
+    assert_eq!(
+        decode(&mut big, &small),
+        Err(BoltError::TooLarge(2048, 1024))
+    );
 
     let mut negative = BytesMut::new();
     request().encode(&mut negative).expect("encodes");
@@ -97,7 +104,10 @@ fn bad_bytes_say_what_is_wrong() {
     let mut out = BytesMut::new();
     torn.encode(&mut out).expect("encodes");
     let error = decode(&mut out, &limits).expect_err("torn header");
-    assert!(error.to_string().contains("header map at byte 0"), "{error}");
+    assert!(
+        error.to_string().contains("header map at byte 0"),
+        "{error}"
+    );
 }
 
 #[test]

@@ -8,7 +8,11 @@ use proptest::prelude::*;
 
 fn frames() -> impl Strategy<Value = Frame> {
     (
-        prop_oneof![Just(Kind::Request), Just(Kind::Oneway), Just(Kind::Response)],
+        prop_oneof![
+            Just(Kind::Request),
+            Just(Kind::Oneway),
+            Just(Kind::Response)
+        ],
         any::<bool>(),
         any::<u32>(),
         any::<u32>(),

@@ -31,7 +31,7 @@ pub(crate) struct SidecarArgs {
     #[arg(long, env = "ATOLL_SIDECAR_APP", value_name = "ADDR")]
     app: SocketAddr,
     /// What the app speaks: http, http2 or grpc.
-    #[arg(long, env = "ATOLL_SIDECAR_APP_PROTOCOL", default_value = "http", value_parser = ["http", "http2", "grpc"])]
+    #[arg(long, env = "ATOLL_SIDECAR_APP_PROTOCOL", default_value = "http", value_parser = ["http", "http2", "grpc", "bolt"])]
     app_protocol: String,
     /// Where callers reach the app through the sidecar.
     #[arg(long, env = "ATOLL_SIDECAR_INBOUND", value_name = "ADDR")]
@@ -48,12 +48,21 @@ pub(crate) struct SidecarArgs {
         default_value = "127.0.0.1:15001"
     )]
     outbound: SocketAddr,
+    /// Where the app's outbound SOFA Bolt calls are taken (the `service`
+    /// header names the Atoll Service called).
+    #[arg(long, env = "ATOLL_SIDECAR_OUTBOUND_BOLT", value_name = "ADDR")]
+    outbound_bolt: Option<SocketAddr>,
     /// Serve /metrics and /healthz here.
     #[arg(long, env = "ATOLL_SIDECAR_ADMIN", value_name = "ADDR")]
     admin: Option<SocketAddr>,
     /// Services the app calls, watched from the start (comma-separated;
     /// others are watched from their first call).
-    #[arg(long, env = "ATOLL_SIDECAR_CALLS", value_delimiter = ',', value_name = "SERVICE")]
+    #[arg(
+        long,
+        env = "ATOLL_SIDECAR_CALLS",
+        value_delimiter = ',',
+        value_name = "SERVICE"
+    )]
     calls: Vec<String>,
     /// The version the instance runs (registered).
     #[arg(long, env = "ATOLL_VERSION", default_value = "")]
@@ -114,6 +123,7 @@ pub(crate) async fn run(
             .advertise
             .unwrap_or_else(|| args.inbound.ip().to_string()),
         outbound: args.outbound,
+        outbound_bolt: args.outbound_bolt,
         admin: args.admin,
         calls: args.calls.into_iter().filter(|c| !c.is_empty()).collect(),
         version: args.version,

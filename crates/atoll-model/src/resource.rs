@@ -1203,7 +1203,7 @@ pub struct AppSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mesh: Option<MeshMode>,
     /// What the instances speak on their first port: `http` (default),
-    /// `http2` or `grpc`.
+    /// `http2`, `grpc` or `bolt`.
     #[serde(default, skip_serializing_if = "AppProtocol::is_default")]
     pub protocol: AppProtocol,
 }
@@ -1229,6 +1229,8 @@ pub enum AppProtocol {
     Http2,
     /// gRPC (over HTTP/2).
     Grpc,
+    /// SOFA Bolt v1.
+    Bolt,
 }
 
 impl AppProtocol {
@@ -1242,6 +1244,7 @@ impl AppProtocol {
             AppProtocol::Http => "http",
             AppProtocol::Http2 => "http2",
             AppProtocol::Grpc => "grpc",
+            AppProtocol::Bolt => "bolt",
         }
     }
 }

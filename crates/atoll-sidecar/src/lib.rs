@@ -19,6 +19,7 @@
 //!   while the app accepts connections, and watches the services the app
 //!   calls (named up front, or learned at the first call).
 
+mod bolt;
 mod endpoints;
 mod http;
 mod inbound;
@@ -45,7 +46,8 @@ pub struct SidecarOptions {
     pub identity: atoll_sdk::Identity,
     /// Where the app listens (inbound calls go there).
     pub app: SocketAddr,
-    /// What the app speaks: `http`, `http2` or `grpc`.
+    /// What the app speaks: `http`, `http2`, `grpc` or `bolt` (then the
+    /// inbound side speaks Bolt too).
     pub app_protocol: String,
     /// Where inbound calls are taken.
     pub inbound: SocketAddr,
@@ -53,6 +55,8 @@ pub struct SidecarOptions {
     pub advertise: String,
     /// Where the app's outbound calls are taken (loopback).
     pub outbound: SocketAddr,
+    /// Where the app's outbound Bolt calls are taken, if it makes any.
+    pub outbound_bolt: Option<SocketAddr>,
     /// `/metrics` and `/healthz`, if anywhere.
     pub admin: Option<SocketAddr>,
     /// Services the app calls, watched from the start (others are watched
@@ -78,6 +82,7 @@ pub(crate) struct State {
     pub(crate) watcher: Watcher,
     pub(crate) metrics: Metrics,
     pub(crate) clients: http::Clients,
+    pub(crate) bolt: bolt::Pools,
 }
 
 impl State {
@@ -120,6 +125,14 @@ pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Re
     let outbound = tokio::net::TcpListener::bind(options.outbound)
         .await
         .map_err(|e| format!("outbound {}: {e}", options.outbound))?;
+    let outbound_bolt = match options.outbound_bolt {
+        Some(address) => Some(
+            tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| format!("outbound Bolt {address}: {e}"))?,
+        ),
+        None => None,
+    };
     let inbound_port = inbound.local_addr().map_err(|e| e.to_string())?.port();
     let urls = atoll_transport::ControlUrls::parse(&identity.control)?;
     let channels = identity
@@ -153,6 +166,7 @@ pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Re
     let metrics = Metrics::new(&mut registry);
     let state = Arc::new(State {
         clients: http::Clients::new(options.connect_timeout),
+        bolt: bolt::Pools::default(),
         options: options.clone(),
         cell,
         directory: Directory::default(),
@@ -214,12 +228,24 @@ pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Re
         "sidecar started"
     );
     let (stop, stopping) = watch::channel(false);
-    let inbound_task = tokio::spawn(http::serve(
-        inbound,
-        state.clone(),
-        inbound::handle,
-        stopping.clone(),
-    ));
+    let inbound_task = if options.app_protocol == "bolt" {
+        tokio::spawn(bolt::serve(inbound, state.clone(), true, stopping.clone()))
+    } else {
+        tokio::spawn(http::serve(
+            inbound,
+            state.clone(),
+            inbound::handle,
+            stopping.clone(),
+        ))
+    };
+    let bolt_task = outbound_bolt.map(|listener| {
+        tokio::spawn(bolt::serve(
+            listener,
+            state.clone(),
+            false,
+            stopping.clone(),
+        ))
+    });
     let outbound_task = tokio::spawn(http::serve(
         outbound,
         state.clone(),
@@ -232,6 +258,9 @@ pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Re
     tokio::time::sleep(options.drain).await;
     stop.send_replace(true);
     let _ = inbound_task.await;
+    if let Some(task) = bolt_task {
+        let _ = task.await;
+    }
     let _ = outbound_task.await;
     follower.abort();
     if let Some(admin) = admin {

@@ -624,7 +624,7 @@ async fn only_a_zones_agent_reports_the_zones_endpoints() {
 #[test]
 fn an_app_with_a_sidecar_is_reached_through_it_and_registered_by_it() {
     let bank = bank_program();
-    let mut control = Control::start();
+    let control = Control::start();
     control
         .atoll(&["apply", "-f", examples().to_str().unwrap()])
         .success();
@@ -643,18 +643,28 @@ fn an_app_with_a_sidecar_is_reached_through_it_and_registered_by_it() {
         registered[0]["registeredBy"], "sidecar/hz-a/bank-rz01-0",
         "{registered:?}"
     );
-    let inbound = registered[0]["address"].as_str().expect("address").to_owned();
+    let inbound = registered[0]["address"]
+        .as_str()
+        .expect("address")
+        .to_owned();
     let instances = agent.wait("the instance is ready", |list| {
         list.iter().any(|i| i["ready"] == true)
     });
-    let app_address = instances[0]["address"].as_str().expect("address").to_owned();
-    assert_ne!(inbound, app_address, "callers reach the app through the sidecar");
+    let app_address = instances[0]["address"]
+        .as_str()
+        .expect("address")
+        .to_owned();
+    assert_ne!(
+        inbound, app_address,
+        "callers reach the app through the sidecar"
+    );
     let endpoints = wait_reported(&control, "the endpoint is reported", |e| {
         e.is_some_and(|e| ready_count(e) == 1)
     })
     .expect("reported");
     assert_eq!(
-        endpoints["spec"]["endpoints"][0]["address"], inbound.as_str(),
+        endpoints["spec"]["endpoints"][0]["address"],
+        inbound.as_str(),
         "{endpoints}"
     );
     // Through the sidecar: the app answers what it owns; the sidecar

@@ -12,6 +12,7 @@
 mod access;
 mod agent;
 mod approvals;
+mod bolt;
 mod cli;
 mod data_path;
 mod gateway;

@@ -16,7 +16,7 @@ use crate::harness::{ATOLL, Control, examples, http_get};
 
 /// Apps whose instances the sidecars are beside (no agent runs them: the
 /// test starts the apps and the sidecars itself).
-const APPS: &str = r#"
+pub(crate) const APPS: &str = r#"
 apiVersion: atoll/v1
 kind: App
 metadata: {name: bank}
@@ -29,10 +29,10 @@ spec: {service: web, cells: [rz01, rz02], replicas: 1, command: [web]}
 "#;
 
 /// One `atoll sidecar`, killed on drop.
-struct Sidecar {
+pub(crate) struct Sidecar {
     child: Option<Child>,
-    inbound: String,
-    outbound: String,
+    pub(crate) inbound: String,
+    pub(crate) outbound: String,
     admin: String,
     log: PathBuf,
 }
@@ -42,8 +42,19 @@ impl Sidecar {
         control: &Control,
         dir: &Path,
         instance: &str,
+        placed: (&str, &str, &str),
+        app: std::net::SocketAddr,
+    ) -> Sidecar {
+        Self::start_with(control, dir, instance, placed, app, &[])
+    }
+
+    pub(crate) fn start_with(
+        control: &Control,
+        dir: &Path,
+        instance: &str,
         (service, cell, zone): (&str, &str, &str),
         app: std::net::SocketAddr,
+        extra: &[String],
     ) -> Sidecar {
         let port = atoll_testing::free_port;
         let inbound = format!("127.0.0.1:{}", port());
@@ -61,6 +72,7 @@ impl Sidecar {
             .args(["--session-ttl=3s", "--drain=200ms"])
             .arg(format!("--data-dir={}", dir.display()))
             .arg(format!("--control={}", control.url))
+            .args(extra)
             .env("RUST_LOG", "info,atoll_sidecar=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
@@ -95,11 +107,11 @@ impl Sidecar {
         sidecar
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn metrics(&self) -> String {
+    pub(crate) fn metrics(&self) -> String {
         http_get(&self.admin, "/metrics")
             .map(|(_, body)| body)
             .unwrap_or_default()
@@ -166,7 +178,7 @@ fn json(body: &str) -> Value {
 }
 
 /// Waits until `test` holds, or panics with `what`.
-fn eventually(within: Duration, what: &str, mut test: impl FnMut() -> bool) {
+pub(crate) fn eventually(within: Duration, what: &str, mut test: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !test() {
         assert!(Instant::now() < deadline, "{what}");
