@@ -439,3 +439,84 @@ spec:
         "{metrics}"
     );
 }
+
+/// gRPC through two sidecars (HTTP/2 on both hops, trailers and all): the
+/// provider is a real gRPC server (the control plane's own registry API),
+/// behind a sidecar in the gzone; the caller's sidecar sends a global
+/// service's write there.
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_calls_cross_two_sidecars_with_their_status_and_trailers() {
+    let control = Control::start();
+    control
+        .atoll(&["apply", "-f", examples().to_str().expect("utf-8 path")])
+        .success();
+    let fx = "apiVersion: atoll/v1\nkind: App\nmetadata: {name: fx}\nspec: {service: fx-rates, cells: [gz01], replicas: 1, command: [fx]}\n";
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(&format!("{APPS}---\n{fx}")))
+        .success();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let grpc_server: std::net::SocketAddr = control
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("control address");
+    let _provider = Sidecar::start_with(
+        &control,
+        dir.path(),
+        "fx-gz01-0",
+        ("fx-rates", "gz01", "hz-a"),
+        grpc_server,
+        &["--app-protocol=grpc".to_owned()],
+    );
+    let app = Backend::start("web-rz01-0", "rz01", "127.0.0.1").await;
+    let caller = Sidecar::start(
+        &control,
+        dir.path(),
+        "web-rz01-0",
+        ("web", "rz01", "hz-a"),
+        app.address(),
+    );
+    eventually(Duration::from_secs(15), "the gRPC provider registers", || {
+        let listed = control.json(&["registry", "list", "fx-rates"]);
+        listed["instances"][0]["protocol"] == "grpc"
+    });
+    // The caller names the service as the authority.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", caller.outbound))
+        .expect("endpoint")
+        .origin("http://fx-rates".parse().expect("origin"))
+        .connect()
+        .await
+        .expect("connect to the sidecar");
+    let mut client = atoll_api::registry::registry_client::RegistryClient::new(channel);
+    let answer = client
+        .register(atoll_api::registry::RegisterRequest {
+            registrant: Some(atoll_api::registry::Registrant {
+                name: "hz-a".into(),
+                role: "agent".into(),
+                zone: "hz-a".into(),
+                workspace: String::new(),
+            }),
+            session: 0,
+            ttl_ms: 0,
+            instances: Vec::new(),
+        })
+        .await
+        .expect("a unary call through both sidecars")
+        .into_inner();
+    assert_ne!(answer.session, 0, "{answer:?}");
+    // An error status travels back as the server sent it (trailers only).
+    let refused = client
+        .heartbeat(atoll_api::registry::HeartbeatRequest {
+            registrant: None,
+            session: 0,
+        })
+        .await
+        .expect_err("no registrant");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("registrant"), "{refused:?}");
+    let metrics = caller.metrics();
+    assert!(
+        metrics.contains(r#"atoll_sidecar_calls_total{direction="outbound",service="fx-rates",cell="gz01",result="2xx"} 2"#),
+        "{metrics}"
+    );
+}
