@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use atoll_bolt::{Frame, Headers, Kind, Limits, status};
 use atoll_model::ServiceKind;
-use atoll_routing::{CellId, HeaderSource, RequestInfo};
+use atoll_routing::{HeaderSource, RequestInfo};
 use bytes::BytesMut;
 use http::Method;
 use parking_lot::Mutex;
@@ -286,17 +286,6 @@ async fn outbound(state: &State, mut frame: Frame) -> Option<Frame> {
             &message,
         ));
     };
-    let service_id = table.service_id(&service)?;
-    let Some(sets) = state.sets(&service, Duration::from_secs(3)).await else {
-        return Some(refused(
-            state,
-            "outbound",
-            &service,
-            &frame,
-            "noRegistry",
-            "the registry did not answer for the service",
-        ));
-    };
     let method = if headers
         .get_ignore_case(ACCESS)
         .is_some_and(|a| a.eq_ignore_ascii_case("read"))
@@ -305,49 +294,37 @@ async fn outbound(state: &State, mut frame: Frame) -> Option<Frame> {
     } else {
         Method::POST
     };
-    let decided = {
-        let source = BoltHeaders(&headers);
-        let info = RequestInfo {
-            method: &method,
-            host: Some(&service),
-            path: "/",
-            query: None,
-            headers: &source,
-            body: None,
-            forwarded: false,
-        };
-        let serves = |cell: CellId| {
-            table
-                .cells
-                .get(usize::from(cell))
-                .is_some_and(|c| sets.serves(&c.name))
-        };
-        table
-            .decide_call(
-                service_id,
-                &info,
-                propagated(&headers),
-                Some(view.cell),
-                &serves,
-            )
-            .map(|c| (c.cell, c.key.map(|k| k.into_owned()), c.shard, c.epoch))
-    };
-    let (cell_id, key, shard, epoch) = match decided {
-        Ok(decided) => decided,
+    let routed = state
+        .router
+        .route(
+            table,
+            view.cell,
+            &atoll_mesh::Call {
+                service: &service,
+                method: &method,
+                path: "/",
+                query: None,
+                headers: &BoltHeaders(&headers),
+                propagated: propagated(&headers),
+            },
+        )
+        .await;
+    let routed = match routed {
+        Ok(routed) => routed,
         Err(refusal) => {
-            let message = refusal.message(table);
             return Some(refused(
                 state,
                 "outbound",
                 &service,
                 &frame,
-                refusal.code(),
-                &message,
+                refusal.code,
+                &refusal.message,
             ));
         }
     };
-    let cell = table.cells[usize::from(cell_id)].name.clone();
-    let set = sets.cells.get(&cell)?.clone();
+    let cell = routed.cell_name.clone();
+    let set = routed.set.clone();
+    let (key, shard, epoch) = (routed.key.clone(), routed.shard, routed.epoch);
     if let Some(key) = &key {
         headers.set("x-atoll-key", key);
     }
@@ -359,11 +336,7 @@ async fn outbound(state: &State, mut frame: Frame) -> Option<Frame> {
     }
     headers.set("x-atoll-cell", &cell);
     frame.header = headers.encode();
-    let policy = table
-        .services
-        .get(service_id as usize)
-        .map(|s| s.outlier_detection.clone())
-        .unwrap_or_default();
+    let policy = routed.outlier.clone();
     let mut exclude: Option<String> = None;
     for attempt in 0..2 {
         let Some(member) = set.pick(exclude.as_deref()) else {

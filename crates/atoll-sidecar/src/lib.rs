@@ -20,7 +20,6 @@
 //!   calls (named up front, or learned at the first call).
 
 mod bolt;
-mod endpoints;
 mod http;
 mod inbound;
 mod metrics;
@@ -30,11 +29,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use atoll_registry::client::{Registrar, Watcher};
+use atoll_registry::client::Registrar;
 use atoll_registry::{Instance, Registrant};
 use tokio::sync::watch;
 
-use crate::endpoints::Directory;
 use crate::metrics::Metrics;
 
 /// How a sidecar is set up.
@@ -78,41 +76,10 @@ pub struct SidecarOptions {
 pub(crate) struct State {
     pub(crate) options: SidecarOptions,
     pub(crate) cell: atoll_sdk::Cell,
-    pub(crate) directory: Directory,
-    pub(crate) watcher: Watcher,
+    pub(crate) router: atoll_mesh::Router,
     pub(crate) metrics: Metrics,
     pub(crate) clients: http::Clients,
     pub(crate) bolt: bolt::Pools,
-}
-
-impl State {
-    /// The endpoint sets of `service`, watching it first if it is new
-    /// (waiting for its snapshot, at most `within`).
-    pub(crate) async fn sets(
-        &self,
-        service: &str,
-        within: Duration,
-    ) -> Option<Arc<endpoints::ServiceSets>> {
-        if let Some(sets) = self.directory.get(service) {
-            return Some(sets);
-        }
-        self.watcher.add(service);
-        let mut changed = self.watcher.subscribe();
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            changed.borrow_and_update();
-            self.watcher.read(|view| self.directory.refresh(view));
-            if let Some(sets) = self.directory.get(service) {
-                return Some(sets);
-            }
-            if tokio::time::timeout_at(deadline, changed.changed())
-                .await
-                .is_err()
-            {
-                return None;
-            }
-        }
-    }
 }
 
 /// Runs a sidecar until `shutdown` turns true: then it stops taking calls,
@@ -148,7 +115,7 @@ pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Re
         zone: identity.zone.clone(),
         workspace: identity.workspace.clone(),
     };
-    let watcher = Watcher::start(
+    let router = atoll_mesh::Router::start(
         channels.clone(),
         urls.clone(),
         me.clone(),
@@ -169,29 +136,9 @@ pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Re
         bolt: bolt::Pools::default(),
         options: options.clone(),
         cell,
-        directory: Directory::default(),
-        watcher,
+        router,
         metrics,
     });
-
-    // Endpoint sets follow the registry view, service by service.
-    let follower = {
-        let state = state.clone();
-        tokio::spawn(async move {
-            let mut changed = state.watcher.subscribe();
-            loop {
-                changed.borrow_and_update();
-                state.watcher.read(|view| state.directory.refresh(view));
-                state
-                    .metrics
-                    .endpoints
-                    .set(i64::try_from(state.directory.instances()).unwrap_or(i64::MAX));
-                if changed.changed().await.is_err() {
-                    return;
-                }
-            }
-        })
-    };
 
     let registrar = Registrar::start(channels, urls, me, options.session_ttl);
     let own = Instance {
@@ -262,7 +209,6 @@ pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Re
         let _ = task.await;
     }
     let _ = outbound_task.await;
-    follower.abort();
     if let Some(admin) = admin {
         admin.abort();
     }
@@ -329,12 +275,18 @@ async fn serve_admin(
     mut shutdown: watch::Receiver<bool>,
 ) {
     use axum::routing::get;
+    let metrics_state = state.clone();
     let router = axum::Router::new()
         .route(
             "/metrics",
             get(move || {
                 let registry = registry.clone();
+                let state = metrics_state.clone();
                 async move {
+                    state
+                        .metrics
+                        .endpoints
+                        .set(i64::try_from(state.router.instances()).unwrap_or(i64::MAX));
                     let mut text = String::new();
                     let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
                     (

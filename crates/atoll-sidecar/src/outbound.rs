@@ -3,9 +3,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use atoll_routing::{CellId, RequestInfo};
 use http::header::HOST;
 use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
@@ -13,9 +12,6 @@ use hyper::body::Incoming;
 use crate::State;
 use crate::http::{Body, boxed, empty_body, propagated_key, refusal, strip_hop_by_hop};
 use crate::metrics::{CallLabels, DirectionLabels, RefusalLabels, class};
-
-/// How long a first call to a service waits for the registry's answer.
-const FIRST_CALL_WAIT: Duration = Duration::from_secs(3);
 
 pub(crate) fn handle(
     state: Arc<State>,
@@ -104,83 +100,45 @@ async fn call(state: &State, request: Request<Incoming>) -> (String, String, Res
         );
     };
     let table = &view.table;
-    let Some(service_id) = table.service_id(&service) else {
-        let message = format!(
-            "service `{service}` does not exist; call a Service of this workspace by its name"
-        );
-        return (
-            service.clone(),
-            String::new(),
-            refused(state, &service, 404, "unknownService", &message),
-        );
-    };
-    let Some(sets) = state.sets(&service, FIRST_CALL_WAIT).await else {
-        let message = format!(
-            "the registry did not answer for service `{service}` within {FIRST_CALL_WAIT:?}"
-        );
-        return (
-            service.clone(),
-            String::new(),
-            refused(state, &service, 503, "noRegistry", &message),
-        );
-    };
     let (mut parts, body) = request.into_parts();
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().map(str::to_owned);
-    let decided = {
-        let info = RequestInfo {
-            method: &parts.method,
-            host: Some(&service),
-            path: &path,
-            query: query.as_deref(),
-            headers: &parts.headers,
-            body: None,
-            forwarded: false,
-        };
-        let serves = |cell: CellId| {
-            table
-                .cells
-                .get(usize::from(cell))
-                .is_some_and(|c| sets.serves(&c.name))
-        };
-        table
-            .decide_call(
-                service_id,
-                &info,
-                propagated_key(&parts.headers),
-                Some(view.cell),
-                &serves,
-            )
-            .map(|call| {
-                (
-                    call.cell,
-                    call.key.map(|k| k.into_owned()),
-                    call.shard,
-                    call.epoch,
-                )
-            })
-    };
-    let (cell_id, key, shard, epoch) = match decided {
-        Ok(decided) => decided,
+    let routed = state
+        .router
+        .route(
+            table,
+            view.cell,
+            &atoll_mesh::Call {
+                service: &service,
+                method: &parts.method,
+                path: &path,
+                query: query.as_deref(),
+                headers: &parts.headers,
+                propagated: propagated_key(&parts.headers),
+            },
+        )
+        .await;
+    let routed = match routed {
+        Ok(routed) => routed,
         Err(refusal) => {
-            let message = refusal.message(table);
             return (
                 service.clone(),
                 String::new(),
-                refused(state, &service, refusal.status(), refusal.code(), &message),
+                refused(
+                    state,
+                    &service,
+                    refusal.status,
+                    refusal.code,
+                    &refusal.message,
+                ),
             );
         }
     };
-    let cell = table.cells[usize::from(cell_id)].name.clone();
-    let Some(set) = sets.cells.get(&cell).cloned() else {
-        let message = format!("service `{service}` has no instance in cell `{cell}`");
-        return (
-            service.clone(),
-            cell,
-            refused(state, &service, 503, "noEndpoint", &message),
-        );
-    };
-
+    let cell = routed.cell_name.clone();
+    let set = routed.set.clone();
+    let service_id = routed.service;
+    let (key, shard, epoch) = (routed.key.clone(), routed.shard, routed.epoch);
+    let cell_id = routed.cell;
     strip_hop_by_hop(&mut parts.headers);
     if let Some(key) = key.as_deref().and_then(|k| HeaderValue::from_str(k).ok()) {
         parts.headers.insert(atoll_proxy::KEY, key);
@@ -204,11 +162,7 @@ async fn call(state: &State, request: Request<Incoming>) -> (String, String, Res
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let policy = table
-        .services
-        .get(service_id as usize)
-        .map(|s| s.outlier_detection.clone())
-        .unwrap_or_default();
+    let policy = routed.outlier.clone();
     // A call with an empty body is tried once more on another instance of
     // the cell when it cannot connect (nothing reached the first).
     let retry = empty_body(&body);

@@ -476,10 +476,14 @@ async fn grpc_calls_cross_two_sidecars_with_their_status_and_trailers() {
         ("web", "rz01", "hz-a"),
         app.address(),
     );
-    eventually(Duration::from_secs(15), "the gRPC provider registers", || {
-        let listed = control.json(&["registry", "list", "fx-rates"]);
-        listed["instances"][0]["protocol"] == "grpc"
-    });
+    eventually(
+        Duration::from_secs(15),
+        "the gRPC provider registers",
+        || {
+            let listed = control.json(&["registry", "list", "fx-rates"]);
+            listed["instances"][0]["protocol"] == "grpc"
+        },
+    );
     // The caller names the service as the authority.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", caller.outbound))
         .expect("endpoint")

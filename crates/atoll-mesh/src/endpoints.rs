@@ -15,27 +15,30 @@ use parking_lot::Mutex;
 
 /// One instance callers may be sent to.
 #[derive(Debug)]
-pub(crate) struct Member {
-    pub(crate) instance: Arc<Instance>,
-    pub(crate) upstream: Arc<Upstream>,
+pub struct Member {
+    /// The instance as registered.
+    pub instance: Arc<Instance>,
+    /// Its upstream state (in flight, outlier ejection).
+    pub upstream: Arc<Upstream>,
 }
 
 /// The instances of one service in one cell.
 #[derive(Debug, Default)]
-pub(crate) struct EndpointSet {
-    pub(crate) members: Vec<Member>,
+pub struct EndpointSet {
+    /// Its instances.
+    pub members: Vec<Member>,
 }
 
 impl EndpointSet {
     /// Whether a member may take calls (healthy, not ejected).
-    pub(crate) fn available(&self) -> bool {
+    pub fn available(&self) -> bool {
         self.members.iter().any(|m| m.upstream.available())
     }
 
     /// A member by weight among those available, other than `exclude`;
     /// when every member is ejected, any of them (serving beats failing,
     /// Envoy's panic mode).
-    pub(crate) fn pick(&self, exclude: Option<&str>) -> Option<&Member> {
+    pub fn pick(&self, exclude: Option<&str>) -> Option<&Member> {
         let usable = |m: &&Member| Some(m.upstream.address.as_str()) != exclude;
         weighted(
             self.members
@@ -66,13 +69,14 @@ fn weighted<'m>(members: impl Iterator<Item = &'m Member> + Clone) -> Option<&'m
 
 /// The sets of one service: cell name -> its instances.
 #[derive(Debug, Default)]
-pub(crate) struct ServiceSets {
-    pub(crate) cells: HashMap<String, Arc<EndpointSet>>,
+pub struct ServiceSets {
+    /// Cell name -> its instances.
+    pub cells: HashMap<String, Arc<EndpointSet>>,
 }
 
 impl ServiceSets {
     /// Whether `cell` has an instance in rotation.
-    pub(crate) fn serves(&self, cell: &str) -> bool {
+    pub fn serves(&self, cell: &str) -> bool {
         self.cells.get(cell).is_some_and(|s| s.available())
     }
 
