@@ -17,6 +17,8 @@
 //! It does no I/O of its own beyond the config stream, and it is not a data
 //! path: requests reach the app through a gateway or a sidecar.
 
+pub mod mesh;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

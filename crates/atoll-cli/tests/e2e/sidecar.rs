@@ -117,6 +117,19 @@ impl Sidecar {
             .unwrap_or_default()
     }
 
+    /// SIGTERM, and waits for it to exit (it deregisters and drains).
+    pub(crate) fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().ok().flatten().is_none() {
+                assert!(Instant::now() < deadline, "the sidecar did not stop");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -523,4 +536,191 @@ async fn grpc_calls_cross_two_sidecars_with_their_status_and_trailers() {
         metrics.contains(r#"atoll_sidecar_calls_total{direction="outbound",service="fx-rates",cell="gz01",result="2xx"} 2"#),
         "{metrics}"
     );
+}
+
+/// An identity for an in-process app of the test (SDK mode).
+fn sdk_identity(
+    control: &Control,
+    instance: &str,
+    (service, cell, zone): (&str, &str, &str),
+) -> atoll_sdk::Identity {
+    atoll_sdk::Identity {
+        control: control.url.clone(),
+        instance: instance.into(),
+        cell: cell.into(),
+        zone: zone.into(),
+        service: service.into(),
+        workspace: String::new(),
+        cache: None,
+        transport: atoll_transport::Transport::plain(),
+        tls_files: atoll_transport::TlsFiles::default(),
+        role: "app".into(),
+    }
+}
+
+/// A provider moves from SDK mode to sidecar mode and back while an SDK
+/// client and a sidecar'd caller call it without pause: not one call
+/// fails, and the calls of each phase reached it the way that phase says.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_moves_between_sdk_and_sidecar_mode_under_load_with_no_failed_call() {
+    let control = Control::start();
+    control
+        .atoll(&["apply", "-f", examples().to_str().expect("utf-8 path")])
+        .success();
+    control
+        .atoll_with_stdin(&["apply", "-f", "-"], Some(APPS))
+        .success();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let bank = Backend::start("bank-rz01-0", "rz01", "127.0.0.1").await;
+    let provider_cell = atoll_sdk::Cell::start(
+        sdk_identity(&control, "bank-rz01-0", ("bank", "rz01", "hz-a")),
+        shutdown.clone(),
+    );
+    provider_cell.ready().await;
+    let mode = |wanted: &'static str| {
+        let control = &control;
+        move || {
+            let listed = control.json(&["registry", "list", "bank"]);
+            listed["instances"][0]["mode"] == wanted
+        }
+    };
+    // SDK mode: the app registers itself at its own port.
+    let sdk = atoll_sdk::mesh::register(
+        &provider_cell,
+        "127.0.0.1",
+        bank.address().port(),
+        "http",
+        Duration::from_secs(3),
+    )
+    .expect("register");
+    eventually(
+        Duration::from_secs(10),
+        "registered in SDK mode",
+        mode("sdk"),
+    );
+
+    // Callers: an SDK client in-process, and an app behind a sidecar.
+    let caller_cell = atoll_sdk::Cell::start(
+        sdk_identity(&control, "web-rz02-0", ("web", "rz02", "hz-b")),
+        shutdown.clone(),
+    );
+    caller_cell.ready().await;
+    let client = atoll_sdk::mesh::Client::start(caller_cell);
+    let web = Backend::start("web-rz01-0", "rz01", "127.0.0.1").await;
+    let caller = Sidecar::start(
+        &control,
+        dir.path(),
+        "web-rz01-0",
+        ("web", "rz01", "hz-a"),
+        web.address(),
+    );
+    let outbound = caller.outbound.clone();
+
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let load = {
+        let running = running.clone();
+        let client = client.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let started = Instant::now();
+            while running.load(std::sync::atomic::Ordering::SeqCst)
+                && started.elapsed() < Duration::from_secs(60)
+            {
+                // One call in SDK mode (key passed by the app)...
+                let request = http::Request::post("/api/credit")
+                    .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+                    .expect("request");
+                match client.call("bank", request, Some("7")).await {
+                    Ok(response) if response.status() == 200 => ok += 1,
+                    Ok(response) => failed.push(format!("sdk: {}", response.status())),
+                    Err(error) => failed.push(format!("sdk: {error}")),
+                }
+                // ...and one through the caller's sidecar.
+                let outbound = outbound.clone();
+                let (status, _, body) = tokio::task::spawn_blocking(move || {
+                    call(
+                        &outbound,
+                        "POST",
+                        "bank",
+                        "/api/credit",
+                        &[("x-user-id", "7")],
+                    )
+                })
+                .await
+                .expect("call");
+                if status == 200 {
+                    ok += 1;
+                } else {
+                    failed.push(format!("sidecar: {status} {body}"));
+                }
+            }
+            (ok, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let direct = bank.requests();
+    assert!(direct > 0, "calls reach the provider in SDK mode");
+
+    // To sidecar mode: the sidecar registers (replacing the SDK's record),
+    // then the app ends its own registration.
+    let mut sidecar = Sidecar::start(
+        &control,
+        dir.path(),
+        "bank-rz01-0",
+        ("bank", "rz01", "hz-a"),
+        bank.address(),
+    );
+    eventually(
+        Duration::from_secs(10),
+        "registered in sidecar mode",
+        mode("sidecar"),
+    );
+    sdk.close().await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = sidecar.metrics();
+    assert!(
+        before.contains(r#"atoll_sidecar_calls_total{direction="inbound",service="bank",cell="rz01",result="2xx"}"#),
+        "calls go through the provider's sidecar now: {before}"
+    );
+    let listed = control.json(&["registry", "list", "bank"]);
+    assert_eq!(
+        listed["instances"].as_array().map(Vec::len),
+        Some(1),
+        "{listed}"
+    );
+
+    // And back: the app registers again, then the sidecar stops.
+    let sdk = atoll_sdk::mesh::register(
+        &provider_cell,
+        "127.0.0.1",
+        bank.address().port(),
+        "http",
+        Duration::from_secs(3),
+    )
+    .expect("register");
+    eventually(
+        Duration::from_secs(10),
+        "registered in SDK mode again",
+        mode("sdk"),
+    );
+    sidecar.stop();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let listed = control.json(&["registry", "list", "bank"]);
+    assert_eq!(
+        listed["instances"][0]["mode"], "sdk",
+        "the sidecar's exit left the record: {listed}"
+    );
+
+    running.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = load.await.expect("load");
+    assert!(
+        failed.is_empty(),
+        "{} of {} calls failed: {failed:?}",
+        failed.len(),
+        ok as usize + failed.len()
+    );
+    assert!(ok > 100, "only {ok} calls");
+    eprintln!("migration under load: {ok} calls, none failed");
+    sdk.close().await;
 }
