@@ -73,6 +73,16 @@ pub(crate) struct SidecarArgs {
     /// At shutdown, how long to keep serving after deregistering.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration, value_name = "DURATION")]
     drain: Duration,
+    /// The Unix socket where this sidecar offers its listening sockets to
+    /// the one that replaces it (hot upgrade) [default:
+    /// <data dir>/<instance>.sidecar.sock when --data-dir is given].
+    #[arg(long, value_name = "PATH")]
+    upgrade_socket: Option<PathBuf>,
+    /// Take the listening sockets of the sidecar serving --upgrade-socket
+    /// over, instead of binding them: the old one drains and exits (a hot
+    /// upgrade with no failed call).
+    #[arg(long)]
+    take_over: bool,
     /// Where the last configuration is cached (static stability).
     #[arg(long, env = "ATOLL_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -130,6 +140,12 @@ pub(crate) async fn run(
         session_ttl: args.session_ttl,
         connect_timeout: Duration::from_secs(2),
         drain: args.drain,
+        upgrade_socket: args.upgrade_socket.or_else(|| {
+            args.data_dir
+                .as_ref()
+                .map(|dir| dir.join(format!("{}.sidecar.sock", args.instance)))
+        }),
+        take_over: args.take_over,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

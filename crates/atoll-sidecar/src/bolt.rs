@@ -96,7 +96,7 @@ pub(crate) async fn serve(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                tasks.spawn(connection(stream, state.clone(), inbound, stop.clone()));
+                tasks.spawn(connection(stream, BytesMut::with_capacity(8 * 1024), state.clone(), inbound, stop.clone()));
             }
             () = async { let _ = stop.wait_for(|s| *s).await; } => break,
         }
@@ -108,8 +108,32 @@ pub(crate) async fn serve(
     .await;
 }
 
+/// A Bolt connection handed to the sidecar that takes over (hot
+/// upgrade): the socket, the bytes read from it but not yet decoded, and
+/// which side it is.
+#[derive(Debug)]
+pub(crate) struct Handed {
+    pub(crate) socket: std::os::fd::OwnedFd,
+    pub(crate) buffered: bytes::Bytes,
+    pub(crate) inbound: bool,
+}
+
+/// Serves a connection handed over by the sidecar this one replaced.
+pub(crate) fn adopt(handed: Handed, state: Arc<State>, stop: watch::Receiver<bool>) {
+    let std = std::net::TcpStream::from(handed.socket);
+    if std.set_nonblocking(true).is_err() {
+        return;
+    }
+    let Ok(stream) = TcpStream::from_std(std) else {
+        return;
+    };
+    let buffered = BytesMut::from(&handed.buffered[..]);
+    tokio::spawn(connection(stream, buffered, state, handed.inbound, stop));
+}
+
 async fn connection(
     stream: TcpStream,
+    mut buf: BytesMut,
     state: Arc<State>,
     inbound: bool,
     mut stop: watch::Receiver<bool>,
@@ -117,63 +141,75 @@ async fn connection(
     let (mut reader, mut writer) = stream.into_split();
     let (answers, mut outgoing) = mpsc::channel::<Frame>(256);
     let in_flight = Arc::new(AtomicU32::new(0));
+    // The writer comes back when the answers end (a handoff reunites the
+    // socket); None when writing failed.
     let write_task = tokio::spawn(async move {
         let mut out = BytesMut::new();
         while let Some(frame) = outgoing.recv().await {
             out.clear();
             if frame.encode(&mut out).is_err() || writer.write_all(&out).await.is_err() {
-                return;
+                return None;
             }
         }
-        let _ = writer.shutdown().await;
+        Some(writer)
     });
     let limits = Limits::default();
-    let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut stopping = false;
     loop {
-        // Whole frames first.
-        loop {
-            match atoll_bolt::decode(&mut buf, &limits) {
-                Ok(Some(frame)) => {
-                    if frame.kind == Kind::Response {
-                        continue;
-                    }
-                    if frame.is_heartbeat() {
-                        let _ = answers
-                            .send(frame.answer(status::SUCCESS, &Headers::default()))
-                            .await;
-                        continue;
-                    }
-                    in_flight.fetch_add(1, Ordering::SeqCst);
-                    let state = state.clone();
-                    let answers = answers.clone();
-                    let in_flight = in_flight.clone();
-                    tokio::spawn(async move {
-                        let oneway = frame.kind == Kind::Oneway;
-                        let answer = if inbound {
-                            serve_inbound(&state, frame).await
-                        } else {
-                            route_outbound(&state, frame).await
-                        };
-                        if let (Some(answer), false) = (answer, oneway) {
-                            let _ = answers.send(answer).await;
+        // Whole frames first (unless the connection is being handed over:
+        // then what is buffered goes with it, undecoded).
+        let handing = stopping && state.handoff.lock().is_some();
+        if !handing {
+            loop {
+                let decoded = atoll_bolt::decode(&mut buf, &limits);
+                match decoded {
+                    Ok(Some(frame)) => {
+                        if frame.kind == Kind::Response {
+                            continue;
                         }
-                        in_flight.fetch_sub(1, Ordering::SeqCst);
-                    });
-                }
-                Ok(None) => break,
-                Err(error) => {
-                    tracing::warn!(%error, "closing a Bolt connection that sent bytes which are not Bolt v1");
-                    return close(answers, write_task).await;
+                        if frame.is_heartbeat() {
+                            let _ = answers
+                                .send(frame.answer(status::SUCCESS, &Headers::default()))
+                                .await;
+                            continue;
+                        }
+                        in_flight.fetch_add(1, Ordering::SeqCst);
+                        let state = state.clone();
+                        let answers = answers.clone();
+                        let in_flight = in_flight.clone();
+                        tokio::spawn(async move {
+                            let oneway = frame.kind == Kind::Oneway;
+                            let answer = if inbound {
+                                serve_inbound(&state, frame).await
+                            } else {
+                                route_outbound(&state, frame).await
+                            };
+                            if let (Some(answer), false) = (answer, oneway) {
+                                let _ = answers.send(answer).await;
+                            }
+                            in_flight.fetch_sub(1, Ordering::SeqCst);
+                        });
+                    }
+                    Ok(None) => break,
+                    Err(error) => {
+                        tracing::warn!(%error, "closing a Bolt connection that sent bytes which are not Bolt v1");
+                        return close(answers, write_task).await;
+                    }
                 }
             }
         }
-        if stopping && buf.is_empty() && in_flight.load(Ordering::SeqCst) == 0 {
+        if handing && in_flight.load(Ordering::SeqCst) == 0 {
+            // Nothing in flight: the answers are all queued; once written,
+            // the socket goes to the new sidecar with what was read of
+            // the next request. No call sees the change.
+            return hand_over(reader, answers, write_task, buf, inbound, &state).await;
+        }
+        if stopping && !handing && buf.is_empty() && in_flight.load(Ordering::SeqCst) == 0 {
             // Idle between requests: closing now fails no call.
             return close(answers, write_task).await;
         }
         tokio::select! {
-            read = reader.read_buf(&mut buf) => match read {
+            read = reader.read_buf(&mut buf), if !handing => match read {
                 Ok(0) | Err(_) => {
                     // The caller went: let what it sent finish.
                     while in_flight.load(Ordering::SeqCst) > 0 {
@@ -186,14 +222,48 @@ async fn connection(
             () = async { let _ = stop.wait_for(|s| *s).await; }, if !stopping => {
                 stopping = true;
             }
-            () = tokio::time::sleep(Duration::from_millis(5)), if stopping => {}
+            () = tokio::time::sleep(Duration::from_millis(1)), if stopping => {}
         }
     }
 }
 
-async fn close(answers: mpsc::Sender<Frame>, write_task: tokio::task::JoinHandle<()>) {
+async fn hand_over(
+    reader: tokio::net::tcp::OwnedReadHalf,
+    answers: mpsc::Sender<Frame>,
+    write_task: tokio::task::JoinHandle<Option<tokio::net::tcp::OwnedWriteHalf>>,
+    buf: BytesMut,
+    inbound: bool,
+    state: &State,
+) {
     drop(answers);
-    let _ = write_task.await;
+    let Ok(Some(writer)) = write_task.await else {
+        return;
+    };
+    let Ok(stream) = reader.reunite(writer) else {
+        return;
+    };
+    let Ok(std) = stream.into_std() else {
+        return;
+    };
+    let handed = Handed {
+        socket: std.into(),
+        buffered: buf.freeze(),
+        inbound,
+    };
+    let sender = state.handoff.lock().clone();
+    if let Some(sender) = sender {
+        let _ = sender.send(handed);
+    }
+}
+
+async fn close(
+    answers: mpsc::Sender<Frame>,
+    write_task: tokio::task::JoinHandle<Option<tokio::net::tcp::OwnedWriteHalf>>,
+) {
+    drop(answers);
+    if let Ok(Some(mut writer)) = write_task.await {
+        let _ = writer.shutdown().await;
+    }
 }
 
 fn count(state: &State, direction: &'static str, service: &str, cell: &str, result: &str) {

@@ -83,6 +83,10 @@ pub(crate) async fn serve(
         .header_read_timeout(Duration::from_secs(30));
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
+    // While draining, HTTP/1 answers say `Connection: close`: a keep-alive
+    // client opens its next connection (to the socket's new owner after a
+    // hot upgrade) instead of racing a close of an idle one.
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -92,9 +96,20 @@ pub(crate) async fn serve(
                 };
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
-                let service = hyper::service::service_fn(move |request| {
+                let draining = draining.clone();
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let http1 = request.version() < http::Version::HTTP_2;
                     let response = handler(state.clone(), request);
-                    async move { Ok::<_, Infallible>(response.await) }
+                    let draining = draining.clone();
+                    async move {
+                        let mut response = response.await;
+                        if http1 && draining.load(std::sync::atomic::Ordering::SeqCst) {
+                            response
+                                .headers_mut()
+                                .insert(CONNECTION, HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 let connection = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -108,8 +123,14 @@ pub(crate) async fn serve(
         }
     }
     drop(listener);
+    draining.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(DRAIN_WINDOW).await;
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
 }
+
+/// How long connections are served with `Connection: close` before the
+/// idle ones are closed.
+const DRAIN_WINDOW: Duration = Duration::from_secs(1);
 
 /// A body that holds `guard` until the body ends (or is dropped): an
 /// inbound write's permit lives until its response is done.

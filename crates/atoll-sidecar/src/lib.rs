@@ -24,6 +24,7 @@ mod http;
 mod inbound;
 mod metrics;
 mod outbound;
+mod upgrade;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,6 +70,11 @@ pub struct SidecarOptions {
     /// At shutdown, how long the sidecar keeps serving after it
     /// deregistered, while callers learn it is gone.
     pub drain: Duration,
+    /// Where it offers its sockets to a new sidecar (hot upgrade).
+    pub upgrade_socket: Option<std::path::PathBuf>,
+    /// Take the sockets of the sidecar at `upgrade_socket` over instead
+    /// of binding them.
+    pub take_over: bool,
 }
 
 /// What the two sides share.
@@ -80,25 +86,80 @@ pub(crate) struct State {
     pub(crate) metrics: Metrics,
     pub(crate) clients: http::Clients,
     pub(crate) bolt: bolt::Pools,
+    /// Set when a new sidecar took over: Bolt connections go there.
+    pub(crate) handoff:
+        parking_lot::Mutex<Option<tokio::sync::mpsc::UnboundedSender<bolt::Handed>>>,
 }
 
 /// Runs a sidecar until `shutdown` turns true: then it stops taking calls,
 /// deregisters its instance, and lets calls in flight finish.
 pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Result<(), String> {
     let identity = options.identity.clone();
-    let inbound = tokio::net::TcpListener::bind(options.inbound)
-        .await
-        .map_err(|e| format!("inbound {}: {e}", options.inbound))?;
-    let outbound = tokio::net::TcpListener::bind(options.outbound)
-        .await
-        .map_err(|e| format!("outbound {}: {e}", options.outbound))?;
+    // The listening sockets: taken over from the sidecar being replaced,
+    // or bound.
+    let taken = match (&options.upgrade_socket, options.take_over) {
+        (Some(path), true) => {
+            let path = path.clone();
+            Some(
+                tokio::task::spawn_blocking(move || upgrade::take_over(&path))
+                    .await
+                    .map_err(|e| e.to_string())??,
+            )
+        }
+        (None, true) => {
+            return Err(
+                "--take-over needs the upgrade socket of the sidecar to replace (--upgrade-socket)"
+                    .into(),
+            );
+        }
+        _ => None,
+    };
+    let listen = |fd: Option<std::os::fd::OwnedFd>, address: SocketAddr, what: &str| {
+        let what = what.to_owned();
+        async move {
+            match fd {
+                Some(fd) => {
+                    let std = std::net::TcpListener::from(fd);
+                    std.set_nonblocking(true)
+                        .map_err(|e| format!("{what}: {e}"))?;
+                    tokio::net::TcpListener::from_std(std).map_err(|e| format!("{what}: {e}"))
+                }
+                None => tokio::net::TcpListener::bind(address)
+                    .await
+                    .map_err(|e| format!("{what} {address}: {e}")),
+            }
+        }
+    };
+    let (taken_sockets, taken_stream) = match taken {
+        Some(taken) => {
+            let (sockets, rest) = taken.split();
+            (Some(sockets), Some(rest))
+        }
+        None => (None, None),
+    };
+    let (fd_in, fd_out, fd_bolt, fd_admin) = match taken_sockets {
+        Some(s) => (Some(s.inbound), Some(s.outbound), s.outbound_bolt, s.admin),
+        None => (None, None, None, None),
+    };
+    let inbound = listen(fd_in, options.inbound, "inbound").await?;
+    let outbound = listen(fd_out, options.outbound, "outbound").await?;
     let outbound_bolt = match options.outbound_bolt {
-        Some(address) => Some(
-            tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|e| format!("outbound Bolt {address}: {e}"))?,
-        ),
+        Some(address) => Some(listen(fd_bolt, address, "outbound Bolt").await?),
         None => None,
+    };
+    let admin_listener = match options.admin {
+        Some(address) => Some(listen(fd_admin, address, "admin").await?),
+        None => None,
+    };
+    let dup = |l: &tokio::net::TcpListener| {
+        use std::os::fd::AsFd;
+        l.as_fd().try_clone_to_owned().map_err(|e| e.to_string())
+    };
+    let sockets = upgrade::Sockets {
+        inbound: dup(&inbound)?,
+        outbound: dup(&outbound)?,
+        outbound_bolt: outbound_bolt.as_ref().map(dup).transpose()?,
+        admin: admin_listener.as_ref().map(dup).transpose()?,
     };
     let inbound_port = inbound.local_addr().map_err(|e| e.to_string())?.port();
     let urls = atoll_transport::ControlUrls::parse(&identity.control)?;
@@ -134,6 +195,7 @@ pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Re
     let state = Arc::new(State {
         clients: http::Clients::new(options.connect_timeout),
         bolt: bolt::Pools::default(),
+        handoff: parking_lot::Mutex::new(None),
         options: options.clone(),
         cell,
         router,
@@ -160,21 +222,34 @@ pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Re
         shutdown.clone(),
     ));
 
+    let (stop, stopping) = watch::channel(false);
     let registry = Arc::new(registry);
-    let admin = options.admin.map(|address| {
+    let admin = admin_listener.map(|listener| {
         tokio::spawn(serve_admin(
-            address,
+            listener,
             registry.clone(),
             state.clone(),
-            shutdown.clone(),
+            stopping.clone(),
         ))
     });
     tracing::info!(
         inbound = %options.inbound, outbound = %options.outbound, app = %options.app,
         instance = %identity.instance, cell = %identity.cell, service = %identity.service,
+        took_over = taken_stream.is_some(),
         "sidecar started"
     );
-    let (stop, stopping) = watch::channel(false);
+    // A replacement serves the sockets it took only once it can: its
+    // shard map is here and, for a unitized service, its cell's lease is
+    // held (the old sidecar keeps serving until then).
+    if taken_stream.is_some() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !can_serve(&state) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if !can_serve(&state) {
+            tracing::warn!("not ready to serve within 30 s; taking the old sidecar's calls anyway");
+        }
+    }
     let inbound_task = if options.app_protocol == "bolt" {
         tokio::spawn(bolt::serve(inbound, state.clone(), true, stopping.clone()))
     } else {
@@ -197,22 +272,90 @@ pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Re
         outbound,
         state.clone(),
         outbound::handle,
-        stopping,
+        stopping.clone(),
     ));
-    // Shutdown: deregister, keep serving while callers learn it, then
-    // stop taking calls and let those in flight finish.
-    let _ = probe.await;
-    tokio::time::sleep(options.drain).await;
+
+    // Took over: once this sidecar can route, the old one drains and
+    // hands its Bolt connections over.
+    if let Some(taken) = taken_stream {
+        let ready = state.cell.ready();
+        if tokio::time::timeout(Duration::from_secs(30), ready)
+            .await
+            .is_err()
+        {
+            tracing::warn!("no configuration within 30 s; taking the old sidecar's calls anyway");
+        }
+        let handle = tokio::runtime::Handle::current();
+        let adopter = state.clone();
+        let adopt_stop = stopping.clone();
+        let adopted = tokio::task::spawn_blocking(move || {
+            taken.ready(|handed| {
+                let _guard = handle.enter();
+                bolt::adopt(handed, adopter.clone(), adopt_stop.clone());
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match adopted {
+            Ok(count) => tracing::info!(bolt_connections = count, "took over from the old sidecar"),
+            Err(error) => tracing::warn!(%error, "the old sidecar's handover ended early"),
+        }
+    }
+
+    // Offers its own sockets to the next upgrade.
+    let (upgraded_tx, upgraded) = tokio::sync::oneshot::channel();
+    let (handoff, handed) = tokio::sync::mpsc::unbounded_channel();
+    let offer = options
+        .upgrade_socket
+        .clone()
+        .map(|path| tokio::spawn(upgrade::offer(path, sockets, upgraded_tx, handed)));
+
+    let mut shutdown_signal = shutdown.clone();
+    let mut was_upgraded = false;
+    tokio::select! {
+        () = async { let _ = shutdown_signal.wait_for(|s| *s).await; } => {
+            // Shutdown: deregister, keep serving while callers learn it,
+            // then stop taking calls and let those in flight finish.
+            let _ = probe.await;
+            tokio::time::sleep(options.drain).await;
+        }
+        Ok(()) = upgraded => {
+            // Upgraded: the new sidecar serves the same sockets and has
+            // registered the instance. Stop accepting; hand Bolt
+            // connections over; the session runs out by itself.
+            *state.handoff.lock() = Some(handoff);
+            probe.abort();
+            was_upgraded = true;
+        }
+    }
     stop.send_replace(true);
     let _ = inbound_task.await;
     if let Some(task) = bolt_task {
         let _ = task.await;
     }
     let _ = outbound_task.await;
+    // Every Bolt connection is handed over or closed: say done.
+    state.handoff.lock().take();
+    if let Some(offer) = offer {
+        if was_upgraded {
+            let _ = tokio::time::timeout(Duration::from_secs(5), offer).await;
+        } else {
+            offer.abort();
+        }
+    }
     if let Some(admin) = admin {
-        admin.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(5), admin).await;
     }
     Ok(())
+}
+
+/// Whether the sidecar can take calls: its shard map is here and, for a
+/// unitized service, the cell's ownership lease is held.
+fn can_serve(state: &State) -> bool {
+    state.cell.view().is_some_and(|view| {
+        view.table.kind(view.service) != Some(atoll_model::ServiceKind::Unitized)
+            || state.cell.lease().is_ok()
+    })
 }
 
 /// Keeps the instance registered while the app accepts connections, and
@@ -233,11 +376,7 @@ async fn register_while_ready(
         let up = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(app))
             .await
             .is_ok_and(|c| c.is_ok());
-        let serves = registered
-            || state.cell.view().is_some_and(|view| {
-                view.table.kind(view.service) != Some(atoll_model::ServiceKind::Unitized)
-                    || state.cell.lease().is_ok()
-            });
+        let serves = registered || can_serve(&state);
         if up && serves {
             failures = 0;
             if !registered {
@@ -269,7 +408,7 @@ async fn register_while_ready(
 }
 
 async fn serve_admin(
-    address: SocketAddr,
+    listener: tokio::net::TcpListener,
     registry: Arc<prometheus_client::registry::Registry>,
     state: Arc<State>,
     mut shutdown: watch::Receiver<bool>,
@@ -315,13 +454,6 @@ async fn serve_admin(
                 }
             }),
         );
-    let listener = match tokio::net::TcpListener::bind(address).await {
-        Ok(listener) => listener,
-        Err(error) => {
-            tracing::error!(%address, %error, "cannot serve the sidecar's admin address");
-            return;
-        }
-    };
     let _ = axum::serve(listener, router)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;

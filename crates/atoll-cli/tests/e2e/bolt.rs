@@ -14,7 +14,7 @@ use crate::sidecar::{APPS, Sidecar, eventually};
 
 /// Builds the Java peer (once per version, cached under the home
 /// directory) and returns its classpath.
-fn java_classpath() -> String {
+pub(crate) fn java_classpath() -> String {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../interop/bolt-java/build.sh");
     let output = Command::new(&script)
         .stderr(Stdio::inherit())
@@ -30,10 +30,15 @@ fn java_classpath() -> String {
 }
 
 /// A Java Bolt server, killed on drop.
-struct JavaServer(Child);
+pub(crate) struct JavaServer(Child);
 
 impl JavaServer {
-    fn start(classpath: &str, port: u16, name: &str, log: &std::path::Path) -> JavaServer {
+    pub(crate) fn start(
+        classpath: &str,
+        port: u16,
+        name: &str,
+        log: &std::path::Path,
+    ) -> JavaServer {
         let child = Command::new("java")
             .args(["-cp", classpath, "dev.atoll.interop.BoltPeer", "server"])
             .arg(port.to_string())
@@ -59,7 +64,12 @@ impl Drop for JavaServer {
 }
 
 /// Runs the Java client: one line per call.
-fn java_calls(classpath: &str, address: &str, count: u32, headers: &[&str]) -> Vec<String> {
+pub(crate) fn java_calls(
+    classpath: &str,
+    address: &str,
+    count: u32,
+    headers: &[&str],
+) -> Vec<String> {
     let output = Command::new("java")
         .args([
             "-cp",

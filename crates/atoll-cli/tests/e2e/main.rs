@@ -27,4 +27,5 @@ mod stream;
 mod switchover;
 mod tls;
 mod up;
+mod upgrade;
 mod workspaces;

@@ -33,12 +33,12 @@ pub(crate) struct Sidecar {
     child: Option<Child>,
     pub(crate) inbound: String,
     pub(crate) outbound: String,
-    admin: String,
+    pub(crate) admin: String,
     log: PathBuf,
 }
 
 impl Sidecar {
-    fn start(
+    pub(crate) fn start(
         control: &Control,
         dir: &Path,
         instance: &str,
@@ -57,10 +57,24 @@ impl Sidecar {
         extra: &[String],
     ) -> Sidecar {
         let port = atoll_testing::free_port;
-        let inbound = format!("127.0.0.1:{}", port());
-        let outbound = format!("127.0.0.1:{}", port());
-        let admin = format!("127.0.0.1:{}", port());
-        let log = dir.join(format!("{instance}.log"));
+        // A replacement (--take-over) serves the addresses of the one it
+        // replaces: they come in `extra`.
+        let given = |flag: &str| {
+            extra
+                .iter()
+                .find_map(|a| a.strip_prefix(&format!("--{flag}=")).map(str::to_owned))
+        };
+        let inbound = given("inbound").unwrap_or_else(|| format!("127.0.0.1:{}", port()));
+        let outbound = given("outbound").unwrap_or_else(|| format!("127.0.0.1:{}", port()));
+        let admin = given("admin").unwrap_or_else(|| format!("127.0.0.1:{}", port()));
+        let log = dir.join(format!(
+            "{instance}{}.log",
+            if extra.iter().any(|a| a == "--take-over") {
+                "-new"
+            } else {
+                ""
+            }
+        ));
         let child = Command::new(ATOLL)
             .arg("sidecar")
             .args(["--instance", instance, "--cell", cell, "--zone", zone])
@@ -69,10 +83,18 @@ impl Sidecar {
             .arg(format!("--inbound={inbound}"))
             .arg(format!("--outbound={outbound}"))
             .arg(format!("--admin={admin}"))
+            .args([
+                "--upgrade-socket".to_owned(),
+                dir.join(format!("{instance}.sock")).display().to_string(),
+            ])
             .args(["--session-ttl=3s", "--drain=200ms"])
             .arg(format!("--data-dir={}", dir.display()))
             .arg(format!("--control={}", control.url))
-            .args(extra)
+            .args(extra.iter().filter(|a| {
+                !["--inbound=", "--outbound=", "--admin="]
+                    .iter()
+                    .any(|p| a.starts_with(p))
+            }))
             .env("RUST_LOG", "info,atoll_sidecar=debug")
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
@@ -115,6 +137,25 @@ impl Sidecar {
         http_get(&self.admin, "/metrics")
             .map(|(_, body)| body)
             .unwrap_or_default()
+    }
+
+    /// Waits for it to exit by itself (an upgraded sidecar drains and
+    /// goes); the exit status.
+    pub(crate) fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sidecar did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM, and waits for it to exit (it deregisters and drains).
