@@ -83,6 +83,12 @@ pub(crate) struct SidecarArgs {
     /// upgrade with no failed call).
     #[arg(long)]
     take_over: bool,
+    /// Transparent mode: redirect the app's TCP connections to these
+    /// addresses (IPv4 CIDRs of the services' addresses, comma-separated)
+    /// to --outbound with iptables (needs root in the app's network
+    /// namespace). The Host header still names the service.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    transparent: Vec<String>,
     /// Where the last configuration is cached (static stability).
     #[arg(long, env = "ATOLL_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -146,6 +152,7 @@ pub(crate) async fn run(
                 .map(|dir| dir.join(format!("{}.sidecar.sock", args.instance)))
         }),
         take_over: args.take_over,
+        transparent: args.transparent,
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {

@@ -24,6 +24,7 @@ mod http;
 mod inbound;
 mod metrics;
 mod outbound;
+mod transparent;
 mod upgrade;
 
 use std::net::SocketAddr;
@@ -75,6 +76,10 @@ pub struct SidecarOptions {
     /// Take the sockets of the sidecar at `upgrade_socket` over instead
     /// of binding them.
     pub take_over: bool,
+    /// Transparent mode: TCP connections to these addresses (IPv4 CIDRs)
+    /// are redirected to the outbound port with iptables, in the app's
+    /// network namespace.
+    pub transparent: Vec<String>,
 }
 
 /// What the two sides share.
@@ -162,6 +167,13 @@ pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Re
         admin: admin_listener.as_ref().map(dup).transpose()?,
     };
     let inbound_port = inbound.local_addr().map_err(|e| e.to_string())?.port();
+    let outbound_port = outbound.local_addr().map_err(|e| e.to_string())?.port();
+    // Kept for as long as the sidecar runs; its rules go with it.
+    let _redirect = if options.transparent.is_empty() {
+        None
+    } else {
+        Some(transparent::Redirect::install(&options.transparent, outbound_port)?)
+    };
     let urls = atoll_transport::ControlUrls::parse(&identity.control)?;
     let channels = identity
         .transport

@@ -89,9 +89,14 @@ impl Control {
         } else {
             vec!["--insecure".to_owned()]
         };
+        let listen = if self.extra.iter().any(|a| a.starts_with("--listen")) {
+            None
+        } else {
+            Some("--listen=127.0.0.1:0")
+        };
         let child = Command::new(ATOLL)
             .arg("control")
-            .arg("--listen=127.0.0.1:0")
+            .args(listen)
             .args(&access)
             .args(&self.extra)
             .env("ATOLL_STATE_DIR", self.state.path())

@@ -26,6 +26,7 @@ mod sidecar;
 mod stream;
 mod switchover;
 mod tls;
+mod transparent;
 mod up;
 mod upgrade;
 mod workspaces;
