@@ -173,6 +173,14 @@ fn main() -> ExitCode {
             builder.worker_threads(args.workers());
             builder
         }
+        Command::Sidecar(args) if args.workers() == 1 => {
+            tokio::runtime::Builder::new_current_thread()
+        }
+        Command::Sidecar(args) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(args.workers());
+            builder
+        }
         _ => tokio::runtime::Builder::new_multi_thread(),
     };
     let runtime = match builder.enable_all().build() {

@@ -92,9 +92,20 @@ pub(crate) struct SidecarArgs {
     /// Where the last configuration is cached (static stability).
     #[arg(long, env = "ATOLL_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Threads of the data path (one: a sidecar serves one instance, and
+    /// on one thread it wakes no other).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: u16,
     /// Log format (the level comes from $RUST_LOG, default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
+
+impl SidecarArgs {
+    /// The data path's threads.
+    pub(crate) fn workers(&self) -> usize {
+        usize::from(self.workers)
+    }
 }
 
 pub(crate) async fn run(

@@ -172,7 +172,10 @@ pub async fn run(options: SidecarOptions, shutdown: watch::Receiver<bool>) -> Re
     let _redirect = if options.transparent.is_empty() {
         None
     } else {
-        Some(transparent::Redirect::install(&options.transparent, outbound_port)?)
+        Some(transparent::Redirect::install(
+            &options.transparent,
+            outbound_port,
+        )?)
     };
     let urls = atoll_transport::ControlUrls::parse(&identity.control)?;
     let channels = identity

@@ -59,7 +59,16 @@ impl Redirect {
         let port = port.to_string();
         for range in ranges {
             iptables(&[
-                "-A", CHAIN, "-p", "tcp", "-d", range, "-j", "REDIRECT", "--to-ports", &port,
+                "-A",
+                CHAIN,
+                "-p",
+                "tcp",
+                "-d",
+                range,
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &port,
             ])?;
         }
         iptables(&["-A", "OUTPUT", "-p", "tcp", "-j", CHAIN])?;
@@ -76,7 +85,9 @@ impl Redirect {
 
 impl Drop for Redirect {
     fn drop(&mut self) {
-        if self.installed && let Err(error) = Self::remove() {
+        if self.installed
+            && let Err(error) = Self::remove()
+        {
             tracing::warn!(%error, "could not remove the transparent-mode rules");
         }
     }

@@ -32,29 +32,59 @@ impl Namespace {
             assert!(status.success(), "ip {}", args.join(" "));
         };
         run(&["netns", "add", &name]);
-        run(&["link", "add", &host_if, "type", "veth", "peer", "name", &ns_if]);
+        run(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
         run(&["link", "set", &ns_if, "netns", &name]);
         run(&["addr", "add", &format!("{host}/30"), "dev", &host_if]);
         run(&["link", "set", &host_if, "up"]);
-        run(&["netns", "exec", &name, "ip", "addr", "add", &format!("{inside}/30"), "dev", &ns_if]);
+        run(&[
+            "netns",
+            "exec",
+            &name,
+            "ip",
+            "addr",
+            "add",
+            &format!("{inside}/30"),
+            "dev",
+            &ns_if,
+        ]);
         run(&["netns", "exec", &name, "ip", "link", "set", &ns_if, "up"]);
         run(&["netns", "exec", &name, "ip", "link", "set", "lo", "up"]);
         // A route for the service addresses (the nat OUTPUT redirect comes
         // after routing).
-        run(&["netns", "exec", &name, "ip", "route", "add", "default", "via", &host]);
+        run(&[
+            "netns", "exec", &name, "ip", "route", "add", "default", "via", &host,
+        ]);
         Namespace { name, host, inside }
     }
 }
 
 impl Drop for Namespace {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A child process killed (and reaped) on drop, so that a failed
+/// assertion leaves nothing running.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
 fn can_run() -> bool {
     nix::unistd::geteuid().is_root()
-        && Command::new("iptables").arg("--version").output().is_ok_and(|o| o.status.success())
+        && Command::new("iptables")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -82,28 +112,57 @@ async fn in_transparent_mode_iptables_sends_the_apps_calls_through_its_sidecar()
             format!("--advertise={}", ns.host),
         ]
     };
-    let _p1 = Sidecar::start_with(&control, dir.path(), "bank-rz01-0", ("bank", "rz01", "hz-a"), bank1.address(), &on_host(atoll_testing::free_port()));
-    let _p2 = Sidecar::start_with(&control, dir.path(), "bank-rz02-0", ("bank", "rz02", "hz-b"), bank2.address(), &on_host(atoll_testing::free_port()));
+    let _p1 = Sidecar::start_with(
+        &control,
+        dir.path(),
+        "bank-rz01-0",
+        ("bank", "rz01", "hz-a"),
+        bank1.address(),
+        &on_host(atoll_testing::free_port()),
+    );
+    let _p2 = Sidecar::start_with(
+        &control,
+        dir.path(),
+        "bank-rz02-0",
+        ("bank", "rz02", "hz-b"),
+        bank2.address(),
+        &on_host(atoll_testing::free_port()),
+    );
 
     // The caller's sidecar in the app's namespace, capturing 10.96.0.0/16.
     let admin = format!("{}:{}", ns.inside, atoll_testing::free_port());
     let log = dir.path().join("caller.log");
-    let mut caller = Command::new("ip")
-        .args(["netns", "exec", &ns.name, ATOLL, "sidecar"])
-        .args(["--instance", "web-rz01-0", "--cell", "rz01", "--zone", "hz-a", "--service", "web"])
-        .args(["--app=127.0.0.1:9", "--inbound=127.0.0.1:15006", "--outbound=127.0.0.1:15001"])
-        .arg(format!("--admin={admin}"))
-        .arg("--transparent=10.96.0.0/16")
-        .arg(format!("--control={}", control.url))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
-        .spawn()
-        .expect("spawn the sidecar in the namespace");
+    let mut caller = Reaped(
+        Command::new("ip")
+            .args(["netns", "exec", &ns.name, ATOLL, "sidecar"])
+            .args([
+                "--instance",
+                "web-rz01-0",
+                "--cell",
+                "rz01",
+                "--zone",
+                "hz-a",
+                "--service",
+                "web",
+            ])
+            .args([
+                "--app=127.0.0.1:9",
+                "--inbound=127.0.0.1:15006",
+                "--outbound=127.0.0.1:15001",
+            ])
+            .arg(format!("--admin={admin}"))
+            .arg("--transparent=10.96.0.0/16")
+            .arg(format!("--control={}", control.url))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(&log).expect("log")))
+            .spawn()
+            .expect("spawn the sidecar in the namespace"),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     while !matches!(http_get(&admin, "/healthz"), Some((200, _))) {
         assert!(
-            Instant::now() < deadline && caller.try_wait().ok().flatten().is_none(),
+            Instant::now() < deadline && caller.0.try_wait().ok().flatten().is_none(),
             "the sidecar in the namespace did not start:\n{}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
@@ -127,14 +186,27 @@ async fn in_transparent_mode_iptables_sends_the_apps_calls_through_its_sidecar()
             + &String::from_utf8_lossy(&output.stderr)
     };
     let answer = app_call("30");
-    assert!(answer.starts_with("200"), "{answer}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(
+        answer.starts_with("200"),
+        "{answer}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     assert!(answer.contains("\"cell\":\"rz02\""), "{answer}");
     let answer = app_call("7");
     assert!(answer.contains("\"cell\":\"rz01\""), "{answer}");
     assert_eq!(bank2.requests(), 1);
     assert_eq!(bank1.requests(), 1);
     let rules = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "iptables", "-t", "nat", "-S", "ATOLL_OUTBOUND"])
+        .args([
+            "netns",
+            "exec",
+            &ns.name,
+            "iptables",
+            "-t",
+            "nat",
+            "-S",
+            "ATOLL_OUTBOUND",
+        ])
         .output()
         .expect("iptables");
     assert!(
@@ -145,10 +217,10 @@ async fn in_transparent_mode_iptables_sends_the_apps_calls_through_its_sidecar()
 
     // Stopped, the sidecar takes its rules with it.
     let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(caller.id() as i32),
+        nix::unistd::Pid::from_raw(caller.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     );
-    let _ = caller.wait();
+    let _ = caller.0.wait();
     let rules = Command::new("ip")
         .args(["netns", "exec", &ns.name, "iptables", "-t", "nat", "-S"])
         .output()
