@@ -575,3 +575,97 @@ fn reported_endpoints_join_static_ones_when_ready() {
         Ok("rz00".into())
     );
 }
+
+/// East-west calls: the table decides the cell, the caller's own sets say
+/// which cells serve.
+#[test]
+fn an_east_west_call_goes_by_its_key_else_the_propagated_one_and_local_services_stay_in_the_callers_cell()
+ {
+    let text = topology(
+        4,
+        100,
+        "{header: x-user-id}",
+        "{decimalSuffix: 2}",
+        LOCAL_AND_GLOBAL,
+    )
+    .replace(
+        "- {shards: \"25-49\", cell: rz01}",
+        "- {shards: \"25-49\", cell: rz01, state: fenced}",
+    );
+    let table = compile(&text, "hz-a", "gw-hz-a");
+    let bank = table.service_id("bank").expect("bank");
+    let web = table.service_id("web").expect("web");
+    let cell = |name: &str| table.cell_id(name).expect("cell");
+    let all = |_: CellId| true;
+    let headers = |pairs: &[(&'static str, &'static str)]| {
+        let mut map = HeaderMap::new();
+        for (n, v) in pairs {
+            map.insert(*n, HeaderValue::from_static(v));
+        }
+        map
+    };
+    let info = |method: &'static Method, headers: &'static HeaderMap| RequestInfo {
+        method,
+        host: None,
+        path: "/",
+        query: None,
+        headers,
+        body: None,
+        forwarded: false,
+    };
+    // The call's own key wins over the propagated one.
+    let own: &'static HeaderMap = Box::leak(Box::new(headers(&[("x-user-id", "1007")])));
+    let get_own = info(&Method::GET, own);
+    let call = table
+        .decide_call(bank, &get_own, Some("1080"), None, &all)
+        .expect("routed");
+    assert_eq!(
+        (call.cell, call.shard, call.epoch),
+        (cell("rz00"), Some(7), Some(4))
+    );
+    // Without one, the propagated key decides.
+    let none: &'static HeaderMap = Box::leak(Box::new(HeaderMap::new()));
+    let get_none = info(&Method::GET, none);
+    let call = table
+        .decide_call(bank, &get_none, Some("1080"), None, &all)
+        .expect("routed");
+    assert_eq!((call.cell, call.shard), (cell("rz03"), Some(80)));
+    assert_eq!(call.key.as_deref(), Some("1080"));
+    // A write for a fenced shard is refused, by either key.
+    let post_none = info(&Method::POST, none);
+    let refused = table.decide_call(bank, &post_none, Some("1030"), None, &all);
+    assert!(
+        matches!(refused, Err(Refusal::Fenced { shard: 30, .. })),
+        "{refused:?}"
+    );
+    // No key at all: the rule's onMissing (reject).
+    let refused = table.decide_call(bank, &get_none, None, None, &all);
+    assert!(
+        matches!(refused, Err(Refusal::MissingKey { .. })),
+        "{refused:?}"
+    );
+    // The owner has no instance in rotation: no endpoint, not another cell.
+    let refused = table.decide_call(bank, &get_own, None, None, &|c: CellId| c != cell("rz00"));
+    assert!(
+        matches!(refused, Err(Refusal::NoEndpoint { cell: Some(c), .. }) if c == cell("rz00")),
+        "{refused:?}"
+    );
+    // A local service: the caller's own cell when it serves (rz01 is in
+    // hz-b, not this table's zone), else this zone's.
+    let call = table
+        .decide_call(web, &get_none, None, Some(cell("rz01")), &all)
+        .expect("routed");
+    assert_eq!(call.cell, cell("rz01"));
+    let call = table
+        .decide_call(web, &get_none, None, Some(cell("rz01")), &|c: CellId| {
+            c != cell("rz01")
+        })
+        .expect("routed");
+    assert_eq!(
+        table.cells[usize::from(call.cell)].zone,
+        table.cells[usize::from(cell("rz00"))].zone,
+        "a cell of the table's zone next"
+    );
+    assert!(table.is_write(bank, &Method::POST));
+    assert!(!table.is_write(bank, &Method::GET));
+}
