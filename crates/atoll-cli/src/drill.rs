@@ -513,6 +513,12 @@ fn start_load(
             "--rate",
         ])
         .arg(common.rate.to_string())
+        // Enough workers that the rate holds while requests are slow (a
+        // fence hold, a debug build on a busy machine): each worker is
+        // paced at concurrency / rate, so 16 workers at 250/s fell behind
+        // as soon as requests took over 64 ms.
+        .arg("--concurrency")
+        .arg((common.rate / 5).max(16).to_string())
         .arg("--duration")
         .arg(format!("{}ms", common.duration.as_millis()))
         .arg("--history")
