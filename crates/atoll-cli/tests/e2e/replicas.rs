@@ -567,7 +567,16 @@ async fn the_replicated_sandbox_rides_out_the_loss_of_etcd_members() {
         .as_str()
         .expect("gateway")
         .to_owned();
-    assert_eq!(deposit(&http, &gateway, "before").await.0, 200);
+    // The sandbox says it is ready once every part answers; the bank's
+    // first write may still wait for its cell's first lease (seen once:
+    // a 503 right after the start). What this test is about comes after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut first = deposit(&http, &gateway, "before").await;
+    while first.0 != 200 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        first = deposit(&http, &gateway, "before").await;
+    }
+    assert_eq!(first.0, 200, "the first deposit: {first:?}");
 
     hold_and_kill(&sandbox, "etcd-3");
     let one_lost = apply_region(&sandbox, "bj");
