@@ -152,6 +152,29 @@ pub enum Refused {
     },
 }
 
+impl Refused {
+    /// A stable code for programs (what a sidecar answers with).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refused::NotReady => "notReady",
+            Refused::NotOwner { .. } => "notOwner",
+            Refused::Fenced { .. } => "shardFenced",
+            Refused::StaleEpoch { .. } => "staleEpoch",
+            Refused::NoLease { .. } => "noLease",
+        }
+    }
+
+    /// The HTTP status that says it: 421 for another cell's shard (route
+    /// again), 409 for a stale epoch, 503 (retry) for the rest.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refused::NotOwner { .. } => 421,
+            Refused::StaleEpoch { .. } => 409,
+            Refused::NotReady | Refused::Fenced { .. } | Refused::NoLease { .. } => 503,
+        }
+    }
+}
+
 /// The ownership lease of this instance's cell, kept by a renewal task.
 #[derive(Debug)]
 struct Lease {

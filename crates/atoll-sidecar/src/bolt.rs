@@ -29,7 +29,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::State;
-use crate::metrics::{CallLabels, DirectionLabels, RefusalLabels};
+use crate::metrics::{CallLabels, DirectionLabels};
 
 /// The header naming the service called (SOFARPC's).
 pub(crate) const SERVICE: &str = "service";
@@ -287,15 +287,7 @@ fn refused(
     code: &str,
     message: &str,
 ) -> Frame {
-    state
-        .metrics
-        .refused
-        .get_or_create(&RefusalLabels {
-            direction,
-            service: service.to_owned(),
-            reason: code.to_owned(),
-        })
-        .inc();
+    state.metrics.refusal(direction, service, code);
     count(state, direction, service, "", &format!("refused {code}"));
     refusal(request, code, message)
 }
@@ -542,14 +534,7 @@ async fn inbound(state: &State, frame: Frame) -> Option<Frame> {
                 match state.cell.admit_write(shard, epoch).await {
                     Ok(held) => permit = Some(held),
                     Err(why) => {
-                        use atoll_sdk::Refused;
-                        let code = match &why {
-                            Refused::NotReady => "notReady",
-                            Refused::NotOwner { .. } => "notOwner",
-                            Refused::Fenced { .. } => "shardFenced",
-                            Refused::StaleEpoch { .. } => "staleEpoch",
-                            Refused::NoLease { .. } => "noLease",
-                        };
+                        let code = why.code();
                         return Some(refused(
                             state,
                             "inbound",

@@ -14,7 +14,6 @@ use hyper::body::Incoming;
 
 use crate::State;
 use crate::http::{Body, Held, boxed, propagated_key, refusal, strip_hop_by_hop};
-use crate::metrics::{CallLabels, DirectionLabels, RefusalLabels, class};
 
 pub(crate) fn handle(
     state: Arc<State>,
@@ -23,28 +22,14 @@ pub(crate) fn handle(
     Box::pin(async move {
         let started = Instant::now();
         let response = serve(&state, request).await;
-        state
-            .metrics
-            .seconds
-            .get_or_create(&DirectionLabels {
-                direction: "inbound",
-            })
-            .observe(started.elapsed().as_secs_f64());
-        let result = if response.headers().contains_key(crate::http::REFUSED_BY) {
-            format!("refused {}", response.status().as_u16())
-        } else {
-            class(response.status().as_u16())
-        };
-        state
-            .metrics
-            .calls
-            .get_or_create(&CallLabels {
-                direction: "inbound",
-                service: state.options.identity.service.clone(),
-                cell: state.options.identity.cell.clone(),
-                result,
-            })
-            .inc();
+        let identity = &state.options.identity;
+        state.metrics.http_call(
+            "inbound",
+            identity.service.clone(),
+            identity.cell.clone(),
+            started,
+            &response,
+        );
         response
     })
 }
@@ -52,13 +37,7 @@ pub(crate) fn handle(
 fn refused(state: &State, status: u16, code: &str, message: &str) -> Response<Body> {
     state
         .metrics
-        .refused
-        .get_or_create(&RefusalLabels {
-            direction: "inbound",
-            service: state.options.identity.service.clone(),
-            reason: code.to_owned(),
-        })
-        .inc();
+        .refusal("inbound", &state.options.identity.service, code);
     refusal(status, code, message)
 }
 
@@ -196,13 +175,5 @@ async fn serve(state: &State, request: Request<Incoming>) -> Response<Body> {
 }
 
 fn refused_write(state: &State, why: &atoll_sdk::Refused) -> Response<Body> {
-    use atoll_sdk::Refused;
-    let (status, code) = match why {
-        Refused::NotReady => (503, "notReady"),
-        Refused::NotOwner { .. } => (421, "notOwner"),
-        Refused::Fenced { .. } => (503, "shardFenced"),
-        Refused::StaleEpoch { .. } => (409, "staleEpoch"),
-        Refused::NoLease { .. } => (503, "noLease"),
-    };
-    refused(state, status, code, &why.to_string())
+    refused(state, why.status(), why.code(), &why.to_string())
 }

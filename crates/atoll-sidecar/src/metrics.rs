@@ -90,6 +90,48 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Counts one HTTP call of `direction` that took since `started`: its
+    /// status class, or `refused <status>` when the sidecar answered it.
+    pub(crate) fn http_call(
+        &self,
+        direction: &'static str,
+        service: String,
+        cell: String,
+        started: std::time::Instant,
+        response: &http::Response<crate::http::Body>,
+    ) {
+        self.seconds
+            .get_or_create(&DirectionLabels { direction })
+            .observe(started.elapsed().as_secs_f64());
+        let status = response.status().as_u16();
+        let result = if response.headers().contains_key(crate::http::REFUSED_BY) {
+            format!("refused {status}")
+        } else {
+            class(status)
+        };
+        self.calls
+            .get_or_create(&CallLabels {
+                direction,
+                service,
+                cell,
+                result,
+            })
+            .inc();
+    }
+
+    /// Counts a call the sidecar refused itself.
+    pub(crate) fn refusal(&self, direction: &'static str, service: &str, reason: &str) {
+        self.refused
+            .get_or_create(&RefusalLabels {
+                direction,
+                service: service.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
 /// `2xx`, `4xx`... for a status.
 pub(crate) fn class(status: u16) -> String {
     format!("{}xx", status / 100)

@@ -11,7 +11,6 @@ use hyper::body::Incoming;
 
 use crate::State;
 use crate::http::{Body, boxed, empty_body, propagated_key, refusal, strip_hop_by_hop};
-use crate::metrics::{CallLabels, DirectionLabels, RefusalLabels, class};
 
 pub(crate) fn handle(
     state: Arc<State>,
@@ -22,40 +21,13 @@ pub(crate) fn handle(
         let (service, cell, response) = call(&state, request).await;
         state
             .metrics
-            .seconds
-            .get_or_create(&DirectionLabels {
-                direction: "outbound",
-            })
-            .observe(started.elapsed().as_secs_f64());
-        let result = if response.headers().contains_key(crate::http::REFUSED_BY) {
-            format!("refused {}", response.status().as_u16())
-        } else {
-            class(response.status().as_u16())
-        };
-        state
-            .metrics
-            .calls
-            .get_or_create(&CallLabels {
-                direction: "outbound",
-                service,
-                cell,
-                result,
-            })
-            .inc();
+            .http_call("outbound", service, cell, started, &response);
         response
     })
 }
 
 fn refused(state: &State, service: &str, status: u16, code: &str, message: &str) -> Response<Body> {
-    state
-        .metrics
-        .refused
-        .get_or_create(&RefusalLabels {
-            direction: "outbound",
-            service: service.to_owned(),
-            reason: code.to_owned(),
-        })
-        .inc();
+    state.metrics.refusal("outbound", service, code);
     refusal(status, code, message)
 }
 
